@@ -1,0 +1,275 @@
+"""Canonicalization: rewrite a user's classifier into the form the rules expect.
+
+Each pass is a small function ``pass(model) -> model`` run in the order of
+``PASSES``; :func:`canonicalize` loads the model (never touching the user's
+file), runs them and returns a :class:`ForwardGraph`, the read-only view of
+the forward graph that the rules and the builder work on.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, shape_inference
+
+from .errors import ExciteError
+
+#: The companion graph is emitted in this opset range (CUDA kernels lag newer ones).
+MIN_OPSET, MAX_OPSET = 17, 20
+MAX_IR_VERSION = 10
+
+#: Ops that turn logits into probabilities at the end of a classifier: the
+#: signal enters at their input.
+OUTPUT_SQUASHERS = {"Softmax", "LogSoftmax", "Sigmoid"}
+
+
+# ---------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------
+def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """A private copy of the model: a path is read (with external data), a proto is deep-copied."""
+    if isinstance(model, onnx.ModelProto):
+        return copy.deepcopy(model)
+    path = Path(model)
+    if not path.exists():
+        raise ExciteError(f"{path}: no such model file")
+    if path.is_dir():
+        raise ExciteError(f"{path}: is a directory, expected an .onnx file")
+    try:
+        proto = onnx.load(str(path), load_external_data=True)
+    except Exception as exc:  # protobuf raises DecodeError, external data raises others
+        raise ExciteError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'parse error'})") from None
+    if not proto.graph.node:
+        raise ExciteError(f"{path}: not a readable ONNX model (empty graph)")
+    return proto
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# passes
+# ---------------------------------------------------------------------------
+def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Bring the default-domain opset into [MIN_OPSET, MAX_OPSET]."""
+    version = default_opset(model)
+    if MIN_OPSET <= version <= MAX_OPSET:
+        return model
+    target = MIN_OPSET if version < MIN_OPSET else MAX_OPSET
+    try:
+        from onnx import version_converter
+
+        converted = version_converter.convert_version(model, target)
+        onnx.checker.check_model(converted)
+    except Exception as exc:
+        if version > MAX_OPSET:
+            return model  # newer opsets run in ONNX Runtime on the CPU; keep them as they are
+        raise ExciteError(f"cannot convert the model from opset {version} to {target}: {str(exc).splitlines()[0]}") from None
+    return converted
+
+
+def drop_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Old exporters also list initializers as graph inputs; they are constants."""
+    inits = {t.name for t in model.graph.initializer}
+    keep = [i for i in model.graph.input if i.name not in inits]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    return model
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``Constant`` nodes holding a tensor become initializers."""
+    keep = []
+    for node in model.graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            tensor = numpy_helper.to_array(node.attribute[0].t)
+            model.graph.initializer.append(numpy_helper.from_array(tensor, node.output[0]))
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return model
+
+
+def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every node gets a unique, non-empty name (rules memoise on node names)."""
+    seen: set[str] = set()
+    for i, node in enumerate(model.graph.node):
+        name = node.name or f"{node.op_type}_{i}"
+        while name in seen:
+            name = f"{name}_{i}"
+        node.name = name
+        seen.add(name)
+    return model
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+    except Exception as exc:
+        raise ExciteError(f"shape inference failed: {str(exc).splitlines()[0]}") from None
+
+
+PASSES: list[Callable[[onnx.ModelProto], onnx.ModelProto]] = [
+    drop_initializer_inputs,
+    constants_to_initializers,
+    name_nodes,
+    upgrade_opset,
+    infer_shapes,
+]
+
+
+# ---------------------------------------------------------------------------
+# the forward-graph view
+# ---------------------------------------------------------------------------
+@dataclass
+class ForwardGraph:
+    """Read-only view of a canonical forward graph."""
+
+    model: onnx.ModelProto
+    entry: str                                   # the logits: where the top signal enters
+    consts: dict[str, np.ndarray]
+    shapes: dict[str, tuple]                      # dims are int or None (unknown)
+    producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
+    _nonneg: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def nodes(self) -> Sequence[onnx.NodeProto]:
+        return self.model.graph.node
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.model.graph.input]
+
+    def is_const(self, name: str) -> bool:
+        return name in self.consts
+
+    def shape(self, name: str) -> tuple | None:
+        return self.shapes.get(name)
+
+    def rank(self, name: str) -> int | None:
+        s = self.shapes.get(name)
+        return None if s is None else len(s)
+
+    def static_dims(self, name: str, axes: Sequence[int]) -> list[int] | None:
+        s = self.shapes.get(name)
+        if s is None:
+            return None
+        dims = [s[a] for a in axes]
+        return None if any(d is None for d in dims) else dims
+
+    def nonneg(self, name: str) -> bool:
+        """True where the builder can prove the tensor is >= 0 for every input."""
+        if name not in self._nonneg:
+            self._nonneg[name] = False  # cycles cannot happen in a DAG; guards recursion
+            self._nonneg[name] = self._prove_nonneg(name)
+        return self._nonneg[name]
+
+    def _prove_nonneg(self, name: str) -> bool:
+        if name in self.consts:
+            return bool(np.all(self.consts[name] >= 0))
+        node = self.producer.get(name)
+        if node is None:
+            return False  # a graph input: pixels may be signed
+        op = node.op_type
+        if op in ("Relu", "Softmax", "Sigmoid", "Abs", "Exp", "Softplus", "HardSigmoid"):
+            return True
+        if op == "Clip":
+            lo = node.input[1] if len(node.input) > 1 and node.input[1] else None
+            if lo is None:
+                lo_attr = next((a.f for a in node.attribute if a.name == "min"), None)
+                return lo_attr is not None and lo_attr >= 0
+            return lo in self.consts and float(self.consts[lo]) >= 0
+        if op in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape",
+                  "Identity", "Dropout", "Squeeze", "Unsqueeze", "Transpose", "Pad", "Concat",
+                  "Add", "Sum", "Mul", "Max", "ReduceMean", "ReduceSum", "ReduceMax", "LRN"):
+            if op in ("Reshape", "Squeeze", "Unsqueeze"):
+                data = [node.input[0]]
+            elif op == "Pad":
+                data = [node.input[0]] + ([node.input[2]] if len(node.input) > 2 and node.input[2] else [])
+            elif op in ("ReduceMean", "ReduceSum", "ReduceMax"):
+                data = [node.input[0]]
+            else:
+                data = [i for i in node.input if i]
+            return all(self.nonneg(i) for i in data)
+        return False
+
+
+def _shape_of(value_info) -> tuple | None:
+    t = value_info.type
+    if not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
+        return None
+    return tuple(d.dim_value if d.HasField("dim_value") else None for d in t.tensor_type.shape.dim)
+
+
+def find_entry(model: onnx.ModelProto, output: str | None = None) -> str:
+    """The logits tensor: the chosen (or first) graph output, below a trailing Softmax."""
+    outputs = [o.name for o in model.graph.output]
+    if output is None:
+        name = outputs[0]
+    elif output in outputs or any(output in n.output for n in model.graph.node):
+        name = output
+    else:
+        raise ExciteError(f"output {output!r} is not a tensor of the model (outputs: {', '.join(outputs)})")
+    producer = {o: n for n in model.graph.node for o in n.output}
+    node = producer.get(name)
+    while node is not None and node.op_type in OUTPUT_SQUASHERS | {"Identity"}:
+        name = node.input[0]
+        node = producer.get(name)
+    return name
+
+
+def make_view(model: onnx.ModelProto, entry: str) -> ForwardGraph:
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    shapes: dict[str, tuple] = {}
+    for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
+        s = _shape_of(vi)
+        if s is not None:
+            shapes[vi.name] = s
+    for name, arr in consts.items():
+        shapes[name] = tuple(arr.shape)
+    producer, consumers = {}, {}
+    for node in model.graph.node:
+        for o in node.output:
+            producer[o] = node
+        for i in node.input:
+            if i:
+                consumers.setdefault(i, []).append(node)
+    return ForwardGraph(model=model, entry=entry, consts=consts, shapes=shapes, producer=producer, consumers=consumers)
+
+
+def fix_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int | None]]) -> onnx.ModelProto:
+    """Pin graph-input dims (``None`` keeps a dim symbolic)."""
+    by_name = {i.name: i for i in model.graph.input}
+    for name, dims in input_shapes.items():
+        if name not in by_name:
+            raise ExciteError(f"input {name!r} is not an input of the model (inputs: {', '.join(by_name)})")
+        shape = by_name[name].type.tensor_type.shape
+        if len(shape.dim) != len(dims):
+            raise ExciteError(f"input {name!r} has rank {len(shape.dim)}, got shape {tuple(dims)}")
+        for d, v in zip(shape.dim, dims):
+            if v is not None:
+                d.Clear()
+                d.dim_value = int(v)
+    return model
+
+
+def canonicalize(model, output: str | None = None, input_shapes: Mapping | None = None) -> ForwardGraph:
+    """Load ``model`` (path or proto) into a private copy and canonicalize it."""
+    proto = load_model(model)
+    if input_shapes:
+        proto = fix_input_shapes(proto, input_shapes)
+    for run_pass in PASSES:
+        proto = run_pass(proto)
+    entry = find_entry(proto, output)
+    return make_view(proto, entry)

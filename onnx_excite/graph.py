@@ -1,0 +1,122 @@
+"""A small node emitter: builder code that reads like the backward pass it writes.
+
+`Emitter` appends ONNX nodes and initializers to a graph under construction,
+hands out unique tensor names and memoises sub-expressions that several signal
+chains share (the normaliser Z of a layer does not depend on the signal).
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Hashable, Iterable, Sequence
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+#: Below the smallest normal float32 a normaliser counts as zero: its share of
+#: the signal is dropped instead of overflowing (1 / denormal is +inf).
+TINY = float(np.finfo(np.float32).tiny)
+
+
+class Emitter:
+    """Collects the nodes and initializers of the excitation branch."""
+
+    def __init__(self, taken_names: Iterable[str], prefix: str = "excite"):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self._taken = set(taken_names)
+        self._prefix = prefix
+        self._counter = itertools.count()
+        self._memo: dict[Hashable, object] = {}
+        self._const_cache: dict[tuple, str] = {}
+
+    # -- names, constants, memo -------------------------------------------------
+    def fresh(self, hint: str) -> str:
+        """A tensor/node name not used anywhere in the graph yet."""
+        hint = hint.replace(" ", "_")
+        while True:
+            name = f"{self._prefix}/{hint}_{next(self._counter)}"
+            if name not in self._taken:
+                self._taken.add(name)
+                return name
+
+    def const(self, array, hint: str = "const") -> str:
+        """An initializer holding ``array`` (deduplicated by content)."""
+        array = np.asarray(array)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._const_cache:
+            name = self.fresh(hint)
+            self.initializers.append(numpy_helper.from_array(array, name))
+            self._const_cache[key] = name
+        return self._const_cache[key]
+
+    def i64(self, values: Sequence[int], hint: str = "i64") -> str:
+        return self.const(np.asarray(values, dtype=np.int64), hint)
+
+    def scalar(self, value: float, dtype=np.float32) -> str:
+        return self.const(np.asarray(value, dtype=dtype), "scalar")
+
+    def memo(self, key: Hashable, build: Callable[[], object]):
+        """Emit ``build()`` once per key; later calls reuse the same tensors."""
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
+    # -- generic node -----------------------------------------------------------
+    def op(self, op_type: str, inputs: Sequence[str], hint: str | None = None, outputs: int = 1, **attrs):
+        """Append one node; returns its output name (or list of names)."""
+        base = hint or op_type.lower()
+        outs = [self.fresh(base) for _ in range(outputs)]
+        attrs = {k: v for k, v in attrs.items() if v is not None}
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self.fresh(f"{base}_node"), **attrs))
+        return outs[0] if outputs == 1 else outs
+
+    # -- verbs used by the rules ------------------------------------------------
+    def mul(self, a: str, b: str) -> str:
+        return self.op("Mul", [a, b])
+
+    def add(self, a: str, b: str) -> str:
+        return self.op("Add", [a, b])
+
+    def sub(self, a: str, b: str) -> str:
+        return self.op("Sub", [a, b])
+
+    def sum(self, terms: Sequence[str]) -> str:
+        terms = list(terms)
+        if len(terms) == 1:
+            return terms[0]
+        if len(terms) == 2:
+            return self.add(*terms)
+        return self.op("Sum", terms)
+
+    def relu(self, x: str) -> str:
+        return self.op("Relu", [x])
+
+    def negative_part(self, x: str) -> str:
+        """min(x, 0), written as -relu(-x)."""
+        return self.op("Neg", [self.relu(self.op("Neg", [x]))])
+
+    def shape(self, x: str) -> str:
+        return self.memo(("shape", x), lambda: self.op("Shape", [x]))
+
+    def reshape_like(self, x: str, like: str) -> str:
+        return self.op("Reshape", [x, self.shape(like)])
+
+    def safe_reciprocal(self, z: str, signed: bool) -> str:
+        """1/z where |z| is at least the smallest normal float, exactly 0 elsewhere.
+
+        Never produces NaN or Inf: ``z`` is replaced by 1 before the division
+        where it counts as zero, and the result is masked to 0 there.
+        """
+        tiny = self.scalar(TINY)
+        zero, one = self.scalar(0.0), self.scalar(1.0)
+        mag = self.op("Abs", [z]) if signed else z
+        nonzero = self.op("Greater", [mag, tiny], hint="z_nonzero")
+        z_safe = self.op("Where", [nonzero, z, one], hint="z_safe")
+        return self.op("Where", [nonzero, self.op("Reciprocal", [z_safe]), zero], hint="inv_z")
+
+    def channel_sum(self, p: str, rank: int) -> str:
+        """The MWP map: sum of P over axis 1 (channels) for rank >= 3 tensors."""
+        if rank >= 3:
+            return self.op("ReduceSum", [p, self.i64([1])], keepdims=0, hint="map")
+        return self.op("Identity", [p], hint="map")

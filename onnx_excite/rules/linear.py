@@ -1,0 +1,363 @@
+"""Linear layers: Conv, Gemm, MatMul, AveragePool, GlobalAveragePool, ReduceMean.
+
+All share one excitation (:func:`excite_linear`); each op only says how to
+apply itself with a modified weight (``forward``) and how to apply the
+transpose (``transpose``).
+
+Rule ``paper`` (Zhang et al. 2016), a = layer input, W+ = max(W, 0)::
+
+    Z_i = sum_j a_j W+_ij,        P_in[j] = a_j * sum_i W+_ij P_i / Z_i
+
+Rule ``positive`` (default), z_ij = (a_j W_ij)+ = a+_j W+_ij + a-_j W-_ij::
+
+    Z_i = sum_j z_ij,             P_in[j] = sum_i z_ij P_i / Z_i
+                                          = a+_j (W+^T R)_j + a-_j (W-^T R)_j,  R = P / Z
+
+where a term with Z_i == 0 contributes exactly 0. Where ``a`` is provably
+non-negative the a- half is zero and is not emitted. Bias is ignored.
+Pools are linear layers with equal positive weights over their window, so
+their share is a_j / sum(window) whatever the count the pool divides by.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ..errors import ExciteError
+from .base import Context, attr, register
+
+
+# ---------------------------------------------------------------------------
+# convolution-shaped ops
+# ---------------------------------------------------------------------------
+class ConvSpec:
+    """Geometry of a conv-like op over ``k`` spatial axes, with explicit pads."""
+
+    def __init__(self, kernel, strides, dilations, pads, group, in_spatial, out_spatial):
+        self.kernel, self.strides, self.dilations = list(kernel), list(strides), list(dilations)
+        self.pads, self.group = list(pads), group
+        self.in_spatial, self.out_spatial = in_spatial, out_spatial  # lists of int|None, or None
+
+    @property
+    def n(self):
+        return len(self.kernel)
+
+    def conv(self, ctx: Context, x: str, w: np.ndarray) -> str:
+        return ctx.g.op("Conv", [x, ctx.g.const(w.astype(np.float32), "w")], hint="z_conv",
+                        kernel_shape=self.kernel, strides=self.strides, dilations=self.dilations,
+                        pads=self.pads, group=self.group)
+
+    def conv_transpose(self, ctx: Context, r: str, w: np.ndarray, like: str) -> str:
+        """The adjoint of :meth:`conv`, cut to the spatial size of ``like`` (the conv input).
+
+        Pads are emitted symmetric (min of begin/end) and the rest is sliced off:
+        asymmetric-pad ConvTranspose falls back to the CPU in CUDA builds.
+        ``output_padding`` is exact when sizes are static, else ``stride - 1``
+        followed by a slice to the dynamic input size.
+        """
+        g = ctx.g
+        n = self.n
+        sym, out_pad, starts, need_slice = [], [], [], False
+        for i in range(n):
+            pb, pe = self.pads[i], self.pads[i + n]
+            s, d, k = self.strides[i], self.dilations[i], self.kernel[i]
+            m = min(pb, pe)
+            sym.append(m)
+            start = pb - m
+            starts.append(start)
+            size_in = self.in_spatial[i] if self.in_spatial else None
+            size_out = self.out_spatial[i] if self.out_spatial else None
+            if size_in is not None and size_out is not None:
+                full = s * (size_out - 1) + (k - 1) * d + 1 - 2 * m
+                op = max(0, start + size_in - full)
+                if op >= max(s, d):
+                    raise ExciteError(f"internal: output_padding {op} out of range (stride {s}, dilation {d})")
+                out_pad.append(op)
+                need_slice |= start > 0 or full + op != size_in
+            else:
+                out_pad.append(s - 1 if s > 1 else 0)
+                need_slice = True
+        y = g.op("ConvTranspose", [r, g.const(w.astype(np.float32), "w")], hint="p_convT",
+                 kernel_shape=self.kernel, strides=self.strides, dilations=self.dilations,
+                 pads=sym + sym, group=self.group, output_padding=out_pad if any(out_pad) else None)
+        if not need_slice:
+            return y
+        axes = list(range(2, 2 + n))
+        static = self.in_spatial is not None and all(v is not None for v in self.in_spatial)
+        if static:
+            ends = g.i64([st + size for st, size in zip(starts, self.in_spatial)])
+        else:
+            sizes = g.op("Gather", [g.shape(like), g.i64(axes)], axis=0)
+            ends = g.op("Add", [sizes, g.i64(starts)])
+        return g.op("Slice", [y, g.i64(starts), ends, g.i64(axes)], hint="p_slice")
+
+
+def _spatial(ctx_graph, name, n):
+    s = ctx_graph.shape(name)
+    if s is None or len(s) != n + 2:
+        return None
+    return list(s[2:])
+
+
+def explicit_pads(node, kernel, strides, dilations, in_spatial):
+    """Pads as [begin..., end...], resolving auto_pad with static input sizes."""
+    n = len(kernel)
+    auto = attr(node, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto in ("NOTSET", ""):
+        return list(attr(node, "pads", [0] * (2 * n)))
+    if auto == "VALID":
+        return [0] * (2 * n)
+    if in_spatial is None or any(v is None for v in in_spatial):
+        raise ExciteError(f"node {node.name!r}: auto_pad={auto} needs static spatial input sizes (pass input_shapes)")
+    begin, end = [], []
+    for i in range(n):
+        eff = (kernel[i] - 1) * dilations[i] + 1
+        out = -(-in_spatial[i] // strides[i])
+        total = max((out - 1) * strides[i] + eff - in_spatial[i], 0)
+        small, big = total // 2, total - total // 2
+        begin.append(small if auto == "SAME_UPPER" else big)
+        end.append(big if auto == "SAME_UPPER" else small)
+    return begin + end
+
+
+def conv_spec(graph, node) -> ConvSpec:
+    w = graph.consts[node.input[1]]
+    n = w.ndim - 2
+    kernel = list(attr(node, "kernel_shape", w.shape[2:]))
+    strides = list(attr(node, "strides", [1] * n))
+    dilations = list(attr(node, "dilations", [1] * n))
+    in_sp = _spatial(graph, node.input[0], n)
+    pads = explicit_pads(node, kernel, strides, dilations, in_sp)
+    return ConvSpec(kernel, strides, dilations, pads, attr(node, "group", 1), in_sp, _spatial(graph, node.output[0], n))
+
+
+def pool_spec(graph, node, channels: int) -> ConvSpec:
+    kernel = list(attr(node, "kernel_shape"))
+    n = len(kernel)
+    strides = list(attr(node, "strides", [1] * n))
+    dilations = list(attr(node, "dilations", [1] * n))
+    in_sp = _spatial(graph, node.input[0], n)
+    out_sp = _spatial(graph, node.output[0], n)
+    pads = explicit_pads(node, kernel, strides, dilations, in_sp)
+    if attr(node, "ceil_mode", 0):
+        # the extra windows of ceil mode read padding at the end: widen the end pads
+        for i in range(n):
+            eff = (kernel[i] - 1) * dilations[i] + 1
+            extra = (out_sp[i] - 1) * strides[i] + eff - (in_sp[i] + pads[i] + pads[i + n])
+            pads[i + n] += max(extra, 0)
+    return ConvSpec(kernel, strides, dilations, pads, channels, in_sp, out_sp)
+
+
+# ---------------------------------------------------------------------------
+# the one excitation every linear op shares
+# ---------------------------------------------------------------------------
+def excite_linear(ctx: Context, node, a: str, p: str, weight: np.ndarray, forward, transpose, negate=False) -> str | None:
+    """P at the input ``a`` of a linear node, given P at its output.
+
+    ``forward(x, w)`` applies the node with weight ``w`` to ``x`` (no bias);
+    ``transpose(r, w)`` applies its adjoint. Z (through ``1/Z``) is emitted once
+    per node and weight sign, and shared by every signal chain.
+    """
+    g = ctx.g
+    w = -weight if negate else weight
+    w_pos, w_neg = np.maximum(w, 0), np.minimum(w, 0)
+    if ctx.signed(a):
+        parts = []
+        if w_pos.any():
+            parts.append((g.memo(("a+", a), lambda: g.relu(a)), w_pos))
+        if w_neg.any():
+            parts.append((g.memo(("a-", a), lambda: g.negative_part(a)), w_neg))
+    else:
+        parts = [(a, w_pos)] if w_pos.any() else []
+    if not parts:
+        return None  # no positive contribution anywhere: all of P is lost here
+
+    def inverse_z():
+        z = g.sum([forward(x, wp) for x, wp in parts])
+        return g.safe_reciprocal(z, signed=ctx.rule == "paper")
+
+    inv_z = g.memo((node.name, negate, "inv_z"), inverse_z)
+    r = g.mul(p, inv_z)
+    return g.sum([g.mul(x, transpose(r, wp)) for x, wp in parts])
+
+
+# ---------------------------------------------------------------------------
+# Conv
+# ---------------------------------------------------------------------------
+def _weight_check(graph, node):
+    if len(node.input) < 2 or node.input[1] not in graph.consts:
+        return "the weight is not a constant initializer"
+    if graph.is_const(node.input[0]):
+        return "the data input is a constant"
+    return None
+
+
+def conv_check(graph, node):
+    reason = _weight_check(graph, node)
+    if reason:
+        return reason
+    w = graph.consts[node.input[1]]
+    if w.ndim < 3:
+        return f"weight of rank {w.ndim}"
+    auto = attr(node, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    if auto.startswith("SAME") and graph.static_dims(node.input[0], range(2, w.ndim)) is None:
+        return f"auto_pad={auto} with dynamic spatial sizes (fix the input shape)"
+    return None
+
+
+@register("Conv", check=conv_check, weighted=True,
+          description="linear: Z = conv(a, W+), P_in = a * convT(P / Z, W+) (positive rule adds the a- W- half)")
+def conv(ctx: Context, node, p: str, negate=False):
+    """Linear rule through Conv (any groups, strides, dilations, pads) and ConvTranspose of W+."""
+    a = node.input[0]
+    if not ctx.wants(a):
+        return {}
+    spec = conv_spec(ctx.graph, node)
+    w = ctx.graph.consts[node.input[1]].astype(np.float64)
+    out = excite_linear(ctx, node, a, p, w,
+                        forward=lambda x, wp: spec.conv(ctx, x, wp),
+                        transpose=lambda r, wp: spec.conv_transpose(ctx, r, wp, like=a), negate=negate)
+    return {a: out}
+
+
+# ---------------------------------------------------------------------------
+# Gemm and MatMul
+# ---------------------------------------------------------------------------
+def _dense(ctx: Context, node, a: str, p: str, w: np.ndarray, negate: bool):
+    """``y = a @ w`` with ``w`` of shape (K, M): forward a @ W', transpose r @ W'^T."""
+    g = ctx.g
+    return excite_linear(
+        ctx, node, a, p, w,
+        forward=lambda x, wp: g.op("MatMul", [x, g.const(wp.astype(np.float32), "w")], hint="z_mm"),
+        transpose=lambda r, wp: g.op("MatMul", [r, g.const(np.ascontiguousarray(wp.T).astype(np.float32), "wT")], hint="p_mm"),
+        negate=negate)
+
+
+def gemm_check(graph, node):
+    reason = _weight_check(graph, node)
+    if reason:
+        return reason
+    if attr(node, "transA", 0):
+        return "transA=1 (activation transposed) is not supported"
+    return None
+
+
+@register("Gemm", check=gemm_check, weighted=True,
+          description="linear: W = alpha * B' (transB honoured), same rule as Conv with MatMul / MatMul^T")
+def gemm(ctx: Context, node, p: str, negate=False):
+    """Linear rule through Gemm; alpha is folded into the weight (a negative alpha flips W+)."""
+    a = node.input[0]
+    if not ctx.wants(a):
+        return {}
+    b = ctx.graph.consts[node.input[1]].astype(np.float64)
+    w = (b.T if attr(node, "transB", 0) else b) * float(attr(node, "alpha", 1.0))
+    return {a: _dense(ctx, node, a, p, w, negate)}
+
+
+def matmul_check(graph, node):
+    reason = _weight_check(graph, node)
+    if reason:
+        return reason
+    if graph.consts[node.input[1]].ndim != 2:
+        return "only 2-D constant weights are supported"
+    return None
+
+
+@register("MatMul", check=matmul_check, weighted=True,
+          description="linear: as Gemm; a following bias Add passes P through")
+def matmul(ctx: Context, node, p: str, negate=False):
+    """Linear rule through MatMul with a constant 2-D right operand."""
+    a = node.input[0]
+    if not ctx.wants(a):
+        return {}
+    w = ctx.graph.consts[node.input[1]].astype(np.float64)
+    return {a: _dense(ctx, node, a, p, w, negate)}
+
+
+# ---------------------------------------------------------------------------
+# pools
+# ---------------------------------------------------------------------------
+def _channels(graph, name):
+    s = graph.shape(name)
+    return None if s is None or len(s) < 3 else s[1]
+
+
+def avgpool_check(graph, node):
+    if _channels(graph, node.input[0]) is None:
+        return "the channel count of the input is unknown"
+    if attr(node, "ceil_mode", 0):
+        n = len(attr(node, "kernel_shape"))
+        if graph.static_dims(node.input[0], range(2, 2 + n)) is None or graph.static_dims(node.output[0], range(2, 2 + n)) is None:
+            return "ceil_mode=1 with dynamic spatial sizes (fix the input shape)"
+    return None
+
+
+@register("AveragePool", check=avgpool_check,
+          description="proportional: P_in = a * convT(P / sumpool(a), 1) (a+ for the positive rule)")
+def average_pool(ctx: Context, node, p: str, negate=False):
+    """Share P over each window in proportion to the inputs (count_include_pad cancels out)."""
+    a = node.input[0]
+    if not ctx.wants(a):
+        return {}
+    c = _channels(ctx.graph, a)
+    spec = pool_spec(ctx.graph, node, c)
+    ones = np.ones([c, 1] + spec.kernel)
+    out = excite_linear(ctx, node, a, p, ones,
+                        forward=lambda x, wp: spec.conv(ctx, x, wp),
+                        transpose=lambda r, wp: spec.conv_transpose(ctx, r, wp, like=a))
+    return {a: out}
+
+
+def _global_pool(ctx: Context, node, a: str, p: str, axes: list[int]):
+    g = ctx.g
+    out = excite_linear(
+        ctx, node, a, p, np.ones(1),
+        forward=lambda x, wp: g.op("ReduceSum", [x, g.i64(axes)], keepdims=1, hint="z_sum"),
+        transpose=lambda r, wp: r)
+    return {a: out}
+
+
+@register("GlobalAveragePool", check=lambda graph, node: None,
+          description="proportional: P_in = a * P / sum_spatial(a) (a+ for the positive rule)")
+def global_average_pool(ctx: Context, node, p: str, negate=False):
+    """Share P over all positions in proportion to the inputs."""
+    a = node.input[0]
+    if not ctx.wants(a):
+        return {}
+    rank = ctx.graph.rank(a)
+    return _global_pool(ctx, node, a, p, list(range(2, rank)))
+
+
+def _reduce_axes(graph, node):
+    axes = attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = graph.consts.get(node.input[1])
+        axes = None if axes is None else [int(v) for v in np.ravel(axes)]
+    return axes
+
+
+def reduce_mean_check(graph, node):
+    rank = graph.rank(node.input[0])
+    axes = _reduce_axes(graph, node)
+    if rank is None or axes is None:
+        return "axes or input rank unknown"
+    axes = sorted(a % rank for a in axes)
+    if 0 in axes or 1 in axes:
+        return "only reductions over spatial axes (>= 2) are supported"
+    return None
+
+
+@register("ReduceMean", check=reduce_mean_check,
+          description="as GlobalAveragePool over the reduced (spatial) axes")
+def reduce_mean(ctx: Context, node, p: str, negate=False):
+    """Spatial mean (how newer exporters write global pooling)."""
+    a = node.input[0]
+    if not ctx.wants(a):
+        return {}
+    rank = ctx.graph.rank(a)
+    axes = sorted(x % rank for x in _reduce_axes(ctx.graph, node))
+    if not attr(node, "keepdims", 1):
+        p = ctx.g.op("Unsqueeze", [p, ctx.g.i64(axes)])
+    return _global_pool(ctx, node, a, p, axes)

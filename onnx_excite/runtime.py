@@ -1,0 +1,146 @@
+"""Run the companion model with ONNX Runtime: build once, explain many batches."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .builder import METHODS, ExcitationModel, build_excitation_model
+from .errors import ExciteError
+
+INSTALL_HINT = ("ONNX Runtime is not installed: pip install 'onnx-excite[cpu]' "
+                "(or 'onnx-excite[gpu]' for the CUDA build; install only one of them)")
+
+
+def import_ort():
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExciteError(INSTALL_HINT) from None
+    return ort
+
+
+def default_providers() -> list[str]:
+    """CUDA first when this onnxruntime build has it, then the CPU."""
+    available = import_ort().get_available_providers()
+    wanted = [p for p in ("CUDAExecutionProvider",) if p in available]
+    return wanted + ["CPUExecutionProvider"]
+
+
+def make_session(model_bytes: bytes, providers: Sequence[str] | None = None, threads: int | None = None):
+    ort = import_ort()
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(model_bytes, sess_options=opts, providers=list(providers or default_providers()))
+    except Exception as exc:
+        raise ExciteError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}") from None
+
+
+def signal_matrix(targets, batch: int, num_classes: int) -> np.ndarray:
+    """The top signal (batch x K) from a class index, one index per sample, or a matrix.
+
+    * ``int``                    -> one-hot for that class, every sample;
+    * sequence/1-D int array     -> one index per sample;
+    * 2-D float array (N x K)    -> used as given (multi-hot, arbitrary weights);
+    * 1-D float array of length K -> the same signal for every sample.
+    """
+    if isinstance(targets, (int, np.integer)):
+        targets = [int(targets)] * batch
+    arr = np.asarray(targets)
+    if arr.ndim == 2:
+        if arr.shape != (batch, num_classes):
+            raise ExciteError(f"signal of shape {arr.shape}, expected ({batch}, {num_classes})")
+        return np.ascontiguousarray(arr, dtype=np.float32)
+    if arr.ndim == 1 and arr.dtype.kind == "f":
+        if arr.shape[0] != num_classes:
+            raise ExciteError(f"signal of length {arr.shape[0]}, expected {num_classes} classes")
+        return np.tile(arr.astype(np.float32), (batch, 1))
+    if arr.ndim == 1 and arr.dtype.kind in "iu":
+        if arr.shape[0] != batch:
+            raise ExciteError(f"{arr.shape[0]} targets for a batch of {batch}")
+        bad = [int(t) for t in arr if not 0 <= t < num_classes]
+        if bad:
+            raise ExciteError(f"target class {bad[0]} out of range 0..{num_classes - 1}")
+        sig = np.zeros((batch, num_classes), np.float32)
+        sig[np.arange(batch), arr] = 1.0
+        return sig
+    raise ExciteError(f"cannot read targets of type {type(targets).__name__}: give a class index, one per sample, or an N x K signal")
+
+
+@dataclass
+class Explanation:
+    """Result of one run: logits (N x K) and maps[method][layer] (N x h x w)."""
+
+    logits: np.ndarray
+    maps: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    channels: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    signal: np.ndarray | None = None
+
+
+class Exciter:
+    """Build the excitation model once, then explain batches.
+
+    >>> ex = Exciter("model.onnx", layers=["pool4"], methods=("mwp", "cmwp"))
+    >>> res = ex.explain(batch, targets=243)
+    >>> res.maps["cmwp"]["pool4"].shape   # (N, h, w)
+    """
+
+    def __init__(self, model, layers: Sequence[str], methods: Sequence[str] = METHODS, rule: str = "positive",
+                 providers: Sequence[str] | None = None, channels: bool = False, classifier: str | None = None,
+                 output: str | None = None, input_shapes: Mapping | None = None, threads: int | None = None):
+        self.built: ExcitationModel = build_excitation_model(
+            model, layers, methods=methods, rule=rule, channels=channels, classifier=classifier,
+            output=output, input_shapes=input_shapes)
+        self.session = make_session(self.built.model.SerializeToString(), providers, threads)
+        self._outputs = [self.built.logits] + list(self.built.maps.values()) + list(self.built.channels.values())
+
+    @property
+    def providers(self) -> list[str]:
+        """The providers the session really uses (CUDA silently falls back to CPU)."""
+        return self.session.get_providers()
+
+    @property
+    def num_classes(self) -> int:
+        k = self.built.num_classes
+        if k is None:
+            k = self.session.get_inputs()[-1].shape[1]
+        return int(k)
+
+    def _feeds(self, inputs) -> dict[str, np.ndarray]:
+        names = self.built.inputs
+        if isinstance(inputs, Mapping):
+            missing = [n for n in names if n not in inputs]
+            if missing:
+                raise ExciteError(f"missing model input {missing[0]!r}")
+            return {n: np.asarray(inputs[n]) for n in names}
+        if len(names) != 1:
+            raise ExciteError(f"the model has {len(names)} inputs ({', '.join(names)}); pass a dict")
+        return {names[0]: np.ascontiguousarray(inputs, dtype=np.float32)}
+
+    def explain(self, inputs, targets) -> Explanation:
+        feeds = self._feeds(inputs)
+        batch = next(iter(feeds.values())).shape[0]
+        signal = signal_matrix(targets, batch, self.num_classes)
+        feeds[self.built.signal] = signal
+        try:
+            values = self.session.run(self._outputs, feeds)
+        except Exception as exc:
+            raise ExciteError(f"ONNX Runtime failed: {str(exc).splitlines()[0][:300]}") from None
+        out = dict(zip(self._outputs, values))
+        res = Explanation(logits=out[self.built.logits], signal=signal)
+        for (method, layer), name in self.built.maps.items():
+            res.maps.setdefault(method, {})[layer] = out[name]
+        for (method, layer), name in self.built.channels.items():
+            res.channels.setdefault(method, {})[layer] = out[name]
+        return res
+
+    def logits(self, inputs) -> np.ndarray:
+        """Forward only (the signal branch is not run)."""
+        feeds = self._feeds(inputs)
+        batch = next(iter(feeds.values())).shape[0]
+        feeds[self.built.signal] = np.zeros((batch, self.num_classes), np.float32)
+        return self.session.run([self.built.logits], feeds)[0]
