@@ -151,6 +151,13 @@ class ForwardGraph:
     def input_names(self) -> list[str]:
         return [i.name for i in self.model.graph.input]
 
+    def forward_model(self) -> onnx.ModelProto:
+        """A copy of the forward model that also outputs the logits."""
+        model = copy.deepcopy(self.model)
+        if self.entry not in {o.name for o in model.graph.output}:
+            model.graph.output.append(helper.make_tensor_value_info(self.entry, onnx.TensorProto.FLOAT, None))
+        return model
+
     def is_const(self, name: str) -> bool:
         return name in self.consts
 

@@ -42,6 +42,9 @@ class ConvSpec:
     def n(self):
         return len(self.kernel)
 
+    def _flipped(self, w):
+        return _flip_transpose(w, self.group)
+
     def conv(self, ctx: Context, x: str, w: np.ndarray) -> str:
         return ctx.g.op("Conv", [x, ctx.g.const(w.astype(np.float32), "w")], hint="z_conv",
                         kernel_shape=self.kernel, strides=self.strides, dilations=self.dilations,
@@ -57,6 +60,14 @@ class ConvSpec:
         """
         g = ctx.g
         n = self.n
+        if all(s == 1 for s in self.strides):
+            flipped_pads = [(k - 1) * d - p for k, d, p in zip(self.kernel * 2, self.dilations * 2, self.pads)]
+            if min(flipped_pads) >= 0:
+                # stride 1: the adjoint is a plain Conv with the kernel transposed and flipped,
+                # which runs on ORT's fast (NCHWc) convolution path
+                return g.op("Conv", [r, g.const(self._flipped(w).astype(np.float32), "wT")], hint="p_conv",
+                            kernel_shape=self.kernel, strides=self.strides, dilations=self.dilations,
+                            pads=flipped_pads, group=self.group)
         sym, out_pad, starts, need_slice = [], [], [], False
         for i in range(n):
             pb, pe = self.pads[i], self.pads[i + n]
@@ -90,6 +101,14 @@ class ConvSpec:
             sizes = g.op("Gather", [g.shape(like), g.i64(axes)], axis=0)
             ends = g.op("Add", [sizes, g.i64(starts)])
         return g.op("Slice", [y, g.i64(starts), ends, g.i64(axes)], hint="p_slice")
+
+
+def _flip_transpose(w: np.ndarray, group: int) -> np.ndarray:
+    """Weight (M, C/g, k...) of a conv -> weight (C, M/g, k...) of its stride-1 adjoint conv."""
+    m, cg = w.shape[:2]
+    k = w.shape[2:]
+    wt = w.reshape((group, m // group, cg) + k).swapaxes(1, 2).reshape((group * cg, m // group) + k)
+    return np.ascontiguousarray(np.flip(wt, axis=tuple(range(2, w.ndim))))
 
 
 def _spatial(ctx_graph, name, n):

@@ -1,0 +1,198 @@
+"""`onnx-excite`: a thin typer app over the library.
+
+Each command parses its arguments, calls one library function and renders the
+result. Errors the user can fix (bad files, names, models) are printed as one
+line on stderr with exit code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from onnx_excite.errors import ExciteError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Excitation Backprop attention maps (MWP, contrastive MWP) for ONNX image classifiers.")
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+
+def friendly(fn):
+    """Turn library errors into one line on stderr and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ExciteError as exc:
+            err.print(f"error: {exc}", markup=False, soft_wrap=True)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+def _shape(s) -> str:
+    return "?" if s is None else "x".join("?" if d is None else str(d) for d in s)
+
+
+def _parse_shape(text: Optional[str]):
+    if not text:
+        return None
+    try:
+        name, dims = text.split("=", 1) if "=" in text else (None, text)
+        values = [None if d in ("?", "N", "") else int(d) for d in dims.split(",")]
+    except ValueError:
+        raise ExciteError(f"cannot read input shape {text!r}; use e.g. 'input=1,3,224,224' or '1,3,224,224'") from None
+    return name, values
+
+
+def _input_shapes(model, text):
+    parsed = _parse_shape(text)
+    if parsed is None:
+        return None
+    name, values = parsed
+    return {name or _first_input_name(model): values}
+
+
+def _first_input_name(path: str) -> str:
+    from onnx_excite.canonicalize import load_model
+
+    g = load_model(path).graph
+    inits = {t.name for t in g.initializer}
+    return next(i.name for i in g.input if i.name not in inits)
+
+
+@app.command()
+@friendly
+def layers(model: Path = typer.Argument(..., help="ONNX classifier"),
+           output: Optional[str] = typer.Option(None, help="output tensor to explain (default: the first, below a Softmax)")):
+    """List candidate layers: tensor names, op types and shapes of tensors that feed the logits."""
+    from onnx_excite.inspect import inspect_model
+
+    report = inspect_model(str(model), output=output)
+    table = Table("layer (tensor name)", "op", "shape", title=f"{model.name}: logits = {report.graph.entry}")
+    for info in report.layers:
+        table.add_row(info.name, info.op_type, _shape(info.shape))
+    out.print(table)
+    if report.problems:
+        err.print(f"warning: {len(report.problems)} unsupported node(s); run `onnx-excite check {model}`", markup=False)
+
+
+@app.command()
+@friendly
+def check(model: Path = typer.Argument(..., help="ONNX classifier"),
+          output: Optional[str] = typer.Option(None, help="output tensor to explain")):
+    """Report every node the rewrite cannot handle (exit 1), or "ok" and the candidate layers."""
+    from onnx_excite.inspect import inspect_model
+
+    report = inspect_model(str(model), output=output)
+    if report.problems:
+        for op_type, name, reason in report.problems:
+            out.print(f"unsupported: {op_type} {name!r}: {reason}", markup=False)
+        raise typer.Exit(1)
+    out.print("ok", markup=False)
+    for info in report.layers:
+        out.print(f"  {info.name}  {info.op_type}  {_shape(info.shape)}", markup=False)
+
+
+def _methods(method: Optional[List[str]], contrastive: bool) -> tuple:
+    chosen = list(method or ["mwp"])
+    if contrastive and "cmwp" not in chosen:
+        chosen.append("cmwp")
+    return tuple(chosen)
+
+
+@app.command()
+@friendly
+def export(model: Path = typer.Argument(..., help="ONNX classifier (never modified)"),
+           out_path: Path = typer.Option(..., "-o", "--output", help="where to write the companion model"),
+           layer: List[str] = typer.Option(..., "--layer", "-l", help="tensor name of a map layer (repeatable)"),
+           method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="mwp and/or cmwp (repeatable; default mwp)"),
+           contrastive: bool = typer.Option(False, "--contrastive", help="also output contrastive MWP"),
+           rule: str = typer.Option("positive", help="positive (stable for signed inputs) or paper (literal rule)"),
+           channels: bool = typer.Option(False, help="also output channel-resolved P per layer"),
+           input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. 'input=?,3,224,224'")):
+    """Write one ONNX model with the forward graph and the excitation outputs.
+
+    It runs in plain onnxruntime: feed the image(s) and `excite_signal` (N x K).
+    """
+    import onnx
+
+    from onnx_excite import build_excitation_model
+
+    if out_path.resolve() == model.resolve():
+        raise ExciteError(f"{out_path}: refusing to overwrite the input model")
+    built = build_excitation_model(str(model), layer, methods=_methods(method, contrastive), rule=rule,
+                                   channels=channels, input_shapes=_input_shapes(str(model), input_shape))
+    try:
+        onnx.checker.check_model(built.model, full_check=True)
+    except Exception as exc:  # a bug of ours, not of the user's model
+        raise ExciteError(f"internal: the built model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    built.save(out_path)
+    out.print(f"wrote {out_path}", markup=False)
+    out.print(f"  inputs : {', '.join(built.inputs)}, {built.signal} (N x {built.num_classes})", markup=False)
+    out.print(f"  outputs: {built.logits} (logits), " + ", ".join(built.maps.values()), markup=False)
+
+
+@app.command()
+@friendly
+def bench(model: Path = typer.Argument(..., help="ONNX classifier"),
+          layer: List[str] = typer.Option(..., "--layer", "-l", help="map layer (repeatable)"),
+          rule: str = typer.Option("positive"),
+          batch: int = typer.Option(1, help="batch size"),
+          runs: int = typer.Option(10, help="timed runs per variant"),
+          threads: Optional[int] = typer.Option(None, help="intra-op threads (default: ORT's)"),
+          input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. '1,3,224,224'")):
+    """Median ms of forward alone vs forward+MWP vs forward+c-MWP, and the ratios."""
+    from onnx_excite.bench import run_bench
+
+    rows, providers = run_bench(str(model), layer, rule=rule, batch=batch, runs=runs, threads=threads,
+                                input_shapes=_input_shapes(str(model), input_shape))
+    table = Table("variant", "median ms", "x forward", title=f"{model.name}, layer {', '.join(layer)}, batch {batch}, {providers[0]}")
+    for row in rows:
+        table.add_row(row.name, f"{row.median_ms:.1f}", f"{row.ratio:.2f}")
+    out.print(table)
+
+
+@app.command()
+@friendly
+def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'default'"),
+            inputs: List[Path] = typer.Argument(..., help="image files or folders"),
+            layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="map layer (repeatable; default: the model profile's)"),
+            target: Optional[List[str]] = typer.Option(None, "--target", "-t", help="class index or name (repeatable: one map each)"),
+            top: int = typer.Option(1, help="explain the top-K predicted classes when no --target is given"),
+            method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="mwp and/or cmwp (default both)"),
+            contrastive: bool = typer.Option(False, "--contrastive", help="include contrastive MWP"),
+            rule: str = typer.Option("positive", help="positive or paper"),
+            out_dir: Path = typer.Option(Path("excite_out"), "-o", "--output", help="output folder"),
+            size: Optional[int] = typer.Option(None, help="resize size (shorter side, or square for fixed-size models)"),
+            mean: Optional[str] = typer.Option(None, help="per-channel mean, e.g. 0.485,0.456,0.406"),
+            std: Optional[str] = typer.Option(None, help="per-channel std, e.g. 0.229,0.224,0.225"),
+            batch_size: int = typer.Option(8, help="images per run")):
+    """Write maps (.npy at layer resolution and upsampled to the image) and overlays (.png) per image."""
+    from onnx_excite.explain import ExplainOptions, explain_files
+
+    opts = ExplainOptions(model=model, layers=list(layer or []), targets=list(target or []), top=top,
+                          methods=_methods(method or ["mwp", "cmwp"], contrastive), rule=rule, out_dir=out_dir,
+                          size=size, mean=mean, std=std, batch_size=batch_size)
+    summary = explain_files(inputs, opts, console=out, errors=err)
+    out.print(f"wrote {summary.written} file(s) to {out_dir}", markup=False)
+    if summary.failed:
+        err.print(f"error: {summary.failed} input(s) could not be read", markup=False)
+        raise typer.Exit(2)
+
+
+def main() -> None:  # console script entry point
+    app()
+
+
+if __name__ == "__main__":
+    main()
