@@ -40,6 +40,10 @@ def channels_name(method: str, layer: str) -> str:
     return f"P.{method}:{layer}"
 
 
+def mass_name(method: str, layer: str) -> str:
+    return f"mass.{method}:{layer}"
+
+
 @dataclass
 class ExcitationModel:
     """The built companion model and what its inputs and outputs mean."""
@@ -55,6 +59,7 @@ class ExcitationModel:
     classifier: str | None            # node name of the contrastive classifier
     maps: dict[tuple[str, str], str] = field(default_factory=dict)       # (method, layer) -> output
     channels: dict[tuple[str, str], str] = field(default_factory=dict)   # (method, layer) -> output
+    masses: dict[tuple[str, str], str] = field(default_factory=dict)     # (method, layer) -> output (N,)
 
     def save(self, path) -> None:
         onnx.save(self.model, str(path))
@@ -162,10 +167,14 @@ def build_excitation_model(
     classifier: str | None = None,
     output: str | None = None,
     input_shapes: Mapping[str, Sequence[int | None]] | None = None,
+    diagnostics: bool = False,
 ) -> ExcitationModel:
     """Build the companion model for ``layers`` (ONNX tensor names).
 
-    ``model`` is a path or a ModelProto; it is never modified.
+    ``model`` is a path or a ModelProto; it is never modified. With
+    ``diagnostics`` the model also outputs ``mass.<method>:<layer>`` (N,), the
+    total P that reached each layer: the rules conserve P, so what is missing
+    from the signal's mass (MWP) or from 0 (c-MWP) was lost where Z == 0.
     """
     methods = tuple(dict.fromkeys(methods))
     bad = [m for m in methods if m not in METHODS]
@@ -241,6 +250,9 @@ def build_excitation_model(
                                                    rank - 1 if rank >= 3 else rank)
             if channels:
                 built.channels[(method, layer)] = _expose(g, p, channels_name(method, layer), new_outputs, rank)
+            if diagnostics:
+                mass = g.op("ReduceSum", [p, g.i64(list(range(1, rank)))], keepdims=0, hint="mass") if rank > 1 else p
+                built.masses[(method, layer)] = _expose(g, mass, mass_name(method, layer), new_outputs, 1)
 
     _assemble(graph, g, new_outputs, num_classes)
     return built

@@ -79,6 +79,9 @@ class Explanation:
     maps: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     channels: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     signal: np.ndarray | None = None
+    #: with diagnostics: per sample, the signal mass lost on the way to each layer
+    #: (where Z == 0); for c-MWP, what the two halves lost differently.
+    lost: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
 
 
 class Exciter:
@@ -91,12 +94,14 @@ class Exciter:
 
     def __init__(self, model, layers: Sequence[str], methods: Sequence[str] = METHODS, rule: str = "positive",
                  providers: Sequence[str] | None = None, channels: bool = False, classifier: str | None = None,
-                 output: str | None = None, input_shapes: Mapping | None = None, threads: int | None = None):
+                 output: str | None = None, input_shapes: Mapping | None = None, threads: int | None = None,
+                 diagnostics: bool = False):
         self.built: ExcitationModel = build_excitation_model(
             model, layers, methods=methods, rule=rule, channels=channels, classifier=classifier,
-            output=output, input_shapes=input_shapes)
+            output=output, input_shapes=input_shapes, diagnostics=diagnostics)
         self.session = make_session(self.built.model.SerializeToString(), providers, threads)
-        self._outputs = [self.built.logits] + list(self.built.maps.values()) + list(self.built.channels.values())
+        self._outputs = ([self.built.logits] + list(self.built.maps.values()) + list(self.built.channels.values())
+                         + list(self.built.masses.values()))
 
     @property
     def providers(self) -> list[str]:
@@ -136,6 +141,9 @@ class Exciter:
             res.maps.setdefault(method, {})[layer] = out[name]
         for (method, layer), name in self.built.channels.items():
             res.channels.setdefault(method, {})[layer] = out[name]
+        for (method, layer), name in self.built.masses.items():
+            expected = signal.sum(axis=1) if method == "mwp" else 0.0
+            res.lost.setdefault(method, {})[layer] = expected - out[name]
         return res
 
     def logits(self, inputs) -> np.ndarray:

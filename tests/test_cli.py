@@ -1,0 +1,96 @@
+"""CLI behaviour through typer's runner: outputs, and one-line errors with non-zero exit."""
+import hashlib
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from typer.testing import CliRunner
+
+from onnx_excite import Exciter
+from onnx_excite.cli.app import app
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _one_error_line(result):
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    text = result.output.strip()
+    assert "Traceback" not in text
+    lines = [l for l in text.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), text
+    return lines[0]
+
+
+def test_layers_lists_candidates(tiny_path):
+    res = _run("layers", tiny_path)
+    assert res.exit_code == 0, res.output
+    for name in ("x", "r1", "p1", "logits"):
+        assert name in res.output
+
+
+def test_check_ok(tiny_path):
+    res = _run("check", tiny_path)
+    assert res.exit_code == 0 and res.output.startswith("ok")
+
+
+def test_check_reports_unsupported(tmp_path):
+    from conftest import tiny_model
+
+    model = tiny_model()
+    model.graph.node[1].op_type = "Hardmax"   # no excitation rule: must be refused, not guessed
+    path = tmp_path / "elu.onnx"
+    onnx.save(model, str(path))
+    res = _run("check", path)
+    assert res.exit_code == 1
+    assert "Hardmax" in res.output and "relu1" in res.output
+
+
+def test_export_runs_in_plain_onnxruntime(tiny_path, tmp_path):
+    before = hashlib.sha256(tiny_path.read_bytes()).hexdigest()
+    out = tmp_path / "companion.onnx"
+    res = _run("export", tiny_path, "-o", out, "--layer", "r1", "--layer", "x", "--contrastive")
+    assert res.exit_code == 0, res.output
+    assert hashlib.sha256(tiny_path.read_bytes()).hexdigest() == before  # input model untouched
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    assert model.ir_version <= 10
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((2, 3, 8, 8), dtype=np.float32)
+    sig = np.zeros((2, 5), np.float32)
+    sig[0, 1] = sig[1, 3] = 1
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"x": x, "excite_signal": sig})))
+    ref = Exciter(str(tiny_path), ["r1", "x"]).explain(x, [1, 3])
+    for method in ("mwp", "cmwp"):
+        for layer in ("r1", "x"):
+            np.testing.assert_allclose(got[f"{method}:{layer}"], ref.maps[method][layer], rtol=1e-6, atol=1e-9)
+
+
+def test_export_refuses_to_overwrite_input(tiny_path):
+    before = tiny_path.read_bytes()
+    line = _one_error_line(_run("export", tiny_path, "-o", tiny_path, "--layer", "r1"))
+    assert "overwrite" in line
+    assert tiny_path.read_bytes() == before
+
+
+def test_unknown_layer(tiny_path, tmp_path):
+    line = _one_error_line(_run("export", tiny_path, "-o", tmp_path / "o.onnx", "--layer", "r2"))
+    assert "unknown layer 'r2'" in line
+
+
+def test_missing_and_corrupt_model(tmp_path):
+    assert "no such model file" in _one_error_line(_run("layers", tmp_path / "nope.onnx"))
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07garbage that is not a protobuf" * 10)
+    assert "not a readable ONNX model" in _one_error_line(_run("check", bad))
+
+
+def test_bench_prints_ratios(tiny_path):
+    res = _run("bench", tiny_path, "--layer", "x", "--runs", "2")
+    assert res.exit_code == 0, res.output
+    for variant in ("forward", "forward+MWP", "forward+c-MWP"):
+        assert variant in res.output
