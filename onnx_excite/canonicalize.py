@@ -119,11 +119,62 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         raise ExciteError(f"shape inference failed: {str(exc).splitlines()[0]}") from None
 
 
+def _ceil_out(size: int, k: int, s: int, d: int, pb: int, pe: int) -> int:
+    """Pool output size in ceil mode as ONNX Runtime computes it (windows that would
+    start in the right padding are dropped; onnx's shape inference keeps them)."""
+    eff = (k - 1) * d + 1
+    out = -(-(size + pb + pe - eff) // s) + 1
+    if (out - 1) * s >= size + pb:
+        out -= 1
+    return out
+
+
+def ceil_pools_to_pads(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rewrite ceil_mode=1 pools as ceil_mode=0 pools with wider end pads.
+
+    The same windows are computed (MaxPool ignores pads, AveragePool without
+    count_include_pad does not count them), shape inference then agrees with
+    ONNX Runtime, and the rules see one geometry. Pools whose input size is
+    unknown, and count_include_pad AveragePools, are left as they are.
+    """
+    while True:
+        inferred = infer_shapes(model)
+        shapes = {vi.name: _shape_of(vi) for vi in list(inferred.graph.input) + list(inferred.graph.value_info)}
+        changed = False
+        for node in model.graph.node:
+            if node.op_type not in ("MaxPool", "AveragePool"):
+                continue
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if not attrs.get("ceil_mode", 0) or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+                continue
+            if node.op_type == "AveragePool" and attrs.get("count_include_pad", 0):
+                continue
+            shape = shapes.get(node.input[0])
+            if shape is None or any(d is None for d in shape[2:]):
+                continue
+            kernel = list(attrs["kernel_shape"])
+            n = len(kernel)
+            strides = list(attrs.get("strides", [1] * n))
+            dil = list(attrs.get("dilations", [1] * n))
+            pads = list(attrs.get("pads", [0] * 2 * n))
+            for i in range(n):
+                out = _ceil_out(shape[2 + i], kernel[i], strides[i], dil[i], pads[i], pads[i + n])
+                pads[i + n] = max(pads[i + n], (out - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 - shape[2 + i] - pads[i])
+            keep = [a for a in node.attribute if a.name not in ("ceil_mode", "pads")]
+            del node.attribute[:]
+            node.attribute.extend(keep + [helper.make_attribute("pads", pads)])
+            changed = True
+            break  # shapes downstream change: infer again
+        if not changed:
+            return model
+
+
 PASSES: list[Callable[[onnx.ModelProto], onnx.ModelProto]] = [
     drop_initializer_inputs,
     constants_to_initializers,
     name_nodes,
     upgrade_opset,
+    ceil_pools_to_pads,
     infer_shapes,
 ]
 

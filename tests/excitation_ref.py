@@ -1,0 +1,306 @@
+"""Independent float64 numpy reference of the forward pass and of Excitation Backprop.
+
+Written from the equations, not from the library: every linear layer is
+excited from its explicit contributions z_ij (``paper``: a_j W+_ij,
+``positive``: (a_j W_ij)+), P_in[j] = sum_i z_ij P_i / Z_i with Z_i = sum_j z_ij
+and a zero share where Z_i == 0. Loops over kernel offsets keep it readable.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _contrib(a, w, rule):
+    """z for activation ``a`` and weight ``w`` (broadcast)."""
+    if rule == "paper":
+        return a * np.maximum(w, 0)
+    return np.maximum(a * w, 0)
+
+
+def _safe_ratio(p, z):
+    out = np.zeros_like(p)
+    np.divide(p, z, out=out, where=z != 0)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# window geometry shared by conv and pools
+# ---------------------------------------------------------------------------
+def _out_size(size, k, s, d, pb, pe, ceil=False):
+    eff = (k - 1) * d + 1
+    if ceil:
+        out = math.ceil((size + pb + pe - eff) / s) + 1
+        if (out - 1) * s >= size + pb:  # last window must start inside the input or left pad
+            out -= 1
+        return out
+    return (size + pb + pe - eff) // s + 1
+
+
+def _geometry(node, x_shape, kernel):
+    n = len(kernel)
+    strides = list(_attr(node, "strides", [1] * n))
+    dil = list(_attr(node, "dilations", [1] * n))
+    pads = list(_attr(node, "pads", [0] * 2 * n))
+    ceil = bool(_attr(node, "ceil_mode", 0))
+    outs = [_out_size(x_shape[2 + i], kernel[i], strides[i], dil[i], pads[i], pads[i + n], ceil) for i in range(n)]
+    return strides, dil, pads, outs
+
+
+def _windows(in_hw, kernel, strides, dil, pads, outs):
+    """For each output (oy, ox): list of input positions (y, x) of its window, pads excluded."""
+    res = {}
+    for oy in range(outs[0]):
+        for ox in range(outs[1]):
+            pos = []
+            for ky in range(kernel[0]):
+                y = oy * strides[0] + ky * dil[0] - pads[0]
+                if not 0 <= y < in_hw[0]:
+                    continue
+                for kx in range(kernel[1]):
+                    x = ox * strides[1] + kx * dil[1] - pads[1]
+                    if 0 <= x < in_hw[1]:
+                        pos.append((y, x, ky, kx))
+            res[(oy, ox)] = pos
+    return res
+
+
+# ---------------------------------------------------------------------------
+# the reference
+# ---------------------------------------------------------------------------
+class Reference:
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.consts = {t.name: numpy_helper.to_array(t).astype(np.float64) if numpy_helper.to_array(t).dtype.kind == "f"
+                       else numpy_helper.to_array(t) for t in model.graph.initializer}
+        self.nodes = list(model.graph.node)
+        self.producer = {o: n for n in self.nodes for o in n.output}
+
+    # -- forward ------------------------------------------------------------
+    def forward(self, x):
+        v = dict(self.consts)
+        v[self.model.graph.input[0].name] = np.asarray(x, np.float64)
+        self.windows = {}
+        for node in self.nodes:
+            ins = [v[i] if i else None for i in node.input]
+            v[node.output[0]] = self._fwd(node, ins)
+        self.values = v
+        return v
+
+    def _fwd(self, node, ins):
+        op = node.op_type
+        if op == "Conv":
+            x, w = ins[0], ins[1]
+            b = ins[2] if len(ins) > 2 and ins[2] is not None else None
+            kernel = list(w.shape[2:])
+            strides, dil, pads, outs = _geometry(node, x.shape, kernel)
+            g = _attr(node, "group", 1)
+            m, cg = w.shape[:2]
+            y = np.zeros((x.shape[0], m) + tuple(outs))
+            win = _windows(x.shape[2:], kernel, strides, dil, pads, outs)
+            for (oy, ox), pos in win.items():
+                for (yy, xx, ky, kx) in pos:
+                    for gi in range(g):
+                        ms = slice(gi * m // g, (gi + 1) * m // g)
+                        cs = slice(gi * cg, (gi + 1) * cg)
+                        y[:, ms, oy, ox] += x[:, cs, yy, xx] @ w[ms, :, ky, kx].T
+            if b is not None:
+                y += b[None, :, None, None]
+            return y
+        if op == "Gemm":
+            a, bm = ins[0], ins[1]
+            if _attr(node, "transA", 0):
+                a = a.T
+            bm = bm.T if _attr(node, "transB", 0) else bm
+            y = _attr(node, "alpha", 1.0) * a @ bm
+            if len(ins) > 2 and ins[2] is not None:
+                y = y + _attr(node, "beta", 1.0) * ins[2]
+            return y
+        if op == "MatMul":
+            return ins[0] @ ins[1]
+        if op in ("Add", "Sum"):
+            return sum(ins)
+        if op == "Relu":
+            return np.maximum(ins[0], 0)
+        if op in ("Identity", "Dropout"):
+            return ins[0]
+        if op == "Softmax":
+            z = ins[0] - ins[0].max(axis=-1, keepdims=True)
+            return np.exp(z) / np.exp(z).sum(axis=-1, keepdims=True)
+        if op == "Flatten":
+            axis = _attr(node, "axis", 1)
+            return ins[0].reshape(int(np.prod(ins[0].shape[:axis])), -1)
+        if op == "Reshape":
+            shape = [ins[0].shape[i] if s == 0 else s for i, s in enumerate(ins[1].astype(int))]
+            return ins[0].reshape(shape)
+        if op == "GlobalAveragePool":
+            return ins[0].mean(axis=(2, 3), keepdims=True)
+        if op in ("MaxPool", "AveragePool"):
+            x = ins[0]
+            kernel = list(_attr(node, "kernel_shape"))
+            strides, dil, pads, outs = _geometry(node, x.shape, kernel)
+            win = _windows(x.shape[2:], kernel, strides, dil, pads, outs)
+            self.windows[node.name or node.output[0]] = win
+            y = np.zeros(x.shape[:2] + tuple(outs))
+            cip = _attr(node, "count_include_pad", 0)
+            for (oy, ox), pos in win.items():
+                vals = np.stack([x[:, :, yy, xx] for (yy, xx, _, _) in pos], axis=-1)
+                if op == "MaxPool":
+                    y[:, :, oy, ox] = vals.max(axis=-1)
+                else:
+                    if cip:
+                        # window clipped to the padded input (ceil-mode overhang is not counted)
+                        count = 1
+                        for i, (o, k) in enumerate(zip((oy, ox), kernel)):
+                            start = o * strides[i] - pads[i]
+                            end = min(start + (k - 1) * dil[i] + 1, x.shape[2 + i] + pads[i + 2])
+                            count *= len(range(start, end, dil[i]))
+                    else:
+                        count = len(pos)
+                    y[:, :, oy, ox] = vals.sum(axis=-1) / count
+            return y
+        raise NotImplementedError(op)
+
+    # -- excitation ---------------------------------------------------------
+    def _data_inputs(self, node):
+        if node.op_type in ("Conv", "Gemm", "MatMul", "Reshape", "Dropout"):
+            return [node.input[0]]
+        return [i for i in node.input if i and i not in self.consts]
+
+    def classifier(self, entry):
+        t = entry
+        while True:
+            node = self.producer[t]
+            if node.op_type in ("Conv", "Gemm", "MatMul"):
+                return node
+            t = self._data_inputs(node)[0]
+
+    def excite(self, node, p, rule, negate=False):
+        """{input name: P} for the node's data inputs."""
+        v = self.values
+        op = node.op_type
+        a = v[node.input[0]]
+        sign = -1.0 if negate else 1.0
+        if op == "Conv":
+            w = sign * v[node.input[1]]
+            kernel = list(w.shape[2:])
+            strides, dil, pads, outs = _geometry(node, a.shape, kernel)
+            g = _attr(node, "group", 1)
+            m, cg = w.shape[:2]
+            win = _windows(a.shape[2:], kernel, strides, dil, pads, outs)
+            z_sum = np.zeros(p.shape)
+            for (oy, ox), pos in win.items():
+                for (yy, xx, ky, kx) in pos:
+                    for gi in range(g):
+                        ms = slice(gi * m // g, (gi + 1) * m // g)
+                        cs = slice(gi * cg, (gi + 1) * cg)
+                        z = _contrib(a[:, None, cs, yy, xx], w[None, ms, :, ky, kx], rule)  # (N, Mg, Cg)
+                        z_sum[:, ms, oy, ox] += z.sum(axis=2)
+            r = _safe_ratio(p, z_sum)
+            p_in = np.zeros(a.shape)
+            for (oy, ox), pos in win.items():
+                for (yy, xx, ky, kx) in pos:
+                    for gi in range(g):
+                        ms = slice(gi * m // g, (gi + 1) * m // g)
+                        cs = slice(gi * cg, (gi + 1) * cg)
+                        z = _contrib(a[:, None, cs, yy, xx], w[None, ms, :, ky, kx], rule)
+                        p_in[:, cs, yy, xx] += (z * r[:, ms, oy, ox][:, :, None]).sum(axis=1)
+            return {node.input[0]: p_in}
+        if op in ("Gemm", "MatMul"):
+            bm = v[node.input[1]]
+            if op == "Gemm":
+                bm = (bm.T if _attr(node, "transB", 0) else bm) * _attr(node, "alpha", 1.0)
+            w = sign * bm  # (K, M)
+            z = _contrib(a[:, :, None], w[None], rule)  # (N, K, M)
+            r = _safe_ratio(p, z.sum(axis=1))
+            return {node.input[0]: (z * r[:, None, :]).sum(axis=2)}
+        if op in ("Relu", "Identity", "Dropout", "Softmax"):
+            return {node.input[0]: p}
+        if op in ("Flatten", "Reshape"):
+            return {node.input[0]: p.reshape(a.shape)}
+        if op in ("Add", "Sum"):
+            data = [i for i in node.input if i not in self.consts]
+            if len(data) == 1:
+                return {data[0]: p}
+            parts = [np.maximum(v[i], 0) if rule == "positive" else v[i] for i in data]
+            r = _safe_ratio(p, sum(parts))
+            out = {}
+            for i, part in zip(data, parts):
+                out[i] = out.get(i, 0) + part * r
+            return out
+        if op == "MaxPool":
+            win = self.windows[node.name or node.output[0]]
+            p_in = np.zeros(a.shape)
+            n_, c_ = a.shape[:2]
+            for (oy, ox), pos in win.items():
+                vals = np.stack([a[:, :, yy, xx] for (yy, xx, _, _) in pos], axis=-1)
+                first = vals.argmax(axis=-1)  # first maximum in row-major scan order
+                for k, (yy, xx, _, _) in enumerate(pos):
+                    p_in[:, :, yy, xx] += np.where(first == k, p[:, :, oy, ox], 0.0)
+            return {node.input[0]: p_in}
+        if op in ("AveragePool", "GlobalAveragePool"):
+            act = np.maximum(a, 0) if rule == "positive" else a
+            if op == "GlobalAveragePool":
+                r = _safe_ratio(p, act.sum(axis=(2, 3), keepdims=True))
+                return {node.input[0]: act * r}
+            win = self.windows[node.name or node.output[0]]
+            p_in = np.zeros(a.shape)
+            for (oy, ox), pos in win.items():
+                s = sum(act[:, :, yy, xx] for (yy, xx, _, _) in pos)
+                r = _safe_ratio(p[:, :, oy, ox], s)
+                for (yy, xx, _, _) in pos:
+                    p_in[:, :, yy, xx] += act[:, :, yy, xx] * r
+            return {node.input[0]: p_in}
+        raise NotImplementedError(op)
+
+    def entry(self):
+        out = self.model.graph.output[0].name
+        node = self.producer.get(out)
+        while node is not None and node.op_type == "Softmax":
+            out = node.input[0]
+            node = self.producer.get(out)
+        return out
+
+    def run(self, x, signal, layers, rule="positive", contrastive=False):
+        """Forward, then P at every tensor down to the inputs; maps at ``layers``."""
+        self.forward(x)
+        entry = self.entry()
+        clf = self.classifier(entry) if contrastive else None
+        pending = {entry: [np.asarray(signal, np.float64)]}
+        P = {}
+        for node in reversed(self.nodes):
+            out = node.output[0]
+            if out not in pending:
+                continue
+            p = sum(pending.pop(out))
+            P[out] = p
+            sent = self.excite(node, p, rule)
+            if clf is not None and node is clf:
+                dual = self.excite(node, p, rule, negate=True)
+                sent = {k: sent[k] - dual[k] for k in sent}
+            for k, q in sent.items():
+                pending.setdefault(k, []).append(q)
+        for k, qs in pending.items():
+            P[k] = sum(qs)
+        res = {"logits": self.values[entry], "P": {}, "map": {}, "map_unclipped": {}}
+        for layer in layers:
+            p = P[layer]
+            m = p.sum(axis=1) if p.ndim >= 3 else p
+            res["P"][layer] = p
+            res["map_unclipped"][layer] = m
+            res["map"][layer] = np.maximum(m, 0) if contrastive else m
+        return res
+
+
+def excitation_reference(model, x, signal, layers, rule="positive", contrastive=False):
+    return Reference(model).run(x, signal, layers, rule=rule, contrastive=contrastive)
