@@ -1,0 +1,149 @@
+"""Degenerate inputs never give NaN/Inf; graph hygiene (opsets, dynamic dims, ceil-mode pools)."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from cnn_gen import input_shape, random_cnn
+from conftest import tiny_model
+from excitation_ref import Reference
+from onnx_excite import Exciter, ExciteError, build_excitation_model
+
+
+def _all_finite(res):
+    for per_layer in list(res.maps.values()) + list(res.channels.values()):
+        for v in per_layer.values():
+            assert np.isfinite(v).all()
+
+
+@pytest.mark.parametrize("rule", ["positive", "paper"])
+@pytest.mark.parametrize("seed", range(8))
+def test_no_nan_on_degenerate_inputs(seed, rule):
+    model, layers = random_cnn(seed)
+    ex = Exciter(model, layers, rule=rule, channels=True)
+    shape = (2,) + input_shape(model)
+    rng = np.random.default_rng(seed)
+    cases = {
+        "zeros": np.zeros(shape, np.float32),
+        "negative": -np.abs(rng.normal(size=shape)).astype(np.float32),   # dead ReLUs everywhere
+        "huge": (rng.normal(size=shape) * 1e30).astype(np.float32),
+        "tiny": (rng.normal(size=shape) * 1e-30).astype(np.float32),
+        "denormal": np.full(shape, 1e-40, np.float32),
+    }
+    for name, x in cases.items():
+        logits = ex.logits(x)
+        if not np.isfinite(logits).all():
+            continue  # the forward itself overflowed: nothing to explain
+        _all_finite(ex.explain(x, rng.random((2, ex.num_classes)).astype(np.float32)))
+
+
+def test_zero_weight_rows_and_all_zero_model():
+    model = tiny_model(softmax=False)
+    w1 = numpy_helper.to_array(model.graph.initializer[0]).copy()
+    w1[1:3] = 0  # two dead filters
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w1, "W1"))
+    w2 = numpy_helper.to_array(model.graph.initializer[1]).copy()
+    w2[4] = 0    # a class with no weights at all
+    model.graph.initializer[1].CopyFrom(numpy_helper.from_array(w2, "W2"))
+    ex = Exciter(model, ["x", "r1", "p1"], channels=True)
+    x = np.random.default_rng(0).normal(size=(3, 3, 8, 8)).astype(np.float32)
+    res = ex.explain(x, np.ones((3, 5), np.float32))
+    _all_finite(res)
+    assert np.all(res.channels["mwp"]["r1"][:, 1:3] == 0)
+    res = ex.explain(x, 4)
+    assert all(np.all(v == 0) for v in res.maps["mwp"].values())
+
+
+def _conv_model(opset, dynamic_hw=False, init_as_input=False):
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    fc = rng.normal(size=(4, 6)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", strides=[2, 2], pads=[0, 1, 1, 0]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "fc"], ["logits"], name="fc")]
+    hw = ["H", "W"] if dynamic_hw else [9, 10]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3] + hw)]
+    inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(fc, "fc")]
+    if init_as_input:
+        inputs += [helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 3, 3, 3]),
+                   helper.make_tensor_value_info("fc", TensorProto.FLOAT, [4, 6])]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 7 if opset <= 14 else 8
+    return model
+
+
+@pytest.mark.parametrize("opset", [11, 13, 17, 19, 20])
+def test_opsets_on_input(opset):
+    model = _conv_model(opset, init_as_input=opset == 11)
+    x = np.random.default_rng(1).random((2, 3, 9, 10)).astype(np.float32)
+    ex = Exciter(model, ["x", "r"])
+    want = Reference(_conv_model(17)).run(x, np.eye(6)[[1, 2]], ["x", "r"])
+    res = ex.explain(x, [1, 2])
+    for layer in ("x", "r"):
+        np.testing.assert_allclose(res.maps["mwp"][layer], want["map"][layer], rtol=1e-4, atol=1e-6)
+    built = build_excitation_model(model, ["r"])
+    assert 17 <= built.model.opset_import[0].version <= 20 and built.model.ir_version <= 10
+
+
+def test_dynamic_spatial_dims_use_sliced_adjoint():
+    """With symbolic H, W the strided ConvTranspose is cut to the input size at run time:
+    one exported model serves every image size."""
+    model = _conv_model(17, dynamic_hw=True)
+    built = build_excitation_model(model, ["x"], methods=("mwp",))
+    sess = ort.InferenceSession(built.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    for hw in [(9, 10), (16, 11), (7, 7)]:
+        x = np.random.default_rng(2).random((1, 3) + hw).astype(np.float32)
+        sig = np.eye(6, dtype=np.float32)[[3]]
+        got = sess.run(["mwp:x"], {"x": x, "excite_signal": sig})[0]
+        static = _conv_model(17)
+        static.graph.input[0].type.tensor_type.shape.dim[2].dim_value = hw[0]
+        static.graph.input[0].type.tensor_type.shape.dim[3].dim_value = hw[1]
+        want = Reference(static).run(x, sig, ["x"])["map"]["x"]
+        assert got.shape == (1,) + hw
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+
+
+def test_ceil_mode_pool_whose_last_window_starts_in_the_padding():
+    """onnx's shape inference keeps such a window, ORT drops it; the canonical graph must
+    agree with ORT (the forward and the maps)."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(2, 1, 3, 3)).astype(np.float32)
+    fc = rng.normal(size=(2, 4)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("MaxPool", ["r"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1], ceil_mode=1),
+             helper.make_node("GlobalAveragePool", ["p"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("MatMul", ["f", "fc"], ["logits"], name="fc")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 11, 11])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(fc, "fc")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = rng.random((2, 1, 11, 11)).astype(np.float32)
+    plain = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    ex = Exciter(model, ["x", "r", "p"])
+    np.testing.assert_allclose(ex.logits(x), plain, rtol=1e-5)
+    want = Reference(model).run(x, np.eye(4)[[0, 3]], ["x", "r", "p"])
+    res = ex.explain(x, [0, 3])
+    assert res.maps["mwp"]["p"].shape == (2, 6, 6)
+    for layer in ("x", "r", "p"):
+        np.testing.assert_allclose(res.maps["mwp"][layer], want["map"][layer], rtol=1e-4, atol=1e-7)
+
+
+def test_bad_targets_and_unsupported_ops():
+    ex = Exciter(tiny_model(), ["r1"])
+    x = np.zeros((2, 3, 8, 8), np.float32)
+    for bad in (7, [1], np.zeros((2, 4)), "dog"):
+        with pytest.raises(ExciteError):
+            ex.explain(x, bad)
+    model = tiny_model()
+    model.graph.node[1].op_type = "Hardmax"
+    with pytest.raises(ExciteError, match="Hardmax"):
+        build_excitation_model(model, ["x"])
+    with pytest.raises(ExciteError, match="classifier"):
+        build_excitation_model(tiny_model(), ["logits"], methods=("cmwp",))
