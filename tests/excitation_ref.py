@@ -75,6 +75,22 @@ def _windows(in_hw, kernel, strides, dil, pads, outs):
     return res
 
 
+def _conv_patches(node, x, w):
+    """Zero-padded input and, per kernel offset, the strided slice that feeds every output."""
+    kernel = list(w.shape[2:])
+    strides, dil, pads, outs = _geometry(node, x.shape, kernel)
+    # pad generously at the end so every slice is in range, whatever the pads
+    extra = [max(0, (outs[i] - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 - (x.shape[2 + i] + pads[i] + pads[i + 2])) for i in range(2)]
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2] + extra[0]), (pads[1], pads[3] + extra[1])))
+    offsets = []
+    for ky in range(kernel[0]):
+        for kx in range(kernel[1]):
+            sl = (slice(ky * dil[0], ky * dil[0] + (outs[0] - 1) * strides[0] + 1, strides[0]),
+                  slice(kx * dil[1], kx * dil[1] + (outs[1] - 1) * strides[1] + 1, strides[1]))
+            offsets.append(((ky, kx), sl))
+    return xp, offsets, outs
+
+
 # ---------------------------------------------------------------------------
 # the reference
 # ---------------------------------------------------------------------------
@@ -102,18 +118,16 @@ class Reference:
         if op == "Conv":
             x, w = ins[0], ins[1]
             b = ins[2] if len(ins) > 2 and ins[2] is not None else None
-            kernel = list(w.shape[2:])
-            strides, dil, pads, outs = _geometry(node, x.shape, kernel)
             g = _attr(node, "group", 1)
             m, cg = w.shape[:2]
+            xp, offsets, outs = _conv_patches(node, x, w)
             y = np.zeros((x.shape[0], m) + tuple(outs))
-            win = _windows(x.shape[2:], kernel, strides, dil, pads, outs)
-            for (oy, ox), pos in win.items():
-                for (yy, xx, ky, kx) in pos:
-                    for gi in range(g):
-                        ms = slice(gi * m // g, (gi + 1) * m // g)
-                        cs = slice(gi * cg, (gi + 1) * cg)
-                        y[:, ms, oy, ox] += x[:, cs, yy, xx] @ w[ms, :, ky, kx].T
+            for (ky, kx), sl in offsets:
+                patch = xp[(slice(None), slice(None)) + sl]
+                for gi in range(g):
+                    ms = slice(gi * m // g, (gi + 1) * m // g)
+                    cs = slice(gi * cg, (gi + 1) * cg)
+                    y[:, ms] += np.einsum("nchw,mc->nmhw", patch[:, cs], w[ms, :, ky, kx])
             if b is not None:
                 y += b[None, :, None, None]
             return y
@@ -132,6 +146,10 @@ class Reference:
             return sum(ins)
         if op == "Relu":
             return np.maximum(ins[0], 0)
+        if op == "Clip":
+            lo = ins[1] if len(ins) > 1 and ins[1] is not None else -np.inf
+            hi = ins[2] if len(ins) > 2 and ins[2] is not None else np.inf
+            return np.clip(ins[0], lo, hi)
         if op in ("Identity", "Dropout"):
             return ins[0]
         if op == "Softmax":
@@ -173,7 +191,7 @@ class Reference:
 
     # -- excitation ---------------------------------------------------------
     def _data_inputs(self, node):
-        if node.op_type in ("Conv", "Gemm", "MatMul", "Reshape", "Dropout"):
+        if node.op_type in ("Conv", "Gemm", "MatMul", "Reshape", "Dropout", "Clip"):
             return [node.input[0]]
         return [i for i in node.input if i and i not in self.consts]
 
@@ -193,29 +211,27 @@ class Reference:
         sign = -1.0 if negate else 1.0
         if op == "Conv":
             w = sign * v[node.input[1]]
-            kernel = list(w.shape[2:])
-            strides, dil, pads, outs = _geometry(node, a.shape, kernel)
             g = _attr(node, "group", 1)
             m, cg = w.shape[:2]
-            win = _windows(a.shape[2:], kernel, strides, dil, pads, outs)
+            ap, offsets, outs = _conv_patches(node, a, w)
+            groups = [(slice(gi * m // g, (gi + 1) * m // g), slice(gi * cg, (gi + 1) * cg)) for gi in range(g)]
+
+            def contributions():
+                # z_ij for every (offset, group): (N, Mg, Cg, Ho, Wo); padding has a = 0 so z = 0
+                for (ky, kx), sl in offsets:
+                    patch = ap[(slice(None), slice(None)) + sl]
+                    for ms, cs in groups:
+                        yield sl, ms, cs, _contrib(patch[:, None, cs], w[None, ms, :, ky, kx, None, None], rule)
+
             z_sum = np.zeros(p.shape)
-            for (oy, ox), pos in win.items():
-                for (yy, xx, ky, kx) in pos:
-                    for gi in range(g):
-                        ms = slice(gi * m // g, (gi + 1) * m // g)
-                        cs = slice(gi * cg, (gi + 1) * cg)
-                        z = _contrib(a[:, None, cs, yy, xx], w[None, ms, :, ky, kx], rule)  # (N, Mg, Cg)
-                        z_sum[:, ms, oy, ox] += z.sum(axis=2)
+            for sl, ms, cs, z in contributions():
+                z_sum[:, ms] += z.sum(axis=2)
             r = _safe_ratio(p, z_sum)
-            p_in = np.zeros(a.shape)
-            for (oy, ox), pos in win.items():
-                for (yy, xx, ky, kx) in pos:
-                    for gi in range(g):
-                        ms = slice(gi * m // g, (gi + 1) * m // g)
-                        cs = slice(gi * cg, (gi + 1) * cg)
-                        z = _contrib(a[:, None, cs, yy, xx], w[None, ms, :, ky, kx], rule)
-                        p_in[:, cs, yy, xx] += (z * r[:, ms, oy, ox][:, :, None]).sum(axis=1)
-            return {node.input[0]: p_in}
+            p_in = np.zeros(ap.shape)
+            for sl, ms, cs, z in contributions():
+                p_in[(slice(None), cs) + sl] += (z * r[:, ms, None]).sum(axis=1)
+            pads = list(_attr(node, "pads", [0, 0, 0, 0]))
+            return {node.input[0]: p_in[:, :, pads[0]:pads[0] + a.shape[2], pads[1]:pads[1] + a.shape[3]]}
         if op in ("Gemm", "MatMul"):
             bm = v[node.input[1]]
             if op == "Gemm":
@@ -224,7 +240,7 @@ class Reference:
             z = _contrib(a[:, :, None], w[None], rule)  # (N, K, M)
             r = _safe_ratio(p, z.sum(axis=1))
             return {node.input[0]: (z * r[:, None, :]).sum(axis=2)}
-        if op in ("Relu", "Identity", "Dropout", "Softmax"):
+        if op in ("Relu", "Clip", "Identity", "Dropout", "Softmax"):
             return {node.input[0]: p}
         if op in ("Flatten", "Reshape"):
             return {node.input[0]: p.reshape(a.shape)}

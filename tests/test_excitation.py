@@ -6,7 +6,7 @@ from cnn_gen import input_shape, random_cnn
 from excitation_ref import Reference
 from onnx_excite import Exciter
 
-SEEDS = range(30)
+SEEDS = range(60)
 
 
 def _rel_err(got, want, scale=None):
