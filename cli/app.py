@@ -131,12 +131,13 @@ def export(model: Path = typer.Argument(..., help="ONNX classifier (never modifi
         raise ExciteError(f"{out_path}: refusing to overwrite the input model")
     built = build_excitation_model(str(model), layer, methods=_methods(method, contrastive), rule=rule,
                                    channels=channels, input_shapes=_input_shapes(str(model), input_shape))
-    try:
-        onnx.checker.check_model(built.model, full_check=True)
-    except Exception as exc:  # a bug of ours, not of the user's model
-        raise ExciteError(f"internal: the built model fails onnx.checker: {str(exc).splitlines()[0]}") from None
     out_path.parent.mkdir(parents=True, exist_ok=True)
     built.save(out_path)
+    try:
+        onnx.checker.check_model(str(out_path), full_check=True)
+    except Exception as exc:  # a bug of ours, not of the user's model
+        out_path.unlink()
+        raise ExciteError(f"internal: the built model fails onnx.checker: {str(exc).splitlines()[0]}") from None
     out.print(f"wrote {out_path}", markup=False)
     out.print(f"  inputs : {', '.join(built.inputs)}, {built.signal} (N x {built.num_classes})", markup=False)
     out.print(f"  outputs: {built.logits} (logits), " + ", ".join(built.maps.values()), markup=False)
@@ -144,7 +145,7 @@ def export(model: Path = typer.Argument(..., help="ONNX classifier (never modifi
 
 @app.command()
 @friendly
-def bench(model: Path = typer.Argument(..., help="ONNX classifier"),
+def bench(model: str = typer.Argument(..., help="ONNX classifier, or 'vgg16-random' (full-width VGG16 shape, random weights)"),
           layer: List[str] = typer.Option(..., "--layer", "-l", help="map layer (repeatable)"),
           rule: str = typer.Option("positive"),
           batch: int = typer.Option(1, help="batch size"),
@@ -153,12 +154,15 @@ def bench(model: Path = typer.Argument(..., help="ONNX classifier"),
           input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. '1,3,224,224'")):
     """Median ms of forward alone vs forward+MWP vs forward+c-MWP, and the ratios."""
     from onnx_excite.bench import run_bench
+    from onnx_excite.models.synthetic import RECIPES
 
-    rows, providers = run_bench(str(model), layer, rule=rule, batch=batch, runs=runs, threads=threads,
-                                input_shapes=_input_shapes(str(model), input_shape))
-    table = Table("variant", "median ms", "x forward", title=f"{model.name}, layer {', '.join(layer)}, batch {batch}, {providers[0]}")
+    source = RECIPES[model]() if model in RECIPES else model
+    shapes = _input_shapes(model, input_shape) if model not in RECIPES else None
+    rows, providers = run_bench(source, layer, rule=rule, batch=batch, runs=runs, threads=threads, input_shapes=shapes)
+    table = Table("variant", "median ms", "x forward",
+                  title=f"{Path(model).name}, layer {', '.join(layer)}, batch {batch}, {providers[0]}")
     for row in rows:
-        table.add_row(row.name, f"{row.median_ms:.1f}", f"{row.ratio:.2f}")
+        table.add_row(row.name, f"{row.median_ms:.3f}", f"{row.ratio:.2f}")
     out.print(table)
 
 

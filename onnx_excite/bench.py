@@ -40,7 +40,7 @@ def run_bench(model, layers: Sequence[str], rule: str = "positive", batch: int =
     """Median wall time of each variant over ``runs`` runs; ratios are to the forward alone."""
     rng = np.random.default_rng(seed)
     forward = canonicalize(model, input_shapes=input_shapes)
-    fwd_session = make_session(forward.forward_model().SerializeToString(), providers, threads)
+    fwd_session = make_session(forward.forward_model(), providers, threads)
     feeds = {i.name: _input_array(i.shape, batch, rng) for i in fwd_session.get_inputs()}
     variants = [("forward", None), ("forward+MWP", ("mwp",)), ("forward+c-MWP", ("cmwp",)),
                 ("forward+MWP+c-MWP", ("mwp", "cmwp"))]
@@ -52,7 +52,7 @@ def run_bench(model, layers: Sequence[str], rule: str = "positive", batch: int =
             session, outputs, run_feeds = fwd_session, [forward.entry], feeds
         else:
             built = build_excitation_model(model, layers, methods=methods, rule=rule, input_shapes=input_shapes)
-            session = make_session(built.model.SerializeToString(), providers, threads)
+            session = make_session(built.model, providers, threads)
             k = built.num_classes or session.get_inputs()[-1].shape[1]
             signal = np.zeros((batch, k), np.float32)
             signal[:, 0] = 1.0

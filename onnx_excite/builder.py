@@ -16,6 +16,7 @@ the channel-resolved signal (before clipping).
 from __future__ import annotations
 
 import difflib
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -62,7 +63,13 @@ class ExcitationModel:
     masses: dict[tuple[str, str], str] = field(default_factory=dict)     # (method, layer) -> output (N,)
 
     def save(self, path) -> None:
-        onnx.save(self.model, str(path))
+        """Write the model; past protobuf's 2 GiB limit the weights go to ``<path>.data``."""
+        from .runtime import PROTOBUF_LIMIT
+
+        if self.model.ByteSize() < PROTOBUF_LIMIT:
+            onnx.save(self.model, str(path))
+        else:
+            onnx.save(self.model, str(path), save_as_external_data=True, location=f"{Path(path).name}.data")
 
 
 # ---------------------------------------------------------------------------

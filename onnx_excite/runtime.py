@@ -28,14 +28,32 @@ def default_providers() -> list[str]:
     return wanted + ["CPUExecutionProvider"]
 
 
-def make_session(model_bytes: bytes, providers: Sequence[str] | None = None, threads: int | None = None):
+#: protobuf cannot serialise a message of 2 GiB or more: larger models go through external data
+PROTOBUF_LIMIT = 2**31 - 2**26
+
+
+def make_session(model, providers: Sequence[str] | None = None, threads: int | None = None):
+    """An ORT session for a ModelProto (through a temporary external-data file when it
+    is too large for protobuf) or for serialized bytes."""
     ort = import_ort()
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
     opts.log_severity_level = 3
+    provs = list(providers or default_providers())
     try:
-        return ort.InferenceSession(model_bytes, sess_options=opts, providers=list(providers or default_providers()))
+        if isinstance(model, (bytes, bytearray)):
+            return ort.InferenceSession(model, sess_options=opts, providers=provs)
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=provs)
+        import tempfile
+
+        import onnx
+
+        with tempfile.TemporaryDirectory(prefix="onnx-excite-") as tmp:
+            path = f"{tmp}/model.onnx"
+            onnx.save(model, path, save_as_external_data=True, location="model.onnx.data")
+            return ort.InferenceSession(path, sess_options=opts, providers=provs)
     except Exception as exc:
         raise ExciteError(f"ONNX Runtime cannot load the model: {str(exc).splitlines()[0][:300]}") from None
 
@@ -99,7 +117,7 @@ class Exciter:
         self.built: ExcitationModel = build_excitation_model(
             model, layers, methods=methods, rule=rule, channels=channels, classifier=classifier,
             output=output, input_shapes=input_shapes, diagnostics=diagnostics)
-        self.session = make_session(self.built.model.SerializeToString(), providers, threads)
+        self.session = make_session(self.built.model, providers, threads)
         self._outputs = ([self.built.logits] + list(self.built.maps.values()) + list(self.built.channels.values())
                          + list(self.built.masses.values()))
 

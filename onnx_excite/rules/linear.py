@@ -245,13 +245,23 @@ def conv(ctx: Context, node, p: str, negate=False):
 # Gemm and MatMul
 # ---------------------------------------------------------------------------
 def _dense(ctx: Context, node, a: str, p: str, w: np.ndarray, negate: bool):
-    """``y = a @ w`` with ``w`` of shape (K, M): forward a @ W', transpose r @ W'^T."""
+    """``y = a @ w`` with ``w`` of shape (K, M): forward a @ W', transpose r @ W'^T.
+
+    For 2-D activations the transpose is a Gemm with transB=1 on the same
+    initializer, so a large classifier's W+ is stored once.
+    """
     g = ctx.g
+    two_d = ctx.graph.rank(a) == 2
+
+    def transpose(r, wp):
+        if two_d:
+            return g.op("Gemm", [r, g.const(wp.astype(np.float32), "w")], hint="p_gemm", transB=1)
+        return g.op("MatMul", [r, g.const(np.ascontiguousarray(wp.T).astype(np.float32), "wT")], hint="p_mm")
+
     return excite_linear(
         ctx, node, a, p, w,
         forward=lambda x, wp: g.op("MatMul", [x, g.const(wp.astype(np.float32), "w")], hint="z_mm"),
-        transpose=lambda r, wp: g.op("MatMul", [r, g.const(np.ascontiguousarray(wp.T).astype(np.float32), "wT")], hint="p_mm"),
-        negate=negate)
+        transpose=transpose, negate=negate)
 
 
 def gemm_check(graph, node):
