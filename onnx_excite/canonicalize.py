@@ -169,11 +169,63 @@ def ceil_pools_to_pads(model: onnx.ModelProto) -> onnx.ModelProto:
             return model
 
 
+def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Conv -> BatchNormalization (inference) becomes one Conv with scaled weights.
+
+    W' = W * s, b' = (b - mean) * s + beta, s = gamma / sqrt(var + eps), in float64.
+    A negative gamma flips the signs of W', which is why the clamp to W+ must come
+    after this fold. A BatchNormalization that does not follow a Conv it alone
+    consumes is left for its own rule (a per-channel linear layer).
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, int] = {}
+    for node in graph.node:
+        for i in node.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    producer = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    drop = []
+    for bn in graph.node:
+        if bn.op_type != "BatchNormalization" or len(bn.output) > 1 and any(bn.output[1:]):
+            continue
+        conv = producer.get(bn.input[0])
+        params = bn.input[1:5]
+        if (conv is None or conv.op_type != "Conv" or consumers.get(conv.output[0], 0) != 1
+                or conv.output[0] in outputs or conv.input[1] not in inits
+                or any(p not in inits for p in params) or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits)):
+            continue
+        gamma, beta, mean, var = (numpy_helper.to_array(inits[p]).astype(np.float64) for p in params)
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        scale = gamma / np.sqrt(var + eps)
+        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+        b = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
+             if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0]))
+        w_name, b_name = f"{conv.name}.folded_weight", f"{conv.name}.folded_bias"
+        graph.initializer.extend([
+            numpy_helper.from_array((w * scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32), w_name),
+            numpy_helper.from_array(((b - mean) * scale + beta).astype(np.float32), b_name)])
+        del conv.input[1:]
+        conv.input.extend([w_name, b_name])
+        conv.output[0] = bn.output[0]
+        drop.append(bn.name)
+    if drop:
+        keep = [n for n in graph.node if n.name not in drop]
+        del graph.node[:]
+        graph.node.extend(keep)
+        used = {i for n in graph.node for i in n.input}
+        unused = [t for t in graph.initializer if t.name not in used]
+        for t in unused:
+            graph.initializer.remove(t)
+    return model
+
+
 PASSES: list[Callable[[onnx.ModelProto], onnx.ModelProto]] = [
     drop_initializer_inputs,
     constants_to_initializers,
     name_nodes,
     upgrade_opset,
+    fold_batchnorm,
     ceil_pools_to_pads,
     infer_shapes,
 ]

@@ -94,8 +94,44 @@ def _conv_patches(node, x, w):
 # ---------------------------------------------------------------------------
 # the reference
 # ---------------------------------------------------------------------------
+def _fold_conv_bn(model):
+    """The spec folds Conv -> BatchNormalization (sole consumer) into one Conv before any
+    rule runs (W' = W * s, s = gamma / sqrt(var + eps)); do the same on a copy."""
+    import copy
+
+    model = copy.deepcopy(model)
+    g = model.graph
+    consts = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in g.initializer}
+    uses = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    producer = {o: n for n in g.node for o in n.output}
+    remove = []
+    for bn in g.node:
+        if bn.op_type != "BatchNormalization":
+            continue
+        conv = producer.get(bn.input[0])
+        if conv is None or conv.op_type != "Conv" or uses[conv.output[0]] != 1:
+            continue
+        gamma, beta, mean, var = (consts[i] for i in bn.input[1:5])
+        scale = gamma / np.sqrt(var + _attr(bn, "epsilon", 1e-5))
+        w = consts[conv.input[1]] * scale[:, None, None, None]
+        b = consts[conv.input[2]] if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0])
+        names = (f"ref_fold_w_{bn.name}", f"ref_fold_b_{bn.name}")
+        g.initializer.extend([numpy_helper.from_array(w, names[0]), numpy_helper.from_array((b - mean) * scale + beta, names[1])])
+        del conv.input[1:]
+        conv.input.extend(names)
+        conv.output[0] = bn.output[0]
+        remove.append(bn)
+    for bn in remove:
+        g.node.remove(bn)
+    return model
+
+
 class Reference:
     def __init__(self, model: onnx.ModelProto):
+        model = _fold_conv_bn(model)
         self.model = model
         self.consts = {t.name: numpy_helper.to_array(t).astype(np.float64) if numpy_helper.to_array(t).dtype.kind == "f"
                        else numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -146,6 +182,19 @@ class Reference:
             return sum(ins)
         if op == "Relu":
             return np.maximum(ins[0], 0)
+        if op == "Sigmoid":
+            return 1 / (1 + np.exp(-ins[0]))
+        if op == "Unsqueeze":
+            return np.expand_dims(ins[0], tuple(int(a) for a in ins[1]))
+        if op == "Mul":
+            return ins[0] * ins[1]
+        if op == "Concat":
+            return np.concatenate(ins, axis=_attr(node, "axis"))
+        if op == "BatchNormalization":
+            x, gamma, beta, mean, var = ins
+            shape = (-1,) + (1,) * (x.ndim - 2)
+            eps = _attr(node, "epsilon", 1e-5)
+            return (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps) * gamma.reshape(shape) + beta.reshape(shape)
         if op == "Clip":
             lo = ins[1] if len(ins) > 1 and ins[1] is not None else -np.inf
             hi = ins[2] if len(ins) > 2 and ins[2] is not None else np.inf
@@ -191,9 +240,21 @@ class Reference:
 
     # -- excitation ---------------------------------------------------------
     def _data_inputs(self, node):
-        if node.op_type in ("Conv", "Gemm", "MatMul", "Reshape", "Dropout", "Clip"):
+        if node.op_type in ("Conv", "Gemm", "MatMul", "Reshape", "Dropout", "Clip", "BatchNormalization", "Unsqueeze"):
             return [node.input[0]]
         return [i for i in node.input if i and i not in self.consts]
+
+    def _ancestor(self, source, tensor):
+        """Whether ``tensor`` is computed from ``source``."""
+        stack = [tensor]
+        while stack:
+            t = stack.pop()
+            if t == source:
+                return True
+            node = self.producer.get(t)
+            if node is not None:
+                stack.extend(i for i in node.input if i)
+        return False
 
     def classifier(self, entry):
         t = entry
@@ -240,9 +301,27 @@ class Reference:
             z = _contrib(a[:, :, None], w[None], rule)  # (N, K, M)
             r = _safe_ratio(p, z.sum(axis=1))
             return {node.input[0]: (z * r[:, None, :]).sum(axis=2)}
-        if op in ("Relu", "Clip", "Identity", "Dropout", "Softmax"):
+        if op in ("Relu", "Clip", "Sigmoid", "Identity", "Dropout", "Softmax"):
             return {node.input[0]: p}
-        if op in ("Flatten", "Reshape"):
+        if op == "BatchNormalization":
+            gamma, var = v[node.input[1]], v[node.input[4]]
+            s = sign * gamma / np.sqrt(var + _attr(node, "epsilon", 1e-5))
+            z = _contrib(a, s.reshape((-1,) + (1,) * (a.ndim - 2)), rule)   # one contribution per output
+            return {node.input[0]: z * _safe_ratio(p, z)}
+        if op == "Mul":
+            # a gate (a constant, or a tensor computed from the other input) scales the features
+            x, gate = node.input
+            if gate not in self.consts and (x in self.consts or self._ancestor(gate, x)):
+                x, gate = gate, x
+            return {x: p}
+        if op == "Concat":
+            axis = _attr(node, "axis")
+            sizes = np.cumsum([v[i].shape[axis] for i in node.input])[:-1]
+            out = {}
+            for i, piece in zip(node.input, np.split(p, sizes, axis=axis)):
+                out[i] = out.get(i, 0) + piece
+            return out
+        if op in ("Flatten", "Reshape", "Unsqueeze"):
             return {node.input[0]: p.reshape(a.shape)}
         if op in ("Add", "Sum"):
             data = [i for i in node.input if i not in self.consts]

@@ -390,3 +390,33 @@ def reduce_mean(ctx: Context, node, p: str, negate=False):
     if not attr(node, "keepdims", 1):
         p = ctx.g.op("Unsqueeze", [p, ctx.g.i64(axes)])
     return _global_pool(ctx, node, a, p, axes)
+
+
+# ---------------------------------------------------------------------------
+# BatchNormalization left unfolded: a per-channel linear layer
+# ---------------------------------------------------------------------------
+def batchnorm_check(graph, node):
+    if any(p not in graph.consts for p in node.input[1:5]):
+        return "BatchNormalization parameters are not constants"
+    if graph.rank(node.input[0]) is None:
+        return "input rank unknown"
+    return None
+
+
+@register("BatchNormalization", check=batchnorm_check,
+          description="per-channel linear layer y = s*x + t (Conv->BN pairs are folded before the rules run)")
+def batch_normalization(ctx: Context, node, p: str, negate=False):
+    """Diagonal linear rule with weight s = gamma / sqrt(var + eps); the shift is a bias."""
+    a = node.input[0]
+    if not ctx.wants(a):
+        return {}
+    gamma, _, _, var = (ctx.graph.consts[i].astype(np.float64) for i in node.input[1:5])
+    eps = attr(node, "epsilon", 1e-5)
+    rank = ctx.graph.rank(a)
+    scale = (gamma / np.sqrt(var + eps)).reshape((-1,) + (1,) * (rank - 2))
+    g = ctx.g
+
+    def diag(x, wp):
+        return g.op("Mul", [x, g.const(wp.astype(np.float32), "scale")])
+
+    return {a: excite_linear(ctx, node, a, p, scale, forward=diag, transpose=diag, negate=negate)}

@@ -1,0 +1,132 @@
+"""Real-architecture building blocks vs the numpy reference: residual + BatchNorm (folded and
+unfolded), MobileNetV2 inverted residual (depthwise, ReLU6, linear bottleneck), SE gate,
+SiLU, Concat."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from excitation_ref import Reference
+from onnx_excite import Exciter
+from onnx_excite.canonicalize import canonicalize
+
+
+class G:
+    """A tiny graph-building helper for tests."""
+
+    def __init__(self, seed, c=4, hw=(10, 9)):
+        self.rng = np.random.default_rng(seed)
+        self.nodes, self.inits, self.n = [], [], 0
+        self.c, self.hw = c, hw
+
+    def t(self, base):
+        self.n += 1
+        return f"{base}{self.n}"
+
+    def init(self, arr, base="w"):
+        name = self.t(base)
+        self.inits.append(numpy_helper.from_array(np.asarray(arr, np.float32), name))
+        return name
+
+    def op(self, op, inputs, base=None, **attrs):
+        out = self.t(base or op.lower())
+        self.nodes.append(helper.make_node(op, inputs, [out], name=f"n_{out}", **attrs))
+        return out
+
+    def conv(self, x, cin, cout, k=3, group=1, stride=1, bias=True):
+        w = self.init(self.rng.normal(size=(cout, cin // group, k, k)) / np.sqrt(cin // group * k * k))
+        ins = [x, w] + ([self.init(self.rng.normal(size=cout) * 0.1, "b")] if bias else [])
+        return self.op("Conv", ins, "conv", kernel_shape=[k, k], pads=[k // 2] * 4, group=group, strides=[stride, stride])
+
+    def bn(self, x, c):
+        r = self.rng
+        params = [self.init(r.uniform(-1.5, 1.5, c), "gamma"), self.init(r.normal(size=c) * 0.1, "beta"),
+                  self.init(r.normal(size=c) * 0.1, "mean"), self.init(r.uniform(0.5, 2, c), "var")]
+        return self.op("BatchNormalization", [x] + params, "bn", epsilon=1e-5)
+
+    def relu6(self, x):
+        return self.op("Clip", [x, self.init(0.0, "lo"), self.init(6.0, "hi")], "relu6")
+
+    def head(self, x, c, k=6):
+        g = self.op("GlobalAveragePool", [x], "gap")
+        f = self.op("Flatten", [g], "flat")
+        return self.op("Gemm", [f, self.init(self.rng.normal(size=(k, c)) / np.sqrt(c))], "logits", transB=1)
+
+    def model(self, out):
+        graph = helper.make_graph(self.nodes, "blocks",
+                                  [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", self.c, *self.hw])],
+                                  [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", None])], self.inits)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        onnx.checker.check_model(m, full_check=True)
+        return m
+
+
+def resnet_block(seed):
+    g = G(seed)
+    stem = g.op("Relu", [g.bn(g.conv("input", 4, 8, bias=False), 8)])
+    y = g.op("Relu", [g.bn(g.conv(stem, 8, 8, bias=False), 8)])
+    y = g.bn(g.conv(y, 8, 8, bias=False), 8)
+    s = g.op("Add", [y, stem], "sum")
+    s = g.bn(s, 8)                     # a BatchNorm after an Add: not foldable, its own rule
+    out = g.op("Relu", [s])
+    return g.model(g.head(out, 8)), ["input", stem, s, out]
+
+
+def mobilenet_block(seed):
+    g = G(seed)
+    x = g.relu6(g.bn(g.conv("input", 4, 8, stride=2), 8))
+    e = g.relu6(g.bn(g.conv(x, 8, 24, k=1), 24))
+    d = g.relu6(g.bn(g.conv(e, 24, 24, k=3, group=24), 24))
+    p = g.bn(g.conv(d, 24, 8, k=1), 8)                 # linear bottleneck: signed
+    s = g.op("Add", [x, p], "res")                     # residual of a signed branch
+    top = g.relu6(g.bn(g.conv(s, 8, 16, k=1), 16))
+    return g.model(g.head(top, 16)), ["input", x, e, d, s, top]
+
+
+BLOCKS = {"resnet": resnet_block, "mobilenet_v2": mobilenet_block, "se_silu_concat": lambda seed: se_silu_concat(seed)}
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("block", sorted(BLOCKS))
+def test_block_matches_reference(block, seed):
+    model, layers = BLOCKS[block](seed)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(2, 4, 10, 9)).astype(np.float32)
+    ex = Exciter(model, layers, methods=("mwp", "cmwp"))
+    signal = rng.random((2, 6)).astype(np.float32)
+    res = ex.explain(x, signal)
+    ref = Reference(model)
+    np.testing.assert_allclose(res.logits, ref.forward(x)[ref.entry()], rtol=1e-4, atol=1e-5)
+    for contrastive, method in ((False, "mwp"), (True, "cmwp")):
+        want = ref.run(x, signal, layers, contrastive=contrastive)
+        for layer in layers:
+            got, exp = res.maps[method][layer], want["map"][layer]
+            scale = max(np.abs(exp).max(), np.abs(want["P"][layer]).max())
+            assert np.abs(got - exp).max() <= 1e-4 * scale, (block, layer, method)
+
+
+def se_silu_concat(seed):
+    g = G(seed)
+    a = g.op("Relu", [g.conv("input", 4, 6)])
+    b = g.conv("input", 4, 5, k=1)
+    b = g.op("Mul", [b, g.op("Sigmoid", [b])], "silu")
+    cat = g.op("Concat", [a, b], "cat", axis=1)
+    sq = g.op("Flatten", [g.op("GlobalAveragePool", [cat], "sq")])
+    ex = g.op("Relu", [g.op("Gemm", [sq, g.init(g.rng.normal(size=(3, 11)))], "fc1", transB=1)])
+    gate = g.op("Sigmoid", [g.op("Gemm", [ex, g.init(g.rng.normal(size=(11, 3)))], "fc2", transB=1)])
+    axes = g.t("axes")
+    g.inits.append(numpy_helper.from_array(np.array([2, 3], np.int64), axes))
+    gate = g.op("Unsqueeze", [gate, axes], "gate4d")
+    se = g.op("Mul", [cat, gate], "se")
+    se_c = g.op("Relu", [g.conv(se, 11, 7)])
+    return g.model(g.head(se_c, 7)), ["input", a, b, cat, se, se_c]
+
+
+def test_batchnorm_after_conv_is_folded():
+    model, _ = resnet_block(0)
+    graph = canonicalize(model)
+    ops = [n.op_type for n in graph.nodes]
+    assert ops.count("BatchNormalization") == 1   # only the one after the Add remains
+    x = np.random.default_rng(0).normal(size=(1, 4, 10, 9)).astype(np.float32)
+    np.testing.assert_allclose(Exciter(model, ["input"]).logits(x), Reference(model).forward(x)[Reference(model).entry()], rtol=1e-4, atol=1e-5)
