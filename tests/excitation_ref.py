@@ -143,6 +143,7 @@ class Reference:
         v = dict(self.consts)
         v[self.model.graph.input[0].name] = np.asarray(x, np.float64)
         self.windows = {}
+        self.near_ties = False
         for node in self.nodes:
             ins = [v[i] if i else None for i in node.input]
             v[node.output[0]] = self._fwd(node, ins)
@@ -224,6 +225,11 @@ class Reference:
                 vals = np.stack([x[:, :, yy, xx] for (yy, xx, _, _) in pos], axis=-1)
                 if op == "MaxPool":
                     y[:, :, oy, ox] = vals.max(axis=-1)
+                    if vals.shape[-1] > 1:
+                        top2 = np.sort(vals, axis=-1)[..., -2:]
+                        close = np.abs(top2[..., 1] - top2[..., 0]) <= 1e-5 * np.abs(top2[..., 1])
+                        # a tie between non-zero values that float32 rounding may break either way
+                        self.near_ties |= bool(np.any(close & (top2[..., 1] != 0)))
                 else:
                     if cip:
                         # window clipped to the padded input (ceil-mode overhang is not counted)
