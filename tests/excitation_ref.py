@@ -281,22 +281,25 @@ class Reference:
             g = _attr(node, "group", 1)
             m, cg = w.shape[:2]
             ap, offsets, outs = _conv_patches(node, a, w)
-            groups = [(slice(gi * m // g, (gi + 1) * m // g), slice(gi * cg, (gi + 1) * cg)) for gi in range(g)]
+            mg = m // g
 
             def contributions():
-                # z_ij for every (offset, group): (N, Mg, Cg, Ho, Wo); padding has a = 0 so z = 0
+                # z_ij per kernel offset, all groups at once: (N, g, Mg, Cg, Ho, Wo);
+                # padding has a = 0, so its z is 0
                 for (ky, kx), sl in offsets:
                     patch = ap[(slice(None), slice(None)) + sl]
-                    for ms, cs in groups:
-                        yield sl, ms, cs, _contrib(patch[:, None, cs], w[None, ms, :, ky, kx, None, None], rule)
+                    patch = patch.reshape(patch.shape[0], g, 1, cg, *patch.shape[2:])
+                    wk = w[:, :, ky, kx].reshape(1, g, mg, cg, 1, 1)
+                    yield sl, _contrib(patch, wk, rule)
 
+            n_ = p.shape[0]
             z_sum = np.zeros(p.shape)
-            for sl, ms, cs, z in contributions():
-                z_sum[:, ms] += z.sum(axis=2)
-            r = _safe_ratio(p, z_sum)
+            for sl, z in contributions():
+                z_sum += z.sum(axis=3).reshape(z_sum.shape)
+            r = _safe_ratio(p, z_sum).reshape(n_, g, mg, 1, *p.shape[2:])
             p_in = np.zeros(ap.shape)
-            for sl, ms, cs, z in contributions():
-                p_in[(slice(None), cs) + sl] += (z * r[:, ms, None]).sum(axis=1)
+            for sl, z in contributions():
+                p_in[(slice(None), slice(None)) + sl] += (z * r).sum(axis=2).reshape(n_, g * cg, *p.shape[2:])
             pads = list(_attr(node, "pads", [0, 0, 0, 0]))
             return {node.input[0]: p_in[:, :, pads[0]:pads[0] + a.shape[2], pads[1]:pads[1] + a.shape[3]]}
         if op in ("Gemm", "MatMul"):
