@@ -112,7 +112,7 @@ def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, er
         raise ExciteError("no input images found")
     class_names = None
     if profile.class_names:
-        class_names = profile.class_names() if callable(profile.class_names) else json.loads(Path(profile.class_names).read_text())
+        class_names = profile.load_class_names()
     mean = _floats(opts.mean, profile.mean)
     std = _floats(opts.std, profile.std)
     size = opts.size or profile.input_size
