@@ -194,6 +194,21 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
         raise typer.Exit(2)
 
 
+@app.command()
+@friendly
+def demo(out_dir: Path = typer.Option(Path("excite_demo"), "-o", "--output", help="output folder")):
+    """Explain the bundled photos with the default ImageNet model (MWP and c-MWP overlays)."""
+    from onnx_excite.explain import run_demo
+
+    summary, path = run_demo(out_dir, console=out, errors=err)
+    for rec in summary.records:
+        best = rec["top5"][0]
+        out.print(f"{Path(rec['image']).name}: {best['label']} ({best['prob']:.2f})", markup=False)
+        for o in rec["outputs"]:
+            out.print(f"  {o['method']:5s} {o['layer']}: {o['overlay']}", markup=False)
+    out.print(f"summary (top-5 per image): {path}", markup=False)
+
+
 def main() -> None:  # console script entry point
     app()
 

@@ -115,7 +115,9 @@ def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, er
         class_names = profile.load_class_names()
     mean = _floats(opts.mean, profile.mean)
     std = _floats(opts.std, profile.std)
-    size = opts.size or profile.input_size
+    # maps must cover the whole image: no crop; fully convolutional models get the
+    # shorter side at 224 (any aspect ratio), fixed-size models their own square size
+    size = opts.size or (224 if profile.resize == "shorter" else profile.input_size)
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     input_paths = {p.resolve() for p in files}
     summary = ExplainSummary()
@@ -129,13 +131,13 @@ def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, er
             if errors is not None:
                 errors.print(f"error: {exc}", markup=False)
             continue
-        arr, prepared = images.preprocess(img, size=size, resize=profile.resize, crop=profile.crop, mean=mean, std=std,
+        arr, prepared = images.preprocess(img, size=size, resize=profile.resize, crop=None, mean=mean, std=std,
                                           scale=profile.scale, channel_order=profile.channel_order, layout=profile.layout)
         x = arr[None]
         key = x.shape
-        if key not in exciters:
-            input_shapes = None
-            exciters[key] = Exciter(model, layers, methods=opts.methods, rule=opts.rule, input_shapes=input_shapes)
+        if key not in exciters:  # one companion graph per input size, with static shapes
+            exciters[key] = Exciter(model, layers, methods=opts.methods, rule=opts.rule,
+                                    input_shapes={_input_name(model): [None, *x.shape[1:]]})
         ex = exciters[key]
         logits = ex.logits(x)[0]
         k = logits.shape[0]
@@ -171,6 +173,32 @@ def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, er
                 fh.write(json.dumps(rec) + "\n")
         summary.written += 1
     return summary
+
+
+def _input_name(model) -> str:
+    from .canonicalize import load_model
+
+    graph = load_model(model).graph
+    inits = {t.name for t in graph.initializer}
+    return next(i.name for i in graph.input if i.name not in inits)
+
+
+def sample_images() -> list[Path]:
+    """The photos bundled with the package (see onnx_excite/data/samples/README.md)."""
+    from importlib import resources
+
+    folder = resources.files("onnx_excite").joinpath("data", "samples")
+    return sorted(Path(str(p)) for p in folder.iterdir() if p.name.endswith(".jpg"))
+
+
+def run_demo(out_dir: Path, console=None, errors=None) -> tuple[ExplainSummary, Path]:
+    """MWP and c-MWP overlays of the top-1 class on the default model for the bundled photos,
+    plus ``summary.json`` (top-5 classes with probabilities, output paths)."""
+    opts = ExplainOptions(model="default", methods=("mwp", "cmwp"), top=1, out_dir=Path(out_dir))
+    summary = explain_files(sample_images(), opts, console=console, errors=errors)
+    path = Path(out_dir) / "summary.json"
+    path.write_text(json.dumps(summary.records, indent=2))
+    return summary, path
 
 
 def _topk(logits: np.ndarray, class_names, k: int) -> list[dict]:
