@@ -169,7 +169,7 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, or 'vgg16-rand
 @app.command()
 @friendly
 def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'default'"),
-            inputs: List[Path] = typer.Argument(..., help="image files or folders"),
+            inputs: List[Path] = typer.Argument(..., help="image files, folders or quoted globs"),
             layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="map layer (repeatable; default: the model profile's)"),
             target: Optional[List[str]] = typer.Option(None, "--target", "-t", help="class index or name (repeatable: one map each)"),
             top: int = typer.Option(1, help="explain the top-K predicted classes when no --target is given"),
@@ -180,13 +180,14 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
             size: Optional[int] = typer.Option(None, help="resize size (shorter side, or square for fixed-size models)"),
             mean: Optional[str] = typer.Option(None, help="per-channel mean, e.g. 0.485,0.456,0.406"),
             std: Optional[str] = typer.Option(None, help="per-channel std, e.g. 0.229,0.224,0.225"),
-            batch_size: int = typer.Option(8, help="images per run")):
+            combine: bool = typer.Option(False, help="several --target as one multi-hot signal (one map) instead of one map each"),
+            batch_size: int = typer.Option(8, help="images per run (same-size images share a batch)")):
     """Write maps (.npy at layer resolution and upsampled to the image) and overlays (.png) per image."""
     from onnx_excite.explain import ExplainOptions, explain_files
 
     opts = ExplainOptions(model=model, layers=list(layer or []), targets=list(target or []), top=top,
                           methods=_methods(method or ["mwp", "cmwp"], contrastive), rule=rule, out_dir=out_dir,
-                          size=size, mean=mean, std=std, batch_size=batch_size)
+                          size=size, mean=mean, std=std, batch_size=batch_size, combine=combine)
     summary = explain_files(inputs, opts, console=out, errors=err)
     out.print(f"wrote {summary.written} file(s) to {out_dir}", markup=False)
     if summary.failed:

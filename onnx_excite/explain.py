@@ -27,6 +27,7 @@ class ExplainOptions:
     mean: str | None = None
     std: str | None = None
     batch_size: int = 8
+    combine: bool = False      # several targets as one multi-hot signal instead of one map each
 
 
 @dataclass
@@ -37,11 +38,18 @@ class ExplainSummary:
 
 
 def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
-    """Files as given, folders expanded to their image files (sorted)."""
+    """Files as given, folders expanded to their image files, globs (quoted by the shell) expanded; sorted."""
+    import glob
+
     files = []
     for path in map(Path, inputs):
         if path.is_dir():
             files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+        elif any(ch in str(path) for ch in "*?[") and not path.exists():
+            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+            if not matches:
+                raise ExciteError(f"{path}: no file matches this pattern")
+            files.extend(m for m in matches if m.is_file())
         else:
             files.append(path)
     return files
@@ -100,8 +108,8 @@ def parse_targets(targets: Sequence[str], class_names: list[str] | None, k: int)
 
 
 def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, errors=None) -> ExplainSummary:
-    from . import images, maps
-    from .runtime import Exciter
+    """Explain every readable image; unreadable ones are reported and counted, the rest go on."""
+    from .images import load_image, preprocess
 
     model, profile = resolve_model(opts.model)
     layers = opts.layers or list(profile.default_layers)
@@ -110,69 +118,143 @@ def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, er
     files = expand_inputs(inputs)
     if not files:
         raise ExciteError("no input images found")
-    class_names = None
-    if profile.class_names:
-        class_names = profile.load_class_names()
-    mean = _floats(opts.mean, profile.mean)
-    std = _floats(opts.std, profile.std)
+    if opts.batch_size < 1:
+        raise ExciteError("--batch-size must be at least 1")
+    class_names = profile.load_class_names() if profile.class_names else None
+    mean, std = _floats(opts.mean, profile.mean), _floats(opts.std, profile.std)
     # maps must cover the whole image: no crop; fully convolutional models get the
     # shorter side at 224 (any aspect ratio), fixed-size models their own square size
     size = opts.size or (224 if profile.resize == "shorter" else profile.input_size)
     opts.out_dir.mkdir(parents=True, exist_ok=True)
-    input_paths = {p.resolve() for p in files}
-    summary = ExplainSummary()
-    exciters: dict[tuple, Exciter] = {}
+    run = _Run(model, layers, opts, class_names, {p.resolve() for p in files})
 
-    for path in files:
-        try:
-            img = images.load_image(path)
-        except ExciteError as exc:
-            summary.failed += 1
-            if errors is not None:
-                errors.print(f"error: {exc}", markup=False)
-            continue
-        arr, prepared = images.preprocess(img, size=size, resize=profile.resize, crop=None, mean=mean, std=std,
-                                          scale=profile.scale, channel_order=profile.channel_order, layout=profile.layout)
-        x = arr[None]
-        key = x.shape
-        if key not in exciters:  # one companion graph per input size, with static shapes
-            exciters[key] = Exciter(model, layers, methods=opts.methods, rule=opts.rule,
-                                    input_shapes={_input_name(model): [None, *x.shape[1:]]})
-        ex = exciters[key]
-        logits = ex.logits(x)[0]
-        k = logits.shape[0]
-        targets = parse_targets(opts.targets, class_names, k) if opts.targets else list(np.argsort(-logits)[: opts.top])
-        record = {"image": str(path), "model": opts.model, "rule": opts.rule, "layers": layers,
-                  "methods": list(opts.methods), "top5": _topk(logits, class_names, 5), "outputs": []}
-        for target in targets:
-            res = ex.explain(x, [int(target)])
-            label = class_names[target].split(",")[0] if class_names else str(target)
-            for method in opts.methods:
-                for layer in layers:
-                    m = res.maps[method][layer][0]
-                    stem = f"{path.stem}.{target}.{method}.{safe_name(layer)}"
-                    up = maps.to_image_space(m, prepared)
-                    written = {
-                        "map": opts.out_dir / f"{stem}.npy",
-                        "map_image": opts.out_dir / f"{stem}.image.npy",
-                        "overlay": opts.out_dir / f"{stem}.png",
-                    }
-                    if any(p.resolve() in input_paths for p in written.values()):
-                        raise ExciteError(f"output {stem} would overwrite an input file; choose another -o")
-                    np.save(written["map"], m)
-                    np.save(written["map_image"], up)
-                    maps.overlay(img, up, colorbar=True).save(written["overlay"])
-                    summary.written += len(written)
-                    record["outputs"].append({"target": int(target), "label": label, "method": method, "layer": layer,
-                                              **{k2: str(v) for k2, v in written.items()}})
-        summary.records.append(record)
-    if summary.records:
-        jsonl = opts.out_dir / "explanations.jsonl"
-        with jsonl.open("a") as fh:
-            for rec in summary.records:
+    pending: list = []
+    with _progress(console, len(files)) as advance:
+        for path in files:
+            try:
+                img = load_image(path)
+            except ExciteError as exc:
+                run.summary.failed += 1
+                if errors is not None:
+                    errors.print(f"error: {exc}", markup=False)
+                advance()
+                continue
+            arr, prepared = preprocess(img, size=size, resize=profile.resize, crop=None, mean=mean, std=std,
+                                       scale=profile.scale, channel_order=profile.channel_order, layout=profile.layout)
+            if pending and (len(pending) == opts.batch_size or pending[0][2].shape != arr.shape):
+                run.batch(pending)
+                advance(len(pending))
+                pending = []
+            pending.append((path, img, arr, prepared))
+        if pending:
+            run.batch(pending)
+            advance(len(pending))
+    if run.summary.records:
+        with (opts.out_dir / "explanations.jsonl").open("a") as fh:
+            for rec in run.summary.records:
                 fh.write(json.dumps(rec) + "\n")
-        summary.written += 1
-    return summary
+        run.summary.written += 1
+    return run.summary
+
+
+class _progress:
+    """A rich progress bar for more than a few images; a no-op otherwise."""
+
+    def __init__(self, console, total: int):
+        self.bar = None
+        if console is not None and total > 3:
+            from rich.progress import Progress
+
+            self.bar = Progress(console=console, transient=True)
+            self.task = self.bar.add_task("explaining", total=total)
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.__enter__()
+        return lambda n=1: self.bar.advance(self.task, n) if self.bar is not None else None
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+class _Run:
+    """One explain job: an Exciter per input size, outputs per image, target and method."""
+
+    def __init__(self, model, layers, opts: ExplainOptions, class_names, input_paths):
+        self.model, self.layers, self.opts = model, layers, opts
+        self.class_names, self.input_paths = class_names, input_paths
+        self.summary = ExplainSummary()
+        self.exciters: dict = {}
+
+    def exciter(self, shape):
+        if shape not in self.exciters:  # one companion graph per input size, with static shapes
+            from .runtime import Exciter
+
+            self.exciters[shape] = Exciter(self.model, self.layers, methods=self.opts.methods, rule=self.opts.rule,
+                                           input_shapes={_input_name(self.model): [None, *shape]})
+        return self.exciters[shape]
+
+    def target_sets(self, logits: np.ndarray) -> list[list[tuple]]:
+        """Per sample, the list of class sets to explain (one map each)."""
+        k = logits.shape[1]
+        if self.opts.targets:
+            chosen = parse_targets(self.opts.targets, self.class_names, k)
+            sets = [tuple(chosen)] if self.opts.combine else [(t,) for t in chosen]
+            return [sets] * logits.shape[0]
+        return [[(int(t),) for t in np.argsort(-row)[: self.opts.top]] for row in logits]
+
+    def label(self, classes: tuple) -> str:
+        names = [self.class_names[c].split(",")[0] if self.class_names else str(c) for c in classes]
+        return " + ".join(names)
+
+    def batch(self, items) -> None:
+        from . import maps
+
+        x = np.stack([arr for _, _, arr, _ in items])
+        ex = self.exciter(x.shape[1:])
+        logits = ex.logits(x)
+        sets = self.target_sets(logits)
+        records = [{"image": str(path), "model": self.opts.model, "rule": self.opts.rule, "layers": self.layers,
+                    "methods": list(self.opts.methods), "top5": _topk(logits[i], self.class_names, 5), "outputs": []}
+                   for i, (path, _, _, _) in enumerate(items)]
+        for j in range(len(sets[0])):
+            signal = np.zeros_like(logits, dtype=np.float32)
+            for i in range(len(items)):
+                signal[i, list(sets[i][j])] = 1.0
+            res = ex.explain(x, signal)
+            for i, (path, img, _, prepared) in enumerate(items):
+                classes = sets[i][j]
+                tag = "+".join(str(c) for c in classes)
+                panel_maps = []
+                for method in self.opts.methods:
+                    for layer in self.layers:
+                        m = res.maps[method][layer][i]
+                        up = maps.to_image_space(m, prepared)
+                        stem = f"{path.stem}.{tag}.{method}.{safe_name(layer)}"
+                        written = {"map": self.opts.out_dir / f"{stem}.npy",
+                                   "map_image": self.opts.out_dir / f"{stem}.image.npy",
+                                   "overlay": self.opts.out_dir / f"{stem}.png"}
+                        self._check_not_input(written.values())
+                        np.save(written["map"], m)
+                        np.save(written["map_image"], up)
+                        maps.overlay(img, up, colorbar=True).save(written["overlay"])
+                        self.summary.written += len(written)
+                        panel_maps.append((f"{method} {layer}", up))
+                        records[i]["outputs"].append({"targets": list(classes), "label": self.label(classes),
+                                                      "method": method, "layer": layer,
+                                                      **{k: str(v) for k, v in written.items()}})
+                panel_path = self.opts.out_dir / f"{path.stem}.{tag}.panel.png"
+                self._check_not_input([panel_path])
+                maps.panel(img, panel_maps).save(panel_path)
+                self.summary.written += 1
+                for out in records[i]["outputs"][-len(panel_maps):]:
+                    out["panel"] = str(panel_path)
+        self.summary.records.extend(records)
+
+    def _check_not_input(self, paths) -> None:
+        if any(Path(p).resolve() in self.input_paths for p in paths):
+            raise ExciteError(f"an output would overwrite an input image ({Path(next(iter(paths))).name}); choose another -o")
 
 
 def _input_name(model) -> str:

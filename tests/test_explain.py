@@ -88,4 +88,28 @@ def test_demo_writes_overlays_and_summary(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert len(summary) == 3 and all(len(r["top5"]) == 5 for r in summary)
     assert {r["top5"][0]["index"] for r in summary if "eagle" in r["image"]} <= {21, 22}
-    assert len(list(tmp_path.glob("*.png"))) == 6
+    assert len(list(tmp_path.glob("*.features.13.png"))) == 6    # MWP and c-MWP overlays
+    assert len(list(tmp_path.glob("*.panel.png"))) == 3
+
+
+def test_batches_globs_and_combined_targets(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    img = Image.open(PHOTOS / "dog.jpg")
+    img.save(src / "a.jpg", quality=95)
+    img.transpose(Image.FLIP_LEFT_RIGHT).save(src / "b.jpg", quality=95)
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, bs in ((one, "1"), (two, "2")):
+        res = runner.invoke(app, ["explain", "default", str(src / "*.jpg"), "-t", "249", "-t", "malamute",
+                                  "-t", "Siberian husky", "-m", "mwp", "--batch-size", bs, "-o", str(out)])
+        assert res.exit_code == 0, res.output
+    for name in ("a.249.mwp.features.13.npy", "b.250.mwp.features.13.npy"):
+        np.testing.assert_allclose(np.load(one / name), np.load(two / name), rtol=1e-5, atol=1e-8)
+    res = runner.invoke(app, ["explain", "default", str(src / "a.jpg"), "-t", "249", "-t", "250", "--combine",
+                              "-m", "mwp", "-o", str(tmp_path / "comb")])
+    assert res.exit_code == 0, res.output
+    combined = np.load(tmp_path / "comb" / "a.249+250.mwp.features.13.npy")
+    separate = np.load(one / "a.249.mwp.features.13.npy") + np.load(one / "a.250.mwp.features.13.npy")
+    np.testing.assert_allclose(combined, separate, rtol=1e-4, atol=1e-8)   # linear in the signal
+    bad = runner.invoke(app, ["explain", "default", str(src / "*.png"), "-o", str(tmp_path / "x")])
+    assert bad.exit_code == 2 and "no file matches" in bad.output
