@@ -1,6 +1,7 @@
 """Explain image files: preprocess, run, write maps and overlays per image."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -81,9 +82,19 @@ def resolve_model(name: str):
             raise ExciteError(str(exc)) from None
         return str(path), profiles.PROFILES["mobilenet_v2"]
     from .canonicalize import load_model
+    from .fullyconv import convert_dense_head
 
     proto = load_model(name)
-    return name, profiles.profile_for_model(proto)
+    profile = profiles.profile_for_model(proto)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    static = len(dims) == 4 and all(d.HasField("dim_value") for d in dims[2:])
+    if static:
+        # a Flatten -> Gemm head turned into convolutions: any image size, any aspect ratio
+        converted, ok = convert_dense_head(proto)
+        if ok:
+            return converted, dataclasses.replace(profile, resize="shorter")
+        return name, profile
+    return name, dataclasses.replace(profile, resize="shorter")
 
 
 def parse_targets(targets: Sequence[str], class_names: list[str] | None, k: int) -> list[int]:

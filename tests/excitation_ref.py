@@ -213,6 +213,12 @@ class Reference:
             return ins[0].reshape(shape)
         if op == "GlobalAveragePool":
             return ins[0].mean(axis=(2, 3), keepdims=True)
+        if op == "ReduceLogSumExp":
+            axes = tuple(_attr(node, "axes") or [int(a) for a in ins[1]])
+            keep = bool(_attr(node, "keepdims", 1))
+            top = ins[0].max(axis=axes, keepdims=True)
+            out = np.log(np.exp(ins[0] - top).sum(axis=axes, keepdims=True)) + top
+            return out if keep else out.squeeze(axes)
         if op in ("MaxPool", "AveragePool"):
             x = ins[0]
             kernel = list(_attr(node, "kernel_shape"))
@@ -246,7 +252,8 @@ class Reference:
 
     # -- excitation ---------------------------------------------------------
     def _data_inputs(self, node):
-        if node.op_type in ("Conv", "Gemm", "MatMul", "Reshape", "Dropout", "Clip", "BatchNormalization", "Unsqueeze"):
+        if node.op_type in ("Conv", "Gemm", "MatMul", "Reshape", "Dropout", "Clip", "BatchNormalization", "Unsqueeze",
+                            "ReduceLogSumExp"):
             return [node.input[0]]
         return [i for i in node.input if i and i not in self.consts]
 
@@ -352,6 +359,11 @@ class Reference:
                 for k, (yy, xx, _, _) in enumerate(pos):
                     p_in[:, :, yy, xx] += np.where(first == k, p[:, :, oy, ox], 0.0)
             return {node.input[0]: p_in}
+        if op == "ReduceLogSumExp":
+            # the softmax over the pooled positions shares P out (the fully convolutional head)
+            axes = tuple(_attr(node, "axes") or [int(x) for x in v[node.input[1]]])
+            e = np.exp(a - a.max(axis=axes, keepdims=True))
+            return {node.input[0]: np.expand_dims(p, axes) * e / e.sum(axis=axes, keepdims=True)}
         if op in ("AveragePool", "GlobalAveragePool"):
             act = np.maximum(a, 0) if rule == "positive" else a
             if op == "GlobalAveragePool":

@@ -70,7 +70,7 @@ def unsupported_reason(graph: ForwardGraph, node: onnx.NodeProto) -> Optional[st
 DATA_INPUT_INDICES = {
     "Conv": (0,), "Gemm": (0,), "MatMul": (0,), "Reshape": (0,), "Squeeze": (0,), "Unsqueeze": (0,),
     "Pad": (0,), "Slice": (0,), "ReduceMean": (0,), "ReduceSum": (0,), "Clip": (0,), "Dropout": (0,),
-    "PRelu": (0,), "BatchNormalization": (0,), "Resize": (0,), "Expand": (0,), "Tile": (0,),
+    "PRelu": (0,), "BatchNormalization": (0,), "ReduceLogSumExp": (0,), "Resize": (0,), "Expand": (0,), "Tile": (0,),
 }
 
 

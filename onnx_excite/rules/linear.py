@@ -420,3 +420,21 @@ def batch_normalization(ctx: Context, node, p: str, negate=False):
         return g.op("Mul", [x, g.const(wp.astype(np.float32), "scale")])
 
     return {a: excite_linear(ctx, node, a, p, scale, forward=diag, transpose=diag, negate=negate)}
+
+
+@register("ReduceLogSumExp", check=reduce_mean_check,
+          description="smooth max over positions: P_in = P * softmax_positions(x) (the score-map pool of a fully convolutional head)")
+def reduce_log_sum_exp(ctx: Context, node, p: str, negate=False):
+    """y = log sum exp(x): P is shared out in proportion to exp(x - y), which sums to 1."""
+    a = node.input[0]
+    if not ctx.wants(a):
+        return {}
+    g = ctx.g
+    rank = ctx.graph.rank(a)
+    axes = sorted(x % rank for x in _reduce_axes(ctx.graph, node))
+    y = node.output[0]
+    if not attr(node, "keepdims", 1):
+        p = g.op("Unsqueeze", [p, g.i64(axes)])
+        y = g.memo(("unsq", y), lambda: g.op("Unsqueeze", [node.output[0], g.i64(axes)]))
+    weights = g.memo((node.name, "softmax"), lambda: g.op("Exp", [g.sub(a, y)], hint="pos_softmax"))
+    return {a: g.mul(p, weights)}
