@@ -147,3 +147,18 @@ def test_bad_targets_and_unsupported_ops():
         build_excitation_model(model, ["x"])
     with pytest.raises(ExciteError, match="classifier"):
         build_excitation_model(tiny_model(), ["logits"], methods=("cmwp",))
+
+
+def test_missing_onnxruntime_names_the_extra(monkeypatch, tiny_path):
+    """Without onnxruntime one line says which extra to install (and no traceback in the CLI)."""
+    import sys
+
+    from typer.testing import CliRunner
+
+    from onnx_excite.cli.app import app
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)   # import fails as if not installed
+    with pytest.raises(ExciteError, match=r"onnx-excite\[cpu\].*onnx-excite\[gpu\]"):
+        Exciter(tiny_model(), ["x"])
+    res = CliRunner().invoke(app, ["bench", str(tiny_path), "-l", "x", "--runs", "1"])
+    assert res.exit_code == 2 and "pip install 'onnx-excite[cpu]'" in res.output and "Traceback" not in res.output
