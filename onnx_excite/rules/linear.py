@@ -264,45 +264,33 @@ def _dense(ctx: Context, node, a: str, p: str, w: np.ndarray, negate: bool):
         transpose=transpose, negate=negate)
 
 
-def gemm_check(graph, node):
+def dense_check(graph, node):
     reason = _weight_check(graph, node)
     if reason:
         return reason
-    if attr(node, "transA", 0):
+    if node.op_type == "Gemm" and attr(node, "transA", 0):
         return "transA=1 (activation transposed) is not supported"
-    return None
-
-
-@register("Gemm", check=gemm_check, weighted=True,
-          description="linear: W = alpha * B' (transB honoured), same rule as Conv with MatMul / MatMul^T")
-def gemm(ctx: Context, node, p: str, negate=False):
-    """Linear rule through Gemm; alpha is folded into the weight (a negative alpha flips W+)."""
-    a = node.input[0]
-    if not ctx.wants(a):
-        return {}
-    b = ctx.graph.consts[node.input[1]].astype(np.float64)
-    w = (b.T if attr(node, "transB", 0) else b) * float(attr(node, "alpha", 1.0))
-    return {a: _dense(ctx, node, a, p, w, negate)}
-
-
-def matmul_check(graph, node):
-    reason = _weight_check(graph, node)
-    if reason:
-        return reason
-    if graph.consts[node.input[1]].ndim != 2:
+    if node.op_type == "MatMul" and graph.consts[node.input[1]].ndim != 2:
         return "only 2-D constant weights are supported"
     return None
 
 
-@register("MatMul", check=matmul_check, weighted=True,
-          description="linear: as Gemm; a following bias Add passes P through")
-def matmul(ctx: Context, node, p: str, negate=False):
-    """Linear rule through MatMul with a constant 2-D right operand."""
+def dense_weight(graph, node) -> np.ndarray:
+    """The (K_in, K_out) weight: B for MatMul, alpha * B' for Gemm (a negative alpha flips W+)."""
+    b = graph.consts[node.input[1]].astype(np.float64)
+    if node.op_type == "MatMul":
+        return b
+    return (b.T if attr(node, "transB", 0) else b) * float(attr(node, "alpha", 1.0))
+
+
+@register("Gemm", "MatMul", check=dense_check, weighted=True,
+          description="linear: W = alpha * B' for Gemm (transB honoured), B for MatMul; a bias Add passes P through")
+def dense(ctx: Context, node, p: str, negate=False):
+    """Linear rule through Gemm / MatMul with a constant weight."""
     a = node.input[0]
     if not ctx.wants(a):
         return {}
-    w = ctx.graph.consts[node.input[1]].astype(np.float64)
-    return {a: _dense(ctx, node, a, p, w, negate)}
+    return {a: _dense(ctx, node, a, p, dense_weight(ctx.graph, node), negate)}
 
 
 # ---------------------------------------------------------------------------
