@@ -26,6 +26,7 @@ MAX_IR_VERSION = 10
 #: Ops that turn logits into probabilities at the end of a classifier: the
 #: signal enters at their input.
 OUTPUT_SQUASHERS = {"Softmax", "LogSoftmax", "Sigmoid"}
+_SHAPE_ONLY = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Dropout"}
 
 
 # ---------------------------------------------------------------------------
@@ -65,16 +66,42 @@ def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     if MIN_OPSET <= version <= MAX_OPSET:
         return model
     target = MIN_OPSET if version < MIN_OPSET else MAX_OPSET
+    if model.ir_version < 4:
+        model.ir_version = 4  # initializers need no longer be graph inputs (dropped above)
+    light, big = _weightless(model)   # the converter copies the model several times: not the weights
     try:
         from onnx import version_converter
 
-        converted = version_converter.convert_version(model, target)
+        converted = version_converter.convert_version(light, target)
         onnx.checker.check_model(converted)
     except Exception as exc:
         if version > MAX_OPSET:
             return model  # newer opsets run in ONNX Runtime on the CPU; keep them as they are
         raise ExciteError(f"cannot convert the model from opset {version} to {target}: {str(exc).splitlines()[0]}") from None
+    names = {t.name for t in big}
+    inputs = [i for i in converted.graph.input if i.name not in names]
+    del converted.graph.input[:]
+    converted.graph.input.extend(inputs)
+    converted.graph.initializer.extend(big)
     return converted
+
+
+def _weightless(model: onnx.ModelProto):
+    """(copy without the large initializers, which become typed graph inputs; those initializers)."""
+    light = onnx.ModelProto(ir_version=max(model.ir_version, 4), producer_name=model.producer_name)
+    light.opset_import.extend(model.opset_import)
+    light.graph.name = model.graph.name
+    light.graph.node.extend(model.graph.node)
+    light.graph.input.extend(model.graph.input)
+    light.graph.output.extend(model.graph.output)
+    big = []
+    for t in model.graph.initializer:
+        if np.prod(t.dims, dtype=np.int64) > 4096:
+            big.append(t)
+            light.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+        else:
+            light.graph.initializer.append(t)
+    return light, big
 
 
 def drop_initializer_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -100,6 +127,40 @@ def constants_to_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+#: never evaluated at build time
+_NOT_FOLDED = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"}
+
+
+def fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Nodes whose inputs are all constants become initializers (weights computed by
+    ConstantOfShape in structure-only models, per-channel scales built from constants,
+    transposed or reshaped weights), evaluated once with onnx's reference evaluator."""
+    from onnx.reference import ReferenceEvaluator
+
+    values = {t.name: t for t in model.graph.initializer}
+    keep = []
+    for node in model.graph.node:
+        ins = [i for i in node.input if i]
+        if (ins and all(i in values for i in ins) and node.op_type not in _NOT_FOLDED
+                and node.domain in ("", "ai.onnx")):
+            try:
+                graph = helper.make_graph([node], "fold", [], [helper.make_empty_tensor_value_info(o) for o in node.output],
+                                          [values[i] for i in ins])
+                folded = ReferenceEvaluator(helper.make_model(graph, opset_imports=model.opset_import)).run(None, {})
+            except Exception:
+                folded = None
+            if folded is not None:
+                for name, value in zip(node.output, folded):
+                    tensor = numpy_helper.from_array(np.asarray(value), name)
+                    model.graph.initializer.append(tensor)
+                    values[name] = tensor
+                continue
+        keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return model
+
+
 def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Every node gets a unique, non-empty name (rules memoise on node names)."""
     seen: set[str] = set()
@@ -113,10 +174,21 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Shape inference on a weightless copy (large initializers become typed graph inputs,
+    so hundreds of MB of weights are not serialised), its value_info copied back."""
+    light, big_inits = _weightless(model)
+    big = {t.name for t in big_inits}
     try:
-        return shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        inferred = shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception as exc:
         raise ExciteError(f"shape inference failed: {str(exc).splitlines()[0]}") from None
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(vi for vi in inferred.graph.value_info if vi.name not in big)
+    outputs = {o.name: o for o in inferred.graph.output}
+    for o in model.graph.output:
+        if o.name in outputs:
+            o.CopyFrom(outputs[o.name])
+    return model
 
 
 def _ceil_out(size: int, k: int, s: int, d: int, pb: int, pe: int) -> int:
@@ -223,6 +295,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
 PASSES: list[Callable[[onnx.ModelProto], onnx.ModelProto]] = [
     drop_initializer_inputs,
     constants_to_initializers,
+    fold_constants,
     name_nodes,
     upgrade_opset,
     fold_batchnorm,
@@ -332,10 +405,13 @@ def find_entry(model: onnx.ModelProto, output: str | None = None) -> str:
     else:
         raise ExciteError(f"output {output!r} is not a tensor of the model (outputs: {', '.join(outputs)})")
     producer = {o: n for n in model.graph.node for o in n.output}
-    node = producer.get(name)
-    while node is not None and node.op_type in OUTPUT_SQUASHERS | {"Identity"}:
-        name = node.input[0]
-        node = producer.get(name)
+    # walk down through shape-only ops to a squashing op (Softmax ...): the logits are its input
+    t, node = name, producer.get(name)
+    while node is not None and node.op_type in OUTPUT_SQUASHERS | _SHAPE_ONLY:
+        t = node.input[0]
+        if node.op_type in OUTPUT_SQUASHERS:
+            name = t
+        node = producer.get(t)
     return name
 
 
