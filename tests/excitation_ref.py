@@ -187,6 +187,19 @@ class Reference:
             return 1 / (1 + np.exp(-ins[0]))
         if op == "Unsqueeze":
             return np.expand_dims(ins[0], tuple(int(a) for a in ins[1]))
+        if op == "Transpose":
+            return ins[0].transpose(_attr(node, "perm"))
+        if op == "Pad":
+            pads = [int(v) for v in ins[1]]
+            n = len(pads) // 2
+            return np.pad(ins[0], [(pads[i], pads[i + n]) for i in range(n)])
+        if op == "LRN":
+            x = ins[0]
+            size = _attr(node, "size")
+            alpha, beta, bias = _attr(node, "alpha", 1e-4), _attr(node, "beta", 0.75), _attr(node, "bias", 1.0)
+            sq = np.pad(x ** 2, ((0, 0), ((size - 1) // 2, size - 1 - (size - 1) // 2), (0, 0), (0, 0)))
+            acc = sum(sq[:, i:i + x.shape[1]] for i in range(size))
+            return x / (bias + alpha / size * acc) ** beta
         if op == "Mul":
             return ins[0] * ins[1]
         if op == "Concat":
@@ -253,7 +266,7 @@ class Reference:
     # -- excitation ---------------------------------------------------------
     def _data_inputs(self, node):
         if node.op_type in ("Conv", "Gemm", "MatMul", "Reshape", "Dropout", "Clip", "BatchNormalization", "Unsqueeze",
-                            "ReduceLogSumExp"):
+                            "ReduceLogSumExp", "Pad"):
             return [node.input[0]]
         return [i for i in node.input if i and i not in self.consts]
 
@@ -317,8 +330,14 @@ class Reference:
             z = _contrib(a[:, :, None], w[None], rule)  # (N, K, M)
             r = _safe_ratio(p, z.sum(axis=1))
             return {node.input[0]: (z * r[:, None, :]).sum(axis=2)}
-        if op in ("Relu", "Clip", "Sigmoid", "Identity", "Dropout", "Softmax"):
+        if op in ("Relu", "Clip", "Sigmoid", "Identity", "Dropout", "Softmax", "LRN"):
             return {node.input[0]: p}
+        if op == "Transpose":
+            return {node.input[0]: p.transpose(np.argsort(_attr(node, "perm")))}
+        if op == "Pad":
+            pads = [int(x) for x in v[node.input[1]]]
+            n = len(pads) // 2
+            return {node.input[0]: p[tuple(slice(pads[i], pads[i] + a.shape[i]) for i in range(n))]}
         if op == "BatchNormalization":
             gamma, var = v[node.input[1]], v[node.input[4]]
             s = sign * gamma / np.sqrt(var + _attr(node, "epsilon", 1e-5))

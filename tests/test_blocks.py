@@ -130,3 +130,104 @@ def test_batchnorm_after_conv_is_folded():
     assert ops.count("BatchNormalization") == 1   # only the one after the Add remains
     x = np.random.default_rng(0).normal(size=(1, 4, 10, 9)).astype(np.float32)
     np.testing.assert_allclose(Exciter(model, ["input"]).logits(x), Reference(model).forward(x)[Reference(model).entry()], rtol=1e-4, atol=1e-5)
+
+
+def squeezenet_fire(seed):
+    g = G(seed)
+    x = g.op("Relu", [g.conv("input", 4, 8, stride=2)])
+    x = g.op("MaxPool", [x], "pool", kernel_shape=[3, 3], strides=[2, 2], ceil_mode=1)
+    sq = g.op("Relu", [g.conv(x, 8, 4, k=1)], "squeeze")
+    e1 = g.op("Relu", [g.conv(sq, 4, 6, k=1)], "expand1x1")
+    e3 = g.op("Relu", [g.conv(sq, 4, 6, k=3)], "expand3x3")
+    fire = g.op("Concat", [e1, e3], "fire", axis=1)
+    cls = g.op("Relu", [g.conv(fire, 12, 6, k=1)], "conv10")       # SqueezeNet's conv classifier
+    out = g.op("Flatten", [g.op("GlobalAveragePool", [cls], "gap")], "logits")
+    return g.model(out), ["input", x, sq, fire, cls]
+
+
+def densenet_block(seed):
+    g = G(seed)
+    x0 = g.op("Relu", [g.conv("input", 4, 6)])
+    h1 = g.conv(g.op("Relu", [g.bn(x0, 6)]), 6, 3, bias=False)      # pre-activation BN-ReLU-conv
+    x1 = g.op("Concat", [x0, h1], "dense", axis=1)
+    h2 = g.conv(g.op("Relu", [g.bn(x1, 9)]), 9, 3, bias=False)
+    x2 = g.op("Concat", [x1, h2], "dense", axis=1)
+    t = g.op("AveragePool", [g.conv(x2, 12, 8, k=1)], "transition", kernel_shape=[2, 2], strides=[2, 2])
+    return g.model(g.head(g.op("Relu", [t]), 8)), ["input", x0, x1, x2, t]
+
+
+def inception_lrn(seed):
+    g = G(seed)
+    x = g.op("Relu", [g.conv("input", 4, 8)])
+    x = g.op("LRN", [x], "lrn", size=5, alpha=1e-4, beta=0.75, bias=1.0)
+    b1 = g.op("Relu", [g.conv(x, 8, 4, k=1)])
+    b2 = g.op("Relu", [g.conv(g.op("Relu", [g.conv(x, 8, 3, k=1)]), 3, 5, k=3)])
+    b3 = g.op("Relu", [g.conv(g.op("MaxPool", [x], "pool", kernel_shape=[3, 3], pads=[1, 1, 1, 1]), 8, 3, k=1)])
+    cat = g.op("Concat", [b1, b2, b3], "inception", axis=1)
+    return g.model(g.head(cat, 12)), ["input", x, b2, cat]
+
+
+def tf_nhwc(seed):
+    """Keras/tf2onnx style: NHWC input, Transpose to NCHW, explicit Pad (SAME), Transpose back
+    before a Reshape flatten and a MatMul + Add dense layer."""
+    g = G(seed, c=4, hw=(9, 9))
+    nchw = g.op("Transpose", ["input"], "to_nchw", perm=[0, 3, 1, 2])
+    padded = g.op("Pad", [nchw, g.init(np.array([0, 0, 0, 1, 0, 0, 1, 0]), "pads")], "pad")
+    c1 = g.op("Relu", [g.op("Conv", [padded, g.init(g.rng.normal(size=(6, 4, 2, 2)) / 4)], "conv", strides=[2, 2])])
+    nhwc = g.op("Transpose", [c1], "to_nhwc", perm=[0, 2, 3, 1])
+    flat = g.op("Reshape", [nhwc, g.init(np.array([-1, 5 * 5 * 6]), "shape")], "flatten")
+    mm = g.op("MatMul", [flat, g.init(g.rng.normal(size=(150, 6)) / 12)], "dense")
+    out = g.op("Add", [mm, g.init(g.rng.normal(size=6) * 0.1, "bias")], "logits")
+    graph = helper.make_graph(g.nodes, "nhwc", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 9, 9, 4])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", 6])], g.inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    for t in m.graph.initializer:   # integer constants
+        if t.name.startswith(("pads", "shape")):
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.int64), t.name))
+    onnx.checker.check_model(m, full_check=True)
+    return m, ["input", padded, c1, nhwc]
+
+
+ZOO = {"squeezenet_fire": squeezenet_fire, "densenet": densenet_block, "inception_lrn": inception_lrn, "tf_nhwc": tf_nhwc}
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("arch", sorted(ZOO))
+def test_zoo_matches_reference(arch, seed):
+    model, layers = ZOO[arch](seed)
+    rng = np.random.default_rng(seed)
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
+    x = rng.normal(size=(2, *shape)).astype(np.float32)
+    ex = Exciter(model, layers, methods=("mwp", "cmwp"))
+    signal = rng.random((2, ex.num_classes)).astype(np.float32)
+    res = ex.explain(x, signal)
+    ref = Reference(model)
+    plain = ref.run(x, signal, layers)
+    np.testing.assert_allclose(res.logits, plain["logits"], rtol=1e-4, atol=1e-5)
+    for contrastive, method in ((False, "mwp"), (True, "cmwp")):
+        want = ref.run(x, signal, layers, contrastive=contrastive) if contrastive else plain
+        for layer in layers:
+            got, exp = res.maps[method][layer], want["map"][layer]
+            scale = max(np.abs(exp).max(), np.abs(plain["P"][layer]).max())
+            assert np.abs(got - exp).max() <= 1e-4 * scale, (arch, layer, method)
+
+
+@pytest.mark.parametrize("arch", ["resnet", "densenet", "squeezenet_fire"])
+def test_conservation_through_residual_and_concat(arch):
+    """Bias-free, non-negative input, signal on classes with a positive logit: the total P at
+    a layer that every path crosses equals the signal's sum."""
+    model, layers = (BLOCKS | ZOO)[arch](0)
+    for t in model.graph.initializer:   # remove every bias / BN shift; BN scales positive
+        if t.name.startswith(("b", "beta", "mean")):
+            t.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(t)), t.name))
+        if t.name.startswith("gamma"):
+            # a negative scale after a residual sum sends P to units whose summands are all
+            # negative: the positive rule drops that share (Z = 0), as it should
+            t.CopyFrom(numpy_helper.from_array(np.abs(numpy_helper.to_array(t)), t.name))
+    x = np.abs(np.random.default_rng(1).normal(size=(2, 4, 10, 9))).astype(np.float32)
+    ex = Exciter(model, ["input"], methods=("mwp",), channels=True)
+    logits = ex.logits(x)
+    signal = (logits > 0).astype(np.float32)
+    res = ex.explain(x, signal)
+    np.testing.assert_allclose(res.channels["mwp"]["input"].reshape(2, -1).sum(1), signal.sum(1), rtol=1e-4)

@@ -162,3 +162,66 @@ def test_missing_onnxruntime_names_the_extra(monkeypatch, tiny_path):
         Exciter(tiny_model(), ["x"])
     res = CliRunner().invoke(app, ["bench", str(tiny_path), "-l", "x", "--runs", "1"])
     assert res.exit_code == 2 and "pip install 'onnx-excite[cpu]'" in res.output and "Traceback" not in res.output
+
+
+def test_external_data_and_nameless_duplicate_nodes(tmp_path):
+    """A model saved with external data (`.onnx` + `.onnx.data`) whose nodes have empty and
+    duplicate names; the user's files are not modified."""
+    model = tiny_model()
+    for node in model.graph.node:
+        node.name = "" if node.op_type != "Relu" else "dup"
+    model.graph.node[0].name = "dup"
+    path = tmp_path / "ext.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.onnx.data", size_threshold=0)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert "ext.onnx.data" in before
+    x = np.random.default_rng(0).random((2, 3, 8, 8), dtype=np.float32)
+    want = Reference(tiny_model()).run(x, np.eye(5)[[0, 4]], ["x", "r1"])
+    res = Exciter(str(path), ["x", "r1"]).explain(x, [0, 4])
+    for layer in ("x", "r1"):
+        np.testing.assert_allclose(res.maps["mwp"][layer], want["map"][layer], rtol=1e-4, atol=1e-7)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+@pytest.mark.parametrize("opset", [21, 22])
+def test_newest_opsets_on_input(opset):
+    model = _conv_model(opset)
+    model.ir_version = 10
+    x = np.random.default_rng(1).random((2, 3, 9, 10)).astype(np.float32)
+    want = Reference(_conv_model(17)).run(x, np.eye(6)[[1, 2]], ["x"])
+    res = Exciter(model, ["x"]).explain(x, [1, 2])
+    np.testing.assert_allclose(res.maps["mwp"]["x"], want["map"]["x"], rtol=1e-4, atol=1e-6)
+    built = build_excitation_model(model, ["x"])
+    assert built.model.ir_version <= 10
+
+
+def test_shape_subgraph_feeding_reshape():
+    """PyTorch-style flatten: Shape -> Gather -> Unsqueeze -> Concat -> Reshape; dynamic batch."""
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    fc = rng.normal(size=(4 * 6 * 6, 5)).astype(np.float32)
+    i64 = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Shape", ["r"], ["s"], name="shape"),
+             helper.make_node("Gather", ["s", "zero"], ["n"], name="gather", axis=0),
+             helper.make_node("Unsqueeze", ["n", "axes0"], ["n1"], name="unsq"),
+             helper.make_node("Concat", ["n1", "minus1"], ["newshape"], name="cat", axis=0),
+             helper.make_node("Reshape", ["r", "newshape"], ["f"], name="flatten"),
+             helper.make_node("MatMul", ["f", "fc"], ["logits"], name="fc")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(fc, "fc"), i64("zero", 0),
+                               i64("axes0", [0]), i64("minus1", [-1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    x = rng.random((3, 3, 8, 8), dtype=np.float32)
+    res = Exciter(model, ["x", "r"]).explain(x, [0, 1, 4])
+    ref_model = helper.make_model(helper.make_graph(
+        [nodes[0], nodes[1], helper.make_node("Flatten", ["r"], ["f"], name="flatten"), nodes[7]], "g",
+        list(graph.input), list(graph.output), [numpy_helper.from_array(w, "w"), numpy_helper.from_array(fc, "fc")]),
+        opset_imports=[helper.make_opsetid("", 17)])
+    want = Reference(ref_model).run(x, np.eye(5)[[0, 1, 4]], ["x", "r"])
+    for layer in ("x", "r"):
+        np.testing.assert_allclose(res.maps["mwp"][layer], want["map"][layer], rtol=1e-4, atol=1e-7)
