@@ -189,6 +189,15 @@ class Reference:
             return np.expand_dims(ins[0], tuple(int(a) for a in ins[1]))
         if op == "Transpose":
             return ins[0].transpose(_attr(node, "perm"))
+        if op == "LeakyRelu":
+            return np.where(ins[0] > 0, ins[0], _attr(node, "alpha", 0.01) * ins[0])
+        if op == "HardSwish":
+            return ins[0] * np.clip(ins[0] / 6 + 0.5, 0, 1)
+        if op == "Tanh":
+            return np.tanh(ins[0])
+        if op == "ReduceMean":
+            axes = tuple(_attr(node, "axes") or [int(a) for a in ins[1]])
+            return ins[0].mean(axis=axes, keepdims=bool(_attr(node, "keepdims", 1)))
         if op == "Pad":
             pads = [int(v) for v in ins[1]]
             n = len(pads) // 2
@@ -266,7 +275,7 @@ class Reference:
     # -- excitation ---------------------------------------------------------
     def _data_inputs(self, node):
         if node.op_type in ("Conv", "Gemm", "MatMul", "Reshape", "Dropout", "Clip", "BatchNormalization", "Unsqueeze",
-                            "ReduceLogSumExp", "Pad"):
+                            "ReduceLogSumExp", "Pad", "ReduceMean"):
             return [node.input[0]]
         return [i for i in node.input if i and i not in self.consts]
 
@@ -330,8 +339,13 @@ class Reference:
             z = _contrib(a[:, :, None], w[None], rule)  # (N, K, M)
             r = _safe_ratio(p, z.sum(axis=1))
             return {node.input[0]: (z * r[:, None, :]).sum(axis=2)}
-        if op in ("Relu", "Clip", "Sigmoid", "Identity", "Dropout", "Softmax", "LRN"):
+        if op in ("Relu", "Clip", "Sigmoid", "Identity", "Dropout", "Softmax", "LRN", "LeakyRelu", "HardSwish", "Tanh"):
             return {node.input[0]: p}
+        if op == "ReduceMean":   # a spatial mean: proportional to the (positive) inputs, like GAP
+            axes = tuple(_attr(node, "axes") or [int(x) for x in v[node.input[1]]])
+            act = np.maximum(a, 0) if rule == "positive" else a
+            pk = p if _attr(node, "keepdims", 1) else np.expand_dims(p, axes)
+            return {node.input[0]: act * _safe_ratio(pk, act.sum(axis=axes, keepdims=True))}
         if op == "Transpose":
             return {node.input[0]: p.transpose(np.argsort(_attr(node, "perm")))}
         if op == "Pad":

@@ -189,7 +189,26 @@ def tf_nhwc(seed):
     return m, ["input", padded, c1, nhwc]
 
 
-ZOO = {"squeezenet_fire": squeezenet_fire, "densenet": densenet_block, "inception_lrn": inception_lrn, "tf_nhwc": tf_nhwc}
+def activations_reducemean(seed):
+    """Non-ReLU activations (LeakyRelu, HardSwish, Tanh) and a ReduceMean global pool (how newer
+    PyTorch exporters write it), keepdims=0, axes as an input (opset 18)."""
+    g = G(seed)
+    a = g.op("LeakyRelu", [g.conv("input", 4, 6)], "leaky", alpha=0.1)
+    b = g.op("HardSwish", [g.conv(a, 6, 6, k=1)], "hswish")
+    c = g.op("Tanh", [g.conv(b, 6, 5, k=3)], "tanh")
+    axes = g.t("axes")
+    g.inits.append(numpy_helper.from_array(np.array([2, 3], np.int64), axes))
+    pooled = g.op("ReduceMean", [c, axes], "mean", keepdims=0)
+    out = g.op("Gemm", [pooled, g.init(g.rng.normal(size=(6, 5)))], "logits", transB=1)
+    graph = helper.make_graph(g.nodes, "acts", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4, 10, 9])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", 6])], g.inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m, ["input", a, b, c]
+
+
+ZOO = {"activations_reducemean": activations_reducemean, "squeezenet_fire": squeezenet_fire, "densenet": densenet_block, "inception_lrn": inception_lrn, "tf_nhwc": tf_nhwc}
 
 
 @pytest.mark.parametrize("seed", range(3))
