@@ -58,15 +58,9 @@ def _input_shapes(model, text):
     if parsed is None:
         return None
     name, values = parsed
-    return {name or _first_input_name(model): values}
+    from onnx_excite.canonicalize import first_input_name
 
-
-def _first_input_name(path: str) -> str:
-    from onnx_excite.canonicalize import load_model
-
-    g = load_model(path).graph
-    inits = {t.name for t in g.initializer}
-    return next(i.name for i in g.input if i.name not in inits)
+    return {name or first_input_name(model): values}
 
 
 @app.command()

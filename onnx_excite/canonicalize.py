@@ -50,6 +50,13 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def first_input_name(model) -> str:
+    """The model's first real input (initializers listed as inputs skipped); path or proto."""
+    graph = load_model(model).graph if not isinstance(model, onnx.ModelProto) else model.graph
+    inits = {t.name for t in graph.initializer}
+    return next(i.name for i in graph.input if i.name not in inits)
+
+
 def default_opset(model: onnx.ModelProto) -> int:
     for imp in model.opset_import:
         if imp.domain in ("", "ai.onnx"):

@@ -200,10 +200,11 @@ class _Run:
 
     def exciter(self, shape):
         if shape not in self.exciters:  # one companion graph per input size, with static shapes
+            from .canonicalize import first_input_name
             from .runtime import Exciter
 
             self.exciters[shape] = Exciter(self.model, self.layers, methods=self.opts.methods, rule=self.opts.rule,
-                                           input_shapes={_input_name(self.model): [None, *shape]})
+                                           input_shapes={first_input_name(self.model): [None, *shape]})
         return self.exciters[shape]
 
     def target_sets(self, logits: np.ndarray) -> list[list[tuple]]:
@@ -266,14 +267,6 @@ class _Run:
     def _check_not_input(self, paths) -> None:
         if any(Path(p).resolve() in self.input_paths for p in paths):
             raise ExciteError(f"an output would overwrite an input image ({Path(next(iter(paths))).name}); choose another -o")
-
-
-def _input_name(model) -> str:
-    from .canonicalize import load_model
-
-    graph = load_model(model).graph
-    inits = {t.name for t in graph.initializer}
-    return next(i.name for i in graph.input if i.name not in inits)
 
 
 def sample_images() -> list[Path]:
