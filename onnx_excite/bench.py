@@ -19,17 +19,6 @@ class BenchRow:
     ratio: float
 
 
-def _median_ms(session, feeds, outputs, runs: int, warmup: int) -> float:
-    for _ in range(warmup):
-        session.run(outputs, feeds)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        session.run(outputs, feeds)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
-
-
 def _input_array(shape, batch: int, rng) -> np.ndarray:
     dims = [batch if i == 0 else (d if isinstance(d, int) and d > 0 else 224) for i, d in enumerate(shape)]
     return rng.standard_normal(dims).astype(np.float32)
@@ -37,28 +26,37 @@ def _input_array(shape, batch: int, rng) -> np.ndarray:
 
 def run_bench(model, layers: Sequence[str], rule: str = "positive", batch: int = 1, runs: int = 10, warmup: int = 2,
               providers=None, threads: int | None = None, input_shapes=None, seed: int = 0) -> tuple[list[BenchRow], list[str]]:
-    """Median wall time of each variant over ``runs`` runs; ratios are to the forward alone."""
+    """Median wall time of each variant over ``runs`` rounds; ratios are to the forward alone.
+
+    The variants run interleaved, one run each per round, so that load from elsewhere
+    on the machine falls on all of them alike.
+    """
     rng = np.random.default_rng(seed)
     forward = canonicalize(model, input_shapes=input_shapes)
     fwd_session = make_session(forward.forward_model(), providers, threads)
     feeds = {i.name: _input_array(i.shape, batch, rng) for i in fwd_session.get_inputs()}
     variants = [("forward", None), ("forward+MWP", ("mwp",)), ("forward+c-MWP", ("cmwp",)),
                 ("forward+MWP+c-MWP", ("mwp", "cmwp"))]
-    rows: list[BenchRow] = []
-    base = None
-    used_providers = fwd_session.get_providers()
+    prepared = []
     for name, methods in variants:
         if methods is None:
-            session, outputs, run_feeds = fwd_session, [forward.entry], feeds
-        else:
-            built = build_excitation_model(model, layers, methods=methods, rule=rule, input_shapes=input_shapes)
-            session = make_session(built.model, providers, threads)
-            k = built.num_classes or session.get_inputs()[-1].shape[1]
-            signal = np.zeros((batch, k), np.float32)
-            signal[:, 0] = 1.0
-            run_feeds = dict(feeds, **{built.signal: signal})
-            outputs = [built.logits] + list(built.maps.values())
-        ms = _median_ms(session, run_feeds, outputs, runs, warmup)
-        base = ms if base is None else base
-        rows.append(BenchRow(name, ms, ms / base))
-    return rows, used_providers
+            prepared.append((name, fwd_session, [forward.entry], feeds))
+            continue
+        built = build_excitation_model(model, layers, methods=methods, rule=rule, input_shapes=input_shapes)
+        session = make_session(built.model, providers, threads)
+        k = built.num_classes or session.get_inputs()[-1].shape[1]
+        signal = np.zeros((batch, k), np.float32)
+        signal[:, 0] = 1.0
+        prepared.append((name, session, [built.logits] + list(built.maps.values()), dict(feeds, **{built.signal: signal})))
+    for _ in range(warmup):
+        for _, session, outputs, run_feeds in prepared:
+            session.run(outputs, run_feeds)
+    times = {name: [] for name, *_ in prepared}
+    for _ in range(runs):
+        for name, session, outputs, run_feeds in prepared:
+            t0 = time.perf_counter()
+            session.run(outputs, run_feeds)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    base = float(np.median(times["forward"]))
+    rows = [BenchRow(name, float(np.median(times[name])), float(np.median(times[name])) / base) for name, *_ in prepared]
+    return rows, fwd_session.get_providers()
