@@ -291,7 +291,8 @@ def _assemble(graph: ForwardGraph, g: Emitter, new_outputs: list[tuple[str, int]
     existing = {o.name for o in model.graph.output}
     if graph.entry not in existing:
         shape = graph.shape(graph.entry)
-        model.graph.output.append(helper.make_tensor_value_info(graph.entry, TensorProto.FLOAT, [None] * len(shape) if shape else [None, None]))
+        model.graph.output.append(helper.make_tensor_value_info(
+            graph.entry, graph.dtypes.get(graph.entry, TensorProto.FLOAT), [None] * len(shape) if shape else [None, None]))
     for name, rank in new_outputs:
         model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, [None] * rank))
     model.ir_version = _ir_version_for(default_opset(model))

@@ -322,6 +322,7 @@ class ForwardGraph:
     entry: str                                   # the logits: where the top signal enters
     consts: dict[str, np.ndarray]
     shapes: dict[str, tuple]                      # dims are int or None (unknown)
+    dtypes: dict[str, int] = field(default_factory=dict)   # onnx.TensorProto element types
     producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
     consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
     _nonneg: dict[str, bool] = field(default_factory=dict)
@@ -338,7 +339,8 @@ class ForwardGraph:
         """A copy of the forward model that also outputs the logits."""
         model = copy.deepcopy(self.model)
         if self.entry not in {o.name for o in model.graph.output}:
-            model.graph.output.append(helper.make_tensor_value_info(self.entry, onnx.TensorProto.FLOAT, None))
+            model.graph.output.append(helper.make_tensor_value_info(
+                self.entry, self.dtypes.get(self.entry, onnx.TensorProto.FLOAT), None))
         return model
 
     def is_const(self, name: str) -> bool:
@@ -425,10 +427,13 @@ def find_entry(model: onnx.ModelProto, output: str | None = None) -> str:
 def make_view(model: onnx.ModelProto, entry: str) -> ForwardGraph:
     consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     shapes: dict[str, tuple] = {}
+    dtypes: dict[str, int] = {name: onnx.helper.np_dtype_to_tensor_dtype(a.dtype) for name, a in consts.items()}
     for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
         s = _shape_of(vi)
         if s is not None:
             shapes[vi.name] = s
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            dtypes[vi.name] = vi.type.tensor_type.elem_type
     for name, arr in consts.items():
         shapes[name] = tuple(arr.shape)
     producer, consumers = {}, {}
@@ -438,7 +443,8 @@ def make_view(model: onnx.ModelProto, entry: str) -> ForwardGraph:
         for i in node.input:
             if i:
                 consumers.setdefault(i, []).append(node)
-    return ForwardGraph(model=model, entry=entry, consts=consts, shapes=shapes, producer=producer, consumers=consumers)
+    return ForwardGraph(model=model, entry=entry, consts=consts, shapes=shapes, dtypes=dtypes,
+                        producer=producer, consumers=consumers)
 
 
 def fix_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int | None]]) -> onnx.ModelProto:

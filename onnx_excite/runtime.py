@@ -142,7 +142,9 @@ class Exciter:
             return {n: np.asarray(inputs[n]) for n in names}
         if len(names) != 1:
             raise ExciteError(f"the model has {len(names)} inputs ({', '.join(names)}); pass a dict")
-        return {names[0]: np.ascontiguousarray(inputs, dtype=np.float32)}
+        kind = next(i.type for i in self.session.get_inputs() if i.name == names[0])
+        dtype = {"tensor(float16)": np.float16, "tensor(double)": np.float64}.get(kind, np.float32)
+        return {names[0]: np.ascontiguousarray(inputs, dtype=dtype)}
 
     def explain(self, inputs, targets) -> Explanation:
         feeds = self._feeds(inputs)

@@ -225,3 +225,27 @@ def test_shape_subgraph_feeding_reshape():
     want = Reference(ref_model).run(x, np.eye(5)[[0, 1, 4]], ["x", "r"])
     for layer in ("x", "r"):
         np.testing.assert_allclose(res.maps["mwp"][layer], want["map"][layer], rtol=1e-4, atol=1e-7)
+
+
+def test_float16_model_excitation_runs_in_float32():
+    """A float16 model: the forward stays in float16, the excitation branch casts the
+    activations to float32; maps agree with the float32 model to half precision."""
+    m16 = tiny_model(softmax=False)
+    for t in m16.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    m16.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    m16.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    m32 = tiny_model(softmax=False)
+    for t in m32.graph.initializer:   # the same (rounded) weights in float32
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16).astype(np.float32), t.name))
+    x = np.random.default_rng(0).random((2, 3, 8, 8)).astype(np.float16)
+    built = build_excitation_model(m16, ["x", "r1"], methods=("mwp", "cmwp"))
+    onnx.checker.check_model(built.model, full_check=True)
+    res16 = Exciter(m16, ["x", "r1"]).explain(x, [1, 3])
+    res32 = Exciter(m32, ["x", "r1"]).explain(x.astype(np.float32), [1, 3])
+    assert res16.logits.dtype == np.float16
+    for method in ("mwp", "cmwp"):
+        for layer in ("x", "r1"):
+            got, want = res16.maps[method][layer], res32.maps[method][layer]
+            assert got.dtype == np.float32 and np.isfinite(got).all()
+            assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()

@@ -54,6 +54,14 @@ class Context:
     def wants(self, name: str) -> bool:
         return name in self.wanted
 
+    def act(self, name: str) -> str:
+        """The activation as float32: the excitation branch of a float16 / bfloat16 / float64
+        model runs in float32 (tiny normalisers underflow in half precision)."""
+        dtype = self.graph.dtypes.get(name, onnx.TensorProto.FLOAT)
+        if dtype == onnx.TensorProto.FLOAT:
+            return name
+        return self.g.memo(("f32", name), lambda: self.g.op("Cast", [name], to=onnx.TensorProto.FLOAT, hint="a_f32"))
+
     def signed(self, a: str) -> bool:
         """Whether the positive rule must treat ``a`` as possibly negative."""
         return self.rule == "positive" and not self.graph.nonneg(a)

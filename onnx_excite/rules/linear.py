@@ -179,9 +179,11 @@ def excite_linear(ctx: Context, node, a: str, p: str, weight: np.ndarray, forwar
     per node and weight sign, and shared by every signal chain.
     """
     g = ctx.g
+    signed = ctx.signed(a)
+    a = ctx.act(a)  # float32 even in a float16 model: tiny Z must not underflow
     w = -weight if negate else weight
     w_pos, w_neg = np.maximum(w, 0), np.minimum(w, 0)
-    if ctx.signed(a):
+    if signed:
         parts = []
         if w_pos.any():
             parts.append((g.memo(("a+", a), lambda: g.relu(a)), w_pos))
@@ -420,9 +422,9 @@ def reduce_log_sum_exp(ctx: Context, node, p: str, negate=False):
     g = ctx.g
     rank = ctx.graph.rank(a)
     axes = sorted(x % rank for x in _reduce_axes(ctx.graph, node))
-    y = node.output[0]
+    y = ctx.act(node.output[0])
     if not attr(node, "keepdims", 1):
         p = g.op("Unsqueeze", [p, g.i64(axes)])
-        y = g.memo(("unsq", y), lambda: g.op("Unsqueeze", [node.output[0], g.i64(axes)]))
-    weights = g.memo((node.name, "softmax"), lambda: g.op("Exp", [g.sub(a, y)], hint="pos_softmax"))
+        y = g.memo(("unsq", y), lambda: g.op("Unsqueeze", [y, g.i64(axes)]))
+    weights = g.memo((node.name, "softmax"), lambda: g.op("Exp", [g.sub(ctx.act(a), y)], hint="pos_softmax"))
     return {a: g.mul(p, weights)}

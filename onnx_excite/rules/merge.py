@@ -28,9 +28,9 @@ def add(ctx: Context, node, p: str, negate=False):
     if len(data) == 1:
         return {data[0]: p} if ctx.wants(data[0]) else {}
     if ctx.rule == "positive":
-        parts = [g.memo(("a+", x), lambda x=x: g.relu(x)) for x in data]
+        parts = [g.memo(("a+", x), lambda x=x: g.relu(ctx.act(x))) for x in data]
     else:
-        parts = list(data)
+        parts = [ctx.act(x) for x in data]
     inv = g.memo((node.name, "inv_sum"), lambda: g.safe_reciprocal(g.sum(parts), signed=ctx.rule == "paper"))
     r = g.mul(p, inv)
     out = {}
