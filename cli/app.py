@@ -175,13 +175,14 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
             mean: Optional[str] = typer.Option(None, help="per-channel mean, e.g. 0.485,0.456,0.406"),
             std: Optional[str] = typer.Option(None, help="per-channel std, e.g. 0.229,0.224,0.225"),
             combine: bool = typer.Option(False, help="several --target as one multi-hot signal (one map) instead of one map each"),
+            colorbar: bool = typer.Option(True, help="draw a colour bar beside each overlay"),
             batch_size: int = typer.Option(8, help="images per run (same-size images share a batch)")):
     """Write maps (.npy at layer resolution and upsampled to the image) and overlays (.png) per image."""
     from onnx_excite.explain import ExplainOptions, explain_files
 
     opts = ExplainOptions(model=model, layers=list(layer or []), targets=list(target or []), top=top,
                           methods=_methods(method or ["mwp", "cmwp"], contrastive), rule=rule, out_dir=out_dir,
-                          size=size, mean=mean, std=std, batch_size=batch_size, combine=combine)
+                          size=size, mean=mean, std=std, batch_size=batch_size, combine=combine, colorbar=colorbar)
     summary = explain_files(inputs, opts, console=out, errors=err)
     out.print(f"wrote {summary.written} file(s) to {out_dir}", markup=False)
     if summary.failed:

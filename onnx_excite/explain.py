@@ -29,6 +29,7 @@ class ExplainOptions:
     std: str | None = None
     batch_size: int = 8
     combine: bool = False      # several targets as one multi-hot signal instead of one map each
+    colorbar: bool = True      # a colour bar beside each overlay
 
 
 @dataclass
@@ -250,7 +251,7 @@ class _Run:
                         self._check_not_input(written.values())
                         np.save(written["map"], m)
                         np.save(written["map_image"], up)
-                        maps.overlay(img, up, colorbar=True).save(written["overlay"])
+                        maps.overlay(img, up, colorbar=self.opts.colorbar).save(written["overlay"])
                         self.summary.written += len(written)
                         panel_maps.append((f"{method} {layer}", up))
                         records[i]["outputs"].append({"targets": list(classes), "label": self.label(classes),

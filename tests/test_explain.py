@@ -74,12 +74,15 @@ def test_explain_folder_with_a_bad_file_goes_on(tmp_path):
     src.mkdir()
     (src / "broken.jpg").write_bytes(b"garbage")
     Image.open(PHOTOS / "scream.jpg").save(src / "scream.png")   # non-square, portrait
-    res = runner.invoke(app, ["explain", "default", str(src), "-t", "0", "-m", "mwp", "-o", str(tmp_path / "out")])
+    res = runner.invoke(app, ["explain", "default", str(src), "-t", "0", "-m", "mwp", "--no-colorbar",
+                              "-o", str(tmp_path / "out")])
     assert res.exit_code == 2
     assert "broken.jpg" in res.output and "1 input(s) could not be read" in res.output
     assert "Traceback" not in res.output
     maps = list((tmp_path / "out").glob("scream.0.mwp.*.image.npy"))
     assert len(maps) == 1 and np.load(maps[0]).shape == (448, 352)
+    overlay_png = Image.open(str(maps[0]).replace(".image.npy", ".png"))
+    assert overlay_png.size == (352, 448)   # no colour bar: exactly the image
 
 
 def test_demo_writes_overlays_and_summary(tmp_path):
