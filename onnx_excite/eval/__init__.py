@@ -1,0 +1,8 @@
+"""Evaluation protocols of Zhang et al. (ECCV 2016): the pointing game (4.1) and
+dominant-object localization (4.2), on PASCAL VOC or COCO-format datasets."""
+from .datasets import ImageRecord, Mask, Obj, read_coco, read_dataset, read_voc
+from .mapping import ClassMapping, bundled_mappings, resolve_mapping
+from .run import merge_shards, run_evaluation
+
+__all__ = ["ImageRecord", "Mask", "Obj", "read_coco", "read_voc", "read_dataset", "ClassMapping",
+           "bundled_mappings", "resolve_mapping", "run_evaluation", "merge_shards"]

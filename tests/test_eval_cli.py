@@ -1,0 +1,54 @@
+"""`onnx-excite eval` end to end on the real VOC sample with the default model."""
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import SHARED
+from onnx_excite.cli.app import app
+
+runner = CliRunner()
+VOC = SHARED / "voc_sample"
+
+
+def _summary(folder):
+    return json.loads((folder / "results.json").read_text())["summary"]
+
+
+def test_pointing_game_default_model_and_shards(tmp_path):
+    full = tmp_path / "full"
+    res = runner.invoke(app, ["eval", "pointing", "--data", str(VOC), "--mapping", "voc_sample_to_imagenet",
+                              "--methods", "cmwp,mwp,center", "-o", str(full)])
+    assert res.exit_code == 0, res.output
+    for method in ("cmwp:features.13", "mwp:features.13", "center"):
+        assert method in res.output
+    summary = _summary(full)
+    # contrastive MWP points better than MWP, which points better than the image centre
+    assert summary["cmwp:features.13"]["mean_accuracy"] > summary["mwp:features.13"]["mean_accuracy"] > summary["center"]["mean_accuracy"]
+    assert (full / "pointing_per_class.png").exists() and (full / "results.csv").exists()
+    parts = []
+    for i in range(2):
+        part = tmp_path / f"shard{i}"
+        res = runner.invoke(app, ["eval", "pointing", "--data", str(VOC), "--mapping", "voc_sample_to_imagenet",
+                                  "--methods", "cmwp,center", "--shard", f"{i}/2", "-o", str(part)])
+        assert res.exit_code == 0, res.output
+        parts.append(str(part))
+    res = runner.invoke(app, ["eval", "merge", *parts, "-o", str(tmp_path / "merged")])
+    assert res.exit_code == 0, res.output
+    merged = _summary(tmp_path / "merged")
+    for method in ("cmwp:features.13", "center"):
+        assert merged[method]["hits"] == summary[method]["hits"]
+        assert merged[method]["mean_accuracy"] == pytest.approx(summary[method]["mean_accuracy"])
+
+
+def test_localization_from_coco_json(tmp_path):
+    res = runner.invoke(app, ["eval", "localization", "--data", str(VOC / "instances_coco.json"), "--format", "coco",
+                              "--mapping", "voc_sample_to_imagenet", "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "alpha_error.png").exists()
+    assert "cmwp:features.13" in _summary(tmp_path)
+
+
+def test_eval_bad_data_is_one_line(tmp_path):
+    res = runner.invoke(app, ["eval", "pointing", "--data", str(tmp_path / "nope"), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2 and res.output.startswith("error:") and "Traceback" not in res.output
