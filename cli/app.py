@@ -7,8 +7,6 @@ line on stderr with exit code 2, never a traceback.
 from __future__ import annotations
 
 import functools
-import json
-import sys
 from pathlib import Path
 from typing import List, Optional
 

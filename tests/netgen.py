@@ -18,7 +18,6 @@ save_vgg16(path, batch=None, num_classes=1000, seed=0) -> str
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import onnx

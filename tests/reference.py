@@ -260,7 +260,7 @@ class _Graph:
 
     def _toposort(self, nodes):
         avail = set(self.inits) | set(self.inputs) | {""}
-        done, order, pending = set(), [], list(range(len(nodes)))
+        order, pending = [], list(range(len(nodes)))
         while pending:
             progressed, rest = False, []
             for idx in pending:
@@ -418,7 +418,6 @@ class _Graph:
     def backward_node(self, n, vals, p_out, rule, dual=False):
         """{input name: P contribution} for one node given P at its (first) output."""
         op = n.op_type
-        at = _attrs(n)
         non_const = [i for i in n.input if i and i not in self.const]
         if op in LINEAR:
             name, a, w, fwd, adj, to_act = self.linear_parts(n, vals)

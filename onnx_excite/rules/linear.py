@@ -21,7 +21,6 @@ their share is a_j / sum(window) whatever the count the pool divides by.
 from __future__ import annotations
 
 import numpy as np
-import onnx
 
 from ..errors import ExciteError
 from .base import Context, attr, register
