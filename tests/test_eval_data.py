@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import SHARED
 from onnx_excite import ExciteError
-from onnx_excite.eval import merge_shards, read_coco, read_dataset, read_voc, resolve_mapping, run_evaluation
+from onnx_excite.eval import read_coco, read_dataset, read_voc, resolve_mapping, run_evaluation
 from onnx_excite.eval import metrics as M
 from onnx_excite.eval.mapping import bundled_mappings
 
@@ -143,9 +143,9 @@ def test_coco_problems_are_reported_and_the_rest_read(tmp_path):
     assert data["images"][1]["file_name"] + ": image not found" in text
     assert "has no readable bbox" in text and "unknown category id 999" in text and "unknown image id 424242" in text
     # evaluated: the three readable images, every (image, class) pair of them
-    res = run_evaluation("pointing", path, "coco", None, methods=["center"], out_dir=tmp_path / "out", progress=False)
-    assert res["counts"]["images_evaluated"] == 3 and res["problems"] == problems
-    assert res["counts"]["items"] == sum(len(r.classes()) for r in recs)
+    res = run_evaluation("pointing", path, "coco", None, methods=["center"], out_dir=tmp_path / "out")
+    assert res.counts["images_evaluated"] == 3 and res.problems == problems
+    assert res.counts["items"] == sum(len(r.classes()) for r in recs)
     assert "problem(s) reading the data" in (tmp_path / "out" / "results.md").read_text()
     bad = tmp_path / "broken.json"
     bad.write_text('{"images": [')
@@ -265,16 +265,15 @@ def test_center_baseline_matches_independent_count(tmp_path):
     assert (sum(hits.values()), sum(pairs.values()), len(pairs)) == (111, 497, 30)
     assert hits["chair"] == 21 and pairs["chair"] == 46 and hits["sofa"] == 12 and pairs["sofa"] == 21
 
-    res = run_evaluation("pointing", VOC, "voc", model=None, methods=["center"], out_dir=tmp_path, progress=False)
-    s = res["summary"]["center"]
+    res = run_evaluation("pointing", VOC, "voc", model=None, methods=["center"], out_dir=tmp_path)
+    s = res.summary["center"]
     assert s["mean_accuracy"] == pytest.approx(expected, abs=1e-12)
     assert s["mean_accuracy"] == pytest.approx(0.18035469065217347, abs=1e-12)
     assert (s["hits"], s["hits"] + s["misses"]) == (111, 497)
     assert {c: v["hits"] for c, v in s["per_class"].items()} == hits
-    assert res["counts"]["maps_computed"] == 0
-    coco = run_evaluation("pointing", COCO, "coco", model=None, methods=["center"], out_dir=tmp_path / "coco",
-                          progress=False)
-    assert coco["summary"]["center"]["per_class"] == s["per_class"]
+    assert res.counts["maps_computed"] == 0
+    coco = run_evaluation("pointing", COCO, "coco", model=None, methods=["center"], out_dir=tmp_path / "coco")
+    assert coco.summary["center"]["per_class"] == s["per_class"]
 
 
 # ---------------------------------------------------------------------------
@@ -300,90 +299,72 @@ def test_run_evaluation_pointing_end_to_end(tiny_setup, tmp_path):
     root, model, mapping, ids = tiny_setup
     out = tmp_path / "out"
     res = run_evaluation("pointing", root, "voc", str(model), methods=["cmwp", "mwp", "center"], layers=["feat"],
-                         mapping=mapping, out_dir=out, progress=False)
+                         mapping=mapping, out_dir=out)
     # the two broken items are reported, the four others evaluated
-    text = "\n".join(res["problems"])
+    text = "\n".join(res.problems)
     assert f"{ids[6]}.xml: malformed XML" in text and f"{ids[7]}.jpg: image not found" in text
-    assert res["counts"]["images_read"] == 6
-    assert set(res["summary"]) == {"cmwp:feat", "mwp:feat", "center"}
+    assert res.counts["images_read"] == 6
+    assert set(res.summary) == {"cmwp:feat", "mwp:feat", "center"}
     recs = read_voc(root)[0]
     mapped = set(TINY_MAPPING["mapping"])
     pairs = {(r.id, c) for r in recs for c in r.classes() if c in mapped}
-    assert {(it["image"], it["class"]) for it in res["items"]} == pairs
-    assert res["counts"]["images_evaluated"] == len({i for i, _ in pairs})
-    assert res["unmapped"]["person"] == 1 and res["unmapped"]["tap"] == 3     # (image, class) pairs skipped
-    assert all(0 <= it["points"]["cmwp:feat"][0] < 640 and 0 <= it["points"]["cmwp:feat"][1] < 480 for it in res["items"])
-    for label in res["summary"]:
-        s = res["summary"][label]
+    assert {(it["image"], it["class"]) for it in res.items} == pairs
+    assert res.counts["images_evaluated"] == len({i for i, _ in pairs})
+    assert res.unmapped["person"] == 1 and res.unmapped["tap"] == 3     # (image, class) pairs skipped
+    assert all(0 <= it["points"]["cmwp:feat"][0] < 640 and 0 <= it["points"]["cmwp:feat"][1] < 480 for it in res.items)
+    for label in res.summary:
+        s = res.summary[label]
         assert s["hits"] + s["misses"] == len(pairs) and 0 <= s["mean_accuracy"] <= 1
     for name in ("results.md", "results.csv", "results.json", "pointing_per_class.png"):
         assert (out / name).is_file()
     md = (out / "results.md").read_text()
     assert "| cmwp:feat |" in md and "| chair |" in md
     assert Image.open(out / "pointing_per_class.png").size[0] > 100
-    assert len(list((out / "cache" / "pointing").glob("*.npz"))) == res["counts"]["images_evaluated"]
-    assert res["counts"]["maps_computed"] == res["counts"]["images_evaluated"]
+    assert len(list((out / "cache" / "pointing").glob("*.npz"))) == res.counts["images_evaluated"]
+    assert res.counts["maps_computed"] == res.counts["images_evaluated"]
 
     # another tolerance: maps from the cache, the same points
     again = run_evaluation("pointing", root, "voc", str(model), methods=["cmwp", "mwp", "center"], layers=["feat"],
-                           mapping=mapping, out_dir=out, tolerance=0, progress=False)
-    assert again["counts"]["maps_computed"] == 0
-    assert again["counts"]["maps_cached"] == res["counts"]["images_evaluated"]
-    assert [it["points"] for it in again["items"]] == [it["points"] for it in res["items"]]
-    assert again["summary"]["cmwp:feat"]["hits"] <= res["summary"]["cmwp:feat"]["hits"]
-
-    # shards 0/2 and 1/2 merge into the full result
-    parts = [run_evaluation("pointing", root, "voc", str(model), methods=["cmwp", "mwp", "center"], layers=["feat"],
-                            mapping=mapping, out_dir=tmp_path / f"s{i}", shard=f"{i}/2", progress=False)
-             for i in range(2)]
-    assert {it["image"] for it in parts[0]["items"]}.isdisjoint({it["image"] for it in parts[1]["items"]})
-    merged = merge_shards([tmp_path / "s0", tmp_path / "s1"], out_dir=tmp_path / "merged")
-    assert merged["summary"] == res["summary"]
-    assert (tmp_path / "merged" / "results.md").is_file()
-    with pytest.raises(ExciteError, match="more than one shard|same shard"):
-        merge_shards([tmp_path / "s0", tmp_path / "s0"])
-    with pytest.raises(ExciteError, match="need 0 <= i < n"):
-        run_evaluation("pointing", root, "voc", None, methods=["center"], out_dir=tmp_path / "x", shard="2/2",
-                       progress=False)
+                           mapping=mapping, out_dir=out, tolerance=0)
+    assert again.counts["maps_computed"] == 0
+    assert again.counts["maps_cached"] == res.counts["images_evaluated"]
+    assert [it["points"] for it in again.items] == [it["points"] for it in res.items]
+    assert again.summary["cmwp:feat"]["hits"] <= res.summary["cmwp:feat"]["hits"]
 
 
 @needs_sample
 def test_run_evaluation_localization_end_to_end(tiny_setup, tmp_path):
     root, model, mapping, ids = tiny_setup
-    kw = dict(methods=["cmwp", "center"], layers=["feat"], mapping=mapping, progress=False, held_out=0.5)
+    kw = dict(methods=["cmwp", "center"], layers=["feat"], mapping=mapping, held_out=0.5)
     res = run_evaluation("localization", root, "voc", str(model), out_dir=tmp_path / "loc", **kw)
     recs = read_voc(root)[0]
     mapped = set(TINY_MAPPING["mapping"])
     doms = {r.id: M.dominant_class(r) for r in recs}
-    assert {it["image"]: it["class"] for it in res["items"]} == {i: c for i, c in doms.items() if c in mapped}
-    assert len(res["skipped"]) == sum(c not in mapped for c in doms.values())
-    for it in res["items"]:
+    assert {it["image"]: it["class"] for it in res.items} == {i: c for i, c in doms.items() if c in mapped}
+    assert len(res.skipped) == sum(c not in mapped for c in doms.values())
+    for it in res.items:
         assert len(it["correct"]["cmwp:feat"]) == len(M.ALPHAS)
-    held = [it for it in res["items"] if it["held_out"]]
-    assert 1 <= len(held) < len(res["items"])
-    for label, s in res["summary"].items():
-        assert s["n_held_out"] == len(held) and s["n_test"] == len(res["items"]) - len(held)
+    held = [it for it in res.items if it["held_out"]]
+    assert 1 <= len(held) < len(res.items)
+    for label, s in res.summary.items():
+        assert s["n_held_out"] == len(held) and s["n_test"] == len(res.items) - len(held)
         assert s["alpha"] in M.ALPHAS
-        again = M.select_alpha(np.array([it["correct"][label] for it in res["items"]]),
-                               np.array([it["held_out"] for it in res["items"]]))
+        again = M.select_alpha(np.array([it["correct"][label] for it in res.items]),
+                               np.array([it["held_out"] for it in res.items]))
         assert again["alpha"] == s["alpha"] and again["error"] == s["error"]
     for name in ("results.md", "results.csv", "alpha_error.png", "localization_per_class.png"):
         assert (tmp_path / "loc" / name).is_file()
-    parts = [tmp_path / f"l{i}" for i in range(2)]
-    for i, d in enumerate(parts):
-        run_evaluation("localization", root, "voc", str(model), out_dir=d, shard=f"{i}/2", **kw)
-    assert merge_shards(parts)["summary"] == res["summary"]
 
 
 def test_run_evaluation_rejects_bad_arguments(tmp_path):
     with pytest.raises(ExciteError, match="unknown protocol"):
-        run_evaluation("detection", tmp_path, "voc", None, methods=["center"], out_dir=tmp_path, progress=False)
+        run_evaluation("detection", tmp_path, "voc", None, methods=["center"], out_dir=tmp_path)
     with pytest.raises(ExciteError, match="unknown method"):
-        run_evaluation("pointing", tmp_path, "voc", None, methods=["gradcam"], out_dir=tmp_path, progress=False)
+        run_evaluation("pointing", tmp_path, "voc", None, methods=["gradcam"], out_dir=tmp_path)
     with pytest.raises(ExciteError, match="not a VOC folder"):
-        run_evaluation("pointing", tmp_path, "voc", None, methods=["center"], out_dir=tmp_path / "o", progress=False)
+        run_evaluation("pointing", tmp_path, "voc", None, methods=["center"], out_dir=tmp_path / "o")
     with pytest.raises(ExciteError, match="unknown dataset format"):
-        run_evaluation("pointing", tmp_path, "kitti", None, methods=["center"], out_dir=tmp_path / "o", progress=False)
+        run_evaluation("pointing", tmp_path, "kitti", None, methods=["center"], out_dir=tmp_path / "o")
 
 
 @needs_sample
@@ -397,14 +378,14 @@ def test_run_evaluation_default_model_few_images(tmp_path):
         pytest.skip(str(exc))
     ids = ["2007_000042", "2007_000061", "2007_000170"]
     res = run_evaluation("pointing", VOC, "voc", "default", methods=["cmwp", "center"], mapping="voc_sample_to_imagenet",
-                         out_dir=tmp_path, ids=ids, progress=False)
-    assert res["settings"]["layers"] == ["features.13"] and res["settings"]["input"] == "shorter side 224"
-    assert res["counts"]["images_evaluated"] == 3 and res["counts"]["maps_computed"] == 3
-    assert "door" in res["unmapped"] and res["unmapped"]["tap"] == 1
+                         out_dir=tmp_path, ids=ids)
+    assert res.settings["layers"] == ["features.13"] and res.settings["input"] == "shorter side 224"
+    assert res.counts["images_evaluated"] == 3 and res.counts["maps_computed"] == 3
+    assert "door" in res.unmapped and res.unmapped["tap"] == 1
     cache = np.load(tmp_path / "cache" / "pointing" / "2007_000061.npz")
     assert cache["cmwp|features.13|chair"].shape == (14, 19)          # 640x480 -> 299x224 -> 14x19 at stride 16
     assert cache["idx|chair"].tolist() == [423, 559, 765]
-    assert res["summary"]["cmwp:features.13"]["n_classes"] == len({it["class"] for it in res["items"]})
+    assert res.summary["cmwp:features.13"]["n_classes"] == len({it["class"] for it in res.items})
 
 
 @needs_sample
@@ -412,7 +393,7 @@ def test_model_errors_stop_the_run(tiny_setup, tmp_path):
     root, model, mapping, _ = tiny_setup
     with pytest.raises(ExciteError, match="nosuchlayer"):
         run_evaluation("pointing", root, "voc", str(model), methods=["cmwp"], layers=["nosuchlayer"], mapping=mapping,
-                       out_dir=tmp_path / "o", progress=False)
+                       out_dir=tmp_path / "o")
     with pytest.raises(ExciteError, match="out of range"):   # an ImageNet mapping on a 4-class model
         run_evaluation("pointing", root, "voc", str(model), methods=["cmwp"], layers=["feat"],
-                       mapping="voc_sample_to_imagenet", out_dir=tmp_path / "o", progress=False)
+                       mapping="voc_sample_to_imagenet", out_dir=tmp_path / "o")

@@ -2,7 +2,8 @@
 dominant-object localization (4.2), on PASCAL VOC or COCO-format datasets."""
 from .datasets import ImageRecord, Mask, Obj, read_coco, read_dataset, read_voc
 from .mapping import ClassMapping, bundled_mappings, resolve_mapping
-from .run import merge_shards, run_evaluation
+from .result import EvalResult, load_results
+from .run import run_evaluation
 
 __all__ = ["ImageRecord", "Mask", "Obj", "read_coco", "read_voc", "read_dataset", "ClassMapping",
-           "bundled_mappings", "resolve_mapping", "run_evaluation", "merge_shards"]
+           "bundled_mappings", "resolve_mapping", "run_evaluation", "EvalResult", "load_results"]

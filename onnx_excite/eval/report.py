@@ -1,18 +1,17 @@
-"""results.md, results.csv and PNG plots (drawn with Pillow) from a results dict."""
+"""results.md, results.csv and PNG plots (drawn with Pillow) from an :class:`EvalResult`."""
 from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Optional
 
 from PIL import Image, ImageDraw, ImageFont
+
+from .result import EvalResult, pct
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
-
-def _pct(v: Optional[float]) -> str:
-    return "–" if v is None else f"{100 * v:.1f}"
+_pct = pct
 
 
 def _font(size: int = 12):
@@ -25,71 +24,64 @@ def _font(size: int = 12):
 # ---------------------------------------------------------------------------
 # Markdown
 # ---------------------------------------------------------------------------
-def _settings_lines(res: dict) -> list[str]:
-    s = res["settings"]
-    c = res["counts"]
+def _settings_lines(res: EvalResult) -> list[str]:
+    s = res.settings
+    c = res.counts
     lines = [f"- data: `{s['data']}` ({s['fmt']}), model: `{s['model']}`, layers: {', '.join(s['layers']) or '–'}, "
              f"rule: {s['rule']}, input: {s['input']}"]
-    if res["protocol"] == "pointing":
+    if res.protocol == "pointing":
         lines.append(f"- tolerance: {s['tolerance']} px; images evaluated: {c['images_evaluated']} of "
                      f"{c['images_read']} read; (image, class) pairs: {c['items']} ({c['items_difficult']} difficult)")
     else:
         lines.append(f"- alpha grid: 0:0.5:10, chosen on a held-out split (fraction {s['held_out']}, seed {s['seed']}); "
                      f"images evaluated: {c['images_evaluated']} of {c['images_read']} read")
-    if s.get("shard"):
-        lines.append(f"- shard {s['shard']}")
-    met = {k: n for k, n in (res.get("unmapped") or {}).items() if n}
-    unit = "pairs" if res["protocol"] == "pointing" else "images"
-    if met:
-        lines.append(f"- unmapped classes, skipped ({unit}): " + ", ".join(f"{k} ({n})" for k, n in sorted(met.items())))
-    rest = sorted(k for k in (res.get("unmapped") or {}) if k not in met)
-    if rest:
-        lines.append("- also unmapped: " + ", ".join(rest))
-    if res.get("problems"):
-        lines.append(f"- {len(res['problems'])} problem(s) reading the data (see results.json)")
+    if res.unmapped:
+        lines.append(f"- **{len(res.unmapped)} dataset class(es) have no model mapping and are not evaluated** "
+                     f"(mapping: `{s['mapping']}`; skipped {res.unit} in brackets): {unmapped_line(res)}")
+    if res.problems:
+        lines.append(f"- {len(res.problems)} problem(s) reading the data (see results.json)")
     if c.get("skipped"):
         lines.append(f"- {c['skipped']} image(s) skipped during evaluation (see results.json)")
     return lines
 
 
-def markdown(res: dict) -> str:
-    methods = list(res["summary"])
-    out = [f"# {'Pointing game' if res['protocol'] == 'pointing' else 'Dominant-object localization'}", ""]
+def unmapped_line(res: EvalResult) -> str:
+    """``door (3), tap (5), ...``: each unmapped class with the pairs/images it made the run skip."""
+    return ", ".join(f"{k} ({n} {res.unit})" for k, n in sorted(res.unmapped.items()))
+
+
+def markdown(res: EvalResult) -> str:
+    methods = list(res.summary)
+    out = [f"# {'Pointing game' if res.protocol == 'pointing' else 'Dominant-object localization'}", ""]
     out += _settings_lines(res) + [""]
-    if res["protocol"] == "pointing":
-        out += ["Mean accuracy over classes (%): all (image, class) pairs and the difficult subset.", "",
-                "| method | all | difficult | hits / pairs | classes |", "|---|---|---|---|---|"]
-        for m in methods:
-            s = res["summary"][m]
-            out.append(f"| {m} | {_pct(s['mean_accuracy'])} | {_pct(s['mean_accuracy_difficult'])} | "
-                       f"{s['hits']} / {s['hits'] + s['misses']} | {s['n_classes']} |")
+    header, rows = res.overall_table()
+    if res.protocol == "pointing":
+        out += ["Mean accuracy over classes (%): all (image, class) pairs and the difficult subset.", ""]
+    else:
+        out += ["Error (%) at the alpha chosen on the held-out split, on the other images.", ""]
+    out += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    if res.protocol == "pointing":
         out += ["", "Per class accuracy (%), all / difficult:", ""]
-        classes = sorted({c for m in methods for c in res["summary"][m]["per_class"]})
+        classes = sorted({c for m in methods for c in res.summary[m]["per_class"]})
         out.append("| class | pairs | difficult | " + " | ".join(methods) + " |")
         out.append("|---|---|---|" + "---|" * len(methods))
         for c in classes:
-            first = next(res["summary"][m]["per_class"][c] for m in methods if c in res["summary"][m]["per_class"])
+            first = next(res.summary[m]["per_class"][c] for m in methods if c in res.summary[m]["per_class"])
             cells = []
             for m in methods:
-                pc = res["summary"][m]["per_class"].get(c)
+                pc = res.summary[m]["per_class"].get(c)
                 cells.append("–" if pc is None else f"{_pct(pc['accuracy'])} / {_pct(pc['difficult_accuracy'])}")
             out.append(f"| {c} | {first['hits'] + first['misses']} | "
                        f"{first['difficult_hits'] + first['difficult_misses']} | " + " | ".join(cells) + " |")
     else:
-        out += ["Error (%) at the alpha chosen on the held-out split, on the other images.", "",
-                "| method | error | alpha | held-out error | held-out / test images |", "|---|---|---|---|---|"]
-        for m in methods:
-            s = res["summary"][m]
-            alpha = "–" if s["alpha"] is None else f"{s['alpha']:g}"
-            out.append(f"| {m} | {_pct(s['error'])} | {alpha} | {_pct(s['held_out_error'])} | "
-                       f"{s['n_held_out']} / {s['n_test']} |")
         out += ["", "Per dominant class, test images and error (%):", ""]
-        classes = sorted({c for m in methods for c in res["summary"][m]["per_class"]})
+        classes = sorted({c for m in methods for c in res.summary[m]["per_class"]})
         out.append("| class | images | " + " | ".join(methods) + " |")
         out.append("|---|---|" + "---|" * len(methods))
         for c in classes:
-            first = next(res["summary"][m]["per_class"][c] for m in methods if c in res["summary"][m]["per_class"])
-            cells = [_pct(res["summary"][m]["per_class"][c]["error"]) if c in res["summary"][m]["per_class"] else "–"
+            first = next(res.summary[m]["per_class"][c] for m in methods if c in res.summary[m]["per_class"])
+            cells = [_pct(res.summary[m]["per_class"][c]["error"]) if c in res.summary[m]["per_class"] else "–"
                      for m in methods]
             out.append(f"| {c} | {first['correct'] + first['wrong']} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
@@ -98,12 +90,12 @@ def markdown(res: dict) -> str:
 # ---------------------------------------------------------------------------
 # CSV
 # ---------------------------------------------------------------------------
-def write_csv(res: dict, path: Path) -> None:
+def write_csv(res: EvalResult, path: Path) -> None:
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
-        if res["protocol"] == "pointing":
+        if res.protocol == "pointing":
             w.writerow(["method", "class", "subset", "hits", "misses", "accuracy"])
-            for m, s in res["summary"].items():
+            for m, s in res.summary.items():
                 w.writerow([m, "(mean over classes)", "all", s["hits"], s["misses"], s["mean_accuracy"]])
                 w.writerow([m, "(mean over classes)", "difficult", s["difficult_hits"], s["difficult_misses"],
                             s["mean_accuracy_difficult"]])
@@ -112,7 +104,7 @@ def write_csv(res: dict, path: Path) -> None:
                     w.writerow([m, c, "difficult", pc["difficult_hits"], pc["difficult_misses"], pc["difficult_accuracy"]])
         else:
             w.writerow(["method", "class", "alpha", "correct", "wrong", "error"])
-            for m, s in res["summary"].items():
+            for m, s in res.summary.items():
                 n_test = s["n_test"]
                 wrong = None if s["error"] is None else int(round(s["error"] * n_test))
                 w.writerow([m, "(all test images)", s["alpha"], None if wrong is None else n_test - wrong, wrong, s["error"]])
@@ -205,30 +197,30 @@ def curve_chart(curves: dict, title: str, path: Path) -> None:
     img.save(path)
 
 
-def write_reports(res: dict, out_dir: Path) -> dict:
+def write_reports(res: EvalResult, out_dir: Path) -> dict:
     """results.md, results.csv and the plots; returns their paths by kind."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"markdown": out_dir / "results.md", "csv": out_dir / "results.csv"}
     files["markdown"].write_text(markdown(res), encoding="utf-8")
     write_csv(res, files["csv"])
-    methods = list(res["summary"])
-    if res["protocol"] == "pointing":
-        classes = sorted({c for m in methods for c in res["summary"][m]["per_class"]})
-        vals = {(c, m): res["summary"][m]["per_class"][c]["accuracy"]
-                for m in methods for c in res["summary"][m]["per_class"]}
+    methods = list(res.summary)
+    if res.protocol == "pointing":
+        classes = sorted({c for m in methods for c in res.summary[m]["per_class"]})
+        vals = {(c, m): res.summary[m]["per_class"][c]["accuracy"]
+                for m in methods for c in res.summary[m]["per_class"]}
         files["per_class_plot"] = out_dir / "pointing_per_class.png"
-        bar_chart(classes, methods, vals, f"Pointing game accuracy per class (tolerance {res['settings']['tolerance']} px)",
+        bar_chart(classes, methods, vals, f"Pointing game accuracy per class (tolerance {res.settings['tolerance']} px)",
                   files["per_class_plot"], "accuracy")
     else:
-        classes = sorted({c for m in methods for c in res["summary"][m]["per_class"]})
-        vals = {(c, m): res["summary"][m]["per_class"][c]["error"]
-                for m in methods for c in res["summary"][m]["per_class"]}
+        classes = sorted({c for m in methods for c in res.summary[m]["per_class"]})
+        vals = {(c, m): res.summary[m]["per_class"][c]["error"]
+                for m in methods for c in res.summary[m]["per_class"]}
         files["per_class_plot"] = out_dir / "localization_per_class.png"
         bar_chart(classes, methods, vals, "Localization error per dominant class (test images)",
                   files["per_class_plot"], "error")
         curves = {m: (s["curve"]["alpha"], s["curve"]["held_out_error"], s["curve"]["test_error"], s["alpha"])
-                  for m, s in res["summary"].items() if s.get("curve")}
+                  for m, s in res.summary.items() if s.get("curve")}
         files["alpha_plot"] = out_dir / "alpha_error.png"
         curve_chart(curves, "Localization error vs alpha (line: test images, dots: held-out)", files["alpha_plot"])
     return {k: str(v) for k, v in files.items()}

@@ -1,225 +1,47 @@
 """Run the pointing game or dominant-object localization on a dataset with a model.
 
-:func:`run_evaluation` reads the dataset, computes the maps with :class:`~onnx_excite.Exciter`
-(one per input shape; the top signal of a class is multi-hot over its mapped model outputs),
-caches them per image in ``out_dir/cache/<protocol>/<id>.npz`` (re-runs with another
-tolerance, or with more methods, reuse what is there), scores every method and writes
-``results.json`` (settings, per-item outcomes, summaries), ``results.md``, ``results.csv`` and
-PNG plots. ``shard="i/n"`` evaluates every n-th image from the i-th (0-based);
-:func:`merge_shards` combines shard folders into one result.
+:func:`run_evaluation` reads the dataset, resolves the class mapping, and for every image asks
+the protocol's scorer (:mod:`.scoring`) which classes to explain, computes their maps
+(:mod:`.compute`; cached per image by :mod:`.cache`, so re-runs with another tolerance, more
+methods or after an interruption reuse them), scores them and writes ``results.json``,
+``results.md``, ``results.csv`` and PNG plots. The images are evaluated in this process, or on
+a Ray cluster with ``ray=RaySettings(...)`` (:mod:`onnx_excite.distributed`): the same
+per-image function runs on the workers, so the results are the same.
 """
 from __future__ import annotations
 
 import collections
-import hashlib
-import json
-import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from ..errors import ExciteError
 from . import metrics
+from .cache import MapCache, missing_classes
+from .compute import DEFAULT_MODEL_LAYER, MapComputer, ModelError, ModelSpec, learn_num_classes, model_spec
 from .datasets import ImageRecord, read_dataset
 from .mapping import ClassMapping, resolve_mapping
 from .report import write_reports
+from .result import EvalResult, load_results
+from .scoring import LocalizationScorer, PointingScorer
+
+__all__ = ["run_evaluation", "load_results", "EvalPlan", "ImageOutcome", "evaluate_image", "ModelError",
+           "PROTOCOLS", "METHODS", "DEFAULT_MODEL_LAYER"]
 
 PROTOCOLS = ("pointing", "localization")
 EXCITE_METHODS = ("mwp", "cmwp")
 METHODS = EXCITE_METHODS + ("center",)
-DEFAULT_MODEL_LAYER = "features.13"
-CACHE_VERSION = "1"
-#: keep at most this many companion graphs (one per input shape) alive
-MAX_EXCITERS = 8
+
+#: on_progress(images done, images in all)
+ProgressFn = Callable[[int, int], None]
+#: on_error(image id, reason): an image that could not be evaluated (the run goes on)
+ErrorFn = Callable[[str, str], None]
 
 
-class ModelError(ExciteError):
-    """The model cannot be built or run (unknown layer, unsupported op, ORT failure): stops the
-    evaluation, unlike an unreadable image, which is reported and skipped."""
-
-
-def parse_shard(shard) -> Optional[tuple]:
-    """``"i/n"`` (0 <= i < n) or ``(i, n)`` -> ``(i, n)``; None -> None."""
-    if shard is None or shard == "":
-        return None
-    if isinstance(shard, (tuple, list)) and len(shard) == 2:
-        i, n = shard
-    else:
-        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(shard))
-        if not m:
-            raise ExciteError(f"cannot read shard {shard!r}: give i/n with 0 <= i < n, e.g. 0/4")
-        i, n = m.groups()
-    i, n = int(i), int(n)
-    if not (n >= 1 and 0 <= i < n):
-        raise ExciteError(f"shard {i}/{n}: need 0 <= i < n")
-    return i, n
-
-
-def _safe(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "image"
-
-
-def _file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _num_outputs(model) -> Optional[int]:
-    """The static size of the model's first output's last dimension, if it has one."""
-    import onnx
-
-    try:
-        proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
-        dims = proto.graph.output[0].type.tensor_type.shape.dim
-        return int(dims[-1].dim_value) if dims and dims[-1].HasField("dim_value") and dims[-1].dim_value > 0 else None
-    except Exception:
-        return None
-
-
-class _ModelRunner:
-    """The model, its preprocessing, one Exciter per input shape, the map cache."""
-
-    def __init__(self, model: str, layers, methods, rule: str, protocol: str, size: int, cache_dir: Optional[Path]):
-        from ..explain import resolve_model
-
-        self.name = str(model)
-        self.source, self.profile = resolve_model(self.name)
-        self.layers = list(layers or self.profile.default_layers or
-                           ([DEFAULT_MODEL_LAYER] if self.name == "default" else []))
-        if not self.layers and methods:
-            raise ExciteError("no layer given and the model has no default: pass layers=[...] "
-                              "(see `onnx-excite layers MODEL`)")
-        self.methods, self.rule, self.protocol = list(methods), rule, protocol
-        p = self.profile
-        if protocol == "localization":
-            self.resize, self.size = "square", int(size)
-        elif p.resize == "square":  # a fixed-size model whose head could not be made fully convolutional
-            self.resize, self.size = "square", int(p.input_size)
-        else:
-            self.resize, self.size = "shorter", int(size)
-        self.class_names = p.load_class_names()
-        self.num_classes = len(self.class_names) if self.class_names else _num_outputs(self.source)
-        path = self.source if isinstance(self.source, (str, Path)) else self.name
-        key = _file_sha256(path)
-        if not isinstance(self.source, (str, Path)):
-            key += "+fullyconv"
-        self.meta = json.dumps({"version": CACHE_VERSION, "model": key, "rule": rule, "resize": self.resize,
-                                "size": self.size, "mean": list(p.mean), "std": list(p.std), "scale": p.scale,
-                                "channel_order": p.channel_order, "layout": p.layout}, sort_keys=True)
-        self.cache_dir = cache_dir
-        self.exciters: collections.OrderedDict = collections.OrderedDict()
-        self.computed = self.cached = 0
-
-    def input_array(self, rec: ImageRecord) -> np.ndarray:
-        from ..images import load_image, preprocess
-
-        p = self.profile
-        arr, _ = preprocess(load_image(rec.path), size=self.size, resize=self.resize, crop=None, mean=p.mean,
-                            std=p.std, scale=p.scale, channel_order=p.channel_order, layout=p.layout)
-        return arr
-
-    def ensure_num_classes(self, records: Sequence[ImageRecord]) -> None:
-        """Models without class names or a static output size: build the first Exciter to learn it."""
-        for rec in records:
-            if self.num_classes is not None:
-                return
-            try:
-                arr = self.input_array(rec)
-            except ExciteError:  # unreadable image: reported later, try the next one
-                continue
-            self.exciter(arr.shape)
-
-    def describe_input(self) -> str:
-        if self.resize == "square":
-            return f"{self.size}x{self.size}"
-        return f"shorter side {self.size}"
-
-    def exciter(self, shape):
-        if shape in self.exciters:
-            self.exciters.move_to_end(shape)
-            return self.exciters[shape]
-        from ..canonicalize import first_input_name
-        from ..runtime import Exciter
-
-        try:
-            ex = Exciter(self.source, self.layers, methods=tuple(self.methods), rule=self.rule,
-                         input_shapes={first_input_name(self.source): [None, *shape]})
-        except ModelError:
-            raise
-        except ExciteError as exc:
-            raise ModelError(str(exc)) from None
-        if self.num_classes is None:
-            self.num_classes = ex.num_classes
-        elif ex.num_classes != self.num_classes:
-            raise ModelError(f"the model has {ex.num_classes} outputs but {self.num_classes} class names")
-        self.exciters[shape] = ex
-        while len(self.exciters) > MAX_EXCITERS:
-            self.exciters.popitem(last=False)
-        return ex
-
-    def _cache_path(self, rec: ImageRecord) -> Optional[Path]:
-        if self.cache_dir is None:
-            return None
-        return self.cache_dir / self.protocol / f"{_safe(rec.id)}.npz"
-
-    def _read_cache(self, path: Optional[Path]) -> dict:
-        if path is None or not path.is_file():
-            return {}
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                if str(z["meta"]) != self.meta:
-                    return {}
-                return {k: z[k] for k in z.files if k != "meta"}
-        except Exception:  # unreadable cache: recompute
-            return {}
-
-    def maps(self, rec: ImageRecord, classes: Sequence[str], mapping: ClassMapping, batch_size: int = 16) -> dict:
-        """``{(method, layer, class): map at layer resolution}``, from the cache or computed."""
-        path = self._cache_path(rec)
-        stored = self._read_cache(path)
-
-        def fresh(c):
-            idx = stored.get(f"idx|{c}")
-            if idx is None or tuple(int(v) for v in idx) != tuple(mapping.indices[c]):
-                return False
-            return all(f"{m}|{l}|{c}" in stored for m in self.methods for l in self.layers)
-
-        todo = [c for c in classes if not fresh(c)]
-        if todo:
-            arr = self.input_array(rec)
-            ex = self.exciter(arr.shape)
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start:start + batch_size]
-                batch = np.repeat(arr[None], len(chunk), axis=0)
-                if max(i for c in chunk for i in mapping.indices[c]) >= ex.num_classes:
-                    raise ModelError(f"{mapping.source}: an output index is out of range for a model with "
-                                     f"{ex.num_classes} outputs (a mapping for another model?)")
-                try:
-                    res = ex.explain(batch, mapping.signal(chunk, ex.num_classes))
-                except ExciteError as exc:
-                    raise ModelError(str(exc)) from None
-                for i, c in enumerate(chunk):
-                    stored[f"idx|{c}"] = np.asarray(mapping.indices[c], np.int64)
-                    for m in self.methods:
-                        for l in self.layers:
-                            stored[f"{m}|{l}|{c}"] = np.asarray(res.maps[m][l][i], np.float32)
-            self.computed += 1
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(path.name + ".tmp.npz")
-                np.savez_compressed(tmp, meta=np.array(self.meta), **stored)
-                tmp.replace(path)
-        else:
-            self.cached += 1
-        return {(m, l, c): stored[f"{m}|{l}|{c}"] for m in self.methods for l in self.layers for c in classes}
-
-
-def _labels(methods: Sequence[str], layers: Sequence[str]) -> list[tuple]:
+def result_labels(methods: Sequence[str], layers: Sequence[str]) -> list[tuple]:
     """(label, method, layer) per result row: ``cmwp:features.13``, ..., ``center``."""
     out = []
     for m in methods:
@@ -230,47 +52,81 @@ def _labels(methods: Sequence[str], layers: Sequence[str]) -> list[tuple]:
     return out
 
 
-def _summarize(protocol: str, items: list, labels: Sequence[str]) -> dict:
-    if protocol == "pointing":
-        return {lab: metrics.pointing_summary(items, lab) for lab in labels}
-    return {lab: metrics.localization_summary(items, lab) for lab in labels}
+@dataclass
+class EvalPlan:
+    """Everything needed to evaluate one image, in any process (plain, picklable data)."""
+
+    scorer: object                   # PointingScorer or LocalizationScorer
+    mapping: ClassMapping
+    spec: Optional[ModelSpec] = None  # None: no map method (center only)
+    cache: Optional[MapCache] = None
+    batch_size: int = 16
+
+    def needs_input(self, rec: ImageRecord) -> bool:
+        """Whether this image's maps must be computed (its pixels are needed)."""
+        if self.spec is None:
+            return False
+        sel = self.scorer.select(rec)
+        if sel.skip:
+            return False
+        stored = self.cache.load(rec.id) if self.cache else {}
+        return bool(missing_classes(stored, sel.classes, self.mapping.indices, self.spec.methods, self.spec.layers))
 
 
-def _progress(enabled: bool, total: int, description: str):
-    from contextlib import nullcontext
+@dataclass
+class ImageOutcome:
+    """What one image contributed: scored items, or why it was skipped; unmapped classes seen."""
 
-    if not enabled:
-        return nullcontext(None)
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
-
-    prog = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
-    return _ProgressCtx(prog, total, description)
+    image: str
+    items: list = field(default_factory=list)
+    unmapped: list = field(default_factory=list)
+    skipped: Optional[str] = None
+    computed: bool = False          # maps computed now
+    cached: bool = False            # maps read from the cache
 
 
-class _ProgressCtx:
-    def __init__(self, prog, total, description):
-        self.prog, self.total, self.description = prog, total, description
-
-    def __enter__(self):
-        self.prog.__enter__()
-        task = self.prog.add_task(self.description, total=self.total)
-        return lambda: self.prog.advance(task)
-
-    def __exit__(self, *exc):
-        return self.prog.__exit__(*exc)
+def evaluate_image(rec: ImageRecord, plan: EvalPlan, computer: Optional[MapComputer],
+                   arr: Optional[np.ndarray] = None) -> ImageOutcome:
+    """Select, compute (or read from the cache) and score one image. An unreadable image gives an
+    outcome with ``skipped`` set; a :class:`ModelError` propagates (it stops the run)."""
+    sel = plan.scorer.select(rec)
+    out = ImageOutcome(rec.id, unmapped=sel.unmapped, skipped=sel.skip)
+    if sel.skip:
+        return out
+    maps = {}
+    if plan.spec is not None:
+        spec = plan.spec
+        stored = plan.cache.load(rec.id) if plan.cache else {}
+        todo = missing_classes(stored, sel.classes, plan.mapping.indices, spec.methods, spec.layers)
+        if todo:
+            try:
+                if arr is None:
+                    arr = spec.input_array(rec.path)
+            except ModelError:
+                raise
+            except ExciteError as exc:
+                out.skipped = str(exc)
+                return out
+            stored.update(computer.compute(arr, todo, plan.mapping, plan.batch_size))
+            out.computed = True
+            if plan.cache is not None:
+                plan.cache.save(rec.id, stored)
+        else:
+            out.cached = True
+        maps = {(m, l, c): stored[f"{m}|{l}|{c}"] for m in spec.methods for l in spec.layers for c in sel.classes}
+    out.items = plan.scorer.score(rec, sel.classes, maps)
+    return out
 
 
 def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", model: Optional[str] = "default",
                    methods: Sequence[str] = ("cmwp", "mwp", "center"), layers: Optional[Sequence[str]] = None,
-                   mapping=None, out_dir="eval_out", tolerance: float = 15, size: int = 224, shard=None,
-                   progress: bool = True, *, split: Optional[str] = None, image_dir=None, rule: str = "positive",
-                   held_out: float = 0.2, seed: int = 0, limit: Optional[int] = None,
-                   ids: Optional[Sequence[str]] = None, batch_size: int = 16, cache: bool = True,
-                   dominant: str = "all") -> dict:
-    """Evaluate ``methods`` on a dataset; returns the results dict (also written to ``out_dir``).
+                   mapping=None, out_dir="eval_out", tolerance: float = 15, size: int = 224, *,
+                   split: Optional[str] = None, image_dir=None, rule: str = "positive", held_out: float = 0.2,
+                   seed: int = 0, limit: Optional[int] = None, ids: Optional[Sequence[str]] = None,
+                   batch_size: int = 16, cache: bool = True, dominant: str = "all",
+                   on_progress: Optional[ProgressFn] = None, on_error: Optional[ErrorFn] = None,
+                   ray=None) -> EvalResult:
+    """Evaluate ``methods`` on a dataset; returns the :class:`EvalResult` (also written to ``out_dir``).
 
     * ``protocol``: ``"pointing"`` (input: shorter side resized to ``size``) or
       ``"localization"`` (input: ``size`` x ``size``; alpha chosen on a seeded ``held_out``
@@ -281,13 +137,14 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
       not loaded when ``methods`` is only ``["center"]`` and no ``mapping`` is given;
     * ``mapping``: a mapping file, a bundled mapping name (``"voc_sample_to_imagenet"``), a dict,
       or None (class names that are indices or model class names map directly); classes
-      without a mapping are skipped and reported; without a model (center only) every class is
-      evaluated;
+      without a mapping are skipped and listed in ``EvalResult.unmapped``; without a model
+      (center only) every class is evaluated;
     * ``dominant`` (localization): the dominant class is the largest among ``"all"`` classes
       present (an image whose dominant class is unmapped is skipped, as in the paper's
       definition) or among the ``"mapped"`` ones;
     * ``limit`` / ``ids``: evaluate only the first ``limit`` images / these ids;
-    * ``shard``: ``"i/n"``, every n-th image from the i-th; merge with :func:`merge_shards`.
+    * ``on_progress(done, total)``, ``on_error(image id, reason)``: called as images finish;
+    * ``ray``: a :class:`onnx_excite.distributed.RaySettings` to evaluate on a Ray cluster.
     """
     t0 = time.perf_counter()
     if protocol not in PROTOCOLS:
@@ -297,9 +154,10 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
     if bad or not methods:
         raise ExciteError(f"unknown method {bad[0] if bad else '(none)'!r}; use {', '.join(METHODS)}")
     excite = [m for m in methods if m in EXCITE_METHODS]
-    shard_t = parse_shard(shard)
     if dominant not in ("all", "mapped"):
         raise ExciteError(f"dominant must be 'all' or 'mapped', not {dominant!r}")
+    if batch_size < 1:
+        raise ExciteError("batch_size must be at least 1")
     if data is None:
         raise ExciteError("no dataset given")
     out_dir = Path(out_dir)
@@ -312,191 +170,82 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
         records = records[:int(limit)]
     dataset_classes = sorted({o.name for r in records for o in r.objects})
 
-    runner = None
+    spec = None
     if excite or mapping is not None:
         if model is None:
             raise ExciteError("methods mwp/cmwp and a mapping need a model (a path or 'default')")
-        runner = _ModelRunner(model, layers, excite, rule, protocol, size, out_dir / "cache" if cache else None)
+        spec = model_spec(model, layers, excite, rule, protocol, size)
         if excite:
-            runner.ensure_num_classes(records)
-        cmap = resolve_mapping(mapping, dataset_classes, runner.num_classes, runner.class_names)
+            learn_num_classes(spec, records)
+        cmap = resolve_mapping(mapping, dataset_classes, spec.num_classes, spec.class_names)
         evaluated = set(cmap.indices)
     else:
         cmap = ClassMapping(source="<none: center only, every class>")
         evaluated = set(dataset_classes)
-    layer_list = runner.layers if (runner and excite) else []
-    labels = _labels(methods, layer_list)
+    layer_list = spec.layers if (spec and excite) else []
+    labels = result_labels(methods, layer_list)
 
-    held = set()
-    if protocol == "localization":
+    if protocol == "pointing":
+        scorer = PointingScorer(labels, evaluated, tolerance)
+    else:
         among = evaluated if dominant == "mapped" else None
         eligible = [r.id for r in records if metrics.dominant_class(r, among) in evaluated]
-        held = metrics.held_out_ids(eligible, held_out, seed)
-    todo = records if shard_t is None else records[shard_t[0]::shard_t[1]]
+        scorer = LocalizationScorer(labels, evaluated, metrics.held_out_ids(eligible, held_out, seed),
+                                    spec.size if spec else int(size), among)
+    plan = EvalPlan(scorer, cmap, spec if excite else None,
+                    MapCache(out_dir / "cache", protocol, spec.meta) if (cache and spec and excite) else None,
+                    batch_size)
 
-    items: list = []
-    skipped: list = []
-    unmapped_counts = collections.Counter()
-    evaluated_images = 0
-    desc = f"{protocol} {'' if shard_t is None else f'shard {shard_t[0]}/{shard_t[1]} '}".strip()
-    with _progress(progress, len(todo), desc) as advance:
-        for rec in todo:
-            try:
-                n = _evaluate_image(rec, protocol, labels, runner if excite else None, cmap, evaluated,
-                                    unmapped_counts, held, tolerance, size, batch_size, items, skipped,
-                                    among if protocol == "localization" else None)
-                evaluated_images += n
-            except ModelError:
-                raise
-            except ExciteError as exc:  # an unreadable image: report and go on
-                skipped.append({"image": rec.id, "reason": str(exc)})
-            if advance:
-                advance()
+    if ray is not None:
+        from ..distributed import evaluate_on_ray
 
-    label_names = [lab for lab, _, _ in labels]
-    res = {
-        "protocol": protocol,
-        "settings": {"data": str(data), "fmt": fmt, "model": None if runner is None else str(model),
-                     "methods": methods, "labels": label_names, "layers": list(layer_list), "rule": rule,
-                     "mapping": cmap.source, "tolerance": tolerance, "size": size,
-                     "input": runner.describe_input() if runner else ("-" if protocol == "pointing" else f"{size}x{size}"),
-                     "shard": None if shard_t is None else f"{shard_t[0]}/{shard_t[1]}",
-                     "held_out": held_out, "seed": seed, "alphas": [float(a) for a in metrics.ALPHAS],
-                     "split": split, "limit": limit, "dominant": dominant},
-        "counts": {"images_read": len(records), "images_in_shard": len(todo), "images_evaluated": evaluated_images,
-                   "items": len(items), "items_difficult": sum(1 for it in items if it.get("difficult")),
-                   "skipped": len(skipped), "maps_computed": runner.computed if runner else 0,
-                   "maps_cached": runner.cached if runner else 0},
-        "problems": problems,
-        "skipped": skipped,
-        "unmapped": {c: int(unmapped_counts.get(c, 0)) for c in sorted(cmap.unmapped)},
-        "unmapped_reasons": dict(sorted(cmap.unmapped.items())),
-        "mapping": cmap.to_json(),
-        "summary": _summarize(protocol, items, label_names),
-        "items": items,
-    }
-    res["seconds"] = round(time.perf_counter() - t0, 3)
-    _write(res, out_dir)
+        outcomes = evaluate_on_ray(records, plan, ray, on_progress=on_progress)
+    else:
+        outcomes = []
+        computer = MapComputer(plan.spec) if plan.spec is not None else None
+        for done, rec in enumerate(records, 1):
+            outcomes.append(evaluate_image(rec, plan, computer))
+            if on_progress:
+                on_progress(done, len(records))
+    res = assemble(protocol, records, outcomes, plan, problems, cmap)
+    if on_error:
+        for s in res.skipped:
+            on_error(s["image"], s["reason"])
+    res.settings = {"data": str(data), "fmt": fmt, "model": None if spec is None else str(model),
+                    "methods": methods, "labels": [lab for lab, _, _ in labels], "layers": list(layer_list),
+                    "rule": rule, "mapping": cmap.source, "tolerance": tolerance, "size": size,
+                    "input": spec.describe_input() if spec else ("-" if protocol == "pointing" else f"{size}x{size}"),
+                    "held_out": held_out, "seed": seed, "alphas": [float(a) for a in metrics.ALPHAS],
+                    "split": split, "limit": limit, "dominant": dominant}
+    res.seconds = round(time.perf_counter() - t0, 3)
+    write_results(res, out_dir)
     return res
 
 
-def _evaluate_image(rec: ImageRecord, protocol, labels, runner, cmap, evaluated, unmapped_counts, held,
-                    tolerance, size, batch_size, items, skipped, among=None) -> int:
-    """Append this image's items; returns 1 when the image was evaluated, else 0 (reason in ``skipped``)."""
-    if protocol == "pointing":
-        present = rec.classes()
-        for c in present:
-            if c not in evaluated:
-                unmapped_counts[c] += 1
-        classes = [c for c in present if c in evaluated]
-        if not classes:
-            skipped.append({"image": rec.id, "reason": "no mapped class present" if present else "no objects"})
-            return 0
-        maps = runner.maps(rec, classes, cmap, batch_size) if runner else {}
-        for c in classes:
-            objs = rec.objects_of(c)
-            item = {"image": rec.id, "class": c, "difficult": metrics.is_difficult(rec, c), "hits": {}, "points": {}}
-            for label, method, layer in labels:
-                if method == "center":
-                    point = metrics.center_point(rec.width, rec.height)
-                else:
-                    point = metrics.max_point(metrics.upsample(maps[(method, layer, c)], rec.width, rec.height))
-                item["points"][label] = list(point)
-                item["hits"][label] = metrics.pointing_hit(point, objs, tolerance)
-            items.append(item)
-        return 1
-    dom = metrics.dominant_class(rec, among)
-    if dom is None:
-        skipped.append({"image": rec.id, "reason": "no objects"})
-        return 0
-    if dom not in evaluated:
-        unmapped_counts[dom] += 1
-        skipped.append({"image": rec.id, "reason": f"dominant class {dom!r} is not mapped"})
-        return 0
-    maps = runner.maps(rec, [dom], cmap, batch_size) if runner else {}
-    size = runner.size if runner else int(size)
-    gt = [o.box for o in rec.objects_of(dom)]
-    item = {"image": rec.id, "class": dom, "held_out": rec.id in held, "correct": {}}
-    for label, method, layer in labels:
-        m = metrics.center_map(size, size) if method == "center" else metrics.upsample(maps[(method, layer, dom)], size, size)
-        item["correct"][label] = [bool(v) for v in metrics.localization_curve(m, (rec.width, rec.height), gt)]
-    items.append(item)
-    return 1
+def assemble(protocol: str, records: Sequence[ImageRecord], outcomes: Sequence[ImageOutcome], plan: EvalPlan,
+             problems: list, cmap: ClassMapping) -> EvalResult:
+    """One result from the per-image outcomes (in the order of ``records``)."""
+    items, skipped = [], []
+    unmapped = collections.Counter()
+    for o in outcomes:
+        items.extend(o.items)
+        unmapped.update(o.unmapped)
+        if o.skipped:
+            skipped.append({"image": o.image, "reason": o.skipped})
+    counts = {"images_read": len(records), "images_evaluated": sum(1 for o in outcomes if o.items),
+              "items": len(items), "items_difficult": sum(1 for it in items if it.get("difficult")),
+              "skipped": len(skipped), "maps_computed": sum(o.computed for o in outcomes),
+              "maps_cached": sum(o.cached for o in outcomes)}
+    return EvalResult(protocol=protocol, settings={}, counts=counts, summary=plan.scorer.summarize(items),
+                      items=items, problems=list(problems), skipped=skipped,
+                      unmapped={c: int(unmapped.get(c, 0)) for c in sorted(cmap.unmapped)},
+                      unmapped_reasons=dict(sorted(cmap.unmapped.items())), mapping=cmap.to_json())
 
 
-def _write(res: dict, out_dir: Path) -> None:
+def write_results(res: EvalResult, out_dir) -> None:
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = write_reports(res, out_dir)
     files["json"] = str(out_dir / "results.json")
-    res["files"] = files
-    tmp = out_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(res, indent=1), encoding="utf-8")
-    tmp.replace(out_dir / "results.json")
-
-
-def load_results(out_dir) -> dict:
-    path = Path(out_dir) / "results.json"
-    if not path.is_file():
-        raise ExciteError(f"{path}: no results here (run run_evaluation with this out_dir first)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ExciteError(f"{path}: malformed JSON ({exc})") from None
-
-
-#: settings that must agree for shards to be merged
-_SAME = ("data", "fmt", "model", "labels", "rule", "mapping", "tolerance", "size", "held_out", "seed", "split", "limit",
-         "dominant")
-
-
-def merge_shards(out_dirs: Sequence, out_dir=None) -> dict:
-    """One result from the folders of several shards of the same run: the per-item outcomes are
-    pooled and the summaries recomputed (for localization, alpha is chosen again on the pooled
-    held-out images). Written to ``out_dir`` when given."""
-    parts = [load_results(d) for d in out_dirs]
-    if not parts:
-        raise ExciteError("no shard folders given")
-    first = parts[0]
-    for d, p in zip(out_dirs, parts):
-        if p["protocol"] != first["protocol"]:
-            raise ExciteError(f"{d}: protocol {p['protocol']} differs from {first['protocol']}")
-        for k in _SAME:
-            if p["settings"].get(k) != first["settings"].get(k):
-                raise ExciteError(f"{d}: setting {k!r} = {p['settings'].get(k)!r} differs from "
-                                  f"{first['settings'].get(k)!r} in {out_dirs[0]}")
-    shards = [p["settings"].get("shard") for p in parts]
-    if len(set(shards)) != len(shards):
-        raise ExciteError(f"the same shard appears twice: {shards}")
-    items, seen = [], set()
-    for d, p in zip(out_dirs, parts):
-        for it in p["items"]:
-            key = (it["image"], it["class"])
-            if key in seen:
-                raise ExciteError(f"{d}: image {it['image']} ({it['class']}) is in more than one shard")
-            seen.add(key)
-            items.append(it)
-    items.sort(key=lambda it: (it["image"], it["class"]))
-    labels = first["settings"]["labels"]
-    counts = {k: sum(p["counts"].get(k, 0) for p in parts)
-              for k in ("images_in_shard", "images_evaluated", "skipped", "maps_computed", "maps_cached")}
-    counts.update(images_read=first["counts"]["images_read"], items=len(items),
-                  items_difficult=sum(1 for it in items if it.get("difficult")))
-    unmapped = collections.Counter()
-    for p in parts:
-        unmapped.update(p.get("unmapped", {}))
-    res = {
-        "protocol": first["protocol"],
-        "settings": dict(first["settings"], shard=None, merged_from=[str(d) for d in out_dirs], shards=shards),
-        "counts": counts,
-        "problems": list(dict.fromkeys(m for p in parts for m in p.get("problems", []))),
-        "skipped": [s for p in parts for s in p.get("skipped", [])],
-        "unmapped": {c: int(unmapped[c]) for c in sorted(first.get("unmapped", {}))},
-        "unmapped_reasons": first.get("unmapped_reasons", {}),
-        "mapping": first.get("mapping"),
-        "summary": _summarize(first["protocol"], items, labels),
-        "items": items,
-        "seconds": round(sum(p.get("seconds", 0) for p in parts), 3),
-    }
-    if out_dir is not None:
-        _write(res, Path(out_dir))
-    return res
+    res.files = files
+    res.save(out_dir / "results.json")
