@@ -16,7 +16,9 @@ from rich.table import Table
 
 from onnx_excite.errors import ExciteError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+from .ray_options import ACTORS, CPUS, GPUS, RAY, RAY_BATCH, RayAwareGroup, print_run_summary, ray_settings
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=RayAwareGroup,
                   help="Excitation Backprop attention maps (MWP, contrastive MWP) for ONNX image classifiers.")
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -161,7 +163,7 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, or 'vgg16-rand
 @app.command()
 @friendly
 def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'default'"),
-            inputs: List[Path] = typer.Argument(..., help="image files, folders or quoted globs"),
+            inputs: List[str] = typer.Argument(..., help="image files, folders or quoted globs (with --ray also s3://, gs://, ... URIs)"),
             layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="map layer (repeatable; default: the model profile's)"),
             target: Optional[List[str]] = typer.Option(None, "--target", "-t", help="class index or name (repeatable: one map each)"),
             top: int = typer.Option(1, help="explain the top-K predicted classes when no --target is given"),
@@ -174,14 +176,24 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
             std: Optional[str] = typer.Option(None, help="per-channel std, e.g. 0.229,0.224,0.225"),
             combine: bool = typer.Option(False, help="several --target as one multi-hot signal (one map) instead of one map each"),
             colorbar: bool = typer.Option(True, help="draw a colour bar beside each overlay"),
-            batch_size: int = typer.Option(8, help="images per run (same-size images share a batch)")):
+            batch_size: int = typer.Option(8, help="images per run (same-size images share a batch)"),
+            ray: Optional[str] = RAY, actors: int = ACTORS, ray_batch: int = RAY_BATCH,
+            cpus_per_actor: float = CPUS, gpus_per_actor: float = GPUS):
     """Write maps (.npy at layer resolution and upsampled to the image) and overlays (.png) per image."""
     from onnx_excite.explain import ExplainOptions, explain_files
 
     opts = ExplainOptions(model=model, layers=list(layer or []), targets=list(target or []), top=top,
                           methods=_methods(method or ["mwp", "cmwp"], contrastive), rule=rule, out_dir=out_dir,
                           size=size, mean=mean, std=std, batch_size=batch_size, combine=combine, colorbar=colorbar)
-    summary = explain_files(inputs, opts, console=out, errors=err)
+    settings = ray_settings(ray, actors, ray_batch, cpus_per_actor, gpus_per_actor)
+    if settings is not None:
+        from onnx_excite.distributed import explain_on_ray
+
+        summary, stats = explain_on_ray(inputs, opts, settings,
+                                        on_error=lambda image, reason: err.print(f"error: {reason}", markup=False))
+        print_run_summary(out, "explained", stats)
+    else:
+        summary = explain_files(inputs, opts, console=out, errors=err)
     out.print(f"wrote {summary.written} file(s) to {out_dir}", markup=False)
     if summary.failed:
         err.print(f"error: {summary.failed} input(s) could not be read", markup=False)
@@ -203,76 +215,7 @@ def demo(out_dir: Path = typer.Option(Path("excite_demo"), "-o", "--output", hel
     out.print(f"summary (top-5 per image): {path}", markup=False)
 
 
-eval_app = typer.Typer(no_args_is_help=True, help="The paper's evaluations: pointing game and dominant-object localization.")
-app.add_typer(eval_app, name="eval")
-
-
-def _print_summary(res: dict) -> None:
-    """The overall table of results.md, the files written, and the data problems."""
-    files = res.get("files", {})
-    lines = Path(files["markdown"]).read_text().splitlines() if "markdown" in files else []
-    start = next((i for i, l in enumerate(lines) if l.startswith("| method")), None)
-    if start is not None:
-        end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
-        for line in lines[start:end]:
-            out.print(line, markup=False)
-    out.print(f"{res.get('protocol', 'evaluation')} done in {res.get('seconds', 0):.1f} s; counts: {res.get('counts', {})}", markup=False)
-    for path in files.values():
-        out.print(f"  {path}", markup=False)
-    if res.get("problems"):
-        err.print(f"{len(res['problems'])} problem(s) in the data were skipped (listed in results.json); first: "
-                  f"{res['problems'][0]}", markup=False)
-
-
-def _eval(protocol: str, data: Path, fmt: str, model: str, methods: str, layer: Optional[List[str]],
-          mapping: Optional[str], out_dir: Path, tolerance: float, size: int, shard: Optional[str], rule: str):
-    from onnx_excite.eval import run_evaluation
-
-    res = run_evaluation(protocol=protocol, data=str(data), fmt=fmt, model=model,
-                         methods=[m.strip() for m in methods.split(",") if m.strip()], layers=layer or None,
-                         mapping=mapping, out_dir=str(out_dir), tolerance=tolerance, size=size, shard=shard, rule=rule)
-    _print_summary(res)
-
-
-_DATA = typer.Option(..., "--data", help="dataset folder (VOC layout) or COCO instances JSON")
-_FMT = typer.Option("voc", "--format", help="voc or coco")
-_MODEL = typer.Option("default", "--model", help="ONNX classifier or 'default'")
-_METHODS = typer.Option("cmwp,mwp,center", "--methods", help="comma-separated: cmwp, mwp, center")
-_LAYER = typer.Option(None, "--layer", "-l", help="map layer (default: the model profile's)")
-_MAPPING = typer.Option(None, "--mapping", help="dataset class -> model output indices (JSON file or bundled name)")
-_OUT = typer.Option(Path("eval_out"), "-o", "--output", help="results folder (maps are cached there)")
-_SHARD = typer.Option(None, "--shard", help="evaluate shard i of n ('i/n', 0-based); merge with `eval merge`")
-
-
-@eval_app.command("pointing")
-@friendly
-def eval_pointing(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, methods: str = _METHODS,
-                  layer: Optional[List[str]] = _LAYER, mapping: Optional[str] = _MAPPING, out_dir: Path = _OUT,
-                  tolerance: float = typer.Option(15, help="hit tolerance in pixels"),
-                  size: int = typer.Option(224, help="shorter side of the resized image"),
-                  shard: Optional[str] = _SHARD, rule: str = typer.Option("positive")):
-    """Pointing game (all and difficult subsets, with the center baseline)."""
-    _eval("pointing", data, fmt, model, methods, layer, mapping, out_dir, tolerance, size, shard, rule)
-
-
-@eval_app.command("localization")
-@friendly
-def eval_localization(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, methods: str = _METHODS,
-                      layer: Optional[List[str]] = _LAYER, mapping: Optional[str] = _MAPPING, out_dir: Path = _OUT,
-                      size: int = typer.Option(224, help="square input size"),
-                      shard: Optional[str] = _SHARD, rule: str = typer.Option("positive")):
-    """Dominant-object localization (alpha * mean threshold, alpha chosen on a held-out split)."""
-    _eval("localization", data, fmt, model, methods, layer, mapping, out_dir, 15, size, shard, rule)
-
-
-@eval_app.command("merge")
-@friendly
-def eval_merge(shards: List[Path] = typer.Argument(..., help="result folders of the shards"),
-               out_dir: Path = typer.Option(Path("eval_out"), "-o", "--output")):
-    """Merge the result folders of several shards into one result."""
-    from onnx_excite.eval import merge_shards
-
-    _print_summary(merge_shards([str(s) for s in shards], out_dir=str(out_dir)))
+from . import eval_cmd  # noqa: E402,F401  (registers `eval pointing|localization`)
 
 
 def main() -> None:  # console script entry point

@@ -119,17 +119,32 @@ def parse_targets(targets: Sequence[str], class_names: list[str] | None, k: int)
     return out
 
 
-def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, errors=None) -> ExplainSummary:
-    """Explain every readable image; unreadable ones are reported and counted, the rest go on."""
-    from .images import load_image, preprocess
+@dataclass
+class ExplainSetup:
+    """The resolved model, layers and preprocessing of an explain job (plain, picklable data)."""
 
+    model: object            # a path or a ModelProto (a dense head made fully convolutional)
+    profile: object
+    layers: list
+    class_names: list | None
+    mean: tuple
+    std: tuple
+    size: int
+
+    def preprocess(self, img):
+        """(model input array, Prepared geometry) of one decoded image."""
+        from .images import preprocess
+
+        p = self.profile
+        return preprocess(img, size=self.size, resize=p.resize, crop=None, mean=self.mean, std=self.std,
+                          scale=p.scale, channel_order=p.channel_order, layout=p.layout)
+
+
+def explain_setup(opts: ExplainOptions) -> ExplainSetup:
     model, profile = resolve_model(opts.model)
     layers = opts.layers or list(profile.default_layers)
     if not layers:
         raise ExciteError("no layer given and the model has no profile default: pass --layer (see `onnx-excite layers MODEL`)")
-    files = expand_inputs(inputs)
-    if not files:
-        raise ExciteError("no input images found")
     if opts.batch_size < 1:
         raise ExciteError("--batch-size must be at least 1")
     class_names = profile.load_class_names() if profile.class_names else None
@@ -137,6 +152,18 @@ def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, er
     # maps must cover the whole image: no crop; fully convolutional models get the
     # shorter side at 224 (any aspect ratio), fixed-size models their own square size
     size = opts.size or (224 if profile.resize == "shorter" else profile.input_size)
+    return ExplainSetup(model, profile, layers, class_names, mean, std, size)
+
+
+def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, errors=None) -> ExplainSummary:
+    """Explain every readable image; unreadable ones are reported and counted, the rest go on."""
+    from .images import load_image
+
+    setup = explain_setup(opts)
+    model, layers, class_names = setup.model, setup.layers, setup.class_names
+    files = expand_inputs(inputs)
+    if not files:
+        raise ExciteError("no input images found")
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     run = _Run(model, layers, opts, class_names, {p.resolve() for p in files})
 
@@ -151,8 +178,7 @@ def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, er
                     errors.print(f"error: {exc}", markup=False)
                 advance()
                 continue
-            arr, prepared = preprocess(img, size=size, resize=profile.resize, crop=None, mean=mean, std=std,
-                                       scale=profile.scale, channel_order=profile.channel_order, layout=profile.layout)
+            arr, prepared = setup.preprocess(img)
             if pending and (len(pending) == opts.batch_size or pending[0][2].shape != arr.shape):
                 run.batch(pending)
                 advance(len(pending))

@@ -1,0 +1,109 @@
+"""`onnx-excite eval pointing|localization`: parse, run :func:`run_evaluation`, render the EvalResult."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from .app import app, err, friendly, out
+from .ray_options import ACTORS, CPUS, GPUS, RAY, RAY_BATCH, print_run_summary, ray_settings
+
+eval_app = typer.Typer(no_args_is_help=True, help="The paper's evaluations: pointing game and dominant-object localization.")
+app.add_typer(eval_app, name="eval")
+
+
+def print_result(res, out, err) -> None:
+    """The overall table, the unmapped classes (loudly), counts, files and data problems."""
+    from onnx_excite.eval.report import unmapped_line
+
+    header, rows = res.overall_table()
+    table = Table(*header, title=f"{res.protocol}: {res.counts['images_evaluated']} of {res.counts['images_read']} "
+                                 f"images evaluated, {res.counts['items']} {res.unit}")
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
+    if res.unmapped:
+        err.print(f"warning: {len(res.unmapped)} dataset class(es) have no model mapping and were NOT evaluated "
+                  f"(mapping: {res.settings.get('mapping')}); skipped {res.unit} in brackets: {unmapped_line(res)}",
+                  markup=False, soft_wrap=True)
+        err.print("  give a mapping file with --mapping (see `onnx_excite/data/mappings/`)", markup=False)
+    c = res.counts
+    out.print(f"{res.protocol} done in {res.seconds:.1f} s: {c['maps_computed']} image(s) computed, "
+              f"{c['maps_cached']} from the cache, {c['skipped']} skipped", markup=False)
+    for path in res.files.values():
+        out.print(f"  {path}", markup=False)
+    if res.problems:
+        err.print(f"{len(res.problems)} problem(s) in the data were skipped (listed in results.json); first: "
+                  f"{res.problems[0]}", markup=False, soft_wrap=True)
+
+
+def _progress_bar(console):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console, transient=True)
+
+
+def _eval(protocol: str, data: Path, fmt: str, model: str, methods: str, layer: Optional[List[str]],
+          mapping: Optional[str], out_dir: Path, tolerance: float, size: int, rule: str, ray, actors: int,
+          ray_batch: int, cpus: float, gpus: float):
+    from onnx_excite.eval import run_evaluation
+
+    settings = ray_settings(ray, actors, ray_batch, cpus, gpus)
+    kwargs = dict(protocol=protocol, data=str(data), fmt=fmt, model=model,
+                  methods=[m.strip() for m in methods.split(",") if m.strip()], layers=layer or None,
+                  mapping=mapping, out_dir=str(out_dir), tolerance=tolerance, size=size, rule=rule, ray=settings)
+    t0 = time.perf_counter()
+    if settings is None:  # one process: our own progress bar; on Ray, Ray Data's
+        with _progress_bar(err) as bar:
+            task = bar.add_task(protocol, total=None)
+            res = run_evaluation(**kwargs, on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+    else:
+        res = run_evaluation(**kwargs)
+    print_result(res, out, err)
+    if settings is not None:
+        from onnx_excite.distributed import RunStats
+
+        done = res.counts["images_read"]
+        stats = RunStats(images=done, done=done - res.counts["skipped"], failed=res.counts["skipped"],
+                         seconds=time.perf_counter() - t0)
+        print_run_summary(out, "evaluated", stats)
+
+
+_DATA = typer.Option(..., "--data", help="dataset folder (VOC layout) or COCO instances JSON")
+_FMT = typer.Option("voc", "--format", help="voc or coco")
+_MODEL = typer.Option("default", "--model", help="ONNX classifier or 'default'")
+_METHODS = typer.Option("cmwp,mwp,center", "--methods", help="comma-separated: cmwp, mwp, center")
+_LAYER = typer.Option(None, "--layer", "-l", help="map layer (default: the model profile's)")
+_MAPPING = typer.Option(None, "--mapping", help="dataset class -> model output indices (JSON file or bundled name)")
+_OUT = typer.Option(Path("eval_out"), "-o", "--output", help="results folder (maps are cached there)")
+_RULE = typer.Option("positive", help="positive or paper")
+
+
+@eval_app.command("pointing")
+@friendly
+def eval_pointing(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, methods: str = _METHODS,
+                  layer: Optional[List[str]] = _LAYER, mapping: Optional[str] = _MAPPING, out_dir: Path = _OUT,
+                  tolerance: float = typer.Option(15, help="hit tolerance in pixels"),
+                  size: int = typer.Option(224, help="shorter side of the resized image"),
+                  rule: str = _RULE, ray: Optional[str] = RAY, actors: int = ACTORS, ray_batch: int = RAY_BATCH,
+                  cpus_per_actor: float = CPUS, gpus_per_actor: float = GPUS):
+    """Pointing game (all and difficult subsets, with the center baseline)."""
+    _eval("pointing", data, fmt, model, methods, layer, mapping, out_dir, tolerance, size, rule, ray, actors,
+          ray_batch, cpus_per_actor, gpus_per_actor)
+
+@eval_app.command("localization")
+@friendly
+def eval_localization(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, methods: str = _METHODS,
+                      layer: Optional[List[str]] = _LAYER, mapping: Optional[str] = _MAPPING, out_dir: Path = _OUT,
+                      size: int = typer.Option(224, help="square input size"), rule: str = _RULE,
+                      ray: Optional[str] = RAY, actors: int = ACTORS, ray_batch: int = RAY_BATCH,
+                      cpus_per_actor: float = CPUS, gpus_per_actor: float = GPUS):
+    """Dominant-object localization (alpha * mean threshold, alpha chosen on a held-out split)."""
+    _eval("localization", data, fmt, model, methods, layer, mapping, out_dir, 15, size, rule, ray, actors,
+          ray_batch, cpus_per_actor, gpus_per_actor)
+
