@@ -190,7 +190,7 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
         from onnx_excite.distributed import explain_on_ray
 
         summary, stats = explain_on_ray(inputs, opts, settings,
-                                        on_error=lambda image, reason: err.print(f"error: {reason}", markup=False))
+                                        on_error=lambda image, reason: err.print(f"error: {reason}", markup=False, soft_wrap=True))
         print_run_summary(out, "explained", stats)
     else:
         summary = explain_files(inputs, opts, console=out, errors=err)

@@ -58,10 +58,21 @@ def _eval(protocol: str, data: Path, fmt: str, model: str, methods: str, layer: 
                   methods=[m.strip() for m in methods.split(",") if m.strip()], layers=layer or None,
                   mapping=mapping, out_dir=str(out_dir), tolerance=tolerance, size=size, rule=rule, ray=settings)
     t0 = time.perf_counter()
-    if settings is None:  # one process: our own progress bar; on Ray, Ray Data's
-        with _progress_bar(err) as bar:
-            task = bar.add_task(protocol, total=None)
-            res = run_evaluation(**kwargs, on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+    if settings is None:  # one process: our own progress bar, started with the first image; on Ray, Ray Data's
+        bar = {}
+
+        def on_progress(done, total):
+            if not bar:
+                bar["p"] = _progress_bar(err)
+                bar["p"].start()
+                bar["t"] = bar["p"].add_task(protocol, total=total)
+            bar["p"].update(bar["t"], completed=done)
+
+        try:
+            res = run_evaluation(**kwargs, on_progress=on_progress)
+        finally:
+            if bar:
+                bar["p"].stop()
     else:
         res = run_evaluation(**kwargs)
     print_result(res, out, err)

@@ -99,6 +99,8 @@ def connect(settings: RaySettings):
     """Start or join Ray as ``settings.address`` says (nothing when already connected)."""
     ray = import_ray()
     settings.check()
+    ctx = ray.data.DataContext.get_current()
+    ctx.raise_original_map_exception = True   # a worker's ExciteError reaches us as itself
     if ray.is_initialized():
         return ray
     address = settings.address
@@ -110,7 +112,6 @@ def connect(settings: RaySettings):
     except Exception as exc:
         raise ExciteError(f"cannot start or reach Ray at {address or 'a local instance'}: "
                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = True
     return ray
 
@@ -143,7 +144,7 @@ def _unwrap(exc: BaseException) -> Optional[ExciteError]:
         seen.add(id(exc))
         cause = getattr(exc, "cause", None)
         if isinstance(exc, ExciteError) and not isinstance(cause, BaseException):
-            return exc
+            return ExciteError(str(exc).strip().splitlines()[0])   # without Ray's advice on retries
         exc = cause if isinstance(cause, BaseException) else exc.__cause__
     return None
 

@@ -174,8 +174,9 @@ def voc(tmp_path):
 
             w, h = Image.open(photos[i]).size
         else:
-            (root / "JPEGImages" / f"{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
-            w, h = 200, 150
+            # a readable header (the dataset reader accepts it), truncated pixel data
+            (root / "JPEGImages" / f"{i}.jpg").write_bytes(photos["dog"].read_bytes()[:3000])
+            w, h = 512, 384
         xml = "".join(f"<object><name>{n}</name><difficult>0</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
                       f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>" for n, b in objs)
         (root / "Annotations" / f"{i}.xml").write_text(
@@ -211,7 +212,7 @@ def test_eval_on_ray_equals_one_process(local_ray, model_path, voc, tmp_path, pr
         for k in a.files:
             if k != "meta":
                 np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
-    assert one.unmapped_classes == ["person"] and "person" in (tmp_path / "ray" / "results.md").read_text()
+    assert one.unmapped_classes == ["person", "truck"] and "truck (" in (tmp_path / "ray" / "results.md").read_text()
     # a second run on Ray reads every map from the cache
     again = run_evaluation(protocol, root, "voc", model_path, out_dir=tmp_path / "ray", ray=SETTINGS, **kw)
     assert (again.counts["maps_computed"], again.counts["maps_cached"]) == (0, 3)
@@ -239,7 +240,7 @@ def test_cli_ray_explain_and_eval(local_ray, model_path, photos, voc, tmp_path):
                               "--mapping", str(mapping), "-o", str(tmp_path / "e"), "--ray", "local", "--actors", "1"])
     assert res.exit_code == 0, res.output
     assert "cmwp:feat" in res.output and "images/s" in res.output
-    assert "1 dataset class(es) have no model mapping" in res.output and "person (1 pairs)" in res.output
+    assert "2 dataset class(es) have no model mapping" in res.output and "person (1 pairs)" in res.output
 
 
 def test_list_inputs_reads_uris(tmp_path, photos):

@@ -15,7 +15,7 @@ def _summary(folder):
     return json.loads((folder / "results.json").read_text())["summary"]
 
 
-def test_pointing_game_default_model_and_shards(tmp_path):
+def test_pointing_game_default_model(tmp_path):
     full = tmp_path / "full"
     res = runner.invoke(app, ["eval", "pointing", "--data", str(VOC), "--mapping", "voc_sample_to_imagenet",
                               "--methods", "cmwp,mwp,center", "-o", str(full)])
@@ -26,19 +26,19 @@ def test_pointing_game_default_model_and_shards(tmp_path):
     # contrastive MWP points better than MWP, which points better than the image centre
     assert summary["cmwp:features.13"]["mean_accuracy"] > summary["mwp:features.13"]["mean_accuracy"] > summary["center"]["mean_accuracy"]
     assert (full / "pointing_per_class.png").exists() and (full / "results.csv").exists()
-    parts = []
-    for i in range(2):
-        part = tmp_path / f"shard{i}"
-        res = runner.invoke(app, ["eval", "pointing", "--data", str(VOC), "--mapping", "voc_sample_to_imagenet",
-                                  "--methods", "cmwp,center", "--shard", f"{i}/2", "-o", str(part)])
-        assert res.exit_code == 0, res.output
-        parts.append(str(part))
-    res = runner.invoke(app, ["eval", "merge", *parts, "-o", str(tmp_path / "merged")])
+    # the classes the mapping leaves out are counted and listed, loudly
+    n = len(json.loads((full / "results.json").read_text())["unmapped"])
+    assert n > 0 and f"warning: {n} dataset class(es) have no model mapping and were NOT evaluated" in res.output
+    assert "door (" in res.output
+
+
+def test_pointing_without_mapping_says_how_many_classes_are_unmapped(tmp_path):
+    res = runner.invoke(app, ["eval", "pointing", "--data", str(VOC), "--methods", "cmwp,center", "-o", str(tmp_path)])
     assert res.exit_code == 0, res.output
-    merged = _summary(tmp_path / "merged")
-    for method in ("cmwp:features.13", "center"):
-        assert merged[method]["hits"] == summary[method]["hits"]
-        assert merged[method]["mean_accuracy"] == pytest.approx(summary[method]["mean_accuracy"])
+    unmapped = json.loads((tmp_path / "results.json").read_text())["unmapped"]
+    assert len(unmapped) == 25                     # only 5 of the sample's 30 classes match an ImageNet name
+    assert "warning: 25 dataset class(es) have no model mapping" in res.output
+    assert all(f"{c} (" in res.output for c in unmapped)
 
 
 def test_localization_from_coco_json(tmp_path):

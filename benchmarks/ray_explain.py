@@ -1,0 +1,61 @@
+"""Images/s of `explain` in one process vs on a local Ray instance with 1 and 2 model actors.
+
+    python benchmarks/ray_explain.py FOLDER [--limit N] [--cpus 2]
+
+Runs the default model (MobileNetV2, features.13, MWP + c-MWP of the top-1 class) on the first
+N images of FOLDER, each variant into a fresh output folder; Ray's start-up (ray.init) is
+timed apart from the job. Prints a Markdown table with the ratio to one process.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from onnx_excite.distributed import RaySettings, explain_on_ray
+from onnx_excite.explain import ExplainOptions, expand_inputs, explain_files
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("folder")
+    ap.add_argument("--limit", type=int, default=40)
+    ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray instance")
+    args = ap.parse_args()
+    files = expand_inputs([Path(args.folder)])[: args.limit]
+    tmp = Path(tempfile.mkdtemp(prefix="ray-bench-"))
+    src = tmp / "in"
+    src.mkdir()
+    for f in files:
+        shutil.copy(f, src)
+
+    def opts(name):
+        return ExplainOptions(model="default", out_dir=tmp / name, top=1, batch_size=8)
+
+    rows = []
+    t = time.perf_counter()
+    explain_files([src], opts("one"))
+    one = len(files) / (time.perf_counter() - t)
+    rows.append(("one process", one, "-"))
+    import ray
+
+    t = time.perf_counter()
+    ray.init(num_cpus=args.cpus, include_dashboard=False, configure_logging=False)
+    init_s = time.perf_counter() - t
+    for actors in (1, 2):
+        _, stats = explain_on_ray([str(src)], opts(f"ray{actors}"),
+                                  RaySettings(actors=actors, batch_size=8, cpus_per_actor=0.5 if actors > 1 else 1.0))
+        rows.append((f"Ray, {actors} actor(s)", stats.images_per_second, f"{stats.seconds:.1f} s"))
+    ray.shutdown()
+    print(f"{len(files)} images from {args.folder}; ray.init: {init_s:.1f} s (not in the rates)\n")
+    print("| variant | images/s | x one process | job time |")
+    print("|---|---|---|---|")
+    for name, rate, secs in rows:
+        print(f"| {name} | {rate:.2f} | {rate / one:.2f} | {secs} |")
+    shutil.rmtree(tmp)
+
+
+if __name__ == "__main__":
+    main()
