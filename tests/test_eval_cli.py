@@ -1,7 +1,6 @@
 """`onnx-excite eval` end to end on the real VOC sample with the default model."""
 import json
 
-import pytest
 from typer.testing import CliRunner
 
 from conftest import SHARED
