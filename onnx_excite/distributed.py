@@ -137,6 +137,13 @@ def _actor_args(settings: RaySettings) -> dict:
                 max_restarts=settings.max_restarts, max_task_retries=settings.max_restarts, batch_format="numpy")
 
 
+def _num_blocks(n: int, settings: RaySettings) -> int:
+    """Input blocks: enough for every actor to have work queued, about four actor batches each
+    (a decode task handles one block), at most 10 000."""
+    per_block = 4 * settings.batch_size
+    return max(1, min(n, max(8 * settings.actors, min(-(-n // per_block), 10_000))))
+
+
 def _unwrap(exc: BaseException) -> Optional[ExciteError]:
     """The ExciteError a worker raised, out of Ray's wrapping, if that is what stopped the job."""
     seen = set()
@@ -392,12 +399,14 @@ def explain_on_ray(inputs: Sequence, opts, settings: RaySettings, on_error: Opti
         shipped = ray.put((portable, opts, input_paths))
         light = dataclasses.replace(setup, model=None)
         ds = ray.data.from_items([{"index": i, "path": names[i]} for i in todo],
-                                 override_num_blocks=min(len(todo), max(2 * settings.actors, 1) * 4))
+                                 override_num_blocks=_num_blocks(len(todo), settings))
         ds = ds.map(_decode_for_explain, fn_kwargs={"setup": light}, num_cpus=DECODE_CPUS)
         ds = ds.map_batches(_actor_cls, fn_constructor_args=([shipped], max(1, int(settings.cpus_per_actor))),
                             **_actor_args(settings))
 
         with jsonl.open("a", encoding="utf-8") as fh:
+            if jsonl.stat().st_size and not jsonl.read_bytes().endswith(b"\n"):
+                fh.write("\n")   # after a line cut short by an interruption
             def on_row(row):
                 name = names[int(row["index"])]
                 if row["error"]:
@@ -498,7 +507,7 @@ def evaluate_on_ray(records: Sequence, plan, settings: RaySettings, on_progress=
         shipped_plan = light = plan
     shipped = ray.put(shipped_plan)
     ds = ray.data.from_items([{"index": i, "rec": pickle.dumps(r)} for i, r in enumerate(records)],
-                             override_num_blocks=min(len(records), max(2 * settings.actors, 1) * 4))
+                             override_num_blocks=_num_blocks(len(records), settings))
     ds = ds.map(_decode_for_eval, fn_kwargs={"plan": light}, num_cpus=DECODE_CPUS)
     ds = ds.map_batches(_actor_cls, fn_constructor_args=([shipped], max(1, int(settings.cpus_per_actor))),
                         **_actor_args(settings))
