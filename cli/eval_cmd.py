@@ -29,10 +29,11 @@ def print_result(res, out, err) -> None:
         err.print(f"warning: {len(res.unmapped)} dataset class(es) have no model mapping and were NOT evaluated "
                   f"(mapping: {res.settings.get('mapping')}); skipped {res.unit} in brackets: {unmapped_line(res)}",
                   markup=False, soft_wrap=True)
-        err.print("  give a mapping file with --mapping (see `onnx_excite/data/mappings/`)", markup=False)
+        err.print("  to evaluate them, map them to model outputs in a --mapping file (examples: "
+                  "onnx_excite/data/mappings/)", markup=False)
     c = res.counts
     out.print(f"{res.protocol} done in {res.seconds:.1f} s: {c['maps_computed']} image(s) computed, "
-              f"{c['maps_cached']} from the cache, {c['skipped']} skipped", markup=False)
+              f"{c['maps_cached']} from the cache, {c['skipped']} skipped ({c['images_failed']} unreadable)", markup=False)
     for path in res.files.values():
         out.print(f"  {path}", markup=False)
     if res.problems:
@@ -79,9 +80,8 @@ def _eval(protocol: str, data: Path, fmt: str, model: str, methods: str, layer: 
     if settings is not None:
         from onnx_excite.distributed import RunStats
 
-        done = res.counts["images_read"]
-        stats = RunStats(images=done, done=done - res.counts["skipped"], failed=res.counts["skipped"],
-                         seconds=time.perf_counter() - t0)
+        read, failed = res.counts["images_read"], res.counts["images_failed"]
+        stats = RunStats(images=read, done=read - failed, failed=failed, seconds=time.perf_counter() - t0)
         print_run_summary(out, "evaluated", stats)
 
 

@@ -485,7 +485,7 @@ class EvalActor:
             rec = pickle.loads(batch["rec"][i])
             if batch["error"][i]:
                 sel = self.plan.scorer.select(rec)
-                outcome = ImageOutcome(rec.id, unmapped=sel.unmapped, skipped=str(batch["error"][i]))
+                outcome = ImageOutcome(rec.id, unmapped=sel.unmapped, skipped=str(batch["error"][i]), failed=True)
             else:
                 x = batch["x"][i]
                 arr = _unpack(x, batch["x_shape"][i], batch["x_dtype"][i]) if len(x) else None

@@ -81,6 +81,7 @@ class ImageOutcome:
     items: list = field(default_factory=list)
     unmapped: list = field(default_factory=list)
     skipped: Optional[str] = None
+    failed: bool = False            # the image could not be read
     computed: bool = False          # maps computed now
     cached: bool = False            # maps read from the cache
 
@@ -105,7 +106,7 @@ def evaluate_image(rec: ImageRecord, plan: EvalPlan, computer: Optional[MapCompu
             except ModelError:
                 raise
             except ExciteError as exc:
-                out.skipped = str(exc)
+                out.skipped, out.failed = str(exc), True
                 return out
             stored.update(computer.compute(arr, todo, plan.mapping, plan.batch_size))
             out.computed = True
@@ -234,7 +235,8 @@ def assemble(protocol: str, records: Sequence[ImageRecord], outcomes: Sequence[I
             skipped.append({"image": o.image, "reason": o.skipped})
     counts = {"images_read": len(records), "images_evaluated": sum(1 for o in outcomes if o.items),
               "items": len(items), "items_difficult": sum(1 for it in items if it.get("difficult")),
-              "skipped": len(skipped), "maps_computed": sum(o.computed for o in outcomes),
+              "skipped": len(skipped), "images_failed": sum(o.failed for o in outcomes),
+              "maps_computed": sum(o.computed for o in outcomes),
               "maps_cached": sum(o.cached for o in outcomes)}
     return EvalResult(protocol=protocol, settings={}, counts=counts, summary=plan.scorer.summarize(items),
                       items=items, problems=list(problems), skipped=skipped,
