@@ -26,17 +26,28 @@ class Rule:
     check: Optional[Callable[[ForwardGraph, onnx.NodeProto], Optional[str]]] = None
     weighted: bool = False     # a linear layer with a weight: can serve as the contrastive classifier
     description: str = ""      # one line for the README / `onnx-excite ops`
+    inputs: Optional[tuple] = None   # indices of the inputs that may carry P (None: every non-constant input)
+    keeps_nonneg: bool = False       # output >= 0 whenever those inputs (constants included) are >= 0
 
 
 RULES: dict[str, Rule] = {}
 
 
-def register(*op_types: str, check=None, weighted: bool = False, description: str = ""):
-    """Decorator: ``@register("Conv", check=conv_check, weighted=True)``."""
+def register(*op_types: str, check=None, weighted: bool = False, description: str = "",
+             inputs: Optional[tuple] = None, keeps_nonneg: bool = False):
+    """Decorator: ``@register("Resize", inputs=(0,), keeps_nonneg=True, check=resize_check)``.
+
+    ``inputs`` fills :data:`DATA_INPUT_INDICES` and ``keeps_nonneg`` feeds the
+    non-negativity prover of :class:`~onnx_excite.canonicalize.ForwardGraph`
+    (a shim for the registry that declares both).
+    """
 
     def wrap(fn):
         for op in op_types:
-            RULES[op] = Rule(op, fn, check, weighted, description or (fn.__doc__ or "").strip().splitlines()[0])
+            RULES[op] = Rule(op, fn, check, weighted, description or (fn.__doc__ or "").strip().splitlines()[0],
+                             inputs, keeps_nonneg)
+            if inputs is not None:
+                DATA_INPUT_INDICES[op] = tuple(inputs)
         return fn
 
     return wrap
