@@ -90,7 +90,49 @@ def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     del converted.graph.input[:]
     converted.graph.input.extend(inputs)
     converted.graph.initializer.extend(big)
+    _restore_tensor_names(model, converted)
     return converted
+
+
+def _keep_upsample_coordinates(node: onnx.NodeProto) -> None:
+    """Upsample (opset 7-9) and Resize-10 map output x to input x / scale (nearest: floor); the
+    converted Resize-11+ would default to half_pixel / round_prefer_floor and change the outputs."""
+    have = {a.name for a in node.attribute}
+    if "coordinate_transformation_mode" not in have:
+        node.attribute.append(helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
+    if "nearest_mode" not in have:
+        node.attribute.append(helper.make_attribute("nearest_mode", "floor"))
+
+
+def _restore_tensor_names(original: onnx.ModelProto, converted: onnx.ModelProto) -> None:
+    """The version converter renames the outputs of the nodes it replaces (Upsample -> Resize
+    gets ``_v_24``): give them back their names, which the user passes as layers; and it drops
+    the coordinate mode of Upsample / Resize-10. The converted nodes, less the Constant nodes
+    it adds, match the original ones in order."""
+    before = list(original.graph.node)
+    known = {o for n in before for o in n.output} | {i.name for i in original.graph.input}
+    after = [n for n in converted.graph.node if not (n.op_type == "Constant" and not set(n.output) & known)]
+    if len(after) != len(before):
+        return
+    rename = {}
+    for old, new in zip(before, after):
+        if len(old.output) != len(new.output):
+            return
+        rename.update({b: a for a, b in zip(old.output, new.output) if a and b and a != b})
+        if new.op_type == "Resize" and (old.op_type == "Upsample" or default_opset(original) < 11):
+            _keep_upsample_coordinates(new)
+    if not rename or set(rename.values()) & {o for n in converted.graph.node for o in n.output if o not in rename}:
+        return
+    for node in converted.graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+        for i, name in enumerate(node.output):
+            if name in rename:
+                node.output[i] = rename[name]
+    for value in list(converted.graph.output) + list(converted.graph.value_info):
+        if value.name in rename:
+            value.name = rename[value.name]
 
 
 def _weightless(model: onnx.ModelProto):
@@ -299,6 +341,61 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def split_to_slices(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every Split whose piece sizes are known becomes one Slice per piece (same output names).
+
+    The rules see single-output nodes only; a Slice hands each piece's P back to its cells.
+    A Split whose sizes depend on a dynamic dimension is left (and reported by ``check``).
+    """
+    splits = [n for n in model.graph.node if n.op_type == "Split" and n.domain in ("", "ai.onnx")]
+    if not splits:
+        return model
+    inits = {t.name: t for t in model.graph.initializer}
+    shapes = {}
+    if any(len(n.input) < 2 or not n.input[1] for n in splits):
+        inferred = infer_shapes(copy.deepcopy(model))
+        shapes = {vi.name: _shape_of(vi) for vi in list(inferred.graph.input) + list(inferred.graph.value_info)}
+    taken = {n.name for n in model.graph.node} | {t.name for t in model.graph.initializer}
+    new_nodes = []
+    for node in model.graph.node:
+        if node not in splits:
+            new_nodes.append(node)
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        sizes = None
+        if len(node.input) > 1 and node.input[1] and node.input[1] in inits:
+            sizes = [int(v) for v in numpy_helper.to_array(inits[node.input[1]]).ravel()]
+        elif len(node.input) < 2 or not node.input[1]:
+            split_attr = next((list(a.ints) for a in node.attribute if a.name == "split"), None)
+            shape = shapes.get(node.input[0])
+            n = shape[axis] if shape is not None and -len(shape) <= axis < len(shape) else None
+            if split_attr:
+                sizes = split_attr
+            elif n is not None:
+                k = len(node.output)
+                chunk = -(-n // k)   # opset 18 num_outputs: equal chunks, the last one smaller
+                sizes = [min(chunk, n - i * chunk) for i in range(k)]
+        if sizes is None or len(sizes) != len(node.output):
+            new_nodes.append(node)
+            continue
+        start = 0
+        for i, (out, size) in enumerate(zip(node.output, sizes)):
+            names = []
+            for part, value in (("starts", start), ("ends", start + size), ("axes", axis)):
+                name = f"{node.name}.{part}{i}"
+                while name in taken:
+                    name += "_"
+                taken.add(name)
+                model.graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
+                names.append(name)
+            start += size
+            if out:
+                new_nodes.append(helper.make_node("Slice", [node.input[0]] + names, [out], name=f"{node.name}.slice{i}"))
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    return model
+
+
 PASSES: list[Callable[[onnx.ModelProto], onnx.ModelProto]] = [
     drop_initializer_inputs,
     constants_to_initializers,
@@ -306,6 +403,7 @@ PASSES: list[Callable[[onnx.ModelProto], onnx.ModelProto]] = [
     name_nodes,
     upgrade_opset,
     fold_batchnorm,
+    split_to_slices,
     ceil_pools_to_pads,
     infer_shapes,
 ]
@@ -394,6 +492,13 @@ class ForwardGraph:
             else:
                 data = [i for i in node.input if i]
             return all(self.nonneg(i) for i in data)
+        from .rules.base import RULES   # the registry declares keeps_nonneg (imported late: rules import this module)
+
+        rule = RULES.get(op)
+        if rule is not None and rule.keeps_nonneg and node.domain in ("", "ai.onnx"):
+            idx = rule.inputs if rule.inputs is not None else range(len(node.input))
+            data = [node.input[i] for i in idx if i < len(node.input) and node.input[i]]
+            return bool(data) and all(self.nonneg(i) for i in data)
         return False
 
 
