@@ -143,7 +143,9 @@ class Exciter:
         if len(names) != 1:
             raise ExciteError(f"the model has {len(names)} inputs ({', '.join(names)}); pass a dict")
         kind = next(i.type for i in self.session.get_inputs() if i.name == names[0])
-        dtype = {"tensor(float16)": np.float16, "tensor(double)": np.float64}.get(kind, np.float32)
+        dtype = {"tensor(float16)": np.float16, "tensor(double)": np.float64, "tensor(uint8)": np.uint8,
+                 "tensor(int8)": np.int8, "tensor(uint16)": np.uint16, "tensor(int32)": np.int32,
+                 "tensor(int64)": np.int64}.get(kind, np.float32)   # raw-pixel models normalise in the graph
         return {names[0]: np.ascontiguousarray(inputs, dtype=dtype)}
 
     def explain(self, inputs, targets) -> Explanation:

@@ -362,15 +362,16 @@ def reduce_mean_check(graph, node):
     if rank is None or axes is None:
         return "axes or input rank unknown"
     axes = sorted(a % rank for a in axes)
-    if 0 in axes or 1 in axes:
-        return "only reductions over spatial axes (>= 2) are supported"
+    if not axes or 0 in axes:
+        return "a reduction over the batch axis is not supported"
     return None
 
 
-@register("ReduceMean", check=reduce_mean_check,
-          description="as GlobalAveragePool over the reduced (spatial) axes")
+@register("ReduceMean", "ReduceSum", check=reduce_mean_check,
+          description="as GlobalAveragePool over the reduced axes (NCHW [2, 3] or NHWC [1, 2])")
 def reduce_mean(ctx: Context, node, p: str, negate=False):
-    """Spatial mean (how newer exporters write global pooling)."""
+    """Mean or sum over positions (how newer exporters and tf2onnx write global pooling): the
+    weights are equal and positive, so P is shared in proportion to the inputs whatever the axes."""
     a = node.input[0]
     if not ctx.wants(a):
         return {}

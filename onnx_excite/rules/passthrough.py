@@ -93,39 +93,3 @@ def mul(ctx: Context, node, p: str, negate=False):
     """The gate (a constant or computed from the features) is a per-element scale: P flows to the features."""
     x = node.input[1 - _gate_input(ctx.graph, node)]
     return {x: p} if ctx.wants(x) else {}
-
-
-def _pads(graph, node):
-    pads = attr(node, "pads")
-    if pads is None and len(node.input) > 1 and node.input[1]:
-        pads = graph.consts.get(node.input[1])
-    return None if pads is None else [int(v) for v in pads]
-
-
-def pad_check(graph, node):
-    mode = attr(node, "mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
-    if mode != "constant":
-        return f"Pad mode {mode!r} (only constant padding is supported)"
-    pads = _pads(graph, node)
-    if pads is None:
-        return "pads are not constant"
-    if min(pads) < 0:
-        return "negative pads (cropping) are not supported"
-    if len(node.input) > 3 and node.input[3]:
-        return "Pad with an axes input is not supported"
-    return None
-
-
-@register("Pad", check=pad_check, description="P cut back to the unpadded input (the padding takes no share)")
-def pad(ctx: Context, node, p: str, negate=False):
-    """Slice the padding off P."""
-    a = node.input[0]
-    if not ctx.wants(a):
-        return {}
-    g = ctx.g
-    pads = _pads(ctx.graph, node)
-    n = len(pads) // 2
-    starts = g.i64(pads[:n])
-    ends = g.op("Add", [g.shape(a), starts])
-    return {a: g.op("Slice", [p, starts, ends, g.i64(list(range(n)))], hint="p_unpad")}

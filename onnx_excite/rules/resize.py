@@ -1,0 +1,183 @@
+"""Resize / Upsample in nearest and linear mode.
+
+Both modes resize each axis on its own: ``y = A_k x`` along every resized
+axis k, with an (n_out, n_in) matrix ``A_k`` of non-negative weights (rows
+summing to 1). ``A_k`` is read off the node itself, by resizing the identity
+basis along that one axis with onnx's reference implementation (so every
+coordinate transformation mode, nearest mode and antialias setting the node
+uses is honoured), once per node at build time.
+
+* nearest: each output cell is a copy of one source cell; P is routed to it,
+  ``P_in = A^T P`` (a source pixel copied several times collects every copy's P);
+* linear: a linear layer with weights ``A`` (>= 0), shared in proportion to
+  the contributions, ``Z = A a``, ``P_in = a * A^T (P / Z)`` (``a+`` for the
+  positive rule), as AveragePool.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .axis_maps import apply_along_axis, route_back
+from .base import Context, attr, register
+from .linear import excite_linear
+
+_CARRIED = ("mode", "coordinate_transformation_mode", "nearest_mode", "cubic_coeff_a", "exclude_outside",
+            "extrapolation_value", "antialias")
+
+
+def _text(value):
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _opset(graph) -> int:
+    return next((i.version for i in graph.model.opset_import if i.domain in ("", "ai.onnx")), 17)
+
+
+def _plan(graph, node):
+    """(probe attributes, {axis: (n_in, n_out, scale | None)}, rank) or a reason string."""
+    x = node.input[0]
+    rank = graph.rank(x)
+    if rank is None:
+        return "input rank unknown"
+    if node.op_type == "Upsample":
+        attrs = {"mode": _text(attr(node, "mode", b"nearest")), "coordinate_transformation_mode": "asymmetric",
+                 "nearest_mode": "floor"}
+        scales = attr(node, "scales")
+        if scales is None:
+            scales = graph.consts.get(node.input[1]) if len(node.input) > 1 else None
+        scales, sizes = (None if scales is None else [float(s) for s in np.ravel(scales)]), None
+        if scales is None:
+            return "the scales are not constant"
+    else:
+        attrs = {a.name: _text(helper.get_attribute_value(a)) for a in node.attribute if a.name in _CARRIED}
+        if _text(attr(node, "keep_aspect_ratio_policy", b"stretch")) != "stretch":
+            return "keep_aspect_ratio_policy other than 'stretch' is not supported"
+        scales = sizes = None
+        slots = {2: "scales", 3: "sizes"} if _opset(graph) >= 11 else {1: "scales"}   # input 1 is the roi from 11 on
+        for idx, kind in slots.items():
+            name = node.input[idx] if len(node.input) > idx else ""
+            if not name:
+                continue
+            if name not in graph.consts:
+                return "the scales / sizes are not constant"
+            value = np.ravel(graph.consts[name])
+            if value.size and kind == "sizes":
+                sizes = [int(v) for v in value]
+            elif value.size:
+                scales = [float(v) for v in value]
+        if scales is None and sizes is None:
+            return "neither scales nor sizes are given"
+        axes = attr(node, "axes")
+        if axes is not None:   # scales / sizes given for these axes only
+            axes = [a % rank for a in axes]
+            full_scales, full_sizes = [1.0] * rank, list(graph.shape(x))
+            for i, ax in enumerate(axes):
+                if scales is not None:
+                    full_scales[ax] = scales[i]
+                if sizes is not None:
+                    full_sizes[ax] = sizes[i]
+            scales, sizes = (full_scales if scales is not None else None), (full_sizes if sizes is not None else None)
+    mode = attrs.get("mode", "nearest")
+    if mode not in ("nearest", "linear"):
+        return f"Resize mode {mode!r} (its weights can be negative) is not supported; nearest and linear are"
+    if attrs.get("coordinate_transformation_mode") == "tf_crop_and_resize":
+        return "coordinate_transformation_mode 'tf_crop_and_resize' is not supported"
+    in_shape = graph.shape(x)
+    resized = {}
+    for ax in range(rank):
+        n_in = in_shape[ax]
+        if scales is not None:
+            if scales[ax] == 1.0:
+                continue
+            scale, n_out = scales[ax], (None if n_in is None else int(np.floor(n_in * scales[ax])))
+        else:
+            if sizes[ax] == n_in:
+                continue
+            scale, n_out = None, sizes[ax]
+        if ax == 0:
+            return "a Resize over the batch axis is not supported"
+        if n_in is None:
+            return f"Resize needs static sizes on the resized axes (axis {ax} is dynamic; fix the input shape)"
+        resized[ax] = (n_in, n_out, scale)
+    return attrs, resized, rank
+
+
+@functools.lru_cache(maxsize=256)
+def _axis_matrix(attr_items: tuple, opset: int, rank: int, axis: int, n_in: int, n_out: int, scale) -> np.ndarray:
+    """(n_out, n_in) weights of the resize along ``axis``: the node applied to the identity basis."""
+    shape = [1] * rank
+    shape[0] = shape[axis] = n_in
+    basis = np.zeros(shape)
+    idx = [0] * rank
+    for i in range(n_in):
+        idx[0] = idx[axis] = i
+        basis[tuple(idx)] = 1.0
+    inits = []
+    if scale is not None:
+        s = [1.0] * rank
+        s[axis] = scale
+        inits.append(numpy_helper.from_array(np.asarray(s, np.float32), "scales"))
+        ins = ["x", "", "scales"]
+    else:
+        size = list(shape)
+        size[axis] = n_out
+        inits.append(numpy_helper.from_array(np.asarray(size, np.int64), "sizes"))
+        ins = ["x", "", "", "sizes"]
+    node = helper.make_node("Resize", ins, ["y"], **dict(attr_items))
+    graph = helper.make_graph([node], "resize_probe", [helper.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, shape)],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.DOUBLE, None)], inits)
+    from onnx.reference import ReferenceEvaluator
+
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(opset, 13))])
+    y = ReferenceEvaluator(probe).run(None, {"x": basis})[0]
+    return np.ascontiguousarray(y.reshape(n_in, -1).T)   # A[o, i]: output o of basis vector i
+
+
+def _matrices(graph, node, plan):
+    attrs, resized, rank = plan
+    items = tuple(sorted(attrs.items()))
+    opset = 13 if node.op_type == "Upsample" else _opset(graph)
+    return {ax: _axis_matrix(items, opset, rank, ax, n_in, n_out, scale) for ax, (n_in, n_out, scale) in resized.items()}
+
+
+def resize_check(graph, node):
+    plan = _plan(graph, node)
+    if isinstance(plan, str):
+        return plan
+    try:
+        mats = _matrices(graph, node, plan)
+    except Exception as exc:   # the reference implementation refuses this combination of attributes
+        return f"cannot evaluate this Resize ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    if any(m.min() < 0 for m in mats.values()):
+        return "negative interpolation weights"
+    return None
+
+
+@register("Resize", "Upsample", inputs=(0,), keeps_nonneg=True, check=resize_check,
+          description="nearest: P routed back to the source pixel (copies summed); linear: proportional to the "
+                      "contributions, Z = A a, P_in = a * A^T (P / Z) (a+ for positive), A the per-axis weights")
+def resize(ctx: Context, node, p: str, negate=False):
+    """Nearest: P_in = A^T P. Linear: the linear rule with the interpolation weights A >= 0."""
+    a = node.input[0]
+    if not ctx.wants(a):
+        return {}
+    plan = _plan(ctx.graph, node)
+    mats = _matrices(ctx.graph, node, plan)
+    rank = plan[2]
+    if not mats:
+        return {a: p}
+    g = ctx.g
+    if plan[0].get("mode", "nearest") == "nearest":
+        return {a: route_back(g, p, mats, rank)}
+
+    def forward(x, wp):
+        for ax, m in sorted(mats.items()):
+            x = apply_along_axis(g, x, m, ax, rank, hint="z_resize")
+        return x
+
+    return {a: excite_linear(ctx, node, a, p, np.ones(1), forward=forward,
+                             transpose=lambda r, wp: route_back(g, r, mats, rank))}
