@@ -1,0 +1,255 @@
+"""Ops seen in third-party exports (issue 11), in graphs built like the exporters write them, vs the
+float64 reference (tests/excitation_ref.py): Sub / Div by constants (decomposed BatchNorm, paddle's
+hard-swish, in-graph pixel normalisation of a uint8 NHWC input), Pad edge / reflect / wrap, ReduceMean /
+ReduceMax over NHWC axes, Resize (nearest, linear; input resize, FPN head) and opset-9 Upsample,
+GlobalMaxPool, Slice on channels, Split, Sum of three, Mean, Max, Expand, Tile, Einsum (1x1 conv, dense).
+
+Every graph: channel-resolved P at every layer, the input included, for both rules, MWP and c-MWP;
+``check`` reports nothing; conservation where every op on the way conserves P."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from excitation_ref import Reference
+from onnx_excite import Exciter
+from onnx_excite.cli.app import app
+from onnx_excite.inspect import inspect_model
+from test_blocks import G
+
+
+def _ints(g, values, base):
+    name = g.t(base)
+    g.inits.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
+    return name
+
+
+def _model(g, out, shape, opset=17, dtype=TensorProto.FLOAT, classes=6):
+    graph = helper.make_graph(g.nodes, "export_ops", [helper.make_tensor_value_info("input", dtype, ["N", *shape])],
+                              [helper.make_tensor_value_info(out, TensorProto.FLOAT, ["N", classes])], g.inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def decomposed_bn_hardswish(seed):
+    """Conv -> (x - m) / s * gamma + beta (a BatchNorm as tf2onnx / paddle write it) -> paddle's hard-swish
+    x * clip(x + 3, 0, 6) / 6 -> c - x -> ReLU -> Conv."""
+    g = G(seed)
+    c = g.conv("input", 4, 6)
+    r = g.rng
+    centred = g.op("Sub", [c, g.init(r.normal(size=(1, 6, 1, 1)) * 0.1, "mean")], "centred")
+    scaled = g.op("Div", [centred, g.init(r.uniform(0.5, 2, (1, 6, 1, 1)), "std")], "scaled")
+    bn = g.op("Add", [g.op("Mul", [scaled, g.init(r.uniform(-1.5, 1.5, (1, 6, 1, 1)), "gamma")]),
+                      g.init(r.normal(size=(1, 6, 1, 1)) * 0.1, "beta")], "bn")
+    gate = g.op("Clip", [g.op("Add", [bn, g.init(3.0, "three")]), g.init(0.0, "lo"), g.init(6.0, "hi")], "gate")
+    hswish = g.op("Div", [g.op("Mul", [bn, gate]), g.init(6.0, "six")], "hswish")
+    flipped = g.op("Relu", [g.op("Sub", [g.init(0.25, "c"), hswish], "flipped")])
+    top = g.op("Relu", [g.conv(flipped, 6, 5)])
+    return g.model(g.head(top, 5)), ["input", c, centred, scaled, hswish, flipped], (4, 10, 9), 17, set()
+
+
+def pad_modes(seed):
+    """Reflect padding of the input (as models that pad their input do), edge and wrap padding inside."""
+    g = G(seed)
+    x = g.op("Pad", ["input", _ints(g, [0, 0, 2, 1, 0, 0, 1, 2], "pads")], "reflect", mode="reflect")
+    c1 = g.op("Relu", [g.op("Conv", [x, g.init(g.rng.normal(size=(6, 4, 3, 3)) / 6)], "conv")])
+    e = g.op("Pad", [c1, _ints(g, [1, 2, 2, 0], "pads"), "", _ints(g, [2, 3], "axes")], "edge", mode="edge")
+    c2 = g.op("Relu", [g.op("Conv", [e, g.init(g.rng.normal(size=(5, 6, 3, 3)) / 7)], "conv", strides=[2, 1])])
+    w = g.op("Pad", [c2, _ints(g, [0, 0, 1, 2, 0, 0, 2, 1], "pads")], "wrap", mode="wrap")
+    top = g.op("Relu", [g.conv(w, 5, 5, k=3)])
+    return g.model_at(g.head(top, 5), 19), ["input", x, c1, e, c2, w], (4, 10, 9), 19, set()
+
+
+def nhwc_reductions(seed):
+    """tf2onnx: NHWC input, Transpose, Conv, Transpose back, ReduceMean and ReduceMax over [1, 2]
+    (the global pools of Keras), Concat, MatMul + Add."""
+    g = G(seed, c=4, hw=(8, 7))
+    nchw = g.op("Transpose", ["input"], "to_nchw", perm=[0, 3, 1, 2])
+    c = g.op("Relu", [g.conv(nchw, 4, 6)])
+    nhwc = g.op("Transpose", [c], "to_nhwc", perm=[0, 2, 3, 1])
+    mean = g.op("ReduceMean", [nhwc, _ints(g, [1, 2], "axes")], "gap", keepdims=0)
+    mx = g.op("ReduceMax", [nhwc, _ints(g, [1, 2], "axes")], "gmp", keepdims=0)
+    feat = g.op("Concat", [mean, mx], "feat", axis=1)
+    mm = g.op("MatMul", [feat, g.init(g.rng.normal(size=(12, 6)) / 3)], "dense")
+    out = g.op("Add", [mm, g.init(g.rng.normal(size=6) * 0.1, "b")], "logits")
+    return _model(g, out, (8, 7, 4), 18), ["input", nchw, c, nhwc], (8, 7, 4), 18, {"input", "nhwc"}
+
+
+def resize_fpn(seed):
+    """A model that resizes its input (linear, pytorch_half_pixel, sizes) and an FPN-like head: nearest x2
+    (PyTorch: asymmetric / floor) added to the lateral, linear align_corners x1.5, nearest half_pixel
+    round_prefer_ceil (TF)."""
+    g = G(seed)
+    big = g.op("Resize", ["input", "", "", _ints(g, [2, 4, 12, 12], "sizes")], "resized", mode="linear",
+               coordinate_transformation_mode="pytorch_half_pixel")
+    c1 = g.op("Relu", [g.conv(big, 4, 6, stride=2)])          # 6 x 6
+    c2 = g.op("Relu", [g.conv(c1, 6, 6, stride=2)])           # 3 x 3
+    up = g.op("Resize", [c2, "", g.init([1, 1, 2, 2], "scales")], "up", mode="nearest",
+              coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+    fpn = g.op("Add", [c1, up], "fpn")
+    up2 = g.op("Resize", [fpn, "", g.init([1, 1, 1.5, 1.5], "scales")], "up2", mode="linear",
+               coordinate_transformation_mode="align_corners")   # 9 x 9
+    c3 = g.op("Relu", [g.conv(up2, 6, 5)])
+    up3 = g.op("Resize", [c3, "", g.init([1, 1, 1.5, 1.5], "scales")], "up3", mode="nearest",
+               coordinate_transformation_mode="half_pixel", nearest_mode="round_prefer_ceil")
+    top = g.op("Relu", [g.conv(up3, 5, 5, stride=2)])
+    m = g.model(g.head(top, 5))
+    _pin_batch(m)
+    return m, ["input", big, c1, c2, up, fpn, up2, c3, up3], (4, 10, 9), 17, set()
+
+
+def _pin_batch(m):
+    """The Resize `sizes` above pin the batch to 2: tests run with a batch of 2."""
+    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+
+
+def upsample_opset9(seed):
+    """An old export: opset 9 Upsample (nearest and linear), converted by canonicalize."""
+    g = G(seed)
+    c = g.op("Relu", [g.conv("input", 4, 6, stride=2)])
+    up = g.op("Upsample", [c, g.init([1, 1, 2, 2], "scales")], "up", mode="nearest")
+    c2 = g.op("Relu", [g.conv(up, 6, 5)])
+    up2 = g.op("Upsample", [c2, g.init([1, 1, 1.5, 2], "scales")], "up2", mode="linear")
+    top = g.op("Relu", [g.conv(up2, 5, 5)])
+    flat = g.op("Flatten", [g.op("GlobalAveragePool", [top], "gap")], "flat")
+    head = g.op("Gemm", [flat, g.init(g.rng.normal(size=(6, 5)) / 2), g.init(g.rng.normal(size=6) * 0.1, "b")],
+                "logits", transB=1)   # Gemm-9 needs its C
+    graph = helper.make_graph(g.nodes, "up9", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 4, 10, 9])],
+                              [helper.make_tensor_value_info(head, TensorProto.FLOAT, ["N", 6])], g.inits)
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    m.ir_version = 4
+    onnx.checker.check_model(m)
+    return m, ["input", c, up, c2, up2], (4, 10, 9), 9, set()
+
+
+def gmp_slice_split_merge(seed):
+    """Split into three (num_outputs), Sum of three, Mean, element-wise Max, a strided Slice on channels,
+    a plain channel Slice, a Split with sizes, GlobalMaxPool."""
+    g = G(seed)
+    x = g.op("Relu", [g.conv("input", 4, 9)])
+    pieces = [g.t("piece") for _ in range(3)]
+    g.nodes.append(helper.make_node("Split", [x], pieces, name="split3", axis=1, num_outputs=3))
+    s = g.op("Sum", pieces, "sum3")
+    m = g.op("Mean", [s, g.op("Relu", [g.conv(pieces[2], 3, 3)])], "mean")
+    mx = g.op("Max", [m, pieces[1], g.conv(pieces[0], 3, 3, k=1)], "max")
+    strided = g.op("Slice", [x, _ints(g, [1], "st"), _ints(g, [9], "en"), _ints(g, [1], "ax"), _ints(g, [2], "sp")], "strided")
+    plain = g.op("Slice", [x, _ints(g, [2], "st"), _ints(g, [2**63 - 1], "en"), _ints(g, [1], "ax")], "plain")
+    left, right = g.t("left"), g.t("right")
+    g.nodes.append(helper.make_node("Split", [plain, _ints(g, [3, 4], "split")], [left, right], name="split2", axis=1))
+    cat = g.op("Concat", [mx, g.op("Relu", [g.conv(strided, 4, 3)]), right], "cat", axis=1)
+    gmp = g.op("Flatten", [g.op("GlobalMaxPool", [cat], "gmp")], "flat")
+    out = g.op("Gemm", [gmp, g.init(g.rng.normal(size=(6, 10)) / 3)], "logits", transB=1)
+    return (g.model_at(out, 18), ["input", x, pieces[0], pieces[1], s, m, mx, strided, plain, right, cat],
+            (4, 10, 9), 18, set())
+
+
+def expand_tile(seed):
+    """A per-channel descriptor broadcast back onto the map (Expand) and added; channels tiled (Tile)."""
+    g = G(seed)
+    x = g.op("Relu", [g.conv("input", 4, 6)])
+    d = g.op("Relu", [g.conv(g.op("GlobalAveragePool", [x], "gap"), 6, 6, k=1)])
+    e = g.op("Expand", [d, _ints(g, [1, 6, 10, 9], "shape")], "expand")
+    s = g.op("Add", [x, e], "sum")
+    t = g.op("Tile", [s, _ints(g, [1, 2, 1, 1], "reps")], "tile")
+    top = g.op("Relu", [g.conv(t, 12, 5)])
+    return g.model(g.head(top, 5)), ["input", x, d, e, s, t], (4, 10, 9), 17, set()
+
+
+def einsum_layers(seed):
+    """Einsum as exporters write a 1x1 conv (NHWC 'nhwc,cd->nhwd', NCHW with the weight first
+    'oc,nchw->nohw') and the dense classifier ('nc,kc->nk')."""
+    g = G(seed, c=4, hw=(8, 7))
+    e1 = g.op("Relu", [g.op("Einsum", ["input", g.init(g.rng.normal(size=(4, 6)) / 2)], "e1", equation="nhwc,cd->nhwd")])
+    t = g.op("Transpose", [e1], "to_nchw", perm=[0, 3, 1, 2])
+    c = g.op("Relu", [g.conv(t, 6, 6)])
+    e2 = g.op("Relu", [g.op("Einsum", [g.init(g.rng.normal(size=(5, 6)) / 2), c], "e2", equation="oc,nchw->nohw")])
+    f = g.op("Flatten", [g.op("GlobalAveragePool", [e2], "gap")], "flat")
+    out = g.op("Einsum", [f, g.init(g.rng.normal(size=(6, 5)))], "logits", equation="nc,kc->nk")
+    return _model(g, out, (8, 7, 4), 17), ["input", e1, t, c, e2], (8, 7, 4), 17, {"input", "e1"}
+
+
+def uint8_normalised(seed):
+    """Raw uint8 NHWC pixels normalised inside the graph: Cast -> Sub mean -> Div std -> Transpose."""
+    g = G(seed, c=3, hw=(9, 9))
+    f = g.op("Cast", ["input"], "cast", to=TensorProto.FLOAT)
+    norm = g.op("Div", [g.op("Sub", [f, g.init([123.7, 116.3, 103.5], "mean")], "centred"),
+                        g.init([58.4, 57.1, 57.4], "std")], "norm")
+    nchw = g.op("Transpose", [norm], "to_nchw", perm=[0, 3, 1, 2])
+    c = g.op("Relu", [g.conv(nchw, 3, 6, stride=2)])
+    top = g.op("Relu", [g.conv(c, 6, 5)])
+    return (_model(g, g.head(top, 5), (9, 9, 3), 17, dtype=TensorProto.UINT8),
+            ["input", f, norm, nchw, c], (9, 9, 3), 17, {"input", f, norm})
+
+
+def _model_at(self, out, opset):
+    return _model(self, out, (self.c, *self.hw), opset)
+
+
+G.model_at = _model_at
+
+GRAPHS = {"decomposed_bn_hardswish": decomposed_bn_hardswish, "pad_modes": pad_modes, "nhwc_reductions": nhwc_reductions,
+          "resize_fpn": resize_fpn, "upsample_opset9": upsample_opset9, "gmp_slice_split_merge": gmp_slice_split_merge,
+          "expand_tile": expand_tile, "einsum_layers": einsum_layers, "uint8_normalised": uint8_normalised}
+
+
+def _input(model, shape, seed, batch=2):
+    rng = np.random.default_rng(seed)
+    if model.graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8:
+        return rng.integers(0, 256, size=(batch, *shape)).astype(np.uint8)
+    return rng.normal(size=(batch, *shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("rule", ["positive", "paper"])
+@pytest.mark.parametrize("seed", range(2))
+@pytest.mark.parametrize("arch", sorted(GRAPHS))
+def test_export_ops_match_reference(arch, seed, rule):
+    model, layers, shape, _, nhwc = GRAPHS[arch](seed)
+    x = _input(model, shape, seed)
+    ex = Exciter(model, layers, methods=("mwp", "cmwp"), rule=rule, channels=True)
+    signal = np.random.default_rng(seed + 10).random((2, ex.num_classes)).astype(np.float32)
+    res = ex.explain(x, signal)
+    ref = Reference(model)
+    plain = ref.run(x, signal, layers, rule=rule)
+    np.testing.assert_allclose(res.logits, plain["logits"], rtol=1e-4, atol=1e-4)
+    for contrastive, method in ((False, "mwp"), (True, "cmwp")):
+        want = ref.run(x, signal, layers, rule=rule, contrastive=True) if contrastive else plain
+        for layer in layers:
+            exp = want["P"][layer]
+            scale = max(np.abs(exp).max(), np.abs(plain["P"][layer]).max(), 1e-12)
+            got = res.channels[method][layer]
+            assert got.shape == exp.shape, (arch, layer, method)
+            assert np.abs(got - exp).max() <= 2e-4 * scale, (arch, layer, method, np.abs(got - exp).max() / scale)
+            if layer not in nhwc:   # NCHW layers: the map too (NHWC maps: the layout analysis of issue 11)
+                assert np.abs(res.maps[method][layer] - want["map"][layer]).max() <= 2e-4 * scale * exp.shape[1]
+
+
+@pytest.mark.parametrize("arch", sorted(GRAPHS))
+def test_check_reports_nothing(arch, tmp_path):
+    model, _, _, _, _ = GRAPHS[arch](0)
+    assert inspect_model(model).problems == []
+    path = tmp_path / f"{arch}.onnx"
+    onnx.save(model, str(path))
+    res = CliRunner().invoke(app, ["check", str(path)])
+    assert res.exit_code == 0 and res.output.startswith("ok"), res.output
+
+
+CONSERVING = ["pad_modes", "resize_fpn", "upsample_opset9", "gmp_slice_split_merge", "expand_tile", "einsum_layers"]
+
+
+@pytest.mark.parametrize("arch", CONSERVING)
+def test_conservation(arch):
+    """Bias-free, non-negative input, signal on classes with a positive logit: the total P at the input
+    equals the signal's sum (copies, slices, splits, resizes, maxima and merges lose nothing)."""
+    model, _, shape, _, _ = GRAPHS[arch](0)
+    for t in model.graph.initializer:
+        if t.name.startswith("b"):
+            t.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(t)), t.name))
+    x = np.abs(_input(model, shape, 1))
+    ex = Exciter(model, ["input"], methods=("mwp",), channels=True)
+    signal = (ex.logits(x) > 0).astype(np.float32)
+    assert signal.sum() > 0
+    res = ex.explain(x, signal)
+    np.testing.assert_allclose(res.channels["mwp"]["input"].reshape(2, -1).sum(1), signal.sum(1), rtol=1e-4)
