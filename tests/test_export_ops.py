@@ -64,18 +64,19 @@ def pad_modes(seed):
 
 
 def nhwc_reductions(seed):
-    """tf2onnx: NHWC input, Transpose, Conv, Transpose back, ReduceMean and ReduceMax over [1, 2]
-    (the global pools of Keras), Concat, MatMul + Add."""
+    """tf2onnx: NHWC input, Transpose, Conv, Transpose back, a linear Resize of the NHWC tensor,
+    ReduceMean and ReduceMax over [1, 2] (the global pools of Keras), Concat, MatMul + Add."""
     g = G(seed, c=4, hw=(8, 7))
     nchw = g.op("Transpose", ["input"], "to_nchw", perm=[0, 3, 1, 2])
     c = g.op("Relu", [g.conv(nchw, 4, 6)])
-    nhwc = g.op("Transpose", [c], "to_nhwc", perm=[0, 2, 3, 1])
+    small = g.op("Transpose", [c], "to_nhwc", perm=[0, 2, 3, 1])
+    nhwc = g.op("Resize", [small, "", g.init([1, 2, 1.5, 1], "scales")], "up_nhwc", mode="linear")   # tf.image.resize
     mean = g.op("ReduceMean", [nhwc, _ints(g, [1, 2], "axes")], "gap", keepdims=0)
     mx = g.op("ReduceMax", [nhwc, _ints(g, [1, 2], "axes")], "gmp", keepdims=0)
     feat = g.op("Concat", [mean, mx], "feat", axis=1)
     mm = g.op("MatMul", [feat, g.init(g.rng.normal(size=(12, 6)) / 3)], "dense")
     out = g.op("Add", [mm, g.init(g.rng.normal(size=6) * 0.1, "b")], "logits")
-    return _model(g, out, (8, 7, 4), 18), ["input", nchw, c, nhwc], (8, 7, 4), 18, {"input", "nhwc"}
+    return _model(g, out, (8, 7, 4), 18), ["input", nchw, c, small, nhwc], (8, 7, 4), 18, {"input", small, nhwc}
 
 
 def resize_fpn(seed):
