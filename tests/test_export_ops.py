@@ -84,7 +84,10 @@ def resize_fpn(seed):
     (PyTorch: asymmetric / floor) added to the lateral, linear align_corners x1.5, nearest half_pixel
     round_prefer_ceil (TF)."""
     g = G(seed)
-    big = g.op("Resize", ["input", "", "", _ints(g, [2, 4, 12, 12], "sizes")], "resized", mode="linear",
+    # PyTorch's interpolate(x, size=(12, 12)): sizes = Concat(Shape(x)[:2], [12, 12]), computed in the graph
+    lead = g.op("Slice", [g.op("Shape", ["input"], "shape"), _ints(g, [0], "st"), _ints(g, [2], "en")], "lead")
+    sizes = g.op("Concat", [lead, _ints(g, [12, 12], "hw")], "sizes", axis=0)
+    big = g.op("Resize", ["input", "", "", sizes], "resized", mode="linear",
                coordinate_transformation_mode="pytorch_half_pixel")
     c1 = g.op("Relu", [g.conv(big, 4, 6, stride=2)])          # 6 x 6
     c2 = g.op("Relu", [g.conv(c1, 6, 6, stride=2)])           # 3 x 3
@@ -97,14 +100,7 @@ def resize_fpn(seed):
     up3 = g.op("Resize", [c3, "", g.init([1, 1, 1.5, 1.5], "scales")], "up3", mode="nearest",
                coordinate_transformation_mode="half_pixel", nearest_mode="round_prefer_ceil")
     top = g.op("Relu", [g.conv(up3, 5, 5, stride=2)])
-    m = g.model(g.head(top, 5))
-    _pin_batch(m)
-    return m, ["input", big, c1, c2, up, fpn, up2, c3, up3], (4, 10, 9), 17, set()
-
-
-def _pin_batch(m):
-    """The Resize `sizes` above pin the batch to 2: tests run with a batch of 2."""
-    m.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    return g.model(g.head(top, 5)), ["input", big, c1, c2, up, fpn, up2, c3, up3], (4, 10, 9), 17, set()
 
 
 def upsample_opset9(seed):

@@ -63,7 +63,12 @@ def _plan(graph, node):
             if not name:
                 continue
             if name not in graph.consts:
-                return "the scales / sizes are not constant"
+                # PyTorch's interpolate(size=...) computes sizes from Shape: the inferred output shape is enough
+                out_shape, in_shape = graph.shape(node.output[0]), graph.shape(x)
+                if kind == "sizes" and out_shape is not None and in_shape is not None and None not in out_shape[1:]:
+                    sizes = [in_shape[0]] + list(out_shape[1:])
+                    continue
+                return f"the {kind} are computed in the graph (not constant) and the output size is unknown"
             value = np.ravel(graph.consts[name])
             if value.size and kind == "sizes":
                 sizes = [int(v) for v in value]
