@@ -159,7 +159,8 @@ def einsum_layers(seed):
     """Einsum as exporters write a 1x1 conv (NHWC 'nhwc,cd->nhwd', NCHW with the weight first
     'oc,nchw->nohw') and the dense classifier ('nc,kc->nk')."""
     g = G(seed, c=4, hw=(8, 7))
-    e1 = g.op("Relu", [g.op("Einsum", ["input", g.init(g.rng.normal(size=(4, 6)) / 2)], "e1", equation="nhwc,cd->nhwd")])
+    eq = "nhwc,cd->nhwd" if seed % 2 == 0 else "...c,cd->...d"   # keras' Dense on a 4-D tensor
+    e1 = g.op("Relu", [g.op("Einsum", ["input", g.init(g.rng.normal(size=(4, 6)) / 2)], "e1", equation=eq)])
     t = g.op("Transpose", [e1], "to_nchw", perm=[0, 3, 1, 2])
     c = g.op("Relu", [g.conv(t, 6, 6)])
     e2 = g.op("Relu", [g.op("Einsum", [g.init(g.rng.normal(size=(5, 6)) / 2), c], "e2", equation="oc,nchw->nohw")])

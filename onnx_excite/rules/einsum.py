@@ -67,8 +67,7 @@ def einsum_check(graph, node):
 
 
 @register("Einsum", check=einsum_check, weighted=True,
-          description="one activation with one constant weight (1x1 conv, dense): linear, Z = E(a, W+), "
-                      "P_in = a * E^T(P / Z, W+)")
+          description="linear, with the Einsum and its adjoint Einsum; can be the contrastive classifier")
 def einsum(ctx: Context, node, p: str, negate=False):
     """Linear rule with the Einsum and its adjoint Einsum."""
     d_i, w_i, data, weight, out = _plan(ctx.graph, node)

@@ -41,7 +41,7 @@ def sub_check(graph, node):
 
 
 @register("Sub", check=sub_check,
-          description="x - c, c - x (c constant): per-element affine, P passes to x (as Mul by a constant / a bias Add)")
+          description="per-element affine: P passes to `x`, as for Mul by a constant and a bias Add")
 def sub(ctx: Context, node, p: str, negate=False):
     """P_in = P: each output cell is an affine function of one input cell."""
     data = _data(ctx.graph, node)
@@ -58,7 +58,7 @@ def div_check(graph, node):
 
 
 @register("Div", keeps_nonneg=True, check=div_check,
-          description="x / c (c constant, or a gate computed from x): per-element scale, P passes to x")
+          description="per-element affine: P passes to `x`, as for Mul by a constant and a bias Add")
 def div(ctx: Context, node, p: str, negate=False):
     """P_in = P for the dividend; the divisor (a constant or a gate) takes no share."""
     x = node.input[0]
@@ -70,7 +70,7 @@ def mean_check(graph, node):
 
 
 register("Mean", keeps_nonneg=True, check=mean_check,
-         description="as Sum: split in proportion x_k / sum x (x_k+ / sum x+ for positive); the 1/n cancels")(
+         description="split in proportion `x_k / sum x` (`x_k+ / sum x+` for `positive`); constant summands are biases and take no share")(
     _proportional_split)
 
 
@@ -79,8 +79,7 @@ def max_check(graph, node):
 
 
 @register("Max", keeps_nonneg=True, check=max_check,
-          description="element-wise max: each cell's P goes to the input holding the maximum (the first on ties); "
-                      "constants take none (Max(x, c) passes P to x, as ReLU)")
+          description="each cell's P goes to the input holding the maximum (the first on ties); constants take none")
 def max_(ctx: Context, node, p: str, negate=False):
     """P_k = P where x_k is the first arg-max over the non-constant inputs, else 0."""
     g = ctx.g

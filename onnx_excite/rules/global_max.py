@@ -39,7 +39,7 @@ def global_max_check(graph, node):
 
 
 @register("GlobalMaxPool", "ReduceMax", inputs=(0,), keeps_nonneg=True, check=global_max_check,
-          description="winner-take-all: P goes to the arg-max over the reduced axes (ArgMax + ScatterElements)")
+          description="winner-take-all: P goes to the arg-max over the reduced axes (the first on ties; ArgMax + ScatterElements)")
 def global_max(ctx: Context, node, p: str, negate=False):
     """P_in[j] = P where j is the (first) maximum of its reduced slice, else 0."""
     a = node.input[0]

@@ -368,7 +368,7 @@ def reduce_mean_check(graph, node):
 
 
 @register("ReduceMean", "ReduceSum", check=reduce_mean_check,
-          description="as GlobalAveragePool over the reduced axes (NCHW [2, 3] or NHWC [1, 2])")
+          description="proportional to the inputs in each window (a+ for `positive`)")
 def reduce_mean(ctx: Context, node, p: str, negate=False):
     """Mean or sum over positions (how newer exporters and tf2onnx write global pooling): the
     weights are equal and positive, so P is shared in proportion to the inputs whatever the axes."""

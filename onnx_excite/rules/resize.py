@@ -164,7 +164,8 @@ def resize_check(graph, node):
 
 @register("Resize", "Upsample", inputs=(0,), keeps_nonneg=True, check=resize_check,
           description="nearest: P routed back to the source pixel (copies summed); linear: proportional to the "
-                      "contributions, Z = A a, P_in = a * A^T (P / Z) (a+ for positive), A the per-axis weights")
+                      "contributions, `Z = A a`, `P_in = a · Aᵀ(P / Z)` (a+ for `positive`), `A` the per-axis "
+                      "interpolation weights read off the node")
 def resize(ctx: Context, node, p: str, negate=False):
     """Nearest: P_in = A^T P. Linear: the linear rule with the interpolation weights A >= 0."""
     a = node.input[0]

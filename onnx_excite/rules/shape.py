@@ -120,7 +120,7 @@ def slice_check(graph, node):
 
 
 @register("Slice", inputs=(0,), keeps_nonneg=True, check=slice_check,
-          description="P placed back at the sliced cells (channels, positions, any step); the cells dropped get none")
+          description="P placed back at the sliced cells (channels, positions, any step); the dropped cells get none")
 def slice_(ctx: Context, node, p: str, negate=False):
     """P_in = P at the cells the slice kept, 0 elsewhere (a zero Pad for step 1, else a 0/1 matrix)."""
     a = node.input[0]
@@ -174,7 +174,7 @@ def expand_check(graph, node):
 
 
 @register("Expand", inputs=(0,), keeps_nonneg=True, check=expand_check,
-          description="P summed back over the broadcast copies")
+          description="P summed back over the copies")
 def expand(ctx: Context, node, p: str, negate=False):
     """P_in[j] = sum of P over the copies of cell j (ReduceSum over the broadcast axes)."""
     a = node.input[0]
@@ -202,7 +202,7 @@ def tile_check(graph, node):
 
 
 @register("Tile", inputs=(0,), keeps_nonneg=True, check=tile_check,
-          description="P summed back over the tiled copies")
+          description="P summed back over the copies")
 def tile(ctx: Context, node, p: str, negate=False):
     """P_in[j] = sum over the copies k of P[k * n + j] along every tiled axis."""
     a = node.input[0]
@@ -223,6 +223,6 @@ def split_check(graph, node):
 
 
 @register("Split", inputs=(0,), keeps_nonneg=True, check=split_check,
-          description="rewritten into one Slice per piece before the rules run; P of each piece returns to its cells")
+          description="a Split becomes one Slice per piece before the rules run")
 def split(ctx: Context, node, p: str, negate=False):
     raise ExciteError(f"internal: Split {node.name!r} should have been rewritten into Slices")
