@@ -146,7 +146,13 @@ class Exciter:
         dtype = {"tensor(float16)": np.float16, "tensor(double)": np.float64, "tensor(uint8)": np.uint8,
                  "tensor(int8)": np.int8, "tensor(uint16)": np.uint16, "tensor(int32)": np.int32,
                  "tensor(int64)": np.int64}.get(kind, np.float32)   # raw-pixel models normalise in the graph
-        return {names[0]: np.ascontiguousarray(inputs, dtype=dtype)}
+        arr = np.asarray(inputs)
+        if np.dtype(dtype).kind in "iu" and arr.dtype.kind == "f":
+            info = np.iinfo(dtype)
+            if not np.all(np.isfinite(arr)) or np.any(arr != np.round(arr)) or arr.min() < info.min or arr.max() > info.max:
+                raise ExciteError(f"the model input {names[0]!r} is {np.dtype(dtype).name}: got values that are not "
+                                  f"integers in {info.min}..{info.max} (raw pixels expected: scale 1, mean 0, std 1)")
+        return {names[0]: np.ascontiguousarray(arr, dtype=dtype)}
 
     def explain(self, inputs, targets) -> Explanation:
         feeds = self._feeds(inputs)

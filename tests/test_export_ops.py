@@ -251,3 +251,25 @@ def test_conservation(arch):
     assert signal.sum() > 0
     res = ex.explain(x, signal)
     np.testing.assert_allclose(res.channels["mwp"]["input"].reshape(2, -1).sum(1), signal.sum(1), rtol=1e-4)
+
+
+def test_uint8_model_explained_from_raw_pixels(tmp_path):
+    """`explain` feeds a uint8 model raw 0..255 pixels (the graph normalises them); a float input that
+    is not raw pixels is refused with one clear error instead of being wrapped into uint8."""
+    from importlib import resources
+
+    from onnx_excite.errors import ExciteError
+
+    model, layers, shape, _, _ = uint8_normalised(0)
+    path = tmp_path / "uint8.onnx"
+    onnx.save(model, str(path))
+    photo = resources.files("onnx_excite").joinpath("data", "samples", "dog.jpg")
+    res = CliRunner().invoke(app, ["explain", str(path), str(photo), "-l", layers[3], "-t", "1", "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    maps = sorted((tmp_path / "out").rglob("*.npy"))
+    assert maps and all(np.isfinite(np.load(m)).all() for m in maps)
+    ex = Exciter(model, [layers[3]], methods=("mwp",))
+    raw = _input(model, shape, 0)
+    np.testing.assert_array_equal(ex.logits(raw.astype(np.float32)), ex.logits(raw))   # integral floats are fine
+    with pytest.raises(ExciteError, match="raw pixels"):
+        ex.logits((raw / 255.0 - 0.5).astype(np.float32))
