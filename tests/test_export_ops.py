@@ -234,7 +234,8 @@ def test_check_reports_nothing(arch, tmp_path):
     assert res.exit_code == 0 and res.output.startswith("ok"), res.output
 
 
-CONSERVING = ["pad_modes", "resize_fpn", "upsample_opset9", "gmp_slice_split_merge", "expand_tile", "einsum_layers"]
+CONSERVING = ["pad_modes", "resize_fpn", "upsample_opset9", "gmp_slice_split_merge", "expand_tile", "einsum_layers",
+              "nhwc_reductions"]
 
 
 @pytest.mark.parametrize("arch", CONSERVING)
@@ -273,3 +274,52 @@ def test_uint8_model_explained_from_raw_pixels(tmp_path):
     np.testing.assert_array_equal(ex.logits(raw.astype(np.float32)), ex.logits(raw))   # integral floats are fine
     with pytest.raises(ExciteError, match="raw pixels"):
         ex.logits((raw / 255.0 - 0.5).astype(np.float32))
+
+
+RESIZE_CASES = [
+    (dict(mode="linear", antialias=1), [1, 1, 0.5, 0.6], 18),                       # torchvision antialiased downscale
+    (dict(mode="linear", coordinate_transformation_mode="half_pixel_symmetric"), [1, 1, 1.7, 2.5], 19),
+    (dict(mode="nearest", coordinate_transformation_mode="tf_half_pixel_for_nn"), [1, 1, 2, 3], 17),
+    (dict(mode="nearest", nearest_mode="ceil", coordinate_transformation_mode="align_corners"), [1, 1, 0.5, 1.5], 17),
+    (dict(mode="linear", coordinate_transformation_mode="asymmetric"), [1, 1, 0.7, 1.3], 17),
+    (dict(mode="nearest"), [1, 1, 0.5, 3.0], 17),
+    (dict(mode="linear", coordinate_transformation_mode="pytorch_half_pixel"), [1, 1, 0.1, 0.6], 17),
+]
+
+
+@pytest.mark.parametrize("attrs,scales,opset", RESIZE_CASES)
+def test_resize_weights_reproduce_onnxruntime(attrs, scales, opset):
+    """The per-axis weights of the Resize rule reproduce ONNX Runtime's output of the node, for modes the
+    float64 reference of the tests does not implement (antialias, half_pixel_symmetric,
+    tf_half_pixel_for_nn, ceil) and an output size where float32 and float64 disagree (10 * 0.7)."""
+    import onnxruntime as ort
+
+    from onnx_excite.canonicalize import canonicalize
+    from onnx_excite.rules.resize import _matrices, _plan, resize_check
+
+    node = helper.make_node("Resize", ["x", "", "scales"], ["y"], name="resize", **attrs)
+    graph = helper.make_graph([node], "r", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 10, 9])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.asarray(scales, np.float32), "scales")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 9
+    view = canonicalize(model)
+    (resize_node,) = view.nodes
+    assert resize_check(view, resize_node) is None
+    mats = _matrices(view, resize_node, _plan(view, resize_node))
+    x = np.random.default_rng(0).normal(size=(2, 3, 10, 9)).astype(np.float32)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = np.einsum("oh,nchw->ncow", mats[2], x.astype(np.float64))
+    got = np.einsum("pw,nchw->nchp", mats[3], got)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_cubic_resize_is_refused():
+    model, _, _, _, _ = resize_fpn(0)
+    for node in model.graph.node:
+        if node.op_type == "Resize" and node.output[0].startswith("up2"):
+            for a in node.attribute:
+                if a.name == "mode":
+                    a.s = b"cubic"
+    problems = inspect_model(model).problems
+    assert len(problems) == 1 and problems[0][0] == "Resize" and "cubic" in problems[0][2]

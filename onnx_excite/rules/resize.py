@@ -2,10 +2,16 @@
 
 Both modes resize each axis on its own: ``y = A_k x`` along every resized
 axis k, with an (n_out, n_in) matrix ``A_k`` of non-negative weights (rows
-summing to 1). ``A_k`` is read off the node itself, by resizing the identity
-basis along that one axis with onnx's reference implementation (so every
-coordinate transformation mode, nearest mode and antialias setting the node
-uses is honoured), once per node at build time.
+summing to 1), built once per node at build time from the operator's
+definition, computed in float32 as ONNX Runtime does:
+
+    x_in(o) = coordinate transformation of output index o (half_pixel, half_pixel_symmetric,
+              pytorch_half_pixel, align_corners, asymmetric, tf_half_pixel_for_nn)
+    nearest: A[o, round(x_in)] = 1 (nearest_mode: round_prefer_floor / _ceil, floor, ceil)
+    linear:  x = clip(x_in, 0, n_in - 1), A[o, floor(x)] = 1 - frac(x), A[o, floor(x) + 1] = frac(x)
+
+(antialiased linear downscaling is read off onnx's reference implementation
+applied to the identity basis). Then
 
 * nearest: each output cell is a copy of one source cell; P is routed to it,
   ``P_in = A^T P`` (a source pixel copied several times collects every copy's P);
@@ -89,8 +95,11 @@ def _plan(graph, node):
     mode = attrs.get("mode", "nearest")
     if mode not in ("nearest", "linear"):
         return f"Resize mode {mode!r} (its weights can be negative) is not supported; nearest and linear are"
-    if attrs.get("coordinate_transformation_mode") == "tf_crop_and_resize":
-        return "coordinate_transformation_mode 'tf_crop_and_resize' is not supported"
+    coord = attrs.get("coordinate_transformation_mode", "half_pixel")
+    if coord not in _COORDINATE_MODES:
+        return f"coordinate_transformation_mode {coord!r} is not supported"
+    if attrs.get("nearest_mode", "round_prefer_floor") not in _NEAREST_MODES:
+        return f"nearest_mode {attrs['nearest_mode']!r} is not supported"
     in_shape = graph.shape(x)
     resized = {}
     for ax in range(rank):
@@ -98,7 +107,9 @@ def _plan(graph, node):
         if scales is not None:
             if scales[ax] == 1.0:
                 continue
-            scale, n_out = scales[ax], (None if n_in is None else int(np.floor(n_in * scales[ax])))
+            # the output size as ONNX Runtime computes it: the product in float32, then floor
+            scale = scales[ax]
+            n_out = None if n_in is None else int(np.floor(np.float32(n_in) * np.float32(scale)))
         else:
             if sizes[ax] == n_in:
                 continue
@@ -113,7 +124,8 @@ def _plan(graph, node):
 
 @functools.lru_cache(maxsize=256)
 def _axis_matrix(attr_items: tuple, opset: int, rank: int, axis: int, n_in: int, n_out: int, scale) -> np.ndarray:
-    """(n_out, n_in) weights of the resize along ``axis``: the node applied to the identity basis."""
+    """(n_out, n_in) weights of an antialiased resize along ``axis``: the node applied to the identity
+    basis by onnx's reference implementation."""
     shape = [1] * rank
     shape[0] = shape[axis] = n_in
     basis = np.zeros(shape)
@@ -139,14 +151,74 @@ def _axis_matrix(attr_items: tuple, opset: int, rank: int, axis: int, n_in: int,
 
     probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(opset, 13))])
     y = ReferenceEvaluator(probe).run(None, {"x": basis})[0]
-    return np.ascontiguousarray(y.reshape(n_in, -1).T)   # A[o, i]: output o of basis vector i
+    m = np.ascontiguousarray(y.reshape(n_in, -1).T)   # A[o, i]: output o of basis vector i
+    if m.shape[0] != n_out:
+        raise ValueError(f"the reference resizes {n_in} to {m.shape[0]}, ONNX Runtime to {n_out}")
+    return m
+
+
+_COORDINATE_MODES = ("half_pixel", "half_pixel_symmetric", "pytorch_half_pixel", "align_corners", "asymmetric",
+                     "tf_half_pixel_for_nn")
+_NEAREST_MODES = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
+
+
+def _source_coordinates(n_in: int, n_out: int, scale: float, coord: str) -> np.ndarray:
+    """x_in(o) for o = 0..n_out-1, in float32 (``scale``: the given scale, or n_out / n_in for sizes)."""
+    f = np.float32
+    o = np.arange(n_out, dtype=f)
+    s = f(scale)
+    if coord == "half_pixel":
+        return (o + f(0.5)) / s - f(0.5)
+    if coord == "half_pixel_symmetric":
+        adjustment = f(n_out) / (f(n_in) * s)
+        offset = f(n_in) / f(2) * (f(1) - adjustment)
+        return offset + (o + f(0.5)) / s - f(0.5)
+    if coord == "pytorch_half_pixel":
+        return (o + f(0.5)) / s - f(0.5) if n_out > 1 else np.zeros(n_out, f)
+    if coord == "align_corners":
+        return o * f(n_in - 1) / f(n_out - 1) if n_out > 1 else np.zeros(n_out, f)
+    if coord == "asymmetric":
+        return o / s
+    if coord == "tf_half_pixel_for_nn":
+        return (o + f(0.5)) / s
+    raise ValueError(coord)
+
+
+def _round(x: np.ndarray, mode: str) -> np.ndarray:
+    if mode == "floor":
+        return np.floor(x)
+    if mode == "ceil":
+        return np.ceil(x)
+    tie = x - np.floor(x) == np.float32(0.5)
+    away = np.where(x >= 0, np.floor(x + np.float32(0.5)), np.ceil(x - np.float32(0.5)))   # std::round
+    return np.where(tie, np.floor(x) if mode == "round_prefer_floor" else np.ceil(x), away)
+
+
+def axis_weights(n_in: int, n_out: int, scale: float | None, attrs: dict) -> np.ndarray:
+    """(n_out, n_in) interpolation weights of one axis (nearest or linear, no antialias)."""
+    scale = n_out / n_in if scale is None else scale
+    x = _source_coordinates(n_in, n_out, scale, attrs.get("coordinate_transformation_mode", "half_pixel"))
+    m = np.zeros((n_out, n_in))
+    rows = np.arange(n_out)
+    if attrs.get("mode", "nearest") == "nearest":
+        src = np.clip(_round(x, attrs.get("nearest_mode", "round_prefer_floor")), 0, n_in - 1).astype(np.int64)
+        m[rows, src] = 1.0
+        return m
+    x = np.clip(x, np.float32(0), np.float32(n_in - 1))
+    lo = np.floor(x).astype(np.int64)
+    hi = np.minimum(lo + 1, n_in - 1)
+    frac = (x - lo).astype(np.float64)
+    np.add.at(m, (rows, lo), 1.0 - frac)
+    np.add.at(m, (rows, hi), frac)
+    return m
 
 
 def _matrices(graph, node, plan):
     attrs, resized, rank = plan
+    if not attrs.get("antialias", 0) or attrs.get("mode") == "nearest":
+        return {ax: axis_weights(n_in, n_out, scale, attrs) for ax, (n_in, n_out, scale) in resized.items()}
     items = tuple(sorted(attrs.items()))
-    opset = 13 if node.op_type == "Upsample" else _opset(graph)
-    return {ax: _axis_matrix(items, opset, rank, ax, n_in, n_out, scale) for ax, (n_in, n_out, scale) in resized.items()}
+    return {ax: _axis_matrix(items, _opset(graph), rank, ax, n_in, n_out, scale) for ax, (n_in, n_out, scale) in resized.items()}
 
 
 def resize_check(graph, node):
