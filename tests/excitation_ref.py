@@ -384,6 +384,8 @@ class Reference:
             return ins[0] / ins[1]
         if op == "Cast":
             return ins[0].astype(np.float64)
+        if op == "Sqrt":
+            return np.sqrt(ins[0])
         if op == "Shape":
             return np.array(ins[0].shape, np.int64)
         if op == "ReduceSum":

@@ -75,5 +75,5 @@ def test_prover_consults_keeps_nonneg():
              "st": np.array([1], np.int64), "en": np.array([3], np.int64), "ax": np.array([1], np.int64),
              "reps": np.array([1, 2, 1, 1], np.int64)}
     graph = canonicalize(_model(nodes, inits, [1, 4, 3, 3], ["up", "up_signed", "div_pos", "div_neg", "sub", "tiled"]))
-    assert graph.nonneg("up") and graph.nonneg("div_pos") and graph.nonneg("sl") and graph.nonneg("tiled")
+    assert graph.nonneg("up") and graph.nonneg("sl") and graph.nonneg("tiled")
     assert not graph.nonneg("up_signed") and not graph.nonneg("div_neg") and not graph.nonneg("sub")

@@ -36,7 +36,7 @@ def _model(g, out, shape, opset=17, dtype=TensorProto.FLOAT, classes=6):
 
 def decomposed_bn_hardswish(seed):
     """Conv -> (x - m) / s * gamma + beta (a BatchNorm as tf2onnx / paddle write it) -> paddle's hard-swish
-    x * clip(x + 3, 0, 6) / 6 -> c - x -> ReLU -> Conv."""
+    x * clip(x + 3, 0, 6) / 6 -> c - x -> ReLU -> L2 normalisation over channels -> Conv."""
     g = G(seed)
     c = g.conv("input", 4, 6)
     r = g.rng
@@ -47,8 +47,12 @@ def decomposed_bn_hardswish(seed):
     gate = g.op("Clip", [g.op("Add", [bn, g.init(3.0, "three")]), g.init(0.0, "lo"), g.init(6.0, "hi")], "gate")
     hswish = g.op("Div", [g.op("Mul", [bn, gate]), g.init(6.0, "six")], "hswish")
     flipped = g.op("Relu", [g.op("Sub", [g.init(0.25, "c"), hswish], "flipped")])
-    top = g.op("Relu", [g.conv(flipped, 6, 5)])
-    return g.model(g.head(top, 5)), ["input", c, centred, scaled, hswish, flipped], (4, 10, 9), 17, set()
+    # L2 normalisation over channels: x / sqrt(sum x^2 + eps), a divisor computed from x (a gate)
+    norm = g.op("Sqrt", [g.op("Add", [g.op("ReduceSum", [g.op("Mul", [flipped, flipped], "sq"), _ints(g, [1], "axes")],
+                                           "ssq", keepdims=1), g.init(1e-3, "eps")])], "l2")
+    unit = g.op("Div", [flipped, norm], "unit")
+    top = g.op("Relu", [g.conv(unit, 6, 5)])
+    return g.model(g.head(top, 5)), ["input", c, centred, scaled, hswish, flipped, unit], (4, 10, 9), 17, set()
 
 
 def pad_modes(seed):

@@ -57,7 +57,8 @@ def div_check(graph, node):
     return _same_shape_check(graph, [x], node.output[0])
 
 
-@register("Div", keeps_nonneg=True, check=div_check,
+# only the dividend carries P (a gate's subgraph is not excited); not keeps_nonneg: x / c < 0 for c < 0
+@register("Div", inputs=(0,), check=div_check,
           description="per-element affine: P passes to `x`, as for Mul by a constant and a bias Add")
 def div(ctx: Context, node, p: str, negate=False):
     """P_in = P for the dividend; the divisor (a constant or a gate) takes no share."""
