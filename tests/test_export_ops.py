@@ -327,3 +327,38 @@ def test_cubic_resize_is_refused():
                     a.s = b"cubic"
     problems = inspect_model(model).problems
     assert len(problems) == 1 and problems[0][0] == "Resize" and "cubic" in problems[0][2]
+
+
+def _one_node_classifier(op, inputs, inits, attrs=None, in_shape=("N", 4, 6, 6)):
+    """x -> Relu -> <op> -> GlobalAveragePool -> Flatten -> Gemm: the op sits on the signal's path."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node(op, inputs, ["y"], name="op", **(attrs or {})),
+             helper.make_node("GlobalAveragePool", ["y"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "w"], ["logits"], name="fc", transB=1)]
+    inits = dict(inits)
+    inits.setdefault("w", np.ones((3, 4), np.float32))
+    graph = helper.make_graph(nodes, "one", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(in_shape))],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 8
+    return m
+
+
+REFUSED = {
+    "sub_of_two_tensors": ("Sub", ["r", "x"], {}, {}, "Sub of two tensors"),
+    "pad_negative": ("Pad", ["r", "p"], {"p": np.array([0, 0, -1, 0, 0, 0, 0, 0], np.int64)}, {"mode": "edge"}, "negative pads"),
+    "resize_cubic": ("Resize", ["r", "", "s"], {"s": np.array([1, 1, 2, 2], np.float32)}, {"mode": "cubic"}, "cubic"),
+    "resize_batch": ("Resize", ["r", "", "s"], {"s": np.array([2, 1, 1, 1], np.float32)}, {"mode": "nearest"}, "batch axis"),
+    "einsum_diagonal": ("Einsum", ["r", "e"], {"e": np.ones((6, 6), np.float32)}, {"equation": "nchh,hh->nch"}, "repeated index"),
+    "reduce_max_batch": ("ReduceMax", ["r", "a"], {"a": np.array([0], np.int64)}, {}, "batch axis"),
+    "tile_batch": ("Tile", ["r", "t"], {"t": np.array([2, 1, 1, 1], np.int64)}, {}, "batch axis"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_refused_variants_are_reported(case):
+    op, inputs, inits, attrs, reason = REFUSED[case]
+    problems = inspect_model(_one_node_classifier(op, inputs, inits, attrs)).problems
+    assert [(p[0], p[1]) for p in problems] == [(op, "op")] and reason in problems[0][2], problems
