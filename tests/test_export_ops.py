@@ -362,3 +362,33 @@ def test_refused_variants_are_reported(case):
     op, inputs, inits, attrs, reason = REFUSED[case]
     problems = inspect_model(_one_node_classifier(op, inputs, inits, attrs)).problems
     assert [(p[0], p[1]) for p in problems] == [(op, "op")] and reason in problems[0][2], problems
+
+
+FLOAT16_CLOSE = {"pad_modes", "resize_fpn", "einsum_layers", "expand_tile", "decomposed_bn_hardswish"}
+
+
+@pytest.mark.parametrize("arch", sorted(set(GRAPHS) - {"uint8_normalised", "upsample_opset9"}))
+def test_float16_models(arch):
+    """The same graphs in float16: the companion model passes the full checker, runs, and its maps are finite;
+    where no arg-max can flip in half precision they agree with the float32 model (same rounded weights)."""
+    from onnx_excite.builder import build_excitation_model
+
+    m16, layers, shape, _, _ = GRAPHS[arch](0)
+    m32 = onnx.ModelProto.FromString(m16.SerializeToString())
+    for t16, t32 in zip(m16.graph.initializer, m32.graph.initializer):
+        value = numpy_helper.to_array(t16)
+        if value.dtype == np.float32 and not t16.name.startswith("scales"):   # Resize scales stay float32
+            t16.CopyFrom(numpy_helper.from_array(value.astype(np.float16), t16.name))
+            t32.CopyFrom(numpy_helper.from_array(value.astype(np.float16).astype(np.float32), t32.name))
+    for value in list(m16.graph.input) + list(m16.graph.output):
+        value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    x = np.abs(_input(m16, shape, 0)).astype(np.float16)
+    onnx.checker.check_model(build_excitation_model(m16, layers, methods=("mwp", "cmwp")).model, full_check=True)
+    res16 = Exciter(m16, layers).explain(x, [1, 3])
+    res32 = Exciter(m32, layers).explain(x.astype(np.float32), [1, 3])
+    for method in ("mwp", "cmwp"):
+        for layer in layers:
+            got, want = res16.maps[method][layer], res32.maps[method][layer]
+            assert got.dtype == np.float32 and np.isfinite(got).all() and got.shape == want.shape
+            if arch in FLOAT16_CLOSE:
+                assert np.abs(got - want).max() <= 3e-2 * np.abs(want).max(), (layer, method)

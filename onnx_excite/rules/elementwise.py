@@ -89,7 +89,7 @@ def max_(ctx: Context, node, p: str, negate=False):
         return {data[0]: p} if ctx.wants(data[0]) else {}
 
     def first_argmax():
-        stacked = g.op("Concat", [g.op("Unsqueeze", [x, g.i64([0])]) for x in data], axis=0)
+        stacked = g.op("Concat", [g.op("Unsqueeze", [ctx.act(x), g.i64([0])]) for x in data], axis=0)
         return g.op("ArgMax", [stacked], axis=0, keepdims=0, select_last_index=0, hint="max_winner")
 
     winner = g.memo((node.name, "argmax"), first_argmax)

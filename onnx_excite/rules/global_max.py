@@ -52,7 +52,8 @@ def global_max(ctx: Context, node, p: str, negate=False):
     perm = kept + reduced
 
     def first_argmax():
-        moved = a if perm == list(range(rank)) else g.op("Transpose", [a], perm=perm)
+        x = ctx.act(a)   # float32 (ArgMax has no float16 kernel on every provider)
+        moved = x if perm == list(range(rank)) else g.op("Transpose", [x], perm=perm)
         flat = g.op("Reshape", [moved, g.i64([0] * len(kept) + [-1])], hint="max_flat")
         return moved, flat, g.op("ArgMax", [flat], axis=len(kept), keepdims=1, select_last_index=0, hint="max_winner")
 
@@ -61,7 +62,7 @@ def global_max(ctx: Context, node, p: str, negate=False):
     routed = g.op("ScatterElements", [zeros, winner, g.op("Reshape", [p, g.op("Shape", [winner])])],
                   axis=len(kept), hint="p_unmax")
     routed = g.reshape_like(routed, moved)
-    if moved != a:
+    if perm != list(range(rank)):
         inverse = [perm.index(i) for i in range(rank)]
         routed = g.op("Transpose", [routed], perm=inverse)
     return {a: routed}
