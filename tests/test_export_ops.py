@@ -148,12 +148,14 @@ def gmp_slice_split_merge(seed):
 
 
 def expand_tile(seed):
-    """A per-channel descriptor broadcast back onto the map (Expand) and added; channels tiled (Tile)."""
+    """A per-channel descriptor broadcast back onto the map (Expand by a constant shape, and by a shape
+    computed in the graph, as PyTorch's expand_as) and added; channels tiled (Tile)."""
     g = G(seed)
     x = g.op("Relu", [g.conv("input", 4, 6)])
     d = g.op("Relu", [g.conv(g.op("GlobalAveragePool", [x], "gap"), 6, 6, k=1)])
     e = g.op("Expand", [d, _ints(g, [1, 6, 10, 9], "shape")], "expand")
     s = g.op("Add", [x, e], "sum")
+    s = g.op("Add", [s, g.op("Expand", [d, g.op("Shape", [s], "shape_of")], "expand_as")], "sum")   # d.expand_as(s)
     t = g.op("Tile", [s, _ints(g, [1, 2, 1, 1], "reps")], "tile")
     top = g.op("Relu", [g.conv(t, 12, 5)])
     return g.model(g.head(top, 5)), ["input", x, d, e, s, t], (4, 10, 9), 17, set()

@@ -163,9 +163,20 @@ def _expand_plan(graph, node):
             broadcast.append(i)
         elif d is None and want != 1:
             out_d = out_shape[lead + i] if out_shape is not None and len(out_shape) == out_rank else None
-            if out_d is None or out_d > 1:
+            same_symbol = _dim_param(graph, node.input[0], i) is not None and \
+                _dim_param(graph, node.input[0], i) == _dim_param(graph, node.output[0], lead + i)
+            if not same_symbol and (out_d is None or out_d > 1):
                 return f"whether axis {i} of the input is broadcast is unknown (fix the input shape)"
     return list(range(lead)), broadcast
+
+
+def _dim_param(graph, name, axis):
+    """The symbolic name of a dynamic dim ("N"), where shape inference kept one."""
+    for vi in list(graph.model.graph.input) + list(graph.model.graph.value_info) + list(graph.model.graph.output):
+        if vi.name == name and vi.type.tensor_type.HasField("shape"):
+            dims = vi.type.tensor_type.shape.dim
+            return dims[axis].dim_param or None if axis < len(dims) else None
+    return None
 
 
 def expand_check(graph, node):
