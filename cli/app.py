@@ -63,15 +63,17 @@ def _input_shapes(model, text):
 
 @app.command()
 @friendly
-def layers(model: Path = typer.Argument(..., help="ONNX classifier"),
+def layers(model: Path = typer.Argument(..., help="ONNX classifier, or 'default'"),
            output: Optional[str] = typer.Option(None, help="output tensor to explain (default: the first, below a Softmax)")):
     """List candidate layers: tensor names, op types and shapes of tensors that feed the logits."""
     from onnx_excite.inspect import inspect_model
+    from onnx_excite.models.default import default_layers
 
     report = inspect_model(str(model), output=output)
-    table = Table("layer (tensor name)", "op", "shape", title=f"{model.name}: logits = {report.graph.entry}")
+    marked = set(default_layers(str(model)))
+    table = Table("layer (tensor name)", "op", "shape", "", title=f"{model.name}: logits = {report.graph.entry}")
     for info in report.layers:
-        table.add_row(info.name, info.op_type, _shape(info.shape))
+        table.add_row(info.name, info.op_type, _shape(info.shape), "default" if info.name in marked else "")
     out.print(table)
     if report.problems:
         err.print(f"warning: {len(report.problems)} unsupported node(s); run `onnx-excite check {model}`", markup=False)
@@ -79,7 +81,7 @@ def layers(model: Path = typer.Argument(..., help="ONNX classifier"),
 
 @app.command()
 @friendly
-def check(model: Path = typer.Argument(..., help="ONNX classifier"),
+def check(model: Path = typer.Argument(..., help="ONNX classifier, or 'default'"),
           output: Optional[str] = typer.Option(None, help="output tensor to explain")):
     """Report every node the rewrite cannot handle (exit 1), or "ok" and the candidate layers."""
     from onnx_excite.inspect import inspect_model
@@ -103,9 +105,9 @@ def _methods(method: Optional[List[str]], contrastive: bool) -> tuple:
 
 @app.command()
 @friendly
-def export(model: Path = typer.Argument(..., help="ONNX classifier (never modified)"),
+def export(model: Path = typer.Argument(..., help="ONNX classifier (never modified), or 'default'"),
            out_path: Path = typer.Option(..., "-o", "--output", help="where to write the companion model"),
-           layer: List[str] = typer.Option(..., "--layer", "-l", help="tensor name of a map layer (repeatable)"),
+           layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="tensor name of a map layer (repeatable; default: the model profile's)"),
            method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="mwp and/or cmwp (repeatable; default mwp)"),
            contrastive: bool = typer.Option(False, "--contrastive", help="also output contrastive MWP"),
            rule: str = typer.Option("positive", help="positive (stable for signed inputs) or paper (literal rule)"),
@@ -118,7 +120,9 @@ def export(model: Path = typer.Argument(..., help="ONNX classifier (never modifi
     import onnx
 
     from onnx_excite import build_excitation_model
+    from onnx_excite.models.default import layers_or_default
 
+    layer = layers_or_default(str(model), layer)
     if out_path.resolve() == model.resolve():
         raise ExciteError(f"{out_path}: refusing to overwrite the input model")
     built = build_excitation_model(str(model), layer, methods=_methods(method, contrastive), rule=rule,
@@ -137,8 +141,8 @@ def export(model: Path = typer.Argument(..., help="ONNX classifier (never modifi
 
 @app.command()
 @friendly
-def bench(model: str = typer.Argument(..., help="ONNX classifier, or 'vgg16-random' (full-width VGG16 shape, random weights)"),
-          layer: List[str] = typer.Option(..., "--layer", "-l", help="map layer (repeatable)"),
+def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 'vgg16-random' (full-width VGG16 shape, random weights)"),
+          layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="map layer (repeatable; default: the model profile's)"),
           rule: str = typer.Option("positive"),
           batch: int = typer.Option(1, help="batch size"),
           runs: int = typer.Option(10, help="timed runs per variant"),
@@ -146,8 +150,10 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, or 'vgg16-rand
           input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. '1,3,224,224'")):
     """Median ms of forward alone vs forward+MWP vs forward+c-MWP, and the ratios."""
     from onnx_excite.bench import run_bench
+    from onnx_excite.models.default import layers_or_default
     from onnx_excite.models.synthetic import RECIPES
 
+    layer = layers_or_default(model, layer)
     source = RECIPES[model]() if model in RECIPES else model
     shapes = _input_shapes(model, input_shape) if model not in RECIPES else None
     rows, providers = run_bench(source, layer, rule=rule, batch=batch, runs=runs, threads=threads, input_shapes=shapes)
@@ -273,6 +279,9 @@ def eval_merge(shards: List[Path] = typer.Argument(..., help="result folders of 
     from onnx_excite.eval import merge_shards
 
     _print_summary(merge_shards([str(s) for s in shards], out_dir=str(out_dir)))
+
+
+from onnx_excite.cli import info as _info  # noqa: E402,F401  (registers `models` and `classes`)
 
 
 def main() -> None:  # console script entry point

@@ -33,9 +33,13 @@ _SHAPE_ONLY = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Dropou
 # loading
 # ---------------------------------------------------------------------------
 def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """A private copy of the model: a path is read (with external data), a proto is deep-copied."""
+    """A private copy of the model: a path is read (with external data), a proto is deep-copied;
+    ``"default"`` is the default model (see ``onnx_excite.models.default``)."""
     if isinstance(model, onnx.ModelProto):
         return copy.deepcopy(model)
+    from onnx_excite.models.default import resolve_model_path
+
+    model = resolve_model_path(model)
     path = Path(model)
     if not path.exists():
         raise ExciteError(f"{path}: no such model file")

@@ -74,14 +74,10 @@ def resolve_model(name: str):
     """(model path or proto, profile) for a path or 'default'."""
     from onnx_excite.models import profiles
 
-    if name == "default":
-        from onnx_excite.models import mobilenet_v2
+    from onnx_excite.models.default import is_default, model_profile, resolve_model_path
 
-        try:
-            path = mobilenet_v2.load_default_model()
-        except mobilenet_v2.ModelUnavailableError as exc:
-            raise ExciteError(str(exc)) from None
-        return str(path), profiles.PROFILES["mobilenet_v2"]
+    if is_default(name):
+        return resolve_model_path(name), model_profile(name)
     from .canonicalize import load_model
     from .fullyconv import convert_dense_head
 
@@ -99,24 +95,10 @@ def resolve_model(name: str):
 
 
 def parse_targets(targets: Sequence[str], class_names: list[str] | None, k: int) -> list[int]:
-    out = []
-    for t in targets:
-        t = str(t).strip()
-        if t.lstrip("-").isdigit():
-            idx = int(t)
-        else:
-            names = [n.split(",")[0].strip().lower() for n in (class_names or [])]
-            full = [n.lower() for n in (class_names or [])]
-            if t.lower() in names:
-                idx = names.index(t.lower())
-            elif t.lower() in full:
-                idx = full.index(t.lower())
-            else:
-                raise ExciteError(f"unknown class name {t!r}" + ("" if class_names else " (the model has no class names; give an index)"))
-        if not 0 <= idx < k:
-            raise ExciteError(f"target class {idx} out of range 0..{k - 1}")
-        out.append(idx)
-    return out
+    """Class indices of ``targets`` (indices, descriptions or synonyms; see ``classes.class_index``)."""
+    from .classes import class_index
+
+    return [class_index(t, class_names, k) for t in targets]
 
 
 def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, errors=None) -> ExplainSummary:

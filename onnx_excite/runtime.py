@@ -108,12 +108,19 @@ class Exciter:
     >>> ex = Exciter("model.onnx", layers=["pool4"], methods=("mwp", "cmwp"))
     >>> res = ex.explain(batch, targets=243)
     >>> res.maps["cmwp"]["pool4"].shape   # (N, h, w)
+
+    ``model`` is a path, an ``onnx.ModelProto`` or ``"default"`` (the default ImageNet
+    MobileNetV2); ``layers=None`` takes the model's default layers (``features.13`` for
+    the default model; other models have none and need ``layers``).
     """
 
-    def __init__(self, model, layers: Sequence[str], methods: Sequence[str] = METHODS, rule: str = "positive",
+    def __init__(self, model, layers: Sequence[str] | None = None, methods: Sequence[str] = METHODS, rule: str = "positive",
                  providers: Sequence[str] | None = None, channels: bool = False, classifier: str | None = None,
                  output: str | None = None, input_shapes: Mapping | None = None, threads: int | None = None,
                  diagnostics: bool = False):
+        from onnx_excite.models.default import layers_or_default
+
+        layers = layers_or_default(model, layers)
         self.built: ExcitationModel = build_excitation_model(
             model, layers, methods=methods, rule=rule, channels=channels, classifier=classifier,
             output=output, input_shapes=input_shapes, diagnostics=diagnostics)
