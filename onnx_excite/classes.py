@@ -43,8 +43,7 @@ def class_index(name, class_names: Sequence[str] | None, num_classes: int | None
     if not class_names:
         raise ExciteError(f"unknown class name {text!r} (the model has no class names; give an index)")
     want = _norm(text)
-    whole = [i for i, d in enumerate(class_names) if _norm(d) == want]
-    hits = whole or [i for i, d in enumerate(class_names) if want in (_norm(s) for s in synonyms(d))]
+    hits = [i for i, d in enumerate(class_names) if _norm(d) == want or want in (_norm(s) for s in synonyms(d))]
     if len(hits) == 1:
         return hits[0]
     if hits:
