@@ -61,7 +61,7 @@ def test_explain_dog_default_model(tmp_path):
     out = record["outputs"][0]
     full = np.load(out["map_image"])
     assert full.shape == (384, 512)                     # the photo's own size and aspect ratio
-    assert np.load(out["map"]).shape == (14, 19)        # features.13 of a 224 x 298 input
+    assert np.load(out["map"]).shape == (14, 19)        # features.13 of a 224 x 299 input
     y, x = np.unravel_index(full.argmax(), full.shape)
     x0, y0, x1, y1 = DOG_BOX
     assert x0 <= x <= x1 and y0 <= y <= y1, (x, y)
