@@ -23,12 +23,6 @@ def synonyms(description: str) -> list[str]:
     return [s.strip() for s in str(description).split(",") if s.strip()]
 
 
-def short_name(description: str) -> str:
-    """The first synonym (the usual short name)."""
-    names = synonyms(description)
-    return names[0] if names else str(description)
-
-
 def class_index(name, class_names: Sequence[str] | None, num_classes: int | None = None) -> int:
     """The index of class ``name``: an integer (``"249"``), a whole description or one of its
     synonyms, case-insensitively. ExciteError when it is out of range, unknown (with the closest
