@@ -275,9 +275,13 @@ def eval_merge(shards: List[Path] = typer.Argument(..., help="result folders of 
     _print_summary(merge_shards([str(s) for s in shards], out_dir=str(out_dir)))
 
 
+from onnx_excite.cli import methods_cmd as _methods_cmd  # noqa: E402,F401  (registers `methods`)
+
+
 def main() -> None:  # console script entry point
     app()
 
 
 if __name__ == "__main__":
     main()
+
