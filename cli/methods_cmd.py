@@ -21,8 +21,11 @@ def methods(detail: bool = typer.Option(False, "--detail", "-d",
         for row in rows:
             table.add_row(row["method"], row["map"], row["blur"], row["description"])
         out.print(table)
-        return
-    for row in rows:
-        out.print(f"{row['method']}: {row['description']}", markup=False)
-        for key in ("linear", "pool", "add", "relu", "top", "dual", "map", "blur", "mass", "layers"):
-            out.print(f"    {key:7s} {row[key]}", markup=False)
+    else:
+        for row in rows:
+            out.print(f"{row['method']}: {row['description']}", markup=False)
+            for key in ("linear", "pool", "add", "relu", "top", "dual", "map", "blur", "mass", "layers", "runnable"):
+                out.print(f"    {key:7s} {row[key]}", markup=False)
+    waiting = [row["method"] for row in rows if row["runnable"] == "no"]
+    if waiting:
+        out.print(f"declared, not yet run by explain/eval/bench: {', '.join(waiting)}", markup=False, soft_wrap=True)

@@ -17,8 +17,9 @@ the logits s, adj = transpose of the bias-free layer, e.g. ConvTranspose for Con
           node's outputs of the same sample, sign(0) = +1) or P ("none"),
       P_in = sum_parts act * adj(R, weight),  a term with a zero denominator gives 0.
   ``linear`` is the rule of Conv/Gemm/MatMul; ``pool`` of AveragePool/GlobalAveragePool
-  (weights 1/count); ``add`` of an Add of data tensors (weights 1; a constant addend is a
-  bias).
+  (weights 1/count); ``add`` of an Add of data tensors (weights 1). A constant addend is a
+  bias: with ``bias="ignored"`` an Add of one data tensor and a constant passes P unchanged,
+  with ``"in-Z"`` the constant joins Z (and takes its share of P, which is dropped).
 * ``relu``: the gate at a ReLU: ``forward-mask`` (P * [x > 0], the gradient),
   ``backward-relu`` (max(P, 0), deconvnet), ``both`` (guided backprop) or ``none``.
   MaxPool routes P to the first maximum of each window in every method; reshapes, Concat,
@@ -190,6 +191,15 @@ def method_names() -> tuple:
     return tuple(METHODS)
 
 
+def runnable_methods() -> tuple:
+    """The methods the companion-graph builder runs today (explain, eval, bench, export);
+    the others are declared and have their float64 reference (tests/method_ref.py) but wait
+    for the builder to consume their declarations (issue 12, phase 2)."""
+    from . import builder
+
+    return tuple(m for m in METHODS if m in getattr(builder, "METHODS", ()))
+
+
 def get_method(name: str) -> Method:
     """The registered method ``name``; ExciteError naming the choices otherwise."""
     if name in METHODS:
@@ -232,10 +242,11 @@ def method_table(rule: str = "positive") -> list:
     """One dict of display strings per method (for `onnx-excite methods`)."""
     if rule not in RULE_PARTS:
         raise ExciteError(f"unknown rule {rule!r}; choose from {', '.join(RULE_PARTS)}")
+    runnable = runnable_methods()
     rows = []
     for m in METHODS.values():
         final = ("max|P|" if m.reduce == "abs-max" else "sum") + (", clip" if m.clip else "")
-        rows.append({"method": m.name, "dual": m.dual, "map": final, "blur": "yes" if m.blur else "no",
+        rows.append({"method": m.name, "runnable": "yes" if m.name in runnable else "no", "dual": m.dual, "map": final, "blur": "yes" if m.blur else "no",
                      "linear": m.linear.describe(rule), "pool": m.pool.describe(rule), "add": m.add.describe(rule),
                      "relu": m.relu, "top": m.top, "mass": m.mass, "layers": m.layers,
                      "description": m.description})

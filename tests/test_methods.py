@@ -10,7 +10,7 @@ import netgen
 from onnx_excite.cli.app import app
 from onnx_excite.errors import ExciteError
 from onnx_excite.methods import (METHODS, RULE_PARTS, Method, RuleVariant, get_method, method_names,
-                                 shared_linear_parts, shared_sweeps)
+                                 runnable_methods, shared_linear_parts, shared_sweeps)
 from reference import LINEAR, _attrs, _unbroadcast
 from method_nets import net as _net
 
@@ -294,6 +294,10 @@ def test_methods_command_lists_every_method():
     res = runner.invoke(app, ["methods", "--detail", "--rule", "paper"])
     assert res.exit_code == 0, res.output
     assert "a W+ /Z" in res.output and "Z+eps (bias in Z)" in res.output
+    waiting = [m for m in METHODS if m not in runnable_methods()]
+    assert {"mwp", "cmwp"} <= set(runnable_methods())
+    footer = [l for l in res.output.splitlines() if l.startswith("declared, not yet run")]
+    assert footer == ([f"declared, not yet run by explain/eval/bench: {', '.join(waiting)}"] if waiting else [])
     res = runner.invoke(app, ["methods", "--rule", "nope"])
     assert res.exit_code == 2
     assert res.output.strip().splitlines() == ["error: unknown rule 'nope'; choose from positive, paper"]
