@@ -49,9 +49,29 @@ NETS = {
 }
 
 
+BLOCKS = ("resnet_block", "mobilenet_block")  # tests/test_blocks.py: BatchNorm, ReLU6 (Clip), depthwise
+
+
 def net(kind, seed):
-    """(model, layers) of a test net: "concat" or a netgen kind of ``NETS``."""
+    """(model, layers) of a test net: "concat", a block of tests/test_blocks.py, or a
+    netgen kind of ``NETS``."""
     if kind == "concat":
         return concat_net(seed)
+    if kind in BLOCKS:
+        import test_blocks
+
+        return getattr(test_blocks, kind)(seed)
     model = NETS[kind](seed)
     return model, netgen.layer_names(model, spatial_only=False)
+
+
+def num_classes(model) -> int:
+    """K of the logits (from the declared output shape, else from a forward pass)."""
+    k = netgen.num_classes(model)
+    if k:
+        return k
+    import method_ref
+
+    g = method_ref.Graph(model)
+    shape = (1,) + tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:])
+    return int(g.forward(np.zeros(shape))[g.logits_name()].shape[1])

@@ -17,8 +17,12 @@ fwd(a, W) is the bias-free layer, adj(r, W) its transpose (transposed convolutio
 (AveragePool with its exact divisor cnt_i, GlobalAveragePool with cnt = H*W) are the linear
 layers y_i = sum_{j in window i} a_j / cnt_i; a residual Add is y = x1 + x2 (+ constant).
 Flatten/Reshape reshape P, Concat splits it, Identity/Dropout pass it; MaxPool routes P_out
-to the first maximum of each window (row-major scan) in every method. Safe division: a term
-with a zero denominator contributes 0.
+to the first maximum of each window (row-major scan) in every method. A Conv followed by a
+BatchNormalization (its sole consumer) is folded into one Conv first (as the library's
+canonicalization does); a BatchNormalization left over is the per-channel linear layer
+y = s x + t (s = gamma / sqrt(var + eps), t = beta - mean s: weight s, bias t). Clip
+(ReLU6) is a rectifier like Relu: the gradient's mask is [lo < x < hi], deconv rectifies P
+there, LRP and MWP pass P. Safe division: a term with a zero denominator contributes 0.
 
 grad      P_top = e. Linear: P_in = adj(P, W) (negative weights included, bias irrelevant).
           Relu(x): P_in = P * [x > 0]. Pools: P_in = scatter(P / cnt). Add: P to every data
@@ -75,6 +79,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from excitation_ref import _fold_conv_bn
 from reference import LINEAR, _attrs, _Graph, _pool_windows, _safe_div, _unbroadcast
 
 METHODS = ("grad", "deconv", "guided", "lrp-epsilon", "lrp-zplus", "cam", "mwp", "cmwp",
@@ -92,10 +97,42 @@ class MethodNotApplicable(ValueError):
 # ----------------------------------------------------------------------------------------
 
 class Graph(_Graph):
+    """reference.py's interpreter on the model with every Conv -> BatchNormalization (sole
+    consumer) folded into one Conv (as the library's canonicalization does), plus Concat,
+    Clip and unfolded BatchNormalization (a per-channel affine map y = s x + t)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        super().__init__(_fold_conv_bn(model))
+
     def _forward_node(self, n, ins):
         if n.op_type == "Concat":
             return [np.concatenate(ins, axis=int(_attrs(n)["axis"]))]
+        if n.op_type == "Clip":
+            lo, hi = self.clip_bounds(n, ins)
+            return [np.clip(ins[0], lo, hi)]
+        if n.op_type == "BatchNormalization":
+            s, t = self.bn_affine(n, ins)
+            return [ins[0] * s + t]
         return super()._forward_node(n, ins)
+
+    def clip_bounds(self, n, ins):
+        at = _attrs(n)
+        lo = ins[1] if len(ins) > 1 and ins[1] is not None else at.get("min", -np.inf)
+        hi = ins[2] if len(ins) > 2 and ins[2] is not None else at.get("max", np.inf)
+        return float(lo), float(hi)
+
+    def bn_affine(self, n, ins):
+        """(s, t) broadcast over (N, C, ...): s = gamma / sqrt(var + eps), t = beta - mean s."""
+        x, gamma, beta, mean, var = ins[:5]
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        s = gamma / np.sqrt(var + _attrs(n).get("epsilon", 1e-5))
+        return s.reshape(shape), (beta - mean * s).reshape(shape)
+
+    def linear_parts(self, n, vals):
+        if n.op_type == "BatchNormalization":
+            s, _ = self.bn_affine(n, [vals[i] for i in n.input])
+            return (n.input[0], vals[n.input[0]], s, lambda a, w: a * w, lambda r, w: r * w, lambda p: p)
+        return super().linear_parts(n, vals)
 
     def forward(self, x, override=None):
         """All tensors; ``override`` {tensor: value} replaces a computed tensor (its
@@ -129,8 +166,11 @@ def _stabilised(z):
 
 
 def _bias(g, n, vals, shape):
-    """The constant term of a Conv/Gemm node broadcast to its output shape (0 for MatMul)."""
+    """The constant term of a Conv/Gemm/BatchNormalization node broadcast to its output
+    shape (0 for MatMul)."""
     at = _attrs(n)
+    if n.op_type == "BatchNormalization":
+        return np.broadcast_to(g.bn_affine(n, [vals[i] for i in n.input])[1], shape)
     if n.op_type == "Conv" and len(n.input) > 2 and n.input[2]:
         return np.broadcast_to(vals[n.input[2]].reshape(1, -1, 1, 1), shape)
     if n.op_type == "Gemm" and len(n.input) > 2 and n.input[2]:
@@ -169,6 +209,10 @@ class Rules:
     def relu(self, x, p):
         return p * (x > 0)
 
+    def clip(self, x, p, lo, hi):
+        """Clip (ReLU6 ...): the gradient's mask is lo < x < hi."""
+        return p * ((x > lo) & (x < hi))
+
     def pool(self, a, scatter, wsum, cnt, p):
         return scatter(p / cnt)
 
@@ -184,10 +228,16 @@ class DeconvRules(Rules):
     def relu(self, x, p):
         return np.maximum(p, 0.0)
 
+    def clip(self, x, p, lo, hi):
+        return np.maximum(p, 0.0)
+
 
 class GuidedRules(Rules):
     def relu(self, x, p):
         return np.maximum(p, 0.0) * (x > 0)
+
+    def clip(self, x, p, lo, hi):
+        return np.maximum(p, 0.0) * ((x > lo) & (x < hi))
 
 
 class LrpEpsilonRules(Rules):
@@ -196,6 +246,9 @@ class LrpEpsilonRules(Rules):
         return a * adj(_safe_div(p, d), w)
 
     def relu(self, x, p):
+        return p
+
+    def clip(self, x, p, lo, hi):
         return p
 
     def pool(self, a, scatter, wsum, cnt, p):
@@ -232,6 +285,9 @@ class ExcitationRules(Rules):
     def relu(self, x, p):
         return p
 
+    def clip(self, x, p, lo, hi):
+        return p
+
     def pool(self, a, scatter, wsum, cnt, p):
         act = self._act(a)
         return act * scatter(_safe_div(p, wsum(act)))
@@ -257,7 +313,7 @@ def _backward_node(g, n, vals, p_out, rules, classifier_sign):
     "difference" (rule(W) - rule(-W)); only used at the classifier node."""
     op = n.op_type
     data = [i for i in n.input if i and i not in g.const]
-    if op in LINEAR:
+    if op in LINEAR or op == "BatchNormalization":
         name, a, w, fwd, adj, to_act = g.linear_parts(n, vals)
         p2 = p_out.reshape(-1, w.shape[1]) if op == "MatMul" else p_out
         b = _bias(g, n, vals, p2.shape)
@@ -269,6 +325,9 @@ def _backward_node(g, n, vals, p_out, rules, classifier_sign):
         return {name: to_act(p_in)}
     if op == "Relu":
         return {n.input[0]: rules.relu(vals[n.input[0]], p_out)}
+    if op == "Clip":
+        lo, hi = g.clip_bounds(n, [vals[i] if i else None for i in n.input])
+        return {n.input[0]: rules.clip(vals[n.input[0]], p_out, lo, hi)}
     if op in PASS:
         return {n.input[0]: p_out}
     if op in ("Flatten", "Reshape"):

@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import method_ref as mr
 import netgen
-from method_nets import net as _net
+from method_nets import net as _net, num_classes
 from reference import excitation_reference
 
 
@@ -17,7 +17,7 @@ from reference import excitation_reference
 # ----------------------------------------------------------------------------------------
 
 def _signal(model, batch=2, seed=0, kind="onehot"):
-    k = netgen.num_classes(model)
+    k = num_classes(model)
     rng = np.random.default_rng(seed)
     if kind == "onehot":
         return np.eye(k)[rng.integers(0, k, size=batch)]
@@ -77,6 +77,12 @@ def _kink_margin(g, vals):
             nz = np.abs(x[x != 0])
             if nz.size:
                 margin = min(margin, nz.min())
+        if n.op_type == "Clip":
+            lo, hi = g.clip_bounds(n, [vals[i] if i else None for i in n.input])
+            dist = np.minimum(np.abs(x - lo), np.abs(x - hi))
+            dist = dist[dist != 0]
+            if dist.size:
+                margin = min(margin, dist.min())
         if n.op_type == "MaxPool":
             _, win = _pool_windows(n, x.shape)
             cand = np.sort(g._maxpool_candidates(x, win), axis=0)
@@ -103,19 +109,22 @@ def _untied(t):
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("kind", ["plain", "signed", "residual", "concat"])
+@pytest.mark.parametrize("kind", ["plain", "signed", "residual", "concat", "resnet_block", "mobilenet_block"])
 def test_grad_equals_finite_differences(kind, seed):
     model, layers = _net(kind, seed)
     e = _signal(model, batch=1, seed=seed, kind="dense")
     g = mr.Graph(model)
     h = 1e-6
+    scale = 5.0 if kind == "mobilenet_block" else 1.0   # some ReLU6 inputs above 6
     for attempt in range(10):  # an input whose forward pass stays 100 h away from any kink
-        x = _input(model, seed=100 * seed + attempt, batch=1)
+        x = scale * _input(model, seed=100 * seed + attempt, batch=1)
         vals = g.forward(x)
         if _kink_margin(g, vals) > 1e2 * h:
             break
     else:
         raise AssertionError("no input away from the ReLU/MaxPool kinks in 10 draws")
+    if kind == "mobilenet_block":
+        assert any((vals[n.input[0]] > 6).any() for n in g.nodes if n.op_type == "Clip")
     res = mr.method_reference(model, x, e, layers, "grad")
     logits = g.logits_name()
     rng = np.random.default_rng(seed)
@@ -257,7 +266,7 @@ LINEAR_METHODS = ("grad", "lrp-epsilon", "lrp-zplus", "mwp", "cmwp", "cmwp-nonor
 
 
 @pytest.mark.parametrize("method", LINEAR_METHODS)
-@pytest.mark.parametrize("kind", ["signed", "residual", "concat"])
+@pytest.mark.parametrize("kind", ["signed", "residual", "concat", "resnet_block", "mobilenet_block"])
 def test_linear_in_the_signal(method, kind):
     model, layers = _net(kind, 3)
     x = _input(model, seed=3)
@@ -379,7 +388,7 @@ def test_mwp_and_cmwp_match_the_excitation_reference(seed, rule):
 # ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("kind", ["signed", "residual", "concat"])
+@pytest.mark.parametrize("kind", ["signed", "residual", "concat", "resnet_block", "mobilenet_block"])
 def test_c_grad_is_exactly_zero(kind, seed):
     model, layers = _net(kind, seed)
     x = _input(model, seed=seed)
