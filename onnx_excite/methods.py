@@ -34,7 +34,8 @@ the logits s, adj = transpose of the bias-free layer, e.g. ConvTranspose for Con
   the share of units with Z = 0), ``score`` (sum e * s for bias-free nets), ``zero``
   (the target and dual carry equal mass: sum P ~ 0), or ``none``.
 * ``blur``: the paper's Gaussian blur (sigma = 0.02 max(W, H), ``onnx_excite.postprocess``)
-  before display/evaluation; every map is upsampled bicubically.
+  before display/evaluation: grad, deconv, guided, LRP (the paper) and c-grad, c-deconv
+  (our choice: pixel-level maps like their base methods); every map is upsampled bicubically.
 * ``layers``: ``any`` or ``last-feature-map`` (CAM: the input of the global pool feeding
   the linear classifier).
 
@@ -149,9 +150,10 @@ _SUM_RULES = dict(pool=EXCITATION, add=EXCITATION)
 
 
 def _gradient_family(name, relu, description, dual="none"):
+    """grad, deconv, guided and their contrastive variants: pixel-level maps, all blurred
+    (the paper blurs grad/deconv/guided; their contrastive maps are as noisy)."""
     return Method(name, description, linear=GRADIENT, pool=GRADIENT, add=GRADIENT, relu=relu, dual=dual,
-                  reduce="abs-max", clip=dual != "none", mass="none" if dual == "none" else "zero",
-                  blur=dual == "none")
+                  reduce="abs-max", clip=dual != "none", mass="none" if dual == "none" else "zero", blur=True)
 
 
 METHODS: dict = {m.name: m for m in (

@@ -72,7 +72,8 @@ cmwp-postnorm MWP from the target and MWP from the negated classifier computed s
           where the two passes lose different mass at units with Z = 0.
 
 Map post-processing (the paper; onnx_excite.postprocess): bicubic upsampling to the image for
-every method, and a Gaussian blur sigma = 0.02 * max(W, H) for grad, deconv, guided and LRP.
+every method, and a Gaussian blur sigma = 0.02 * max(W, H) for grad, deconv, guided and LRP
+(and, our choice, for c-grad and c-deconv).
 """
 from __future__ import annotations
 

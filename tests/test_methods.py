@@ -267,7 +267,8 @@ def test_declarations_validate_their_fields():
 
 
 def test_paper_post_processing_flags():
-    assert {m for m, d in METHODS.items() if d.blur} == {"grad", "deconv", "guided", "lrp-epsilon", "lrp-zplus"}
+    assert {m for m, d in METHODS.items() if d.blur} == {"grad", "deconv", "guided", "lrp-epsilon", "lrp-zplus",
+                                                         "c-grad", "c-deconv"}
     assert get_method("c-grad").dual == get_method("c-deconv").dual == "separate"
     assert get_method("cmwp").dual == get_method("cmwp-nonorm").dual == "difference"
 
