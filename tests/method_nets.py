@@ -53,14 +53,17 @@ BLOCKS = ("resnet_block", "mobilenet_block")  # tests/test_blocks.py: BatchNorm,
 
 
 def net(kind, seed):
-    """(model, layers) of a test net: "concat", a block of tests/test_blocks.py, or a
-    netgen kind of ``NETS``."""
+    """(model, layers) of a test net: "concat", "reduce_mean", a block of
+    tests/test_blocks.py, or a netgen kind of ``NETS``."""
     if kind == "concat":
         return concat_net(seed)
     if kind in BLOCKS:
         import test_blocks
 
         return getattr(test_blocks, kind)(seed)
+    if kind == "reduce_mean":  # a GAP head exported as ReduceMean (Keras/TF style)
+        model = reduce_mean_head(netgen.random_cnn(seed, head="gap_gemm", residual=True))
+        return model, netgen.layer_names(model, spatial_only=False)
     model = NETS[kind](seed)
     return model, netgen.layer_names(model, spatial_only=False)
 
@@ -75,3 +78,22 @@ def num_classes(model) -> int:
     g = method_ref.Graph(model)
     shape = (1,) + tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:])
     return int(g.forward(np.zeros(shape))[g.logits_name()].shape[1])
+
+
+def reduce_mean_head(model):
+    """The same net with its GlobalAveragePool -> Flatten replaced by one
+    ReduceMean(axes=[2, 3], keepdims=0) (how Keras/TF exports a global pool)."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    nodes = list(m.graph.node)
+    gap = next(n for n in nodes if n.op_type == "GlobalAveragePool")
+    flat = next(n for n in nodes if n.op_type == "Flatten" and n.input[0] == gap.output[0])
+    mean = helper.make_node("ReduceMean", [gap.input[0]], [flat.output[0]], name="mean", axes=[2, 3], keepdims=0)
+    del m.graph.node[:]
+    for n in nodes:
+        if n is gap:
+            m.graph.node.append(mean)
+        elif n is not flat:
+            m.graph.node.append(n)
+    onnx.checker.check_model(m, full_check=True)
+    return m

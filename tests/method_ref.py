@@ -14,7 +14,8 @@ Notation: the signal e (N, K) enters at the logits s (the input of a trailing So
 the top-down signal at tensor t (same shape as t). At a linear layer (Conv, Gemm incl.
 alpha/transB, MatMul) with input activation a, weight W, bias b, output y = W a + b:
 fwd(a, W) is the bias-free layer, adj(r, W) its transpose (transposed convolution). "Pools"
-(AveragePool with its exact divisor cnt_i, GlobalAveragePool with cnt = H*W) are the linear
+(AveragePool with its exact divisor cnt_i, GlobalAveragePool and ReduceMean over H, W with
+cnt = H*W) are the linear
 layers y_i = sum_{j in window i} a_j / cnt_i; a residual Add is y = x1 + x2 (+ constant).
 Flatten/Reshape reshape P, Concat splits it, Identity/Dropout pass it; MaxPool routes P_out
 to the first maximum of each window (row-major scan) in every method. A Conv followed by a
@@ -48,7 +49,7 @@ lrp-zplus  alpha1-beta0: P_top = e * s; z+_ij = max(a_j W_ij, 0) (= a+ W+ + a- W
           e * s this is the ``positive`` Excitation Backprop rule (cross-checked in tests).
           map (both LRP) = sum over channels.
 cam       Zhou et al.: only for logits = Gemm/MatMul(+bias) of Flatten(GlobalAveragePool(F))
-          (Identity/Dropout/Reshape allowed between); only at layer F:
+          (Identity/Dropout/Reshape allowed between; or a ReduceMean over H, W); only at layer F:
           map = sum_c (W^T e)_c F_c (no clip); equals H*W * sum_c F_c * grad_c at F.
           Elsewhere MethodNotApplicable with the reason.
 mwp       P_top = e; the excitation rule (``positive``: z+_ij as lrp-zplus; ``paper``:
@@ -114,7 +115,23 @@ class Graph(_Graph):
         if n.op_type == "BatchNormalization":
             s, t = self.bn_affine(n, ins)
             return [ins[0] * s + t]
+        if n.op_type == "ReduceMean":
+            axes, keep = self.mean_axes(n, ins)
+            return [ins[0].mean(axis=axes, keepdims=keep)]
         return super()._forward_node(n, ins)
+
+    def mean_axes(self, n, ins):
+        """(axes, keepdims) of a ReduceMean over the spatial axes (attribute, or input 1 from
+        opset 18)."""
+        at = _attrs(n)
+        rank = ins[0].ndim
+        axes = at.get("axes") if "axes" in at else (ins[1] if len(ins) > 1 and ins[1] is not None else None)
+        if axes is None:
+            raise NotImplementedError(f"ReduceMean {n.name!r} over all axes")
+        axes = tuple(sorted(int(a) % rank for a in axes))
+        if axes != tuple(range(2, rank)):
+            raise NotImplementedError(f"ReduceMean {n.name!r}: only over the spatial axes, got {axes}")
+        return axes, bool(at.get("keepdims", 1))
 
     def clip_bounds(self, n, ins):
         at = _attrs(n)
@@ -180,9 +197,17 @@ def _bias(g, n, vals, shape):
 
 
 def _pool_parts(g, n, vals):
-    """(a, scatter, cnt) for AveragePool / GlobalAveragePool: y = window_sum(a) / cnt,
-    scatter = adjoint of window_sum."""
+    """(a, scatter, window_sum, cnt) for AveragePool / GlobalAveragePool / spatial
+    ReduceMean: y = window_sum(a) / cnt, scatter = adjoint of window_sum."""
     x = vals[n.input[0]]
+    if n.op_type == "ReduceMean":
+        axes, keep = g.mean_axes(n, [vals[i] if i else None for i in n.input])
+        cnt = float(np.prod([x.shape[a] for a in axes]))
+
+        def scatter(r):
+            return np.broadcast_to(r if keep else np.expand_dims(r, axes), x.shape).copy()
+
+        return x, scatter, (lambda a: a.sum(axis=axes, keepdims=keep)), cnt
     if n.op_type == "GlobalAveragePool":
         axes = tuple(range(2, x.ndim))
         cnt = float(np.prod(x.shape[2:]))
@@ -356,7 +381,7 @@ def _backward_node(g, n, vals, p_out, rules, classifier_sign):
         for idx, (sy, sx) in enumerate(win.offsets()):
             gp[:, :, sy, sx] += np.where(arg == idx, p_out, 0.0)
         return {n.input[0]: win.crop(gp)}
-    if op in ("AveragePool", "GlobalAveragePool"):
+    if op in ("AveragePool", "GlobalAveragePool", "ReduceMean"):
         a, scatter, wsum, cnt = _pool_parts(g, n, vals)
         return {n.input[0]: rules.pool(a, scatter, wsum, cnt, p_out)}
     raise NotImplementedError(f"no rule for op {op} ({n.name!r})")
@@ -487,6 +512,13 @@ def cam_head(g: Graph):
             continue
         if node.op_type == "GlobalAveragePool":
             return node.input[0], clf
+        if node.op_type == "ReduceMean":  # a global average pool when over H, W of a 4-D map
+            at = _attrs(node)
+            axes = at.get("axes", g.inits.get(node.input[1]) if len(node.input) > 1 else None)
+            if axes is not None and sorted(int(a) % 4 for a in axes) == [2, 3]:
+                return node.input[0], clf
+            raise MethodNotApplicable(f"cam: the ReduceMean {node.name!r} before the classifier is not over "
+                                      "the spatial axes")
         raise MethodNotApplicable(f"cam: the classifier {clf.name!r} is fed by {node.op_type} {node.name!r}, "
                                   "not by a global average pool of the last feature map")
 

@@ -8,7 +8,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import method_ref as mr
 import netgen
-from method_nets import net as _net, num_classes
+from method_nets import net as _net, num_classes, reduce_mean_head
 from reference import excitation_reference
 
 
@@ -446,6 +446,23 @@ def test_c_cam_has_the_arg_max_of_cam(seed):
         if cam[n].max() > 0:
             assert np.argmax(ccam[n]) == np.argmax(cam[n])
             np.testing.assert_allclose(ccam[n], 2 * np.maximum(cam[n], 0) / np.abs(cam[n]).sum(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_reduce_mean_head_equals_global_pool_head(seed):
+    """ReduceMean over H, W (keepdims=0) is GlobalAveragePool + Flatten for every method."""
+    model, _ = _gap_net(seed)
+    other = reduce_mean_head(model)
+    layers = [l for l in netgen.layer_names(model) if l != "gap"]
+    feat, _ = mr.cam_head(mr.Graph(other))
+    x = _input(model, seed=seed)
+    e = _signal(model, seed=seed, kind="dense")
+    for method in mr.METHODS:
+        at = [feat] if method.endswith("cam") else layers
+        a = mr.method_reference(model, x, e, at, method)["map"]
+        b = mr.method_reference(other, x, e, at, method)["map"]
+        for layer in at:
+            np.testing.assert_allclose(b[layer], a[layer], rtol=1e-10, atol=1e-15, err_msg=f"{method} {layer}")
 
 
 def test_cam_not_applicable_says_why():

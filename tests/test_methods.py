@@ -12,7 +12,7 @@ from onnx_excite.errors import ExciteError
 from onnx_excite.methods import (METHODS, RULE_PARTS, Method, RuleVariant, get_method, method_names,
                                  runnable_methods, shared_linear_parts, shared_sweeps)
 from reference import LINEAR, _attrs, _unbroadcast
-from method_nets import net as _net, num_classes
+from method_nets import net as _net, num_classes, reduce_mean_head
 
 
 # ----------------------------------------------------------------------------------------
@@ -99,7 +99,7 @@ def interpret(method: Method, model, x, e, layers, rule="positive"):
             return dict(zip(n.input, np.split(p, np.cumsum([vals[i].shape[axis] for i in n.input])[:-1], axis=axis)))
         if op == "MaxPool":
             return mr._backward_node(g, n, vals, p, None, 1)   # first-maximum routing, as everywhere
-        if op in ("AveragePool", "GlobalAveragePool"):
+        if op in ("AveragePool", "GlobalAveragePool", "ReduceMean"):
             a, scatter, wsum, cnt = mr._pool_parts(g, n, vals)
             # the pool as a linear layer with weight 1/cnt ("W"), or 1 (unit weight, "1")
             fwd = lambda act, wt: wsum(act) * wt                       # noqa: E731
@@ -160,7 +160,7 @@ def test_every_reference_method_is_registered():
 
 
 CASES = [("residual", 0), ("residual", 1), ("signed", 2), ("signed", 3), ("concat", 0), ("nobias", 4),
-         ("resnet_block", 0), ("mobilenet_block", 1)]
+         ("resnet_block", 0), ("mobilenet_block", 1), ("reduce_mean", 2)]
 
 
 @pytest.mark.parametrize("kind,seed", CASES)
@@ -188,6 +188,8 @@ def test_declaration_matches_reference(method, kind, seed):
 @pytest.mark.parametrize("method", ["cam", "c-cam"])
 def test_cam_declarations_match_reference(method, seed):
     model = netgen.random_cnn(seed, head="gap_gemm", hidden=False)
+    if seed % 2:
+        model = reduce_mean_head(model)
     feat, _ = mr.cam_head(mr.Graph(model))
     x = netgen.random_input(model, batch=2, seed=seed).astype(np.float64)
     e = np.random.default_rng(seed).random((2, netgen.num_classes(model)))
