@@ -16,12 +16,14 @@ the logits s, adj = transpose of the bias-free layer, e.g. ConvTranspose for Con
       R = P / Z ("Z"), P / (Z + eps * max|Z| * sign Z) ("Z+eps", eps = 1e-6, max over the
           node's outputs of the same sample, sign(0) = +1) or P ("none"),
       P_in = sum_parts act * adj(R, weight),  a term with a zero denominator gives 0.
-  ``linear`` is the rule of Conv/Gemm/MatMul; ``pool`` of AveragePool/GlobalAveragePool
-  (weights 1/count); ``add`` of an Add of data tensors (weights 1). A constant addend is a
+  ``linear`` is the rule of Conv/Gemm/MatMul (and of an unfolded BatchNormalization: weight
+  s = gamma / sqrt(var + eps), bias beta - mean s); ``pool`` of AveragePool,
+  GlobalAveragePool and a spatial ReduceMean (weights 1/count); ``add`` of an Add of data tensors (weights 1). A constant addend is a
   bias: with ``bias="ignored"`` an Add of one data tensor and a constant passes P unchanged,
   with ``"in-Z"`` the constant joins Z (and takes its share of P, which is dropped).
-* ``relu``: the gate at a ReLU: ``forward-mask`` (P * [x > 0], the gradient),
-  ``backward-relu`` (max(P, 0), deconvnet), ``both`` (guided backprop) or ``none``.
+* ``relu``: the gate at a rectifier (Relu; Clip/ReLU6 with the mask [lo < x < hi]):
+  ``forward-mask`` (P * [x > 0], the gradient), ``backward-relu`` (max(P, 0), deconvnet),
+  ``both`` (guided backprop) or ``none``.
   MaxPool routes P to the first maximum of each window in every method; reshapes, Concat,
   Identity/Dropout move P unchanged.
 * ``top``: the signal entering at the logits: ``signal`` (e) or ``score`` (e * s, LRP).
