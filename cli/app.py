@@ -284,4 +284,3 @@ def main() -> None:  # console script entry point
 
 if __name__ == "__main__":
     main()
-
