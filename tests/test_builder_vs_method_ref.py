@@ -7,6 +7,7 @@ import pytest
 import method_ref as mr
 from method_nets import net, num_classes
 from onnx_excite import Exciter
+from onnx_excite.errors import ExciteError
 from onnx_excite.methods import get_method, runnable_methods
 
 KINDS = [("residual", 0), ("signed", 1), ("concat", 2), ("resnet_block", 0), ("mobilenet_block", 1),
@@ -18,7 +19,12 @@ KINDS = [("residual", 0), ("signed", 1), ("concat", 2), ("resnet_block", 0), ("m
 def test_builder_matches_method_ref(method, kind, seed):
     model, layers = net(kind, seed)
     if get_method(method).layers == "last-feature-map":
-        layers = [mr.cam_head(mr.Graph(model))[0]]
+        try:
+            layers = [mr.cam_head(mr.Graph(model))[0]]
+        except mr.MethodNotApplicable:  # the builder must refuse too, with one clear error
+            with pytest.raises(ExciteError):
+                Exciter(model, layers, methods=(method,))
+            return
     rng = np.random.default_rng(seed)
     shape = tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:])
     x = rng.normal(size=(2,) + shape).astype(np.float32)
