@@ -119,12 +119,15 @@ def export(model: Path = typer.Argument(..., help="ONNX classifier (never modifi
 
     from onnx_excite import build_excitation_model
 
-    if out_path.resolve() == model.resolve():
-        raise ExciteError(f"{out_path}: refusing to overwrite the input model")
+    from onnx_excite.checks import output_file
+
+    output_file(out_path, "-o", protect=[model])
     built = build_excitation_model(str(model), layer, methods=_methods(method, contrastive), rule=rule,
                                    channels=channels, input_shapes=_input_shapes(str(model), input_shape))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    built.save(out_path)
+    try:
+        built.save(out_path)
+    except OSError as exc:
+        raise ExciteError(f"-o {out_path}: cannot write ({exc.strerror or type(exc).__name__})") from None
     try:
         onnx.checker.check_model(str(out_path), full_check=True)
     except Exception as exc:  # a bug of ours, not of the user's model
@@ -139,9 +142,9 @@ def export(model: Path = typer.Argument(..., help="ONNX classifier (never modifi
 @friendly
 def bench(model: str = typer.Argument(..., help="ONNX classifier, or 'vgg16-random' (full-width VGG16 shape, random weights)"),
           layer: List[str] = typer.Option(..., "--layer", "-l", help="map layer (repeatable)"),
-          rule: str = typer.Option("positive"),
-          batch: int = typer.Option(1, help="batch size"),
-          runs: int = typer.Option(10, help="timed runs per variant"),
+          rule: str = typer.Option("positive", help="positive or paper"),
+          batch: int = typer.Option(1, help="batch size (at least 1)"),
+          runs: int = typer.Option(10, help="timed runs per variant (at least 1)"),
           threads: Optional[int] = typer.Option(None, help="intra-op threads (default: ORT's)"),
           input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. '1,3,224,224'")):
     """Median ms of forward alone vs forward+MWP vs forward+c-MWP, and the ratios."""
@@ -150,12 +153,28 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, or 'vgg16-rand
 
     source = RECIPES[model]() if model in RECIPES else model
     shapes = _input_shapes(model, input_shape) if model not in RECIPES else None
-    rows, providers = run_bench(source, layer, rule=rule, batch=batch, runs=runs, threads=threads, input_shapes=shapes)
+    from rich.progress import Progress
+
+    used, bar = {}, Progress(console=err, transient=True)
+
+    def progress(phase, done, total):  # the bar starts with the first step (after the checks)
+        if not bar.task_ids:
+            bar.start()
+            bar.add_task(phase, total=total)
+        bar.update(bar.task_ids[0], description=phase, completed=done, total=total)
+
+    try:
+        rows, providers = run_bench(source, layer, rule=rule, batch=batch, runs=runs, threads=threads,
+                                    input_shapes=shapes, progress=progress, on_inputs=used.update)
+    finally:
+        bar.stop()
+    sizes = ", ".join(f"{name} {_shape(shape)}" for name, shape in used.items())
     table = Table("variant", "median ms", "x forward",
-                  title=f"{Path(model).name}, layer {', '.join(layer)}, batch {batch}, {providers[0]}")
+                  title=f"{Path(model).name}, layer {', '.join(layer)}, input {sizes}, {providers[0]}")
     for row in rows:
         table.add_row(row.name, f"{row.median_ms:.3f}", f"{row.ratio:.2f}")
     out.print(table)
+    out.print(f"input used: {sizes} (batch {batch}, dynamic dims at 224; pin with --input-shape)", markup=False)
 
 
 @app.command()
@@ -173,19 +192,42 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
             mean: Optional[str] = typer.Option(None, help="per-channel mean, e.g. 0.485,0.456,0.406"),
             std: Optional[str] = typer.Option(None, help="per-channel std, e.g. 0.229,0.224,0.225"),
             combine: bool = typer.Option(False, help="several --target as one multi-hot signal (one map) instead of one map each"),
-            colorbar: bool = typer.Option(True, help="draw a colour bar beside each overlay"),
+            colorbar: bool = typer.Option(True, help="draw a colour bar (ticks, label) beside each overlay"),
+            scale: str = typer.Option("shared", help="colour scale: 'shared' (one per method and layer across an "
+                                                     "image's classes: a weak class looks weak) or 'max' (each map by its own maximum)"),
+            alpha: float = typer.Option(0.5, help="weight of the heat map over the photo, 0..1"),
+            cmap: str = typer.Option("jet", help="colour map: jet (built in) or any matplotlib name when "
+                                                 "matplotlib is installed (pip install 'onnx-excite[plot]')"),
+            full_res: bool = typer.Option(False, "--full-res", help="image-space maps and overlays at the photo's full size "
+                                                                   "(default: long side at most 1600 px)"),
             batch_size: int = typer.Option(8, help="images per run (same-size images share a batch)")):
-    """Write maps (.npy at layer resolution and upsampled to the image) and overlays (.png) per image."""
+    """Write maps (.npy at layer resolution and upsampled to the image) and overlays (.png) per image.
+
+    Re-running with the same settings skips images whose outputs are complete.
+    """
     from onnx_excite.explain import ExplainOptions, explain_files
 
     opts = ExplainOptions(model=model, layers=list(layer or []), targets=list(target or []), top=top,
                           methods=_methods(method or ["mwp", "cmwp"], contrastive), rule=rule, out_dir=out_dir,
-                          size=size, mean=mean, std=std, batch_size=batch_size, combine=combine, colorbar=colorbar)
-    summary = explain_files(inputs, opts, console=out, errors=err)
+                          size=size, mean=mean, std=std, batch_size=batch_size, combine=combine, colorbar=colorbar,
+                          scale=scale, alpha=alpha, cmap=cmap, full_res=full_res)
+    summary = explain_files(inputs, opts, console=out, errors=err, warn=_warn, on_record=_print_record)
+    if summary.skipped:
+        out.print(f"skipped {summary.skipped} image(s) already explained with these settings", markup=False)
     out.print(f"wrote {summary.written} file(s) to {out_dir}", markup=False)
     if summary.failed:
-        err.print(f"error: {summary.failed} input(s) could not be read", markup=False)
+        err.print(f"error: {summary.failed} input(s) could not be read or explained", markup=False)
         raise typer.Exit(2)
+
+
+def _warn(message: str) -> None:
+    err.print(f"warning: {message}", markup=False, soft_wrap=True)
+
+
+def _print_record(rec: dict, skipped: bool = False) -> None:
+    """One image's top predictions, as `demo` prints them."""
+    best = ", ".join(f"{t['label']} ({t['prob']:.2f})" for t in rec["top5"][:3])
+    out.print(f"{Path(rec['image']).name}: {best}" + ("  [already done]" if skipped else ""), markup=False)
 
 
 @app.command()
