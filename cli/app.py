@@ -14,9 +14,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from onnx_excite.cli import help_style  # noqa: F401  (plain placeholders in --help)
 from onnx_excite.errors import ExciteError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Excitation Backprop attention maps (MWP, contrastive MWP) for ONNX image classifiers.")
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -245,7 +246,7 @@ def demo(out_dir: Path = typer.Option(Path("excite_demo"), "-o", "--output", hel
     out.print(f"summary (top-5 per image): {path}", markup=False)
 
 
-eval_app = typer.Typer(no_args_is_help=True, help="The paper's evaluations: pointing game and dominant-object localization.")
+eval_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The paper's evaluations: pointing game and dominant-object localization.")
 app.add_typer(eval_app, name="eval")
 
 
@@ -284,6 +285,7 @@ _LAYER = typer.Option(None, "--layer", "-l", help="map layer (default: the model
 _MAPPING = typer.Option(None, "--mapping", help="dataset class -> model output indices (JSON file or bundled name)")
 _OUT = typer.Option(Path("eval_out"), "-o", "--output", help="results folder (maps are cached there)")
 _SHARD = typer.Option(None, "--shard", help="evaluate shard i of n ('i/n', 0-based); merge with `eval merge`")
+_RULE = typer.Option("positive", "--rule", help="positive or paper")
 
 
 @eval_app.command("pointing")
@@ -292,7 +294,7 @@ def eval_pointing(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, meth
                   layer: Optional[List[str]] = _LAYER, mapping: Optional[str] = _MAPPING, out_dir: Path = _OUT,
                   tolerance: float = typer.Option(15, help="hit tolerance in pixels"),
                   size: int = typer.Option(224, help="shorter side of the resized image"),
-                  shard: Optional[str] = _SHARD, rule: str = typer.Option("positive")):
+                  shard: Optional[str] = _SHARD, rule: str = _RULE):
     """Pointing game (all and difficult subsets, with the center baseline)."""
     _eval("pointing", data, fmt, model, methods, layer, mapping, out_dir, tolerance, size, shard, rule)
 
@@ -302,7 +304,7 @@ def eval_pointing(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, meth
 def eval_localization(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, methods: str = _METHODS,
                       layer: Optional[List[str]] = _LAYER, mapping: Optional[str] = _MAPPING, out_dir: Path = _OUT,
                       size: int = typer.Option(224, help="square input size"),
-                      shard: Optional[str] = _SHARD, rule: str = typer.Option("positive")):
+                      shard: Optional[str] = _SHARD, rule: str = _RULE):
     """Dominant-object localization (alpha * mean threshold, alpha chosen on a held-out split)."""
     _eval("localization", data, fmt, model, methods, layer, mapping, out_dir, 15, size, shard, rule)
 
@@ -310,7 +312,7 @@ def eval_localization(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, 
 @eval_app.command("merge")
 @friendly
 def eval_merge(shards: List[Path] = typer.Argument(..., help="result folders of the shards"),
-               out_dir: Path = typer.Option(Path("eval_out"), "-o", "--output")):
+               out_dir: Path = typer.Option(Path("eval_out"), "-o", "--output", help="folder for the merged result")):
     """Merge the result folders of several shards into one result."""
     from onnx_excite.eval import merge_shards
 
