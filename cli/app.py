@@ -189,7 +189,8 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
             contrastive: bool = typer.Option(False, "--contrastive", help="include contrastive MWP"),
             rule: str = typer.Option("positive", help="positive or paper"),
             out_dir: Path = typer.Option(Path("excite_out"), "-o", "--output", help="output folder"),
-            size: Optional[int] = typer.Option(None, help="resize size (shorter side, or square for fixed-size models)"),
+            size: Optional[int] = typer.Option(None, help="shorter side of the resized image (default 224); a model with a fixed input size "
+                                                   "runs at its own size, which --size overrides with a warning"),
             mean: Optional[str] = typer.Option(None, help="per-channel mean, e.g. 0.485,0.456,0.406"),
             std: Optional[str] = typer.Option(None, help="per-channel std, e.g. 0.229,0.224,0.225"),
             combine: bool = typer.Option(False, help="several --target as one multi-hot signal (one map) instead of one map each"),

@@ -215,7 +215,15 @@ def labelled_overlay(img: Image.Image, map2d: np.ndarray, caption: Sequence[str]
         canvas.paste(out, (0, 0))
         canvas.paste(bar, (out.width + px // 2, 0))
         out = canvas
-    return out
+    return _cap(out, style)
+
+
+def _cap(img: Image.Image, style: Style) -> Image.Image:
+    """At most ``MAX_SIDE`` px on the long side unless ``style.full_res``."""
+    if style.full_res or max(img.size) <= MAX_SIDE:
+        return img
+    k = MAX_SIDE / max(img.size)
+    return img.resize((max(1, round(img.width * k)), max(1, round(img.height * k))), Image.LANCZOS)
 
 
 def panel_grid(img: Image.Image, tiles: Sequence[tuple], style: Style, title: Sequence[str] = (),
@@ -259,8 +267,5 @@ def panel_grid(img: Image.Image, tiles: Sequence[tuple], style: Style, title: Se
     for i, tile in enumerate(rendered):
         r, c = divmod(i, cols)
         canvas.paste(tile, (c * cell_w, head + r * (tile_h + gap)))
-    if not style.full_res and max(canvas.size) > MAX_SIDE:
-        k = MAX_SIDE / max(canvas.size)
-        canvas = canvas.resize((max(1, round(canvas.width * k)), max(1, round(canvas.height * k))), Image.LANCZOS)
-    return canvas
+    return _cap(canvas, style)
 
