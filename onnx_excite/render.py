@@ -254,18 +254,21 @@ def panel_grid(img: Image.Image, tiles: Sequence[tuple], style: Style, title: Se
             both.paste(bar, (tile_w + px // 2, 0))
             over = both
         rendered.append(over)
-    cell_w = max(t.width for t in rendered) + px // 2
     gap = px // 2
+    grid = [rendered[i:i + cols] for i in range(0, len(rendered), cols)]
+    width = max(sum(t.width for t in row) + gap * (len(row) - 1) for row in grid)
     title = [t for t in title if t]
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    tfnt, tpx = _fit_font(scratch, title, cell_w * cols, int(px * 1.1)) if title else (None, 0)
+    tfnt, tpx = _fit_font(scratch, title, width, int(px * 1.3)) if title else (None, 0)
     head = (int(tpx * 1.3) * len(title) + gap) if title else 0
-    canvas = Image.new("RGB", (cell_w * cols, head + rows * (tile_h + gap)), "white")
+    canvas = Image.new("RGB", (width, head + len(grid) * (tile_h + gap) - gap), "white")
     draw = ImageDraw.Draw(canvas)
     for i, t in enumerate(title):
         draw.text((gap, gap // 2 + i * int(tpx * 1.3)), t, font=tfnt, fill="black")
-    for i, tile in enumerate(rendered):
-        r, c = divmod(i, cols)
-        canvas.paste(tile, (c * cell_w, head + r * (tile_h + gap)))
+    for r, row in enumerate(grid):
+        x = 0
+        for tile in row:
+            canvas.paste(tile, (x, head + r * (tile_h + gap)))
+            x += tile.width + gap
     return _cap(canvas, style)
 
