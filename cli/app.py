@@ -214,6 +214,8 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
                           size=size, mean=mean, std=std, batch_size=batch_size, combine=combine, colorbar=colorbar,
                           scale=scale, alpha=alpha, cmap=cmap, full_res=full_res)
     summary = explain_files(inputs, opts, console=out, errors=err, warn=_warn, on_record=_print_record)
+    if summary.input_size:
+        out.print(f"model input: {summary.input_size[0]}x{summary.input_size[1]} (the size the model declares)", markup=False)
     if summary.skipped:
         out.print(f"skipped {summary.skipped} image(s) already explained with these settings", markup=False)
     out.print(f"wrote {summary.written} file(s) to {out_dir}", markup=False)
