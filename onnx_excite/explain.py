@@ -379,6 +379,7 @@ class _Run:
             group = (key[1], key[2]) if self.opts.scale == "shared" else key
             vmax[group] = max(vmax.get(group, 0.0), map_max(up))
         bar_label = "excitation (shared scale)" if self.opts.scale == "shared" and len(sets) > 1 else "excitation"
+        all_tiles = []
         for j, classes in enumerate(sets):
             tag = "+".join(str(c) for c in classes)
             prob = float(sum(probs[c] for c in classes))
@@ -400,6 +401,7 @@ class _Run:
                     labelled_overlay(img, up, caption, self.style, v, bar_label).save(written["overlay"])
                     self.summary.written += len(written)
                     tiles.append(([f"{_METHOD_NAMES.get(method, method)} · {layer}"], up, v))
+                    all_tiles.append(([head, f"{_METHOD_NAMES.get(method, method)} · {layer}"], up, v))
                     record["outputs"].append({"targets": list(classes), "label": self.label(classes),
                                               "prob": prob, "method": method, "layer": layer, "vmax": v,
                                               **{k: str(p) for k, p in written.items()}})
@@ -411,6 +413,18 @@ class _Run:
             for out in record["outputs"][-len(tiles):]:
                 out["panel"] = str(panel_path)
             advance()
+        if len(sets) > 1:   # every class of the image side by side, one row per class
+            top_path = self.opts.out_dir / f"{path.stem}.classes.panel.png"
+            self._check_not_input([top_path])
+            title = [f"{path.name}: {len(sets)} classes, "
+                     + ("one colour scale per method and layer" if self.opts.scale == "shared" else "each map by its own maximum")
+                     + f"  ({self.opts.rule} rule)"]
+            per_row = len(self.opts.methods) * len(self.layers)
+            panel_grid(img, all_tiles, self.style, title, columns=per_row, bar_label=bar_label,
+                       show_image=False).save(top_path)
+            self.summary.written += 1
+            for out in record["outputs"]:
+                out["classes_panel"] = str(top_path)
 
     def _check_not_input(self, paths) -> None:
         if any(Path(p).resolve() in self.input_paths for p in paths):

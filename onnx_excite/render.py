@@ -227,12 +227,12 @@ def _cap(img: Image.Image, style: Style) -> Image.Image:
 
 
 def panel_grid(img: Image.Image, tiles: Sequence[tuple], style: Style, title: Sequence[str] = (),
-               columns: int = 4, bar_label: str = "excitation") -> Image.Image:
-    """The image, then one overlay per tile ``(caption lines, map, vmax)``, in rows of
-    ``columns``; each tile with its caption and colour bar; ``title`` lines above. The whole
-    panel is at most ``MAX_SIDE`` px on its long side (unless ``style.full_res``)."""
+               columns: int = 4, bar_label: str = "excitation", show_image: bool = True) -> Image.Image:
+    """The image (when ``show_image``), then one overlay per tile ``(caption lines, map, vmax)``,
+    in rows of ``columns``; each tile with its caption and colour bar; ``title`` lines above.
+    The whole panel is at most ``MAX_SIDE`` px on its long side (unless ``style.full_res``)."""
     base = img.convert("RGB")
-    n = len(tiles) + 1
+    n = len(tiles) + int(show_image)
     cols = max(1, min(columns, n))
     rows = (n + cols - 1) // cols
     tile_w, tile_h = display_size(base.size, True)
@@ -243,7 +243,7 @@ def panel_grid(img: Image.Image, tiles: Sequence[tuple], style: Style, title: Se
     shown = base.resize((tile_w, tile_h), Image.BICUBIC)
     tile_style = Style(style.cmap, style.alpha, style.colorbar, full_res=True)
     px = font_px((tile_w, tile_h))
-    rendered = [caption_band(shown, ["image"], px)]
+    rendered = [caption_band(shown, ["image"], px)] if show_image else []
     for caption, map2d, vmax in tiles:
         v = map_max(map2d) if vmax is None else float(vmax)
         over = caption_band(_heat(shown, map2d, v, tile_style), caption, px)

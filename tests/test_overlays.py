@@ -136,6 +136,8 @@ def test_shared_and_per_map_scales(tmp_path, scale):
     assert res.exit_code == 0, res.output
     outs = _records(tmp_path / "o")[0]["outputs"]
     assert len(outs) == 6 and len({o["panel"] for o in outs}) == 3
+    classes_panel = {o["classes_panel"] for o in outs}          # all three classes side by side
+    assert len(classes_panel) == 1 and Image.open(classes_panel.pop()).size[1] > 3 * 256
     for method in ("mwp", "cmwp"):
         group = [o for o in outs if o["method"] == method]
         own = [float(np.load(o["map_image"]).astype(np.float32).max()) for o in group]
