@@ -483,3 +483,20 @@ def test_record_store(tmp_path):
     other = tmp_path / "w2"
     RecordStore(other).put(dict(rec, image=str(tmp_path / "b.png")))
     assert merge([store.path, other / "explanations.jsonl"], tmp_path / "all.jsonl") == 2
+
+
+def test_eval_and_demo_into_a_read_only_folder(tmp_path):
+    ro = _read_only_dir(tmp_path)
+    _one_error(_run("eval", "pointing", "--data", tmp_path, "--methods", "center", "-o", ro / "eval"))
+    _one_error(_run("demo", "-o", ro / "demo"))
+
+
+def test_bench_reports_progress_and_inputs(tiny):
+    from onnx_excite.bench import run_bench
+
+    steps, inputs = [], {}
+    rows, _ = run_bench(str(tiny), ["r1"], runs=3, progress=lambda *a: steps.append(a), on_inputs=inputs.update)
+    assert inputs == {"x": (1, 3, 8, 8)}
+    assert [s for s in steps if s[0] == "building"] == [("building", i, 4) for i in range(4)]
+    assert [s for s in steps if s[0] == "timing"] == [("timing", i, 3) for i in range(4)]
+    assert [r.name for r in rows] == ["forward", "forward+MWP", "forward+c-MWP", "forward+MWP+c-MWP"]
