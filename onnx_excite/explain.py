@@ -138,6 +138,20 @@ def _settings(opts: ExplainOptions, layers, resize: str, size, mean, std) -> dic
             "colorbar": bool(opts.colorbar), "full_res": bool(opts.full_res)}
 
 
+def _model_header(path):
+    """The model's graph without its external weights (inputs, outputs, shapes)."""
+    import onnx
+
+    from .canonicalize import load_model
+
+    if isinstance(path, onnx.ModelProto):
+        return path
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return load_model(path)   # raises the one-line error for unreadable files
+
+
 def _validate(opts: ExplainOptions):
     """Option values, before anything is loaded or written."""
     from .checks import at_least
@@ -173,11 +187,12 @@ def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, er
 
     style = _validate(opts)
     warn = warn or (lambda message: None)
-    from .canonicalize import load_model
-
-    declared = declared_input(load_model(resolve_model(opts.model, fully_conv=False)[0]))
+    model, profile = resolve_model(opts.model, fully_conv=False)   # a path: the model as it is
+    header = _model_header(model)
+    declared = declared_input(header)
     fixed = declared.fixed_size
-    model, profile = resolve_model(opts.model, fully_conv=not fixed or opts.size is not None)
+    if fixed and opts.size is not None:   # --size on a fixed-size model: its head made fully convolutional
+        model, profile = resolve_model(opts.model)
     if fixed and opts.size is None:
         resize, size = "exact", fixed    # the size the model was made for
     elif fixed:
@@ -207,7 +222,7 @@ def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, er
     if not files:
         raise ExciteError("no input images found")
     class_names = profile.load_class_names() if profile.class_names else None
-    k = len(class_names) if class_names else num_classes(load_model(model))
+    k = len(class_names) if class_names else num_classes(header)
     per_image = len(opts.targets) if opts.targets and not opts.combine else (1 if opts.targets else opts.top)
     if not opts.targets and k is not None and opts.top > k:
         raise ExciteError(f"--top {opts.top}: the model has only {k} classes")
