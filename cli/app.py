@@ -14,9 +14,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from onnx_excite.cli import help_style  # noqa: F401  (plain placeholders in --help)
 from onnx_excite.errors import ExciteError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Excitation Backprop attention maps (MWP, contrastive MWP) for ONNX image classifiers.")
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -123,12 +124,15 @@ def export(model: Path = typer.Argument(..., help="ONNX classifier (never modifi
     from onnx_excite.models.default import layers_or_default
 
     layer = layers_or_default(str(model), layer)
-    if out_path.resolve() == model.resolve():
-        raise ExciteError(f"{out_path}: refusing to overwrite the input model")
+    from onnx_excite.checks import output_file
+
+    output_file(out_path, "-o", protect=[model])
     built = build_excitation_model(str(model), layer, methods=_methods(method, contrastive), rule=rule,
                                    channels=channels, input_shapes=_input_shapes(str(model), input_shape))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    built.save(out_path)
+    try:
+        built.save(out_path)
+    except OSError as exc:
+        raise ExciteError(f"-o {out_path}: cannot write ({exc.strerror or type(exc).__name__})") from None
     try:
         onnx.checker.check_model(str(out_path), full_check=True)
     except Exception as exc:  # a bug of ours, not of the user's model
@@ -143,9 +147,9 @@ def export(model: Path = typer.Argument(..., help="ONNX classifier (never modifi
 @friendly
 def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 'vgg16-random' (full-width VGG16 shape, random weights)"),
           layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="map layer (repeatable; default: the model profile's)"),
-          rule: str = typer.Option("positive"),
-          batch: int = typer.Option(1, help="batch size"),
-          runs: int = typer.Option(10, help="timed runs per variant"),
+          rule: str = typer.Option("positive", help="positive or paper"),
+          batch: int = typer.Option(1, help="batch size (at least 1)"),
+          runs: int = typer.Option(10, help="timed runs per variant (at least 1)"),
           threads: Optional[int] = typer.Option(None, help="intra-op threads (default: ORT's)"),
           input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. '1,3,224,224'")):
     """Median ms of forward alone vs forward+MWP vs forward+c-MWP, and the ratios."""
@@ -156,12 +160,28 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
     layer = layers_or_default(model, layer)
     source = RECIPES[model]() if model in RECIPES else model
     shapes = _input_shapes(model, input_shape) if model not in RECIPES else None
-    rows, providers = run_bench(source, layer, rule=rule, batch=batch, runs=runs, threads=threads, input_shapes=shapes)
+    from rich.progress import Progress
+
+    used, bar = {}, Progress(console=err, transient=True)
+
+    def progress(phase, done, total):  # the bar starts with the first step (after the checks)
+        if not bar.task_ids:
+            bar.start()
+            bar.add_task(phase, total=total)
+        bar.update(bar.task_ids[0], description=phase, completed=done, total=total)
+
+    try:
+        rows, providers = run_bench(source, layer, rule=rule, batch=batch, runs=runs, threads=threads,
+                                    input_shapes=shapes, progress=progress, on_inputs=used.update)
+    finally:
+        bar.stop()
+    sizes = ", ".join(f"{name} {_shape(shape)}" for name, shape in used.items())
     table = Table("variant", "median ms", "x forward",
-                  title=f"{Path(model).name}, layer {', '.join(layer)}, batch {batch}, {providers[0]}")
+                  title=f"{Path(model).name}, layer {', '.join(layer)}, input {sizes}, {providers[0]}")
     for row in rows:
         table.add_row(row.name, f"{row.median_ms:.3f}", f"{row.ratio:.2f}")
     out.print(table)
+    out.print(f"input used: {sizes} (batch {batch}, dynamic dims at 224; pin with --input-shape)", markup=False)
 
 
 @app.command()
@@ -175,23 +195,49 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
             contrastive: bool = typer.Option(False, "--contrastive", help="include contrastive MWP"),
             rule: str = typer.Option("positive", help="positive or paper"),
             out_dir: Path = typer.Option(Path("excite_out"), "-o", "--output", help="output folder"),
-            size: Optional[int] = typer.Option(None, help="resize size (shorter side, or square for fixed-size models)"),
+            size: Optional[int] = typer.Option(None, help="shorter side of the resized image (default 224); a model with a fixed input size "
+                                                   "runs at its own size, which --size overrides with a warning"),
             mean: Optional[str] = typer.Option(None, help="per-channel mean, e.g. 0.485,0.456,0.406"),
             std: Optional[str] = typer.Option(None, help="per-channel std, e.g. 0.229,0.224,0.225"),
             combine: bool = typer.Option(False, help="several --target as one multi-hot signal (one map) instead of one map each"),
-            colorbar: bool = typer.Option(True, help="draw a colour bar beside each overlay"),
+            colorbar: bool = typer.Option(True, help="draw a colour bar (ticks, label) beside each overlay"),
+            scale: str = typer.Option("shared", help="colour scale: 'shared' (one per method and layer across an "
+                                                     "image's classes: a weak class looks weak) or 'max' (each map by its own maximum)"),
+            alpha: float = typer.Option(0.5, help="weight of the heat map over the photo, 0..1"),
+            cmap: str = typer.Option("jet", help="colour map: jet (built in) or any matplotlib name when "
+                                                 "matplotlib is installed (pip install 'onnx-excite[plot]')"),
+            full_res: bool = typer.Option(False, "--full-res", help="image-space maps and overlays at the photo's full size "
+                                                                   "(default: long side at most 1600 px)"),
             batch_size: int = typer.Option(8, help="images per run (same-size images share a batch)")):
-    """Write maps (.npy at layer resolution and upsampled to the image) and overlays (.png) per image."""
+    """Write maps (.npy at layer resolution and upsampled to the image) and overlays (.png) per image.
+
+    Re-running with the same settings skips images whose outputs are complete.
+    """
     from onnx_excite.explain import ExplainOptions, explain_files
 
     opts = ExplainOptions(model=model, layers=list(layer or []), targets=list(target or []), top=top,
                           methods=_methods(method or ["mwp", "cmwp"], contrastive), rule=rule, out_dir=out_dir,
-                          size=size, mean=mean, std=std, batch_size=batch_size, combine=combine, colorbar=colorbar)
-    summary = explain_files(inputs, opts, console=out, errors=err)
+                          size=size, mean=mean, std=std, batch_size=batch_size, combine=combine, colorbar=colorbar,
+                          scale=scale, alpha=alpha, cmap=cmap, full_res=full_res)
+    summary = explain_files(inputs, opts, console=out, errors=err, warn=_warn, on_record=_print_record)
+    if summary.input_size:
+        out.print(f"model input: {summary.input_size[0]}x{summary.input_size[1]} (the size the model declares)", markup=False)
+    if summary.skipped:
+        out.print(f"skipped {summary.skipped} image(s) already explained with these settings", markup=False)
     out.print(f"wrote {summary.written} file(s) to {out_dir}", markup=False)
     if summary.failed:
-        err.print(f"error: {summary.failed} input(s) could not be read", markup=False)
+        err.print(f"error: {summary.failed} input(s) could not be read or explained", markup=False)
         raise typer.Exit(2)
+
+
+def _warn(message: str) -> None:
+    err.print(f"warning: {message}", markup=False, soft_wrap=True)
+
+
+def _print_record(rec: dict, skipped: bool = False) -> None:
+    """One image's top predictions, as `demo` prints them."""
+    best = ", ".join(f"{t['label']} ({t['prob']:.2f})" for t in rec["top5"][:3])
+    out.print(f"{Path(rec['image']).name}: {best}" + ("  [already done]" if skipped else ""), markup=False)
 
 
 @app.command()
@@ -209,7 +255,7 @@ def demo(out_dir: Path = typer.Option(Path("excite_demo"), "-o", "--output", hel
     out.print(f"summary (top-5 per image): {path}", markup=False)
 
 
-eval_app = typer.Typer(no_args_is_help=True, help="The paper's evaluations: pointing game and dominant-object localization.")
+eval_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The paper's evaluations: pointing game and dominant-object localization.")
 app.add_typer(eval_app, name="eval")
 
 
@@ -248,6 +294,7 @@ _LAYER = typer.Option(None, "--layer", "-l", help="map layer (default: the model
 _MAPPING = typer.Option(None, "--mapping", help="dataset class -> model output indices (JSON file or bundled name)")
 _OUT = typer.Option(Path("eval_out"), "-o", "--output", help="results folder (maps are cached there)")
 _SHARD = typer.Option(None, "--shard", help="evaluate shard i of n ('i/n', 0-based); merge with `eval merge`")
+_RULE = typer.Option("positive", "--rule", help="positive or paper")
 
 
 @eval_app.command("pointing")
@@ -256,7 +303,7 @@ def eval_pointing(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, meth
                   layer: Optional[List[str]] = _LAYER, mapping: Optional[str] = _MAPPING, out_dir: Path = _OUT,
                   tolerance: float = typer.Option(15, help="hit tolerance in pixels"),
                   size: int = typer.Option(224, help="shorter side of the resized image"),
-                  shard: Optional[str] = _SHARD, rule: str = typer.Option("positive")):
+                  shard: Optional[str] = _SHARD, rule: str = _RULE):
     """Pointing game (all and difficult subsets, with the center baseline)."""
     _eval("pointing", data, fmt, model, methods, layer, mapping, out_dir, tolerance, size, shard, rule)
 
@@ -266,7 +313,7 @@ def eval_pointing(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, meth
 def eval_localization(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, methods: str = _METHODS,
                       layer: Optional[List[str]] = _LAYER, mapping: Optional[str] = _MAPPING, out_dir: Path = _OUT,
                       size: int = typer.Option(224, help="square input size"),
-                      shard: Optional[str] = _SHARD, rule: str = typer.Option("positive")):
+                      shard: Optional[str] = _SHARD, rule: str = _RULE):
     """Dominant-object localization (alpha * mean threshold, alpha chosen on a held-out split)."""
     _eval("localization", data, fmt, model, methods, layer, mapping, out_dir, 15, size, shard, rule)
 
@@ -274,7 +321,7 @@ def eval_localization(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, 
 @eval_app.command("merge")
 @friendly
 def eval_merge(shards: List[Path] = typer.Argument(..., help="result folders of the shards"),
-               out_dir: Path = typer.Option(Path("eval_out"), "-o", "--output")):
+               out_dir: Path = typer.Option(Path("eval_out"), "-o", "--output", help="folder for the merged result")):
     """Merge the result folders of several shards into one result."""
     from onnx_excite.eval import merge_shards
 

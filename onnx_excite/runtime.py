@@ -89,6 +89,23 @@ def signal_matrix(targets, batch: int, num_classes: int) -> np.ndarray:
     raise ExciteError(f"cannot read targets of type {type(targets).__name__}: give a class index, one per sample, or an N x K signal")
 
 
+#: numpy dtypes of the ONNX Runtime input types an image input may have
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(uint16)": np.uint16,
+              "tensor(int16)": np.int16, "tensor(int32)": np.int32, "tensor(int64)": np.int64}
+
+
+def as_input_dtype(values, ort_type: str) -> np.ndarray:
+    """``values`` in the dtype the model declares (``ort_type`` as ONNX Runtime names it):
+    integer inputs (e.g. uint8 pixels) are rounded and clipped to the type's range."""
+    dtype = np.dtype(ORT_DTYPES.get(ort_type, np.float32))
+    arr = np.asarray(values)
+    if dtype.kind in "iu" and arr.dtype.kind == "f":
+        info = np.iinfo(dtype)
+        arr = np.clip(np.rint(arr), info.min, info.max)
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
 @dataclass
 class Explanation:
     """Result of one run: logits (N x K) and maps[method][layer] (N x h x w)."""
@@ -150,8 +167,7 @@ class Exciter:
         if len(names) != 1:
             raise ExciteError(f"the model has {len(names)} inputs ({', '.join(names)}); pass a dict")
         kind = next(i.type for i in self.session.get_inputs() if i.name == names[0])
-        dtype = {"tensor(float16)": np.float16, "tensor(double)": np.float64}.get(kind, np.float32)
-        return {names[0]: np.ascontiguousarray(inputs, dtype=dtype)}
+        return {names[0]: as_input_dtype(inputs, kind)}
 
     def explain(self, inputs, targets) -> Explanation:
         feeds = self._feeds(inputs)
@@ -178,4 +194,12 @@ class Exciter:
         feeds = self._feeds(inputs)
         batch = next(iter(feeds.values())).shape[0]
         feeds[self.built.signal] = np.zeros((batch, self.num_classes), np.float32)
-        return self.session.run([self.built.logits], feeds)[0]
+        try:
+            return self.session.run([self.built.logits], feeds)[0]
+        except Exception as exc:
+            raise ExciteError(f"ONNX Runtime failed: {str(exc).splitlines()[0][:300]}") from None
+
+    @property
+    def input_type(self) -> str:
+        """The ONNX type of the (first) image input, e.g. ``tensor(float)`` or ``tensor(uint8)``."""
+        return next(i.type for i in self.session.get_inputs() if i.name == self.built.inputs[0])

@@ -302,7 +302,11 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
         raise ExciteError(f"dominant must be 'all' or 'mapped', not {dominant!r}")
     if data is None:
         raise ExciteError("no dataset given")
-    out_dir = Path(out_dir)
+    from ..checks import at_least, output_dir
+
+    size = at_least(size, 1, "--size")
+    at_least(batch_size, 1, "--batch-size")
+    out_dir = output_dir(out_dir)
 
     records, problems = read_dataset(data, fmt, split=split, image_dir=image_dir)
     if ids is not None:
@@ -454,6 +458,10 @@ def merge_shards(out_dirs: Sequence, out_dir=None) -> dict:
     pooled and the summaries recomputed (for localization, alpha is chosen again on the pooled
     held-out images). Written to ``out_dir`` when given."""
     parts = [load_results(d) for d in out_dirs]
+    if out_dir is not None:
+        from ..checks import output_dir
+
+        output_dir(out_dir)
     if not parts:
         raise ExciteError("no shard folders given")
     first = parts[0]
