@@ -275,6 +275,9 @@ def eval_merge(shards: List[Path] = typer.Argument(..., help="result folders of 
     _print_summary(merge_shards([str(s) for s in shards], out_dir=str(out_dir)))
 
 
+from onnx_excite.cli import ground as _ground  # noqa: E402,F401  (ground, eval grounding)
+
+
 def main() -> None:  # console script entry point
     app()
 
