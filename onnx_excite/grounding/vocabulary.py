@@ -8,7 +8,7 @@ Built from class names (:meth:`Vocabulary.from_class_names`) or read from a file
    ("golden retriever", "tabby cat", "tabby");
 2. the last word of a multi-word synonym (its head noun in English compounds) also names
    the class ("retriever" -> golden / Labrador / flat-coated ... retriever, "eagle" ->
-   bald eagle); hyphens split words ("pug-dog" -> "dog" is a head) ;
+   bald eagle); hyphens split words ("T-shirt" -> "shirt" is a head: jersey, T-shirt);
 3. a small bundled hypernym list (``data/grounding/imagenet_hypernyms.json``, written by
    hand from the WordNet tree the classes come from) overrides rules 1-2 for a few common
    words: "dog" -> all 118 dog breeds (151-268), "cat" -> the five domestic cats
