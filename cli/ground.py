@@ -102,7 +102,15 @@ def eval_grounding(data: Path = typer.Option(..., "--data", help="Flickr30k Enti
                                 vocab=str(vocab) if vocab else None, layer=layer, proposals=proposals, gamma=gamma,
                                 size=size, gt=gt, small_fraction=small, image_dir=str(images) if images else None,
                                 limit=limit, out_dir=str(out_dir))
-    res = run_grounding_eval(opts)
+    from rich.progress import Progress
+
+    with Progress(console=err, transient=True) as bar:
+        task = bar.add_task("grounding", total=None)
+
+        def advance(n: int, total: int) -> None:
+            bar.update(task, total=total, advance=n)
+
+        res = run_grounding_eval(opts, progress=advance)
     lines = Path(res["files"]["markdown"]).read_text().splitlines()
     start = lines.index("## All phrases")
     end = lines.index("## Phrases with a vocabulary word")

@@ -119,7 +119,9 @@ def choose_gamma(records: list) -> tuple[float, dict]:
 
 
 def run_grounding_eval(opts: GroundingEvalOptions, progress: Callable[[int, int], None] | None = None) -> dict:
-    """Evaluate, write results.json / results.md / queries.csv under ``opts.out_dir``, return the results."""
+    """Evaluate, write results.json / results.md / queries.csv under ``opts.out_dir``, return the results.
+    ``progress(n_done, total)`` is called with 0 at the start of each split (held-out, then
+    evaluated) and with 1 after each image."""
     t0 = time.time()
     out_dir = Path(opts.out_dir)
     if opts.gt not in ("union", "any"):
@@ -153,6 +155,8 @@ def run_grounding_eval(opts: GroundingEvalOptions, progress: Callable[[int, int]
 
     def score(imgs, probs) -> list:
         recs = []
+        if progress:
+            progress(0, len(imgs))
         for img in imgs:
             try:
                 recs.extend(_score_image(img, grounder, proposals, opts))
