@@ -108,6 +108,7 @@ def test_ground_cli_selective_search(tmp_path):
 def test_ground_cli_errors(tmp_path, tiny_path):
     img = str(SAMPLES / "dog.jpg")
     (tmp_path / "bad.json").write_text("[[1, 2, 3]]")
+    (tmp_path / "ok.json").write_text("[[1, 2, 30, 40]]")
     (tmp_path / "vocab.json").write_text(json.dumps({"dog": [2000]}))
     (tmp_path / "corrupt.jpg").write_bytes(b"not an image")
     cases = [
@@ -120,6 +121,8 @@ def test_ground_cli_errors(tmp_path, tiny_path):
         (["ground", "default", str(tmp_path / "corrupt.jpg"), "a dog"], "cannot read image"),
         (["ground", "default", img, "a dog", "--top", "0"], "--top must be at least 1"),
         (["ground", "default", img, "a dog", "--weights", "softmax"], "class weights must be"),
+        (["ground", "default", img, "a dog", "-m", "gradcam", "--proposals", str(tmp_path / "ok.json")], "unknown method"),
+        (["ground", "default", img, "a dog", "-l", "nosuch", "--proposals", str(tmp_path / "ok.json")], "unknown layer"),
         (["ground", str(tiny_path), img, "a dog", "-l", "r1"], "has no class names"),
     ]
     for args, message in cases:
