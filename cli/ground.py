@@ -124,3 +124,27 @@ def eval_grounding(data: Path = typer.Option(..., "--data", help="Flickr30k Enti
     if res["problems"]:
         err.print(f"{len(res['problems'])} problem(s) in the data were skipped (listed in results.json); first: "
                   f"{res['problems'][0]}", markup=False)
+
+
+@eval_app.command("entities-from-detection")
+@friendly
+def eval_entities_from_detection(
+        data: Path = typer.Option(..., "--data", help="detection dataset: VOC folder or COCO instances JSON"),
+        fmt: str = typer.Option("voc", "--format", help="voc or coco"),
+        split: Optional[str] = typer.Option(None, "--split", help="VOC split (ImageSets/Main/<split>.txt)"),
+        mapping: Optional[str] = typer.Option(None, "--mapping", help="class -> model outputs (JSON file or bundled "
+                                              "name): also writes vocabulary.json for `eval grounding --vocab`"),
+        val_every: int = typer.Option(5, "--val-every", help="every n-th image goes to val.txt (gamma is chosen there)"),
+        out_dir: Path = typer.Option(..., "-o", "--output", help="folder for the Flickr30k Entities-format copy")):
+    """Write a detection dataset as grounding queries ("the <class>", all its boxes) in the
+    Flickr30k Entities format, for `eval grounding`."""
+    from onnx_excite.grounding.convert import detection_to_entities
+
+    res = detection_to_entities(data, out_dir, fmt=fmt, split=split, mapping=mapping, val_every=val_every)
+    out.print(f"wrote {res['images']} images, {res['phrases']} phrases ({res['classes']} classes) to {res['out']}: "
+              f"val {res['val']}, test {res['test']}", markup=False)
+    if "vocabulary" in res:
+        out.print(f"  {res['vocabulary']}: {res['mapped']} classes mapped"
+                  + (f"; unmapped: {', '.join(res['unmapped'])}" if res["unmapped"] else ""), markup=False)
+    if res["problems"]:
+        err.print(f"{len(res['problems'])} problem(s) in the data were skipped; first: {res['problems'][0]}", markup=False)

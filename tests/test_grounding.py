@@ -275,3 +275,35 @@ def test_selective_search_without_scikit_image(monkeypatch):
         SelectiveSearch().boxes(Image.new("RGB", (20, 20)))
     with pytest.raises(ExciteError):
         proposal_source("selective-search").boxes(Image.new("RGB", (20, 20)), "x")
+
+
+def test_detection_dataset_to_entities(tmp_path):
+    from onnx_excite.grounding.convert import detection_to_entities
+
+    voc = tmp_path / "voc"
+    (voc / "Annotations").mkdir(parents=True)
+    (voc / "JPEGImages").mkdir()
+    objs = {"a": [("dog", (89, 149, 206, 358)), ("dog", (300, 40, 400, 120)), ("potted plant", (10, 10, 50, 60))],
+            "b": [("bicycle", (85, 73, 379, 280))], "c": [("dog", (1, 1, 100, 100))]}
+    for image_id, items in objs.items():
+        (voc / "JPEGImages" / f"{image_id}.jpg").write_bytes((SAMPLES / "dog.jpg").read_bytes())
+        body = "".join(f"<object><name>{n}</name><difficult>0</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
+                       f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>" for n, b in items)
+        (voc / "Annotations" / f"{image_id}.xml").write_text(
+            f"<annotation><filename>{image_id}.jpg</filename><size><width>512</width><height>384</height>"
+            f"<depth>3</depth></size>{body}</annotation>")
+    out = tmp_path / "entities"
+    res = detection_to_entities(voc, out, mapping={"dog": [151, 152], "bicycle": [444]}, val_every=2)
+    assert (res["images"], res["phrases"], res["val"], res["test"]) == (3, 4, 2, 1)
+    assert json.loads((out / "vocabulary.json").read_text()) == {"bicycle": [444], "dog": [151, 152]}
+    assert res["unmapped"] == ["potted plant"]
+    assert (out / "val.txt").read_text().split() == ["a", "c"] and (out / "test.txt").read_text().split() == ["b"]
+    images, problems = read_flickr30k_entities(out, "all")
+    assert problems == []
+    a = images[0]
+    assert a.image_path == out / "Images" / "a.jpg" and a.image_path.resolve() == (voc / "JPEGImages" / "a.jpg").resolve()
+    dog = [q for q in a.queries if q.text == "the dog"][0]
+    assert dog.types == ["dog"] and dog.boxes.tolist() == [[89, 149, 206, 358], [300, 40, 400, 120]]  # boxes kept
+    assert [q.text for q in a.queries] == ["the dog", "the potted plant"] and a.queries[1].types == ["potted_plant"]
+    with pytest.raises(ExciteError, match="val-every"):
+        detection_to_entities(voc, out, val_every=1)
