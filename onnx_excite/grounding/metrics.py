@@ -14,7 +14,8 @@ one of its boxes instead.
 * small instances: the queries whose ground-truth (union) box covers less than
   ``small_fraction`` of the image (10 % by default);
 * upper bound: the fraction of queries with a hit anywhere in the list (the proposals'
-  recall after NMS, the same for every ranking of the same boxes).
+  recall after NMS; NMS depends on the order, so two rankings of the same proposals
+  can keep slightly different sets).
 """
 from __future__ import annotations
 
