@@ -39,8 +39,10 @@ def ground(model: str = typer.Argument(..., help="ONNX classifier path, or 'defa
            layer: Optional[str] = typer.Option(None, "--layer", "-l", help="map layer (default: the model profile's)"),
            nms_iou: float = typer.Option(0.7, "--nms-iou", help="non-maximum suppression IoU threshold"),
            out_dir: Path = typer.Option(Path("ground_out"), "-o", "--output", help="output folder")):
-    """Rank region proposals for a phrase by the classifier's attention to its words; write
-    the boxes (JSON), the phrase map (.npy) and an overlay (PNG)."""
+    """Rank region proposals for phrases by the classifier's attention to their words.
+
+    Writes per phrase the ranked boxes (JSON), the phrase map (.npy) and an overlay (PNG).
+    """
     from onnx_excite.explain import safe_name
     from onnx_excite.grounding import Grounder, proposal_source
     from onnx_excite.grounding.render import write_grounding
@@ -94,8 +96,11 @@ def eval_grounding(data: Path = typer.Option(..., "--data", help="Flickr30k Enti
                    images: Optional[Path] = typer.Option(None, "--images", help="photo folder (default: Images/ or flickr30k-images/ in --data)"),
                    limit: Optional[int] = typer.Option(None, "--limit", help="evaluate only the first N images of the split"),
                    out_dir: Path = typer.Option(Path("ground_eval"), "-o", "--output", help="results folder (proposals are cached there)")):
-    """Phrase localization on Flickr30k Entities: recall@1/5/10, mAP, per type and small
-    instances, against the proposals' own order (the "proposal base")."""
+    """Phrase localization on Flickr30k Entities (recall@1/5/10, mAP) vs the proposal base.
+
+    Also per phrase type and for small instances; the proposal base ranks the same
+    proposals in their own order.
+    """
     from onnx_excite.grounding.evaluate import GroundingEvalOptions, run_grounding_eval
 
     opts = GroundingEvalOptions(data=str(data), split=split, heldout=heldout, model=model, method=method, weights=weights,
@@ -136,8 +141,10 @@ def eval_entities_from_detection(
                                               "name): also writes vocabulary.json for `eval grounding --vocab`"),
         val_every: int = typer.Option(5, "--val-every", help="every n-th image goes to val.txt (gamma is chosen there)"),
         out_dir: Path = typer.Option(..., "-o", "--output", help="folder for the Flickr30k Entities-format copy")):
-    """Write a detection dataset as grounding queries ("the <class>", all its boxes) in the
-    Flickr30k Entities format, for `eval grounding`."""
+    """A VOC/COCO detection set as grounding queries in the Flickr30k Entities format.
+
+    One phrase "the <class>" per class present, with all its boxes, for `eval grounding`.
+    """
     from onnx_excite.grounding.convert import detection_to_entities
 
     res = detection_to_entities(data, out_dir, fmt=fmt, split=split, mapping=mapping, val_every=val_every)
