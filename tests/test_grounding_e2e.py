@@ -203,3 +203,30 @@ def test_eval_grounding_errors(tmp_path):
     assert res.exit_code == 2 and "no split file val.txt" in res.output
     res = runner.invoke(app, ["eval", "grounding", "--data", str(TINY)])   # photos not beside the annotations
     assert res.exit_code == 2 and "photo not found" in res.output
+
+
+def test_any_model_with_a_vocabulary_file(tmp_path, tiny_path):
+    """A 5-class model with no class names: the vocabulary comes from a file; a word over
+    two classes gets the signal (1/2, 1/2) (uniform weights), so by MWP's linearity in the
+    signal its map is the mean of the two one-class maps."""
+    from onnx_excite.canonicalize import first_input_name
+    from onnx_excite.maps import to_image_space
+    from onnx_excite.runtime import Exciter
+
+    vocab = tmp_path / "vocab.tsv"
+    vocab.write_text("alpha\t0\nbeta\t1,2\n")
+    photo = Image.open(SAMPLES / "dog.jpg").convert("RGB")
+    g = Grounder(str(tiny_path), vocab=vocab, method="mwp", layer="r1", weights="uniform")
+    maps = g.word_maps(photo, g.parse("the beta").words)
+    arr, prepared = g.prepare(photo)
+    ex = Exciter(g.model, ["r1"], methods=("mwp",), input_shapes={first_input_name(g.model): [None, *arr.shape]})
+    one_class = ex.explain(np.stack([arr, arr]), np.eye(5, dtype=np.float32)[[1, 2]]).maps["mwp"]["r1"]
+    expected = np.maximum(to_image_space((one_class[0] + one_class[1]) / 2, prepared), 0).astype(np.float64)
+    np.testing.assert_allclose(maps["beta"], expected / expected.sum(), rtol=1e-4, atol=1e-9)
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps([[0, 0, 256, 192], [256, 192, 512, 384], [0, 0, 512, 384]]))
+    res = runner.invoke(app, ["ground", str(tiny_path), str(SAMPLES / "dog.jpg"), "an alpha and a beta", "-l", "r1",
+                              "--vocab", str(vocab), "--proposals", str(boxes), "-o", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    rec = json.loads((tmp_path / "out" / "dog.an_alpha_and_a_beta.boxes.json").read_text())
+    assert rec["words"] == ["alpha", "beta"] and len(rec["boxes"]) == 3
