@@ -330,6 +330,7 @@ def eval_merge(shards: List[Path] = typer.Argument(..., help="result folders of 
 
 from onnx_excite.cli import info as _info  # noqa: E402,F401  (registers `models` and `classes`)
 from onnx_excite.cli import methods_cmd as _methods_cmd  # noqa: E402,F401  (registers `methods`)
+from onnx_excite.cli import ground as _ground  # noqa: E402,F401  (ground, eval grounding)
 
 
 def main() -> None:  # console script entry point
