@@ -420,8 +420,9 @@ class Reference:
             node = self.producer.get(out)
         return out
 
-    def run(self, x, signal, layers, rule="positive", contrastive=False):
-        """Forward, then P at every tensor down to the inputs; maps at ``layers``."""
+    def run(self, x, signal, layers, rule="positive", contrastive=False, channel_axes=None):
+        """Forward, then P at every tensor down to the inputs; maps at ``layers``: P summed
+        over the channel axis (``channel_axes[layer]``, default 1)."""
         self.forward(x)
         entry = self.entry()
         clf = self.classifier(entry) if contrastive else None
@@ -444,12 +445,12 @@ class Reference:
         res = {"logits": self.values[entry], "P": {}, "map": {}, "map_unclipped": {}}
         for layer in layers:
             p = P[layer]
-            m = p.sum(axis=1) if p.ndim >= 3 else p
+            m = p.sum(axis=(channel_axes or {}).get(layer, 1)) if p.ndim >= 3 else p
             res["P"][layer] = p
             res["map_unclipped"][layer] = m
             res["map"][layer] = np.maximum(m, 0) if contrastive else m
         return res
 
 
-def excitation_reference(model, x, signal, layers, rule="positive", contrastive=False):
-    return Reference(model).run(x, signal, layers, rule=rule, contrastive=contrastive)
+def excitation_reference(model, x, signal, layers, rule="positive", contrastive=False, channel_axes=None):
+    return Reference(model).run(x, signal, layers, rule=rule, contrastive=contrastive, channel_axes=channel_axes)
