@@ -25,14 +25,15 @@ def _input_array(shape, batch: int, rng) -> np.ndarray:
 
 
 def run_bench(model, layers: Sequence[str], rule: str = "positive", batch: int = 1, runs: int = 10, warmup: int = 2,
-              providers=None, threads: int | None = None, input_shapes=None, seed: int = 0) -> tuple[list[BenchRow], list[str]]:
+              providers=None, threads: int | None = None, input_shapes=None, seed: int = 0,
+              logits: str | None = None) -> tuple[list[BenchRow], list[str]]:
     """Median wall time of each variant over ``runs`` rounds; ratios are to the forward alone.
 
     The variants run interleaved, one run each per round, so that load from elsewhere
     on the machine falls on all of them alike.
     """
     rng = np.random.default_rng(seed)
-    forward = canonicalize(model, input_shapes=input_shapes)
+    forward = canonicalize(model, logits=logits, input_shapes=input_shapes)
     fwd_session = make_session(forward.forward_model(), providers, threads)
     feeds = {i.name: _input_array(i.shape, batch, rng) for i in fwd_session.get_inputs()}
     variants = [("forward", None), ("forward+MWP", ("mwp",)), ("forward+c-MWP", ("cmwp",)),
@@ -42,7 +43,7 @@ def run_bench(model, layers: Sequence[str], rule: str = "positive", batch: int =
         if methods is None:
             prepared.append((name, fwd_session, [forward.entry], feeds))
             continue
-        built = build_excitation_model(model, layers, methods=methods, rule=rule, input_shapes=input_shapes)
+        built = build_excitation_model(model, layers, methods=methods, rule=rule, logits=logits, input_shapes=input_shapes)
         session = make_session(built.model, providers, threads)
         k = built.num_classes or session.get_inputs()[-1].shape[1]
         signal = np.zeros((batch, k), np.float32)

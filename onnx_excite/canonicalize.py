@@ -299,13 +299,15 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _subgraph_names(graph: onnx.GraphProto) -> set[str]:
+def _all_names(graph: onnx.GraphProto, skip: onnx.NodeProto | None = None) -> set[str]:
+    """Every tensor name of ``graph`` and of its subgraphs (but those of node ``skip``)."""
     names = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {o.name for o in graph.output}
     for n in graph.node:
         names.update(o for o in n.output if o)
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                names |= _subgraph_names(a.g)
+        if n is not skip:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    names |= _all_names(a.g)
     return names
 
 
@@ -355,13 +357,14 @@ def inline_constant_if(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     while True:
         inits = {t.name: t for t in model.graph.initializer}
-        taken = _subgraph_names(model.graph)
-        kept, changed = [], False
+        kept, changed, added = [], False, set()
         for node in model.graph.node:
             if node.op_type == "If" and node.domain in ("", "ai.onnx") and node.input[0] in inits:
                 cond = bool(numpy_helper.to_array(inits[node.input[0]]).reshape(-1)[0])
                 branch = attr(node, "then_branch" if cond else "else_branch")
+                taken = _all_names(model.graph, skip=node) | set(inits) | added
                 nodes, new_inits = _inline_branch(node, branch, taken)
+                added |= {o for n in nodes for o in n.output} | {t.name for t in new_inits}
                 kept.extend(nodes)
                 model.graph.initializer.extend(new_inits)
                 changed = True

@@ -30,6 +30,7 @@ class ExplainOptions:
     batch_size: int = 8
     combine: bool = False      # several targets as one multi-hot signal instead of one map each
     colorbar: bool = True      # a colour bar beside each overlay
+    logits: str | None = None  # the output explained (default: resolve_logits chooses)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class ExplainSummary:
     written: int = 0
     failed: int = 0
     records: list = field(default_factory=list)
+    logits_choice: object = None   # canonicalize.LogitsChoice: which output was explained, and why
 
 
 def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
@@ -205,7 +207,9 @@ class _Run:
             from .runtime import Exciter
 
             self.exciters[shape] = Exciter(self.model, self.layers, methods=self.opts.methods, rule=self.opts.rule,
+                                           logits=self.opts.logits,
                                            input_shapes={first_input_name(self.model): [None, *shape]})
+            self.summary.logits_choice = self.exciters[shape].built.logits_choice
         return self.exciters[shape]
 
     def target_sets(self, logits: np.ndarray) -> list[list[tuple]]:

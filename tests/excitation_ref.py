@@ -420,11 +420,12 @@ class Reference:
             node = self.producer.get(out)
         return out
 
-    def run(self, x, signal, layers, rule="positive", contrastive=False, channel_axes=None):
+    def run(self, x, signal, layers, rule="positive", contrastive=False, channel_axes=None, entry=None):
         """Forward, then P at every tensor down to the inputs; maps at ``layers``: P summed
-        over the channel axis (``channel_axes[layer]``, default 1)."""
+        over the channel axis (``channel_axes[layer]``, default 1). The signal enters at
+        ``entry`` (default: the first output, below a Softmax)."""
         self.forward(x)
-        entry = self.entry()
+        entry = entry or self.entry()
         clf = self.classifier(entry) if contrastive else None
         pending = {entry: [np.asarray(signal, np.float64)]}
         P = {}
