@@ -60,7 +60,7 @@ def register(*op_types: str, inputs=None, keeps_nonneg: NonNeg = False, check=No
     """Decorator registering ``fn(ctx, node, p, negate=False) -> {input: P}`` for ``op_types``."""
 
     def wrap(fn):
-        text = description or (fn.__doc__ or "").strip().splitlines()[0]
+        text = description or "".join((fn.__doc__ or "").strip().splitlines()[:1])
         for op in op_types:
             if op in RULES:
                 raise ValueError(f"op {op!r} is registered twice ({RULES[op].excite.__name__} and {fn.__name__})")

@@ -226,7 +226,8 @@ def conv_check(graph, node):
 
 
 @register("Conv", inputs=(0,), check=conv_check, weighted=True,
-          description="linear: Z = conv(a, W+), P_in = a * convT(P / Z, W+) (positive rule adds the a- W- half)")
+          description="linear (pads incl. asymmetric, strides, dilations, groups); the adjoint is a ConvTranspose of W+ "
+                      "with symmetric pads + Slice, or for stride 1 a Conv with the flipped, transposed kernel (ORT's fast path)")
 def conv(ctx: Context, node, p: str, negate=False):
     """Linear rule through Conv (any groups, strides, dilations, pads) and ConvTranspose of W+."""
     a = node.input[0]
@@ -281,7 +282,7 @@ def dense_weight(graph, node) -> np.ndarray:
 
 
 @register("Gemm", "MatMul", inputs=(0,), check=dense_check, weighted=True,
-          description="linear: W = alpha * B' for Gemm (transB honoured), B for MatMul; a bias Add passes P through")
+          description="linear, W = alpha * B' for Gemm (transB honoured), B for MatMul (2-D constant); a bias Add passes P through")
 def dense(ctx: Context, node, p: str, negate=False):
     """Linear rule through Gemm / MatMul with a constant weight."""
     a = node.input[0]
@@ -307,7 +308,7 @@ def avgpool_check(graph, node):
 
 
 @register("AveragePool", inputs=(0,), keeps_nonneg=True, check=avgpool_check,
-          description="proportional: P_in = a * convT(P / sumpool(a), 1) (a+ for the positive rule)")
+          description="proportional to the inputs in each window (a+ for `positive`); count_include_pad either way, ceil_mode")
 def average_pool(ctx: Context, node, p: str, negate=False):
     """Share P over each window in proportion to the inputs (count_include_pad cancels out)."""
     a = node.input[0]
@@ -330,7 +331,7 @@ def _global_pool(ctx: Context, node, a: str, p: str, axes: list[int]):
 
 
 @register("GlobalAveragePool", inputs=(0,), keeps_nonneg=True,
-          description="proportional: P_in = a * P / sum_spatial(a) (a+ for the positive rule)")
+          description="proportional to the inputs over all positions (a+ for `positive`)")
 def global_average_pool(ctx: Context, node, p: str, negate=False):
     """Share P over all positions in proportion to the inputs."""
     a = node.input[0]
@@ -358,7 +359,7 @@ def reduce_mean_check(graph, node):
 
 
 @register("ReduceMean", inputs=(0,), keeps_nonneg=True, check=reduce_mean_check,
-          description="as GlobalAveragePool over the reduced (spatial) axes")
+          description="as GlobalAveragePool, over the reduced spatial axes (>= 2)")
 def reduce_mean(ctx: Context, node, p: str, negate=False):
     """Spatial mean (how newer exporters write global pooling)."""
     a = node.input[0]
@@ -381,7 +382,7 @@ def batchnorm_check(graph, node):
 
 
 @register("BatchNormalization", inputs=(0,), check=batchnorm_check,
-          description="per-channel linear layer y = s*x + t (Conv->BN pairs are folded before the rules run)")
+          description="folded into the preceding Conv (in float64, before W+ is taken); elsewhere a per-channel linear layer")
 def batch_normalization(ctx: Context, node, p: str, negate=False):
     """Diagonal linear rule with weight s = gamma / sqrt(var + eps); the shift is a bias."""
     a = node.input[0]
@@ -398,7 +399,7 @@ def batch_normalization(ctx: Context, node, p: str, negate=False):
 
 
 @register("ReduceLogSumExp", inputs=(0,), check=reduce_mean_check,
-          description="smooth max over positions: P_in = P * softmax_positions(x) (the score-map pool of a fully convolutional head)")
+          description="P shared by softmax over positions (the pool of a fully convolutional head)")
 def reduce_log_sum_exp(ctx: Context, node, p: str, negate=False):
     """y = log sum exp(x): P is shared out in proportion to exp(x - y), which sums to 1."""
     a = node.input[0]

@@ -21,7 +21,7 @@ def _sum_check(graph, node):
 
 
 @register("Add", "Sum", keeps_nonneg=True, check=_sum_check,
-          description="proportional split x_k / sum x (x_k+ / sum x+ for the positive rule); constants (biases) take no share")
+          description="split in proportion `x_k / sum x` (`x_k+ / sum x+` for `positive`); constant summands are biases and take no share")
 def add(ctx: Context, node, p: str, negate=False):
     """Split P over the non-constant summands in proportion to them."""
     g = ctx.g
@@ -42,7 +42,7 @@ def add(ctx: Context, node, p: str, negate=False):
     return out
 
 
-@register("Concat", keeps_nonneg=True, description="split P back into the concatenated inputs")
+@register("Concat", keeps_nonneg=True, description="P split back to the inputs")
 def concat(ctx: Context, node, p: str, negate=False):
     """Slice P back along the concat axis."""
     g = ctx.g

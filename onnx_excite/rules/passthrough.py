@@ -14,7 +14,8 @@ def _pass(ctx: Context, node, p: str, negate=False):
     return {node.input[0]: p}
 
 
-_PASS = "pass-through: P_in = P"
+_PASS = ("P passes through (where an activation's output can be negative, the next linear layer sees that sign: "
+         "the `positive` rule then counts only positive contributions)")
 
 #: Elementwise ops with one data input whose P passes through unchanged: the ReLU family
 #: and other monotone activations (where an activation's output can be negative, the
@@ -22,7 +23,7 @@ _PASS = "pass-through: P_in = P"
 #: only its positive contributions), plus Identity, Dropout, Cast, LRN. They differ only
 #: in what they say about the sign of their output.
 register("Relu", "Sigmoid", "Softplus", "HardSigmoid", inputs=(0,), keeps_nonneg="always",
-         description=_PASS + " (output >= 0)")(_pass)
+         description="P passes through")(_pass)
 register("LeakyRelu", "PRelu", "Elu", "Celu", "HardSwish", "Tanh", "Gelu", "Softsign", "Mish",
          "Identity", "Dropout", "Cast", "LRN", inputs=(0,), keeps_nonneg=True, description=_PASS)(_pass)
 register("Selu", "ThresholdedRelu", inputs=(0,), description=_PASS)(_pass)
@@ -37,7 +38,7 @@ def clip_nonneg(graph, node):
     return "always" if lo in graph.consts and float(graph.consts[lo]) >= 0 else False
 
 
-register("Clip", inputs=(0,), keeps_nonneg=clip_nonneg, description=_PASS + " (ReLU6 and other clamps)")(_pass)
+register("Clip", inputs=(0,), keeps_nonneg=clip_nonneg, description="P passes through (ReLU6 and other clamps)")(_pass)
 
 
 def _reshape_back(ctx: Context, node, p: str, negate=False):
@@ -46,10 +47,10 @@ def _reshape_back(ctx: Context, node, p: str, negate=False):
 
 
 register("Flatten", "Reshape", "Squeeze", "Unsqueeze", inputs=(0,), keeps_nonneg=True,
-         description="reshape P back to the input's shape")(_reshape_back)
+         description="P reshaped back; Shape/Gather/Concat subgraphs feeding a Reshape carry no P")(_reshape_back)
 
 
-@register("Transpose", inputs=(0,), keeps_nonneg=True, description="transpose P back with the inverse permutation")
+@register("Transpose", inputs=(0,), keeps_nonneg=True, description="P permuted back (NHWC graphs)")
 def transpose(ctx: Context, node, p: str, negate=False):
     """Undo the permutation."""
     a = node.input[0]
@@ -98,7 +99,7 @@ def mul_check(graph, node):
 
 
 @register("Mul", keeps_nonneg=True, check=mul_check,
-          description="gating (SE blocks, SiLU = x*sigmoid(x), constant scales): P passes to the gated input")
+          description="by a gate (SE blocks, SiLU = x·sigmoid(x), constant scales): the gate is a per-element scale, P goes to the gated features only")
 def mul(ctx: Context, node, p: str, negate=False):
     """The gate (a constant or computed from the features) is a per-element scale: P flows to the features."""
     return {node.input[1 - _gate_input(ctx.graph, node)]: p}
@@ -131,7 +132,7 @@ def pad_nonneg(graph, node):
     return value is None or (value in graph.consts and bool((graph.consts[value] >= 0).all()))
 
 
-@register("Pad", inputs=(0,), keeps_nonneg=pad_nonneg, check=pad_check, description="P cut back to the unpadded input (the padding takes no share)")
+@register("Pad", inputs=(0,), keeps_nonneg=pad_nonneg, check=pad_check, description="constant mode: P cut back to the unpadded input")
 def pad(ctx: Context, node, p: str, negate=False):
     """Slice the padding off P."""
     a = node.input[0]
