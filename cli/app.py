@@ -62,19 +62,41 @@ def _input_shapes(model, text):
     return {name or first_input_name(model): values}
 
 
+LOGITS_HELP = ("output (or tensor) holding the logits: the signal enters there, below a Softmax. Default: the only "
+               "float 2-D output; among several, the one fed by a Softmax, else the last Gemm/MatMul's, else the widest")
+
+
+def _logits_option():
+    return typer.Option(None, "--logits", help=LOGITS_HELP)
+
+
+def _hidden_output_alias():
+    return typer.Option(None, "--output", hidden=True, help="older name of --logits")
+
+
+def _note_logits(choice) -> None:
+    """Say which output is explained when the model offered several and none was named."""
+    if choice is not None and choice.chosen_among_several:
+        err.print(f"note: logits = {choice.output!r} ({choice.reason}; outputs: {', '.join(choice.candidates)}); "
+                  f"choose another with --logits", markup=False, soft_wrap=True)
+
+
 @app.command()
 @friendly
 def layers(model: Path = typer.Argument(..., help="ONNX classifier, or 'default'"),
-           output: Optional[str] = typer.Option(None, help="output tensor to explain (default: the first, below a Softmax)")):
-    """List candidate layers: tensor names, op types and shapes of tensors that feed the logits."""
+           logits: Optional[str] = _logits_option(),
+           output: Optional[str] = _hidden_output_alias()):
+    """List candidate layers: tensor names, op types, shapes and layouts (the channel axis a map sums over)."""
     from onnx_excite.inspect import inspect_model
     from onnx_excite.models.default import default_layers
 
-    report = inspect_model(str(model), output=output)
+    report = inspect_model(str(model), logits=logits or output)
+    _note_logits(report.logits)
     marked = set(default_layers(str(model)))
-    table = Table("layer (tensor name)", "op", "shape", "", title=f"{model.name}: logits = {report.graph.entry}")
+    table = Table("layer (tensor name)", "op", "shape", "layout", "", title=f"{model.name}: logits = {report.graph.entry}")
     for info in report.layers:
-        table.add_row(info.name, info.op_type, _shape(info.shape), "default" if info.name in marked else "")
+        table.add_row(info.name, info.op_type, _shape(info.shape), info.layout.describe() if info.layout else "-",
+                      "default" if info.name in marked else "")
     out.print(table)
     if report.problems:
         err.print(f"warning: {len(report.problems)} unsupported node(s); run `onnx-excite check {model}`", markup=False)
@@ -83,18 +105,21 @@ def layers(model: Path = typer.Argument(..., help="ONNX classifier, or 'default'
 @app.command()
 @friendly
 def check(model: Path = typer.Argument(..., help="ONNX classifier, or 'default'"),
-          output: Optional[str] = typer.Option(None, help="output tensor to explain")):
+          logits: Optional[str] = _logits_option(),
+          output: Optional[str] = _hidden_output_alias()):
     """Report every node the rewrite cannot handle (exit 1), or "ok" and the candidate layers."""
     from onnx_excite.inspect import inspect_model
 
-    report = inspect_model(str(model), output=output)
+    report = inspect_model(str(model), logits=logits or output)
+    _note_logits(report.logits)
     if report.problems:
         for op_type, name, reason in report.problems:
             out.print(f"unsupported: {op_type} {name!r}: {reason}", markup=False)
         raise typer.Exit(1)
     out.print("ok", markup=False)
     for info in report.layers:
-        out.print(f"  {info.name}  {info.op_type}  {_shape(info.shape)}", markup=False)
+        layout = info.layout.describe() if info.layout else "-"
+        out.print(f"  {info.name}  {info.op_type}  {_shape(info.shape)}  {layout}", markup=False)
 
 
 def _methods(method: Optional[List[str]], contrastive: bool) -> tuple:
@@ -113,7 +138,8 @@ def export(model: Path = typer.Argument(..., help="ONNX classifier (never modifi
            contrastive: bool = typer.Option(False, "--contrastive", help="also output contrastive MWP"),
            rule: str = typer.Option("positive", help="positive (stable for signed inputs) or paper (literal rule)"),
            channels: bool = typer.Option(False, help="also output channel-resolved P per layer"),
-           input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. 'input=?,3,224,224'")):
+           input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. 'input=?,3,224,224'"),
+           logits: Optional[str] = _logits_option()):
     """Write one ONNX model with the forward graph and the excitation outputs.
 
     It runs in plain onnxruntime: feed the image(s) and `excite_signal` (N x K).
@@ -128,7 +154,8 @@ def export(model: Path = typer.Argument(..., help="ONNX classifier (never modifi
 
     output_file(out_path, "-o", protect=[model])
     built = build_excitation_model(str(model), layer, methods=_methods(method, contrastive), rule=rule,
-                                   channels=channels, input_shapes=_input_shapes(str(model), input_shape))
+                                   channels=channels, input_shapes=_input_shapes(str(model), input_shape), logits=logits)
+    _note_logits(built.logits_choice)
     try:
         built.save(out_path)
     except OSError as exc:
@@ -151,7 +178,8 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
           batch: int = typer.Option(1, help="batch size (at least 1)"),
           runs: int = typer.Option(10, help="timed runs per variant (at least 1)"),
           threads: Optional[int] = typer.Option(None, help="intra-op threads (default: ORT's)"),
-          input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. '1,3,224,224'")):
+          input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. '1,3,224,224'"),
+          logits: Optional[str] = _logits_option()):
     """Median ms of forward alone vs forward+MWP vs forward+c-MWP, and the ratios."""
     from onnx_excite.bench import run_bench
     from onnx_excite.models.default import layers_or_default
@@ -172,7 +200,8 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
 
     try:
         rows, providers = run_bench(source, layer, rule=rule, batch=batch, runs=runs, threads=threads,
-                                    input_shapes=shapes, progress=progress, on_inputs=used.update)
+                                    input_shapes=shapes, progress=progress, on_inputs=used.update,
+                                    logits=logits)
     finally:
         bar.stop()
     sizes = ", ".join(f"{name} {_shape(shape)}" for name, shape in used.items())
@@ -208,7 +237,8 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
                                                  "matplotlib is installed (pip install 'onnx-excite[plot]')"),
             full_res: bool = typer.Option(False, "--full-res", help="image-space maps and overlays at the photo's full size "
                                                                    "(default: long side at most 1600 px)"),
-            batch_size: int = typer.Option(8, help="images per run (same-size images share a batch)")):
+            batch_size: int = typer.Option(8, help="images per run (same-size images share a batch)"),
+            logits: Optional[str] = _logits_option()):
     """Write maps (.npy at layer resolution and upsampled to the image) and overlays (.png) per image.
 
     Re-running with the same settings skips images whose outputs are complete.
@@ -218,8 +248,9 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
     opts = ExplainOptions(model=model, layers=list(layer or []), targets=list(target or []), top=top,
                           methods=_methods(method or ["mwp", "cmwp"], contrastive), rule=rule, out_dir=out_dir,
                           size=size, mean=mean, std=std, batch_size=batch_size, combine=combine, colorbar=colorbar,
-                          scale=scale, alpha=alpha, cmap=cmap, full_res=full_res)
+                          scale=scale, alpha=alpha, cmap=cmap, full_res=full_res, logits=logits)
     summary = explain_files(inputs, opts, console=out, errors=err, warn=_warn, on_record=_print_record)
+    _note_logits(summary.logits_choice)
     if summary.input_size:
         out.print(f"model input: {summary.input_size[0]}x{summary.input_size[1]} (the size the model declares)", markup=False)
     if summary.skipped:
@@ -260,7 +291,11 @@ app.add_typer(eval_app, name="eval")
 
 
 def _print_summary(res: dict) -> None:
-    """The overall table of results.md, the files written, and the data problems."""
+    """The overall table of results.md, the files written, the logits choice and the data problems."""
+    choice = res.get("settings", {}).get("logits")
+    if choice and len(choice.get("candidates", [])) > 1 and choice.get("reason") != "given":
+        err.print(f"note: logits = {choice['output']!r} ({choice['reason']}; outputs: {', '.join(choice['candidates'])}); "
+                  f"choose another with --logits", markup=False, soft_wrap=True)
     files = res.get("files", {})
     lines = Path(files["markdown"]).read_text().splitlines() if "markdown" in files else []
     start = next((i for i, l in enumerate(lines) if l.startswith("| method")), None)
@@ -277,12 +312,14 @@ def _print_summary(res: dict) -> None:
 
 
 def _eval(protocol: str, data: Path, fmt: str, model: str, methods: str, layer: Optional[List[str]],
-          mapping: Optional[str], out_dir: Path, tolerance: float, size: int, shard: Optional[str], rule: str):
+          mapping: Optional[str], out_dir: Path, tolerance: float, size: int, shard: Optional[str], rule: str,
+          logits: Optional[str] = None):
     from onnx_excite.eval import run_evaluation
 
     res = run_evaluation(protocol=protocol, data=str(data), fmt=fmt, model=model,
                          methods=[m.strip() for m in methods.split(",") if m.strip()], layers=layer or None,
-                         mapping=mapping, out_dir=str(out_dir), tolerance=tolerance, size=size, shard=shard, rule=rule)
+                         mapping=mapping, out_dir=str(out_dir), tolerance=tolerance, size=size, shard=shard, rule=rule,
+                         logits=logits)
     _print_summary(res)
 
 
@@ -303,9 +340,10 @@ def eval_pointing(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, meth
                   layer: Optional[List[str]] = _LAYER, mapping: Optional[str] = _MAPPING, out_dir: Path = _OUT,
                   tolerance: float = typer.Option(15, help="hit tolerance in pixels"),
                   size: int = typer.Option(224, help="shorter side of the resized image"),
-                  shard: Optional[str] = _SHARD, rule: str = _RULE):
+                  shard: Optional[str] = _SHARD, rule: str = _RULE,
+                  logits: Optional[str] = _logits_option()):
     """Pointing game (all and difficult subsets, with the center baseline)."""
-    _eval("pointing", data, fmt, model, methods, layer, mapping, out_dir, tolerance, size, shard, rule)
+    _eval("pointing", data, fmt, model, methods, layer, mapping, out_dir, tolerance, size, shard, rule, logits)
 
 
 @eval_app.command("localization")
@@ -313,9 +351,10 @@ def eval_pointing(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, meth
 def eval_localization(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, methods: str = _METHODS,
                       layer: Optional[List[str]] = _LAYER, mapping: Optional[str] = _MAPPING, out_dir: Path = _OUT,
                       size: int = typer.Option(224, help="square input size"),
-                      shard: Optional[str] = _SHARD, rule: str = _RULE):
+                      shard: Optional[str] = _SHARD, rule: str = _RULE,
+                      logits: Optional[str] = _logits_option()):
     """Dominant-object localization (alpha * mean threshold, alpha chosen on a held-out split)."""
-    _eval("localization", data, fmt, model, methods, layer, mapping, out_dir, 15, size, shard, rule)
+    _eval("localization", data, fmt, model, methods, layer, mapping, out_dir, 15, size, shard, rule, logits)
 
 
 @eval_app.command("merge")

@@ -31,7 +31,7 @@ def _input_array(shape, batch: int, rng, ort_type: str = "tensor(float)") -> np.
 
 def run_bench(model, layers: Sequence[str], rule: str = "positive", batch: int = 1, runs: int = 10, warmup: int = 2,
               providers=None, threads: int | None = None, input_shapes=None, seed: int = 0,
-              progress=None, on_inputs=None) -> tuple[list[BenchRow], list[str]]:
+              progress=None, on_inputs=None, logits: str | None = None) -> tuple[list[BenchRow], list[str]]:
     """Median wall time of each variant over ``runs`` rounds; ratios are to the forward alone.
 
     The variants run interleaved, one run each per round, so that load from elsewhere
@@ -46,7 +46,7 @@ def run_bench(model, layers: Sequence[str], rule: str = "positive", batch: int =
     at_least(warmup, 0, "warmup")
     progress = progress or (lambda phase, done, total: None)
     rng = np.random.default_rng(seed)
-    forward = canonicalize(model, input_shapes=input_shapes)
+    forward = canonicalize(model, logits=logits, input_shapes=input_shapes)
     fwd_session = make_session(forward.forward_model(), providers, threads)
     feeds = {i.name: _input_array(i.shape, batch, rng, i.type) for i in fwd_session.get_inputs()}
     if on_inputs is not None:
@@ -59,7 +59,7 @@ def run_bench(model, layers: Sequence[str], rule: str = "positive", batch: int =
         if methods is None:
             prepared.append((name, fwd_session, [forward.entry], feeds))
             continue
-        built = build_excitation_model(model, layers, methods=methods, rule=rule, input_shapes=input_shapes)
+        built = build_excitation_model(model, layers, methods=methods, rule=rule, logits=logits, input_shapes=input_shapes)
         session = make_session(built.model, providers, threads)
         k = built.num_classes or session.get_inputs()[-1].shape[1]
         signal = np.zeros((batch, k), np.float32)

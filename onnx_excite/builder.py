@@ -4,7 +4,9 @@ The built model takes the original input(s) plus a signal ``excite_signal``
 (N x K, the top signal at the logits) and outputs, besides the original
 outputs and the logits, one map per (method, layer):
 
-* ``mwp:<layer>``  - Marginal Winning Probability, the sum over channels of P;
+* ``mwp:<layer>``  - Marginal Winning Probability, the sum over channels of P
+  (over the layer's channel axis: axis 3 of an NHWC tensor, see :mod:`.layout`),
+  so a map is (N, H, W);
 * ``cmwp:<layer>`` - contrastive MWP: the signal excites the classifier with
   its weights and with the negated weights (the dual), the difference is
   taken at the classifier's input and propagated down with the same rules
@@ -24,9 +26,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .canonicalize import ForwardGraph, canonicalize, default_opset
+from .canonicalize import ForwardGraph, LogitsChoice, canonicalize, default_opset, expose_maxpool_indices
 from .errors import ExciteError, UnsupportedModelError
 from .graph import Emitter
+from .layout import Layout, channel_axis
 from .rules import RULE_CHOICES, RULES, Context, data_inputs, unsupported_reason
 
 METHODS = ("mwp", "cmwp")
@@ -61,6 +64,8 @@ class ExcitationModel:
     maps: dict[tuple[str, str], str] = field(default_factory=dict)       # (method, layer) -> output
     channels: dict[tuple[str, str], str] = field(default_factory=dict)   # (method, layer) -> output
     masses: dict[tuple[str, str], str] = field(default_factory=dict)     # (method, layer) -> output (N,)
+    layouts: dict[str, Layout] = field(default_factory=dict)             # layer -> its channel axis
+    logits_choice: LogitsChoice | None = None                            # how the logits were chosen
 
     def save(self, path) -> None:
         """Write the model; past protobuf's 2 GiB limit the weights go to ``<path>.data``."""
@@ -109,6 +114,8 @@ def _upstream(graph: ForwardGraph, entry: str) -> set[str]:
 
 
 def check_layers(graph: ForwardGraph, layers: Sequence[str]) -> None:
+    """The one validation of layer names (builder, Exciter, every command): each must be a
+    tensor of the model that feeds the logits."""
     names = tensor_names(graph)
     known = set(names)
     up = _upstream(graph, graph.entry)
@@ -172,13 +179,17 @@ def build_excitation_model(
     rule: str = "positive",
     channels: bool = False,
     classifier: str | None = None,
-    output: str | None = None,
+    logits: str | None = None,
     input_shapes: Mapping[str, Sequence[int | None]] | None = None,
     diagnostics: bool = False,
+    output: str | None = None,
 ) -> ExcitationModel:
     """Build the companion model for ``layers`` (ONNX tensor names).
 
-    ``model`` is a path or a ModelProto; it is never modified. With
+    ``model`` is a path or a ModelProto; it is never modified. ``logits`` names the
+    output (or tensor) the signal enters at (``output`` is its older alias); without
+    it :func:`~onnx_excite.canonicalize.resolve_logits` chooses, and the built model's
+    ``logits_choice`` says how. With
     ``diagnostics`` the model also outputs ``mass.<method>:<layer>`` (N,), the
     total P that reached each layer: the rules conserve P, so what is missing
     from the signal's mass (MWP) or from 0 (c-MWP) was lost where Z == 0.
@@ -193,13 +204,14 @@ def build_excitation_model(
     if not layers:
         raise ExciteError("no layer given; list candidates with `onnx-excite layers MODEL`")
 
-    graph = canonicalize(model, output=output, input_shapes=input_shapes)
+    graph = canonicalize(model, logits=logits if logits is not None else output, input_shapes=input_shapes)
     check_layers(graph, layers)
     wanted = _downstream(graph, layers) & _upstream(graph, graph.entry)
     nodes = path_nodes(graph, wanted)
     problems = find_unsupported(graph, nodes)
     if problems:
         raise UnsupportedModelError(problems)
+    expose_maxpool_indices(graph.model, nodes)
 
     clf = None
     if "cmwp" in methods:
@@ -224,7 +236,7 @@ def build_excitation_model(
             done[method][tensor] = g.sum(terms) if terms else None
         return done[method][tensor]
 
-    for node in reversed(nodes):
+    for node in reversed(nodes):  # every node here has a data input that needs P (path_nodes)
         excite = RULES[node.op_type].excite
         for method in methods:
             p = p_of(method, node.output[0])
@@ -235,22 +247,24 @@ def build_excitation_model(
                 dual = excite(ctx, node, p, negate=True)
                 sent = {k: _difference(g, sent.get(k), dual.get(k)) for k in set(sent) | set(dual)}
             for tensor, q in sent.items():
-                if q is not None:
+                if q is not None and tensor in wanted:  # inputs that carry no P are skipped
                     pending[method].setdefault(tensor, []).append(q)
 
     built = ExcitationModel(model=graph.model, inputs=list(graph.input_names), signal=SIGNAL,
                             logits=graph.entry, num_classes=num_classes, layers=layers,
-                            methods=methods, rule=rule, classifier=clf.name if clf is not None else None)
+                            methods=methods, rule=rule, classifier=clf.name if clf is not None else None,
+                            logits_choice=graph.logits)
     new_outputs = []
     for layer in layers:
         rank = graph.rank(layer)
         if rank is None:
             raise ExciteError(f"the rank of layer {layer!r} is unknown (shape inference failed there)")
+        layout = built.layouts[layer] = channel_axis(graph, layer)
         for method in methods:
             p = p_of(method, layer)
             if p is None:  # every share was lost on the way down: P is 0 here
                 p = g.op("ConstantOfShape", [g.shape(layer)], value=onnx.numpy_helper.from_array(np.zeros(1, np.float32)))
-            m = g.channel_sum(p, rank)
+            m = g.channel_sum(p, rank, layout.axis if layout.axis is not None else 1)
             if method == "cmwp":
                 m = g.relu(m)
             built.maps[(method, layer)] = _expose(g, m, map_name(method, layer), new_outputs,

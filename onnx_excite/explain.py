@@ -34,6 +34,7 @@ class ExplainOptions:
     alpha: float = 0.5         # weight of the heat map in the overlay
     cmap: str = "jet"          # colour map (matplotlib's names when it is installed)
     full_res: bool = False     # image-space maps and overlays at the photo's full size (else long side <= 1600)
+    logits: str | None = None  # the output explained (default: resolve_logits chooses)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class ExplainSummary:
     skipped: int = 0           # images whose outputs were already complete (same settings)
     records: list = field(default_factory=list)
     input_size: tuple | None = None   # (width, height) fed to the model, when all images share one
+    logits_choice: object = None   # canonicalize.LogitsChoice: which output was explained, and why
 
 
 def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
@@ -297,7 +299,9 @@ class _Run:
             from .runtime import Exciter
 
             self.exciters[shape] = Exciter(self.model, self.layers, methods=self.opts.methods, rule=self.opts.rule,
+                                           logits=self.opts.logits,
                                            input_shapes={first_input_name(self.model): [None, *shape]})
+            self.summary.logits_choice = self.exciters[shape].built.logits_choice
         return self.exciters[shape]
 
     def target_sets(self, logits: np.ndarray) -> list[list[tuple]]:

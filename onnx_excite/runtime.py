@@ -133,14 +133,14 @@ class Exciter:
 
     def __init__(self, model, layers: Sequence[str] | None = None, methods: Sequence[str] = METHODS, rule: str = "positive",
                  providers: Sequence[str] | None = None, channels: bool = False, classifier: str | None = None,
-                 output: str | None = None, input_shapes: Mapping | None = None, threads: int | None = None,
-                 diagnostics: bool = False):
+                 logits: str | None = None, input_shapes: Mapping | None = None, threads: int | None = None,
+                 diagnostics: bool = False, output: str | None = None):
         from onnx_excite.models.default import layers_or_default
 
         layers = layers_or_default(model, layers)
         self.built: ExcitationModel = build_excitation_model(
             model, layers, methods=methods, rule=rule, channels=channels, classifier=classifier,
-            output=output, input_shapes=input_shapes, diagnostics=diagnostics)
+            logits=logits if logits is not None else output, input_shapes=input_shapes, diagnostics=diagnostics)
         self.session = make_session(self.built.model, providers, threads)
         self._outputs = ([self.built.logits] + list(self.built.maps.values()) + list(self.built.channels.values())
                          + list(self.built.masses.values()))
