@@ -79,8 +79,7 @@ def profile_for_model(model_proto: onnx.ModelProto) -> Profile:
 
     NHWC when the last dimension is 3 and the second is not, else NCHW. The image is
     resized to a square: the static spatial size when the input has one, else 224.
-    ImageNet mean/std, RGB, 1/255 (raw 0..255 pixels for an integer input); no default layers
-    and no class names.
+    ImageNet mean/std, RGB, 1/255; no default layers and no class names.
     """
     inits = {i.name for i in model_proto.graph.initializer}
     inputs = [i for i in model_proto.graph.input if i.name not in inits]
@@ -94,10 +93,4 @@ def profile_for_model(model_proto: onnx.ModelProto) -> Profile:
         h, w = (dims[1], dims[2]) if layout == "NHWC" else (dims[2], dims[3])
         if h and w:
             size = h if h == w else max(h, w)  # a non-square static input cannot be met by a square resize
-    elem = inputs[0].type.tensor_type.elem_type if inputs and inputs[0].type.HasField("tensor_type") else 0
-    if elem in (onnx.TensorProto.UINT8, onnx.TensorProto.INT8, onnx.TensorProto.UINT16, onnx.TensorProto.INT16,
-                onnx.TensorProto.INT32, onnx.TensorProto.INT64):
-        # raw pixels (0..255): the model normalises them itself (Cast, Sub, Div inside the graph)
-        return Profile("auto", input_size=size, resize="square", crop=None, layout=layout, default_layers=[],
-                       mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), scale=1.0)
     return Profile("auto", input_size=size, resize="square", crop=None, layout=layout, default_layers=[])

@@ -300,6 +300,32 @@ class Reference:
             return ins[0] * np.clip(ins[0] / 6 + 0.5, 0, 1)
         if op == "Tanh":
             return np.tanh(ins[0])
+        if op == "Softplus":
+            return np.logaddexp(0, ins[0])
+        if op == "HardSigmoid":
+            return np.clip(_attr(node, "alpha", 0.2) * ins[0] + _attr(node, "beta", 0.5), 0, 1)
+        if op == "Elu":
+            return np.where(ins[0] > 0, ins[0], _attr(node, "alpha", 1.0) * np.expm1(np.minimum(ins[0], 0)))
+        if op == "Celu":
+            al = _attr(node, "alpha", 1.0)
+            return np.maximum(ins[0], 0) + np.minimum(0, al * np.expm1(np.minimum(ins[0], 0) / al))
+        if op == "Selu":
+            al, gamma = _attr(node, "alpha", 1.67326319217681884765625), _attr(node, "gamma", 1.05070102214813232421875)
+            return gamma * np.where(ins[0] > 0, ins[0], al * np.expm1(np.minimum(ins[0], 0)))
+        if op == "Gelu":
+            return 0.5 * ins[0] * (1 + np.vectorize(math.erf)(ins[0] / math.sqrt(2)))
+        if op == "Softsign":
+            return ins[0] / (1 + np.abs(ins[0]))
+        if op == "Mish":
+            return ins[0] * np.tanh(np.logaddexp(0, ins[0]))
+        if op == "ThresholdedRelu":
+            return np.where(ins[0] > _attr(node, "alpha", 1.0), ins[0], 0.0)
+        if op == "PRelu":
+            return np.where(ins[0] >= 0, ins[0], ins[1] * ins[0])
+        if op == "Cast":   # float to float: the reference stays in float64
+            return ins[0].astype(np.float64)
+        if op == "Squeeze":
+            return np.squeeze(ins[0], axis=tuple(int(a) for a in ins[1]) if len(ins) > 1 and ins[1] is not None else None)
         if op == "ReduceMean":
             axes = tuple(_attr(node, "axes") or [int(a) for a in ins[1]])
             return ins[0].mean(axis=axes, keepdims=bool(_attr(node, "keepdims", 1)))
@@ -455,6 +481,8 @@ class Reference:
         op = node.op_type
         a = v[node.input[0]]
         sign = -1.0 if negate else 1.0
+        if op == "Split":   # p: the P of every piece; concatenated back
+            return {node.input[0]: np.concatenate(p, axis=_attr(node, "axis", 0))}
         if op == "Conv":
             w = sign * v[node.input[1]]
             g = _attr(node, "group", 1)
@@ -489,8 +517,10 @@ class Reference:
             z = _contrib(a[:, :, None], w[None], rule)  # (N, K, M)
             r = _safe_ratio(p, z.sum(axis=1))
             return {node.input[0]: (z * r[:, None, :]).sum(axis=2)}
-        if op in ("Relu", "Clip", "Sigmoid", "Identity", "Dropout", "Softmax", "LRN", "LeakyRelu", "HardSwish", "Tanh"):
-            return {node.input[0]: p}
+        if op in ("Relu", "Clip", "Sigmoid", "Identity", "Dropout", "Softmax", "LRN", "LeakyRelu", "HardSwish", "Tanh",
+                  "Softplus", "HardSigmoid", "Elu", "Celu", "Selu", "Gelu", "Softsign", "Mish", "ThresholdedRelu",
+                  "PRelu", "Cast"):
+            return {node.input[0]: p}   # element-wise activations pass P through
         if op == "ReduceMean":   # a spatial mean: proportional to the (positive) inputs, like GAP
             axes = tuple(_attr(node, "axes") or [int(x) for x in v[node.input[1]]])
             act = np.maximum(a, 0) if rule == "positive" else a
@@ -529,7 +559,7 @@ class Reference:
             for i, piece in zip(node.input, np.split(p, sizes, axis=axis)):
                 out[i] = out.get(i, 0) + piece
             return out
-        if op in ("Flatten", "Reshape", "Unsqueeze"):
+        if op in ("Flatten", "Reshape", "Unsqueeze", "Squeeze"):
             return {node.input[0]: p.reshape(a.shape)}
         if op in ("Add", "Sum"):
             data = [i for i in node.input if i not in self.consts]
@@ -654,10 +684,12 @@ class Reference:
             node = self.producer.get(out)
         return out
 
-    def run(self, x, signal, layers, rule="positive", contrastive=False):
-        """Forward, then P at every tensor down to the inputs; maps at ``layers``."""
+    def run(self, x, signal, layers, rule="positive", contrastive=False, channel_axes=None, entry=None):
+        """Forward, then P at every tensor down to the inputs; maps at ``layers``: P summed
+        over the channel axis (``channel_axes[layer]``, default 1). The signal enters at
+        ``entry`` (default: the first output, below a Softmax)."""
         self.forward(x)
-        entry = self.entry()
+        entry = entry or self.entry()
         clf = self.classifier(entry) if contrastive else None
         pending = {entry: [np.asarray(signal, np.float64)]}
         P = {}
@@ -667,7 +699,8 @@ class Reference:
                     continue
                 pieces = [sum(pending.pop(o)) if o in pending else np.zeros(self.values[o].shape) for o in node.output]
                 P.update(zip(node.output, pieces))
-                pending.setdefault(node.input[0], []).append(np.concatenate(pieces, axis=_attr(node, "axis", 0)))
+                for k, q in self.excite(node, pieces, rule).items():
+                    pending.setdefault(k, []).append(q)
                 continue
             out = node.output[0]
             if out not in pending:
@@ -685,12 +718,12 @@ class Reference:
         res = {"logits": self.values[entry], "P": {}, "map": {}, "map_unclipped": {}}
         for layer in layers:
             p = P[layer]
-            m = p.sum(axis=1) if p.ndim >= 3 else p
+            m = p.sum(axis=(channel_axes or {}).get(layer, 1)) if p.ndim >= 3 else p
             res["P"][layer] = p
             res["map_unclipped"][layer] = m
             res["map"][layer] = np.maximum(m, 0) if contrastive else m
         return res
 
 
-def excitation_reference(model, x, signal, layers, rule="positive", contrastive=False):
-    return Reference(model).run(x, signal, layers, rule=rule, contrastive=contrastive)
+def excitation_reference(model, x, signal, layers, rule="positive", contrastive=False, channel_axes=None):
+    return Reference(model).run(x, signal, layers, rule=rule, contrastive=contrastive, channel_axes=channel_axes)

@@ -70,11 +70,14 @@ def _file_sha256(path) -> str:
 
 
 def _num_outputs(model) -> Optional[int]:
-    """The static size of the model's first output's last dimension, if it has one."""
+    """The static size of the last dimension of the model's only output, if it has one (with
+    several outputs the Exciter's logits resolution decides, and tells)."""
     import onnx
 
     try:
         proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+        if len(proto.graph.output) != 1:
+            return None
         dims = proto.graph.output[0].type.tensor_type.shape.dim
         return int(dims[-1].dim_value) if dims and dims[-1].HasField("dim_value") and dims[-1].dim_value > 0 else None
     except Exception:
@@ -84,8 +87,12 @@ def _num_outputs(model) -> Optional[int]:
 class _ModelRunner:
     """The model, its preprocessing, one Exciter per input shape, the map cache."""
 
-    def __init__(self, model: str, layers, methods, rule: str, protocol: str, size: int, cache_dir: Optional[Path]):
+    def __init__(self, model: str, layers, methods, rule: str, protocol: str, size: int, cache_dir: Optional[Path],
+                 logits: Optional[str] = None):
         from ..explain import resolve_model
+
+        self.logits = logits
+        self.logits_choice = None
 
         self.name = str(model)
         self.source, self.profile = resolve_model(self.name)
@@ -108,7 +115,7 @@ class _ModelRunner:
         key = _file_sha256(path)
         if not isinstance(self.source, (str, Path)):
             key += "+fullyconv"
-        self.meta = json.dumps({"version": CACHE_VERSION, "model": key, "rule": rule, "resize": self.resize,
+        self.meta = json.dumps({"version": CACHE_VERSION, "model": key, "logits": logits, "rule": rule, "resize": self.resize,
                                 "size": self.size, "mean": list(p.mean), "std": list(p.std), "scale": p.scale,
                                 "channel_order": p.channel_order, "layout": p.layout}, sort_keys=True)
         self.cache_dir = cache_dir
@@ -147,8 +154,9 @@ class _ModelRunner:
         from ..runtime import Exciter
 
         try:
-            ex = Exciter(self.source, self.layers, methods=tuple(self.methods), rule=self.rule,
+            ex = Exciter(self.source, self.layers, methods=tuple(self.methods), rule=self.rule, logits=self.logits,
                          input_shapes={first_input_name(self.source): [None, *shape]})
+            self.logits_choice = ex.built.logits_choice
         except ModelError:
             raise
         except ExciteError as exc:
@@ -263,13 +271,22 @@ class _ProgressCtx:
         return self.prog.__exit__(*exc)
 
 
+def _logits_record(runner) -> Optional[dict]:
+    """Which output was explained, and how it was chosen (None before any map was computed)."""
+    choice = getattr(runner, "logits_choice", None)
+    if choice is None:
+        return None
+    return {"tensor": choice.tensor, "output": choice.output, "reason": choice.reason,
+            "candidates": list(choice.candidates)}
+
+
 def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", model: Optional[str] = "default",
                    methods: Sequence[str] = ("cmwp", "mwp", "center"), layers: Optional[Sequence[str]] = None,
                    mapping=None, out_dir="eval_out", tolerance: float = 15, size: int = 224, shard=None,
                    progress: bool = True, *, split: Optional[str] = None, image_dir=None, rule: str = "positive",
                    held_out: float = 0.2, seed: int = 0, limit: Optional[int] = None,
                    ids: Optional[Sequence[str]] = None, batch_size: int = 16, cache: bool = True,
-                   dominant: str = "all") -> dict:
+                   dominant: str = "all", logits: Optional[str] = None) -> dict:
     """Evaluate ``methods`` on a dataset; returns the results dict (also written to ``out_dir``).
 
     * ``protocol``: ``"pointing"`` (input: shorter side resized to ``size``) or
@@ -287,7 +304,9 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
       present (an image whose dominant class is unmapped is skipped, as in the paper's
       definition) or among the ``"mapped"`` ones;
     * ``limit`` / ``ids``: evaluate only the first ``limit`` images / these ids;
-    * ``shard``: ``"i/n"``, every n-th image from the i-th; merge with :func:`merge_shards`.
+    * ``shard``: ``"i/n"``, every n-th image from the i-th; merge with :func:`merge_shards`;
+    * ``logits``: the output explained (default: :func:`~onnx_excite.canonicalize.resolve_logits`
+      chooses; the choice is in ``res["logits"]``).
     """
     t0 = time.perf_counter()
     if protocol not in PROTOCOLS:
@@ -302,7 +321,11 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
         raise ExciteError(f"dominant must be 'all' or 'mapped', not {dominant!r}")
     if data is None:
         raise ExciteError("no dataset given")
-    out_dir = Path(out_dir)
+    from ..checks import at_least, output_dir
+
+    size = at_least(size, 1, "--size")
+    at_least(batch_size, 1, "--batch-size")
+    out_dir = output_dir(out_dir)
 
     records, problems = read_dataset(data, fmt, split=split, image_dir=image_dir)
     if ids is not None:
@@ -316,7 +339,8 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
     if excite or mapping is not None:
         if model is None:
             raise ExciteError("methods mwp/cmwp and a mapping need a model (a path or 'default')")
-        runner = _ModelRunner(model, layers, excite, rule, protocol, size, out_dir / "cache" if cache else None)
+        runner = _ModelRunner(model, layers, excite, rule, protocol, size, out_dir / "cache" if cache else None,
+                              logits=logits)
         if excite:
             runner.ensure_num_classes(records)
         cmap = resolve_mapping(mapping, dataset_classes, runner.num_classes, runner.class_names)
@@ -362,7 +386,8 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
                      "input": runner.describe_input() if runner else ("-" if protocol == "pointing" else f"{size}x{size}"),
                      "shard": None if shard_t is None else f"{shard_t[0]}/{shard_t[1]}",
                      "held_out": held_out, "seed": seed, "alphas": [float(a) for a in metrics.ALPHAS],
-                     "split": split, "limit": limit, "dominant": dominant},
+                     "split": split, "limit": limit, "dominant": dominant,
+                     "logits": _logits_record(runner)},
         "counts": {"images_read": len(records), "images_in_shard": len(todo), "images_evaluated": evaluated_images,
                    "items": len(items), "items_difficult": sum(1 for it in items if it.get("difficult")),
                    "skipped": len(skipped), "maps_computed": runner.computed if runner else 0,
@@ -454,6 +479,10 @@ def merge_shards(out_dirs: Sequence, out_dir=None) -> dict:
     pooled and the summaries recomputed (for localization, alpha is chosen again on the pooled
     held-out images). Written to ``out_dir`` when given."""
     parts = [load_results(d) for d in out_dirs]
+    if out_dir is not None:
+        from ..checks import output_dir
+
+        output_dir(out_dir)
     if not parts:
         raise ExciteError("no shard folders given")
     first = parts[0]

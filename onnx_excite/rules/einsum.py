@@ -67,13 +67,12 @@ def einsum_check(graph, node):
 
 
 @register("Einsum", check=einsum_check, weighted=True,
-          description="linear, with the Einsum and its adjoint Einsum; can be the contrastive classifier")
+          description="of one activation and one constant weight (`nhwc,cd->nhwd`, `nchw,oc->nohw` 1x1 convs, `nc,kc->nk` dense): "
+                      "linear, with the Einsum and its adjoint Einsum; can be the contrastive classifier")
 def einsum(ctx: Context, node, p: str, negate=False):
     """Linear rule with the Einsum and its adjoint Einsum."""
     d_i, w_i, data, weight, out = _plan(ctx.graph, node)
     a = node.input[d_i]
-    if not ctx.wants(a):
-        return {}
     g = ctx.g
     forward_eq = ",".join("".join(t) for t in ((data, weight) if d_i == 0 else (weight, data))) + "->" + "".join(out)
     adjoint_eq = f"{''.join(out)},{''.join(weight)}->{''.join(data)}"

@@ -13,7 +13,7 @@ computed from ``x`` is a gate, as for ``Mul``.
 """
 from __future__ import annotations
 
-from .base import Context, register
+from .base import Context, proves_nonneg, register
 from .merge import add as _proportional_split
 from .passthrough import _depends_on
 
@@ -41,11 +41,12 @@ def sub_check(graph, node):
 
 
 @register("Sub", check=sub_check,
-          description="per-element affine: P passes to `x`, as for Mul by a constant and a bias Add")
+          description="`x - c`, `c - x` (decomposed BatchNorm, pixel normalisation inside the graph): per-element affine, "
+                      "P passes to `x` as for Mul by a constant and a bias Add; Sub of two tensors is refused")
 def sub(ctx: Context, node, p: str, negate=False):
     """P_in = P: each output cell is an affine function of one input cell."""
     data = _data(ctx.graph, node)
-    return {data[0]: p} if data and ctx.wants(data[0]) else {}
+    return {data[0]: p} if data else {}
 
 
 def div_check(graph, node):
@@ -57,13 +58,20 @@ def div_check(graph, node):
     return _same_shape_check(graph, [x], node.output[0])
 
 
-# only the dividend carries P (a gate's subgraph is not excited); not keeps_nonneg: x / c < 0 for c < 0
-@register("Div", inputs=(0,), check=div_check,
-          description="per-element affine: P passes to `x`, as for Mul by a constant and a bias Add")
+def div_nonneg(graph, node):
+    """x / d >= 0 where x >= 0 (the declared input) and the divisor is provably >= 0 too."""
+    return proves_nonneg(graph, node.input[1])
+
+
+# only the dividend carries P (a divisor gate's subgraph is not excited); a constant divided
+# by a tensor declares no input that carries P: div_check reports it (the builder checks
+# every node on the path, also those whose declared inputs are all constants)
+@register("Div", inputs=(0,), keeps_nonneg=div_nonneg, check=div_check,
+          description="`x / c`, or `x / g` with a gate `g` computed from `x` (L2 normalisation, paddle's hard-swish "
+                      "`x·clip(x+3, 0, 6)/6`): P passes to `x`, the divisor takes none; `c / x` is refused")
 def div(ctx: Context, node, p: str, negate=False):
     """P_in = P for the dividend; the divisor (a constant or a gate) takes no share."""
-    x = node.input[0]
-    return {x: p} if ctx.wants(x) else {}
+    return {node.input[0]: p}
 
 
 def mean_check(graph, node):
@@ -79,14 +87,19 @@ def max_check(graph, node):
     return _same_shape_check(graph, _data(graph, node), node.output[0])
 
 
-@register("Max", keeps_nonneg=True, check=max_check,
+def max_nonneg(graph, node):
+    """max(x_1, .., x_n) >= 0 as soon as one input is >= 0 (``Max(x, 0)`` is a ReLU)."""
+    return "always" if any(proves_nonneg(graph, i) for i in node.input if i) else False
+
+
+@register("Max", keeps_nonneg=max_nonneg, check=max_check,
           description="each cell's P goes to the input holding the maximum (the first on ties); constants take none")
 def max_(ctx: Context, node, p: str, negate=False):
     """P_k = P where x_k is the first arg-max over the non-constant inputs, else 0."""
     g = ctx.g
     data = _data(ctx.graph, node)
     if len(data) == 1:
-        return {data[0]: p} if ctx.wants(data[0]) else {}
+        return {data[0]: p}
 
     def first_argmax():
         stacked = g.op("Concat", [g.op("Unsqueeze", [ctx.act(x), g.i64([0])]) for x in data], axis=0)

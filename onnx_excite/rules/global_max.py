@@ -39,12 +39,10 @@ def global_max_check(graph, node):
 
 
 @register("GlobalMaxPool", "ReduceMax", inputs=(0,), keeps_nonneg=True, check=global_max_check,
-          description="winner-take-all: P goes to the arg-max over the reduced axes (the first on ties; ArgMax + ScatterElements)")
+          description="over any non-batch axes (NHWC `[1, 2]` too), winner-take-all: P goes to the arg-max over the reduced axes (the first on ties; ArgMax + ScatterElements)")
 def global_max(ctx: Context, node, p: str, negate=False):
     """P_in[j] = P where j is the (first) maximum of its reduced slice, else 0."""
     a = node.input[0]
-    if not ctx.wants(a):
-        return {}
     g = ctx.g
     rank = ctx.graph.rank(a)
     reduced = _reduced_axes(ctx.graph, node)

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .axis_maps import apply_along_axis, route_back
+from ..axis_maps import apply_along_axis, route_back
 from .base import Context, attr, register
 from .linear import excite_linear
 
@@ -235,14 +235,13 @@ def resize_check(graph, node):
 
 
 @register("Resize", "Upsample", inputs=(0,), keeps_nonneg=True, check=resize_check,
-          description="nearest: P routed back to the source pixel (copies summed); linear: proportional to the "
+          description="nearest and linear (every coordinate transformation but tf_crop_and_resize, antialias; scales, "
+                      "sizes, or sizes computed in the graph); nearest: P routed back to the source pixel (copies summed); linear: proportional to the "
                       "contributions, `Z = A a`, `P_in = a · Aᵀ(P / Z)` (a+ for `positive`), `A` the per-axis "
                       "interpolation weights read off the node")
 def resize(ctx: Context, node, p: str, negate=False):
     """Nearest: P_in = A^T P. Linear: the linear rule with the interpolation weights A >= 0."""
     a = node.input[0]
-    if not ctx.wants(a):
-        return {}
     plan = _plan(ctx.graph, node)
     mats = _matrices(ctx.graph, node, plan)
     rank = plan[2]

@@ -5,14 +5,14 @@ not shared: ``P_in[j] = sum of P[o] over the outputs o copied from j``. The
 border of an edge / reflect / wrap Pad returns its P to the cells it copied;
 the copies made by Expand and Tile are summed back; the cells a Slice drops
 get no P. Ops over static sizes are applied per axis as 0/1 matrices
-(:mod:`.axis_maps`).
+(:mod:`onnx_excite.axis_maps`).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..errors import ExciteError
-from .axis_maps import route_back, selection_matrix
+from ..axis_maps import route_back, selection_matrix
 from .base import Context, attr, register
 
 
@@ -24,8 +24,7 @@ def _const_ints(graph, node, index):
 
 
 def _mode(node) -> str:
-    mode = attr(node, "mode", b"constant")
-    return mode.decode() if isinstance(mode, bytes) else mode
+    return attr(node, "mode", "constant")
 
 
 # ---------------------------------------------------------------------------
@@ -63,14 +62,20 @@ def pad_check(graph, node):
     return None
 
 
-@register("Pad", inputs=(0,), keeps_nonneg=True, check=pad_check,
+def pad_nonneg(graph, node):
+    """Edge / reflect / wrap pads copy input cells; constant padding adds its value (0 by default)."""
+    if _mode(node) != "constant":
+        return True
+    value = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    return value is None or (value in graph.consts and bool((graph.consts[value] >= 0).all()))
+
+
+@register("Pad", inputs=(0,), keeps_nonneg=pad_nonneg, check=pad_check,
           description="constant: P cut back to the unpadded input (the padding takes no share); "
                       "edge / reflect / wrap: P of the border returns to the cells it copied")
 def pad(ctx: Context, node, p: str, negate=False):
     """P_in[j] = sum of P over the output cells that hold a copy of input cell j."""
     a = node.input[0]
-    if not ctx.wants(a):
-        return {}
     g = ctx.g
     padded, rank = _pad_plan(ctx.graph, node)
     if not padded:
@@ -124,8 +129,6 @@ def slice_check(graph, node):
 def slice_(ctx: Context, node, p: str, negate=False):
     """P_in = P at the cells the slice kept, 0 elsewhere (a zero Pad for step 1, else a 0/1 matrix)."""
     a = node.input[0]
-    if not ctx.wants(a):
-        return {}
     g = ctx.g
     plan = _slice_plan(ctx.graph, node)
     rank = ctx.graph.rank(a)
@@ -185,12 +188,10 @@ def expand_check(graph, node):
 
 
 @register("Expand", inputs=(0,), keeps_nonneg=True, check=expand_check,
-          description="P summed back over the copies")
+          description="P summed back over the broadcast copies (also to a shape computed in the graph)")
 def expand(ctx: Context, node, p: str, negate=False):
     """P_in[j] = sum of P over the copies of cell j (ReduceSum over the broadcast axes)."""
     a = node.input[0]
-    if not ctx.wants(a):
-        return {}
     g = ctx.g
     lead, broadcast = _expand_plan(ctx.graph, node)
     if lead:
@@ -213,12 +214,10 @@ def tile_check(graph, node):
 
 
 @register("Tile", inputs=(0,), keeps_nonneg=True, check=tile_check,
-          description="P summed back over the copies")
+          description="P summed back over the tiled copies")
 def tile(ctx: Context, node, p: str, negate=False):
     """P_in[j] = sum over the copies k of P[k * n + j] along every tiled axis."""
     a = node.input[0]
-    if not ctx.wants(a):
-        return {}
     reps = _const_ints(ctx.graph, node, 1)
     tiled = [i for i, r in enumerate(reps) if r != 1]
     dims = ctx.graph.static_dims(a, tiled)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..graph import Emitter
+from .graph import Emitter
 
 
 def apply_along_axis(g: Emitter, x: str, m: np.ndarray, axis: int, rank: int, hint: str = "axis_map") -> str:
