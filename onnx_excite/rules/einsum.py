@@ -39,7 +39,6 @@ def _terms(equation: str):
 def _plan(graph, node):
     """(data index, weight index, data term, weight term, output term) or a reason string."""
     equation = attr(node, "equation")
-    equation = equation.decode() if isinstance(equation, bytes) else equation
     ins, out = _terms(equation or "")
     if len(node.input) != 2 or len(ins) != 2:
         return "only an Einsum of two operands is supported"

@@ -28,19 +28,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from ..axis_maps import apply_along_axis, route_back
+from ..canonicalize import default_opset
+from ..index import attrs as attrs_of
 from .base import Context, attr, register
 from .linear import excite_linear
 
 _CARRIED = ("mode", "coordinate_transformation_mode", "nearest_mode", "cubic_coeff_a", "exclude_outside",
             "extrapolation_value", "antialias")
-
-
-def _text(value):
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _opset(graph) -> int:
-    return next((i.version for i in graph.model.opset_import if i.domain in ("", "ai.onnx")), 17)
 
 
 def _plan(graph, node):
@@ -50,7 +44,7 @@ def _plan(graph, node):
     if rank is None:
         return "input rank unknown"
     if node.op_type == "Upsample":
-        attrs = {"mode": _text(attr(node, "mode", b"nearest")), "coordinate_transformation_mode": "asymmetric",
+        attrs = {"mode": attr(node, "mode", "nearest"), "coordinate_transformation_mode": "asymmetric",
                  "nearest_mode": "floor"}
         scales = attr(node, "scales")
         if scales is None:
@@ -59,11 +53,11 @@ def _plan(graph, node):
         if scales is None:
             return "the scales are not constant"
     else:
-        attrs = {a.name: _text(helper.get_attribute_value(a)) for a in node.attribute if a.name in _CARRIED}
-        if _text(attr(node, "keep_aspect_ratio_policy", b"stretch")) != "stretch":
+        attrs = {k: v for k, v in attrs_of(node).items() if k in _CARRIED}
+        if attr(node, "keep_aspect_ratio_policy", "stretch") != "stretch":
             return "keep_aspect_ratio_policy other than 'stretch' is not supported"
         scales = sizes = None
-        slots = {2: "scales", 3: "sizes"} if _opset(graph) >= 11 else {1: "scales"}   # input 1 is the roi from 11 on
+        slots = {2: "scales", 3: "sizes"} if default_opset(graph.model) >= 11 else {1: "scales"}   # input 1 is the roi from 11 on
         for idx, kind in slots.items():
             name = node.input[idx] if len(node.input) > idx else ""
             if not name:
@@ -218,7 +212,7 @@ def _matrices(graph, node, plan):
     if not attrs.get("antialias", 0) or attrs.get("mode") == "nearest":
         return {ax: axis_weights(n_in, n_out, scale, attrs) for ax, (n_in, n_out, scale) in resized.items()}
     items = tuple(sorted(attrs.items()))
-    return {ax: _axis_matrix(items, _opset(graph), rank, ax, n_in, n_out, scale) for ax, (n_in, n_out, scale) in resized.items()}
+    return {ax: _axis_matrix(items, default_opset(graph.model), rank, ax, n_in, n_out, scale) for ax, (n_in, n_out, scale) in resized.items()}
 
 
 def resize_check(graph, node):
