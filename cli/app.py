@@ -80,9 +80,18 @@ def layers(model: Path = typer.Argument(..., help="ONNX classifier"),
 @app.command()
 @friendly
 def check(model: Path = typer.Argument(..., help="ONNX classifier"),
-          output: Optional[str] = typer.Option(None, help="output tensor to explain")):
+          output: Optional[str] = typer.Option(None, help="output tensor to explain"),
+          provider: str = typer.Option("cpu", help="cuda: also report every node of the companion graph that "
+                                                   "would fall back from ONNX Runtime's CUDA provider to the CPU"),
+          layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="map layer for --provider cuda "
+                                                    "(default: the input, so every rule is in the graph)")):
     """Report every node the rewrite cannot handle (exit 1), or "ok" and the candidate layers."""
     from onnx_excite.inspect import inspect_model
+
+    if provider != "cpu":
+        from onnx_excite.cli.serve_cmds import check_cuda_command
+
+        return check_cuda_command(model, provider, layer, output)
 
     report = inspect_model(str(model), output=output)
     if report.problems:
@@ -273,6 +282,9 @@ def eval_merge(shards: List[Path] = typer.Argument(..., help="result folders of 
     from onnx_excite.eval import merge_shards
 
     _print_summary(merge_shards([str(s) for s in shards], out_dir=str(out_dir)))
+
+
+from onnx_excite.cli import serve_cmds  # noqa: E402,F401  (serving commands register on `app`)
 
 
 def main() -> None:  # console script entry point
