@@ -113,35 +113,33 @@ def _methods(method: Optional[List[str]], contrastive: bool) -> tuple:
 @app.command()
 @friendly
 def export(model: Path = typer.Argument(..., help="ONNX classifier (never modified)"),
-           out_path: Path = typer.Option(..., "-o", "--output", help="where to write the companion model"),
+           out_path: Optional[Path] = typer.Option(None, "-o", "--output", help="where to write the companion model"),
            layer: List[str] = typer.Option(..., "--layer", "-l", help="tensor name of a map layer (repeatable)"),
            method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="mwp and/or cmwp (repeatable; default mwp)"),
            contrastive: bool = typer.Option(False, "--contrastive", help="also output contrastive MWP"),
            rule: str = typer.Option("positive", help="positive (stable for signed inputs) or paper (literal rule)"),
            channels: bool = typer.Option(False, help="also output channel-resolved P per layer"),
-           input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. 'input=?,3,224,224'")):
+           input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. 'input=?,3,224,224'"),
+           signal: str = typer.Option("input", help="input (the client feeds excite_signal), top1 or topk:K (the graph "
+                                                    "explains its own top classes; outputs classes, scores, maps)"),
+           map_size: str = typer.Option("layer", help="layer (maps at layer resolution) or input (resized in the graph)"),
+           resize: str = typer.Option("bilinear", help="bilinear or bicubic, for --map-size input"),
+           normalize: str = typer.Option("none", help="none, max (each map / its max |value|) or sum (/ sum of |values|)"),
+           fp16: bool = typer.Option(False, "--fp16", help="forward in float16 (needs the fp16 extra); excitation stays float32"),
+           dynamic_batch: bool = typer.Option(True, help="make a fixed batch of 1 symbolic when no Reshape bakes it in"),
+           serving: Optional[Path] = typer.Option(None, help="also write a Triton model repository folder here"),
+           name: Optional[str] = typer.Option(None, help="Triton model name (default: the model file's stem + '_excite')"),
+           max_batch_size: int = typer.Option(32, help="Triton max_batch_size")):
     """Write one ONNX model with the forward graph and the excitation outputs.
 
-    It runs in plain onnxruntime: feed the image(s) and `excite_signal` (N x K).
+    It runs in plain onnxruntime: feed the image(s) and `excite_signal` (N x K), or with
+    --signal top1/topk:K the image alone.
     """
-    import onnx
+    from onnx_excite.cli.serve_cmds import export_command
 
-    from onnx_excite import build_excitation_model
-
-    if out_path.resolve() == model.resolve():
-        raise ExciteError(f"{out_path}: refusing to overwrite the input model")
-    built = build_excitation_model(str(model), layer, methods=_methods(method, contrastive), rule=rule,
-                                   channels=channels, input_shapes=_input_shapes(str(model), input_shape))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    built.save(out_path)
-    try:
-        onnx.checker.check_model(str(out_path), full_check=True)
-    except Exception as exc:  # a bug of ours, not of the user's model
-        out_path.unlink()
-        raise ExciteError(f"internal: the built model fails onnx.checker: {str(exc).splitlines()[0]}") from None
-    out.print(f"wrote {out_path}", markup=False)
-    out.print(f"  inputs : {', '.join(built.inputs)}, {built.signal} (N x {built.num_classes})", markup=False)
-    out.print(f"  outputs: {built.logits} (logits), " + ", ".join(built.maps.values()), markup=False)
+    export_command(model, out_path, layer, _methods(method, contrastive), rule, channels,
+                   _input_shapes(str(model), input_shape), signal, map_size, resize, normalize, fp16,
+                   dynamic_batch, serving, name, max_batch_size)
 
 
 @app.command()
@@ -183,14 +181,18 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
             std: Optional[str] = typer.Option(None, help="per-channel std, e.g. 0.229,0.224,0.225"),
             combine: bool = typer.Option(False, help="several --target as one multi-hot signal (one map) instead of one map each"),
             colorbar: bool = typer.Option(True, help="draw a colour bar beside each overlay"),
-            batch_size: int = typer.Option(8, help="images per run (same-size images share a batch)")):
+            batch_size: int = typer.Option(8, help="images per run (same-size images share a batch)"),
+            device: str = typer.Option("auto", help="cpu, cuda (an error when CUDA cannot run) or auto (CUDA when available)")):
     """Write maps (.npy at layer resolution and upsampled to the image) and overlays (.png) per image."""
     from onnx_excite.explain import ExplainOptions, explain_files
 
     opts = ExplainOptions(model=model, layers=list(layer or []), targets=list(target or []), top=top,
                           methods=_methods(method or ["mwp", "cmwp"], contrastive), rule=rule, out_dir=out_dir,
-                          size=size, mean=mean, std=std, batch_size=batch_size, combine=combine, colorbar=colorbar)
+                          size=size, mean=mean, std=std, batch_size=batch_size, combine=combine, colorbar=colorbar,
+                          device=device)
     summary = explain_files(inputs, opts, console=out, errors=err)
+    if summary.providers:
+        out.print("providers: " + ", ".join(summary.providers), markup=False)
     out.print(f"wrote {summary.written} file(s) to {out_dir}", markup=False)
     if summary.failed:
         err.print(f"error: {summary.failed} input(s) could not be read", markup=False)

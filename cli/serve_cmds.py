@@ -28,3 +28,50 @@ def check_cuda_command(model: Path, provider: str, layer: Optional[List[str]], o
         out.print(summary + f"{len(report.fallbacks)} would fall back to the CPU", markup=False)
         raise typer.Exit(1)
     out.print(summary + "all on CUDA", markup=False)
+
+
+def export_command(model: Path, out_path: Optional[Path], layers, methods, rule, channels, input_shapes,
+                   signal, map_size, resize, normalize, fp16, dynamic_batch, serving_dir, name, max_batch_size) -> None:
+    """`onnx-excite export`: build, post-process, write the model (and the Triton folder), verify."""
+    import onnx
+
+    from onnx_excite.serving import export_model, write_triton_repository
+
+    if out_path is None and serving_dir is None:
+        raise ExciteError("give -o/--output FILE and/or --serving DIR")
+    if out_path is not None and out_path.resolve() == model.resolve():
+        raise ExciteError(f"{out_path}: refusing to overwrite the input model")
+    exp = export_model(str(model), layers, methods=methods, rule=rule, channels=channels, input_shapes=input_shapes,
+                       signal=signal, map_size=map_size, resize=resize, normalize=normalize, fp16=fp16,
+                       dynamic_batch=dynamic_batch, serving=serving_dir is not None)
+    for note in exp.notes:
+        out.print(f"note: {note}", markup=False, soft_wrap=True)
+    written = []
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        if exp.serving is None:
+            exp.built.save(out_path)
+        else:
+            onnx.save(exp.serving.model, str(out_path))
+        written.append(out_path)
+    if serving_dir is not None:
+        folder = write_triton_repository(exp.serving, serving_dir, name or f"{model.stem}_excite".replace(" ", "_"),
+                                         max_batch_size=max_batch_size)
+        written.append(folder / "1" / "model.onnx")
+        out.print(f"wrote Triton model folder {folder} (config.pbtxt, 1/model.onnx)", markup=False, soft_wrap=True)
+    for path in written:
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except Exception as exc:  # a bug of ours, not of the user's model
+            path.unlink()
+            raise ExciteError(f"internal: the built model fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    if out_path is not None:
+        out.print(f"wrote {out_path}", markup=False)
+    if exp.serving is None:
+        built = exp.built
+        out.print(f"  inputs : {', '.join(built.inputs)}, {built.signal} (N x {built.num_classes})", markup=False)
+        out.print(f"  outputs: {built.logits} (logits), " + ", ".join(built.maps.values()), markup=False)
+    else:
+        fmt = lambda s: f"{s.name} ({'x'.join('N' if i == 0 and d is None else '?' if d is None else str(d) for i, d in enumerate(s.dims))})"  # noqa: E731
+        out.print("  inputs : " + ", ".join(fmt(s) for s in exp.serving.inputs), markup=False, soft_wrap=True)
+        out.print("  outputs: " + ", ".join(fmt(s) for s in exp.serving.outputs), markup=False, soft_wrap=True)

@@ -30,6 +30,7 @@ class ExplainOptions:
     batch_size: int = 8
     combine: bool = False      # several targets as one multi-hot signal instead of one map each
     colorbar: bool = True      # a colour bar beside each overlay
+    device: str = "auto"       # cpu | cuda | auto (see onnx_excite.devices)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class ExplainSummary:
     written: int = 0
     failed: int = 0
     records: list = field(default_factory=list)
+    providers: list = field(default_factory=list)   # the ONNX Runtime providers really used
 
 
 def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
@@ -123,6 +125,9 @@ def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, er
     """Explain every readable image; unreadable ones are reported and counted, the rest go on."""
     from .images import load_image, preprocess
 
+    from .devices import providers_for
+
+    providers_for(opts.device)   # --device cuda without CUDA: fail before any work
     model, profile = resolve_model(opts.model)
     layers = opts.layers or list(profile.default_layers)
     if not layers:
@@ -205,7 +210,9 @@ class _Run:
             from .runtime import Exciter
 
             self.exciters[shape] = Exciter(self.model, self.layers, methods=self.opts.methods, rule=self.opts.rule,
-                                           input_shapes={first_input_name(self.model): [None, *shape]})
+                                           input_shapes={first_input_name(self.model): [None, *shape]},
+                                           device=self.opts.device)
+            self.summary.providers = self.exciters[shape].providers
         return self.exciters[shape]
 
     def target_sets(self, logits: np.ndarray) -> list[list[tuple]]:

@@ -376,6 +376,10 @@ def _describe(res: ServingModel, outputs: list[str]) -> None:
 
     res.inputs = [spec(i.name) for i in model.graph.input]
     res.outputs = [spec(o) for o in outputs]
+    for s in res.outputs:
+        if s.dims is None or s.elem_type == TensorProto.UNDEFINED:
+            raise ExciteError(f"internal: the type or rank of output {s.name!r} is unknown")
+    _set_outputs(model, res.outputs)
     static = all(s.dims is not None and all(d is not None for d in s.dims[1:]) for s in res.inputs)
     if static:   # one run at batch 1 gives every output's exact dims (and checks the graph runs)
         from .runtime import make_session
@@ -388,11 +392,12 @@ def _describe(res: ServingModel, outputs: list[str]) -> None:
             raise ExciteError(f"internal: the serving model fails to run: {str(exc).splitlines()[0][:300]}") from None
         for s, v in zip(res.outputs, values):
             s.dims = [None] + list(v.shape[1:])
-    for s in res.outputs:
-        if s.dims is None:
-            raise ExciteError(f"internal: the rank of output {s.name!r} is unknown")
+        _set_outputs(model, res.outputs)
+
+
+def _set_outputs(model: onnx.ModelProto, specs: list[TensorSpec]) -> None:
     del model.graph.output[:]
-    for s in res.outputs:
+    for s in specs:
         model.graph.output.append(helper.make_tensor_value_info(
             s.name, s.elem_type, [("N" if i == 0 else None) if d is None else d for i, d in enumerate(s.dims)]))
 
