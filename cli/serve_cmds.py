@@ -75,3 +75,50 @@ def export_command(model: Path, out_path: Optional[Path], layers, methods, rule,
         fmt = lambda s: f"{s.name} ({'x'.join('N' if i == 0 and d is None else '?' if d is None else str(d) for i, d in enumerate(s.dims))})"  # noqa: E731
         out.print("  inputs : " + ", ".join(fmt(s) for s in exp.serving.inputs), markup=False, soft_wrap=True)
         out.print("  outputs: " + ", ".join(fmt(s) for s in exp.serving.outputs), markup=False, soft_wrap=True)
+
+
+def _register():
+    import typer
+    from rich.table import Table
+
+    from onnx_excite.cli.app import _input_shapes, app, friendly
+
+    @app.command("bench-device")
+    @friendly
+    def bench_device(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 'vgg16-random'"),
+                     layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="map layer (repeatable; "
+                                                               "default: the model profile's)"),
+                     device: str = typer.Option("auto", help="cpu, cuda (an error when CUDA cannot run) or auto"),
+                     batch: Optional[List[int]] = typer.Option(None, "--batch", help="batch sizes (repeatable; default 1 and 32)"),
+                     runs: int = typer.Option(20, help="timed runs per variant and batch"),
+                     rule: str = typer.Option("positive", help="positive or paper"),
+                     input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. '1,3,224,224'")):
+        """Latency (batch 1), throughput (images/s, batch 32) and peak device memory of forward vs
+        forward+MWP vs forward+c-MWP on the providers in use, as ratios to the forward alone."""
+        from onnx_excite.bench_device import run_device_bench
+        from onnx_excite.explain import resolve_model
+        from onnx_excite.models.synthetic import RECIPES
+
+        if model in RECIPES:
+            source, layers = RECIPES[model](), list(layer or [])
+        else:
+            source, profile = resolve_model(model)
+            layers = list(layer or profile.default_layers)
+        if not layers:
+            raise ExciteError("no layer given and the model has no profile default: pass --layer")
+        if runs < 1 or any(b < 1 for b in batch or []):
+            raise ExciteError("--runs and --batch must be at least 1")
+        shapes = _input_shapes(source, input_shape) if input_shape and model not in RECIPES else None
+        rows, providers = run_device_bench(source, layers, device=device, batches=tuple(batch or (1, 32)),
+                                           runs=runs, rule=rule, input_shapes=shapes)
+        out.print("providers: " + ", ".join(providers), markup=False)
+        table = Table("variant", "batch", "ms", "img/s", "x fwd img/s", "MiB", "x fwd MiB",
+                      title=f"{Path(model).name}, layer {', '.join(layers)}")
+        for r in rows:
+            table.add_row(r.variant, str(r.batch), f"{r.median_ms:.3f}", f"{r.images_per_s:.1f}", f"{r.throughput_ratio:.2f}",
+                          "n/a" if r.peak_mib is None else f"{r.peak_mib:.0f}",
+                          "n/a" if r.memory_ratio is None else f"{r.memory_ratio:.2f}")
+        out.print(table)
+
+
+_register()

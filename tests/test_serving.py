@@ -267,3 +267,21 @@ def test_io_binding_path_equals_plain_run(monkeypatch):
     for method in a.maps:
         for layer in a.maps[method]:
             np.testing.assert_array_equal(a.maps[method][layer], b.maps[method][layer])
+
+
+def test_bench_device_reports_latency_throughput_and_providers(tmp_path):
+    from onnx_excite.bench_device import run_device_bench
+
+    rows, providers = run_device_bench(tiny_model(), ["r1"], device="cpu", batches=(1, 3), runs=2, warmup=1)
+    assert providers == ["CPUExecutionProvider"]
+    assert [(r.variant, r.batch) for r in rows] == [(v, b) for b in (1, 3) for v in ("forward", "forward+MWP", "forward+c-MWP")]
+    for r in rows:
+        assert r.median_ms > 0 and r.images_per_s == pytest.approx(r.batch / (r.median_ms / 1e3))
+        assert r.peak_mib is None and r.memory_ratio is None     # memory is reported on CUDA only
+    assert all(r.throughput_ratio == 1.0 for r in rows if r.variant == "forward")
+    path = tmp_path / "tiny.onnx"
+    onnx.save(tiny_model(), str(path))
+    res = runner.invoke(app, ["bench-device", str(path), "-l", "r1", "--device", "cpu", "--batch", "2", "--runs", "1"])
+    assert res.exit_code == 0 and "providers: CPUExecutionProvider" in res.output, res.output
+    res = runner.invoke(app, ["bench-device", str(path), "-l", "r1", "--batch", "0"])
+    assert res.exit_code == 2 and "error:" in res.output
