@@ -25,7 +25,7 @@ def check_cuda_command(model: Path, provider: str, layer: Optional[List[str]], o
     summary = (f"{report.nodes} nodes (forward + {'/'.join(report.methods)} for layer(s) {', '.join(report.layers)}) "
                f"against the CUDA kernels of onnxruntime-gpu {report.table_version}: ")
     if report.fallbacks:
-        out.print(summary + f"{len(report.fallbacks)} would fall back to the CPU", markup=False)
+        out.print(summary + f"{len(report.fallbacks)} would fall back to the CPU or not run as written", markup=False)
         raise typer.Exit(1)
     out.print(summary + "all on CUDA", markup=False)
 

@@ -11,9 +11,9 @@ A node runs on CUDA when some kernel has its op and domain, its opset version li
 the kernel's range, and every type constraint of the kernel admits the element type the
 node binds to it (read from the op schema's formal parameters and shape inference).
 ONNX Runtime places a node without such a kernel on the CPU, with copies on both sides:
-that is a *fallback*. Besides, a few kernels register for a type or opset but reject an
-attribute value when the session is created or run (:data:`ATTRIBUTE_LIMITS`); those are
-reported too. Nodes that are registered but slow on GPUs (double precision) are *notes*.
+that is a *fallback*. Besides, a registered kernel may not honour an attribute value
+(:data:`ATTRIBUTE_LIMITS`): a *limit*. Both fail the check. Nodes that are registered
+but slow on GPUs (double precision) are *notes*.
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ ANY_VERSION = 2**31 - 1
 
 @dataclass(frozen=True)
 class Finding:
-    """One node: ``kind`` is "fallback" (runs on the CPU) or "note" (runs on CUDA, slow path)."""
+    """One node: ``kind`` is "fallback" (runs on the CPU), "limit" (a CUDA kernel that does not
+    honour an attribute) or "note" (runs on CUDA, on a slow path)."""
 
     kind: str
     op_type: str
@@ -127,16 +128,13 @@ def _asymmetric_pads(node) -> bool:
     return list(pads[:half]) != list(pads[half:])
 
 
-#: Attribute values a registered CUDA kernel of onnxruntime-gpu 1.31 does not take
-#: (it fails or hands the node to the CPU): (op, test, reason).
+#: Attribute values a registered CUDA kernel does not honour: (op, test, reason). ORT's
+#: CUDA ConvTranspose hands cuDNN's convolution descriptor one pad per axis (the begin
+#: pads; CudnnConvolutionDescriptor::Set reads pads[0:rank]), unlike its Conv, which
+#: over-pads and slices; the builder emits symmetric pads and a Slice for that reason.
 ATTRIBUTE_LIMITS = [
     ("ConvTranspose", lambda n: _asymmetric_pads(n) or _attr(n, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"),
-     "asymmetric/automatic pads: cuDNN's transposed convolution takes symmetric pads only"),
-    ("MaxPool", lambda n: len(n.output) > 1 and bool(n.output[1]) and _attr(n, "storage_order", 0) == 1,
-     "Indices output with storage_order=1 (column major)"),
-    ("ScatterElements", lambda n: _attr(n, "reduction", b"none") not in (b"none", "none", b"add", "add",
-                                                                         b"mul", "mul", b"max", "max", b"min", "min"),
-     "unknown reduction"),
+     "asymmetric or automatic pads: the CUDA kernel passes one pad per axis to cuDNN"),
 ]
 
 
@@ -169,7 +167,7 @@ def check_cuda(model: onnx.ModelProto, table: KernelTable | None = None) -> list
             continue
         for op, test, reason in ATTRIBUTE_LIMITS:
             if node.op_type == op and test(node):
-                findings.append(Finding("fallback", node.op_type, label, reason))
+                findings.append(Finding("limit", node.op_type, label, reason))
         doubles = sorted({c for c, v in bound.items() if "tensor(double)" in v})
         if doubles:
             findings.append(Finding("note", node.op_type, label,
@@ -177,8 +175,12 @@ def check_cuda(model: onnx.ModelProto, table: KernelTable | None = None) -> list
     return findings
 
 
+BLOCKING = ("fallback", "limit")
+
+
 def fallbacks(model: onnx.ModelProto) -> list[Finding]:
-    return [f for f in check_cuda(model) if f.kind == "fallback"]
+    """The findings that fail the check (CPU fallbacks and kernel limits)."""
+    return [f for f in check_cuda(model) if f.kind in BLOCKING]
 
 
 @dataclass
@@ -193,7 +195,8 @@ class CoverageReport:
 
     @property
     def fallbacks(self) -> list[Finding]:
-        return [f for f in self.findings if f.kind == "fallback"]
+        """CPU fallbacks and kernel limits: what fails the check."""
+        return [f for f in self.findings if f.kind in BLOCKING]
 
 
 def check_companion(model, layers=None, methods=("mwp", "cmwp"), output: str | None = None,

@@ -167,7 +167,11 @@ def forward_to_float16(model) -> onnx.ModelProto:
     # the final Softmax (or kin) stays float32, so the logits below it are found as usual
     outputs = {o.name for o in proto.graph.output}
     keep = [n.name for n in proto.graph.node if n.op_type in OUTPUT_SQUASHERS and set(n.output) & outputs]
-    half = float16.convert_float_to_float16(proto, keep_io_types=True, node_block_list=keep)
+    import warnings
+
+    with warnings.catch_warnings():   # "float32 number ... truncated": expected for tiny weights
+        warnings.simplefilter("ignore", UserWarning)
+        half = float16.convert_float_to_float16(proto, keep_io_types=True, node_block_list=keep)
     # the converter casts a blocked node's output back to float16, also at a graph output:
     # such an output is read from the float32 node directly
     producer = {o: n for n in half.graph.node for o in n.output}

@@ -14,13 +14,14 @@ from conftest import tiny_model
 from onnx_excite import build_excitation_model
 from onnx_excite.cli.app import app
 from onnx_excite.cuda_coverage import check_companion, check_cuda, kernel_table
+from onnx_excite.serving import forward_to_float16, make_serving_model
 from test_blocks import BLOCKS, ZOO
 
 runner = CliRunner()
 
 
 def _fallbacks(model):
-    return [str(f) for f in check_cuda(model) if f.kind == "fallback"]
+    return [str(f) for f in check_cuda(model) if f.kind in ("fallback", "limit")]
 
 
 def test_table_is_the_cuda_registry():
@@ -59,6 +60,18 @@ def test_default_model_stays_on_cuda():
     assert report.fallbacks == []
 
 
+@pytest.mark.parametrize("arch", ["tiny", "mobilenet_v2", "inception_lrn"])
+def test_serving_and_fp16_graphs_stay_on_cuda(arch):
+    """TopK/OneHot signal, Resize, normalisation, tiling, and the float16 forward's Casts."""
+    model, layers = (tiny_model(), ["r1", "x"]) if arch == "tiny" else (BLOCKS | ZOO)[arch](0)
+    for source in (model, forward_to_float16(model)):
+        built = build_excitation_model(source, layers, methods=("mwp", "cmwp"))
+        assert _fallbacks(built.model) == []
+        for kw in (dict(signal="top1", map_size="input", normalize="max"),
+                   dict(signal="topk:2", map_size="input", resize="bicubic", normalize="sum"), dict()):
+            assert _fallbacks(make_serving_model(built, **kw).model) == [], kw
+
+
 def _one_node(node, inputs, outputs, inits=(), opset=17):
     graph = helper.make_graph([node], "g", inputs, outputs, list(inits))
     m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
@@ -79,7 +92,7 @@ def test_checker_flags_nodes_without_a_cuda_kernel():
     w = numpy_helper.from_array(np.ones((2, 2, 3, 3), np.float32), "w")
     ct = _one_node(helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="up", pads=[1, 0, 0, 1]),
                    [f32("x", [1, 2, 4, 4])], [f32("y", None)], [w])
-    assert "symmetric pads" in _fallbacks(ct)[0]
+    assert _fallbacks(ct)[0].startswith("limit: ConvTranspose 'up': asymmetric")
     sym = _one_node(helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="up", pads=[1, 1, 1, 1]),
                     [f32("x", [1, 2, 4, 4])], [f32("y", None)], [w])
     assert _fallbacks(sym) == []
