@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
-from onnx_excite.cli.app import err, out
+from onnx_excite.cli.app import out
 from onnx_excite.errors import ExciteError
 
 

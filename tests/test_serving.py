@@ -17,7 +17,7 @@ from onnx_excite.devices import DeviceUnavailableError, check_providers
 from onnx_excite.errors import ExciteError
 from onnx_excite.maps import upsample
 from onnx_excite.serving import (export_model, forward_to_float16, make_batch_dynamic, make_serving_model,
-                                 triton_config, write_triton_repository)
+                                 triton_config)
 from test_blocks import BLOCKS, ZOO
 
 runner = CliRunner()
