@@ -307,8 +307,12 @@ def make_serving_model(built: ExcitationModel, signal: str = "input", map_size: 
             g.nodes.append(helper.make_node("Reshape", [x5, g.op("Concat", [g.i64([-1]), post.dims(image, 1)], axis=0)],
                                             [tiled], name=g.fresh("tile")))
         logits = built.logits
-        if built.num_classes is None:
-            raise ExciteError("--signal top1/topk needs a model whose number of classes is known")
+        out_info = next((o for o in model.graph.output if o.name == logits), None)
+        tt = out_info.type.tensor_type if out_info is not None else None
+        rank = len(tt.shape.dim) if tt is not None and tt.HasField("shape") else None
+        if built.num_classes is None or rank not in (2, None):
+            raise ExciteError(f"--signal {signal} needs N x K logits with a known K; {logits!r} is not "
+                              "(use --signal input and feed excite_signal)")
         _, idx = (g.fresh("top_values"), g.fresh("top_classes"))
         g.nodes.append(helper.make_node("TopK", [logits, g.i64([k])], [_, idx], name=g.fresh("topk"), axis=1))
         onehot = g.op("OneHot", [idx, g.i64([built.num_classes]), g.const(np.array([0.0, 1.0], np.float32))], axis=-1)

@@ -91,6 +91,15 @@ def test_map_size_input_and_normalize():
 
 
 def test_bad_serving_options():
+    # a score map (N, K, h, w) as output: the client must send the signal
+    conv = helper.make_node("Conv", ["x", "W"], ["scores_map"], name="conv", pads=[1, 1, 1, 1])
+    w = numpy_helper.from_array(np.ones((5, 3, 3, 3), np.float32), "W")
+    fcn = helper.make_model(helper.make_graph([conv], "fcn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 6, 6])],
+                                              [helper.make_tensor_value_info("scores_map", TensorProto.FLOAT, ["N", 5, 6, 6])], [w]),
+                            opset_imports=[helper.make_opsetid("", 17)])
+    fcn.ir_version = 8
+    with pytest.raises(ExciteError, match="needs N x K logits"):
+        make_serving_model(build_excitation_model(fcn, ["x"], methods=("mwp",)), signal="top1")
     built = build_excitation_model(tiny_model(), ["r1"], methods=("mwp",))
     for kw, msg in ((dict(signal="top0"), "unknown signal"), (dict(signal="topk:9"), "only 5 classes"),
                     (dict(map_size="full"), "unknown map size"), (dict(normalize="l2"), "unknown normalization"),
