@@ -295,3 +295,26 @@ def test_bench_device_reports_latency_throughput_and_providers(tmp_path):
     assert res.exit_code == 0 and "providers: CPUExecutionProvider" in res.output, res.output
     res = runner.invoke(app, ["bench-device", str(path), "-l", "r1", "--batch", "0"])
     assert res.exit_code == 2 and "error:" in res.output
+
+
+def test_export_cli_options_and_errors(tmp_path):
+    path = tmp_path / "tiny.onnx"
+    onnx.save(tiny_model(), str(path))
+    before = path.read_bytes()
+    for args, msg in ((["--signal", "top0"], "unknown signal"), (["--map-size", "full"], "unknown map size"),
+                      (["--normalize", "l2"], "unknown normalization"), (["--resize", "nearest"], "unknown resize mode"),
+                      (["--signal", "top1", "--channels"], "--channels is for the plain companion model")):
+        res = runner.invoke(app, ["export", str(path), "-o", str(tmp_path / "o.onnx"), "-l", "r1", *args])
+        assert res.exit_code == 2 and res.output.startswith("error: ") and msg in res.output, (args, res.output)
+    res = runner.invoke(app, ["export", str(path), "-l", "r1"])
+    assert res.exit_code == 2 and "give -o/--output FILE and/or --serving DIR" in res.output
+    out = tmp_path / "half.onnx"
+    res = runner.invoke(app, ["export", str(path), "-o", str(out), "-l", "r1", "--fp16", "--signal", "top1"])
+    assert res.exit_code == 0 and "forward converted to float16" in res.output, res.output
+    half = onnx.load(str(out))
+    assert any(t.data_type == TensorProto.FLOAT16 for t in half.graph.initializer)
+    x = np.random.default_rng(7).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    got = _run(half, {"x": x})
+    want = Exciter(tiny_model(), ["r1"], methods=("mwp",)).explain(x, got["classes"][:, 0])
+    assert _rel(got["mwp_r1"][:, 0], want.maps["mwp"]["r1"]) < 1e-2
+    assert path.read_bytes() == before     # the user's model is never modified
