@@ -242,6 +242,8 @@ def test_device_selection_says_when_cuda_is_missing(tmp_path):
     else:
         with pytest.raises(DeviceUnavailableError, match="no CUDA provider"):
             Exciter(model, ["r1"], device="cuda")
+        with pytest.warns(UserWarning), pytest.raises(DeviceUnavailableError, match="could not start it"):
+            Exciter(model, ["r1"], providers=["CUDAExecutionProvider", "CPUExecutionProvider"])   # ORT drops it
     with pytest.raises(ExciteError, match="unknown device"):
         Exciter(model, ["r1"], device="tpu")
 
