@@ -171,8 +171,8 @@ def test_fp16_forward_maps_match_float32():
 
 
 def test_triton_folder_parses_with_tritons_schema_and_runs(tmp_path):
-    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")  # the `serve` extra, in `test`
     from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2   # the `serve` extra, part of `test`
 
     path = tmp_path / "tiny.onnx"
     onnx.save(tiny_model(), str(path))
@@ -320,3 +320,11 @@ def test_export_cli_options_and_errors(tmp_path):
     want = Exciter(tiny_model(), ["r1"], methods=("mwp",)).explain(x, got["classes"][:, 0])
     assert _rel(got["mwp_r1"][:, 0], want.maps["mwp"]["r1"]) < 1e-2
     assert path.read_bytes() == before     # the user's model is never modified
+
+
+def test_fp16_without_the_extra_names_it(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxconverter_common", None)   # as if not installed
+    with pytest.raises(ExciteError, match=r"pip install 'onnx-excite\[fp16\]'"):
+        forward_to_float16(tiny_model())
