@@ -161,9 +161,11 @@ class Exciter:
         feeds[self.built.signal] = signal
         try:
             if self.io_binding:
-                from .devices import run_bound
+                if getattr(self, "_bound", None) is None:
+                    from .devices import BoundRunner
 
-                values = run_bound(self.session, feeds, self._outputs)
+                    self._bound = BoundRunner(self.session, self._outputs)
+                values = self._bound(feeds)
             else:
                 values = self.session.run(self._outputs, feeds)
         except Exception as exc:

@@ -273,12 +273,17 @@ def test_io_binding_path_equals_plain_run(monkeypatch):
     calls = []
     real = bound.session.run_with_iobinding
     monkeypatch.setattr(bound.session, "run_with_iobinding", lambda b, *a: calls.append(b) or real(b, *a))
-    a, b = plain.explain(x, [0, 1, 2, 3]), bound.explain(x, [0, 1, 2, 3])
-    assert len(calls) == 1
-    np.testing.assert_array_equal(a.logits, b.logits)
-    for method in a.maps:
-        for layer in a.maps[method]:
-            np.testing.assert_array_equal(a.maps[method][layer], b.maps[method][layer])
+    y = np.random.default_rng(7).normal(size=(4, 3, 8, 8)).astype(np.float32)
+    first = bound.explain(x, [0, 1, 2, 3])
+    kept = first.maps["mwp"]["x"].copy()
+    for batch, targets in ((y, [4, 3, 2, 1]), (x, [0, 1, 2, 3]), (y[:2], [0, 0])):   # new data, same buffers
+        a, b = plain.explain(batch, targets), bound.explain(batch, targets)
+        np.testing.assert_array_equal(a.logits, b.logits)
+        for method in a.maps:
+            for layer in a.maps[method]:
+                np.testing.assert_array_equal(a.maps[method][layer], b.maps[method][layer])
+    assert len(calls) == 4 and calls[0] is calls[1] is calls[2] and calls[3] is not calls[0]   # one binding per shape
+    np.testing.assert_array_equal(first.maps["mwp"]["x"], kept)      # earlier results are not overwritten
 
 
 def test_bench_device_reports_latency_throughput_and_providers(tmp_path):
