@@ -96,7 +96,7 @@ def run_device_bench(model, layers: Sequence[str], device: str = "auto", batches
                 session = make_session(built.model, requested)
                 outputs = [built.logits] + list(built.maps.values())
                 signal_name, k = built.signal, built.num_classes or session.get_inputs()[-1].shape[1]
-            used = check_providers(requested, session)
+            used = check_providers(requested, session) if device == "cuda" else list(session.get_providers())
             on_cuda = CUDA in used
             feeds = {}
             for inp in session.get_inputs():

@@ -124,7 +124,8 @@ class Exciter:
             output=output, input_shapes=input_shapes, diagnostics=diagnostics)
         requested = list(providers) if providers else (providers_for(device) if device else None)
         self.session = make_session(self.built.model, requested, threads)
-        check_providers(requested or [], self.session)
+        if providers or device == "cuda":   # auto may end up on the CPU: the providers line says so
+            check_providers(requested, self.session)
         self.io_binding = ("CUDAExecutionProvider" in self.session.get_providers()) if io_binding is None else io_binding
         self._outputs = ([self.built.logits] + list(self.built.maps.values()) + list(self.built.channels.values())
                          + list(self.built.masses.values()))
