@@ -114,14 +114,14 @@ def make_batch_dynamic(model) -> tuple[onnx.ModelProto, str]:
 
     Unsafe: a Reshape/Expand/ConstantOfShape/Tile on the data path whose shape is a
     constant with a positive first entry (the batch size baked in). Then the model is
-    returned unchanged and the note names the node.
+    returned unchanged and the note names the node. An already dynamic batch: no note ("").
     """
     proto = load_model(model)
     inits = {t.name for t in proto.graph.initializer}
     inputs = [i for i in proto.graph.input if i.name not in inits]
     fixed = [i for i in inputs if i.type.tensor_type.shape.dim and i.type.tensor_type.shape.dim[0].HasField("dim_value")]
     if not fixed:
-        return proto, "batch dimension already dynamic"
+        return proto, ""                      # already dynamic: nothing to say
     if len(fixed) != len(inputs):
         return proto, "batch kept fixed: some inputs have a dynamic first dimension, others a fixed one"
     batch = fixed[0].type.tensor_type.shape.dim[0].dim_value
@@ -514,7 +514,7 @@ def export_model(model, layers, methods=("mwp",), rule: str = "positive", channe
     proto = load_model(model)
     if dynamic_batch:
         proto, note = make_batch_dynamic(proto)
-        notes.append(note)
+        notes += [note] if note else []
     if fp16:
         proto = forward_to_float16(proto)
         notes.append("forward converted to float16 (inputs/outputs float32); excitation branch in float32")
