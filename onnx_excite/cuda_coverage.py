@@ -71,12 +71,15 @@ def _type_name(elem_type: int) -> str:
 
 
 def _dtype_map(model: onnx.ModelProto) -> dict[str, int]:
+    from .canonicalize import _weightless
+
+    light, _ = _weightless(model)   # large weights as typed inputs: inference needs only their types
     try:
-        inferred = shape_inference.infer_shapes(model, strict_mode=False)
+        inferred = shape_inference.infer_shapes(light, strict_mode=False)
     except Exception:
-        inferred = model
+        inferred = light
     g = inferred.graph
-    types = {t.name: t.data_type for t in g.initializer}
+    types = {t.name: t.data_type for t in model.graph.initializer}
     for vi in list(g.input) + list(g.output) + list(g.value_info):
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
             types[vi.name] = vi.type.tensor_type.elem_type
@@ -145,6 +148,8 @@ def check_cuda(model: onnx.ModelProto, table: KernelTable | None = None) -> list
     dtypes = _dtype_map(model)
     findings: list[Finding] = []
     for node in model.graph.node:
+        if node.op_type == "Constant" and not node.domain:
+            continue   # no provider has a kernel: ONNX Runtime turns Constant nodes into initializers
         domain = node.domain or ""
         opset = opsets.get(domain, opsets.get("ai.onnx"))
         label = node.name or (node.output[0] if node.output else "?")
