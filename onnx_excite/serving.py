@@ -204,6 +204,15 @@ class _Post:
             return self.g.op(op, [x, self.g.i64(axes)], keepdims=keepdims)
         return self.g.op(op, [x], axes=list(axes), keepdims=keepdims)
 
+    def unique(self, base: str) -> str:
+        """``base``, or ``base_2``, ``base_3`` ... when the graph already has that name."""
+        name, n = base, 1
+        while name in self.g._taken:
+            n += 1
+            name = f"{base}_{n}"
+        self.g._taken.add(name)
+        return name
+
     def dims(self, x: str, start: int, end: int | None = None) -> str:
         ends = [end] if end is not None else [np.iinfo(np.int64).max]
         return self.g.op("Slice", [self.g.shape(x), self.g.i64([start]), self.g.i64(ends)])
@@ -333,10 +342,10 @@ def make_serving_model(built: ExcitationModel, signal: str = "input", map_size: 
                 return t
             return g.op("Squeeze", [g.op("Gather", [g.op("Reshape", [t, g.i64([-1, k, k])]), first], axis=1), g.i64([1])])
 
-        g.nodes.append(helper.make_node("Identity", [per_image(idx)], [CLASSES], name=g.fresh("classes")))
-        g.nodes.append(helper.make_node("Identity", [per_image(scores)], [SCORES], name=g.fresh("scores")))
-        outputs += [CLASSES, SCORES]
-        res.classes, res.scores = CLASSES, SCORES
+        res.classes, res.scores = post.unique(CLASSES), post.unique(SCORES)
+        g.nodes.append(helper.make_node("Identity", [per_image(idx)], [res.classes], name=g.fresh("classes")))
+        g.nodes.append(helper.make_node("Identity", [per_image(scores)], [res.scores], name=g.fresh("scores")))
+        outputs += [res.classes, res.scores]
         model.graph.input.remove(next(i for i in model.graph.input if i.name == built.signal))
     else:
         outputs.append(built.logits)
@@ -361,13 +370,13 @@ def make_serving_model(built: ExcitationModel, signal: str = "input", map_size: 
             y = g.op("Div", [y, g.op("Max", [den, g.scalar(_TINY)])])
         if k:
             y = g.op("Reshape", [y, g.op("Concat", [g.i64([-1, k]), post.dims(y, 1)], axis=0)])
-        name = output_name(method, layer)
+        name = post.unique(output_name(method, layer))
         g.nodes.append(helper.make_node("Identity", [y], [name], name=g.fresh("map")))
         res.maps[(method, layer)] = name
         outputs.append(name)
     post.finish(outputs)
     known = {name: (TensorProto.FLOAT, 4 if k else 3) for name in res.maps.values()}
-    known.update({CLASSES: (TensorProto.INT64, 2), SCORES: (TensorProto.FLOAT, 2)})
+    known.update({res.classes: (TensorProto.INT64, 2), res.scores: (TensorProto.FLOAT, 2)} if k else {})
     _describe(res, outputs, known)
     return res
 

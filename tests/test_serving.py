@@ -333,3 +333,17 @@ def test_fp16_without_the_extra_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxconverter_common", None)   # as if not installed
     with pytest.raises(ExciteError, match=r"pip install 'onnx-excite\[fp16\]'"):
         forward_to_float16(tiny_model())
+
+
+def test_serving_names_never_clash_with_the_models():
+    model = tiny_model(softmax=False)
+    for node in model.graph.node:            # the model already has tensors called scores / mwp_r1
+        node.output[:] = ["scores" if o == "logits" else o for o in node.output]
+        node.input[:] = ["scores" if i == "logits" else i for i in node.input]
+    model.graph.output[0].name = "scores"
+    built = build_excitation_model(model, ["r1"], methods=("mwp",))
+    s = make_serving_model(built, signal="top1")
+    assert s.classes == "classes" and s.scores == "scores_2"
+    onnx.checker.check_model(s.model, full_check=True)
+    out = _run(s.model, {"x": np.ones((1, 3, 8, 8), np.float32)})
+    assert set(out) == {"classes", "scores_2", "mwp_r1"}
