@@ -375,15 +375,15 @@ def make_serving_model(built: ExcitationModel, signal: str = "input", map_size: 
         res.maps[(method, layer)] = name
         outputs.append(name)
     post.finish(outputs)
-    known = {name: (TensorProto.FLOAT, 4 if k else 3) for name in res.maps.values()}
-    known.update({res.classes: (TensorProto.INT64, 2), res.scores: (TensorProto.FLOAT, 2)} if k else {})
+    known = {name: (TensorProto.FLOAT, [None, k, None, None] if k else [None, None, None]) for name in res.maps.values()}
+    known.update({res.classes: (TensorProto.INT64, [None, k]), res.scores: (TensorProto.FLOAT, [None, k])} if k else {})
     _describe(res, outputs, known)
     return res
 
 
 def _describe(res: ServingModel, outputs: list[str], known: dict) -> None:
     """Fill in the input/output specs from shape inference (batch and unknown dims None);
-    ``known`` gives (element type, rank) of the outputs made here, where inference stops."""
+    ``known`` gives (element type, dims) of the outputs made here, where inference stops."""
     model = res.model
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     infos = {vi.name: vi for vi in list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)}
@@ -397,9 +397,12 @@ def _describe(res: ServingModel, outputs: list[str], known: dict) -> None:
     res.inputs = [spec(i.name) for i in model.graph.input]
     res.outputs = [spec(o) for o in outputs]
     for s in res.outputs:
-        if s.name in known and (s.dims is None or s.elem_type == TensorProto.UNDEFINED):
-            s.elem_type, rank = known[s.name]
-            s.dims = s.dims if s.dims is not None and len(s.dims) == rank else [None] * rank
+        if s.name in known:
+            elem_type, template = known[s.name]
+            s.elem_type = s.elem_type or elem_type
+            if s.dims is None or len(s.dims) != len(template):
+                s.dims = list(template)
+            s.dims = [t if d is None else d for d, t in zip(s.dims, template)]
         if s.dims is None or s.elem_type == TensorProto.UNDEFINED:
             raise ExciteError(f"internal: the type or rank of output {s.name!r} is unknown")
     _set_outputs(model, res.outputs)

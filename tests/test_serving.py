@@ -224,6 +224,10 @@ def test_top1_default_model_from_an_image_alone_equals_exciter(tmp_path):
     x = x.transpose(2, 0, 1)[None].astype(np.float32)
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == ["input"]
+    # any image size (fully convolutional): batch and spatial dims symbolic, the class dim known
+    shapes = {o.name: o.shape for o in sess.get_outputs()}
+    assert shapes["classes"][1] == 1 and shapes["mwp_features.13"][1] == 1
+    assert all(isinstance(d, str) or d is None for d in shapes["mwp_features.13"][2:])
     got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"input": x})))
     ex = Exciter(path, ["features.13"], methods=("mwp", "cmwp"))
     top = int(ex.logits(x).argmax())
