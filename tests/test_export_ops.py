@@ -470,3 +470,18 @@ def test_float16_models(arch):
             assert got.dtype == np.float32 and np.isfinite(got).all() and got.shape == want.shape
             if arch in FLOAT16_CLOSE:
                 assert np.abs(got - want).max() <= 3e-2 * np.abs(want).max(), (layer, method)
+
+
+@pytest.mark.parametrize("arch", sorted(GRAPHS))
+def test_companion_graphs_stay_on_cuda(arch):
+    """Static check against onnxruntime-gpu's kernel registry (no GPU needed): what the rules of these
+    ops emit (ArgMax, ScatterElements, Einsum, the per-axis matrices, Where) has CUDA kernels. The one
+    CPU fallback is the model's own forward Mean node, which has no CUDA kernel."""
+    from onnx_excite.builder import build_excitation_model
+    from onnx_excite.cuda_coverage import check_cuda
+
+    model, layers, _, _, _ = GRAPHS[arch](0)
+    built = build_excitation_model(model, layers, methods=("mwp", "cmwp"))
+    found = [(f.kind, f.op_type) for f in check_cuda(built.model) if f.kind in ("fallback", "limit")]
+    own_means = [("fallback", "Mean")] * sum(n.op_type == "Mean" for n in model.graph.node)
+    assert found == own_means, found
