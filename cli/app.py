@@ -14,11 +14,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from onnx_excite.cli import help_style  # noqa: F401  (plain placeholders in --help)
 from onnx_excite.errors import ExciteError
 
 from .ray_options import ACTORS, CPUS, GPUS, RAY, RAY_BATCH, RayAwareGroup, print_run_summary, ray_settings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=RayAwareGroup,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  cls=RayAwareGroup,
                   help="Excitation Backprop attention maps (MWP, contrastive MWP) for ONNX image classifiers.")
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -63,17 +65,41 @@ def _input_shapes(model, text):
     return {name or first_input_name(model): values}
 
 
+LOGITS_HELP = ("output (or tensor) holding the logits: the signal enters there, below a Softmax. Default: the only "
+               "float 2-D output; among several, the one fed by a Softmax, else the last Gemm/MatMul's, else the widest")
+
+
+def _logits_option():
+    return typer.Option(None, "--logits", help=LOGITS_HELP)
+
+
+def _hidden_output_alias():
+    return typer.Option(None, "--output", hidden=True, help="older name of --logits")
+
+
+def _note_logits(choice) -> None:
+    """Say which output is explained when the model offered several and none was named."""
+    if choice is not None and choice.chosen_among_several:
+        err.print(f"note: logits = {choice.output!r} ({choice.reason}; outputs: {', '.join(choice.candidates)}); "
+                  f"choose another with --logits", markup=False, soft_wrap=True)
+
+
 @app.command()
 @friendly
-def layers(model: Path = typer.Argument(..., help="ONNX classifier"),
-           output: Optional[str] = typer.Option(None, help="output tensor to explain (default: the first, below a Softmax)")):
-    """List candidate layers: tensor names, op types and shapes of tensors that feed the logits."""
+def layers(model: Path = typer.Argument(..., help="ONNX classifier, or 'default'"),
+           logits: Optional[str] = _logits_option(),
+           output: Optional[str] = _hidden_output_alias()):
+    """List candidate layers: tensor names, op types, shapes and layouts (the channel axis a map sums over)."""
     from onnx_excite.inspect import inspect_model
+    from onnx_excite.models.default import default_layers
 
-    report = inspect_model(str(model), output=output)
-    table = Table("layer (tensor name)", "op", "shape", title=f"{model.name}: logits = {report.graph.entry}")
+    report = inspect_model(str(model), logits=logits or output)
+    _note_logits(report.logits)
+    marked = set(default_layers(str(model)))
+    table = Table("layer (tensor name)", "op", "shape", "layout", "", title=f"{model.name}: logits = {report.graph.entry}")
     for info in report.layers:
-        table.add_row(info.name, info.op_type, _shape(info.shape))
+        table.add_row(info.name, info.op_type, _shape(info.shape), info.layout.describe() if info.layout else "-",
+                      "default" if info.name in marked else "")
     out.print(table)
     if report.problems:
         err.print(f"warning: {len(report.problems)} unsupported node(s); run `onnx-excite check {model}`", markup=False)
@@ -81,19 +107,31 @@ def layers(model: Path = typer.Argument(..., help="ONNX classifier"),
 
 @app.command()
 @friendly
-def check(model: Path = typer.Argument(..., help="ONNX classifier"),
-          output: Optional[str] = typer.Option(None, help="output tensor to explain")):
+def check(model: Path = typer.Argument(..., help="ONNX classifier, or 'default'"),
+          logits: Optional[str] = _logits_option(),
+          output: Optional[str] = _hidden_output_alias(),
+          provider: str = typer.Option("cpu", help="cuda: also report every node of the companion graph that "
+                                                   "would fall back from ONNX Runtime's CUDA provider to the CPU"),
+          layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="map layer for --provider cuda "
+                                                    "(default: the input, so every rule is in the graph)")):
     """Report every node the rewrite cannot handle (exit 1), or "ok" and the candidate layers."""
     from onnx_excite.inspect import inspect_model
 
-    report = inspect_model(str(model), output=output)
+    if provider != "cpu":
+        from onnx_excite.cli.serve_cmds import check_cuda_command
+
+        return check_cuda_command(model, provider, layer, logits or output)
+
+    report = inspect_model(str(model), logits=logits or output)
+    _note_logits(report.logits)
     if report.problems:
         for op_type, name, reason in report.problems:
             out.print(f"unsupported: {op_type} {name!r}: {reason}", markup=False)
         raise typer.Exit(1)
     out.print("ok", markup=False)
     for info in report.layers:
-        out.print(f"  {info.name}  {info.op_type}  {_shape(info.shape)}", markup=False)
+        layout = info.layout.describe() if info.layout else "-"
+        out.print(f"  {info.name}  {info.op_type}  {_shape(info.shape)}  {layout}", markup=False)
 
 
 def _methods(method: Optional[List[str]], contrastive: bool) -> tuple:
@@ -105,59 +143,78 @@ def _methods(method: Optional[List[str]], contrastive: bool) -> tuple:
 
 @app.command()
 @friendly
-def export(model: Path = typer.Argument(..., help="ONNX classifier (never modified)"),
-           out_path: Path = typer.Option(..., "-o", "--output", help="where to write the companion model"),
-           layer: List[str] = typer.Option(..., "--layer", "-l", help="tensor name of a map layer (repeatable)"),
+def export(model: Path = typer.Argument(..., help="ONNX classifier (never modified), or 'default'"),
+           out_path: Optional[Path] = typer.Option(None, "-o", "--output", help="where to write the companion model"),
+           layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="tensor name of a map layer (repeatable; default: the model profile's)"),
            method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="mwp and/or cmwp (repeatable; default mwp)"),
            contrastive: bool = typer.Option(False, "--contrastive", help="also output contrastive MWP"),
            rule: str = typer.Option("positive", help="positive (stable for signed inputs) or paper (literal rule)"),
            channels: bool = typer.Option(False, help="also output channel-resolved P per layer"),
-           input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. 'input=?,3,224,224'")):
+           input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. 'input=?,3,224,224'"),
+           signal: str = typer.Option("input", help="input (the client feeds excite_signal), top1 or topk:K (the graph "
+                                                    "explains its own top classes; outputs classes, scores, maps)"),
+           map_size: str = typer.Option("layer", help="layer (maps at layer resolution) or input (resized in the graph)"),
+           resize: str = typer.Option("bilinear", help="bilinear or bicubic, for --map-size input"),
+           normalize: str = typer.Option("none", help="none, max (each map / its max |value|) or sum (/ sum of |values|)"),
+           fp16: bool = typer.Option(False, "--fp16", help="forward in float16 (needs the fp16 extra); excitation stays float32"),
+           dynamic_batch: bool = typer.Option(True, help="make a fixed batch of 1 symbolic when no Reshape bakes it in"),
+           serving: Optional[Path] = typer.Option(None, help="also write a Triton model repository folder here"),
+           name: Optional[str] = typer.Option(None, help="Triton model name (default: the model file's stem + '_excite')"),
+           max_batch_size: int = typer.Option(32, help="Triton max_batch_size"),
+           logits: Optional[str] = _logits_option()):
     """Write one ONNX model with the forward graph and the excitation outputs.
 
-    It runs in plain onnxruntime: feed the image(s) and `excite_signal` (N x K).
+    It runs in plain onnxruntime: feed the image(s) and `excite_signal` (N x K), or with
+    --signal top1/topk:K the image alone.
     """
-    import onnx
+    from onnx_excite.cli.serve_cmds import export_command
 
-    from onnx_excite import build_excitation_model
-
-    if out_path.resolve() == model.resolve():
-        raise ExciteError(f"{out_path}: refusing to overwrite the input model")
-    built = build_excitation_model(str(model), layer, methods=_methods(method, contrastive), rule=rule,
-                                   channels=channels, input_shapes=_input_shapes(str(model), input_shape))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    built.save(out_path)
-    try:
-        onnx.checker.check_model(str(out_path), full_check=True)
-    except Exception as exc:  # a bug of ours, not of the user's model
-        out_path.unlink()
-        raise ExciteError(f"internal: the built model fails onnx.checker: {str(exc).splitlines()[0]}") from None
-    out.print(f"wrote {out_path}", markup=False)
-    out.print(f"  inputs : {', '.join(built.inputs)}, {built.signal} (N x {built.num_classes})", markup=False)
-    out.print(f"  outputs: {built.logits} (logits), " + ", ".join(built.maps.values()), markup=False)
+    export_command(model, out_path, layer, _methods(method, contrastive), rule, channels,
+                   _input_shapes(str(model), input_shape), signal, map_size, resize, normalize, fp16,
+                   dynamic_batch, serving, name, max_batch_size, logits=logits)
 
 
 @app.command()
 @friendly
-def bench(model: str = typer.Argument(..., help="ONNX classifier, or 'vgg16-random' (full-width VGG16 shape, random weights)"),
-          layer: List[str] = typer.Option(..., "--layer", "-l", help="map layer (repeatable)"),
-          rule: str = typer.Option("positive"),
-          batch: int = typer.Option(1, help="batch size"),
-          runs: int = typer.Option(10, help="timed runs per variant"),
+def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 'vgg16-random' (full-width VGG16 shape, random weights)"),
+          layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="map layer (repeatable; default: the model profile's)"),
+          rule: str = typer.Option("positive", help="positive or paper"),
+          batch: int = typer.Option(1, help="batch size (at least 1)"),
+          runs: int = typer.Option(10, help="timed runs per variant (at least 1)"),
           threads: Optional[int] = typer.Option(None, help="intra-op threads (default: ORT's)"),
-          input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. '1,3,224,224'")):
+          input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. '1,3,224,224'"),
+          logits: Optional[str] = _logits_option()):
     """Median ms of forward alone vs forward+MWP vs forward+c-MWP, and the ratios."""
     from onnx_excite.bench import run_bench
+    from onnx_excite.models.default import layers_or_default
     from onnx_excite.models.synthetic import RECIPES
 
+    layer = layers_or_default(model, layer)
     source = RECIPES[model]() if model in RECIPES else model
     shapes = _input_shapes(model, input_shape) if model not in RECIPES else None
-    rows, providers = run_bench(source, layer, rule=rule, batch=batch, runs=runs, threads=threads, input_shapes=shapes)
+    from rich.progress import Progress
+
+    used, bar = {}, Progress(console=err, transient=True)
+
+    def progress(phase, done, total):  # the bar starts with the first step (after the checks)
+        if not bar.task_ids:
+            bar.start()
+            bar.add_task(phase, total=total)
+        bar.update(bar.task_ids[0], description=phase, completed=done, total=total)
+
+    try:
+        rows, providers = run_bench(source, layer, rule=rule, batch=batch, runs=runs, threads=threads,
+                                    input_shapes=shapes, progress=progress, on_inputs=used.update,
+                                    logits=logits)
+    finally:
+        bar.stop()
+    sizes = ", ".join(f"{name} {_shape(shape)}" for name, shape in used.items())
     table = Table("variant", "median ms", "x forward",
-                  title=f"{Path(model).name}, layer {', '.join(layer)}, batch {batch}, {providers[0]}")
+                  title=f"{Path(model).name}, layer {', '.join(layer)}, input {sizes}, {providers[0]}")
     for row in rows:
         table.add_row(row.name, f"{row.median_ms:.3f}", f"{row.ratio:.2f}")
     out.print(table)
+    out.print(f"input used: {sizes} (batch {batch}, dynamic dims at 224; pin with --input-shape)", markup=False)
 
 
 @app.command()
@@ -171,33 +228,65 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
             contrastive: bool = typer.Option(False, "--contrastive", help="include contrastive MWP"),
             rule: str = typer.Option("positive", help="positive or paper"),
             out_dir: Path = typer.Option(Path("excite_out"), "-o", "--output", help="output folder"),
-            size: Optional[int] = typer.Option(None, help="resize size (shorter side, or square for fixed-size models)"),
+            size: Optional[int] = typer.Option(None, help="shorter side of the resized image (default 224); a model with a fixed input size "
+                                                   "runs at its own size, which --size overrides with a warning"),
             mean: Optional[str] = typer.Option(None, help="per-channel mean, e.g. 0.485,0.456,0.406"),
             std: Optional[str] = typer.Option(None, help="per-channel std, e.g. 0.229,0.224,0.225"),
             combine: bool = typer.Option(False, help="several --target as one multi-hot signal (one map) instead of one map each"),
-            colorbar: bool = typer.Option(True, help="draw a colour bar beside each overlay"),
+            colorbar: bool = typer.Option(True, help="draw a colour bar (ticks, label) beside each overlay"),
+            scale: str = typer.Option("shared", help="colour scale: 'shared' (one per method and layer across an "
+                                                     "image's classes: a weak class looks weak) or 'max' (each map by its own maximum)"),
+            alpha: float = typer.Option(0.5, help="weight of the heat map over the photo, 0..1"),
+            cmap: str = typer.Option("jet", help="colour map: jet (built in) or any matplotlib name when "
+                                                 "matplotlib is installed (pip install 'onnx-excite[plot]')"),
+            full_res: bool = typer.Option(False, "--full-res", help="image-space maps and overlays at the photo's full size "
+                                                                   "(default: long side at most 1600 px)"),
             batch_size: int = typer.Option(8, help="images per run (same-size images share a batch)"),
+            logits: Optional[str] = _logits_option(),
+            device: str = typer.Option("auto", help="cpu, cuda (an error when CUDA cannot run) or auto (CUDA when available)"),
             ray: Optional[str] = RAY, actors: int = ACTORS, ray_batch: int = RAY_BATCH,
             cpus_per_actor: float = CPUS, gpus_per_actor: float = GPUS):
-    """Write maps (.npy at layer resolution and upsampled to the image) and overlays (.png) per image."""
+    """Write maps (.npy at layer resolution and upsampled to the image) and overlays (.png) per image.
+
+    Re-running with the same settings skips images whose outputs are complete.
+    """
     from onnx_excite.explain import ExplainOptions, explain_files
 
     opts = ExplainOptions(model=model, layers=list(layer or []), targets=list(target or []), top=top,
                           methods=_methods(method or ["mwp", "cmwp"], contrastive), rule=rule, out_dir=out_dir,
-                          size=size, mean=mean, std=std, batch_size=batch_size, combine=combine, colorbar=colorbar)
+                          size=size, mean=mean, std=std, batch_size=batch_size, combine=combine, colorbar=colorbar,
+                          scale=scale, alpha=alpha, cmap=cmap, full_res=full_res, logits=logits, device=device)
     settings = ray_settings(ray, actors, ray_batch, cpus_per_actor, gpus_per_actor)
     if settings is not None:
         from onnx_excite.distributed import explain_on_ray
 
-        summary, stats = explain_on_ray(inputs, opts, settings,
+        summary, stats = explain_on_ray(inputs, opts, settings, warn=_warn,
                                         on_error=lambda image, reason: err.print(f"error: {reason}", markup=False, soft_wrap=True))
-        print_run_summary(out, "explained", stats)
     else:
-        summary = explain_files(inputs, opts, console=out, errors=err)
+        summary = explain_files(inputs, opts, console=out, errors=err, warn=_warn, on_record=_print_record)
+    _note_logits(summary.logits_choice)
+    if summary.providers:
+        out.print("providers: " + ", ".join(summary.providers), markup=False)
+    if summary.input_size:
+        out.print(f"model input: {summary.input_size[0]}x{summary.input_size[1]} (the size the model declares)", markup=False)
+    if summary.skipped:
+        out.print(f"skipped {summary.skipped} image(s) already explained with these settings", markup=False)
+    if settings is not None:
+        print_run_summary(out, "explained", stats)
     out.print(f"wrote {summary.written} file(s) to {out_dir}", markup=False)
     if summary.failed:
-        err.print(f"error: {summary.failed} input(s) could not be read", markup=False)
+        err.print(f"error: {summary.failed} input(s) could not be read or explained", markup=False)
         raise typer.Exit(2)
+
+
+def _warn(message: str) -> None:
+    err.print(f"warning: {message}", markup=False, soft_wrap=True)
+
+
+def _print_record(rec: dict, skipped: bool = False) -> None:
+    """One image's top predictions, as `demo` prints them."""
+    best = ", ".join(f"{t['label']} ({t['prob']:.2f})" for t in rec["top5"][:3])
+    out.print(f"{Path(rec['image']).name}: {best}" + ("  [already done]" if skipped else ""), markup=False)
 
 
 @app.command()
@@ -216,6 +305,13 @@ def demo(out_dir: Path = typer.Option(Path("excite_demo"), "-o", "--output", hel
 
 
 from . import eval_cmd  # noqa: E402,F401  (registers `eval pointing|localization`)
+from .eval_cmd import eval_app  # noqa: E402,F401  (`eval` group; cli/ground.py adds `eval grounding`)
+
+
+from onnx_excite.cli import info as _info  # noqa: E402,F401  (registers `models` and `classes`)
+from onnx_excite.cli import methods_cmd as _methods_cmd  # noqa: E402,F401  (registers `methods`)
+from onnx_excite.cli import ground as _ground  # noqa: E402,F401  (ground, eval grounding)
+from onnx_excite.cli import serve_cmds  # noqa: E402,F401  (serving commands register on `app`)
 
 
 def main() -> None:  # console script entry point

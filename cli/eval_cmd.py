@@ -8,10 +8,10 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from .app import app, err, friendly, out
+from .app import _logits_option, app, err, friendly, out
 from .ray_options import ACTORS, CPUS, GPUS, RAY, RAY_BATCH, print_run_summary, ray_settings
 
-eval_app = typer.Typer(no_args_is_help=True, help="The paper's evaluations: pointing game and dominant-object localization.")
+eval_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The paper's evaluations: pointing game and dominant-object localization.")
 app.add_typer(eval_app, name="eval")
 
 
@@ -19,6 +19,10 @@ def print_result(res, out, err) -> None:
     """The overall table, the unmapped classes (loudly), counts, files and data problems."""
     from onnx_excite.eval.report import unmapped_line
 
+    choice = res.settings.get("logits")
+    if choice and len(choice.get("candidates", [])) > 1 and choice.get("reason") != "given":
+        err.print(f"note: logits = {choice['output']!r} ({choice['reason']}; outputs: {', '.join(choice['candidates'])}); "
+                  f"choose another with --logits", markup=False, soft_wrap=True)
     header, rows = res.overall_table()
     table = Table(*header, title=f"{res.protocol}: {res.counts['images_evaluated']} of {res.counts['images_read']} "
                                  f"images evaluated, {res.counts['items']} {res.unit}")
@@ -51,13 +55,14 @@ def _progress_bar(console):
 
 def _eval(protocol: str, data: Path, fmt: str, model: str, methods: str, layer: Optional[List[str]],
           mapping: Optional[str], out_dir: Path, tolerance: float, size: int, rule: str, ray, actors: int,
-          ray_batch: int, cpus: float, gpus: float):
+          ray_batch: int, cpus: float, gpus: float, logits: Optional[str] = None):
     from onnx_excite.eval import run_evaluation
 
     settings = ray_settings(ray, actors, ray_batch, cpus, gpus)
     kwargs = dict(protocol=protocol, data=str(data), fmt=fmt, model=model,
                   methods=[m.strip() for m in methods.split(",") if m.strip()], layers=layer or None,
-                  mapping=mapping, out_dir=str(out_dir), tolerance=tolerance, size=size, rule=rule, ray=settings)
+                  mapping=mapping, out_dir=str(out_dir), tolerance=tolerance, size=size, rule=rule, ray=settings,
+                  logits=logits)
     t0 = time.perf_counter()
     if settings is None:  # one process: our own progress bar, started with the first image; on Ray, Ray Data's
         bar = {}
@@ -102,10 +107,11 @@ def eval_pointing(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, meth
                   tolerance: float = typer.Option(15, help="hit tolerance in pixels"),
                   size: int = typer.Option(224, help="shorter side of the resized image"),
                   rule: str = _RULE, ray: Optional[str] = RAY, actors: int = ACTORS, ray_batch: int = RAY_BATCH,
-                  cpus_per_actor: float = CPUS, gpus_per_actor: float = GPUS):
+                  cpus_per_actor: float = CPUS, gpus_per_actor: float = GPUS,
+                  logits: Optional[str] = _logits_option()):
     """Pointing game (all and difficult subsets, with the center baseline)."""
     _eval("pointing", data, fmt, model, methods, layer, mapping, out_dir, tolerance, size, rule, ray, actors,
-          ray_batch, cpus_per_actor, gpus_per_actor)
+          ray_batch, cpus_per_actor, gpus_per_actor, logits)
 
 @eval_app.command("localization")
 @friendly
@@ -113,8 +119,9 @@ def eval_localization(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, 
                       layer: Optional[List[str]] = _LAYER, mapping: Optional[str] = _MAPPING, out_dir: Path = _OUT,
                       size: int = typer.Option(224, help="square input size"), rule: str = _RULE,
                       ray: Optional[str] = RAY, actors: int = ACTORS, ray_batch: int = RAY_BATCH,
-                      cpus_per_actor: float = CPUS, gpus_per_actor: float = GPUS):
+                      cpus_per_actor: float = CPUS, gpus_per_actor: float = GPUS,
+                      logits: Optional[str] = _logits_option()):
     """Dominant-object localization (alpha * mean threshold, alpha chosen on a held-out split)."""
     _eval("localization", data, fmt, model, methods, layer, mapping, out_dir, 15, size, rule, ray, actors,
-          ray_batch, cpus_per_actor, gpus_per_actor)
+          ray_batch, cpus_per_actor, gpus_per_actor, logits)
 

@@ -478,8 +478,15 @@ def _cache_valid(path: Path, sidecar: Path) -> bool:
     return props.get("onnx_excite.recipe_version") == RECIPE_VERSION
 
 
-def load_default_model(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Path of the cached MobileNetV2 ONNX model, building it first when missing or corrupt.
+def cache_is_valid(cache_dir: str | os.PathLike | None = None) -> bool:
+    """Whether the cache holds a complete default model of the current recipe (not rebuilt on use)."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return _cache_valid(cache / CACHE_NAME, cache / (CACHE_NAME + ".sha256"))
+
+
+def load_default_model(cache_dir: str | os.PathLike | None = None, rebuild: bool = False) -> Path:
+    """Path of the cached MobileNetV2 ONNX model, building it first when missing or corrupt
+    (or always, with ``rebuild``).
 
     The cache is ``$XDG_CACHE_HOME/onnx-excite/mobilenet_v2.onnx`` (default
     ``~/.cache/onnx-excite``) with a ``.sha256`` sidecar; both are written atomically.
@@ -487,7 +494,7 @@ def load_default_model(cache_dir: str | os.PathLike | None = None) -> Path:
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path, sidecar = cache / CACHE_NAME, cache / (CACHE_NAME + ".sha256")
-    if _cache_valid(path, sidecar):
+    if not rebuild and _cache_valid(path, sidecar):
         return path
     weights = find_weights()
     digest = _sha256(weights)

@@ -19,30 +19,47 @@ class BenchRow:
     ratio: float
 
 
-def _input_array(shape, batch: int, rng) -> np.ndarray:
+def _input_array(shape, batch: int, rng, ort_type: str = "tensor(float)") -> np.ndarray:
+    """Random input of the declared type: dynamic dims at 224; integer inputs (uint8 pixels) uniform 0..255."""
+    from .runtime import as_input_dtype
+
     dims = [batch if i == 0 else (d if isinstance(d, int) and d > 0 else 224) for i, d in enumerate(shape)]
-    return rng.standard_normal(dims).astype(np.float32)
+    if "int" in ort_type:
+        return as_input_dtype(rng.integers(0, 256, size=dims), ort_type)
+    return as_input_dtype(rng.standard_normal(dims), ort_type)
 
 
 def run_bench(model, layers: Sequence[str], rule: str = "positive", batch: int = 1, runs: int = 10, warmup: int = 2,
-              providers=None, threads: int | None = None, input_shapes=None, seed: int = 0) -> tuple[list[BenchRow], list[str]]:
+              providers=None, threads: int | None = None, input_shapes=None, seed: int = 0,
+              progress=None, on_inputs=None, logits: str | None = None) -> tuple[list[BenchRow], list[str]]:
     """Median wall time of each variant over ``runs`` rounds; ratios are to the forward alone.
 
     The variants run interleaved, one run each per round, so that load from elsewhere
-    on the machine falls on all of them alike.
+    on the machine falls on all of them alike. ``on_inputs({name: shape})`` is told the
+    input shapes used (dynamic dims at 224); ``progress(phase, done, total)`` is called as
+    the variants are built and the rounds run.
     """
+    from .checks import at_least
+
+    at_least(runs, 1, "--runs")
+    at_least(batch, 1, "--batch")
+    at_least(warmup, 0, "warmup")
+    progress = progress or (lambda phase, done, total: None)
     rng = np.random.default_rng(seed)
-    forward = canonicalize(model, input_shapes=input_shapes)
+    forward = canonicalize(model, logits=logits, input_shapes=input_shapes)
     fwd_session = make_session(forward.forward_model(), providers, threads)
-    feeds = {i.name: _input_array(i.shape, batch, rng) for i in fwd_session.get_inputs()}
+    feeds = {i.name: _input_array(i.shape, batch, rng, i.type) for i in fwd_session.get_inputs()}
+    if on_inputs is not None:
+        on_inputs({name: tuple(v.shape) for name, v in feeds.items()})
     variants = [("forward", None), ("forward+MWP", ("mwp",)), ("forward+c-MWP", ("cmwp",)),
                 ("forward+MWP+c-MWP", ("mwp", "cmwp"))]
     prepared = []
-    for name, methods in variants:
+    for n, (name, methods) in enumerate(variants):
+        progress("building", n, len(variants))
         if methods is None:
             prepared.append((name, fwd_session, [forward.entry], feeds))
             continue
-        built = build_excitation_model(model, layers, methods=methods, rule=rule, input_shapes=input_shapes)
+        built = build_excitation_model(model, layers, methods=methods, rule=rule, logits=logits, input_shapes=input_shapes)
         session = make_session(built.model, providers, threads)
         k = built.num_classes or session.get_inputs()[-1].shape[1]
         signal = np.zeros((batch, k), np.float32)
@@ -52,11 +69,13 @@ def run_bench(model, layers: Sequence[str], rule: str = "positive", batch: int =
         for _, session, outputs, run_feeds in prepared:
             session.run(outputs, run_feeds)
     times = {name: [] for name, *_ in prepared}
-    for _ in range(runs):
+    for r in range(runs):
+        progress("timing", r, runs)
         for name, session, outputs, run_feeds in prepared:
             t0 = time.perf_counter()
             session.run(outputs, run_feeds)
             times[name].append((time.perf_counter() - t0) * 1e3)
+    progress("timing", runs, runs)
     base = float(np.median(times["forward"]))
     rows = [BenchRow(name, float(np.median(times[name])), float(np.median(times[name])) / base) for name, *_ in prepared]
     return rows, fwd_session.get_providers()

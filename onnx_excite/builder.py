@@ -4,7 +4,9 @@ The built model takes the original input(s) plus a signal ``excite_signal``
 (N x K, the top signal at the logits) and outputs, besides the original
 outputs and the logits, one map per (method, layer):
 
-* ``mwp:<layer>``  - Marginal Winning Probability, the sum over channels of P;
+* ``mwp:<layer>``  - Marginal Winning Probability, the sum over channels of P
+  (over the layer's channel axis: axis 3 of an NHWC tensor, see :mod:`.layout`),
+  so a map is (N, H, W);
 * ``cmwp:<layer>`` - contrastive MWP: the signal excites the classifier with
   its weights and with the negated weights (the dual), the difference is
   taken at the classifier's input and propagated down with the same rules
@@ -24,9 +26,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .canonicalize import ForwardGraph, canonicalize, default_opset
+from .canonicalize import ForwardGraph, LogitsChoice, canonicalize, default_opset, expose_maxpool_indices
 from .errors import ExciteError, UnsupportedModelError
 from .graph import Emitter
+from .layout import Layout, channel_axis
 from .rules import RULE_CHOICES, RULES, Context, data_inputs, unsupported_reason
 
 METHODS = ("mwp", "cmwp")
@@ -61,6 +64,8 @@ class ExcitationModel:
     maps: dict[tuple[str, str], str] = field(default_factory=dict)       # (method, layer) -> output
     channels: dict[tuple[str, str], str] = field(default_factory=dict)   # (method, layer) -> output
     masses: dict[tuple[str, str], str] = field(default_factory=dict)     # (method, layer) -> output (N,)
+    layouts: dict[str, Layout] = field(default_factory=dict)             # layer -> its channel axis
+    logits_choice: LogitsChoice | None = None                            # how the logits were chosen
 
     def save(self, path) -> None:
         """Write the model; past protobuf's 2 GiB limit the weights go to ``<path>.data``."""
@@ -109,15 +114,21 @@ def _upstream(graph: ForwardGraph, entry: str) -> set[str]:
 
 
 def check_layers(graph: ForwardGraph, layers: Sequence[str]) -> None:
+    """The one validation of layer names (builder, Exciter, every command): each must be a
+    tensor of the model that feeds the logits."""
     names = tensor_names(graph)
     known = set(names)
     up = _upstream(graph, graph.entry)
+    cut = None
     for layer in layers:
         if layer not in known:
             close = difflib.get_close_matches(layer, names, n=3)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "; list them with `onnx-excite layers MODEL`"
             raise ExciteError(f"unknown layer {layer!r}{hint}")
         if layer not in up:
+            cut = find_cut(graph, up) if cut is None else cut
+            if cut:   # the layer may sit below a node that stops P (c / x): say which
+                raise UnsupportedModelError(cut)
             raise ExciteError(f"layer {layer!r} does not feed the logits {graph.entry!r}")
 
 
@@ -135,6 +146,37 @@ def path_nodes(graph: ForwardGraph, tensors: set[str]) -> list[onnx.NodeProto]:
     """Nodes that move P between ``tensors`` (output and some data input in the set)."""
     return [n for n in graph.nodes
             if n.output and n.output[0] in tensors and any(i in tensors for i in data_inputs(graph, n))]
+
+
+def cut_nodes(graph: ForwardGraph, tensors: set[str]) -> list[onnx.NodeProto]:
+    """Nodes that produce one of ``tensors`` and read a tensor (non-constant) input, but whose
+    rule declares none of those inputs as carrying P (``c / x``): P stops there and the layers
+    below drop out of the path."""
+    return [n for n in graph.nodes
+            if n.output and n.output[0] in tensors and not any(i in tensors for i in data_inputs(graph, n))
+            and any(i and not graph.is_const(i) for i in n.input)]
+
+
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+def find_cut(graph: ForwardGraph, tensors: set[str]) -> list[tuple[str, str, str]]:
+    """(op_type, node name, reason) for the :func:`cut_nodes` that stop P at an activation: their
+    rule's ``check`` says why, else a floating-point input the declaration leaves out is named
+    (integer inputs, e.g. the shape of an Expand, carry no P anyway)."""
+    problems = []
+    for node in cut_nodes(graph, tensors):
+        reason = unsupported_reason(graph, node)
+        if not reason:
+            rule = RULES[node.op_type]
+            left = [i for i in node.input if i and not graph.is_const(i) and graph.dtypes.get(i, onnx.TensorProto.FLOAT) in _FLOATS]
+            if left:
+                declared = ", ".join(str(i) for i in rule.inputs) if rule.inputs else "none"
+                reason = (f"input {left[0]!r} is an activation but {node.op_type} declares only input(s) {declared} "
+                          f"as carrying P: the signal would stop here")
+        if reason:
+            problems.append((node.op_type, node.name, reason))
+    return problems
 
 
 def find_classifier(graph: ForwardGraph, wanted: set[str], name: str | None = None) -> onnx.NodeProto:
@@ -172,13 +214,17 @@ def build_excitation_model(
     rule: str = "positive",
     channels: bool = False,
     classifier: str | None = None,
-    output: str | None = None,
+    logits: str | None = None,
     input_shapes: Mapping[str, Sequence[int | None]] | None = None,
     diagnostics: bool = False,
+    output: str | None = None,
 ) -> ExcitationModel:
     """Build the companion model for ``layers`` (ONNX tensor names).
 
-    ``model`` is a path or a ModelProto; it is never modified. With
+    ``model`` is a path or a ModelProto; it is never modified. ``logits`` names the
+    output (or tensor) the signal enters at (``output`` is its older alias); without
+    it :func:`~onnx_excite.canonicalize.resolve_logits` chooses, and the built model's
+    ``logits_choice`` says how. With
     ``diagnostics`` the model also outputs ``mass.<method>:<layer>`` (N,), the
     total P that reached each layer: the rules conserve P, so what is missing
     from the signal's mass (MWP) or from 0 (c-MWP) was lost where Z == 0.
@@ -193,13 +239,14 @@ def build_excitation_model(
     if not layers:
         raise ExciteError("no layer given; list candidates with `onnx-excite layers MODEL`")
 
-    graph = canonicalize(model, output=output, input_shapes=input_shapes)
+    graph = canonicalize(model, logits=logits if logits is not None else output, input_shapes=input_shapes)
     check_layers(graph, layers)
     wanted = _downstream(graph, layers) & _upstream(graph, graph.entry)
     nodes = path_nodes(graph, wanted)
     problems = find_unsupported(graph, nodes)
     if problems:
         raise UnsupportedModelError(problems)
+    expose_maxpool_indices(graph.model, nodes)
 
     clf = None
     if "cmwp" in methods:
@@ -224,7 +271,7 @@ def build_excitation_model(
             done[method][tensor] = g.sum(terms) if terms else None
         return done[method][tensor]
 
-    for node in reversed(nodes):
+    for node in reversed(nodes):  # every node here has a data input that needs P (path_nodes)
         excite = RULES[node.op_type].excite
         for method in methods:
             p = p_of(method, node.output[0])
@@ -235,22 +282,24 @@ def build_excitation_model(
                 dual = excite(ctx, node, p, negate=True)
                 sent = {k: _difference(g, sent.get(k), dual.get(k)) for k in set(sent) | set(dual)}
             for tensor, q in sent.items():
-                if q is not None:
+                if q is not None and tensor in wanted:  # inputs that carry no P are skipped
                     pending[method].setdefault(tensor, []).append(q)
 
     built = ExcitationModel(model=graph.model, inputs=list(graph.input_names), signal=SIGNAL,
                             logits=graph.entry, num_classes=num_classes, layers=layers,
-                            methods=methods, rule=rule, classifier=clf.name if clf is not None else None)
+                            methods=methods, rule=rule, classifier=clf.name if clf is not None else None,
+                            logits_choice=graph.logits)
     new_outputs = []
     for layer in layers:
         rank = graph.rank(layer)
         if rank is None:
             raise ExciteError(f"the rank of layer {layer!r} is unknown (shape inference failed there)")
+        layout = built.layouts[layer] = channel_axis(graph, layer)
         for method in methods:
             p = p_of(method, layer)
             if p is None:  # every share was lost on the way down: P is 0 here
                 p = g.op("ConstantOfShape", [g.shape(layer)], value=onnx.numpy_helper.from_array(np.zeros(1, np.float32)))
-            m = g.channel_sum(p, rank)
+            m = g.channel_sum(p, rank, layout.axis if layout.axis is not None else 1)
             if method == "cmwp":
                 m = g.relu(m)
             built.maps[(method, layer)] = _expose(g, m, map_name(method, layer), new_outputs,

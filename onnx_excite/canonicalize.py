@@ -1,9 +1,13 @@
 """Canonicalization: rewrite a user's classifier into the form the rules expect.
 
 Each pass is a small function ``pass(model) -> model`` run in the order of
-``PASSES``; :func:`canonicalize` loads the model (never touching the user's
-file), runs them and returns a :class:`ForwardGraph`, the read-only view of
-the forward graph that the rules and the builder work on.
+``PASSES`` (each has its own unit test in tests/test_canonicalize_passes.py);
+:func:`canonicalize` loads the model (never touching the user's file), runs
+them, resolves the logits (:func:`resolve_logits`, the one place that decides
+which output is explained) and returns a :class:`ForwardGraph`, the read-only
+view of the forward graph that the rules and the builder work on.
+:func:`expose_maxpool_indices` is applied by the builder to the MaxPools on the
+excitation path only (the forward alone keeps ONNX Runtime's faster MaxPool).
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from .errors import ExciteError
+from .index import GraphIndex, attr, attrs
 
 #: The companion graph is emitted in this opset range (CUDA kernels lag newer ones).
 MIN_OPSET, MAX_OPSET = 17, 20
@@ -33,9 +38,13 @@ _SHAPE_ONLY = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Dropou
 # loading
 # ---------------------------------------------------------------------------
 def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """A private copy of the model: a path is read (with external data), a proto is deep-copied."""
+    """A private copy of the model: a path is read (with external data), a proto is deep-copied;
+    ``"default"`` is the default model (see ``onnx_excite.models.default``)."""
     if isinstance(model, onnx.ModelProto):
         return copy.deepcopy(model)
+    from onnx_excite.models.default import resolve_model_path
+
+    model = resolve_model_path(model)
     path = Path(model)
     if not path.exists():
         raise ExciteError(f"{path}: no such model file")
@@ -90,7 +99,49 @@ def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     del converted.graph.input[:]
     converted.graph.input.extend(inputs)
     converted.graph.initializer.extend(big)
+    _restore_tensor_names(model, converted)
     return converted
+
+
+def _keep_upsample_coordinates(node: onnx.NodeProto) -> None:
+    """Upsample (opset 7-9) and Resize-10 map output x to input x / scale (nearest: floor); the
+    converted Resize-11+ would default to half_pixel / round_prefer_floor and change the outputs."""
+    have = {a.name for a in node.attribute}
+    if "coordinate_transformation_mode" not in have:
+        node.attribute.append(helper.make_attribute("coordinate_transformation_mode", "asymmetric"))
+    if "nearest_mode" not in have:
+        node.attribute.append(helper.make_attribute("nearest_mode", "floor"))
+
+
+def _restore_tensor_names(original: onnx.ModelProto, converted: onnx.ModelProto) -> None:
+    """The version converter renames the outputs of the nodes it replaces (Upsample -> Resize
+    gets ``_v_24``): give them back their names, which the user passes as layers; and it drops
+    the coordinate mode of Upsample / Resize-10. The converted nodes, less the Constant nodes
+    it adds, match the original ones in order."""
+    before = list(original.graph.node)
+    known = {o for n in before for o in n.output} | {i.name for i in original.graph.input}
+    after = [n for n in converted.graph.node if not (n.op_type == "Constant" and not set(n.output) & known)]
+    if len(after) != len(before):
+        return
+    rename = {}
+    for old, new in zip(before, after):
+        if len(old.output) != len(new.output):
+            return
+        rename.update({b: a for a, b in zip(old.output, new.output) if a and b and a != b})
+        if new.op_type == "Resize" and (old.op_type == "Upsample" or default_opset(original) < 11):
+            _keep_upsample_coordinates(new)
+    if not rename or set(rename.values()) & {o for n in converted.graph.node for o in n.output if o not in rename}:
+        return
+    for node in converted.graph.node:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+        for i, name in enumerate(node.output):
+            if name in rename:
+                node.output[i] = rename[name]
+    for value in list(converted.graph.output) + list(converted.graph.value_info):
+        if value.name in rename:
+            value.name = rename[value.name]
 
 
 def _weightless(model: onnx.ModelProto):
@@ -223,19 +274,19 @@ def ceil_pools_to_pads(model: onnx.ModelProto) -> onnx.ModelProto:
         for node in model.graph.node:
             if node.op_type not in ("MaxPool", "AveragePool"):
                 continue
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            if not attrs.get("ceil_mode", 0) or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            a = attrs(node)
+            if not a.get("ceil_mode", 0) or a.get("auto_pad", "NOTSET") != "NOTSET":
                 continue
-            if node.op_type == "AveragePool" and attrs.get("count_include_pad", 0):
+            if node.op_type == "AveragePool" and a.get("count_include_pad", 0):
                 continue
             shape = shapes.get(node.input[0])
             if shape is None or any(d is None for d in shape[2:]):
                 continue
-            kernel = list(attrs["kernel_shape"])
+            kernel = list(a["kernel_shape"])
             n = len(kernel)
-            strides = list(attrs.get("strides", [1] * n))
-            dil = list(attrs.get("dilations", [1] * n))
-            pads = list(attrs.get("pads", [0] * 2 * n))
+            strides = list(a.get("strides", [1] * n))
+            dil = list(a.get("dilations", [1] * n))
+            pads = list(a.get("pads", [0] * 2 * n))
             for i in range(n):
                 out = _ceil_out(shape[2 + i], kernel[i], strides[i], dil[i], pads[i], pads[i + n])
                 pads[i + n] = max(pads[i + n], (out - 1) * strides[i] + (kernel[i] - 1) * dil[i] + 1 - shape[2 + i] - pads[i])
@@ -257,33 +308,29 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     consumes is left for its own rule (a per-channel linear layer).
     """
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, int] = {}
-    for node in graph.node:
-        for i in node.input:
-            consumers[i] = consumers.get(i, 0) + 1
-    producer = {o: n for n in graph.node for o in n.output}
-    outputs = {o.name for o in graph.output}
+    index = GraphIndex(graph)
+    inits = index.initializers
     drop = []
     for bn in graph.node:
         if bn.op_type != "BatchNormalization" or len(bn.output) > 1 and any(bn.output[1:]):
             continue
-        conv = producer.get(bn.input[0])
+        conv = index.producer.get(bn.input[0])
         params = bn.input[1:5]
-        if (conv is None or conv.op_type != "Conv" or consumers.get(conv.output[0], 0) != 1
-                or conv.output[0] in outputs or conv.input[1] not in inits
+        if (conv is None or conv.op_type != "Conv" or index.consumer_count(conv.output[0]) != 1
+                or conv.input[1] not in inits
                 or any(p not in inits for p in params) or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits)):
             continue
         gamma, beta, mean, var = (numpy_helper.to_array(inits[p]).astype(np.float64) for p in params)
-        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        eps = attr(bn, "epsilon", 1e-5)
         scale = gamma / np.sqrt(var + eps)
+        w_dtype = numpy_helper.to_array(inits[conv.input[1]]).dtype   # float16 models stay float16
         w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
         b = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
              if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0]))
         w_name, b_name = f"{conv.name}.folded_weight", f"{conv.name}.folded_bias"
         graph.initializer.extend([
-            numpy_helper.from_array((w * scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32), w_name),
-            numpy_helper.from_array(((b - mean) * scale + beta).astype(np.float32), b_name)])
+            numpy_helper.from_array((w * scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(w_dtype), w_name),
+            numpy_helper.from_array(((b - mean) * scale + beta).astype(w_dtype), b_name)])
         del conv.input[1:]
         conv.input.extend([w_name, b_name])
         conv.output[0] = bn.output[0]
@@ -299,16 +346,260 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def split_to_slices(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every Split whose piece sizes are known becomes one Slice per piece (same output names).
+
+    The rules see single-output nodes only; a Slice hands each piece's P back to its cells.
+    A Split whose sizes depend on a dynamic dimension is left (and reported by ``check``).
+    """
+    splits = [n for n in model.graph.node if n.op_type == "Split" and n.domain in ("", "ai.onnx")]
+    if not splits:
+        return model
+    index = GraphIndex(model.graph)
+    shapes = {}
+    if any(len(n.input) < 2 or not n.input[1] for n in splits):
+        inferred = infer_shapes(copy.deepcopy(model))
+        shapes = {vi.name: _shape_of(vi) for vi in list(inferred.graph.input) + list(inferred.graph.value_info)}
+    taken = {n.name for n in model.graph.node} | set(index.tensor_names())
+    new_nodes = []
+    for node in model.graph.node:
+        if not any(node is s for s in splits):
+            new_nodes.append(node)
+            continue
+        axis = attr(node, "axis", 0)
+        sizes = None
+        if len(node.input) > 1 and node.input[1]:
+            value = index.array(node.input[1])
+            sizes = None if value is None else [int(v) for v in value.ravel()]
+        else:
+            shape = shapes.get(node.input[0])
+            n = shape[axis] if shape is not None and -len(shape) <= axis < len(shape) else None
+            if attr(node, "split"):
+                sizes = list(attr(node, "split"))
+            elif n is not None:
+                k = len(node.output)
+                chunk = -(-n // k)   # opset 18 num_outputs: equal chunks, the last one smaller
+                sizes = [min(chunk, n - i * chunk) for i in range(k)]
+        if sizes is None or len(sizes) != len(node.output):
+            new_nodes.append(node)
+            continue
+        start = 0
+        for i, (out, size) in enumerate(zip(node.output, sizes)):
+            names = []
+            for part, value in (("starts", start), ("ends", start + size), ("axes", axis)):
+                name = f"{node.name}.{part}{i}"
+                while name in taken:
+                    name += "_"
+                taken.add(name)
+                model.graph.initializer.append(numpy_helper.from_array(np.array([value], np.int64), name))
+                names.append(name)
+            start += size
+            if out:
+                new_nodes.append(helper.make_node("Slice", [node.input[0]] + names, [out], name=f"{node.name}.slice{i}"))
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    return model
+
+
+def _all_names(graph: onnx.GraphProto, skip: onnx.NodeProto | None = None) -> set[str]:
+    """Every tensor name of ``graph`` and of its subgraphs (but those of node ``skip``)."""
+    names = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {o.name for o in graph.output}
+    for n in graph.node:
+        names.update(o for o in n.output if o)
+        if n is not skip:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    names |= _all_names(a.g)
+    return names
+
+
+def _inline_branch(node: onnx.NodeProto, branch: onnx.GraphProto, taken: set[str]) -> tuple[list, list]:
+    """(nodes, initializers) computing the If node's outputs from ``branch``: the branch's
+    outputs take the If's output names, its other local names are renamed where they clash."""
+    local = [t.name for t in branch.initializer] + [o for n in branch.node for o in n.output if o]
+    rename: dict[str, str] = {}
+    tail = []
+    for b_out, if_out in zip((o.name for o in branch.output), node.output):
+        if b_out in local and b_out not in rename:
+            rename[b_out] = if_out
+        else:  # an outer tensor, or a local one already bound to another output
+            tail.append((b_out, if_out))
+    for name in local:
+        if name not in rename:
+            new, k = name, 0
+            while new in taken:
+                k += 1
+                new = f"{name}.if{k}"
+            rename[name] = new
+            taken.add(new)
+    inits = []
+    for t in branch.initializer:
+        c = onnx.TensorProto()
+        c.CopyFrom(t)
+        c.name = rename[t.name]
+        inits.append(c)
+    nodes = []
+    for n in branch.node:
+        c = onnx.NodeProto()
+        c.CopyFrom(n)
+        c.input[:] = [rename.get(i, i) if i else i for i in n.input]
+        c.output[:] = [rename.get(o, o) if o else o for o in n.output]
+        nodes.append(c)
+    for b_out, if_out in tail:
+        nodes.append(helper.make_node("Identity", [rename.get(b_out, b_out)], [if_out], name=f"{node.name or if_out}.branch_out"))
+    return nodes, inits
+
+
+def inline_constant_if(model: onnx.ModelProto) -> onnx.ModelProto:
+    """An ``If`` whose condition is a constant becomes the nodes of the branch it takes.
+
+    Exporters leave such Ifs behind (shape checks traced with a fixed input); left
+    in place, the layers inside the branch would be invisible to the rules. After
+    inlining, the new constants are folded and nested constant Ifs inlined too.
+    """
+    while True:
+        inits = {t.name: t for t in model.graph.initializer}
+        kept, changed, added = [], False, set()
+        for node in model.graph.node:
+            if node.op_type == "If" and node.domain in ("", "ai.onnx") and node.input[0] in inits:
+                cond = bool(numpy_helper.to_array(inits[node.input[0]]).reshape(-1)[0])
+                branch = attr(node, "then_branch" if cond else "else_branch")
+                taken = _all_names(model.graph, skip=node) | set(inits) | added
+                nodes, new_inits = _inline_branch(node, branch, taken)
+                added |= {o for n in nodes for o in n.output} | {t.name for t in new_inits}
+                kept.extend(nodes)
+                model.graph.initializer.extend(new_inits)
+                changed = True
+            else:
+                kept.append(node)
+        if not changed:
+            return model
+        del model.graph.node[:]
+        model.graph.node.extend(kept)
+        model = fold_constants(constants_to_initializers(model))
+
+
+def expose_maxpool_indices(model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto] | None = None) -> onnx.ModelProto:
+    """Give each MaxPool (of ``nodes``, default all) an ``Indices`` output: where each
+    maximum came from, which the MaxPool rule scatters P back to."""
+    chosen = {id(n) for n in nodes} if nodes is not None else None
+    taken = set(GraphIndex(model.graph).tensor_names())
+    for node in model.graph.node:
+        if node.op_type != "MaxPool" or (chosen is not None and id(node) not in chosen):
+            continue
+        if len(node.output) >= 2 and node.output[1]:
+            continue
+        name, k = f"{node.name or node.output[0]}.indices", 0
+        while name in taken:
+            k += 1
+            name = f"{node.name or node.output[0]}.indices{k}"
+        taken.add(name)
+        if len(node.output) < 2:
+            node.output.append(name)
+        else:
+            node.output[1] = name
+    return model
+
+
 PASSES: list[Callable[[onnx.ModelProto], onnx.ModelProto]] = [
     drop_initializer_inputs,
     constants_to_initializers,
     fold_constants,
+    inline_constant_if,
     name_nodes,
     upgrade_opset,
     fold_batchnorm,
+    split_to_slices,
     ceil_pools_to_pads,
     infer_shapes,
 ]
+
+
+# ---------------------------------------------------------------------------
+# which output holds the logits
+# ---------------------------------------------------------------------------
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+@dataclass(frozen=True)
+class LogitsChoice:
+    """Where the top signal enters, and why that tensor."""
+
+    tensor: str                 # the logits: the signal enters here (below a trailing Softmax)
+    output: str                 # the output (or tensor) it was resolved from
+    reason: str                 # how it was chosen, in words
+    candidates: tuple = ()      # the float 2-D graph outputs there were to choose from
+
+    @property
+    def chosen_among_several(self) -> bool:
+        return len(self.candidates) > 1 and self.reason != "given"
+
+
+def _below_squashers(index: GraphIndex, name: str) -> tuple[str, bool]:
+    """(the tensor below trailing Softmax/LogSoftmax/Sigmoid and shape-only ops, whether one was passed)."""
+    t, node, squashed = name, index.producer.get(name), False
+    while node is not None and node.op_type in OUTPUT_SQUASHERS | _SHAPE_ONLY:
+        t = node.input[0]
+        if node.op_type in OUTPUT_SQUASHERS:
+            name, squashed = t, True
+        node = index.producer.get(t)
+    return name, squashed
+
+
+def resolve_logits(model: onnx.ModelProto, logits: str | None = None) -> LogitsChoice:
+    """The one resolution of the logits every command and the library use.
+
+    A given name must be a tensor of the model. Without one: the only float 2-D
+    output; among several, the one fed by a Softmax (LogSoftmax, Sigmoid); else
+    the one computed by the last Gemm/MatMul of the graph; else the widest
+    (largest class dimension). The signal enters below a trailing Softmax.
+    """
+    index = GraphIndex(model.graph)
+    outputs = [o.name for o in model.graph.output]
+    vis = {vi.name: vi for vi in list(model.graph.value_info) + list(model.graph.output)}
+
+    def float_2d(name):
+        vi = vis.get(name)
+        if vi is None or not vi.type.HasField("tensor_type"):
+            return False
+        shape = _shape_of(vi)
+        return vi.type.tensor_type.elem_type in _FLOAT_TYPES and shape is not None and len(shape) == 2
+
+    candidates = tuple(o for o in outputs if float_2d(o))
+    if logits is not None:
+        if logits not in outputs and logits not in index.producer:
+            import difflib
+
+            names = outputs + [o for n in model.graph.node for o in n.output if o]
+            close = difflib.get_close_matches(logits, names, n=3)
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            raise ExciteError(f"logits {logits!r} is not a tensor of the model (outputs: {', '.join(outputs)}){hint}")
+        return LogitsChoice(_below_squashers(index, logits)[0], logits, "given", candidates)
+    if len(candidates) <= 1:
+        out = candidates[0] if candidates else outputs[0]
+        return LogitsChoice(_below_squashers(index, out)[0], out, "the only float 2-D output" if candidates
+                            else "the first output", candidates)
+    squashed = [o for o in candidates if _below_squashers(index, o)[1]]
+    pool = squashed or list(candidates)
+    if len(squashed) == 1:
+        out = squashed[0]
+        return LogitsChoice(_below_squashers(index, out)[0], out, "fed by a Softmax", candidates)
+    order = {id(n): i for i, n in enumerate(model.graph.node)}
+    dense = {}
+    for o in pool:
+        node = index.producer.get(_below_squashers(index, o)[0])
+        if node is not None and node.op_type in ("Gemm", "MatMul"):
+            dense[o] = order[id(node)]
+    if dense:
+        out = max(dense, key=dense.get)
+        return LogitsChoice(_below_squashers(index, out)[0], out, "computed by the last Gemm/MatMul", candidates)
+
+    def width(o):
+        d = _shape_of(vis[o])[1]
+        return d if d is not None else -1
+
+    out = max(pool, key=width)  # first of the widest
+    return LogitsChoice(_below_squashers(index, out)[0], out, "the widest output", candidates)
 
 
 # ---------------------------------------------------------------------------
@@ -325,6 +616,7 @@ class ForwardGraph:
     dtypes: dict[str, int] = field(default_factory=dict)   # onnx.TensorProto element types
     producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
     consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
+    logits: LogitsChoice | None = None            # how ``entry`` was chosen
     _nonneg: dict[str, bool] = field(default_factory=dict)
 
     @property
@@ -361,40 +653,10 @@ class ForwardGraph:
         return None if any(d is None for d in dims) else dims
 
     def nonneg(self, name: str) -> bool:
-        """True where the builder can prove the tensor is >= 0 for every input."""
-        if name not in self._nonneg:
-            self._nonneg[name] = False  # cycles cannot happen in a DAG; guards recursion
-            self._nonneg[name] = self._prove_nonneg(name)
-        return self._nonneg[name]
+        """True where the tensor is provably >= 0 for every input (from the rules' declarations)."""
+        from .rules import proves_nonneg
 
-    def _prove_nonneg(self, name: str) -> bool:
-        if name in self.consts:
-            return bool(np.all(self.consts[name] >= 0))
-        node = self.producer.get(name)
-        if node is None:
-            return False  # a graph input: pixels may be signed
-        op = node.op_type
-        if op in ("Relu", "Softmax", "Sigmoid", "Abs", "Exp", "Softplus", "HardSigmoid"):
-            return True
-        if op == "Clip":
-            lo = node.input[1] if len(node.input) > 1 and node.input[1] else None
-            if lo is None:
-                lo_attr = next((a.f for a in node.attribute if a.name == "min"), None)
-                return lo_attr is not None and lo_attr >= 0
-            return lo in self.consts and float(self.consts[lo]) >= 0
-        if op in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Flatten", "Reshape",
-                  "Identity", "Dropout", "Squeeze", "Unsqueeze", "Transpose", "Pad", "Concat",
-                  "Add", "Sum", "Mul", "Max", "ReduceMean", "ReduceSum", "ReduceMax", "LRN"):
-            if op in ("Reshape", "Squeeze", "Unsqueeze"):
-                data = [node.input[0]]
-            elif op == "Pad":
-                data = [node.input[0]] + ([node.input[2]] if len(node.input) > 2 and node.input[2] else [])
-            elif op in ("ReduceMean", "ReduceSum", "ReduceMax"):
-                data = [node.input[0]]
-            else:
-                data = [i for i in node.input if i]
-            return all(self.nonneg(i) for i in data)
-        return False
+        return proves_nonneg(self, name)
 
 
 def _shape_of(value_info) -> tuple | None:
@@ -404,27 +666,10 @@ def _shape_of(value_info) -> tuple | None:
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in t.tensor_type.shape.dim)
 
 
-def find_entry(model: onnx.ModelProto, output: str | None = None) -> str:
-    """The logits tensor: the chosen (or first) graph output, below a trailing Softmax."""
-    outputs = [o.name for o in model.graph.output]
-    if output is None:
-        name = outputs[0]
-    elif output in outputs or any(output in n.output for n in model.graph.node):
-        name = output
-    else:
-        raise ExciteError(f"output {output!r} is not a tensor of the model (outputs: {', '.join(outputs)})")
-    producer = {o: n for n in model.graph.node for o in n.output}
-    # walk down through shape-only ops to a squashing op (Softmax ...): the logits are its input
-    t, node = name, producer.get(name)
-    while node is not None and node.op_type in OUTPUT_SQUASHERS | _SHAPE_ONLY:
-        t = node.input[0]
-        if node.op_type in OUTPUT_SQUASHERS:
-            name = t
-        node = producer.get(t)
-    return name
-
-
-def make_view(model: onnx.ModelProto, entry: str) -> ForwardGraph:
+def make_view(model: onnx.ModelProto, logits: LogitsChoice | str) -> ForwardGraph:
+    if isinstance(logits, str):
+        logits = LogitsChoice(logits, logits, "given")
+    index = GraphIndex(model.graph)
     consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     shapes: dict[str, tuple] = {}
     dtypes: dict[str, int] = {name: onnx.helper.np_dtype_to_tensor_dtype(a.dtype) for name, a in consts.items()}
@@ -436,15 +681,8 @@ def make_view(model: onnx.ModelProto, entry: str) -> ForwardGraph:
             dtypes[vi.name] = vi.type.tensor_type.elem_type
     for name, arr in consts.items():
         shapes[name] = tuple(arr.shape)
-    producer, consumers = {}, {}
-    for node in model.graph.node:
-        for o in node.output:
-            producer[o] = node
-        for i in node.input:
-            if i:
-                consumers.setdefault(i, []).append(node)
-    return ForwardGraph(model=model, entry=entry, consts=consts, shapes=shapes, dtypes=dtypes,
-                        producer=producer, consumers=consumers)
+    return ForwardGraph(model=model, entry=logits.tensor, consts=consts, shapes=shapes, dtypes=dtypes,
+                        producer=index.producer, consumers=index.consumers, logits=logits)
 
 
 def fix_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int | None]]) -> onnx.ModelProto:
@@ -463,12 +701,13 @@ def fix_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence
     return model
 
 
-def canonicalize(model, output: str | None = None, input_shapes: Mapping | None = None) -> ForwardGraph:
-    """Load ``model`` (path or proto) into a private copy and canonicalize it."""
+def canonicalize(model, logits: str | None = None, input_shapes: Mapping | None = None,
+                 output: str | None = None) -> ForwardGraph:
+    """Load ``model`` (path or proto) into a private copy, canonicalize it and resolve the
+    logits (``logits``: a tensor name; ``output`` is its older alias)."""
     proto = load_model(model)
     if input_shapes:
         proto = fix_input_shapes(proto, input_shapes)
     for run_pass in PASSES:
         proto = run_pass(proto)
-    entry = find_entry(proto, output)
-    return make_view(proto, entry)
+    return make_view(proto, resolve_logits(proto, logits if logits is not None else output))

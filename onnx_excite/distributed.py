@@ -266,39 +266,26 @@ def _unpack(data: bytes, shape, dtype) -> np.ndarray:
 # ---------------------------------------------------------------------------
 # explain
 # ---------------------------------------------------------------------------
-def _record_complete(rec: dict, opts, layers) -> bool:
-    if rec.get("model") != opts.model or rec.get("rule") != opts.rule or rec.get("layers") != list(layers) \
-            or rec.get("methods") != list(opts.methods) or not rec.get("outputs"):
-        return False
-    return all(Path(o[k]).is_file() for o in rec["outputs"] for k in ("map", "map_image", "overlay", "panel") if k in o)
-
-
-def read_records(path: Path) -> list:
-    """The JSON records of an explanations.jsonl; a truncated last line (an interrupted write) is ignored."""
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
-
-
 def _decode_for_explain(row: dict, setup) -> dict:
     out = {"index": row["index"], "path": row["path"], "error": "", "pixels": b"", "pixels_shape": [0],
-           "x": b"", "x_shape": [0], "x_dtype": "float32"}
+           "x": b"", "x_shape": [0], "x_dtype": "float32", "prepared": b""}
     try:
         img = load_any_image(row["path"])
     except ExciteError as exc:
         out["error"] = str(exc)
         return out
-    arr, _ = setup.preprocess(img)
+    arr, prepared = setup.preprocess(img)
     pixels = np.asarray(img, dtype=np.uint8)
     out.update(pixels=pixels.tobytes(), pixels_shape=list(pixels.shape), x=arr.tobytes(), x_shape=list(arr.shape),
-               x_dtype=str(arr.dtype))
+               x_dtype=str(arr.dtype), prepared=pickle.dumps(prepared))
     return out
+
+
+class _NoStore:
+    """A worker stores nothing: the driver's :class:`~onnx_excite.records.RecordStore` writes the records."""
+
+    def put(self, record: dict) -> None:
+        pass
 
 
 class ExplainActor:
@@ -312,43 +299,37 @@ class ExplainActor:
 
         setup, opts, input_paths = ray.get(shipped[0])
         self.setup, self.opts = setup, opts
-        self.threads = threads
-        self.run = _Run(setup.model, setup.layers, opts, setup.class_names, input_paths)
-        self.run.exciter = self._exciter
-
-    def _exciter(self, shape):
-        run = self.run
-        if shape not in run.exciters:
-            from .canonicalize import first_input_name
-            from .runtime import Exciter
-
-            run.exciters[shape] = Exciter(run.model, run.layers, methods=self.opts.methods, rule=self.opts.rule,
-                                          input_shapes={first_input_name(run.model): [None, *shape]},
-                                          threads=self.threads)
-        return run.exciters[shape]
+        self.run = _Run(setup.model, setup.layers, opts, setup.class_names, input_paths, setup.style, _NoStore(),
+                        setup.settings, threads=threads)
 
     def __call__(self, batch: dict) -> dict:
         from PIL import Image
 
-        from .images import Prepared, resized_size
-
         n = len(batch["index"])
         records, errors = [""] * n, [str(e) for e in batch["error"]]
         written = [0] * n
+        meta = [""] * n
         pending: list = []
 
         def flush():
             if not pending:
                 return
-            before = len(self.run.summary.records)
-            w0 = self.run.summary.written
-            self.run.batch([item for _, item in pending])
-            new = self.run.summary.records[before:]
-            per = (self.run.summary.written - w0) // len(pending)
-            for (i, _), rec in zip(pending, new):
-                records[i] = json.dumps(rec)
-                written[i] = per
-            del self.run.summary.records[before:]
+            run = self.run
+            before, w0, f0 = len(run.summary.records), run.summary.written, len(run.failures)
+            run.batch([item for _, item in pending])
+            new = {rec["image"]: rec for rec in run.summary.records[before:]}
+            per = (run.summary.written - w0) // max(1, len(new))
+            reason = run.failures[-1] if len(run.failures) > f0 else "not explained"
+            choice = run.summary.logits_choice
+            info = json.dumps({"providers": list(run.summary.providers),
+                               "logits": None if choice is None else pickle.dumps(choice).hex()})
+            for i, (path, *_rest) in pending:
+                rec = new.get(str(path))
+                if rec is None:
+                    errors[i] = reason
+                else:
+                    records[i], written[i], meta[i] = json.dumps(rec), per, info
+            del run.summary.records[before:]
             pending.clear()
 
         for i in range(n):
@@ -358,39 +339,49 @@ class ExplainActor:
             path = UriPath(raw) if is_uri(raw) else Path(raw)
             img = Image.fromarray(_unpack(batch["pixels"][i], batch["pixels_shape"][i], "uint8"), "RGB")
             arr = _unpack(batch["x"][i], batch["x_shape"][i], batch["x_dtype"][i])
-            prepared = Prepared(img.size, resized_size(img.size, self.setup.size, self.setup.profile.resize))
+            prepared = pickle.loads(batch["prepared"][i])
             if pending and (len(pending) == self.opts.batch_size or pending[0][1][2].shape != arr.shape):
                 flush()
             pending.append((i, (path, img, arr, prepared)))
         flush()
         return {"index": np.asarray(batch["index"]), "record": np.asarray(records, dtype=object),
-                "error": np.asarray(errors, dtype=object), "written": np.asarray(written)}
+                "error": np.asarray(errors, dtype=object), "written": np.asarray(written),
+                "meta": np.asarray(meta, dtype=object)}
 
 
 def explain_on_ray(inputs: Sequence, opts, settings: RaySettings, on_error: Optional[Callable[[str, str], None]] = None,
-                   _actor_cls=ExplainActor):
+                   warn=None, _actor_cls=ExplainActor):
     """Explain every readable image on Ray; returns (ExplainSummary, RunStats).
 
     The output files and the records of ``explanations.jsonl`` are those of
-    :func:`explain.explain_files` with the same options (records in input order); images whose
-    record and output files are already there (same model, rule, layers, methods) are skipped."""
-    from .explain import ExplainSummary, explain_setup
+    :func:`explain.explain_files` with the same options (the same
+    :class:`~onnx_excite.records.RecordStore`, written by the driver as records arrive and put
+    in input order at the end); images whose record with the same settings and all its output
+    files are already there are skipped."""
+    from .checks import output_dir
+    from .explain import ExplainSummary, explain_setup, warn_if_large
+    from .records import RecordStore
 
     t0 = time.perf_counter()
     settings.check()
-    setup = explain_setup(opts)
+    setup = explain_setup(opts, warn)
     files = list_inputs(inputs)
     if not files:
         raise ExciteError("no input images found")
-    out_dir = Path(opts.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    jsonl = out_dir / "explanations.jsonl"
-    previous = read_records(jsonl)
+    warn_if_large(len(files), setup, opts, warn)
+    out_dir = output_dir(opts.out_dir)
+    opts = dataclasses.replace(opts, out_dir=out_dir)
+    store = RecordStore(out_dir)
     names = [str(f) for f in files]
-    done_before = {r["image"]: r for r in previous if _record_complete(r, opts, setup.layers)}
+    summary = ExplainSummary(input_size=setup.input_size)
+    done_before = {}
+    for n in names:
+        rec = store.done(n, setup.settings)
+        if rec is not None:
+            done_before[n] = rec
     todo = [i for i, n in enumerate(names) if n not in done_before]
     stats = RunStats(images=len(files), resumed=len(files) - len(todo))
-    summary = ExplainSummary()
+    summary.skipped = stats.resumed
     new: dict = {}
     if todo:
         ray = connect(settings)
@@ -404,33 +395,32 @@ def explain_on_ray(inputs: Sequence, opts, settings: RaySettings, on_error: Opti
         ds = ds.map_batches(_actor_cls, fn_constructor_args=([shipped], max(1, int(settings.cpus_per_actor))),
                             **_actor_args(settings))
 
-        with jsonl.open("a", encoding="utf-8") as fh:
-            if jsonl.stat().st_size and not jsonl.read_bytes().endswith(b"\n"):
-                fh.write("\n")   # after a line cut short by an interruption
-            def on_row(row):
-                name = names[int(row["index"])]
-                if row["error"]:
-                    stats.failed += 1
-                    stats.errors.append((name, str(row["error"])))
-                    if on_error:
-                        on_error(name, str(row["error"]))
-                    return
-                new[name] = row["record"]
-                fh.write(row["record"] + "\n")
-                fh.flush()
-                summary.written += int(row["written"])
-                stats.done += 1
+        def on_row(row):
+            name = names[int(row["index"])]
+            if row["error"]:
+                stats.failed += 1
+                stats.errors.append((name, str(row["error"])))
+                if on_error:
+                    on_error(name, str(row["error"]))
+                return
+            rec = json.loads(row["record"])
+            new[name] = rec
+            store.put(rec)   # on disk now: an interrupted run keeps what finished
+            summary.written += int(row["written"])
+            if row["meta"]:
+                info = json.loads(row["meta"])
+                summary.providers = info["providers"]
+                if info["logits"]:
+                    summary.logits_choice = pickle.loads(bytes.fromhex(info["logits"]))
+            stats.done += 1
 
-            _collect(ds, on_row)
-    # the final file: earlier records of other images first, then this job's inputs in order
-    keep = [json.dumps(r) for r in previous if r["image"] not in set(names)]
-    ordered = keep + [new[n] if n in new else json.dumps(done_before[n]) for n in names if n in new or n in done_before]
-    if ordered:
-        tmp = jsonl.with_name(jsonl.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in ordered), encoding="utf-8")
-        tmp.replace(jsonl)
+        _collect(ds, on_row)
+    # the final file: records of other images first, then this job's inputs in input order
+    if new:
+        store.reorder([n for n in names if n in new or n in done_before], setup.settings)
+    if new or done_before:
         summary.written += 1
-    summary.records = [json.loads(new[n]) for n in names if n in new]
+    summary.records = [new[n] if n in new else done_before[n] for n in names if n in new or n in done_before]
     summary.failed = stats.failed
     stats.seconds = time.perf_counter() - t0
     return summary, stats

@@ -30,13 +30,23 @@ class ExplainOptions:
     batch_size: int = 8
     combine: bool = False      # several targets as one multi-hot signal instead of one map each
     colorbar: bool = True      # a colour bar beside each overlay
+    scale: str = "shared"      # "max": each map by its own maximum; "shared": one per method and layer across an image's targets
+    alpha: float = 0.5         # weight of the heat map in the overlay
+    cmap: str = "jet"          # colour map (matplotlib's names when it is installed)
+    full_res: bool = False     # image-space maps and overlays at the photo's full size (else long side <= 1600)
+    logits: str | None = None  # the output explained (default: resolve_logits chooses)
+    device: str = "auto"       # cpu | cuda | auto (see onnx_excite.devices)
 
 
 @dataclass
 class ExplainSummary:
     written: int = 0
     failed: int = 0
+    skipped: int = 0           # images whose outputs were already complete (same settings)
     records: list = field(default_factory=list)
+    input_size: tuple | None = None   # (width, height) fed to the model, when all images share one
+    logits_choice: object = None   # canonicalize.LogitsChoice: which output was explained, and why
+    providers: list = field(default_factory=list)   # the ONNX Runtime providers really used
 
 
 def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
@@ -70,18 +80,16 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "layer"
 
 
-def resolve_model(name: str):
-    """(model path or proto, profile) for a path or 'default'."""
+def resolve_model(name: str, fully_conv: bool = True):
+    """(model path or proto, profile) for a path or 'default'. A model with a fixed input
+    size gets its dense head made fully convolutional when ``fully_conv`` (any image size),
+    else it is returned as it is, with a "square" profile at its declared size."""
     from onnx_excite.models import profiles
 
-    if name == "default":
-        from onnx_excite.models import mobilenet_v2
+    from onnx_excite.models.default import is_default, model_profile, resolve_model_path
 
-        try:
-            path = mobilenet_v2.load_default_model()
-        except mobilenet_v2.ModelUnavailableError as exc:
-            raise ExciteError(str(exc)) from None
-        return str(path), profiles.PROFILES["mobilenet_v2"]
+    if is_default(name):
+        return resolve_model_path(name), model_profile(name)
     from .canonicalize import load_model
     from .fullyconv import convert_dense_head
 
@@ -89,6 +97,8 @@ def resolve_model(name: str):
     profile = profiles.profile_for_model(proto)
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     static = len(dims) == 4 and all(d.HasField("dim_value") for d in dims[2:])
+    if static and not fully_conv:
+        return name, profile
     if static:
         # a Flatten -> Gemm head turned into convolutions: any image size, any aspect ratio
         converted, ok = convert_dense_head(proto)
@@ -99,29 +109,56 @@ def resolve_model(name: str):
 
 
 def parse_targets(targets: Sequence[str], class_names: list[str] | None, k: int) -> list[int]:
-    out = []
-    for t in targets:
-        t = str(t).strip()
-        if t.lstrip("-").isdigit():
-            idx = int(t)
-        else:
-            names = [n.split(",")[0].strip().lower() for n in (class_names or [])]
-            full = [n.lower() for n in (class_names or [])]
-            if t.lower() in names:
-                idx = names.index(t.lower())
-            elif t.lower() in full:
-                idx = full.index(t.lower())
-            else:
-                raise ExciteError(f"unknown class name {t!r}" + ("" if class_names else " (the model has no class names; give an index)"))
-        if not 0 <= idx < k:
-            raise ExciteError(f"target class {idx} out of range 0..{k - 1}")
-        out.append(idx)
-    return out
+    """Class indices of ``targets`` (indices, descriptions or synonyms; see ``classes.class_index``)."""
+    from .classes import class_index
+
+    return [class_index(t, class_names, k) for t in targets]
+
+
+def _settings(opts: ExplainOptions, layers, resize: str, size, mean, std) -> dict:
+    """What a record depends on: a re-run with the same settings skips finished images."""
+    return {"model": str(opts.model), "layers": list(layers), "methods": list(opts.methods), "rule": opts.rule,
+            "targets": [str(t) for t in opts.targets] or None, "top": None if opts.targets else opts.top,
+            "combine": bool(opts.combine), "resize": resize, "size": list(size) if isinstance(size, tuple) else size,
+            "mean": list(mean), "std": list(std), "scale": opts.scale, "alpha": float(opts.alpha), "cmap": opts.cmap,
+            "colorbar": bool(opts.colorbar), "full_res": bool(opts.full_res)}
+
+
+def _model_header(path):
+    """The model's graph without its external weights (inputs, outputs, shapes)."""
+    import onnx
+
+    from .canonicalize import load_model
+
+    if isinstance(path, onnx.ModelProto):
+        return path
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return load_model(path)   # raises the one-line error for unreadable files
+
+
+def _validate(opts: ExplainOptions):
+    """Option values, before anything is loaded or written."""
+    from .checks import at_least
+    from .render import SCALES, Style
+
+    at_least(opts.top, 1, "--top")
+    at_least(opts.batch_size, 1, "--batch-size")
+    if opts.size is not None:
+        at_least(opts.size, 1, "--size")
+    if opts.scale not in SCALES:
+        raise ExciteError(f"--scale must be one of {', '.join(SCALES)}, not {opts.scale!r}")
+    methods = [m for m in opts.methods if m not in ("mwp", "cmwp")]
+    if methods or not opts.methods:
+        raise ExciteError(f"unknown method {methods[0] if methods else '(none)'!r}; use mwp and/or cmwp")
+    return Style(cmap=opts.cmap, alpha=opts.alpha, colorbar=opts.colorbar, full_res=opts.full_res)
 
 
 @dataclass
 class ExplainSetup:
-    """The resolved model, layers and preprocessing of an explain job (plain, picklable data)."""
+    """The resolved model, layers, preprocessing, rendering and record settings of an explain
+    job (plain, picklable data: the Ray workers get it as it is)."""
 
     model: object            # a path or a ModelProto (a dense head made fully convolutional)
     profile: object
@@ -129,82 +166,161 @@ class ExplainSetup:
     class_names: list | None
     mean: tuple
     std: tuple
-    size: int
+    scale: float             # pixel scale of the preprocessing
+    resize: str              # "exact" (the model's fixed size), "shorter" or "square"
+    size: object             # an int, or (width, height) with resize "exact"
+    layout: str
+    style: object            # render.Style
+    per_image: int           # maps per image and method and layer (classes explained)
+    settings: dict = field(default_factory=dict)   # what a record depends on (RecordStore key)
 
     def preprocess(self, img):
         """(model input array, Prepared geometry) of one decoded image."""
         from .images import preprocess
 
-        p = self.profile
-        return preprocess(img, size=self.size, resize=p.resize, crop=None, mean=self.mean, std=self.std,
-                          scale=p.scale, channel_order=p.channel_order, layout=p.layout)
+        return preprocess(img, size=self.size, resize=self.resize, crop=None, mean=self.mean, std=self.std,
+                          scale=self.scale, channel_order=self.profile.channel_order, layout=self.layout)
+
+    @property
+    def input_size(self):
+        """(width, height) fed to the model when every image gets the same, else None."""
+        return tuple(self.size) if self.resize == "exact" else None
 
 
-def explain_setup(opts: ExplainOptions) -> ExplainSetup:
-    model, profile = resolve_model(opts.model)
+def explain_setup(opts: ExplainOptions, warn=None) -> ExplainSetup:
+    """Check the options and resolve the model, its input size, layers and preprocessing
+    (before any image is read or any file written). ``warn(message)`` receives warnings."""
+    from .checks import float_list
+    from .devices import providers_for
+    from .modelinput import declared_input, num_classes
+
+    providers_for(opts.device)   # --device cuda without CUDA: fail before any work
+    style = _validate(opts)
+    warn = warn or (lambda message: None)
+    model, profile = resolve_model(opts.model, fully_conv=False)   # a path: the model as it is
+    header = _model_header(model)
+    declared = declared_input(header)
+    fixed = declared.fixed_size
+    if fixed and opts.size is not None:   # --size on a fixed-size model: its head made fully convolutional
+        model, profile = resolve_model(opts.model)
+    if fixed and opts.size is None:
+        resize, size = "exact", fixed    # the size the model was made for
+    elif fixed:
+        if profile.resize == "square":   # the head could not be made fully convolutional
+            raise ExciteError(f"the model's input is fixed at {fixed[1]}x{fixed[0]} and its head cannot be made "
+                              f"fully convolutional: drop --size")
+        warn(f"the model declares a fixed {fixed[1]}x{fixed[0]} input; --size {opts.size} runs it at a size "
+             f"it was not trained for (its dense head made fully convolutional)")
+        resize, size = "shorter", int(opts.size)
+    else:
+        # maps must cover the whole image: no crop; the shorter side at 224 (any aspect ratio)
+        resize, size = ("shorter", int(opts.size or 224)) if profile.resize == "shorter" else ("square", int(opts.size or profile.input_size))
     layers = opts.layers or list(profile.default_layers)
     if not layers:
         raise ExciteError("no layer given and the model has no profile default: pass --layer (see `onnx-excite layers MODEL`)")
-    if opts.batch_size < 1:
-        raise ExciteError("--batch-size must be at least 1")
+    channels = len(profile.mean)
+    if declared.integer:
+        if opts.mean is not None or opts.std is not None:
+            raise ExciteError(f"the model takes {declared.dtype.name} pixels and normalises them itself: "
+                              f"--mean/--std do not apply")
+        mean, std, scale = (0.0,) * channels, (1.0,) * channels, 1.0
+    else:
+        mean = float_list(opts.mean, "--mean", length=channels, default=profile.mean)
+        std = float_list(opts.std, "--std", length=channels, positive=True, default=profile.std)
+        scale = profile.scale
     class_names = profile.load_class_names() if profile.class_names else None
-    mean, std = _floats(opts.mean, profile.mean), _floats(opts.std, profile.std)
-    # maps must cover the whole image: no crop; fully convolutional models get the
-    # shorter side at 224 (any aspect ratio), fixed-size models their own square size
-    size = opts.size or (224 if profile.resize == "shorter" else profile.input_size)
-    return ExplainSetup(model, profile, layers, class_names, mean, std, size)
+    k = len(class_names) if class_names else num_classes(header)
+    per_image = len(opts.targets) if opts.targets and not opts.combine else (1 if opts.targets else opts.top)
+    if not opts.targets and k is not None and opts.top > k:
+        raise ExciteError(f"--top {opts.top}: the model has only {k} classes")
+    return ExplainSetup(model, profile, layers, class_names, tuple(mean), tuple(std), scale, resize, size,
+                        declared.layout, style, per_image, _settings(opts, layers, resize, size, mean, std))
 
 
-def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, errors=None) -> ExplainSummary:
-    """Explain every readable image; unreadable ones are reported and counted, the rest go on."""
+def warn_if_large(n_files: int, setup: ExplainSetup, opts: ExplainOptions, warn) -> None:
+    """Warn before a job that writes very many files."""
+    maps_total = n_files * setup.per_image * len(opts.methods) * len(setup.layers)
+    if warn is not None and (setup.per_image > 10 or maps_total > 2000):
+        warn(f"{n_files} image(s) x {setup.per_image} classes x {len(opts.methods)} method(s) x {len(setup.layers)} "
+             f"layer(s): {maps_total} maps, each with its .npy files and overlay, plus {n_files * setup.per_image} panels")
+
+
+def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, errors=None, warn=None,
+                  on_record=None) -> ExplainSummary:
+    """Explain every readable image; unreadable ones (and batches ONNX Runtime rejects) are
+    reported and counted, the rest go on.
+
+    Each image's record is stored in ``out_dir/explanations.jsonl`` as soon as it is done
+    (:class:`onnx_excite.records.RecordStore`): a run that stops half way keeps what it
+    finished, and a re-run with the same settings skips images whose outputs all exist
+    instead of appending duplicates. ``warn(message)`` receives warnings (a size override,
+    a very large output); ``on_record(record, skipped)`` each image's record as it is done.
+    """
+    from .checks import output_dir
     from .images import load_image
+    from .records import RecordStore
 
-    setup = explain_setup(opts)
-    model, layers, class_names = setup.model, setup.layers, setup.class_names
+    setup = explain_setup(opts, warn)
     files = expand_inputs(inputs)
     if not files:
         raise ExciteError("no input images found")
-    opts.out_dir.mkdir(parents=True, exist_ok=True)
-    run = _Run(model, layers, opts, class_names, {p.resolve() for p in files})
+    warn_if_large(len(files), setup, opts, warn)
+    per_image, settings = setup.per_image, setup.settings
+    out_dir = output_dir(opts.out_dir)
+    opts = dataclasses.replace(opts, out_dir=out_dir)
+    store = RecordStore(out_dir)
+    run = _Run(setup.model, setup.layers, opts, setup.class_names, {p.resolve() for p in files}, setup.style, store,
+               settings, on_record)
+    run.summary.input_size = setup.input_size
 
     pending: list = []
-    with _progress(console, len(files)) as advance:
+    with _progress(console, len(files) * per_image, per_image) as advance:
+        def flush():
+            run.batch(pending, advance)
+            pending.clear()
+
         for path in files:
+            done = store.done(path, settings)
+            if done is not None:
+                run.summary.skipped += 1
+                run.summary.records.append(done)
+                if on_record is not None:
+                    on_record(done, True)
+                advance(per_image)
+                continue
             try:
                 img = load_image(path)
             except ExciteError as exc:
                 run.summary.failed += 1
                 if errors is not None:
                     errors.print(f"error: {exc}", markup=False)
-                advance()
+                advance(per_image)
                 continue
             arr, prepared = setup.preprocess(img)
             if pending and (len(pending) == opts.batch_size or pending[0][2].shape != arr.shape):
-                run.batch(pending)
-                advance(len(pending))
-                pending = []
+                flush()
             pending.append((path, img, arr, prepared))
         if pending:
-            run.batch(pending)
-            advance(len(pending))
+            flush()
+    for message in run.failures:
+        if errors is not None:
+            errors.print(f"error: {message}", markup=False)
     if run.summary.records:
-        with (opts.out_dir / "explanations.jsonl").open("a") as fh:
-            for rec in run.summary.records:
-                fh.write(json.dumps(rec) + "\n")
-        run.summary.written += 1
+        run.summary.written += 1   # explanations.jsonl
     return run.summary
 
 
 class _progress:
-    """A rich progress bar for more than a few images; a no-op otherwise."""
+    """A rich progress bar (one step per image and class) for more than a few steps; a no-op otherwise."""
 
-    def __init__(self, console, total: int):
+    def __init__(self, console, total: int, per_image: int = 1):
         self.bar = None
         if console is not None and total > 3:
             from rich.progress import Progress
 
             self.bar = Progress(console=console, transient=True)
-            self.task = self.bar.add_task("explaining", total=total)
+            self.task = self.bar.add_task("explaining" if per_image == 1 else f"explaining ({per_image} classes per image)",
+                                          total=total)
 
     def __enter__(self):
         if self.bar is not None:
@@ -219,11 +335,14 @@ class _progress:
 class _Run:
     """One explain job: an Exciter per input size, outputs per image, target and method."""
 
-    def __init__(self, model, layers, opts: ExplainOptions, class_names, input_paths):
-        self.model, self.layers, self.opts = model, layers, opts
+    def __init__(self, model, layers, opts: ExplainOptions, class_names, input_paths, style, store, settings,
+                 on_record=None, threads=None):
+        self.model, self.layers, self.opts, self.threads = model, layers, opts, threads
         self.class_names, self.input_paths = class_names, input_paths
+        self.style, self.store, self.settings, self.on_record = style, store, settings, on_record
         self.summary = ExplainSummary()
         self.exciters: dict = {}
+        self.failures: list[str] = []
 
     def exciter(self, shape):
         if shape not in self.exciters:  # one companion graph per input size, with static shapes
@@ -231,7 +350,11 @@ class _Run:
             from .runtime import Exciter
 
             self.exciters[shape] = Exciter(self.model, self.layers, methods=self.opts.methods, rule=self.opts.rule,
-                                           input_shapes={first_input_name(self.model): [None, *shape]})
+                                           logits=self.opts.logits,
+                                           input_shapes={first_input_name(self.model): [None, *shape]},
+                                           device=self.opts.device, threads=self.threads)
+            self.summary.logits_choice = self.exciters[shape].built.logits_choice
+            self.summary.providers = self.exciters[shape].providers
         return self.exciters[shape]
 
     def target_sets(self, logits: np.ndarray) -> list[list[tuple]]:
@@ -241,59 +364,134 @@ class _Run:
             chosen = parse_targets(self.opts.targets, self.class_names, k)
             sets = [tuple(chosen)] if self.opts.combine else [(t,) for t in chosen]
             return [sets] * logits.shape[0]
+        if self.opts.top > k:
+            raise ExciteError(f"--top {self.opts.top}: the model has only {k} classes")
         return [[(int(t),) for t in np.argsort(-row)[: self.opts.top]] for row in logits]
 
     def label(self, classes: tuple) -> str:
         names = [self.class_names[c].split(",")[0] if self.class_names else str(c) for c in classes]
         return " + ".join(names)
 
-    def batch(self, items) -> None:
-        from . import maps
-
+    def batch(self, items, advance=lambda n=1: None) -> None:
+        """Explain one batch and store each image's record; a batch ONNX Runtime rejects is
+        counted as failed (the run goes on); a file that cannot be written stops the run."""
         x = np.stack([arr for _, _, arr, _ in items])
-        ex = self.exciter(x.shape[1:])
-        logits = ex.logits(x)
-        sets = self.target_sets(logits)
-        records = [{"image": str(path), "model": self.opts.model, "rule": self.opts.rule, "layers": self.layers,
-                    "methods": list(self.opts.methods), "top5": _topk(logits[i], self.class_names, 5), "outputs": []}
-                   for i, (path, _, _, _) in enumerate(items)]
-        for j in range(len(sets[0])):
-            signal = np.zeros_like(logits, dtype=np.float32)
-            for i in range(len(items)):
-                signal[i, list(sets[i][j])] = 1.0
-            res = ex.explain(x, signal)
-            for i, (path, img, _, prepared) in enumerate(items):
-                classes = sets[i][j]
-                tag = "+".join(str(c) for c in classes)
-                panel_maps = []
-                for method in self.opts.methods:
-                    for layer in self.layers:
-                        m = res.maps[method][layer][i]
-                        up = maps.to_image_space(m, prepared)
-                        stem = f"{path.stem}.{tag}.{method}.{safe_name(layer)}"
-                        written = {"map": self.opts.out_dir / f"{stem}.npy",
-                                   "map_image": self.opts.out_dir / f"{stem}.image.npy",
-                                   "overlay": self.opts.out_dir / f"{stem}.png"}
-                        self._check_not_input(written.values())
-                        np.save(written["map"], m)
-                        np.save(written["map_image"], up)
-                        maps.overlay(img, up, colorbar=self.opts.colorbar).save(written["overlay"])
-                        self.summary.written += len(written)
-                        panel_maps.append((f"{method} {layer}", up))
-                        records[i]["outputs"].append({"targets": list(classes), "label": self.label(classes),
-                                                      "method": method, "layer": layer,
-                                                      **{k: str(v) for k, v in written.items()}})
-                panel_path = self.opts.out_dir / f"{path.stem}.{tag}.panel.png"
-                self._check_not_input([panel_path])
-                maps.panel(img, panel_maps).save(panel_path)
-                self.summary.written += 1
-                for out in records[i]["outputs"][-len(panel_maps):]:
-                    out["panel"] = str(panel_path)
-        self.summary.records.extend(records)
+        try:
+            ex = self.exciter(x.shape[1:])
+            logits = ex.logits(x)
+            if not np.isfinite(logits).all():
+                raise ExciteError("the model's outputs are NaN or infinite for this input")
+            sets = self.target_sets(logits)
+            probs = _softmax(logits)
+            records = [self._record(path, logits[i]) for i, (path, _, _, _) in enumerate(items)]
+            results = []
+            for j in range(len(sets[0])):
+                signal = np.zeros_like(logits, dtype=np.float32)
+                for i in range(len(items)):
+                    signal[i, list(sets[i][j])] = 1.0
+                results.append(ex.explain(x, signal))
+        except ExciteError as exc:
+            if self.opts.targets and "class" in str(exc):
+                raise          # a bad --target fails the same way for every image
+            names = ", ".join(p.name for p, *_ in items)
+            self.failures.append(f"{names}: {exc}")
+            self.summary.failed += len(items)
+            advance(len(items) * max(1, len(self.opts.targets) if self.opts.targets and not self.opts.combine
+                                     else 1 if self.opts.targets else self.opts.top))
+            return
+        for i, (path, img, _, prepared) in enumerate(items):
+            try:
+                self._write_image(i, path, img, prepared, sets[i], results, probs[i], records[i], advance)
+            except OSError as exc:
+                raise ExciteError(f"cannot write the outputs of {path.name} to {self.opts.out_dir}: "
+                                  f"{exc.strerror or type(exc).__name__}") from None
+            self.store.put(records[i])
+            self.summary.records.append(records[i])
+            if self.on_record is not None:
+                self.on_record(records[i], False)
+
+    def _record(self, path, logits_row) -> dict:
+        return {"image": str(path), "model": self.opts.model, "rule": self.opts.rule, "layers": self.layers,
+                "methods": list(self.opts.methods), "top5": _topk(logits_row, self.class_names, 5),
+                "settings": self.settings, "outputs": []}
+
+    def _write_image(self, i, path, img, prepared, sets, results, probs, record, advance) -> None:
+        from . import maps
+        from .render import display_size, labelled_overlay, map_max, panel_grid
+
+        # image-space maps: clipped at 0 (bicubic overshoot), at display resolution unless full_res
+        store_size = img.size if self.opts.full_res else display_size(img.size, min_side=1)
+        store_info = dataclasses.replace(prepared, original_size=store_size) if store_size != img.size else prepared
+        images = {}
+        for j in range(len(sets)):
+            for method in self.opts.methods:
+                for layer in self.layers:
+                    images[j, method, layer] = np.maximum(maps.to_image_space(results[j].maps[method][layer][i],
+                                                                              store_info), 0)
+        vmax = {}
+        for key, up in images.items():
+            group = (key[1], key[2]) if self.opts.scale == "shared" else key
+            vmax[group] = max(vmax.get(group, 0.0), map_max(up))
+        bar_label = "excitation (shared scale)" if self.opts.scale == "shared" and len(sets) > 1 else "excitation"
+        all_tiles = []
+        for j, classes in enumerate(sets):
+            tag = "+".join(str(c) for c in classes)
+            prob = float(sum(probs[c] for c in classes))
+            head = f"{self.label(classes)}  p={prob:.2f}"
+            tiles = []
+            for method in self.opts.methods:
+                for layer in self.layers:
+                    m = results[j].maps[method][layer][i]
+                    up = images[j, method, layer]
+                    v = vmax[(method, layer) if self.opts.scale == "shared" else (j, method, layer)]
+                    stem = f"{path.stem}.{tag}.{method}.{safe_name(layer)}"
+                    written = {"map": self.opts.out_dir / f"{stem}.npy",
+                               "map_image": self.opts.out_dir / f"{stem}.image.npy",
+                               "overlay": self.opts.out_dir / f"{stem}.png"}
+                    self._check_not_input(written.values())
+                    caption = [head, f"{_METHOD_NAMES.get(method, method)} · {layer} · {self.opts.rule} rule"]
+                    np.save(written["map"], m)
+                    np.save(written["map_image"], up.astype(np.float16))
+                    labelled_overlay(img, up, caption, self.style, v, bar_label).save(written["overlay"])
+                    self.summary.written += len(written)
+                    tiles.append(([f"{_METHOD_NAMES.get(method, method)} · {layer}"], up, v))
+                    all_tiles.append(([head, f"{_METHOD_NAMES.get(method, method)} · {layer}"], up, v))
+                    record["outputs"].append({"targets": list(classes), "label": self.label(classes),
+                                              "prob": prob, "method": method, "layer": layer, "vmax": v,
+                                              **{k: str(p) for k, p in written.items()}})
+            panel_path = self.opts.out_dir / f"{path.stem}.{tag}.panel.png"
+            self._check_not_input([panel_path])
+            title = [f"{path.name}: {head}  ({self.opts.rule} rule)"]
+            panel_grid(img, tiles, self.style, title, bar_label=bar_label).save(panel_path)
+            self.summary.written += 1
+            for out in record["outputs"][-len(tiles):]:
+                out["panel"] = str(panel_path)
+            advance()
+        if len(sets) > 1:   # every class of the image side by side, one row per class
+            top_path = self.opts.out_dir / f"{path.stem}.classes.panel.png"
+            self._check_not_input([top_path])
+            title = [f"{path.name}: {len(sets)} classes, "
+                     + ("one colour scale per method and layer" if self.opts.scale == "shared" else "each map by its own maximum")
+                     + f"  ({self.opts.rule} rule)"]
+            per_row = len(self.opts.methods) * len(self.layers)
+            panel_grid(img, all_tiles, self.style, title, columns=per_row, bar_label=bar_label,
+                       show_image=False).save(top_path)
+            self.summary.written += 1
+            for out in record["outputs"]:
+                out["classes_panel"] = str(top_path)
 
     def _check_not_input(self, paths) -> None:
         if any(Path(p).resolve() in self.input_paths for p in paths):
             raise ExciteError(f"an output would overwrite an input image ({Path(next(iter(paths))).name}); choose another -o")
+
+
+_METHOD_NAMES = {"mwp": "MWP", "cmwp": "c-MWP"}
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def sample_images() -> list[Path]:

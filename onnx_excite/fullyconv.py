@@ -16,26 +16,21 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .canonicalize import infer_shapes
+from .canonicalize import _shape_of, infer_shapes
+from .index import GraphIndex
+from .index import attrs as _attrs
 
 _ELEMENTWISE = {"Relu", "Dropout", "Identity", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "Elu", "Gelu"}
-
-
-def _attrs(node):
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def convert_dense_head(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     """(model, converted): the rewritten copy, or the model itself when it has no such head."""
     model = infer_shapes(onnx.ModelProto.FromString(model.SerializeToString()))
     g = model.graph
-    consts = {t.name: t for t in g.initializer}
-    shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-              for vi in list(g.value_info) + list(g.input)}
-    consumers = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    index = GraphIndex(g)
+    consts, consumers = index.initializers, index.consumers
+    shapes = {vi.name: _shape_of(vi) for vi in list(g.value_info) + list(g.input)}
+    outputs = set(index.outputs)
     for flat in g.node:
         if flat.op_type != "Flatten" or _attrs(flat).get("axis", 1) != 1:
             continue
@@ -43,7 +38,8 @@ def convert_dense_head(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
         if not shape or len(shape) != 4 or any(d is None for d in shape[1:]):
             continue
         chain, t = [], flat.output[0]
-        while len(consumers.get(t, [])) == 1:
+        # the chain ends at a graph output: a model that also outputs its features keeps them
+        while len(consumers.get(t, [])) == 1 and (t not in outputs or not chain):
             node = consumers[t][0]
             if node.op_type == "Gemm" and node.input[1] in consts and not _attrs(node).get("transA", 0):
                 chain.append(node)

@@ -115,8 +115,8 @@ class Emitter:
         z_safe = self.op("Where", [nonzero, z, one], hint="z_safe")
         return self.op("Where", [nonzero, self.op("Reciprocal", [z_safe]), zero], hint="inv_z")
 
-    def channel_sum(self, p: str, rank: int) -> str:
-        """The MWP map: sum of P over axis 1 (channels) for rank >= 3 tensors."""
+    def channel_sum(self, p: str, rank: int, axis: int = 1) -> str:
+        """The MWP map: sum of P over the channel ``axis`` for rank >= 3 tensors."""
         if rank >= 3:
-            return self.op("ReduceSum", [p, self.i64([1])], keepdims=0, hint="map")
+            return self.op("ReduceSum", [p, self.i64([axis])], keepdims=0, hint="map")
         return self.op("Identity", [p], hint="map")

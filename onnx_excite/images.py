@@ -30,7 +30,7 @@ def load_image(path) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()  # force the full decode: truncated files fail here, not later
-            return img.convert("RGB")
+            return to_rgb(img)
     except UnidentifiedImageError:
         raise ExciteError(f"{path}: cannot read image (not an image file)") from None
     except (OSError, ValueError, SyntaxError) as exc:
@@ -38,10 +38,49 @@ def load_image(path) -> Image.Image:
         raise ExciteError(f"{path}: cannot read image ({reason})") from None
 
 
+def to_rgb(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
+    """8-bit RGB, as a viewer shows the picture.
+
+    * EXIF orientation applied (a phone's portrait JPEG stays portrait);
+    * 16/32-bit greyscale (modes ``I;16*``, ``I``) and float (``F``) scaled to 0..255 by the
+      range of their bit depth, not clipped: a 16-bit value v becomes v / 257 (``I`` holds
+      16-bit PNGs: values up to 65535 are read as 16-bit, larger ones by the maximum;
+      ``F`` in [0, 1] is scaled by 255). Pillow's plain ``convert("RGB")`` clips them at
+      255, which turns almost every pixel of a 16-bit photo white;
+    * transparency (RGBA, LA, palette with a transparent colour) composited over white;
+    * CMYK, YCbCr, palette, 1-bit: Pillow's conversion.
+    """
+    from PIL import ImageOps
+
+    img = ImageOps.exif_transpose(img)
+    mode = img.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if mode.startswith("I;16"):
+            scale = 255.0 / 65535.0
+        elif mode == "F" and arr.size and np.nanmax(arr) <= 1.0:
+            scale = 255.0
+        else:
+            top = float(np.nanmax(arr)) if arr.size else 0.0
+            scale = 1.0 if top <= 255 else 255.0 / (65535.0 if top <= 65535 else top)
+        grey = np.clip(np.rint(np.nan_to_num(arr) * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, mode="L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, tuple(background) + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
 def resized_size(size_wh: tuple, size: int, resize: str) -> tuple:
     """Target (width, height). "shorter": shorter side to ``size``, the other rounded
-    to the nearest integer (768x576 -> 299x224 at 224); "square": size x size; "none"."""
+    to the nearest integer (768x576 -> 299x224 at 224); "square": size x size; "exact":
+    ``size`` is the (width, height) to use (a model's fixed input); "none"."""
     w, h = size_wh
+    if resize == "exact":
+        return tuple(int(v) for v in size)
     if resize == "square":
         return size, size
     if resize == "none":
@@ -53,7 +92,7 @@ def resized_size(size_wh: tuple, size: int, resize: str) -> tuple:
     return max(1, int(round(w * size / h))), size
 
 
-def preprocess(img: Image.Image, size: int = 224, resize: str = "shorter", crop: Optional[int] = None,
+def preprocess(img: Image.Image, size=224, resize: str = "shorter", crop: Optional[int] = None,
                mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
                scale: float = 1 / 255, channel_order: str = "RGB", layout: str = "NCHW"):
     """(array, Prepared): the float32 model input of one image ((3,H,W) or (H,W,3))."""

@@ -1,10 +1,11 @@
-"""What a model offers: candidate layers and the nodes the rewrite cannot handle."""
+"""What a model offers: candidate layers (with their channel axis) and the nodes the rewrite cannot handle."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .builder import _upstream, find_unsupported, path_nodes
-from .canonicalize import ForwardGraph, canonicalize
+from .builder import _upstream, check_layers, find_cut, find_unsupported, path_nodes
+from .canonicalize import ForwardGraph, LogitsChoice, canonicalize
+from .layout import Layout, channel_axis
 
 
 @dataclass
@@ -12,6 +13,7 @@ class LayerInfo:
     name: str          # the ONNX tensor name to pass as a layer
     op_type: str       # op that produces it ("input" for a graph input)
     shape: tuple | None
+    layout: Layout | None = None   # the channel axis the map sums over
 
 
 @dataclass
@@ -24,12 +26,23 @@ class ModelReport:
     def ok(self) -> bool:
         return not self.problems
 
+    @property
+    def logits(self) -> LogitsChoice:
+        """Which tensor the signal enters at, and how it was chosen."""
+        return self.graph.logits
 
-def inspect_model(model, output: str | None = None, input_shapes=None) -> ModelReport:
-    """Candidate layers (tensors that feed the logits) and unsupported nodes on that path."""
-    graph = canonicalize(model, output=output, input_shapes=input_shapes)
+
+def inspect_model(model, logits: str | None = None, input_shapes=None, layers=None, output: str | None = None) -> ModelReport:
+    """Candidate layers (tensors that feed the logits) and unsupported nodes on that path.
+
+    ``layers`` (optional) are validated exactly as the builder validates them."""
+    graph = canonicalize(model, logits=logits if logits is not None else output, input_shapes=input_shapes)
+    if layers:
+        check_layers(graph, layers)
     up = _upstream(graph, graph.entry)
     nodes = path_nodes(graph, up)
-    layers = [LayerInfo(name, "input", graph.shape(name)) for name in graph.input_names if name in up]
-    layers += [LayerInfo(n.output[0], n.op_type, graph.shape(n.output[0])) for n in nodes]
-    return ModelReport(graph, layers, find_unsupported(graph, nodes))
+    infos = [LayerInfo(name, "input", graph.shape(name)) for name in graph.input_names if name in up]
+    infos += [LayerInfo(n.output[0], n.op_type, graph.shape(n.output[0])) for n in nodes]
+    for info in infos:
+        info.layout = channel_axis(graph, info.name)
+    return ModelReport(graph, infos, find_unsupported(graph, nodes) + find_cut(graph, up))

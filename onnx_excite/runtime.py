@@ -89,6 +89,23 @@ def signal_matrix(targets, batch: int, num_classes: int) -> np.ndarray:
     raise ExciteError(f"cannot read targets of type {type(targets).__name__}: give a class index, one per sample, or an N x K signal")
 
 
+#: numpy dtypes of the ONNX Runtime input types an image input may have
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+              "tensor(uint8)": np.uint8, "tensor(int8)": np.int8, "tensor(uint16)": np.uint16,
+              "tensor(int16)": np.int16, "tensor(int32)": np.int32, "tensor(int64)": np.int64}
+
+
+def as_input_dtype(values, ort_type: str) -> np.ndarray:
+    """``values`` in the dtype the model declares (``ort_type`` as ONNX Runtime names it):
+    integer inputs (e.g. uint8 pixels) are rounded and clipped to the type's range."""
+    dtype = np.dtype(ORT_DTYPES.get(ort_type, np.float32))
+    arr = np.asarray(values)
+    if dtype.kind in "iu" and arr.dtype.kind == "f":
+        info = np.iinfo(dtype)
+        arr = np.clip(np.rint(arr), info.min, info.max)
+    return np.ascontiguousarray(arr, dtype=dtype)
+
+
 @dataclass
 class Explanation:
     """Result of one run: logits (N x K) and maps[method][layer] (N x h x w)."""
@@ -108,16 +125,33 @@ class Exciter:
     >>> ex = Exciter("model.onnx", layers=["pool4"], methods=("mwp", "cmwp"))
     >>> res = ex.explain(batch, targets=243)
     >>> res.maps["cmwp"]["pool4"].shape   # (N, h, w)
+
+    ``model`` is a path, an ``onnx.ModelProto`` or ``"default"`` (the default ImageNet
+    MobileNetV2); ``layers=None`` takes the model's default layers (``features.13`` for
+    the default model; other models have none and need ``layers``).
     """
 
-    def __init__(self, model, layers: Sequence[str], methods: Sequence[str] = METHODS, rule: str = "positive",
+    def __init__(self, model, layers: Sequence[str] | None = None, methods: Sequence[str] = METHODS, rule: str = "positive",
                  providers: Sequence[str] | None = None, channels: bool = False, classifier: str | None = None,
-                 output: str | None = None, input_shapes: Mapping | None = None, threads: int | None = None,
-                 diagnostics: bool = False):
+                 logits: str | None = None, input_shapes: Mapping | None = None, threads: int | None = None,
+                 diagnostics: bool = False, output: str | None = None, device: str | None = None,
+                 io_binding: bool | None = None):
+        """``device`` (cpu / cuda / auto) picks the providers unless ``providers`` are given;
+        asking for CUDA where it cannot run raises :class:`~onnx_excite.devices.DeviceUnavailableError`.
+        ``io_binding`` (default: on when CUDA runs) keeps inputs and outputs on the device."""
+        from onnx_excite.models.default import layers_or_default
+
+        from .devices import check_providers, providers_for
+
+        layers = layers_or_default(model, layers)
         self.built: ExcitationModel = build_excitation_model(
             model, layers, methods=methods, rule=rule, channels=channels, classifier=classifier,
-            output=output, input_shapes=input_shapes, diagnostics=diagnostics)
-        self.session = make_session(self.built.model, providers, threads)
+            logits=logits if logits is not None else output, input_shapes=input_shapes, diagnostics=diagnostics)
+        requested = list(providers) if providers else (providers_for(device) if device else None)
+        self.session = make_session(self.built.model, requested, threads)
+        if providers or device == "cuda":   # auto may end up on the CPU: the providers line says so
+            check_providers(requested, self.session)
+        self.io_binding = ("CUDAExecutionProvider" in self.session.get_providers()) if io_binding is None else io_binding
         self._outputs = ([self.built.logits] + list(self.built.maps.values()) + list(self.built.channels.values())
                          + list(self.built.masses.values()))
 
@@ -143,8 +177,7 @@ class Exciter:
         if len(names) != 1:
             raise ExciteError(f"the model has {len(names)} inputs ({', '.join(names)}); pass a dict")
         kind = next(i.type for i in self.session.get_inputs() if i.name == names[0])
-        dtype = {"tensor(float16)": np.float16, "tensor(double)": np.float64}.get(kind, np.float32)
-        return {names[0]: np.ascontiguousarray(inputs, dtype=dtype)}
+        return {names[0]: as_input_dtype(inputs, kind)}
 
     def explain(self, inputs, targets) -> Explanation:
         feeds = self._feeds(inputs)
@@ -152,7 +185,14 @@ class Exciter:
         signal = signal_matrix(targets, batch, self.num_classes)
         feeds[self.built.signal] = signal
         try:
-            values = self.session.run(self._outputs, feeds)
+            if self.io_binding:
+                if getattr(self, "_bound", None) is None:
+                    from .devices import BoundRunner
+
+                    self._bound = BoundRunner(self.session, self._outputs)
+                values = self._bound(feeds)
+            else:
+                values = self.session.run(self._outputs, feeds)
         except Exception as exc:
             raise ExciteError(f"ONNX Runtime failed: {str(exc).splitlines()[0][:300]}") from None
         out = dict(zip(self._outputs, values))
@@ -171,4 +211,12 @@ class Exciter:
         feeds = self._feeds(inputs)
         batch = next(iter(feeds.values())).shape[0]
         feeds[self.built.signal] = np.zeros((batch, self.num_classes), np.float32)
-        return self.session.run([self.built.logits], feeds)[0]
+        try:
+            return self.session.run([self.built.logits], feeds)[0]
+        except Exception as exc:
+            raise ExciteError(f"ONNX Runtime failed: {str(exc).splitlines()[0][:300]}") from None
+
+    @property
+    def input_type(self) -> str:
+        """The ONNX type of the (first) image input, e.g. ``tensor(float)`` or ``tensor(uint8)``."""
+        return next(i.type for i in self.session.get_inputs() if i.name == self.built.inputs[0])

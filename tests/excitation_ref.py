@@ -7,6 +7,7 @@ and a zero share where Z_i == 0. Loops over kernel offsets keep it readable.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -92,6 +93,105 @@ def _conv_patches(node, x, w):
 
 
 # ---------------------------------------------------------------------------
+# copies and resizes (ONNX semantics, written from the operator specs)
+# ---------------------------------------------------------------------------
+def _text_attr(node, name, default):
+    value = _attr(node, name, default)
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _pad_widths(node, x, ins):
+    """np.pad widths and the mode of a Pad node (pads / axes from inputs, opset 11+)."""
+    pads = [int(p) for p in ins[1]]
+    axes = [int(a) % x.ndim for a in ins[3]] if len(ins) > 3 and ins[3] is not None else list(range(x.ndim))
+    widths = [(0, 0)] * x.ndim
+    for i, ax in enumerate(axes):
+        widths[ax] = (pads[i], pads[i + len(axes)])
+    return widths, _text_attr(node, "mode", "constant")
+
+
+def _slices(ins):
+    """The numpy index of a Slice node: (data, starts, ends, axes, steps)."""
+    x = ins[0]
+    starts, ends = [int(s) for s in ins[1]], [int(e) for e in ins[2]]
+    axes = [int(a) % x.ndim for a in ins[3]] if len(ins) > 3 and ins[3] is not None else list(range(len(starts)))
+    steps = [int(s) for s in ins[4]] if len(ins) > 4 and ins[4] is not None else [1] * len(starts)
+    index = [slice(None)] * x.ndim
+    for ax, s, e, st in zip(axes, starts, ends, steps):
+        index[ax] = slice(s, e, st)
+    return tuple(index)
+
+
+def _max_axes(node, ins):
+    if node.op_type == "GlobalMaxPool":
+        return tuple(range(2, ins[0].ndim))
+    axes = _attr(node, "axes")
+    if axes is None:
+        axes = [int(a) for a in ins[1]]
+    return tuple(sorted(int(a) % ins[0].ndim for a in axes))
+
+
+def _source_coordinate(o, n_in, n_out, scale, mode):
+    """ONNX Resize: the input coordinate of output index ``o`` along one axis."""
+    if mode == "half_pixel":
+        return (o + 0.5) / scale - 0.5
+    if mode == "pytorch_half_pixel":
+        return (o + 0.5) / scale - 0.5 if n_out > 1 else 0.0
+    if mode == "align_corners":
+        return o * (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+    if mode == "asymmetric":
+        return o / scale
+    raise NotImplementedError(mode)
+
+
+def _nearest(xf, mode):
+    if mode == "floor":
+        return math.floor(xf)
+    if mode == "ceil":
+        return math.ceil(xf)
+    if xf - math.floor(xf) == 0.5:   # a tie
+        return math.floor(xf) if mode == "round_prefer_floor" else math.ceil(xf)
+    return math.floor(xf + 0.5)
+
+
+def _resize_matrices(node, ins, opset):
+    """{axis: (n_out, n_in) interpolation matrix} for the resized axes of a Resize / Upsample."""
+    x = ins[0]
+    if node.op_type == "Upsample":
+        scales = [float(s) for s in (ins[1] if len(ins) > 1 else _attr(node, "scales"))]
+        sizes, coord, nearest = None, "asymmetric", "floor"
+    else:
+        at = 2 if opset >= 11 else 1
+        scales = [float(s) for s in ins[at]] if len(ins) > at and ins[at] is not None and ins[at].size else None
+        sizes = [int(s) for s in ins[3]] if len(ins) > 3 and ins[3] is not None and ins[3].size else None
+        coord = _text_attr(node, "coordinate_transformation_mode", "half_pixel")
+        nearest = _text_attr(node, "nearest_mode", "round_prefer_floor")
+    mode = _text_attr(node, "mode", "nearest")
+    mats = {}
+    for ax in range(x.ndim):
+        n_in = x.shape[ax]
+        if sizes is not None:
+            n_out, scale = sizes[ax], sizes[ax] / n_in
+        else:
+            n_out, scale = int(math.floor(n_in * scales[ax])), scales[ax]
+        if n_out == n_in and scale == 1.0:
+            continue
+        m = np.zeros((n_out, n_in))
+        for o in range(n_out):
+            xf = _source_coordinate(o, n_in, n_out, scale, coord)
+            if mode == "nearest":
+                m[o, min(max(_nearest(xf, nearest), 0), n_in - 1)] = 1.0
+            else:
+                xf = min(max(xf, 0.0), n_in - 1)
+                lo = int(math.floor(xf))
+                hi = min(lo + 1, n_in - 1)
+                m[o, lo] += 1.0 - (xf - lo)
+                m[o, hi] += xf - lo
+        mats[ax] = m
+    return mats
+
+
+# ---------------------------------------------------------------------------
 # the reference
 # ---------------------------------------------------------------------------
 def _fold_conv_bn(model):
@@ -136,6 +236,7 @@ class Reference:
         self.consts = {t.name: numpy_helper.to_array(t).astype(np.float64) if numpy_helper.to_array(t).dtype.kind == "f"
                        else numpy_helper.to_array(t) for t in model.graph.initializer}
         self.nodes = list(model.graph.node)
+        self.opset = next(i.version for i in model.opset_import if i.domain in ("", "ai.onnx"))
         self.producer = {o: n for n in self.nodes for o in n.output}
 
     # -- forward ------------------------------------------------------------
@@ -146,7 +247,11 @@ class Reference:
         self.near_ties = False
         for node in self.nodes:
             ins = [v[i] if i else None for i in node.input]
-            v[node.output[0]] = self._fwd(node, ins)
+            out = self._fwd(node, ins)
+            if node.op_type == "Split":
+                v.update(zip(node.output, out))
+            else:
+                v[node.output[0]] = out
         self.values = v
         return v
 
@@ -195,13 +300,41 @@ class Reference:
             return ins[0] * np.clip(ins[0] / 6 + 0.5, 0, 1)
         if op == "Tanh":
             return np.tanh(ins[0])
+        if op == "Softplus":
+            return np.logaddexp(0, ins[0])
+        if op == "HardSigmoid":
+            return np.clip(_attr(node, "alpha", 0.2) * ins[0] + _attr(node, "beta", 0.5), 0, 1)
+        if op == "Elu":
+            return np.where(ins[0] > 0, ins[0], _attr(node, "alpha", 1.0) * np.expm1(np.minimum(ins[0], 0)))
+        if op == "Celu":
+            al = _attr(node, "alpha", 1.0)
+            return np.maximum(ins[0], 0) + np.minimum(0, al * np.expm1(np.minimum(ins[0], 0) / al))
+        if op == "Selu":
+            al, gamma = _attr(node, "alpha", 1.67326319217681884765625), _attr(node, "gamma", 1.05070102214813232421875)
+            return gamma * np.where(ins[0] > 0, ins[0], al * np.expm1(np.minimum(ins[0], 0)))
+        if op == "Gelu":
+            return 0.5 * ins[0] * (1 + np.vectorize(math.erf)(ins[0] / math.sqrt(2)))
+        if op == "Softsign":
+            return ins[0] / (1 + np.abs(ins[0]))
+        if op == "Mish":
+            return ins[0] * np.tanh(np.logaddexp(0, ins[0]))
+        if op == "ThresholdedRelu":
+            return np.where(ins[0] > _attr(node, "alpha", 1.0), ins[0], 0.0)
+        if op == "PRelu":
+            return np.where(ins[0] >= 0, ins[0], ins[1] * ins[0])
+        if op == "Cast":   # float to float: the reference stays in float64
+            return ins[0].astype(np.float64)
+        if op == "Squeeze":
+            return np.squeeze(ins[0], axis=tuple(int(a) for a in ins[1]) if len(ins) > 1 and ins[1] is not None else None)
         if op == "ReduceMean":
             axes = tuple(_attr(node, "axes") or [int(a) for a in ins[1]])
             return ins[0].mean(axis=axes, keepdims=bool(_attr(node, "keepdims", 1)))
         if op == "Pad":
-            pads = [int(v) for v in ins[1]]
-            n = len(pads) // 2
-            return np.pad(ins[0], [(pads[i], pads[i + n]) for i in range(n)])
+            widths, mode = _pad_widths(node, ins[0], ins)
+            if mode == "constant":
+                value = float(ins[2]) if len(ins) > 2 and ins[2] is not None and ins[2].size else 0.0
+                return np.pad(ins[0], widths, constant_values=value)
+            return np.pad(ins[0], widths, mode=mode)
         if op == "LRN":
             x = ins[0]
             size = _attr(node, "size")
@@ -270,12 +403,55 @@ class Reference:
                         count = len(pos)
                     y[:, :, oy, ox] = vals.sum(axis=-1) / count
             return y
+        # -- ops of third-party exports (issue 11) --
+        if op == "Sub":
+            return ins[0] - ins[1]
+        if op == "Div":
+            return ins[0] / ins[1]
+        if op == "Cast":
+            return ins[0].astype(np.float64)
+        if op == "Sqrt":
+            return np.sqrt(ins[0])
+        if op == "Shape":
+            return np.array(ins[0].shape, np.int64)
+        if op == "ReduceSum":
+            axes = tuple(_attr(node, "axes") or [int(a) for a in ins[1]])
+            return ins[0].sum(axis=axes, keepdims=bool(_attr(node, "keepdims", 1)))
+        if op in ("GlobalMaxPool", "ReduceMax"):
+            axes = _max_axes(node, ins)
+            return ins[0].max(axis=axes, keepdims=op == "GlobalMaxPool" or bool(_attr(node, "keepdims", 1)))
+        if op == "Slice":
+            return ins[0][_slices(ins)]
+        if op == "Split":
+            axis = _attr(node, "axis", 0)
+            sizes = [int(v) for v in ins[1]] if len(ins) > 1 and ins[1] is not None else None
+            if sizes is None:
+                k = len(node.output)
+                chunk = -(-ins[0].shape[axis] // k)
+                sizes = [min(chunk, ins[0].shape[axis] - i * chunk) for i in range(k)]
+            return np.split(ins[0], np.cumsum(sizes)[:-1], axis=axis)
+        if op == "Expand":
+            return ins[0] * np.ones([int(d) for d in ins[1]])
+        if op == "Tile":
+            return np.tile(ins[0], [int(r) for r in ins[1]])
+        if op == "Mean":
+            return sum(ins) / len(ins)
+        if op == "Max":
+            return functools.reduce(np.maximum, ins)
+        if op == "Einsum":
+            return np.einsum(_attr(node, "equation").decode(), *ins)
+        if op in ("Resize", "Upsample"):
+            y = ins[0]
+            for axis, m in _resize_matrices(node, ins, self.opset).items():
+                y = np.moveaxis(np.tensordot(m, np.moveaxis(y, axis, 0), axes=1), 0, axis)
+            return y
         raise NotImplementedError(op)
 
     # -- excitation ---------------------------------------------------------
     def _data_inputs(self, node):
         if node.op_type in ("Conv", "Gemm", "MatMul", "Reshape", "Dropout", "Clip", "BatchNormalization", "Unsqueeze",
-                            "ReduceLogSumExp", "Pad", "ReduceMean"):
+                            "ReduceLogSumExp", "Pad", "ReduceMean", "ReduceSum", "ReduceMax", "Slice", "Expand", "Tile",
+                            "Resize", "Upsample", "Split", "Div"):
             return [node.input[0]]
         return [i for i in node.input if i and i not in self.consts]
 
@@ -295,7 +471,7 @@ class Reference:
         t = entry
         while True:
             node = self.producer[t]
-            if node.op_type in ("Conv", "Gemm", "MatMul"):
+            if node.op_type in ("Conv", "Gemm", "MatMul", "Einsum"):
                 return node
             t = self._data_inputs(node)[0]
 
@@ -305,6 +481,8 @@ class Reference:
         op = node.op_type
         a = v[node.input[0]]
         sign = -1.0 if negate else 1.0
+        if op == "Split":   # p: the P of every piece; concatenated back
+            return {node.input[0]: np.concatenate(p, axis=_attr(node, "axis", 0))}
         if op == "Conv":
             w = sign * v[node.input[1]]
             g = _attr(node, "group", 1)
@@ -339,8 +517,10 @@ class Reference:
             z = _contrib(a[:, :, None], w[None], rule)  # (N, K, M)
             r = _safe_ratio(p, z.sum(axis=1))
             return {node.input[0]: (z * r[:, None, :]).sum(axis=2)}
-        if op in ("Relu", "Clip", "Sigmoid", "Identity", "Dropout", "Softmax", "LRN", "LeakyRelu", "HardSwish", "Tanh"):
-            return {node.input[0]: p}
+        if op in ("Relu", "Clip", "Sigmoid", "Identity", "Dropout", "Softmax", "LRN", "LeakyRelu", "HardSwish", "Tanh",
+                  "Softplus", "HardSigmoid", "Elu", "Celu", "Selu", "Gelu", "Softsign", "Mish", "ThresholdedRelu",
+                  "PRelu", "Cast"):
+            return {node.input[0]: p}   # element-wise activations pass P through
         if op == "ReduceMean":   # a spatial mean: proportional to the (positive) inputs, like GAP
             axes = tuple(_attr(node, "axes") or [int(x) for x in v[node.input[1]]])
             act = np.maximum(a, 0) if rule == "positive" else a
@@ -348,10 +528,19 @@ class Reference:
             return {node.input[0]: act * _safe_ratio(pk, act.sum(axis=axes, keepdims=True))}
         if op == "Transpose":
             return {node.input[0]: p.transpose(np.argsort(_attr(node, "perm")))}
-        if op == "Pad":
-            pads = [int(x) for x in v[node.input[1]]]
-            n = len(pads) // 2
-            return {node.input[0]: p[tuple(slice(pads[i], pads[i] + a.shape[i]) for i in range(n))]}
+        if op in ("Pad", "Slice", "Tile"):
+            # every output cell is a copy of one input cell (or of the pad constant): P goes back to
+            # the cell it was copied from, copies summed; read the sources off an index array
+            index = np.arange(a.size).reshape(a.shape)
+            if op == "Pad":
+                widths, mode = _pad_widths(node, a, [v.get(i) if i else None for i in node.input])
+                src = np.pad(index, widths, constant_values=-1) if mode == "constant" else np.pad(index, widths, mode=mode)
+            elif op == "Slice":
+                src = index[_slices([a] + [v[i] if i else None for i in node.input[1:]])]
+            else:
+                src = np.tile(index, [int(r) for r in v[node.input[1]]])
+            keep = src >= 0
+            return {node.input[0]: np.bincount(src[keep], weights=p[keep], minlength=a.size).reshape(a.shape)}
         if op == "BatchNormalization":
             gamma, var = v[node.input[1]], v[node.input[4]]
             s = sign * gamma / np.sqrt(var + _attr(node, "epsilon", 1e-5))
@@ -370,7 +559,7 @@ class Reference:
             for i, piece in zip(node.input, np.split(p, sizes, axis=axis)):
                 out[i] = out.get(i, 0) + piece
             return out
-        if op in ("Flatten", "Reshape", "Unsqueeze"):
+        if op in ("Flatten", "Reshape", "Unsqueeze", "Squeeze"):
             return {node.input[0]: p.reshape(a.shape)}
         if op in ("Add", "Sum"):
             data = [i for i in node.input if i not in self.consts]
@@ -410,6 +599,81 @@ class Reference:
                 for (yy, xx, _, _) in pos:
                     p_in[:, :, yy, xx] += act[:, :, yy, xx] * r
             return {node.input[0]: p_in}
+        # -- ops of third-party exports (issue 11) --
+        if op in ("Sub", "Div"):
+            # x - c, c - x, x / c: one input cell per output cell, an affine map: P passes
+            x = node.input[0] if op == "Div" or node.input[1] in self.consts else node.input[1]
+            return {x: p}
+        if op == "Cast":
+            return {node.input[0]: p}
+        if op == "ReduceSum":
+            axes = tuple(_attr(node, "axes") or [int(x) for x in v[node.input[1]]])
+            act = np.maximum(a, 0) if rule == "positive" else a
+            pk = p if _attr(node, "keepdims", 1) else np.expand_dims(p, axes)
+            return {node.input[0]: act * _safe_ratio(pk, act.sum(axis=axes, keepdims=True))}
+        if op in ("GlobalMaxPool", "ReduceMax"):
+            axes = _max_axes(node, [a] + [v.get(i) for i in node.input[1:]])
+            kept = [i for i in range(a.ndim) if i not in axes]
+            moved = np.transpose(a, kept + list(axes))
+            flat = moved.reshape(moved.shape[:len(kept)] + (-1,))
+            first = flat.argmax(axis=-1)   # the first maximum in row-major order
+            onehot = (np.arange(flat.shape[-1]) == first[..., None]).astype(np.float64)
+            routed = (onehot * p.reshape(first.shape)[..., None]).reshape(moved.shape)
+            return {node.input[0]: np.transpose(routed, np.argsort(kept + list(axes)))}
+        if op == "Expand":
+            out = p
+            while out.ndim > a.ndim:
+                out = out.sum(axis=0)
+            for i, d in enumerate(a.shape):
+                if d == 1 and out.shape[i] != 1:
+                    out = out.sum(axis=i, keepdims=True)
+            return {node.input[0]: out}
+        if op == "Mean":
+            data = [i for i in node.input if i not in self.consts]
+            parts = [np.maximum(v[i], 0) if rule == "positive" else v[i] for i in data]
+            r = _safe_ratio(p, sum(parts))
+            return {i: part * r for i, part in zip(data, parts)}
+        if op == "Max":
+            data = [i for i in node.input if i not in self.consts]
+            if len(data) == 1:
+                return {data[0]: p}
+            first = np.stack([v[i] for i in data]).argmax(axis=0)
+            out = {}
+            for k, i in enumerate(data):
+                out[i] = out.get(i, 0) + np.where(first == k, p, 0.0)
+            return out
+        if op == "Einsum":
+            # brute force: the Jacobian M[o, j] of the linear map (one weight entry each), then
+            # z_oj = contrib(a_j, M_oj), P_in[j] = sum_o z_oj P_o / Z_o
+            eq = _attr(node, "equation").decode().replace(" ", "")
+            lhs, out_term = eq.split("->")
+            terms = lhs.split(",")
+            d = 0 if node.input[1] in self.consts else 1
+            a, w = v[node.input[d]], sign * v[node.input[1 - d]]
+            basis = np.eye(a.size).reshape((a.size,) + a.shape)
+            terms[d] = "Z" + terms[d]
+            ops = [basis, w] if d == 0 else [w, basis]
+            jac = np.einsum(",".join(terms) + "->Z" + out_term, *ops).reshape(a.size, -1).T   # (outputs, inputs)
+            z = _contrib(a.reshape(1, -1), jac, rule)
+            r = _safe_ratio(p.reshape(-1), z.sum(axis=1))
+            return {node.input[d]: (z * r[:, None]).sum(axis=0).reshape(a.shape)}
+        if op in ("Resize", "Upsample"):
+            mats = _resize_matrices(node, [v.get(i) if i else None for i in node.input], self.opset)
+            axes = sorted(mats)
+            full = mats[axes[0]]
+            for ax in axes[1:]:
+                full = np.kron(full, mats[ax])   # (out positions, in positions), row-major over the axes
+            kept = [i for i in range(a.ndim) if i not in axes]
+            am = np.transpose(a, kept + axes).reshape([a.shape[i] for i in kept] + [-1])
+            pm = np.transpose(p, kept + axes).reshape([p.shape[i] for i in kept] + [-1])
+            if _text_attr(node, "mode", "nearest") == "nearest":
+                p_in = pm @ full   # every output copies one source: its P goes there
+            else:
+                z = _contrib(am[..., None, :], full, rule)                   # (..., out, in)
+                r = _safe_ratio(pm, z.sum(axis=-1))
+                p_in = (z * r[..., None]).sum(axis=-2)
+            p_in = p_in.reshape([a.shape[i] for i in kept] + [a.shape[i] for i in axes])
+            return {node.input[0]: np.transpose(p_in, np.argsort(kept + axes))}
         raise NotImplementedError(op)
 
     def entry(self):
@@ -420,14 +684,24 @@ class Reference:
             node = self.producer.get(out)
         return out
 
-    def run(self, x, signal, layers, rule="positive", contrastive=False):
-        """Forward, then P at every tensor down to the inputs; maps at ``layers``."""
+    def run(self, x, signal, layers, rule="positive", contrastive=False, channel_axes=None, entry=None):
+        """Forward, then P at every tensor down to the inputs; maps at ``layers``: P summed
+        over the channel axis (``channel_axes[layer]``, default 1). The signal enters at
+        ``entry`` (default: the first output, below a Softmax)."""
         self.forward(x)
-        entry = self.entry()
+        entry = entry or self.entry()
         clf = self.classifier(entry) if contrastive else None
         pending = {entry: [np.asarray(signal, np.float64)]}
         P = {}
         for node in reversed(self.nodes):
+            if node.op_type == "Split":   # P of the pieces, concatenated back
+                if not any(o in pending for o in node.output):
+                    continue
+                pieces = [sum(pending.pop(o)) if o in pending else np.zeros(self.values[o].shape) for o in node.output]
+                P.update(zip(node.output, pieces))
+                for k, q in self.excite(node, pieces, rule).items():
+                    pending.setdefault(k, []).append(q)
+                continue
             out = node.output[0]
             if out not in pending:
                 continue
@@ -444,12 +718,12 @@ class Reference:
         res = {"logits": self.values[entry], "P": {}, "map": {}, "map_unclipped": {}}
         for layer in layers:
             p = P[layer]
-            m = p.sum(axis=1) if p.ndim >= 3 else p
+            m = p.sum(axis=(channel_axes or {}).get(layer, 1)) if p.ndim >= 3 else p
             res["P"][layer] = p
             res["map_unclipped"][layer] = m
             res["map"][layer] = np.maximum(m, 0) if contrastive else m
         return res
 
 
-def excitation_reference(model, x, signal, layers, rule="positive", contrastive=False):
-    return Reference(model).run(x, signal, layers, rule=rule, contrastive=contrastive)
+def excitation_reference(model, x, signal, layers, rule="positive", contrastive=False, channel_axes=None):
+    return Reference(model).run(x, signal, layers, rule=rule, contrastive=contrastive, channel_axes=channel_axes)

@@ -208,6 +208,9 @@ def activations_reducemean(seed):
     return m, ["input", a, b, c]
 
 
+#: per architecture, the layers that are NHWC (channels at axis 3): their maps sum over axis 3
+NHWC_LAYERS = {"tf_nhwc": lambda layer: layer == "input" or layer.startswith("to_nhwc")}
+
 ZOO = {"activations_reducemean": activations_reducemean, "squeezenet_fire": squeezenet_fire, "densenet": densenet_block, "inception_lrn": inception_lrn, "tf_nhwc": tf_nhwc}
 
 
@@ -222,10 +225,12 @@ def test_zoo_matches_reference(arch, seed):
     signal = rng.random((2, ex.num_classes)).astype(np.float32)
     res = ex.explain(x, signal)
     ref = Reference(model)
-    plain = ref.run(x, signal, layers)
+    nhwc = NHWC_LAYERS.get(arch, lambda layer: False)
+    axes = {layer: 3 for layer in layers if nhwc(layer)}
+    plain = ref.run(x, signal, layers, channel_axes=axes)
     np.testing.assert_allclose(res.logits, plain["logits"], rtol=1e-4, atol=1e-5)
     for contrastive, method in ((False, "mwp"), (True, "cmwp")):
-        want = ref.run(x, signal, layers, contrastive=contrastive) if contrastive else plain
+        want = ref.run(x, signal, layers, contrastive=contrastive, channel_axes=axes) if contrastive else plain
         for layer in layers:
             got, exp = res.maps[method][layer], want["map"][layer]
             scale = max(np.abs(exp).max(), np.abs(plain["P"][layer]).max())

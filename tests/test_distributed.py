@@ -87,7 +87,8 @@ def test_explain_on_ray_equals_one_process_and_resumes(local_ray, model_path, ph
     assert summary.failed == one.failed == 1 and summary.written == one.written
     assert stats.errors[0][0].endswith("broken.jpg") and "cannot read image" in stats.errors[0][1]
     a, b = _files(tmp_path / "one"), _files(tmp_path / "ray")
-    assert sorted(a) == sorted(b) and len(a) == 3 * 2 * 2 * 3 + 3 * 2 + 1   # npy, image.npy, png; panels; jsonl
+    assert sorted(a) == sorted(b) and len(a) == 3 * 2 * 2 * 3 + 3 * 2 + 3 + 1
+    # (npy, image.npy, png per image, class and method; a panel per image and class; a classes panel per image; jsonl)
     for name in a:
         if name != "explanations.jsonl":
             assert a[name] == b[name], name                          # byte for byte
@@ -103,8 +104,8 @@ def test_explain_on_ray_equals_one_process_and_resumes(local_ray, model_path, ph
     (tmp_path / "ray" / "explanations.jsonl").write_text(lines[0] + "\n" + lines[2] + "\n" + lines[1][:40])
     (tmp_path / "ray" / next(n for n in b if n.startswith("eagle") and n.endswith(".png"))).unlink()
     summary, stats = explain_on_ray([str(photos)], opts_r, SETTINGS)
-    assert (stats.resumed, stats.done) == (2, 1) and [json.loads(r)["image"] for r in [lines[1]]] == \
-        [rec["image"] for rec in summary.records]
+    assert (stats.resumed, stats.done) == (2, 1) and summary.skipped == 2
+    assert [json.loads(r)["image"] for r in lines] == [rec["image"] for rec in summary.records]   # input order
     assert (tmp_path / "ray" / "explanations.jsonl").read_text() == before
     assert _files(tmp_path / "ray") == b
 

@@ -1,7 +1,9 @@
-"""Datasets (VOC, COCO), class mappings and run_evaluation end to end on shared/data/voc_sample."""
+"""Datasets (VOC, COCO), class mappings and run_evaluation end to end on tests/data/voc_sample
+(10 photos of the project's VOC-layout sample with their VOC XML and COCO JSON annotations)."""
 import json
 import shutil
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -9,16 +11,16 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from conftest import SHARED
+import onnx_excite
+from conftest import VOC_SAMPLE
 from onnx_excite import ExciteError
 from onnx_excite.eval import read_coco, read_dataset, read_voc, resolve_mapping, run_evaluation
 from onnx_excite.eval import metrics as M
 from onnx_excite.eval.mapping import bundled_mappings
 
-VOC = SHARED / "voc_sample"
+VOC = VOC_SAMPLE
 COCO = VOC / "instances_coco.json"
-needs_sample = pytest.mark.skipif(not VOC.is_dir(), reason="shared/data/voc_sample not available")
-IMAGENET = json.loads((SHARED / "imagenet_classes.json").read_text()) if (SHARED / "imagenet_classes.json").is_file() else None
+IMAGENET = json.loads((Path(onnx_excite.__file__).parent / "data" / "imagenet_classes.json").read_text())
 
 
 # ---------------------------------------------------------------------------
@@ -72,16 +74,15 @@ TINY_MAPPING = {"mapping": {"chair": [0], "cabinetry": [1, 2], "diningtable": 3,
 # ---------------------------------------------------------------------------
 # datasets
 # ---------------------------------------------------------------------------
-@needs_sample
 def test_voc_and_coco_agree_on_the_sample():
     voc, p_voc = read_voc(VOC)
     coco, p_coco = read_coco(COCO)
-    assert len(voc) == len(coco) == 85
-    assert sum(len(r.objects) for r in voc) == sum(len(r.objects) for r in coco) == 686
+    assert len(voc) == len(coco) == 10
+    assert sum(len(r.objects) for r in voc) == sum(len(r.objects) for r in coco) == 95
     pairs_voc = {(r.id, c) for r in voc for c in r.classes()}
     pairs_coco = {(r.id, c) for r in coco for c in r.classes()}
-    assert pairs_voc == pairs_coco and len(pairs_voc) == 497
-    assert len({c for _, c in pairs_voc}) == 30
+    assert pairs_voc == pairs_coco and len(pairs_voc) == 71
+    assert len({c for _, c in pairs_voc}) == 27
     boxes = lambda recs: sorted((r.id, o.name, o.box) for r in recs for o in r.objects)
     assert boxes(voc) == boxes(coco)
     assert all(r.path.is_file() and (r.width, r.height) == (640, 480) for r in voc + coco)
@@ -96,7 +97,6 @@ def test_voc_and_coco_agree_on_the_sample():
     assert not any(o.difficult for r in voc for o in r.objects)
 
 
-@needs_sample
 def test_voc_problems_are_reported_and_the_rest_read(tmp_path):
     ids = sample_ids(5)
     root = voc_subset(tmp_path / "voc", ids, listed=ids + ["9999_000000"])
@@ -119,7 +119,6 @@ def test_voc_problems_are_reported_and_the_rest_read(tmp_path):
         read_voc(root, split="train")
 
 
-@needs_sample
 def test_coco_problems_are_reported_and_the_rest_read(tmp_path):
     data = json.loads(COCO.read_text())
     keep = {im["id"] for im in data["images"][:4]}
@@ -214,7 +213,6 @@ COCO80 = ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", 
           "teddy bear", "hair drier", "toothbrush"]
 
 
-@pytest.mark.skipif(IMAGENET is None, reason="shared/data/imagenet_classes.json not available")
 @pytest.mark.parametrize("name", ["voc_sample_to_imagenet", "voc20_to_imagenet", "coco80_to_imagenet"])
 def test_bundled_mappings_check_against_imagenet(name):
     assert name in bundled_mappings()
@@ -223,7 +221,8 @@ def test_bundled_mappings_check_against_imagenet(name):
     data, _ = read_mapping_file(name)
     classes = {"voc20_to_imagenet": VOC20, "coco80_to_imagenet": COCO80}.get(name)
     if classes is None:
-        classes = sorted({o.name for r in read_voc(VOC)[0] for o in r.objects})
+        classes = sorted(c["name"] for c in json.loads(COCO.read_text())["categories"])   # all 30 kept
+        assert len(classes) == 30
     assert set(data["mapping"]) | set(data["unmapped"]) == set(classes)        # every class decided
     assert not set(data["mapping"]) & set(data["unmapped"])
     m = resolve_mapping(name, classes, 1000, IMAGENET)       # checks every index against its listed name
@@ -245,7 +244,6 @@ def test_bundled_mappings_check_against_imagenet(name):
 # ---------------------------------------------------------------------------
 # the center baseline on the sample, against an independent count
 # ---------------------------------------------------------------------------
-@needs_sample
 def test_center_baseline_matches_independent_count(tmp_path):
     # independent: plain ElementTree over the XML files, center (320, 240), 15 px
     hits, pairs = {}, {}
@@ -261,15 +259,15 @@ def test_center_baseline_matches_independent_count(tmp_path):
             hits[cls] = hits.get(cls, 0) + near
             pairs[cls] = pairs.get(cls, 0) + 1
     expected = np.mean([hits[c] / pairs[c] for c in pairs])
-    # the same count written out: 111 hits in 497 (image, class) pairs over 30 classes
-    assert (sum(hits.values()), sum(pairs.values()), len(pairs)) == (111, 497, 30)
-    assert hits["chair"] == 21 and pairs["chair"] == 46 and hits["sofa"] == 12 and pairs["sofa"] == 21
+    # the same count written out: 18 hits in 71 (image, class) pairs over 27 classes
+    assert (sum(hits.values()), sum(pairs.values()), len(pairs)) == (18, 71, 27)
+    assert hits["chair"] == 4 and pairs["chair"] == 6 and hits["sofa"] == 1 and pairs["sofa"] == 2
 
     res = run_evaluation("pointing", VOC, "voc", model=None, methods=["center"], out_dir=tmp_path)
     s = res.summary["center"]
     assert s["mean_accuracy"] == pytest.approx(expected, abs=1e-12)
-    assert s["mean_accuracy"] == pytest.approx(0.18035469065217347, abs=1e-12)
-    assert (s["hits"], s["hits"] + s["misses"]) == (111, 497)
+    assert s["mean_accuracy"] == pytest.approx(0.18641975308641975, abs=1e-12)
+    assert (s["hits"], s["hits"] + s["misses"]) == (18, 71)
     assert {c: v["hits"] for c, v in s["per_class"].items()} == hits
     assert res.counts["maps_computed"] == 0
     coco = run_evaluation("pointing", COCO, "coco", model=None, methods=["center"], out_dir=tmp_path / "coco")
@@ -294,7 +292,6 @@ def tiny_setup(tmp_path):
     return root, model, mapping, ids
 
 
-@needs_sample
 def test_run_evaluation_pointing_end_to_end(tiny_setup, tmp_path):
     root, model, mapping, ids = tiny_setup
     out = tmp_path / "out"
@@ -332,7 +329,6 @@ def test_run_evaluation_pointing_end_to_end(tiny_setup, tmp_path):
     assert again.summary["cmwp:feat"]["hits"] <= res.summary["cmwp:feat"]["hits"]
 
 
-@needs_sample
 def test_run_evaluation_localization_end_to_end(tiny_setup, tmp_path):
     root, model, mapping, ids = tiny_setup
     kw = dict(methods=["cmwp", "center"], layers=["feat"], mapping=mapping, held_out=0.5)
@@ -367,15 +363,11 @@ def test_run_evaluation_rejects_bad_arguments(tmp_path):
         run_evaluation("pointing", tmp_path, "kitti", None, methods=["center"], out_dir=tmp_path / "o")
 
 
-@needs_sample
 def test_run_evaluation_default_model_few_images(tmp_path):
     """The default MobileNetV2 (features.13) with the bundled sample mapping on three images."""
     from onnx_excite.models import mobilenet_v2
 
-    try:
-        mobilenet_v2.load_default_model()
-    except mobilenet_v2.ModelUnavailableError as exc:
-        pytest.skip(str(exc))
+    mobilenet_v2.load_default_model()    # the README's install command installs the weights
     ids = ["2007_000042", "2007_000061", "2007_000170"]
     res = run_evaluation("pointing", VOC, "voc", "default", methods=["cmwp", "center"], mapping="voc_sample_to_imagenet",
                          out_dir=tmp_path, ids=ids)
@@ -388,7 +380,6 @@ def test_run_evaluation_default_model_few_images(tmp_path):
     assert res.summary["cmwp:features.13"]["n_classes"] == len({it["class"] for it in res.items})
 
 
-@needs_sample
 def test_model_errors_stop_the_run(tiny_setup, tmp_path):
     root, model, mapping, _ = tiny_setup
     with pytest.raises(ExciteError, match="nosuchlayer"):

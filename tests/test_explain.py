@@ -6,20 +6,19 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import SHARED
+from conftest import photo
 from onnx_excite import ExciteError
 from onnx_excite.cli.app import app
 from onnx_excite.images import Prepared, load_image, preprocess, resized_size
 from onnx_excite.maps import normalize, overlay, panel, to_image_space, upsample
 
 runner = CliRunner()
-PHOTOS = SHARED / "photos"
-DOG_BOX = (100, 200, 330, 560)   # the dog in photos/dog.jpg (768x576), drawn by hand: x0, y0, x1, y1
+DOG_BOX = (67, 133, 220, 373)   # the dog in the bundled dog.jpg (512x384), drawn by hand: x0, y0, x1, y1
 
 
 def test_load_image_errors_are_one_line(tmp_path):
     (tmp_path / "text.jpg").write_text("not an image")
-    half = (PHOTOS / "dog.jpg").read_bytes()
+    half = photo("dog.jpg").read_bytes()
     (tmp_path / "truncated.jpg").write_bytes(half[: len(half) // 2])
     for name in ("text.jpg", "truncated.jpg", "missing.jpg"):
         with pytest.raises(ExciteError) as info:
@@ -54,26 +53,26 @@ def test_maps_helpers():
 
 
 def test_explain_dog_default_model(tmp_path):
-    res = runner.invoke(app, ["explain", "default", str(PHOTOS / "dog.jpg"), "--top", "1", "-m", "cmwp",
+    res = runner.invoke(app, ["explain", "default", str(photo("dog.jpg")), "--top", "1", "-m", "cmwp",
                               "-o", str(tmp_path)])
     assert res.exit_code == 0, res.output
     record = json.loads((tmp_path / "explanations.jsonl").read_text().splitlines()[0])
     assert 151 <= record["top5"][0]["index"] <= 268   # a dog breed
     out = record["outputs"][0]
     full = np.load(out["map_image"])
-    assert full.shape == (576, 768)                     # the photo's own size and aspect ratio
+    assert full.shape == (384, 512)                     # the photo's own size and aspect ratio
     assert np.load(out["map"]).shape == (14, 19)        # features.13 of a 224 x 299 input
     y, x = np.unravel_index(full.argmax(), full.shape)
     x0, y0, x1, y1 = DOG_BOX
     assert x0 <= x <= x1 and y0 <= y <= y1, (x, y)
-    assert Image.open(out["overlay"]).size[1] == 576
+    assert Image.open(out["overlay"]).size[1] == 384
 
 
 def test_explain_folder_with_a_bad_file_goes_on(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
     (src / "broken.jpg").write_bytes(b"garbage")
-    Image.open(PHOTOS / "scream.jpg").save(src / "scream.png")   # non-square, portrait
+    Image.open(photo("scream.jpg")).save(src / "scream.png")   # non-square, portrait
     res = runner.invoke(app, ["explain", "default", str(src), "-t", "0", "-m", "mwp", "--no-colorbar",
                               "-o", str(tmp_path / "out")])
     assert res.exit_code == 2
@@ -98,7 +97,7 @@ def test_demo_writes_overlays_and_summary(tmp_path):
 def test_batches_globs_and_combined_targets(tmp_path):
     src = tmp_path / "in"
     src.mkdir()
-    img = Image.open(PHOTOS / "dog.jpg")
+    img = Image.open(photo("dog.jpg"))
     img.save(src / "a.jpg", quality=95)
     img.transpose(Image.FLIP_LEFT_RIGHT).save(src / "b.jpg", quality=95)
     one, two = tmp_path / "one", tmp_path / "two"

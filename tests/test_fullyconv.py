@@ -7,7 +7,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cnn_gen import input_shape, random_cnn
-from conftest import SHARED
+from conftest import photo
 from excitation_ref import Reference
 from onnx_excite import Exciter
 from onnx_excite.cli.app import app
@@ -54,7 +54,7 @@ def test_explain_runs_a_vgg_like_model_on_a_non_square_photo(tmp_path):
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
     img = tmp_path / "p.png"
-    Image.open(SHARED / "photos" / "scream.jpg").convert("RGB").resize((30, 40)).save(img)
+    Image.open(photo("scream.jpg")).convert("RGB").resize((30, 40)).save(img)
     res = CliRunner().invoke(app, ["explain", str(path), str(img), "-l", "input", "-t", "0", "-m", "mwp",
                                    "--size", "24", "-o", str(tmp_path / "out")])
     assert res.exit_code == 0, res.output

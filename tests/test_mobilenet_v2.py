@@ -1,5 +1,5 @@
 """The default real model: torch checkpoint reader (no torch), the ONNX MobileNetV2 recipe vs an
-independent float64 numpy forward, ImageNet predictions on the shared photos, the cache, profiles."""
+independent float64 numpy forward, ImageNet predictions on the bundled photos, the cache, profiles."""
 import hashlib
 import io
 import pickle
@@ -10,15 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
 
+from conftest import photo
 from onnx_excite.models import mobilenet_v2, profiles
 
-ort = pytest.importorskip("onnxruntime")
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-PHOTOS = SHARED_DATA / "photos"
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
 
@@ -209,7 +207,7 @@ def weights():
     try:
         return mobilenet_v2.find_weights()
     except mobilenet_v2.ModelUnavailableError as exc:
-        pytest.skip(f"MobileNetV2 weights not installed ({exc})")
+        pytest.fail(f"MobileNetV2 weights not installed ({exc}); the README's install command installs them")
 
 
 @pytest.fixture(scope="module")
@@ -228,15 +226,6 @@ def model_path(weights, tmp_path_factory):
 @pytest.fixture(scope="module")
 def session(model_path):
     return ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-
-
-def photo(name):
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"shared sample data not found at {SHARED_DATA}")
-    path = PHOTOS / name
-    if not path.is_file():
-        pytest.skip(f"sample photo {path} not found")
-    return path
 
 
 def preprocess(path, size=256, crop=224):
@@ -304,7 +293,7 @@ def test_profile_default_layer_is_last_14x14(model_path):
     assert prof.load_class_names() == profiles.imagenet_class_names()
 
 
-# expected top-1 sets, checked by hand (darknet's demo photos)
+# expected top-1 sets, checked by hand (darknet's demo photos, downscaled: tests/data/README.md)
 DOG_BREEDS = set(range(151, 269))
 UNGULATES = set(range(339, 355))  # sorrel, zebra, hog, ..., ox, water buffalo, bison, ram, bighorn, ..., camel
 PHOTO_TOP1 = {
@@ -411,7 +400,7 @@ def test_any_aspect_ratio(session, hw):
 
 
 def test_uncropped_photo_runs(session):
-    x = preprocess(photo("horses.jpg"), crop=None)  # 256 x 386
+    x = preprocess(photo("horses.jpg"), crop=None)  # 256 x 386 (512 x 339 photo)
     assert x.shape == (1, 3, 256, 386)
     logits = session.run(None, {"input": x})[0]
     assert int(np.argmax(logits)) in UNGULATES

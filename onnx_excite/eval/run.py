@@ -84,6 +84,7 @@ class ImageOutcome:
     failed: bool = False            # the image could not be read
     computed: bool = False          # maps computed now
     cached: bool = False            # maps read from the cache
+    logits: Optional[dict] = None   # which output was explained, and how it was chosen (maps computed now)
 
 
 def evaluate_image(rec: ImageRecord, plan: EvalPlan, computer: Optional[MapComputer],
@@ -110,6 +111,7 @@ def evaluate_image(rec: ImageRecord, plan: EvalPlan, computer: Optional[MapCompu
                 return out
             stored.update(computer.compute(arr, todo, plan.mapping, plan.batch_size))
             out.computed = True
+            out.logits = computer.logits_record()
             if plan.cache is not None:
                 plan.cache.save(rec.id, stored)
         else:
@@ -126,7 +128,7 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
                    seed: int = 0, limit: Optional[int] = None, ids: Optional[Sequence[str]] = None,
                    batch_size: int = 16, cache: bool = True, dominant: str = "all",
                    on_progress: Optional[ProgressFn] = None, on_error: Optional[ErrorFn] = None,
-                   ray=None) -> EvalResult:
+                   ray=None, logits: Optional[str] = None) -> EvalResult:
     """Evaluate ``methods`` on a dataset; returns the :class:`EvalResult` (also written to ``out_dir``).
 
     * ``protocol``: ``"pointing"`` (input: shorter side resized to ``size``) or
@@ -145,7 +147,9 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
       definition) or among the ``"mapped"`` ones;
     * ``limit`` / ``ids``: evaluate only the first ``limit`` images / these ids;
     * ``on_progress(done, total)``, ``on_error(image id, reason)``: called as images finish;
-    * ``ray``: a :class:`onnx_excite.distributed.RaySettings` to evaluate on a Ray cluster.
+    * ``ray``: a :class:`onnx_excite.distributed.RaySettings` to evaluate on a Ray cluster;
+    * ``logits``: the output explained (default: :func:`~onnx_excite.canonicalize.resolve_logits`
+      chooses; the choice is in ``res.settings["logits"]``).
     """
     t0 = time.perf_counter()
     if protocol not in PROTOCOLS:
@@ -157,11 +161,13 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
     excite = [m for m in methods if m in EXCITE_METHODS]
     if dominant not in ("all", "mapped"):
         raise ExciteError(f"dominant must be 'all' or 'mapped', not {dominant!r}")
-    if batch_size < 1:
-        raise ExciteError("batch_size must be at least 1")
     if data is None:
         raise ExciteError("no dataset given")
-    out_dir = Path(out_dir)
+    from ..checks import at_least, output_dir
+
+    size = at_least(size, 1, "--size")
+    at_least(batch_size, 1, "--batch-size")
+    out_dir = output_dir(out_dir)
 
     records, problems = read_dataset(data, fmt, split=split, image_dir=image_dir)
     if ids is not None:
@@ -175,7 +181,7 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
     if excite or mapping is not None:
         if model is None:
             raise ExciteError("methods mwp/cmwp and a mapping need a model (a path or 'default')")
-        spec = model_spec(model, layers, excite, rule, protocol, size)
+        spec = model_spec(model, layers, excite, rule, protocol, size, logits=logits)
         if excite:
             learn_num_classes(spec, records)
         cmap = resolve_mapping(mapping, dataset_classes, spec.num_classes, spec.class_names)
@@ -217,7 +223,8 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
                     "rule": rule, "mapping": cmap.source, "tolerance": tolerance, "size": size,
                     "input": spec.describe_input() if spec else ("-" if protocol == "pointing" else f"{size}x{size}"),
                     "held_out": held_out, "seed": seed, "alphas": [float(a) for a in metrics.ALPHAS],
-                    "split": split, "limit": limit, "dominant": dominant}
+                    "split": split, "limit": limit, "dominant": dominant,
+                    "logits": next((o.logits for o in outcomes if o.logits), None)}
     res.seconds = round(time.perf_counter() - t0, 3)
     write_results(res, out_dir)
     return res

@@ -1,5 +1,16 @@
-"""Excitation rules, one module per op family, registered by op_type in ``RULES``."""
-from .base import RULE_CHOICES, RULES, Context, Rule, data_inputs, register, unsupported_reason
-from . import linear, merge, passthrough, pooling  # noqa: F401  (registration side effects)
+"""Excitation rules, one module per op family, registered by op_type in ``RULES``.
 
-__all__ = ["RULES", "RULE_CHOICES", "Context", "Rule", "data_inputs", "register", "unsupported_reason"]
+Every module of this package is imported here (discovered with pkgutil, not
+listed): a new rule module registers its ops by existing.
+"""
+import importlib
+import pkgutil
+
+from .base import RULE_CHOICES, RULES, Context, Rule, data_inputs, proves_nonneg, register, unsupported_reason
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if not _module.startswith("_") and _module != "base":
+        importlib.import_module(f"{__name__}.{_module}")
+
+__all__ = ["RULES", "RULE_CHOICES", "Context", "Rule", "data_inputs", "proves_nonneg", "register",
+           "unsupported_reason"]

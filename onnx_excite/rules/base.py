@@ -1,45 +1,122 @@
 """The rule registry and the context a rule sees.
 
 A rule maps the signal P at a node's output to the signal at the node's data
-inputs. It is a function ``rule(ctx, node, p, negate=False) -> {input: P}``
-registered for one or more ``op_type``; an optional ``check(graph, node)``
-returns a reason string when the node cannot be handled. Adding an op is one
-such function plus its test.
+inputs. It is one declaration (as in zennit; registered like onnx-graphsurgeon's
+``Graph.register``)::
+
+    @register("Resize", "Upsample", inputs=(0,), keeps_nonneg=True, check=resize_check,
+              description="one line for the README table")
+    def excite_resize(ctx, node, p, negate=False) -> dict[input_name, P]: ...
+
+The registry is the single source of what is known about an op:
+
+* ``inputs``: indices of the data inputs that may carry P (``None``: every
+  non-constant input); the others are weights, shapes or parameters. The builder
+  only calls a rule for a node with a data input that needs P and drops what a
+  rule returns for inputs that need none.
+* ``keeps_nonneg``: the output is >= 0 whenever its data inputs are >= 0
+  (``True``), for every input (``"always"``: ReLU, Sigmoid), or a function
+  ``(graph, node) -> bool | "always"`` deciding per node (Clip by its minimum).
+  :func:`proves_nonneg` uses it to drop the a-W- half of the positive rule.
+* ``check(graph, node)``: a reason string when the node cannot be handled.
+* ``weighted``: a linear layer with a weight (can be the contrastive classifier).
+* ``description``: one line for the README's op table (``python -m onnx_excite.rules``).
+
+Rule modules are discovered: every module of this package registers its rules on import.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
+import numpy as np
 import onnx
 
 from ..canonicalize import ForwardGraph
 from ..graph import Emitter
+from ..index import attr, implicit_inputs  # noqa: F401  (attr is re-exported for the rule modules)
 
 RULE_CHOICES = ("positive", "paper")
 
+NonNeg = Union[bool, str, Callable[[ForwardGraph, onnx.NodeProto], Union[bool, str]]]
 
-@dataclass
+
+@dataclass(frozen=True)
 class Rule:
     op_type: str
     excite: Callable
+    inputs: Optional[tuple] = None      # data input indices that may carry P; None: all non-constant
+    keeps_nonneg: NonNeg = False        # True, "always", False, or (graph, node) -> one of those
     check: Optional[Callable[[ForwardGraph, onnx.NodeProto], Optional[str]]] = None
-    weighted: bool = False     # a linear layer with a weight: can serve as the contrastive classifier
-    description: str = ""      # one line for the README / `onnx-excite ops`
+    weighted: bool = False              # a linear layer with a weight: can serve as the contrastive classifier
+    description: str = ""               # one line for the README's op table
 
 
 RULES: dict[str, Rule] = {}
 
 
-def register(*op_types: str, check=None, weighted: bool = False, description: str = ""):
-    """Decorator: ``@register("Conv", check=conv_check, weighted=True)``."""
+def register(*op_types: str, inputs=None, keeps_nonneg: NonNeg = False, check=None, weighted: bool = False,
+             description: str = ""):
+    """Decorator registering ``fn(ctx, node, p, negate=False) -> {input: P}`` for ``op_types``."""
 
     def wrap(fn):
+        text = description or "".join((fn.__doc__ or "").strip().splitlines()[:1])
         for op in op_types:
-            RULES[op] = Rule(op, fn, check, weighted, description or (fn.__doc__ or "").strip().splitlines()[0])
+            if op in RULES:
+                raise ValueError(f"op {op!r} is registered twice ({RULES[op].excite.__name__} and {fn.__name__})")
+            RULES[op] = Rule(op, fn, tuple(inputs) if inputs is not None else None, keeps_nonneg, check, weighted, text)
         return fn
 
     return wrap
+
+
+def data_inputs(graph: ForwardGraph, node: onnx.NodeProto) -> list[str]:
+    """The node's non-constant inputs that may carry P, as its rule declares them
+    (every non-constant input, subgraph reads included, for an op without a rule)."""
+    rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    if rule is not None and rule.inputs is not None:
+        names = [node.input[i] for i in rule.inputs if i < len(node.input)]
+    else:
+        names = list(node.input) + (implicit_inputs(node) if rule is None else [])
+    return [n for n in names if n and not graph.is_const(n)]
+
+
+#: Ops without an excitation rule (they never carry P) whose output is >= 0 for any
+#: input; they appear as gates and normalisers (``x * softmax(s)``).
+NONNEG_WITHOUT_RULE = ("Softmax", "Exp", "Abs")
+
+
+def proves_nonneg(graph: ForwardGraph, name: str) -> bool:
+    """True where the tensor is provably >= 0 for every input: a non-negative constant,
+    or the output of an op whose rule ``keeps_nonneg`` with non-negative data inputs."""
+    memo = graph._nonneg
+    if name not in memo:
+        memo[name] = False  # a DAG has no cycles; this guards the recursion anyway
+        memo[name] = _prove(graph, name)
+    return memo[name]
+
+
+def _prove(graph: ForwardGraph, name: str) -> bool:
+    if name in graph.consts:
+        return bool(np.all(graph.consts[name] >= 0))
+    node = graph.producer.get(name)
+    if node is None:
+        return False  # a graph input: pixels may be signed
+    if node.op_type in NONNEG_WITHOUT_RULE and node.domain in ("", "ai.onnx"):
+        return True
+    rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    if rule is None:
+        return False
+    keeps = rule.keeps_nonneg(graph, node) if callable(rule.keeps_nonneg) else rule.keeps_nonneg
+    if keeps == "always":
+        return True
+    if not keeps:
+        return False
+    if rule.inputs is None:
+        data = [i for i in node.input if i]
+    else:
+        data = [node.input[i] for i in rule.inputs if i < len(node.input) and node.input[i]]
+    return all(proves_nonneg(graph, i) for i in data)
 
 
 @dataclass
@@ -64,7 +141,7 @@ class Context:
 
     def signed(self, a: str) -> bool:
         """Whether the positive rule must treat ``a`` as possibly negative."""
-        return self.rule == "positive" and not self.graph.nonneg(a)
+        return self.rule == "positive" and not proves_nonneg(self.graph, a)
 
 
 def unsupported_reason(graph: ForwardGraph, node: onnx.NodeProto) -> Optional[str]:
@@ -72,25 +149,3 @@ def unsupported_reason(graph: ForwardGraph, node: onnx.NodeProto) -> Optional[st
     if rule is None or node.domain not in ("", "ai.onnx"):
         return f"no excitation rule for op type {node.op_type}" + (f" (domain {node.domain})" if node.domain else "")
     return rule.check(graph, node) if rule.check else None
-
-
-#: Inputs that carry activations (and so P); the others are weights, shapes or parameters.
-DATA_INPUT_INDICES = {
-    "Conv": (0,), "Gemm": (0,), "MatMul": (0,), "Reshape": (0,), "Squeeze": (0,), "Unsqueeze": (0,),
-    "Pad": (0,), "Slice": (0,), "ReduceMean": (0,), "ReduceSum": (0,), "Clip": (0,), "Dropout": (0,),
-    "PRelu": (0,), "BatchNormalization": (0,), "ReduceLogSumExp": (0,), "Resize": (0,), "Expand": (0,), "Tile": (0,),
-}
-
-
-def data_inputs(graph: ForwardGraph, node: onnx.NodeProto) -> list[str]:
-    """The node's non-constant inputs that carry activations."""
-    idx = DATA_INPUT_INDICES.get(node.op_type)
-    names = [node.input[i] for i in idx if i < len(node.input)] if idx else list(node.input)
-    return [n for n in names if n and not graph.is_const(n)]
-
-
-def attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default

@@ -120,8 +120,7 @@ def _spatial(ctx_graph, name, n):
 def explicit_pads(node, kernel, strides, dilations, in_spatial):
     """Pads as [begin..., end...], resolving auto_pad with static input sizes."""
     n = len(kernel)
-    auto = attr(node, "auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
+    auto = attr(node, "auto_pad", "NOTSET")
     if auto in ("NOTSET", ""):
         return list(attr(node, "pads", [0] * (2 * n)))
     if auto == "VALID":
@@ -220,20 +219,18 @@ def conv_check(graph, node):
     w = graph.consts[node.input[1]]
     if w.ndim < 3:
         return f"weight of rank {w.ndim}"
-    auto = attr(node, "auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
+    auto = attr(node, "auto_pad", "NOTSET")
     if auto.startswith("SAME") and graph.static_dims(node.input[0], range(2, w.ndim)) is None:
         return f"auto_pad={auto} with dynamic spatial sizes (fix the input shape)"
     return None
 
 
-@register("Conv", check=conv_check, weighted=True,
-          description="linear: Z = conv(a, W+), P_in = a * convT(P / Z, W+) (positive rule adds the a- W- half)")
+@register("Conv", inputs=(0,), check=conv_check, weighted=True,
+          description="linear (pads incl. asymmetric, strides, dilations, groups); the adjoint is a ConvTranspose of W+ "
+                      "with symmetric pads + Slice, or for stride 1 a Conv with the flipped, transposed kernel (ORT's fast path)")
 def conv(ctx: Context, node, p: str, negate=False):
     """Linear rule through Conv (any groups, strides, dilations, pads) and ConvTranspose of W+."""
     a = node.input[0]
-    if not ctx.wants(a):
-        return {}
     spec = conv_spec(ctx.graph, node)
     w = ctx.graph.consts[node.input[1]].astype(np.float64)
     out = excite_linear(ctx, node, a, p, w,
@@ -284,13 +281,11 @@ def dense_weight(graph, node) -> np.ndarray:
     return (b.T if attr(node, "transB", 0) else b) * float(attr(node, "alpha", 1.0))
 
 
-@register("Gemm", "MatMul", check=dense_check, weighted=True,
-          description="linear: W = alpha * B' for Gemm (transB honoured), B for MatMul; a bias Add passes P through")
+@register("Gemm", "MatMul", inputs=(0,), check=dense_check, weighted=True,
+          description="linear, W = alpha * B' for Gemm (transB honoured), B for MatMul (2-D constant); a bias Add passes P through")
 def dense(ctx: Context, node, p: str, negate=False):
     """Linear rule through Gemm / MatMul with a constant weight."""
     a = node.input[0]
-    if not ctx.wants(a):
-        return {}
     return {a: _dense(ctx, node, a, p, dense_weight(ctx.graph, node), negate)}
 
 
@@ -312,13 +307,11 @@ def avgpool_check(graph, node):
     return None
 
 
-@register("AveragePool", check=avgpool_check,
-          description="proportional: P_in = a * convT(P / sumpool(a), 1) (a+ for the positive rule)")
+@register("AveragePool", inputs=(0,), keeps_nonneg=True, check=avgpool_check,
+          description="proportional to the inputs in each window (a+ for `positive`); count_include_pad either way, ceil_mode")
 def average_pool(ctx: Context, node, p: str, negate=False):
     """Share P over each window in proportion to the inputs (count_include_pad cancels out)."""
     a = node.input[0]
-    if not ctx.wants(a):
-        return {}
     c = _channels(ctx.graph, a)
     spec = pool_spec(ctx.graph, node, c)
     ones = np.ones([c, 1] + spec.kernel)
@@ -337,13 +330,11 @@ def _global_pool(ctx: Context, node, a: str, p: str, axes: list[int]):
     return {a: out}
 
 
-@register("GlobalAveragePool", check=lambda graph, node: None,
-          description="proportional: P_in = a * P / sum_spatial(a) (a+ for the positive rule)")
+@register("GlobalAveragePool", inputs=(0,), keeps_nonneg=True,
+          description="proportional to the inputs over all positions (a+ for `positive`)")
 def global_average_pool(ctx: Context, node, p: str, negate=False):
     """Share P over all positions in proportion to the inputs."""
     a = node.input[0]
-    if not ctx.wants(a):
-        return {}
     rank = ctx.graph.rank(a)
     return _global_pool(ctx, node, a, p, list(range(2, rank)))
 
@@ -362,18 +353,17 @@ def reduce_mean_check(graph, node):
     if rank is None or axes is None:
         return "axes or input rank unknown"
     axes = sorted(a % rank for a in axes)
-    if 0 in axes or 1 in axes:
-        return "only reductions over spatial axes (>= 2) are supported"
+    if not axes or 0 in axes:
+        return "a reduction over the batch axis is not supported"
     return None
 
 
-@register("ReduceMean", check=reduce_mean_check,
-          description="as GlobalAveragePool over the reduced (spatial) axes")
+@register("ReduceMean", "ReduceSum", inputs=(0,), keeps_nonneg=True, check=reduce_mean_check,
+          description="over any non-batch axes (NCHW `[2, 3]`, NHWC `[1, 2]`): proportional to the inputs (a+ for `positive`)")
 def reduce_mean(ctx: Context, node, p: str, negate=False):
-    """Spatial mean (how newer exporters write global pooling)."""
+    """Mean or sum over positions (how newer exporters and tf2onnx write global pooling): the
+    weights are equal and positive, so P is shared in proportion to the inputs whatever the axes."""
     a = node.input[0]
-    if not ctx.wants(a):
-        return {}
     rank = ctx.graph.rank(a)
     axes = sorted(x % rank for x in _reduce_axes(ctx.graph, node))
     if not attr(node, "keepdims", 1):
@@ -392,13 +382,11 @@ def batchnorm_check(graph, node):
     return None
 
 
-@register("BatchNormalization", check=batchnorm_check,
-          description="per-channel linear layer y = s*x + t (Conv->BN pairs are folded before the rules run)")
+@register("BatchNormalization", inputs=(0,), check=batchnorm_check,
+          description="folded into the preceding Conv (in float64, before W+ is taken); elsewhere a per-channel linear layer")
 def batch_normalization(ctx: Context, node, p: str, negate=False):
     """Diagonal linear rule with weight s = gamma / sqrt(var + eps); the shift is a bias."""
     a = node.input[0]
-    if not ctx.wants(a):
-        return {}
     gamma, _, _, var = (ctx.graph.consts[i].astype(np.float64) for i in node.input[1:5])
     eps = attr(node, "epsilon", 1e-5)
     rank = ctx.graph.rank(a)
@@ -411,13 +399,11 @@ def batch_normalization(ctx: Context, node, p: str, negate=False):
     return {a: excite_linear(ctx, node, a, p, scale, forward=diag, transpose=diag, negate=negate)}
 
 
-@register("ReduceLogSumExp", check=reduce_mean_check,
-          description="smooth max over positions: P_in = P * softmax_positions(x) (the score-map pool of a fully convolutional head)")
+@register("ReduceLogSumExp", inputs=(0,), check=reduce_mean_check,
+          description="P shared by softmax over positions (the pool of a fully convolutional head)")
 def reduce_log_sum_exp(ctx: Context, node, p: str, negate=False):
     """y = log sum exp(x): P is shared out in proportion to exp(x - y), which sums to 1."""
     a = node.input[0]
-    if not ctx.wants(a):
-        return {}
     g = ctx.g
     rank = ctx.graph.rank(a)
     axes = sorted(x % rank for x in _reduce_axes(ctx.graph, node))

@@ -20,13 +20,14 @@ def _sum_check(graph, node):
     return None
 
 
-@register("Add", "Sum", check=_sum_check, description="proportional split x_k / sum x (x_k+ / sum x+ for the positive rule); constants (biases) take no share")
+@register("Add", "Sum", keeps_nonneg=True, check=_sum_check,
+          description="split in proportion `x_k / sum x` (`x_k+ / sum x+` for `positive`); constant summands are biases and take no share")
 def add(ctx: Context, node, p: str, negate=False):
     """Split P over the non-constant summands in proportion to them."""
     g = ctx.g
     data = [i for i in node.input if i and not ctx.graph.is_const(i)]
     if len(data) == 1:
-        return {data[0]: p} if ctx.wants(data[0]) else {}
+        return {data[0]: p}
     if ctx.rule == "positive":
         parts = [g.memo(("a+", x), lambda x=x: g.relu(ctx.act(x))) for x in data]
     else:
@@ -41,7 +42,7 @@ def add(ctx: Context, node, p: str, negate=False):
     return out
 
 
-@register("Concat", description="split P back into the concatenated inputs")
+@register("Concat", keeps_nonneg=True, description="P split back to the inputs")
 def concat(ctx: Context, node, p: str, negate=False):
     """Slice P back along the concat axis."""
     g = ctx.g

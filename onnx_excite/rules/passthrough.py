@@ -8,41 +8,52 @@ from __future__ import annotations
 
 from .base import Context, attr, register
 
+
+def _pass(ctx: Context, node, p: str, negate=False):
+    """P passes through unchanged."""
+    return {node.input[0]: p}
+
+
+_PASS = ("P passes through (where an activation's output can be negative, the next linear layer sees that sign: "
+         "the `positive` rule then counts only positive contributions)")
+
 #: Elementwise ops with one data input whose P passes through unchanged: the ReLU family
 #: and other monotone activations (where an activation's output can be negative, the
-#: sign of that output is seen by the next linear layer: the positive rule then
-#: counts only its positive contributions), plus Identity, Dropout, Cast, LRN.
-PASS_THROUGH = ("Relu", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "HardSigmoid", "HardSwish",
-                "Sigmoid", "Tanh", "Gelu", "Softplus", "Softsign", "Mish", "ThresholdedRelu",
-                "Identity", "Dropout", "Cast", "LRN")
+#: sign of that output is seen by the next linear layer: the positive rule then counts
+#: only its positive contributions), plus Identity, Dropout, Cast, LRN. They differ only
+#: in what they say about the sign of their output.
+register("Relu", "Sigmoid", "Softplus", "HardSigmoid", inputs=(0,), keeps_nonneg="always",
+         description="P passes through")(_pass)
+register("LeakyRelu", "PRelu", "Elu", "Celu", "HardSwish", "Tanh", "Gelu", "Softsign", "Mish",
+         "Identity", "Dropout", "Cast", "LRN", inputs=(0,), keeps_nonneg=True, description=_PASS)(_pass)
+register("Selu", "ThresholdedRelu", inputs=(0,), description=_PASS)(_pass)
 
 
-@register(*PASS_THROUGH, description="pass-through: P_in = P")
-def pass_through(ctx: Context, node, p: str, negate=False):
-    """P passes through unchanged."""
-    a = node.input[0]
-    return {a: p} if ctx.wants(a) else {}
+def clip_nonneg(graph, node):
+    """Clip(x, lo >= 0) is >= 0 whatever x is."""
+    lo = node.input[1] if len(node.input) > 1 and node.input[1] else None
+    if lo is None:
+        lo_attr = attr(node, "min")
+        return "always" if lo_attr is not None and lo_attr >= 0 else False
+    return "always" if lo in graph.consts and float(graph.consts[lo]) >= 0 else False
+
+
+register("Clip", inputs=(0,), keeps_nonneg=clip_nonneg, description="P passes through (ReLU6 and other clamps)")(_pass)
 
 
 def _reshape_back(ctx: Context, node, p: str, negate=False):
     a = node.input[0]
-    return {a: ctx.g.reshape_like(p, a)} if ctx.wants(a) else {}
+    return {a: ctx.g.reshape_like(p, a)}
 
 
-register("Flatten", "Reshape", "Squeeze", "Unsqueeze",
-         description="reshape P back to the input's shape")(_reshape_back)
+register("Flatten", "Reshape", "Squeeze", "Unsqueeze", inputs=(0,), keeps_nonneg=True,
+         description="P reshaped back; Shape/Gather/Concat subgraphs feeding a Reshape carry no P")(_reshape_back)
 
 
-def _transpose_check(graph, node):
-    return None
-
-
-@register("Transpose", check=_transpose_check, description="transpose P back with the inverse permutation")
+@register("Transpose", inputs=(0,), keeps_nonneg=True, description="P permuted back (NHWC graphs)")
 def transpose(ctx: Context, node, p: str, negate=False):
     """Undo the permutation."""
     a = node.input[0]
-    if not ctx.wants(a):
-        return {}
     perm = attr(node, "perm")
     if perm is None:
         perm = list(reversed(range(ctx.graph.rank(a))))
@@ -87,45 +98,8 @@ def mul_check(graph, node):
     return None
 
 
-@register("Mul", check=mul_check,
-          description="gating (SE blocks, SiLU = x*sigmoid(x), constant scales): P passes to the gated input")
+@register("Mul", keeps_nonneg=True, check=mul_check,
+          description="by a gate (SE blocks, SiLU = x·sigmoid(x), constant scales): the gate is a per-element scale, P goes to the gated features only")
 def mul(ctx: Context, node, p: str, negate=False):
     """The gate (a constant or computed from the features) is a per-element scale: P flows to the features."""
-    x = node.input[1 - _gate_input(ctx.graph, node)]
-    return {x: p} if ctx.wants(x) else {}
-
-
-def _pads(graph, node):
-    pads = attr(node, "pads")
-    if pads is None and len(node.input) > 1 and node.input[1]:
-        pads = graph.consts.get(node.input[1])
-    return None if pads is None else [int(v) for v in pads]
-
-
-def pad_check(graph, node):
-    mode = attr(node, "mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else mode
-    if mode != "constant":
-        return f"Pad mode {mode!r} (only constant padding is supported)"
-    pads = _pads(graph, node)
-    if pads is None:
-        return "pads are not constant"
-    if min(pads) < 0:
-        return "negative pads (cropping) are not supported"
-    if len(node.input) > 3 and node.input[3]:
-        return "Pad with an axes input is not supported"
-    return None
-
-
-@register("Pad", check=pad_check, description="P cut back to the unpadded input (the padding takes no share)")
-def pad(ctx: Context, node, p: str, negate=False):
-    """Slice the padding off P."""
-    a = node.input[0]
-    if not ctx.wants(a):
-        return {}
-    g = ctx.g
-    pads = _pads(ctx.graph, node)
-    n = len(pads) // 2
-    starts = g.i64(pads[:n])
-    ends = g.op("Add", [g.shape(a), starts])
-    return {a: g.op("Slice", [p, starts, ends, g.i64(list(range(n)))], hint="p_unpad")}
+    return {node.input[1 - _gate_input(ctx.graph, node)]: p}

@@ -1,0 +1,31 @@
+"""`onnx-excite methods`: the registered attention methods (onnx_excite.methods.METHODS)."""
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from onnx_excite.cli.app import app, friendly, out
+
+
+@app.command("methods")
+@friendly
+def methods(detail: bool = typer.Option(False, "--detail", "-d",
+                                        help="also show each method's rule per op family, dual, top signal and mass"),
+            rule: str = typer.Option("positive", help="excitation rule whose parts the MWP family shows (positive or paper)")):
+    """List the attention methods with a one-line description."""
+    from onnx_excite.methods import method_table
+
+    rows = method_table(rule=rule)
+    if not detail:
+        table = Table("method", "map", "blur", "description", title="attention methods")
+        for row in rows:
+            table.add_row(row["method"], row["map"], row["blur"], row["description"])
+        out.print(table)
+    else:
+        for row in rows:
+            out.print(f"{row['method']}: {row['description']}", markup=False)
+            for key in ("linear", "pool", "add", "relu", "top", "dual", "map", "blur", "mass", "layers", "runnable"):
+                out.print(f"    {key:7s} {row[key]}", markup=False)
+    waiting = [row["method"] for row in rows if row["runnable"] == "no"]
+    if waiting:
+        out.print(f"declared, not yet run by explain/eval/bench: {', '.join(waiting)}", markup=False, soft_wrap=True)

@@ -1,0 +1,257 @@
+"""Attention methods as data: each method is one ``Method`` declaration in ``METHODS``.
+
+A method states how the top-down signal P passes each op family of the companion graph
+(zennit-style: a rule is a small declaration), what its dual is, how P becomes a map and what
+mass to expect. All methods run over the same backward sweep; only these choices differ.
+
+Notation (a = a layer's input activation, W its weight, b its bias, e the signal (N, K) at
+the logits s, adj = transpose of the bias-free layer, e.g. ConvTranspose for Conv):
+
+* ``RuleVariant(parts, normalise, bias)`` for the weighted families. ``parts`` are
+  (activation factor, weight) pairs, the factor one of ``1``, ``a``, ``a+``, ``a-`` and the
+  weight one of ``W``, ``W+``, ``W-``; ``parts=None`` takes the parts of the excitation rule
+  chosen by ``--rule`` (``RULE_PARTS``); weight ``1`` is a unit weight (a pool's window
+  sum without its 1/count). The rule computes
+      Z = sum_parts fwd(act, weight) (+ b when bias == "in-Z"),
+      R = P / Z ("Z"), P / (Z + eps * max|Z| * sign Z) ("Z+eps", eps = 1e-6, max over the
+          node's outputs of the same sample, sign(0) = +1) or P ("none"),
+      P_in = sum_parts act * adj(R, weight),  a term with a zero denominator gives 0.
+  ``linear`` is the rule of Conv/Gemm/MatMul (and of an unfolded BatchNormalization: weight
+  s = gamma / sqrt(var + eps), bias beta - mean s); ``pool`` of AveragePool,
+  GlobalAveragePool and a spatial ReduceMean (weights 1/count); ``add`` of an Add of data tensors (weights 1). A constant addend is a
+  bias: with ``bias="ignored"`` an Add of one data tensor and a constant passes P unchanged,
+  with ``"in-Z"`` the constant joins Z (and takes its share of P, which is dropped).
+* ``relu``: the gate at a rectifier (Relu; Clip/ReLU6 with the mask [lo < x < hi]):
+  ``forward-mask`` (P * [x > 0], the gradient), ``backward-relu`` (max(P, 0), deconvnet),
+  ``both`` (guided backprop) or ``none``.
+  MaxPool routes P to the first maximum of each window in every method; reshapes, Concat,
+  Identity/Dropout move P unchanged.
+* ``top``: the signal entering at the logits: ``signal`` (e) or ``score`` (e * s, LRP).
+* ``dual``: ``none``; ``difference`` (at the classifier - the first weighted node below
+  the logits - P_in = rule(W) - rule(-W), propagated: c-MWP); ``separate`` (a second sweep
+  from the negated classifier; both maps L1-normalised per sample, subtracted).
+* ``reduce``: ``sum`` or ``abs-max`` over channels; ``clip``: max(map, 0) after it (and after
+  the dual's subtraction).
+* ``mass``: what sum(P) over a layer should be, for diagnostics: ``signal`` (sum e, less
+  the share of units with Z = 0), ``score`` (sum e * s for bias-free nets), ``zero``
+  (the target and dual carry equal mass: sum P ~ 0), or ``none``.
+* ``blur``: the paper's Gaussian blur (sigma = 0.02 max(W, H), ``onnx_excite.postprocess``)
+  before display/evaluation: grad, deconv, guided, LRP (the paper) and c-grad, c-deconv
+  (our choice: pixel-level maps like their base methods); every map is upsampled bicubically.
+* ``layers``: ``any`` or ``last-feature-map`` (CAM: the input of the global pool feeding
+  the linear classifier).
+
+The float64 reference of every method is ``tests/method_ref.py``; how the companion-graph
+builder consumes these declarations is in docs/methods.md.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Iterable, Optional, Tuple
+
+from .errors import ExciteError
+
+Parts = Tuple[Tuple[str, str], ...]
+
+ACTIVATION_FACTORS = ("1", "a", "a+", "a-")
+WEIGHTS = ("W", "W+", "W-", "1")
+NORMALISATIONS = ("none", "Z", "Z+eps")
+BIASES = ("ignored", "in-Z")
+GATES = ("forward-mask", "backward-relu", "both", "none")
+TOPS = ("signal", "score")
+DUALS = ("none", "difference", "separate")
+REDUCTIONS = ("sum", "abs-max")
+MASSES = ("signal", "score", "zero", "none")
+LAYERS = ("any", "last-feature-map")
+
+LRP_EPSILON = 1e-6  # relative: eps_i = 1e-6 * max |z| over the node's outputs of the sample
+
+RULE_PARTS = {  # the excitation rules of --rule (onnx_excite.rules)
+    "positive": (("a+", "W+"), ("a-", "W-")),   # z_ij = (a_j W_ij)+
+    "paper": (("a", "W+"),),                    # z_ij = a_j W+_ij
+}
+
+
+@dataclass(frozen=True)
+class RuleVariant:
+    """P_in = sum over ``parts`` of act * adj(R, weight), R = P normalised per ``normalise``."""
+
+    parts: Optional[Parts]          # None: the parts of the --rule excitation rule
+    normalise: str = "Z"
+    bias: str = "ignored"
+
+    def __post_init__(self):
+        for act, weight in self.parts or ():
+            if act not in ACTIVATION_FACTORS or weight not in WEIGHTS:
+                raise ValueError(f"bad part ({act!r}, {weight!r})")
+        if self.normalise not in NORMALISATIONS or self.bias not in BIASES:
+            raise ValueError(f"bad rule variant {self}")
+
+    def resolve(self, rule: str = "positive") -> Parts:
+        """The (activation, weight) parts, those of ``rule`` where the variant defers to it."""
+        if self.parts is not None:
+            return self.parts
+        if rule not in RULE_PARTS:
+            raise ExciteError(f"unknown rule {rule!r}; choose from {', '.join(RULE_PARTS)}")
+        return RULE_PARTS[rule]
+
+    def describe(self, rule: Optional[str] = None) -> str:
+        parts = self.parts if self.parts is not None or rule is None else self.resolve(rule)
+        text = "rule" if parts is None else " + ".join(w if a == "1" else f"{a} {w}" for a, w in parts)
+        if self.normalise != "none":
+            text += f" /{self.normalise}"
+        if self.bias == "in-Z":
+            text += " (bias in Z)"
+        return text
+
+
+GRADIENT = RuleVariant((("1", "W"),), normalise="none")         # adj(P, W): the transposed layer
+EXCITATION = RuleVariant(None, normalise="Z")                   # MWP: the --rule parts, / Z
+EXCITATION_UNNORMALISED = RuleVariant(None, normalise="none")
+ZPLUS = RuleVariant(RULE_PARTS["positive"], normalise="Z")      # alpha1-beta0 (bias ignored)
+EPSILON = RuleVariant((("a", "W"),), normalise="Z+eps", bias="in-Z")
+CAM_POOL = RuleVariant((("a", "1"),), normalise="none")          # CAM's global pool: P_in = a * P
+
+
+@dataclass(frozen=True)
+class Method:
+    """One attention method (see the module docstring for every field's meaning)."""
+
+    name: str
+    description: str
+    linear: RuleVariant
+    pool: RuleVariant
+    add: RuleVariant
+    relu: str
+    top: str = "signal"
+    dual: str = "none"
+    reduce: str = "sum"
+    clip: bool = False
+    mass: str = "signal"
+    blur: bool = False
+    layers: str = "any"
+
+    def __post_init__(self):
+        for value, allowed in ((self.relu, GATES), (self.top, TOPS), (self.dual, DUALS),
+                               (self.reduce, REDUCTIONS), (self.mass, MASSES), (self.layers, LAYERS)):
+            if value not in allowed:
+                raise ValueError(f"method {self.name!r}: {value!r} is not one of {allowed}")
+
+    @property
+    def sweep_key(self) -> tuple:
+        """Methods with equal keys have the same target sweep (they differ only after it)."""
+        return (self.linear, self.pool, self.add, self.relu, self.top)
+
+    @property
+    def contrastive(self) -> bool:
+        return self.dual != "none"
+
+
+_SUM_RULES = dict(pool=EXCITATION, add=EXCITATION)
+
+
+def _gradient_family(name, relu, description, dual="none"):
+    """grad, deconv, guided and their contrastive variants: pixel-level maps, all blurred
+    (the paper blurs grad/deconv/guided; their contrastive maps are as noisy)."""
+    return Method(name, description, linear=GRADIENT, pool=GRADIENT, add=GRADIENT, relu=relu, dual=dual,
+                  reduce="abs-max", clip=dual != "none", mass="none" if dual == "none" else "zero", blur=True)
+
+
+METHODS: dict = {m.name: m for m in (
+    Method("mwp", "Marginal Winning Probability (Excitation Backprop)", linear=EXCITATION, relu="none",
+           **_SUM_RULES),
+    Method("cmwp", "contrastive MWP: target minus negated classifier at its input, propagated",
+           linear=EXCITATION, relu="none", dual="difference", clip=True, mass="zero", **_SUM_RULES),
+    _gradient_family("grad", "forward-mask",
+                     "gradient of the target score; max |g| over channels"),
+    _gradient_family("deconv", "backward-relu",
+                     "deconvnet (Zeiler-Fergus): ReLU on the backward signal, no forward mask"),
+    _gradient_family("guided", "both", "guided backprop: forward ReLU mask and backward ReLU"),
+    Method("lrp-epsilon", "LRP-epsilon (eps = 1e-6 relative to max|z| of the layer, bias in z)",
+           linear=EPSILON, pool=RuleVariant((("a", "W"),), normalise="Z+eps"), add=EPSILON, relu="none",
+           top="score", mass="score", blur=True),
+    Method("lrp-zplus", "LRP alpha1-beta0 (z+ rule, bias ignored)", linear=ZPLUS, pool=ZPLUS, add=ZPLUS,
+           relu="none", top="score", mass="score", blur=True),
+    Method("cam", "class activation map: class weights times the last feature map (GAP + linear heads)",
+           linear=GRADIENT, pool=CAM_POOL, add=GRADIENT, relu="none", mass="none",
+           layers="last-feature-map"),
+    _gradient_family("c-grad", "forward-mask",
+                     "contrastive gradient: L1-normalised map minus dual map (all zeros, as the paper notes)",
+                     dual="separate"),
+    _gradient_family("c-deconv", "backward-relu",
+                     "contrastive deconvnet: L1-normalised map minus dual map, clipped", dual="separate"),
+    Method("c-cam", "contrastive CAM: L1-normalised CAM minus the negated classifier's, clipped",
+           linear=GRADIENT, pool=CAM_POOL, add=GRADIENT, relu="none", dual="separate", clip=True,
+           mass="none", layers="last-feature-map"),
+    Method("cmwp-nonorm", "ablation: c-MWP without Z normalisation at weighted layers",
+           linear=EXCITATION_UNNORMALISED, relu="none", dual="difference", clip=True, mass="none", **_SUM_RULES),
+    Method("cmwp-postnorm", "ablation: MWP and dual MWP computed separately, each L1-normalised, subtracted",
+           linear=EXCITATION, relu="none", dual="separate", clip=True, mass="zero", **_SUM_RULES),
+)}
+
+
+def method_names() -> tuple:
+    return tuple(METHODS)
+
+
+def runnable_methods() -> tuple:
+    """The methods the companion-graph builder runs today (explain, eval, bench, export);
+    the others are declared and have their float64 reference (tests/method_ref.py) but wait
+    for the builder to consume their declarations (issue 12, phase 2)."""
+    from . import builder
+
+    return tuple(m for m in METHODS if m in getattr(builder, "METHODS", ()))
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``; ExciteError naming the choices otherwise."""
+    if name in METHODS:
+        return METHODS[name]
+    close = difflib.get_close_matches(str(name), METHODS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ExciteError(f"unknown method {name!r}{hint}; choose from {', '.join(METHODS)}")
+
+
+def shared_sweeps(names: Iterable[str]) -> list:
+    """Groups of the requested methods that need one and the same target sweep (e.g. grad
+    and c-grad; mwp, cmwp-postnorm): [(sweep key, [names])], in request order."""
+    groups: dict = {}
+    for name in dict.fromkeys(names):
+        groups.setdefault(get_method(name).sweep_key, []).append(name)
+    return list(groups.items())
+
+
+def shared_linear_parts(names: Iterable[str], rule: str = "positive") -> dict:
+    """Which emitted pieces of the weighted layers several methods can share.
+
+    {("Z", parts): [methods]} - the forward sums Z = sum_parts fwd(act, weight), one per
+    (parts, layer), shared by every method normalising by the same parts (mwp, cmwp,
+    cmwp-postnorm and, with the positive rule, lrp-zplus);
+    {("adj", weight): [methods]} - the transposed layers with one weight (W, W+, W-): the
+    methods' signals can be stacked on the batch axis and sent through one ConvTranspose /
+    MatMul per layer (grad, deconv, guided, c-grad, c-deconv share adj(., W))."""
+    out: dict = {}
+    for name in dict.fromkeys(names):
+        variant = get_method(name).linear
+        parts = variant.resolve(rule)
+        if variant.normalise != "none":
+            out.setdefault(("Z", parts), []).append(name)
+        for weight in dict.fromkeys(w for _, w in parts):
+            out.setdefault(("adj", weight), []).append(name)
+    return out
+
+
+def method_table(rule: str = "positive") -> list:
+    """One dict of display strings per method (for `onnx-excite methods`)."""
+    if rule not in RULE_PARTS:
+        raise ExciteError(f"unknown rule {rule!r}; choose from {', '.join(RULE_PARTS)}")
+    runnable = runnable_methods()
+    rows = []
+    for m in METHODS.values():
+        final = ("max|P|" if m.reduce == "abs-max" else "sum") + (", clip" if m.clip else "")
+        rows.append({"method": m.name, "runnable": "yes" if m.name in runnable else "no", "dual": m.dual, "map": final, "blur": "yes" if m.blur else "no",
+                     "linear": m.linear.describe(rule), "pool": m.pool.describe(rule), "add": m.add.describe(rule),
+                     "relu": m.relu, "top": m.top, "mass": m.mass, "layers": m.layers,
+                     "description": m.description})
+    return rows

@@ -1,0 +1,131 @@
+"""``explanations.jsonl`` as a keyed store: one record per (image, settings), written as each
+image is done, never duplicated.
+
+A record is a JSON object with at least ``image`` (the input path), ``settings`` (what
+was asked: model, layers, methods, targets, sizes, rendering) and ``outputs`` (a list of
+dicts whose string values ending in a file suffix are paths of written files).
+
+* :meth:`RecordStore.done` returns the stored record of an image whose settings match and
+  whose output files all exist: a re-run skips that image (idempotent runs, resumable jobs);
+* :meth:`RecordStore.put` appends a new record (flushed at once, so a run that stops half
+  way keeps the images it finished) or, when the key is already stored, rewrites the file
+  with the record replaced (through a temporary file and ``os.replace``: atomic).
+
+Several workers must not share one store file; give each its own output folder (or merge
+the files with :func:`merge` afterwards).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+FILE_NAME = "explanations.jsonl"
+_PATH_SUFFIXES = (".npy", ".png", ".json")
+
+
+def record_key(image, settings: dict) -> str:
+    """The identity of a record: the resolved image path and the canonical settings."""
+    return json.dumps([str(Path(image).resolve()), settings], sort_keys=True)
+
+
+def output_paths(record: dict) -> list[Path]:
+    """Every file a record says was written."""
+    paths = []
+    for out in record.get("outputs", []):
+        for value in out.values():
+            if isinstance(value, str) and value.endswith(_PATH_SUFFIXES):
+                paths.append(Path(value))
+    return paths
+
+
+def is_complete(record: dict) -> bool:
+    """The record lists outputs and every one of them exists."""
+    paths = output_paths(record)
+    return bool(paths) and all(p.is_file() for p in paths)
+
+
+def read_records(path) -> list[dict]:
+    """The records of a JSONL file, later lines replacing earlier ones of the same key;
+    lines that are not JSON objects (e.g. cut off by a crash) are dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    by_key: dict = {}
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and "image" in rec:
+                key = record_key(rec["image"], rec.get("settings"))
+                by_key.pop(key, None)
+                by_key[key] = rec
+    return list(by_key.values())
+
+
+def _dump(record: dict) -> str:
+    return json.dumps(record, allow_nan=False)   # NaN would make the line invalid JSON
+
+
+class RecordStore:
+    """The records of one output folder's ``explanations.jsonl``."""
+
+    def __init__(self, folder, file_name: str = FILE_NAME):
+        self.path = Path(folder) / file_name
+        self.records = {record_key(r["image"], r.get("settings")): r for r in read_records(self.path)}
+        if self.path.is_file() and self._line_count() != len(self.records):
+            self._rewrite()   # duplicates or broken lines from an older version or a crash
+
+    def _line_count(self) -> int:
+        with self.path.open(encoding="utf-8") as fh:
+            return sum(1 for line in fh if line.strip())
+
+    def done(self, image, settings: dict) -> Optional[dict]:
+        """The stored record for ``image`` with these settings if all its outputs exist."""
+        rec = self.records.get(record_key(image, settings))
+        return rec if rec is not None and is_complete(rec) else None
+
+    def put(self, record: dict) -> None:
+        """Store ``record`` (keyed by its ``image`` and ``settings``) on disk now."""
+        line = _dump(record)
+        key = record_key(record["image"], record.get("settings"))
+        replacing = key in self.records
+        self.records[key] = record
+        if replacing:
+            self._rewrite()
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+
+    def reorder(self, images: Sequence, settings: dict) -> None:
+        """Rewrite the file with the records of ``images`` (these settings) last, in that order."""
+        keys = [record_key(image, settings) for image in images]
+        wanted = set(keys)
+        ordered = {k: r for k, r in self.records.items() if k not in wanted}
+        ordered.update((k, self.records[k]) for k in keys if k in self.records)
+        self.records = ordered
+        self._rewrite()
+
+    def _rewrite(self) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as fh:
+            for rec in self.records.values():
+                fh.write(_dump(rec) + "\n")
+        os.replace(tmp, self.path)
+
+
+def merge(sources: Iterable, target) -> int:
+    """Merge JSONL record files into ``target`` (later sources win per key); the record count."""
+    store = RecordStore(Path(target).parent, Path(target).name)
+    for src in sources:
+        for rec in read_records(src):
+            store.put(rec)
+    return len(store.records)

@@ -1,0 +1,115 @@
+"""Element-wise ops: Sub and Div by a constant, Mean and Max of several tensors.
+
+``x - c``, ``c - x`` and ``x / c`` are per-element affine maps of one tensor:
+like ``Mul`` by a constant and a bias ``Add`` they hand P to ``x`` unchanged
+(a decomposed BatchNorm ``(x - m) / s``, paddle's hard-swish
+``x * clip(x + 3, 0, 6) / 6``, the scaling of tf2onnx graphs, the
+normalisation of the pixels inside the graph). ``x / g`` where the divisor is
+computed from ``x`` is a gate, as for ``Mul``.
+
+``Mean`` of tensors is their sum scaled by 1/n: P is split as for ``Sum``.
+``Max`` of tensors routes each cell's P to the input that holds the maximum
+(the first one on ties), as MaxPool does over a window.
+"""
+from __future__ import annotations
+
+from .base import Context, proves_nonneg, register
+from .merge import add as _proportional_split
+from .passthrough import _depends_on
+
+
+def _data(graph, node):
+    return [i for i in node.input if i and not graph.is_const(i)]
+
+
+def _same_shape_check(graph, data, out):
+    shapes = [graph.shape(x) for x in data]
+    want = graph.shape(out)
+    if want is None or any(s is None for s in shapes):
+        return None
+    for x, s in zip(data, shapes):
+        if len(s) != len(want) or any(a is not None and b is not None and a != b for a, b in zip(s, want)):
+            return f"input {x!r} of shape {s} is broadcast to {want}; only equally shaped tensors are supported"
+    return None
+
+
+def sub_check(graph, node):
+    data = _data(graph, node)
+    if len(data) > 1:
+        return "Sub of two tensors (only a constant may be subtracted, or subtracted from)"
+    return _same_shape_check(graph, data, node.output[0])
+
+
+@register("Sub", check=sub_check,
+          description="`x - c`, `c - x` (decomposed BatchNorm, pixel normalisation inside the graph): per-element affine, "
+                      "P passes to `x` as for Mul by a constant and a bias Add; Sub of two tensors is refused")
+def sub(ctx: Context, node, p: str, negate=False):
+    """P_in = P: each output cell is an affine function of one input cell."""
+    data = _data(ctx.graph, node)
+    return {data[0]: p} if data else {}
+
+
+def div_check(graph, node):
+    x, d = node.input[0], node.input[1]
+    if graph.is_const(x):
+        return "Div of a constant by a tensor (a reciprocal is not affine)"
+    if not graph.is_const(d) and not _depends_on(graph, d, x):
+        return "Div by a tensor that is neither a constant nor computed from the dividend"
+    return _same_shape_check(graph, [x], node.output[0])
+
+
+def div_nonneg(graph, node):
+    """x / d >= 0 where x >= 0 (the declared input) and the divisor is provably >= 0 too."""
+    return proves_nonneg(graph, node.input[1])
+
+
+# only the dividend carries P (a divisor gate's subgraph is not excited); a constant divided
+# by a tensor declares no input that carries P: div_check reports it (the builder checks
+# every node on the path, also those whose declared inputs are all constants)
+@register("Div", inputs=(0,), keeps_nonneg=div_nonneg, check=div_check,
+          description="`x / c`, or `x / g` with a gate `g` computed from `x` (L2 normalisation, paddle's hard-swish "
+                      "`x·clip(x+3, 0, 6)/6`): P passes to `x`, the divisor takes none; `c / x` is refused")
+def div(ctx: Context, node, p: str, negate=False):
+    """P_in = P for the dividend; the divisor (a constant or a gate) takes no share."""
+    return {node.input[0]: p}
+
+
+def mean_check(graph, node):
+    return _same_shape_check(graph, _data(graph, node), node.output[0])
+
+
+register("Mean", keeps_nonneg=True, check=mean_check,
+         description="split in proportion `x_k / sum x` (`x_k+ / sum x+` for `positive`); constant summands are biases and take no share")(
+    _proportional_split)
+
+
+def max_check(graph, node):
+    return _same_shape_check(graph, _data(graph, node), node.output[0])
+
+
+def max_nonneg(graph, node):
+    """max(x_1, .., x_n) >= 0 as soon as one input is >= 0 (``Max(x, 0)`` is a ReLU)."""
+    return "always" if any(proves_nonneg(graph, i) for i in node.input if i) else False
+
+
+@register("Max", keeps_nonneg=max_nonneg, check=max_check,
+          description="each cell's P goes to the input holding the maximum (the first on ties); constants take none")
+def max_(ctx: Context, node, p: str, negate=False):
+    """P_k = P where x_k is the first arg-max over the non-constant inputs, else 0."""
+    g = ctx.g
+    data = _data(ctx.graph, node)
+    if len(data) == 1:
+        return {data[0]: p}
+
+    def first_argmax():
+        stacked = g.op("Concat", [g.op("Unsqueeze", [ctx.act(x), g.i64([0])]) for x in data], axis=0)
+        return g.op("ArgMax", [stacked], axis=0, keepdims=0, select_last_index=0, hint="max_winner")
+
+    winner = g.memo((node.name, "argmax"), first_argmax)
+    zero = g.scalar(0.0)
+    out = {}
+    for k, x in enumerate(data):
+        if ctx.wants(x):
+            share = g.op("Where", [g.op("Equal", [winner, g.i64(k)]), p, zero], hint="p_max")
+            out[x] = g.add(out[x], share) if x in out else share
+    return out
