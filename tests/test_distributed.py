@@ -85,6 +85,7 @@ def test_explain_on_ray_equals_one_process_and_resumes(local_ray, model_path, ph
     summary, stats = explain_on_ray([str(photos)], opts_r, SETTINGS)
     assert (stats.images, stats.done, stats.failed, stats.resumed) == (4, 3, 1, 0)
     assert summary.failed == one.failed == 1 and summary.written == one.written
+    assert summary.providers == one.providers and summary.logits_choice == one.logits_choice is not None
     assert stats.errors[0][0].endswith("broken.jpg") and "cannot read image" in stats.errors[0][1]
     a, b = _files(tmp_path / "one"), _files(tmp_path / "ray")
     assert sorted(a) == sorted(b) and len(a) == 3 * 2 * 2 * 3 + 3 * 2 + 3 + 1
