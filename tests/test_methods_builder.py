@@ -2,10 +2,10 @@
 tests/test_builder_vs_method_ref.py (which compares each with tests/method_ref.py):
 
 * grad equals float64 finite differences at intermediate layers on the coverage zoo
-  (smooth activations, SE / SiLU gates through the product rule, ReLU6, ceil-mode MaxPool,
-  unfolded BatchNorm, NHWC Transpose/Pad), where method_ref.py has no branch;
+  (smooth activations, SE / SiLU gates through the product rule, LRN, ReLU6, ceil-mode
+  MaxPool, unfolded BatchNorm, NHWC Transpose/Pad), where method_ref.py has no branch;
 * every method runs without NaN on the zoo and on the default model, or is refused with one
-  clear error naming the reason (CAM off a global-pool + linear head, the gradient through LRN);
+  clear error naming the reason (CAM off a global-pool + linear head);
 * several methods in one build give the maps each gives alone (shared pieces are shared
   correctly); c-grad is 0, c-cam has cam's arg-max, the ablations differ from c-MWP;
 * LRP conservation on bias-free nets; the mass diagnostics follow ``Method.mass``.
@@ -22,7 +22,6 @@ from onnx_excite.errors import ExciteError
 from onnx_excite.methods import METHODS, get_method
 
 ZOO = dict(tb.ZOO, se_silu_concat=tb.se_silu_concat, resnet_block=tb.resnet_block, mobilenet_block=tb.mobilenet_block)
-GRADIENT_THROUGH_LRN = {"grad", "guided", "c-grad"}   # forward-mask methods: LRN's derivative is not implemented
 
 
 def _input(model, seed, batch=2):
@@ -50,7 +49,7 @@ def _cam_layer(model):
     return cam_feature_map(canonicalize(model))
 
 
-@pytest.mark.parametrize("arch", sorted(set(ZOO) - {"inception_lrn"}))
+@pytest.mark.parametrize("arch", sorted(ZOO))
 def test_grad_equals_finite_differences(arch):
     model, layers = ZOO[arch](0)
     x = _input(model, 0, batch=1).astype(np.float64)
@@ -61,13 +60,15 @@ def test_grad_equals_finite_differences(arch):
     e = np.eye(k)[[1 % k]]
     res = Exciter(model, layers, methods=("grad",), channels=True).explain(x.astype(np.float32), e.astype(np.float32))
     rng = np.random.default_rng(1)
-    h = 1e-5
+    h = 1e-7   # small: a random direction moves every unit, a kink (ReLU, MaxPool tie) must not be crossed
     for layer in layers:
         g = res.channels["grad"][layer].astype(np.float64)
         base = vals[layer]
         assert g.shape == base.shape, (arch, layer)
         for _ in range(3):
-            d = rng.normal(size=base.shape)
+            # directions that keep exact zeros (dead ReLUs) at 0: ties of zeros in a MaxPool
+            # window are a kink where finite differences have no single value
+            d = rng.normal(size=base.shape) * (base != 0)
             plus = (_forward_with(ref, x, layer, base + h * d)[entry] * e).sum()
             minus = (_forward_with(ref, x, layer, base - h * d)[entry] * e).sum()
             fd = (plus - minus) / (2 * h)
@@ -88,10 +89,6 @@ def test_every_method_runs_without_nan_on_the_zoo(arch):
                 with pytest.raises(ExciteError, match=f"^{name}: "):
                     Exciter(model, layers, methods=(name,))
                 continue
-        if arch == "inception_lrn" and name in GRADIENT_THROUGH_LRN:
-            with pytest.raises(ExciteError, match="derivative of LRN"):
-                Exciter(model, use, methods=(name,))
-            continue
         ex = Exciter(model, use, methods=(name,))
         signal = np.eye(ex.num_classes, dtype=np.float32)[[0, ex.num_classes - 1]]
         res = ex.explain(x, signal)

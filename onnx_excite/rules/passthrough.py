@@ -6,6 +6,8 @@ happens. Shape ops move P back to the layout of their input.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .base import Context, attr, register
 
 
@@ -27,8 +29,39 @@ def _pass(ctx: Context, node, p: str, negate=False):
             p = g.mul(p, g.memo(("fwd_mask", node.name), lambda: _rectifier_mask(ctx, node)))
         return {x: p}
     if gate in ("forward-mask", "both"):
+        if op == "LRN":
+            return {x: _lrn_adjoint(ctx, node, p)}
         return {x: g.mul(p, g.memo(("derivative", node.name), lambda: _derivative(ctx, node)))}
     return {x: p}
+
+
+def _channel_window_sum(ctx: Context, t: str, size: int, before: int, after: int) -> str:
+    """s[c] = sum of t[c - before .. c + after] over the channel axis 1 (zero outside), as a
+    Conv3D of ones over (N, 1, C, H, W)."""
+    g = ctx.g
+    t5 = g.op("Unsqueeze", [t, g.i64([1])])
+    ones = g.const(np.ones((1, 1, size, 1, 1), np.float32), "ones")
+    s = g.op("Conv", [t5, ones], kernel_shape=[size, 1, 1], pads=[before, 0, 0, after, 0, 0], hint="lrn_sum")
+    return g.op("Squeeze", [s, g.i64([1])])
+
+
+def _lrn_adjoint(ctx: Context, node, p: str) -> str:
+    """The transposed Jacobian of LRN, y_c = x_c d_c^-beta, d_c = bias + alpha/size
+    sum_{c' = c-lo}^{c+hi} x_c'^2 (lo = floor((size-1)/2), hi = ceil((size-1)/2)):
+    P_in_j = P_j d_j^-beta - (2 alpha beta / size) x_j sum_{c = j-hi}^{j+lo} P_c x_c d_c^(-beta-1)."""
+    g = ctx.g
+    size = int(attr(node, "size"))
+    alpha, beta, bias = (float(attr(node, k, d)) for k, d in (("alpha", 1e-4), ("beta", 0.75), ("bias", 1.0)))
+    lo, hi = (size - 1) // 2, size // 2
+    x = ctx.act(node.input[0])
+
+    def powers():
+        d = g.add(g.mul(_channel_window_sum(ctx, g.mul(x, x), size, lo, hi), g.scalar(alpha / size)), g.scalar(bias))
+        return g.op("Pow", [d, g.scalar(-beta)]), g.op("Pow", [d, g.scalar(-beta - 1.0)])
+
+    d_beta, d_beta1 = g.memo(("lrn_d", node.name), powers)
+    back = _channel_window_sum(ctx, g.mul(g.mul(p, x), d_beta1), size, hi, lo)
+    return g.sub(g.mul(p, d_beta), g.mul(g.mul(x, back), g.scalar(2.0 * alpha * beta / size)))
 
 
 def _rectifier_mask(ctx: Context, node) -> str:
