@@ -209,3 +209,29 @@ def test_unknown_method_names_the_choices():
     model, layers = net("residual", 0)
     with pytest.raises(ExciteError, match=r"unknown method 'gradd' \(did you mean 'grad'\?\); choose from mwp, cmwp"):
         Exciter(model, layers, methods=("gradd",))
+
+
+@pytest.mark.parametrize("size", [3, 5])   # ORT runs odd sizes only
+def test_grad_through_strong_lrn_equals_finite_differences(size):
+    """LRN with alpha = 1: the cross-channel term of its Jacobian matters."""
+    g = tb.G(size)
+    x = g.op("Relu", [g.conv("input", 4, 7)])
+    lrn = g.op("LRN", [x], "lrn", size=size, alpha=1.0, beta=0.75, bias=1.0)
+    model = g.model(g.head(lrn, 7))
+    inp = _input(model, size, batch=1).astype(np.float64) * 2
+    ref = Reference(model)
+    vals = ref.forward(inp)
+    entry = ref.entry()
+    e = np.eye(vals[entry].shape[1])[[2]]
+    res = Exciter(model, ["input", x], methods=("grad",), channels=True).explain(inp.astype(np.float32),
+                                                                              e.astype(np.float32))
+    for layer in ("input", x):
+        got, base = res.channels["grad"][layer].astype(np.float64), vals[layer]
+        num = np.zeros_like(base)
+        for ix in zip(*np.nonzero(base)):
+            d = np.zeros_like(base)
+            d[ix] = 1e-6
+            num[ix] = ((_forward_with(ref, inp, layer, base + d)[entry] - _forward_with(ref, inp, layer, base - d)[entry])
+                       * e).sum() / 2e-6
+        mask = base != 0
+        np.testing.assert_allclose(got[mask], num[mask], rtol=1e-3, atol=1e-4 * np.abs(num).max())
