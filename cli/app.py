@@ -106,9 +106,18 @@ def layers(model: Path = typer.Argument(..., help="ONNX classifier, or 'default'
 @friendly
 def check(model: Path = typer.Argument(..., help="ONNX classifier, or 'default'"),
           logits: Optional[str] = _logits_option(),
-          output: Optional[str] = _hidden_output_alias()):
+          output: Optional[str] = _hidden_output_alias(),
+          provider: str = typer.Option("cpu", help="cuda: also report every node of the companion graph that "
+                                                   "would fall back from ONNX Runtime's CUDA provider to the CPU"),
+          layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="map layer for --provider cuda "
+                                                    "(default: the input, so every rule is in the graph)")):
     """Report every node the rewrite cannot handle (exit 1), or "ok" and the candidate layers."""
     from onnx_excite.inspect import inspect_model
+
+    if provider != "cpu":
+        from onnx_excite.cli.serve_cmds import check_cuda_command
+
+        return check_cuda_command(model, provider, layer, logits or output)
 
     report = inspect_model(str(model), logits=logits or output)
     _note_logits(report.logits)
@@ -132,42 +141,34 @@ def _methods(method: Optional[List[str]], contrastive: bool) -> tuple:
 @app.command()
 @friendly
 def export(model: Path = typer.Argument(..., help="ONNX classifier (never modified), or 'default'"),
-           out_path: Path = typer.Option(..., "-o", "--output", help="where to write the companion model"),
+           out_path: Optional[Path] = typer.Option(None, "-o", "--output", help="where to write the companion model"),
            layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="tensor name of a map layer (repeatable; default: the model profile's)"),
            method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="attention method, any of `onnx-excite methods` (repeatable; default mwp)"),
            contrastive: bool = typer.Option(False, "--contrastive", help="also output contrastive MWP"),
            rule: str = typer.Option("positive", help="positive (stable for signed inputs) or paper (literal rule)"),
            channels: bool = typer.Option(False, help="also output channel-resolved P per layer"),
            input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. 'input=?,3,224,224'"),
+           signal: str = typer.Option("input", help="input (the client feeds excite_signal), top1 or topk:K (the graph "
+                                                    "explains its own top classes; outputs classes, scores, maps)"),
+           map_size: str = typer.Option("layer", help="layer (maps at layer resolution) or input (resized in the graph)"),
+           resize: str = typer.Option("bilinear", help="bilinear or bicubic, for --map-size input"),
+           normalize: str = typer.Option("none", help="none, max (each map / its max |value|) or sum (/ sum of |values|)"),
+           fp16: bool = typer.Option(False, "--fp16", help="forward in float16 (needs the fp16 extra); excitation stays float32"),
+           dynamic_batch: bool = typer.Option(True, help="make a fixed batch of 1 symbolic when no Reshape bakes it in"),
+           serving: Optional[Path] = typer.Option(None, help="also write a Triton model repository folder here"),
+           name: Optional[str] = typer.Option(None, help="Triton model name (default: the model file's stem + '_excite')"),
+           max_batch_size: int = typer.Option(32, help="Triton max_batch_size"),
            logits: Optional[str] = _logits_option()):
     """Write one ONNX model with the forward graph and the excitation outputs.
 
-    It runs in plain onnxruntime: feed the image(s) and `excite_signal` (N x K).
+    It runs in plain onnxruntime: feed the image(s) and `excite_signal` (N x K), or with
+    --signal top1/topk:K the image alone.
     """
-    import onnx
+    from onnx_excite.cli.serve_cmds import export_command
 
-    from onnx_excite import build_excitation_model
-    from onnx_excite.models.default import layers_or_default
-
-    layer = layers_or_default(str(model), layer)
-    from onnx_excite.checks import output_file
-
-    output_file(out_path, "-o", protect=[model])
-    built = build_excitation_model(str(model), layer, methods=_methods(method, contrastive), rule=rule,
-                                   channels=channels, input_shapes=_input_shapes(str(model), input_shape), logits=logits)
-    _note_logits(built.logits_choice)
-    try:
-        built.save(out_path)
-    except OSError as exc:
-        raise ExciteError(f"-o {out_path}: cannot write ({exc.strerror or type(exc).__name__})") from None
-    try:
-        onnx.checker.check_model(str(out_path), full_check=True)
-    except Exception as exc:  # a bug of ours, not of the user's model
-        out_path.unlink()
-        raise ExciteError(f"internal: the built model fails onnx.checker: {str(exc).splitlines()[0]}") from None
-    out.print(f"wrote {out_path}", markup=False)
-    out.print(f"  inputs : {', '.join(built.inputs)}, {built.signal} (N x {built.num_classes})", markup=False)
-    out.print(f"  outputs: {built.logits} (logits), " + ", ".join(built.maps.values()), markup=False)
+    export_command(model, out_path, layer, _methods(method, contrastive), rule, channels,
+                   _input_shapes(str(model), input_shape), signal, map_size, resize, normalize, fp16,
+                   dynamic_batch, serving, name, max_batch_size, logits=logits)
 
 
 @app.command()
@@ -243,7 +244,8 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
             batch_size: int = typer.Option(8, help="images per run (same-size images share a batch)"),
             logits: Optional[str] = _logits_option(),
             blur: bool = typer.Option(True, "--blur/--no-blur", help="the paper's Gaussian blur (sigma = 0.02 max(W, H)) "
-                                                                     "of the image-space grad/deconv/guided/LRP maps")):
+                                                                     "of the image-space grad/deconv/guided/LRP maps"),
+            device: str = typer.Option("auto", help="cpu, cuda (an error when CUDA cannot run) or auto (CUDA when available)")):
     """Write maps (.npy at layer resolution and upsampled to the image) and overlays (.png) per image.
 
     Re-running with the same settings skips images whose outputs are complete.
@@ -253,9 +255,11 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
     opts = ExplainOptions(model=model, layers=list(layer or []), targets=list(target or []), top=top,
                           methods=_methods(method or ["mwp", "cmwp"], contrastive), rule=rule, out_dir=out_dir,
                           size=size, mean=mean, std=std, batch_size=batch_size, combine=combine, colorbar=colorbar,
-                          scale=scale, alpha=alpha, cmap=cmap, full_res=full_res, logits=logits, blur=blur)
+                          scale=scale, alpha=alpha, cmap=cmap, full_res=full_res, logits=logits, blur=blur, device=device)
     summary = explain_files(inputs, opts, console=out, errors=err, warn=_warn, on_record=_print_record)
     _note_logits(summary.logits_choice)
+    if summary.providers:
+        out.print("providers: " + ", ".join(summary.providers), markup=False)
     if summary.input_size:
         out.print(f"model input: {summary.input_size[0]}x{summary.input_size[1]} (the size the model declares)", markup=False)
     if summary.skipped:
@@ -380,6 +384,7 @@ def eval_merge(shards: List[Path] = typer.Argument(..., help="result folders of 
 from onnx_excite.cli import info as _info  # noqa: E402,F401  (registers `models` and `classes`)
 from onnx_excite.cli import methods_cmd as _methods_cmd  # noqa: E402,F401  (registers `methods`)
 from onnx_excite.cli import ground as _ground  # noqa: E402,F401  (ground, eval grounding)
+from onnx_excite.cli import serve_cmds  # noqa: E402,F401  (serving commands register on `app`)
 
 
 def main() -> None:  # console script entry point

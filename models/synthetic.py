@@ -52,4 +52,54 @@ def vgg16(seed: int = 0, num_classes: int = 1000, size: int = 224) -> onnx.Model
     return model
 
 
-RECIPES = {"vgg16-random": vgg16}
+def resnet50(seed: int = 0, num_classes: int = 1000, size: int = 224) -> onnx.ModelProto:
+    """A ResNet-50-shaped classifier (bottleneck blocks 3-4-6-3, BatchNorm folded into the
+    convs, He-initialised random weights): the benchmark's second architecture.
+
+    Tensor names: ``stem`` (after conv1+ReLU), ``pool1``, ``layer{s}.{b}`` (the output of
+    block b of stage s, after the residual ReLU), ``gap``, ``fc`` (the logits).
+    """
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def conv(x, cin, cout, k, stride, name, relu=True):
+        w = (rng.standard_normal((cout, cin, k, k)) * np.sqrt(2.0 / (cin * k * k))).astype(np.float32)
+        inits.extend([numpy_helper.from_array(w, f"{name}.weight"),
+                      numpy_helper.from_array(np.full(cout, 0.01, np.float32), f"{name}.bias")])
+        nodes.append(helper.make_node("Conv", [x, f"{name}.weight", f"{name}.bias"], [name], name=name,
+                                      kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4))
+        if not relu:
+            return name
+        nodes.append(helper.make_node("Relu", [name], [f"{name}.relu"], name=f"{name}.relu"))
+        return f"{name}.relu"
+
+    x = conv("input", 3, 64, 7, 2, "conv1")
+    nodes.append(helper.make_node("Identity", [x], ["stem"], name="stem"))
+    nodes.append(helper.make_node("MaxPool", ["stem"], ["pool1"], name="pool1", kernel_shape=[3, 3], strides=[2, 2],
+                                  pads=[1, 1, 1, 1]))
+    x, cin = "pool1", 64
+    for s, (blocks, width) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512)), start=1):
+        for b in range(blocks):
+            stride = 2 if b == 0 and s > 1 else 1
+            p = f"layer{s}.{b}"
+            y = conv(x, cin, width, 1, 1, f"{p}.conv1")
+            y = conv(y, width, width, 3, stride, f"{p}.conv2")
+            y = conv(y, width, width * 4, 1, 1, f"{p}.conv3", relu=False)
+            skip = conv(x, cin, width * 4, 1, stride, f"{p}.downsample", relu=False) if b == 0 else x
+            nodes.append(helper.make_node("Add", [y, skip], [f"{p}.sum"], name=f"{p}.sum"))
+            nodes.append(helper.make_node("Relu", [f"{p}.sum"], [p], name=p))
+            x, cin = p, width * 4
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["flatten"], name="flatten"))
+    w = (rng.standard_normal((num_classes, cin)) * np.sqrt(1.0 / cin)).astype(np.float32)
+    inits.extend([numpy_helper.from_array(w, "fc.weight"), numpy_helper.from_array(np.zeros(num_classes, np.float32), "fc.bias")])
+    nodes.append(helper.make_node("Gemm", ["flatten", "fc.weight", "fc.bias"], ["fc"], name="fc", transB=1))
+    graph = helper.make_graph(nodes, "resnet50_random",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+                              [helper.make_tensor_value_info("fc", TensorProto.FLOAT, ["N", num_classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="onnx-excite")
+    model.ir_version = 8
+    return model
+
+
+RECIPES = {"vgg16-random": vgg16, "resnet50-random": resnet50}

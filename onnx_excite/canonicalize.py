@@ -281,13 +281,14 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
         gamma, beta, mean, var = (numpy_helper.to_array(inits[p]).astype(np.float64) for p in params)
         eps = attr(bn, "epsilon", 1e-5)
         scale = gamma / np.sqrt(var + eps)
+        w_dtype = numpy_helper.to_array(inits[conv.input[1]]).dtype   # float16 models stay float16
         w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
         b = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
              if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0]))
         w_name, b_name = f"{conv.name}.folded_weight", f"{conv.name}.folded_bias"
         graph.initializer.extend([
-            numpy_helper.from_array((w * scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(np.float32), w_name),
-            numpy_helper.from_array(((b - mean) * scale + beta).astype(np.float32), b_name)])
+            numpy_helper.from_array((w * scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(w_dtype), w_name),
+            numpy_helper.from_array(((b - mean) * scale + beta).astype(w_dtype), b_name)])
         del conv.input[1:]
         conv.input.extend([w_name, b_name])
         conv.output[0] = bn.output[0]

@@ -36,6 +36,7 @@ class ExplainOptions:
     full_res: bool = False     # image-space maps and overlays at the photo's full size (else long side <= 1600)
     logits: str | None = None  # the output explained (default: resolve_logits chooses)
     blur: bool = True          # the paper's Gaussian blur of the image-space maps of methods declared with it
+    device: str = "auto"       # cpu | cuda | auto (see onnx_excite.devices)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class ExplainSummary:
     records: list = field(default_factory=list)
     input_size: tuple | None = None   # (width, height) fed to the model, when all images share one
     logits_choice: object = None   # canonicalize.LogitsChoice: which output was explained, and why
+    providers: list = field(default_factory=list)   # the ONNX Runtime providers really used
 
 
 def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
@@ -173,6 +175,9 @@ def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, er
     from .modelinput import declared_input, num_classes
     from .records import RecordStore
 
+    from .devices import providers_for
+
+    providers_for(opts.device)   # --device cuda without CUDA: fail before any work
     style = _validate(opts)
     warn = warn or (lambda message: None)
     model, profile = resolve_model(opts.model, fully_conv=False)   # a path: the model as it is
@@ -304,8 +309,10 @@ class _Run:
 
             self.exciters[shape] = Exciter(self.model, self.layers, methods=self.opts.methods, rule=self.opts.rule,
                                            logits=self.opts.logits,
-                                           input_shapes={first_input_name(self.model): [None, *shape]})
+                                           input_shapes={first_input_name(self.model): [None, *shape]},
+                                           device=self.opts.device)
             self.summary.logits_choice = self.exciters[shape].built.logits_choice
+            self.summary.providers = self.exciters[shape].providers
         return self.exciters[shape]
 
     def target_sets(self, logits: np.ndarray) -> list[list[tuple]]:

@@ -135,14 +135,24 @@ class Exciter:
     def __init__(self, model, layers: Sequence[str] | None = None, methods: Sequence[str] = DEFAULT_METHODS, rule: str = "positive",
                  providers: Sequence[str] | None = None, channels: bool = False, classifier: str | None = None,
                  logits: str | None = None, input_shapes: Mapping | None = None, threads: int | None = None,
-                 diagnostics: bool = False, output: str | None = None):
+                 diagnostics: bool = False, output: str | None = None, device: str | None = None,
+                 io_binding: bool | None = None):
+        """``device`` (cpu / cuda / auto) picks the providers unless ``providers`` are given;
+        asking for CUDA where it cannot run raises :class:`~onnx_excite.devices.DeviceUnavailableError`.
+        ``io_binding`` (default: on when CUDA runs) keeps inputs and outputs on the device."""
         from onnx_excite.models.default import layers_or_default
+
+        from .devices import check_providers, providers_for
 
         layers = layers_or_default(model, layers)
         self.built: ExcitationModel = build_excitation_model(
             model, layers, methods=methods, rule=rule, channels=channels, classifier=classifier,
             logits=logits if logits is not None else output, input_shapes=input_shapes, diagnostics=diagnostics)
-        self.session = make_session(self.built.model, providers, threads)
+        requested = list(providers) if providers else (providers_for(device) if device else None)
+        self.session = make_session(self.built.model, requested, threads)
+        if providers or device == "cuda":   # auto may end up on the CPU: the providers line says so
+            check_providers(requested, self.session)
+        self.io_binding = ("CUDAExecutionProvider" in self.session.get_providers()) if io_binding is None else io_binding
         self._outputs = ([self.built.logits] + list(self.built.maps.values()) + list(self.built.channels.values())
                          + list(self.built.masses.values()))
 
@@ -176,7 +186,14 @@ class Exciter:
         signal = signal_matrix(targets, batch, self.num_classes)
         feeds[self.built.signal] = signal
         try:
-            values = self.session.run(self._outputs, feeds)
+            if self.io_binding:
+                if getattr(self, "_bound", None) is None:
+                    from .devices import BoundRunner
+
+                    self._bound = BoundRunner(self.session, self._outputs)
+                values = self._bound(feeds)
+            else:
+                values = self.session.run(self._outputs, feeds)
         except Exception as exc:
             raise ExciteError(f"ONNX Runtime failed: {str(exc).splitlines()[0][:300]}") from None
         out = dict(zip(self._outputs, values))

@@ -48,7 +48,7 @@ def test_layers_marks_the_default_layer(cached_path):
     res = runner.invoke(app, ["layers", "default"])
     assert res.exit_code == 0, res.output
     rows = [line for line in res.output.splitlines() if line.startswith("│")]
-    marked = [r.split("│")[1].strip() for r in rows if r.split("│")[4].strip() == "default"]
+    marked = [r.split("│")[1].strip() for r in rows if r.split("│")[-2].strip() == "default"]
     assert marked == ["features.13"]
     assert any(r.split("│")[1].strip() == "features.18" for r in rows)
 

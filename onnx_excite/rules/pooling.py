@@ -30,7 +30,8 @@ def max_pool(ctx: Context, node, p: str, negate=False):
     g = ctx.g
     flat = g.i64([-1])
     indices = node.output[1]
-    zeros = g.op("ConstantOfShape", [g.op("ReduceProd", [g.shape(a)], keepdims=1)],
+    # the element count as Shape(Reshape(a, [-1])): ReduceProd has no int64 CUDA kernel
+    zeros = g.op("ConstantOfShape", [g.shape(g.op("Reshape", [a, flat]))],
                  value=onnx.numpy_helper.from_array(np.zeros(1, np.float32)))
     routed = g.op("ScatterElements", [zeros, g.op("Reshape", [indices, flat]), g.op("Reshape", [p, flat])],
                   axis=0, reduction="add", hint="p_unpool")

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 14, for a machine with an NVIDIA GPU and onnxruntime-gpu installed
+# in the active environment (pip install -e ".[gpu,test]" instead of ".[cpu,test]"; never both):
+# the CUDA tests, then the device benchmark of the README (MobileNetV2 and a ResNet-50 shape).
+# Usage: bash scripts/gpu_check.sh [OUTDIR]   (results: OUTDIR/gpu_check.txt)
+set -uo pipefail
+out="${1:-gpu_check_out}"
+mkdir -p "$out"
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
+  python -m pytest -q -rs tests/test_cuda_runtime.py tests/test_cuda_coverage.py
+  onnx-excite bench-device default --device cuda --batch 1 --batch 32 --runs 50
+  onnx-excite bench-device resnet50-random -l layer3.5 --device cuda --batch 1 --batch 32 --runs 50
+} 2>&1 | tee "$out/gpu_check.txt"
