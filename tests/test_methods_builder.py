@@ -235,3 +235,23 @@ def test_grad_through_strong_lrn_equals_finite_differences(size):
                        * e).sum() / 2e-6
         mask = base != 0
         np.testing.assert_allclose(got[mask], num[mask], rtol=1e-3, atol=1e-4 * np.abs(num).max())
+
+
+def test_dynamic_spatial_sizes_give_the_static_maps():
+    """With symbolic H, W the pool divisors (grad's 1/count) come from the runtime shape."""
+    import onnx
+
+    model, layers = net("concat", 2)
+    dyn = onnx.ModelProto()
+    dyn.CopyFrom(model)
+    for d in dyn.graph.input[0].type.tensor_type.shape.dim[2:]:
+        d.ClearField("dim_value")
+        d.dim_param = "S"
+    x = _input(model, 2)
+    signal = np.eye(num_classes(model), dtype=np.float32)[[0, 3]]
+    for name in ("grad", "guided", "lrp-epsilon", "cam"):
+        use = [_cam_layer(model)] if name == "cam" else layers
+        static = Exciter(model, use, methods=(name,)).explain(x, signal).maps[name]
+        dynamic = Exciter(dyn, use, methods=(name,)).explain(x, signal).maps[name]
+        for layer in use:
+            np.testing.assert_allclose(dynamic[layer], static[layer], rtol=1e-6, atol=1e-9, err_msg=f"{name} {layer}")

@@ -394,8 +394,8 @@ def _global_pool(ctx: Context, node, a: str, p: str, axes: list[int]):
         dims = ctx.graph.static_dims(a, axes)
         if dims is not None:
             return float(np.prod(dims))
-        sizes = g.op("Gather", [g.shape(a), g.i64(axes)], axis=0)
-        return g.op("Cast", [g.op("ReduceProd", [sizes], keepdims=1)], to=onnx.TensorProto.FLOAT, hint="count")
+        sizes = g.op("Cast", [g.op("Gather", [g.shape(a), g.i64(axes)], axis=0)], to=onnx.TensorProto.FLOAT)
+        return g.op("ReduceProd", [sizes], keepdims=1, hint="count")   # float: CUDA has no int64 ReduceProd
 
     def transpose(r, wp):  # the adjoint of a window sum over all positions: broadcast
         return r if ctx.variant("pool").resolve(ctx.rule)[0][0] != "1" else g.op(
