@@ -143,7 +143,7 @@ def _methods(method: Optional[List[str]], contrastive: bool) -> tuple:
 def export(model: Path = typer.Argument(..., help="ONNX classifier (never modified), or 'default'"),
            out_path: Optional[Path] = typer.Option(None, "-o", "--output", help="where to write the companion model"),
            layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="tensor name of a map layer (repeatable; default: the model profile's)"),
-           method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="mwp and/or cmwp (repeatable; default mwp)"),
+           method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="attention method, any of `onnx-excite methods` (repeatable; default mwp)"),
            contrastive: bool = typer.Option(False, "--contrastive", help="also output contrastive MWP"),
            rule: str = typer.Option("positive", help="positive (stable for signed inputs) or paper (literal rule)"),
            channels: bool = typer.Option(False, help="also output channel-resolved P per layer"),
@@ -180,8 +180,10 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
           runs: int = typer.Option(10, help="timed runs per variant (at least 1)"),
           threads: Optional[int] = typer.Option(None, help="intra-op threads (default: ORT's)"),
           input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. '1,3,224,224'"),
-          logits: Optional[str] = _logits_option()):
-    """Median ms of forward alone vs forward+MWP vs forward+c-MWP, and the ratios."""
+          logits: Optional[str] = _logits_option(),
+          method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="also time forward + this method "
+                                                     "(any of `onnx-excite methods`; repeatable)")):
+    """Median ms of forward alone vs forward+MWP vs forward+c-MWP (and forward + each --method), and the ratios."""
     from onnx_excite.bench import run_bench
     from onnx_excite.models.default import layers_or_default
     from onnx_excite.models.synthetic import RECIPES
@@ -202,14 +204,15 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
     try:
         rows, providers = run_bench(source, layer, rule=rule, batch=batch, runs=runs, threads=threads,
                                     input_shapes=shapes, progress=progress, on_inputs=used.update,
-                                    logits=logits)
+                                    logits=logits, methods=method or ())
     finally:
         bar.stop()
     sizes = ", ".join(f"{name} {_shape(shape)}" for name, shape in used.items())
-    table = Table("variant", "median ms", "x forward",
+    table = Table("variant", "median ms", "x forward", "x forward+MWP",
                   title=f"{Path(model).name}, layer {', '.join(layer)}, input {sizes}, {providers[0]}")
     for row in rows:
-        table.add_row(row.name, f"{row.median_ms:.3f}", f"{row.ratio:.2f}")
+        table.add_row(row.name, f"{row.median_ms:.3f}", f"{row.ratio:.2f}",
+                      "-" if row.vs_mwp is None else f"{row.vs_mwp:.2f}")
     out.print(table)
     out.print(f"input used: {sizes} (batch {batch}, dynamic dims at 224; pin with --input-shape)", markup=False)
 
@@ -221,7 +224,7 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
             layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="map layer (repeatable; default: the model profile's)"),
             target: Optional[List[str]] = typer.Option(None, "--target", "-t", help="class index or name (repeatable: one map each)"),
             top: int = typer.Option(1, help="explain the top-K predicted classes when no --target is given"),
-            method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="mwp and/or cmwp (default both)"),
+            method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="attention method, any of `onnx-excite methods` (repeatable; default mwp and cmwp)"),
             contrastive: bool = typer.Option(False, "--contrastive", help="include contrastive MWP"),
             rule: str = typer.Option("positive", help="positive or paper"),
             out_dir: Path = typer.Option(Path("excite_out"), "-o", "--output", help="output folder"),
@@ -240,6 +243,8 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
                                                                    "(default: long side at most 1600 px)"),
             batch_size: int = typer.Option(8, help="images per run (same-size images share a batch)"),
             logits: Optional[str] = _logits_option(),
+            blur: bool = typer.Option(True, "--blur/--no-blur", help="the paper's Gaussian blur (sigma = 0.02 max(W, H)) "
+                                                                     "of the image-space grad/deconv/guided/LRP maps"),
             device: str = typer.Option("auto", help="cpu, cuda (an error when CUDA cannot run) or auto (CUDA when available)")):
     """Write maps (.npy at layer resolution and upsampled to the image) and overlays (.png) per image.
 
@@ -250,7 +255,7 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
     opts = ExplainOptions(model=model, layers=list(layer or []), targets=list(target or []), top=top,
                           methods=_methods(method or ["mwp", "cmwp"], contrastive), rule=rule, out_dir=out_dir,
                           size=size, mean=mean, std=std, batch_size=batch_size, combine=combine, colorbar=colorbar,
-                          scale=scale, alpha=alpha, cmap=cmap, full_res=full_res, logits=logits, device=device)
+                          scale=scale, alpha=alpha, cmap=cmap, full_res=full_res, logits=logits, blur=blur, device=device)
     summary = explain_files(inputs, opts, console=out, errors=err, warn=_warn, on_record=_print_record)
     _note_logits(summary.logits_choice)
     if summary.providers:
@@ -317,20 +322,25 @@ def _print_summary(res: dict) -> None:
 
 def _eval(protocol: str, data: Path, fmt: str, model: str, methods: str, layer: Optional[List[str]],
           mapping: Optional[str], out_dir: Path, tolerance: float, size: int, shard: Optional[str], rule: str,
-          logits: Optional[str] = None):
+          logits: Optional[str] = None, blur: bool = True):
     from onnx_excite.eval import run_evaluation
 
     res = run_evaluation(protocol=protocol, data=str(data), fmt=fmt, model=model,
                          methods=[m.strip() for m in methods.split(",") if m.strip()], layers=layer or None,
                          mapping=mapping, out_dir=str(out_dir), tolerance=tolerance, size=size, shard=shard, rule=rule,
-                         logits=logits)
+                         logits=logits, blur=blur)
     _print_summary(res)
 
 
 _DATA = typer.Option(..., "--data", help="dataset folder (VOC layout) or COCO instances JSON")
 _FMT = typer.Option("voc", "--format", help="voc or coco")
 _MODEL = typer.Option("default", "--model", help="ONNX classifier or 'default'")
-_METHODS = typer.Option("cmwp,mwp,center", "--methods", help="comma-separated: cmwp, mwp, center")
+_METHODS = typer.Option("cmwp,mwp,center", "--methods",
+                        help="comma-separated attention methods (see `onnx-excite methods`: mwp, cmwp, grad, deconv, "
+                             "guided, lrp-epsilon, lrp-zplus, cam, c-grad, c-deconv, c-cam, cmwp-nonorm, "
+                             "cmwp-postnorm) and/or the center baseline")
+_BLUR = typer.Option(True, "--blur/--no-blur",
+                     help="the paper's Gaussian blur (sigma = 0.02 max(W, H)) of grad/deconv/guided/LRP maps before scoring")
 _LAYER = typer.Option(None, "--layer", "-l", help="map layer (default: the model profile's)")
 _MAPPING = typer.Option(None, "--mapping", help="dataset class -> model output indices (JSON file or bundled name)")
 _OUT = typer.Option(Path("eval_out"), "-o", "--output", help="results folder (maps are cached there)")
@@ -345,9 +355,9 @@ def eval_pointing(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, meth
                   tolerance: float = typer.Option(15, help="hit tolerance in pixels"),
                   size: int = typer.Option(224, help="shorter side of the resized image"),
                   shard: Optional[str] = _SHARD, rule: str = _RULE,
-                  logits: Optional[str] = _logits_option()):
+                  logits: Optional[str] = _logits_option(), blur: bool = _BLUR):
     """Pointing game (all and difficult subsets, with the center baseline)."""
-    _eval("pointing", data, fmt, model, methods, layer, mapping, out_dir, tolerance, size, shard, rule, logits)
+    _eval("pointing", data, fmt, model, methods, layer, mapping, out_dir, tolerance, size, shard, rule, logits, blur)
 
 
 @eval_app.command("localization")
@@ -356,9 +366,9 @@ def eval_localization(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, 
                       layer: Optional[List[str]] = _LAYER, mapping: Optional[str] = _MAPPING, out_dir: Path = _OUT,
                       size: int = typer.Option(224, help="square input size"),
                       shard: Optional[str] = _SHARD, rule: str = _RULE,
-                      logits: Optional[str] = _logits_option()):
+                      logits: Optional[str] = _logits_option(), blur: bool = _BLUR):
     """Dominant-object localization (alpha * mean threshold, alpha chosen on a held-out split)."""
-    _eval("localization", data, fmt, model, methods, layer, mapping, out_dir, 15, size, shard, rule, logits)
+    _eval("localization", data, fmt, model, methods, layer, mapping, out_dir, 15, size, shard, rule, logits, blur)
 
 
 @eval_app.command("merge")

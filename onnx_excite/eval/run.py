@@ -27,7 +27,9 @@ from .mapping import ClassMapping, resolve_mapping
 from .report import write_reports
 
 PROTOCOLS = ("pointing", "localization")
-EXCITE_METHODS = ("mwp", "cmwp")
+from ..methods import METHODS as _REGISTERED
+
+EXCITE_METHODS = tuple(_REGISTERED)   # every registered attention method (onnx-excite methods)
 METHODS = EXCITE_METHODS + ("center",)
 DEFAULT_MODEL_LAYER = "features.13"
 CACHE_VERSION = "1"
@@ -286,7 +288,7 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
                    progress: bool = True, *, split: Optional[str] = None, image_dir=None, rule: str = "positive",
                    held_out: float = 0.2, seed: int = 0, limit: Optional[int] = None,
                    ids: Optional[Sequence[str]] = None, batch_size: int = 16, cache: bool = True,
-                   dominant: str = "all", logits: Optional[str] = None) -> dict:
+                   dominant: str = "all", logits: Optional[str] = None, blur: bool = True) -> dict:
     """Evaluate ``methods`` on a dataset; returns the results dict (also written to ``out_dir``).
 
     * ``protocol``: ``"pointing"`` (input: shorter side resized to ``size``) or
@@ -306,7 +308,10 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
     * ``limit`` / ``ids``: evaluate only the first ``limit`` images / these ids;
     * ``shard``: ``"i/n"``, every n-th image from the i-th; merge with :func:`merge_shards`;
     * ``logits``: the output explained (default: :func:`~onnx_excite.canonicalize.resolve_logits`
-      chooses; the choice is in ``res["logits"]``).
+      chooses; the choice is in ``res["logits"]``);
+    * ``blur``: the paper's Gaussian blur (sigma = 0.02 * max(W, H) of the upsampled map) for
+      the methods declared with ``blur`` (grad, deconv, guided, LRP, c-grad, c-deconv);
+      False scores every map unblurred.
     """
     t0 = time.perf_counter()
     if protocol not in PROTOCOLS:
@@ -314,7 +319,11 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
     methods = list(dict.fromkeys(str(m).lower() for m in methods))
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
-        raise ExciteError(f"unknown method {bad[0] if bad else '(none)'!r}; use {', '.join(METHODS)}")
+        import difflib
+
+        close = difflib.get_close_matches(bad[0], METHODS, n=1) if bad else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ExciteError(f"unknown method {bad[0] if bad else '(none)'!r}{hint}; use {', '.join(METHODS)}")
     excite = [m for m in methods if m in EXCITE_METHODS]
     shard_t = parse_shard(shard)
     if dominant not in ("all", "mapped"):
@@ -338,7 +347,7 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
     runner = None
     if excite or mapping is not None:
         if model is None:
-            raise ExciteError("methods mwp/cmwp and a mapping need a model (a path or 'default')")
+            raise ExciteError("attention methods and a mapping need a model (a path or 'default')")
         runner = _ModelRunner(model, layers, excite, rule, protocol, size, out_dir / "cache" if cache else None,
                               logits=logits)
         if excite:
@@ -368,7 +377,7 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
             try:
                 n = _evaluate_image(rec, protocol, labels, runner if excite else None, cmap, evaluated,
                                     unmapped_counts, held, tolerance, size, batch_size, items, skipped,
-                                    among if protocol == "localization" else None)
+                                    among if protocol == "localization" else None, blur)
                 evaluated_images += n
             except ModelError:
                 raise
@@ -387,7 +396,7 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
                      "shard": None if shard_t is None else f"{shard_t[0]}/{shard_t[1]}",
                      "held_out": held_out, "seed": seed, "alphas": [float(a) for a in metrics.ALPHAS],
                      "split": split, "limit": limit, "dominant": dominant,
-                     "logits": _logits_record(runner)},
+                     "logits": _logits_record(runner), "blur": bool(blur)},
         "counts": {"images_read": len(records), "images_in_shard": len(todo), "images_evaluated": evaluated_images,
                    "items": len(items), "items_difficult": sum(1 for it in items if it.get("difficult")),
                    "skipped": len(skipped), "maps_computed": runner.computed if runner else 0,
@@ -406,7 +415,7 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
 
 
 def _evaluate_image(rec: ImageRecord, protocol, labels, runner, cmap, evaluated, unmapped_counts, held,
-                    tolerance, size, batch_size, items, skipped, among=None) -> int:
+                    tolerance, size, batch_size, items, skipped, among=None, blur=True) -> int:
     """Append this image's items; returns 1 when the image was evaluated, else 0 (reason in ``skipped``)."""
     if protocol == "pointing":
         present = rec.classes()
@@ -425,7 +434,8 @@ def _evaluate_image(rec: ImageRecord, protocol, labels, runner, cmap, evaluated,
                 if method == "center":
                     point = metrics.center_point(rec.width, rec.height)
                 else:
-                    point = metrics.max_point(metrics.upsample(maps[(method, layer, c)], rec.width, rec.height))
+                    point = metrics.max_point(_blurred(method, metrics.upsample(maps[(method, layer, c)], rec.width,
+                                                                                rec.height), blur))
                 item["points"][label] = list(point)
                 item["hits"][label] = metrics.pointing_hit(point, objs, tolerance)
             items.append(item)
@@ -443,10 +453,22 @@ def _evaluate_image(rec: ImageRecord, protocol, labels, runner, cmap, evaluated,
     gt = [o.box for o in rec.objects_of(dom)]
     item = {"image": rec.id, "class": dom, "held_out": rec.id in held, "correct": {}}
     for label, method, layer in labels:
-        m = metrics.center_map(size, size) if method == "center" else metrics.upsample(maps[(method, layer, dom)], size, size)
+        m = metrics.center_map(size, size) if method == "center" else \
+            _blurred(method, metrics.upsample(maps[(method, layer, dom)], size, size), blur)
         item["correct"][label] = [bool(v) for v in metrics.localization_curve(m, (rec.width, rec.height), gt)]
     items.append(item)
     return 1
+
+
+def _blurred(method: str, upsampled: np.ndarray, blur: bool) -> np.ndarray:
+    """The paper's Gaussian blur of an upsampled map for the methods declared with it."""
+    from ..methods import get_method
+    from ..postprocess import blur_sigma, gaussian_blur
+
+    if not blur or not get_method(method).blur:
+        return upsampled
+    h, w = upsampled.shape
+    return gaussian_blur(upsampled, blur_sigma(w, h)).astype(np.float32)
 
 
 def _write(res: dict, out_dir: Path) -> None:
@@ -471,7 +493,7 @@ def load_results(out_dir) -> dict:
 
 #: settings that must agree for shards to be merged
 _SAME = ("data", "fmt", "model", "labels", "rule", "mapping", "tolerance", "size", "held_out", "seed", "split", "limit",
-         "dominant")
+         "dominant", "blur")
 
 
 def merge_shards(out_dirs: Sequence, out_dir=None) -> dict:
