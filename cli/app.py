@@ -146,7 +146,7 @@ def _methods(method: Optional[List[str]], contrastive: bool) -> tuple:
 def export(model: Path = typer.Argument(..., help="ONNX classifier (never modified), or 'default'"),
            out_path: Optional[Path] = typer.Option(None, "-o", "--output", help="where to write the companion model"),
            layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="tensor name of a map layer (repeatable; default: the model profile's)"),
-           method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="mwp and/or cmwp (repeatable; default mwp)"),
+           method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="attention method, any of `onnx-excite methods` (repeatable; default mwp)"),
            contrastive: bool = typer.Option(False, "--contrastive", help="also output contrastive MWP"),
            rule: str = typer.Option("positive", help="positive (stable for signed inputs) or paper (literal rule)"),
            channels: bool = typer.Option(False, help="also output channel-resolved P per layer"),
@@ -183,8 +183,10 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
           runs: int = typer.Option(10, help="timed runs per variant (at least 1)"),
           threads: Optional[int] = typer.Option(None, help="intra-op threads (default: ORT's)"),
           input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. '1,3,224,224'"),
-          logits: Optional[str] = _logits_option()):
-    """Median ms of forward alone vs forward+MWP vs forward+c-MWP, and the ratios."""
+          logits: Optional[str] = _logits_option(),
+          method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="also time forward + this method "
+                                                     "(any of `onnx-excite methods`; repeatable)")):
+    """Median ms of forward alone vs forward+MWP vs forward+c-MWP (and forward + each --method), and the ratios."""
     from onnx_excite.bench import run_bench
     from onnx_excite.models.default import layers_or_default
     from onnx_excite.models.synthetic import RECIPES
@@ -205,14 +207,15 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
     try:
         rows, providers = run_bench(source, layer, rule=rule, batch=batch, runs=runs, threads=threads,
                                     input_shapes=shapes, progress=progress, on_inputs=used.update,
-                                    logits=logits)
+                                    logits=logits, methods=method or ())
     finally:
         bar.stop()
     sizes = ", ".join(f"{name} {_shape(shape)}" for name, shape in used.items())
-    table = Table("variant", "median ms", "x forward",
+    table = Table("variant", "median ms", "x forward", "x forward+MWP",
                   title=f"{Path(model).name}, layer {', '.join(layer)}, input {sizes}, {providers[0]}")
     for row in rows:
-        table.add_row(row.name, f"{row.median_ms:.3f}", f"{row.ratio:.2f}")
+        table.add_row(row.name, f"{row.median_ms:.3f}", f"{row.ratio:.2f}",
+                      "-" if row.vs_mwp is None else f"{row.vs_mwp:.2f}")
     out.print(table)
     out.print(f"input used: {sizes} (batch {batch}, dynamic dims at 224; pin with --input-shape)", markup=False)
 
@@ -224,7 +227,7 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
             layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="map layer (repeatable; default: the model profile's)"),
             target: Optional[List[str]] = typer.Option(None, "--target", "-t", help="class index or name (repeatable: one map each)"),
             top: int = typer.Option(1, help="explain the top-K predicted classes when no --target is given"),
-            method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="mwp and/or cmwp (default both)"),
+            method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="attention method, any of `onnx-excite methods` (repeatable; default mwp and cmwp)"),
             contrastive: bool = typer.Option(False, "--contrastive", help="include contrastive MWP"),
             rule: str = typer.Option("positive", help="positive or paper"),
             out_dir: Path = typer.Option(Path("excite_out"), "-o", "--output", help="output folder"),
@@ -243,6 +246,8 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
                                                                    "(default: long side at most 1600 px)"),
             batch_size: int = typer.Option(8, help="images per run (same-size images share a batch)"),
             logits: Optional[str] = _logits_option(),
+            blur: bool = typer.Option(True, "--blur/--no-blur", help="the paper's Gaussian blur (sigma = 0.02 max(W, H)) "
+                                                                     "of the image-space grad/deconv/guided/LRP maps"),
             device: str = typer.Option("auto", help="cpu, cuda (an error when CUDA cannot run) or auto (CUDA when available)"),
             ray: Optional[str] = RAY, actors: int = ACTORS, ray_batch: int = RAY_BATCH,
             cpus_per_actor: float = CPUS, gpus_per_actor: float = GPUS):
@@ -255,7 +260,7 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
     opts = ExplainOptions(model=model, layers=list(layer or []), targets=list(target or []), top=top,
                           methods=_methods(method or ["mwp", "cmwp"], contrastive), rule=rule, out_dir=out_dir,
                           size=size, mean=mean, std=std, batch_size=batch_size, combine=combine, colorbar=colorbar,
-                          scale=scale, alpha=alpha, cmap=cmap, full_res=full_res, logits=logits, device=device)
+                          scale=scale, alpha=alpha, cmap=cmap, full_res=full_res, logits=logits, blur=blur, device=device)
     settings = ray_settings(ray, actors, ray_batch, cpus_per_actor, gpus_per_actor)
     if settings is not None:
         from onnx_excite.distributed import explain_on_ray

@@ -55,14 +55,15 @@ def _progress_bar(console):
 
 def _eval(protocol: str, data: Path, fmt: str, model: str, methods: str, layer: Optional[List[str]],
           mapping: Optional[str], out_dir: Path, tolerance: float, size: int, rule: str, ray, actors: int,
-          ray_batch: int, cpus: float, gpus: float, logits: Optional[str] = None):
+          ray_batch: int, cpus: float, gpus: float, logits: Optional[str] = None,
+          blur: bool = True):
     from onnx_excite.eval import run_evaluation
 
     settings = ray_settings(ray, actors, ray_batch, cpus, gpus)
     kwargs = dict(protocol=protocol, data=str(data), fmt=fmt, model=model,
                   methods=[m.strip() for m in methods.split(",") if m.strip()], layers=layer or None,
                   mapping=mapping, out_dir=str(out_dir), tolerance=tolerance, size=size, rule=rule, ray=settings,
-                  logits=logits)
+                  logits=logits, blur=blur)
     t0 = time.perf_counter()
     if settings is None:  # one process: our own progress bar, started with the first image; on Ray, Ray Data's
         bar = {}
@@ -93,7 +94,12 @@ def _eval(protocol: str, data: Path, fmt: str, model: str, methods: str, layer: 
 _DATA = typer.Option(..., "--data", help="dataset folder (VOC layout) or COCO instances JSON")
 _FMT = typer.Option("voc", "--format", help="voc or coco")
 _MODEL = typer.Option("default", "--model", help="ONNX classifier or 'default'")
-_METHODS = typer.Option("cmwp,mwp,center", "--methods", help="comma-separated: cmwp, mwp, center")
+_METHODS = typer.Option("cmwp,mwp,center", "--methods",
+                        help="comma-separated attention methods (see `onnx-excite methods`: mwp, cmwp, grad, deconv, "
+                             "guided, lrp-epsilon, lrp-zplus, cam, c-grad, c-deconv, c-cam, cmwp-nonorm, "
+                             "cmwp-postnorm) and/or the center baseline")
+_BLUR = typer.Option(True, "--blur/--no-blur",
+                     help="the paper's Gaussian blur (sigma = 0.02 max(W, H)) of grad/deconv/guided/LRP maps before scoring")
 _LAYER = typer.Option(None, "--layer", "-l", help="map layer (default: the model profile's)")
 _MAPPING = typer.Option(None, "--mapping", help="dataset class -> model output indices (JSON file or bundled name)")
 _OUT = typer.Option(Path("eval_out"), "-o", "--output", help="results folder (maps are cached there)")
@@ -108,10 +114,10 @@ def eval_pointing(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, meth
                   size: int = typer.Option(224, help="shorter side of the resized image"),
                   rule: str = _RULE, ray: Optional[str] = RAY, actors: int = ACTORS, ray_batch: int = RAY_BATCH,
                   cpus_per_actor: float = CPUS, gpus_per_actor: float = GPUS,
-                  logits: Optional[str] = _logits_option()):
+                  logits: Optional[str] = _logits_option(), blur: bool = _BLUR):
     """Pointing game (all and difficult subsets, with the center baseline)."""
     _eval("pointing", data, fmt, model, methods, layer, mapping, out_dir, tolerance, size, rule, ray, actors,
-          ray_batch, cpus_per_actor, gpus_per_actor, logits)
+          ray_batch, cpus_per_actor, gpus_per_actor, logits, blur)
 
 @eval_app.command("localization")
 @friendly
@@ -120,8 +126,8 @@ def eval_localization(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, 
                       size: int = typer.Option(224, help="square input size"), rule: str = _RULE,
                       ray: Optional[str] = RAY, actors: int = ACTORS, ray_batch: int = RAY_BATCH,
                       cpus_per_actor: float = CPUS, gpus_per_actor: float = GPUS,
-                      logits: Optional[str] = _logits_option()):
+                      logits: Optional[str] = _logits_option(), blur: bool = _BLUR):
     """Dominant-object localization (alpha * mean threshold, alpha chosen on a held-out split)."""
     _eval("localization", data, fmt, model, methods, layer, mapping, out_dir, 15, size, rule, ray, actors,
-          ray_batch, cpus_per_actor, gpus_per_actor, logits)
+          ray_batch, cpus_per_actor, gpus_per_actor, logits, blur)
 

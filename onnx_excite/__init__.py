@@ -3,7 +3,8 @@
 Build a companion ONNX model (forward graph + excitation branch) with
 :func:`build_excitation_model`, or build and run it with :class:`Exciter`.
 """
-from .builder import METHODS, SIGNAL, ExcitationModel, build_excitation_model
+from .builder import SIGNAL, ExcitationModel, build_excitation_model
+from .methods import METHODS
 from .errors import ExciteError, UnsupportedModelError
 from .runtime import Exciter, Explanation, signal_matrix
 

@@ -1,4 +1,5 @@
-"""Benchmark: forward alone vs forward + MWP vs forward + c-MWP (median ms and ratios)."""
+"""Benchmark: forward alone vs forward + MWP vs forward + c-MWP, and forward + any registered
+method (``methods=``): median ms, ratios to the forward and to forward + MWP."""
 from __future__ import annotations
 
 import time
@@ -17,6 +18,7 @@ class BenchRow:
     name: str
     median_ms: float
     ratio: float
+    vs_mwp: float | None = None   # median / median of forward+MWP
 
 
 def _input_array(shape, batch: int, rng, ort_type: str = "tensor(float)") -> np.ndarray:
@@ -31,14 +33,19 @@ def _input_array(shape, batch: int, rng, ort_type: str = "tensor(float)") -> np.
 
 def run_bench(model, layers: Sequence[str], rule: str = "positive", batch: int = 1, runs: int = 10, warmup: int = 2,
               providers=None, threads: int | None = None, input_shapes=None, seed: int = 0,
-              progress=None, on_inputs=None, logits: str | None = None) -> tuple[list[BenchRow], list[str]]:
+              progress=None, on_inputs=None, logits: str | None = None,
+              methods: Sequence[str] = ()) -> tuple[list[BenchRow], list[str]]:
     """Median wall time of each variant over ``runs`` rounds; ratios are to the forward alone.
 
     The variants run interleaved, one run each per round, so that load from elsewhere
     on the machine falls on all of them alike. ``on_inputs({name: shape})`` is told the
     input shapes used (dynamic dims at 224); ``progress(phase, done, total)`` is called as
-    the variants are built and the rounds run.
+    the variants are built and the rounds run. ``methods``: one more variant
+    ``forward+<method>`` each (any name of :data:`onnx_excite.methods.METHODS`).
     """
+    from .methods import get_method
+
+    extra = [get_method(m).name for m in dict.fromkeys(methods)]
     from .checks import at_least
 
     at_least(runs, 1, "--runs")
@@ -52,7 +59,7 @@ def run_bench(model, layers: Sequence[str], rule: str = "positive", batch: int =
     if on_inputs is not None:
         on_inputs({name: tuple(v.shape) for name, v in feeds.items()})
     variants = [("forward", None), ("forward+MWP", ("mwp",)), ("forward+c-MWP", ("cmwp",)),
-                ("forward+MWP+c-MWP", ("mwp", "cmwp"))]
+                ("forward+MWP+c-MWP", ("mwp", "cmwp"))] + [(f"forward+{m}", (m,)) for m in extra]
     prepared = []
     for n, (name, methods) in enumerate(variants):
         progress("building", n, len(variants))
@@ -77,5 +84,7 @@ def run_bench(model, layers: Sequence[str], rule: str = "positive", batch: int =
             times[name].append((time.perf_counter() - t0) * 1e3)
     progress("timing", runs, runs)
     base = float(np.median(times["forward"]))
-    rows = [BenchRow(name, float(np.median(times[name])), float(np.median(times[name])) / base) for name, *_ in prepared]
+    mwp = float(np.median(times["forward+MWP"]))
+    rows = [BenchRow(name, float(np.median(times[name])), float(np.median(times[name])) / base,
+                     float(np.median(times[name])) / mwp) for name, *_ in prepared]
     return rows, fwd_session.get_providers()

@@ -2,7 +2,8 @@
 
 The built model takes the original input(s) plus a signal ``excite_signal``
 (N x K, the top signal at the logits) and outputs, besides the original
-outputs and the logits, one map per (method, layer):
+outputs and the logits, one map ``<method>:<layer>`` per (method, layer), for any
+method registered in :data:`onnx_excite.methods.METHODS` (``onnx-excite methods``), e.g.
 
 * ``mwp:<layer>``  - Marginal Winning Probability, the sum over channels of P
   (over the layer's channel axis: axis 3 of an NHWC tensor, see :mod:`.layout`),
@@ -10,16 +11,21 @@ outputs and the logits, one map per (method, layer):
 * ``cmwp:<layer>`` - contrastive MWP: the signal excites the classifier with
   its weights and with the negated weights (the dual), the difference is
   taken at the classifier's input and propagated down with the same rules
-  (they are linear in P); the channel sum is clipped at 0.
+  (they are linear in P); the channel sum is clipped at 0;
+* ``grad:<layer>``, ``deconv:``, ``guided:``, ``lrp-epsilon:``, ``lrp-zplus:``, ``cam:``
+  and the contrastive variants / ablations: the same sweep with the method's rule
+  variants (its ``Method`` declaration), reduced, dual-subtracted and clipped as declared.
 
-Both come out of one session run. Optional ``P.<method>:<layer>`` outputs hold
-the channel-resolved signal (before clipping).
+All come out of one session run; methods share the forward pass and every backward piece
+their declarations have in common (Z per layer, a+/a-, W+/W-, ReLU masks, MaxPool
+routing, a whole sweep where only the dual differs). Optional ``P.<method>:<layer>``
+outputs hold the channel-resolved signal (before clipping).
 """
 from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -27,12 +33,12 @@ import onnx
 from onnx import TensorProto, helper
 
 from .canonicalize import ForwardGraph, LogitsChoice, canonicalize, default_opset, expose_maxpool_indices
+from .methods import DEFAULT_METHODS, METHODS, get_method
 from .errors import ExciteError, UnsupportedModelError
 from .graph import Emitter
 from .layout import Layout, channel_axis
 from .rules import RULE_CHOICES, RULES, Context, data_inputs, unsupported_reason
 
-METHODS = ("mwp", "cmwp")
 SIGNAL = "excite_signal"
 
 
@@ -210,7 +216,7 @@ def _ir_version_for(opset: int) -> int:
 def build_excitation_model(
     model,
     layers: Sequence[str],
-    methods: Sequence[str] = ("mwp", "cmwp"),
+    methods: Sequence[str] = DEFAULT_METHODS,
     rule: str = "positive",
     channels: bool = False,
     classifier: str | None = None,
@@ -219,28 +225,63 @@ def build_excitation_model(
     diagnostics: bool = False,
     output: str | None = None,
 ) -> ExcitationModel:
-    """Build the companion model for ``layers`` (ONNX tensor names).
+    """Build the companion model for ``layers`` (ONNX tensor names) and ``methods`` (names
+    registered in :data:`onnx_excite.methods.METHODS`, see ``onnx-excite methods``).
 
     ``model`` is a path or a ModelProto; it is never modified. ``logits`` names the
     output (or tensor) the signal enters at (``output`` is its older alias); without
     it :func:`~onnx_excite.canonicalize.resolve_logits` chooses, and the built model's
-    ``logits_choice`` says how. With
-    ``diagnostics`` the model also outputs ``mass.<method>:<layer>`` (N,), the
-    total P that reached each layer: the rules conserve P, so what is missing
-    from the signal's mass (MWP) or from 0 (c-MWP) was lost where Z == 0.
+    ``logits_choice`` says how. With ``diagnostics`` the model also outputs
+    ``mass.<method>:<layer>`` (N,), the total P that reached each layer (for a
+    ``separate``-dual method: target minus dual), to compare with ``Method.mass``:
+    what is missing was lost where Z == 0.
+
+    Three steps: :func:`validate` (names, rule, layers, supported ops, classifier, CAM
+    head), :func:`sweep` (the backward sweeps the methods need, shared where their
+    declarations agree) and :func:`expose` (the maps as outputs).
     """
+    plan = validate(model, layers, methods, rule, classifier, logits if logits is not None else output, input_shapes)
+    sweeps = sweep(plan)
+    return expose(plan, sweeps, channels=channels, diagnostics=diagnostics)
+
+
+@dataclass
+class Plan:
+    """What :func:`validate` checked and :func:`sweep` / :func:`expose` use."""
+
+    graph: ForwardGraph
+    layers: list[str]
+    methods: tuple[str, ...]
+    rule: str
+    wanted: set[str]
+    nodes: list[onnx.NodeProto]
+    classifier: onnx.NodeProto | None
+    g: Emitter
+    ctx: Context
+
+
+def validate(model, layers: Sequence[str], methods: Sequence[str], rule: str = "positive",
+             classifier: str | None = None, logits: str | None = None,
+             input_shapes: Mapping[str, Sequence[int | None]] | None = None) -> Plan:
+    """Check every name and the model; canonicalize it. ExciteError (one line) otherwise."""
     methods = tuple(dict.fromkeys(methods))
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise ExciteError(f"unknown method {bad[0] if bad else '(none)'!r}; choose from {', '.join(METHODS)}")
+    if not methods:
+        raise ExciteError(f"no method given; choose from {', '.join(METHODS)}")
+    declared = [get_method(m) for m in methods]
     if rule not in RULE_CHOICES:
         raise ExciteError(f"unknown rule {rule!r}; choose from {', '.join(RULE_CHOICES)}")
     layers = list(dict.fromkeys(layers))
     if not layers:
         raise ExciteError("no layer given; list candidates with `onnx-excite layers MODEL`")
 
-    graph = canonicalize(model, logits=logits if logits is not None else output, input_shapes=input_shapes)
+    graph = canonicalize(model, logits=logits, input_shapes=input_shapes)
     check_layers(graph, layers)
+    for m in declared:
+        if m.layers == "last-feature-map":
+            feature = cam_feature_map(graph, m.name)
+            for layer in layers:
+                if layer != feature:
+                    raise ExciteError(f"{m.name}: defined only at the last feature map {feature!r}, not at {layer!r}")
     wanted = _downstream(graph, layers) & _upstream(graph, graph.entry)
     nodes = path_nodes(graph, wanted)
     problems = find_unsupported(graph, nodes)
@@ -249,66 +290,172 @@ def build_excitation_model(
     expose_maxpool_indices(graph.model, nodes)
 
     clf = None
-    if "cmwp" in methods:
+    contrastive = [m.name for m in declared if m.contrastive]
+    if contrastive:
         clf = find_classifier(graph, wanted, classifier)
         if not any(i in wanted for i in data_inputs(graph, clf)):
-            raise ExciteError(f"contrastive MWP needs layers below the classifier {clf.name!r}; "
-                              f"{', '.join(repr(l) for l in layers)} is not")
+            raise ExciteError(f"contrastive methods ({', '.join(contrastive)}) need layers below the classifier "
+                              f"{clf.name!r}; {', '.join(repr(l) for l in layers)} is not")
 
     g = Emitter(set(tensor_names(graph)) | set(graph.consts) | {n.name for n in graph.nodes})
+    g.opset = default_opset(graph.model)
     ctx = Context(graph=graph, g=g, rule=rule, wanted=frozenset(wanted))
+    return Plan(graph, layers, methods, rule, wanted, nodes, clf, g, ctx)
 
+
+def cam_feature_map(graph: ForwardGraph, method: str = "cam") -> str:
+    """The last feature map F of a ``logits = linear(global average pool(F))`` head: from
+    the logits through an optional bias Add, the Gemm/MatMul classifier, Flatten/Reshape/
+    Identity/Dropout, to a GlobalAveragePool or a ReduceMean over the spatial axes. CAM
+    is defined only there; ExciteError naming the reason otherwise."""
+    cur = graph.entry
+    node = graph.producer.get(cur)
+    if node is not None and node.op_type in ("Add", "Sum"):
+        data = [i for i in node.input if i and not graph.is_const(i)]
+        if len(data) == 1:
+            node = graph.producer.get(data[0])
+    if node is None or node.op_type not in ("Gemm", "MatMul"):
+        raise ExciteError(f"{method}: the logits {graph.entry!r} do not come from a Gemm/MatMul classifier "
+                          f"(found {node.op_type + ' ' + repr(node.name) if node is not None else 'a graph input'})")
+    clf = node
+    cur = clf.input[0]
+    while True:
+        node = graph.producer.get(cur)
+        if node is None:
+            raise ExciteError(f"{method}: no global average pool before the classifier {clf.name!r}")
+        if node.op_type in ("Flatten", "Reshape", "Identity", "Dropout", "Squeeze"):
+            cur = node.input[0]
+            continue
+        if node.op_type == "GlobalAveragePool":
+            return node.input[0]
+        if node.op_type == "ReduceMean":
+            from .rules.linear import _reduce_axes
+
+            rank = graph.rank(node.input[0])
+            axes = _reduce_axes(graph, node)
+            if rank is not None and axes is not None and sorted(a % rank for a in axes) == list(range(2, rank)):
+                return node.input[0]
+            raise ExciteError(f"{method}: the ReduceMean {node.name!r} before the classifier is not over the spatial axes")
+        raise ExciteError(f"{method}: the classifier {clf.name!r} is fed by {node.op_type} {node.name!r}, "
+                          "not by a global average pool of the last feature map")
+
+
+#: one backward sweep: (the method's sweep_key, mode); mode "target" (from the classifier as
+#: it is), "difference" (rule(W) - rule(-W) at the classifier, propagated: c-MWP) or
+#: "negated" (from the negated classifier: the separate dual)
+SweepKey = tuple
+
+
+def sweep_units(methods: Sequence[str]) -> dict:
+    """{(sweep_key, mode): representative method} for the requested methods: methods with
+    equal declarations up to their dual share one sweep (grad and c-grad; mwp and
+    cmwp-postnorm; deconv and c-deconv)."""
+    units: dict = {}
+    for name in methods:
+        m = get_method(name)
+        modes = {"none": ("target",), "difference": ("difference",), "separate": ("target", "negated")}[m.dual]
+        for mode in modes:
+            units.setdefault((m.sweep_key, mode), m)
+    return units
+
+
+def unit_of(method: str, mode: str) -> tuple:
+    return (get_method(method).sweep_key, mode)
+
+
+def sweep(plan: Plan) -> dict:
+    """Emit the backward sweeps; returns {(sweep_key, mode): {tensor: P or None}} for the
+    requested layers (None: all of P was lost on the way down)."""
+    graph, g, clf = plan.graph, plan.g, plan.classifier
+    units = sweep_units(plan.methods)
     entry_shape = graph.shape(graph.entry)
-    num_classes = entry_shape[1] if entry_shape and len(entry_shape) >= 2 else None
-    top = SIGNAL if (entry_shape is not None and len(entry_shape) == 2) else g.reshape_like(SIGNAL, graph.entry)
+    signal = SIGNAL if (entry_shape is not None and len(entry_shape) == 2) else g.reshape_like(SIGNAL, graph.entry)
 
-    pending = {m: {graph.entry: [top]} for m in methods}
-    done: dict[str, dict[str, str | None]] = {m: {} for m in methods}
+    def top(method):
+        if method.top == "score":  # LRP: the relevance of the target score, e * s
+            return g.memo(("top", "score"), lambda: g.mul(signal, plan.ctx.act(graph.entry)))
+        return signal
 
-    def p_of(method: str, tensor: str):
-        if tensor not in done[method]:
-            terms = pending[method].pop(tensor, [])
-            done[method][tensor] = g.sum(terms) if terms else None
-        return done[method][tensor]
+    ctxs = {u: replace(plan.ctx, method=m) for u, m in units.items()}
+    pending = {u: {graph.entry: [top(m)]} for u, m in units.items()}
+    done: dict = {u: {} for u in units}
 
-    for node in reversed(nodes):  # every node here has a data input that needs P (path_nodes)
+    def p_of(u, tensor: str):
+        if tensor not in done[u]:
+            terms = pending[u].pop(tensor, [])
+            done[u][tensor] = g.sum(terms) if terms else None
+        return done[u][tensor]
+
+    for node in reversed(plan.nodes):  # every node here has a data input that needs P (path_nodes)
         excite = RULES[node.op_type].excite
-        for method in methods:
-            p = p_of(method, node.output[0])
+        for u in units:
+            p = p_of(u, node.output[0])
             if p is None:
                 continue
-            sent = excite(ctx, node, p)
-            if method == "cmwp" and node.name == clf.name:
+            ctx, mode = ctxs[u], u[1]
+            at_clf = clf is not None and node.name == clf.name
+            sent = excite(ctx, node, p, negate=at_clf and mode == "negated")
+            if at_clf and mode == "difference":
                 dual = excite(ctx, node, p, negate=True)
                 sent = {k: _difference(g, sent.get(k), dual.get(k)) for k in set(sent) | set(dual)}
             for tensor, q in sent.items():
-                if q is not None and tensor in wanted:  # inputs that carry no P are skipped
-                    pending[method].setdefault(tensor, []).append(q)
+                if q is not None and tensor in plan.wanted:  # inputs that carry no P are skipped
+                    pending[u].setdefault(tensor, []).append(q)
+    return {u: {layer: p_of(u, layer) for layer in plan.layers} for u in units}
 
+
+def expose(plan: Plan, sweeps: dict, channels: bool = False, diagnostics: bool = False) -> ExcitationModel:
+    """Turn each method's P at each layer into its map (``reduce``, the ``separate`` dual's
+    L1-normalised subtraction, ``clip``) and add the outputs to the model."""
+    graph, g = plan.graph, plan.g
+    entry_shape = graph.shape(graph.entry)
+    num_classes = entry_shape[1] if entry_shape and len(entry_shape) >= 2 else None
     built = ExcitationModel(model=graph.model, inputs=list(graph.input_names), signal=SIGNAL,
-                            logits=graph.entry, num_classes=num_classes, layers=layers,
-                            methods=methods, rule=rule, classifier=clf.name if clf is not None else None,
+                            logits=graph.entry, num_classes=num_classes, layers=plan.layers,
+                            methods=plan.methods, rule=plan.rule,
+                            classifier=plan.classifier.name if plan.classifier is not None else None,
                             logits_choice=graph.logits)
     new_outputs = []
-    for layer in layers:
+    for layer in plan.layers:
         rank = graph.rank(layer)
         if rank is None:
             raise ExciteError(f"the rank of layer {layer!r} is unknown (shape inference failed there)")
         layout = built.layouts[layer] = channel_axis(graph, layer)
-        for method in methods:
-            p = p_of(method, layer)
+        axis = layout.axis if layout.axis is not None else 1
+
+        def p_at(method, mode):
+            p = sweeps[unit_of(method, mode)][layer]
             if p is None:  # every share was lost on the way down: P is 0 here
-                p = g.op("ConstantOfShape", [g.shape(layer)], value=onnx.numpy_helper.from_array(np.zeros(1, np.float32)))
-            m = g.channel_sum(p, rank, layout.axis if layout.axis is not None else 1)
-            if method == "cmwp":
+                p = g.memo(("zeros", layer), lambda: g.op("ConstantOfShape", [g.shape(layer)],
+                                                          value=onnx.numpy_helper.from_array(np.zeros(1, np.float32))))
+            return p
+
+        def reduced(method, p):
+            if get_method(method).reduce == "abs-max":
+                return g.abs_max(p, rank, axis)
+            return g.channel_sum(p, rank, axis)
+
+        map_rank = rank - 1 if rank >= 3 else rank
+        for name in plan.methods:
+            method = get_method(name)
+            p = p_at(name, "difference" if method.dual == "difference" else "target")
+            m = g.memo(("map", layer, method.sweep_key, method.reduce, "difference" if method.dual == "difference" else "target"),
+                       lambda: reduced(name, p))
+            dual_p = None
+            if method.dual == "separate":
+                dual_p = p_at(name, "negated")
+                m = g.sub(g.l1_normalised(m, map_rank), g.l1_normalised(reduced(name, dual_p), map_rank))
+            if method.clip:
                 m = g.relu(m)
-            built.maps[(method, layer)] = _expose(g, m, map_name(method, layer), new_outputs,
-                                                   rank - 1 if rank >= 3 else rank)
+            built.maps[(name, layer)] = _expose(g, m, map_name(name, layer), new_outputs, map_rank)
             if channels:
-                built.channels[(method, layer)] = _expose(g, p, channels_name(method, layer), new_outputs, rank)
-            if diagnostics:
-                mass = g.op("ReduceSum", [p, g.i64(list(range(1, rank)))], keepdims=0, hint="mass") if rank > 1 else p
-                built.masses[(method, layer)] = _expose(g, mass, mass_name(method, layer), new_outputs, 1)
+                built.channels[(name, layer)] = _expose(g, p, channels_name(name, layer), new_outputs, rank)
+            if diagnostics and method.mass != "none":
+                def total(t):
+                    return g.op("ReduceSum", [t, g.i64(list(range(1, rank)))], keepdims=0, hint="mass") if rank > 1 else t
+
+                mass = total(p) if dual_p is None else g.sub(total(p), total(dual_p))
+                built.masses[(name, layer)] = _expose(g, mass, mass_name(name, layer), new_outputs, 1)
 
     _assemble(graph, g, new_outputs, num_classes)
     return built

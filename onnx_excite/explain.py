@@ -35,6 +35,7 @@ class ExplainOptions:
     cmap: str = "jet"          # colour map (matplotlib's names when it is installed)
     full_res: bool = False     # image-space maps and overlays at the photo's full size (else long side <= 1600)
     logits: str | None = None  # the output explained (default: resolve_logits chooses)
+    blur: bool = True          # the paper's Gaussian blur of the image-space maps of methods declared with it
     device: str = "auto"       # cpu | cuda | auto (see onnx_excite.devices)
 
 
@@ -121,7 +122,7 @@ def _settings(opts: ExplainOptions, layers, resize: str, size, mean, std) -> dic
             "targets": [str(t) for t in opts.targets] or None, "top": None if opts.targets else opts.top,
             "combine": bool(opts.combine), "resize": resize, "size": list(size) if isinstance(size, tuple) else size,
             "mean": list(mean), "std": list(std), "scale": opts.scale, "alpha": float(opts.alpha), "cmap": opts.cmap,
-            "colorbar": bool(opts.colorbar), "full_res": bool(opts.full_res)}
+            "colorbar": bool(opts.colorbar), "full_res": bool(opts.full_res), "blur": bool(opts.blur)}
 
 
 def _model_header(path):
@@ -149,9 +150,12 @@ def _validate(opts: ExplainOptions):
         at_least(opts.size, 1, "--size")
     if opts.scale not in SCALES:
         raise ExciteError(f"--scale must be one of {', '.join(SCALES)}, not {opts.scale!r}")
-    methods = [m for m in opts.methods if m not in ("mwp", "cmwp")]
-    if methods or not opts.methods:
-        raise ExciteError(f"unknown method {methods[0] if methods else '(none)'!r}; use mwp and/or cmwp")
+    from .methods import METHODS, get_method
+
+    if not opts.methods:
+        raise ExciteError(f"no method given; choose from {', '.join(METHODS)}")
+    for m in opts.methods:
+        get_method(m)
     return Style(cmap=opts.cmap, alpha=opts.alpha, colorbar=opts.colorbar, full_res=opts.full_res)
 
 
@@ -417,6 +421,8 @@ class _Run:
 
     def _write_image(self, i, path, img, prepared, sets, results, probs, record, advance) -> None:
         from . import maps
+        from .methods import get_method
+        from .postprocess import blur_sigma, gaussian_blur
         from .render import display_size, labelled_overlay, map_max, panel_grid
 
         # image-space maps: clipped at 0 (bicubic overshoot), at display resolution unless full_res
@@ -426,8 +432,10 @@ class _Run:
         for j in range(len(sets)):
             for method in self.opts.methods:
                 for layer in self.layers:
-                    images[j, method, layer] = np.maximum(maps.to_image_space(results[j].maps[method][layer][i],
-                                                                              store_info), 0)
+                    up = maps.to_image_space(results[j].maps[method][layer][i], store_info)
+                    if self.opts.blur and get_method(method).blur:  # the paper's blur, sigma = 0.02 max(W, H)
+                        up = gaussian_blur(up, blur_sigma(up.shape[1], up.shape[0])).astype(np.float32)
+                    images[j, method, layer] = np.maximum(up, 0)
         vmax = {}
         for key, up in images.items():
             group = (key[1], key[2]) if self.opts.scale == "shared" else key

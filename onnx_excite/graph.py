@@ -29,6 +29,7 @@ class Emitter:
         self._counter = itertools.count()
         self._memo: dict[Hashable, object] = {}
         self._const_cache: dict[tuple, str] = {}
+        self.opset = 17  # the default-domain opset of the graph (the builder sets it)
 
     # -- names, constants, memo -------------------------------------------------
     def fresh(self, hint: str) -> str:
@@ -114,6 +115,36 @@ class Emitter:
         nonzero = self.op("Greater", [mag, tiny], hint="z_nonzero")
         z_safe = self.op("Where", [nonzero, z, one], hint="z_safe")
         return self.op("Where", [nonzero, self.op("Reciprocal", [z_safe]), zero], hint="inv_z")
+
+    def reduce(self, op_type: str, x: str, axes: Sequence[int], keepdims: int = 0, hint: str | None = None) -> str:
+        """ReduceMax/ReduceMin/... over ``axes`` (attribute before opset 18, input from 18)."""
+        if op_type == "ReduceSum" or self.opset >= 18:
+            return self.op(op_type, [x, self.i64(list(axes))], keepdims=keepdims, hint=hint)
+        return self.op(op_type, [x], axes=list(axes), keepdims=keepdims, hint=hint)
+
+    def epsilon_stabilised(self, z: str, eps: float) -> str:
+        """LRP-epsilon's denominator d = z + eps * max|z| * sign(z), sign(0) = +1, the
+        maximum taken per sample over all of z's non-batch axes."""
+        flat = self.op("Flatten", [z], axis=1)
+        peak = self.reduce("ReduceMax", self.op("Abs", [flat]), [1], keepdims=1, hint="max_abs_z")
+        sign = self.op("Where", [self.op("GreaterOrEqual", [flat, self.scalar(0.0)]), self.scalar(1.0),
+                                 self.scalar(-1.0)], hint="sign_z")
+        d = self.add(flat, self.mul(self.mul(peak, self.scalar(eps)), sign))
+        return self.reshape_like(d, z)
+
+    def abs_max(self, p: str, rank: int, axis: int = 1) -> str:
+        """The gradient-family map: max over the channel ``axis`` of |P| (rank >= 3)."""
+        if rank >= 3:
+            return self.reduce("ReduceMax", self.op("Abs", [p]), [axis], keepdims=0, hint="map")
+        return self.op("Abs", [p], hint="map")
+
+    def l1_normalised(self, m: str, rank: int) -> str:
+        """m / sum |m| per sample (over every non-batch axis), exactly 0 where the sum is 0."""
+        if rank <= 1:
+            total = self.op("Abs", [m])
+        else:
+            total = self.op("ReduceSum", [self.op("Abs", [m]), self.i64(list(range(1, rank)))], keepdims=1, hint="l1")
+        return self.mul(m, self.safe_reciprocal(total, signed=False))
 
     def channel_sum(self, p: str, rank: int, axis: int = 1) -> str:
         """The MWP map: sum of P over the channel ``axis`` for rank >= 3 tensors."""

@@ -191,17 +191,18 @@ METHODS: dict = {m.name: m for m in (
 )}
 
 
+#: the methods a command runs when none is named
+DEFAULT_METHODS = ("mwp", "cmwp")
+
+
 def method_names() -> tuple:
     return tuple(METHODS)
 
 
 def runnable_methods() -> tuple:
-    """The methods the companion-graph builder runs today (explain, eval, bench, export);
-    the others are declared and have their float64 reference (tests/method_ref.py) but wait
-    for the builder to consume their declarations (issue 12, phase 2)."""
-    from . import builder
-
-    return tuple(m for m in METHODS if m in getattr(builder, "METHODS", ()))
+    """The methods the companion-graph builder runs (explain, eval, bench, export): since
+    the builder consumes the declarations (issue 12, phase 2), every registered method."""
+    return tuple(METHODS)
 
 
 def get_method(name: str) -> Method:

@@ -6,7 +6,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .builder import METHODS, ExcitationModel, build_excitation_model
+from .builder import ExcitationModel, build_excitation_model
+from .methods import DEFAULT_METHODS, get_method
 from .errors import ExciteError
 
 INSTALL_HINT = ("ONNX Runtime is not installed: pip install 'onnx-excite[cpu]' "
@@ -131,7 +132,7 @@ class Exciter:
     the default model; other models have none and need ``layers``).
     """
 
-    def __init__(self, model, layers: Sequence[str] | None = None, methods: Sequence[str] = METHODS, rule: str = "positive",
+    def __init__(self, model, layers: Sequence[str] | None = None, methods: Sequence[str] = DEFAULT_METHODS, rule: str = "positive",
                  providers: Sequence[str] | None = None, channels: bool = False, classifier: str | None = None,
                  logits: str | None = None, input_shapes: Mapping | None = None, threads: int | None = None,
                  diagnostics: bool = False, output: str | None = None, device: str | None = None,
@@ -202,7 +203,13 @@ class Exciter:
         for (method, layer), name in self.built.channels.items():
             res.channels.setdefault(method, {})[layer] = out[name]
         for (method, layer), name in self.built.masses.items():
-            expected = signal.sum(axis=1) if method == "mwp" else 0.0
+            mass = get_method(method).mass
+            if mass == "signal":
+                expected = signal.sum(axis=1)
+            elif mass == "score":
+                expected = (signal * out[self.built.logits].reshape(len(signal), -1)).sum(axis=1)
+            else:
+                expected = 0.0
             res.lost.setdefault(method, {})[layer] = expected - out[name]
         return res
 

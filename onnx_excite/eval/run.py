@@ -32,7 +32,9 @@ __all__ = ["run_evaluation", "load_results", "EvalPlan", "ImageOutcome", "evalua
            "PROTOCOLS", "METHODS", "DEFAULT_MODEL_LAYER"]
 
 PROTOCOLS = ("pointing", "localization")
-EXCITE_METHODS = ("mwp", "cmwp")
+from ..methods import METHODS as _REGISTERED  # noqa: E402
+
+EXCITE_METHODS = tuple(_REGISTERED)   # every registered attention method (onnx-excite methods)
 METHODS = EXCITE_METHODS + ("center",)
 
 #: on_progress(images done, images in all)
@@ -128,7 +130,7 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
                    seed: int = 0, limit: Optional[int] = None, ids: Optional[Sequence[str]] = None,
                    batch_size: int = 16, cache: bool = True, dominant: str = "all",
                    on_progress: Optional[ProgressFn] = None, on_error: Optional[ErrorFn] = None,
-                   ray=None, logits: Optional[str] = None) -> EvalResult:
+                   ray=None, logits: Optional[str] = None, blur: bool = True) -> EvalResult:
     """Evaluate ``methods`` on a dataset; returns the :class:`EvalResult` (also written to ``out_dir``).
 
     * ``protocol``: ``"pointing"`` (input: shorter side resized to ``size``) or
@@ -149,7 +151,10 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
     * ``on_progress(done, total)``, ``on_error(image id, reason)``: called as images finish;
     * ``ray``: a :class:`onnx_excite.distributed.RaySettings` to evaluate on a Ray cluster;
     * ``logits``: the output explained (default: :func:`~onnx_excite.canonicalize.resolve_logits`
-      chooses; the choice is in ``res.settings["logits"]``).
+      chooses; the choice is in ``res.settings["logits"]``);
+    * ``blur``: the paper's Gaussian blur (sigma = 0.02 * max(W, H) of the upsampled map) for
+      the methods declared with ``blur`` (grad, deconv, guided, LRP, c-grad, c-deconv);
+      False scores every map unblurred.
     """
     t0 = time.perf_counter()
     if protocol not in PROTOCOLS:
@@ -157,7 +162,11 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
     methods = list(dict.fromkeys(str(m).lower() for m in methods))
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
-        raise ExciteError(f"unknown method {bad[0] if bad else '(none)'!r}; use {', '.join(METHODS)}")
+        import difflib
+
+        close = difflib.get_close_matches(bad[0], METHODS, n=1) if bad else []
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ExciteError(f"unknown method {bad[0] if bad else '(none)'!r}{hint}; use {', '.join(METHODS)}")
     excite = [m for m in methods if m in EXCITE_METHODS]
     if dominant not in ("all", "mapped"):
         raise ExciteError(f"dominant must be 'all' or 'mapped', not {dominant!r}")
@@ -180,7 +189,7 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
     spec = None
     if excite or mapping is not None:
         if model is None:
-            raise ExciteError("methods mwp/cmwp and a mapping need a model (a path or 'default')")
+            raise ExciteError("attention methods and a mapping need a model (a path or 'default')")
         spec = model_spec(model, layers, excite, rule, protocol, size, logits=logits)
         if excite:
             learn_num_classes(spec, records)
@@ -193,12 +202,12 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
     labels = result_labels(methods, layer_list)
 
     if protocol == "pointing":
-        scorer = PointingScorer(labels, evaluated, tolerance)
+        scorer = PointingScorer(labels, evaluated, tolerance, blur=bool(blur))
     else:
         among = evaluated if dominant == "mapped" else None
         eligible = [r.id for r in records if metrics.dominant_class(r, among) in evaluated]
         scorer = LocalizationScorer(labels, evaluated, metrics.held_out_ids(eligible, held_out, seed),
-                                    spec.size if spec else int(size), among)
+                                    spec.size if spec else int(size), among, blur=bool(blur))
     plan = EvalPlan(scorer, cmap, spec if excite else None,
                     MapCache(out_dir / "cache", protocol, spec.meta) if (cache and spec and excite) else None,
                     batch_size)
@@ -224,7 +233,7 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
                     "input": spec.describe_input() if spec else ("-" if protocol == "pointing" else f"{size}x{size}"),
                     "held_out": held_out, "seed": seed, "alphas": [float(a) for a in metrics.ALPHAS],
                     "split": split, "limit": limit, "dominant": dominant,
-                    "logits": next((o.logits for o in outcomes if o.logits), None)}
+                    "logits": next((o.logits for o in outcomes if o.logits), None), "blur": bool(blur)}
     res.seconds = round(time.perf_counter() - t0, 3)
     write_results(res, out_dir)
     return res

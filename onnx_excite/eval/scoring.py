@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+import numpy as np
+
 from . import metrics
 from .datasets import ImageRecord
 
@@ -22,6 +24,18 @@ class Selection:
     skip: Optional[str] = None
 
 
+def blurred(method: str, upsampled: np.ndarray, blur: bool) -> np.ndarray:
+    """The paper's Gaussian blur (sigma = 0.02 max(W, H)) of an upsampled map, for the methods
+    declared with it (grad, deconv, guided, LRP, c-grad, c-deconv); the map as it is otherwise."""
+    from ..methods import get_method
+    from ..postprocess import blur_sigma, gaussian_blur
+
+    if not blur or not get_method(method).blur:
+        return upsampled
+    h, w = upsampled.shape
+    return gaussian_blur(upsampled, blur_sigma(w, h)).astype(np.float32)
+
+
 @dataclass
 class PointingScorer:
     """Pointing game (Zhang et al. 4.1): per (image, class present) pair, the maximum of the
@@ -30,6 +44,7 @@ class PointingScorer:
     labels: list            # (label, method, layer); method "center" has no layer
     evaluated: set          # dataset classes with a mapping
     tolerance: float = 15
+    blur: bool = True       # see :func:`blurred`
     protocol: str = "pointing"
 
     def select(self, rec: ImageRecord) -> Selection:
@@ -49,7 +64,8 @@ class PointingScorer:
                 if method == "center":
                     point = metrics.center_point(rec.width, rec.height)
                 else:
-                    point = metrics.max_point(metrics.upsample(maps[(method, layer, c)], rec.width, rec.height))
+                    point = metrics.max_point(blurred(method, metrics.upsample(maps[(method, layer, c)], rec.width,
+                                                                                rec.height), self.blur))
                 item["points"][label] = list(point)
                 item["hits"][label] = metrics.pointing_hit(point, objs, self.tolerance)
             items.append(item)
@@ -70,6 +86,7 @@ class LocalizationScorer:
     held: set
     size: int = 224
     among: Optional[set] = None     # dominant among these classes (None: among all)
+    blur: bool = True               # see :func:`blurred`
     protocol: str = "localization"
 
     def select(self, rec: ImageRecord) -> Selection:
@@ -86,7 +103,7 @@ class LocalizationScorer:
         item = {"image": rec.id, "class": dom, "held_out": rec.id in self.held, "correct": {}}
         for label, method, layer in self.labels:
             m = (metrics.center_map(self.size, self.size) if method == "center"
-                 else metrics.upsample(maps[(method, layer, dom)], self.size, self.size))
+                 else blurred(method, metrics.upsample(maps[(method, layer, dom)], self.size, self.size), self.blur))
             item["correct"][label] = [bool(v) for v in metrics.localization_curve(m, (rec.width, rec.height), gt)]
         return [item]
 

@@ -121,15 +121,45 @@ def _prove(graph: ForwardGraph, name: str) -> bool:
 
 @dataclass
 class Context:
-    """What a rule may use: the forward graph, the emitter and the rule choice."""
+    """What a rule may use: the forward graph, the emitter, the rule choice and the method.
+
+    ``method`` is the :class:`~onnx_excite.methods.Method` whose sweep is being emitted
+    (``None``: MWP); a rule asks it for its op family's rule variant (:meth:`variant`) and
+    for the gate at rectifiers (:attr:`gate`)."""
 
     graph: ForwardGraph
     g: Emitter
     rule: str = "positive"
     wanted: frozenset = frozenset()   # tensors whose P is needed
+    method: object = None             # onnx_excite.methods.Method; None: mwp
 
     def wants(self, name: str) -> bool:
         return name in self.wanted
+
+    @property
+    def the_method(self):
+        if self.method is None:
+            from ..methods import METHODS
+
+            return METHODS["mwp"]
+        return self.method
+
+    def variant(self, family: str):
+        """The method's :class:`~onnx_excite.methods.RuleVariant` for ``family``
+        ("linear", "pool" or "add")."""
+        return getattr(self.the_method, family)
+
+    @property
+    def gate(self) -> str:
+        """The method's gate at rectifiers: forward-mask, backward-relu, both or none."""
+        return self.the_method.relu
+
+    @property
+    def adjoint(self) -> bool:
+        """True for the gradient family (grad, deconv, guided, cam): the linear layers are
+        plain transposes (no activation factor), so activations must apply their
+        derivative (``forward-mask``) or rectify P (``backward-relu``)."""
+        return all(act == "1" for act, _ in self.variant("linear").resolve(self.rule))
 
     def act(self, name: str) -> str:
         """The activation as float32: the excitation branch of a float16 / bfloat16 / float64

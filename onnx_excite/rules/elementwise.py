@@ -13,6 +13,7 @@ computed from ``x`` is a gate, as for ``Mul``.
 """
 from __future__ import annotations
 
+from ..errors import ExciteError
 from .base import Context, proves_nonneg, register
 from .merge import add as _proportional_split
 from .passthrough import _depends_on
@@ -44,9 +45,14 @@ def sub_check(graph, node):
           description="`x - c`, `c - x` (decomposed BatchNorm, pixel normalisation inside the graph): per-element affine, "
                       "P passes to `x` as for Mul by a constant and a bias Add; Sub of two tensors is refused")
 def sub(ctx: Context, node, p: str, negate=False):
-    """P_in = P: each output cell is an affine function of one input cell."""
+    """P_in = P: each output cell is an affine function of one input cell. The gradient
+    family (``ctx.adjoint``) takes the derivative: -P for ``c - x``."""
     data = _data(ctx.graph, node)
-    return {data[0]: p} if data else {}
+    if not data:
+        return {}
+    if ctx.adjoint and data[0] == node.input[1] and data[0] != node.input[0]:
+        return {data[0]: ctx.g.op("Neg", [p], hint="p_neg")}
+    return {data[0]: p}
 
 
 def div_check(graph, node):
@@ -70,7 +76,15 @@ def div_nonneg(graph, node):
           description="`x / c`, or `x / g` with a gate `g` computed from `x` (L2 normalisation, paddle's hard-swish "
                       "`x·clip(x+3, 0, 6)/6`): P passes to `x`, the divisor takes none; `c / x` is refused")
 def div(ctx: Context, node, p: str, negate=False):
-    """P_in = P for the dividend; the divisor (a constant or a gate) takes no share."""
+    """P_in = P for the dividend; the divisor (a constant or a gate) takes no share. The
+    gradient family (``ctx.adjoint``) takes the derivative, P / c, and refuses a divisor
+    computed from the features (its derivative would need the gate branch)."""
+    if ctx.adjoint:
+        d = node.input[1]
+        if not ctx.graph.is_const(d):
+            raise ExciteError(f"node {node.name!r}: the gradient-family methods cannot pass a Div by a tensor "
+                              f"computed from the features (e.g. L2 normalisation); use an excitation method")
+        return {node.input[0]: ctx.g.op("Div", [p, ctx.act(d)], hint="p_div")}
     return {node.input[0]: p}
 
 
@@ -78,9 +92,14 @@ def mean_check(graph, node):
     return _same_shape_check(graph, _data(graph, node), node.output[0])
 
 
-register("Mean", keeps_nonneg=True, check=mean_check,
-         description="split in proportion `x_k / sum x` (`x_k+ / sum x+` for `positive`); constant summands are biases and take no share")(
-    _proportional_split)
+@register("Mean", keeps_nonneg=True, check=mean_check,
+          description="split in proportion `x_k / sum x` (`x_k+ / sum x+` for `positive`); constant summands are biases and take no share")
+def mean(ctx: Context, node, p: str, negate=False):
+    """As Add/Sum (the 1/n scales every share alike); the gradient family copies P / n."""
+    if ctx.adjoint:
+        n = len([i for i in node.input if i])
+        p = ctx.g.mul(p, ctx.g.scalar(1.0 / n))
+    return _proportional_split(ctx, node, p, negate)
 
 
 def max_check(graph, node):

@@ -21,9 +21,12 @@ their share is a_j / sum(window) whatever the count the pool divides by.
 from __future__ import annotations
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 
 from ..errors import ExciteError
-from .base import Context, attr, register
+from ..methods import LRP_EPSILON
+from .base import Context, attr, proves_nonneg, register
 
 
 # ---------------------------------------------------------------------------
@@ -169,36 +172,82 @@ def pool_spec(graph, node, channels: int) -> ConvSpec:
 # ---------------------------------------------------------------------------
 # the one excitation every linear op shares
 # ---------------------------------------------------------------------------
-def excite_linear(ctx: Context, node, a: str, p: str, weight: np.ndarray, forward, transpose, negate=False) -> str | None:
-    """P at the input ``a`` of a linear node, given P at its output.
+def _weight_of(kind: str, w: np.ndarray) -> np.ndarray:
+    return {"W": w, "W+": np.maximum(w, 0), "W-": np.minimum(w, 0), "1": np.ones_like(w)}[kind]
+
+
+#: parts whose forward sum is >= 0 whatever the sign of the activation
+_NONNEG_PARTS = {("a+", "W+"), ("a-", "W-"), ("a+", "1"), ("1", "W+"), ("1", "1")}
+
+
+def excite_linear(ctx: Context, node, a: str, p: str, weight: np.ndarray, forward, transpose, negate=False,
+                  family: str = "linear", bias: np.ndarray | None = None, count=None) -> str | None:
+    """P at the input ``a`` of a linear node, given P at its output, by the method's rule
+    variant for ``family`` (:class:`~onnx_excite.methods.RuleVariant`)::
+
+        Z = sum_parts fwd(act, weight) (+ b when the bias is "in-Z"),
+        R = P / Z ("Z"), P / (Z + eps max|Z| sign Z) ("Z+eps") or P ("none"),
+        P_in = sum_parts act * adj(R, weight),   a zero denominator contributes 0.
 
     ``forward(x, w)`` applies the node with weight ``w`` to ``x`` (no bias);
-    ``transpose(r, w)`` applies its adjoint. Z (through ``1/Z``) is emitted once
-    per node and weight sign, and shared by every signal chain.
+    ``transpose(r, w)`` applies its adjoint. ``negate`` uses -W (and -b): the dual.
+    ``count`` (pools: the divisor, a number or tensor of the output's shape) scales the
+    un-normalised adjoint of a pool whose ``weight`` is its window of ones. Z (through
+    1/Z) is emitted once per node, weight sign and parts, shared by every sweep and method
+    (mwp, cmwp, cmwp-postnorm and, with the positive rule, lrp-zplus).
+    Excitation (``--rule positive``): parts a+ W+ + a- W-; where ``a`` is provably
+    non-negative the a- half is zero and a+ = a, neither is emitted.
     """
     g = ctx.g
-    signed = ctx.signed(a)
+    variant = ctx.variant(family)
+    parts = variant.resolve(ctx.rule)
+    nonneg = not ctx.signed(a) if ctx.rule == "positive" else proves_nonneg(ctx.graph, a)
     a = ctx.act(a)  # float32 even in a float16 model: tiny Z must not underflow
     w = -weight if negate else weight
-    w_pos, w_neg = np.maximum(w, 0), np.minimum(w, 0)
-    if signed:
-        parts = []
-        if w_pos.any():
-            parts.append((g.memo(("a+", a), lambda: g.relu(a)), w_pos))
-        if w_neg.any():
-            parts.append((g.memo(("a-", a), lambda: g.negative_part(a)), w_neg))
+    terms, labels = [], []
+    for act, kind in parts:
+        wk = _weight_of(kind, w)
+        if not wk.any():
+            continue
+        if act == "a-" and nonneg:
+            continue
+        if act == "a+":
+            x = a if nonneg else g.memo(("a+", a), lambda: g.relu(a))
+        elif act == "a-":
+            x = g.memo(("a-", a), lambda: g.negative_part(a))
+        else:
+            x = None if act == "1" else a
+        terms.append((x, wk))
+        labels.append((act, kind))
+    if not terms:
+        return None  # no contribution anywhere: all of P is lost here
+    if variant.normalise == "none":
+        r = p
+        if count is not None and any(lab[1] != "1" for lab in labels):  # a pool's weight 1/count
+            if callable(count):
+                count = count()
+            scaled = g.op("Div", [p, count if isinstance(count, str) else g.scalar(float(count))])
+            return g.sum([(transpose(scaled if lab[1] != "1" else r, wp) if x is None
+                           else g.mul(x, transpose(scaled if lab[1] != "1" else r, wp)))
+                          for (x, wp), lab in zip(terms, labels)])
     else:
-        parts = [(a, w_pos)] if w_pos.any() else []
-    if not parts:
-        return None  # no positive contribution anywhere: all of P is lost here
+        if any(x is None for x, _ in terms):
+            raise ExciteError(f"internal: rule variant {variant} normalises a unit-activation part")
+        b = None
+        if variant.bias == "in-Z" and bias is not None and np.any(bias):
+            b = -bias if negate else bias
+        key = (node.name, negate, tuple(labels), variant.normalise, variant.bias, "inv_z")
 
-    def inverse_z():
-        z = g.sum([forward(x, wp) for x, wp in parts])
-        return g.safe_reciprocal(z, signed=ctx.rule == "paper")
+        def inverse_z():
+            z = g.sum([forward(x, wp) for x, wp in terms])
+            if b is not None:
+                z = g.add(z, g.const(b.astype(np.float32), "bias"))
+            if variant.normalise == "Z+eps":
+                return g.safe_reciprocal(g.epsilon_stabilised(z, LRP_EPSILON), signed=True)
+            return g.safe_reciprocal(z, signed=any(lab not in _NONNEG_PARTS for lab in labels))
 
-    inv_z = g.memo((node.name, negate, "inv_z"), inverse_z)
-    r = g.mul(p, inv_z)
-    return g.sum([g.mul(x, transpose(r, wp)) for x, wp in parts])
+        r = g.mul(p, g.memo(key, inverse_z))
+    return g.sum([transpose(r, wp) if x is None else g.mul(x, transpose(r, wp)) for x, wp in terms])
 
 
 # ---------------------------------------------------------------------------
@@ -233,16 +282,19 @@ def conv(ctx: Context, node, p: str, negate=False):
     a = node.input[0]
     spec = conv_spec(ctx.graph, node)
     w = ctx.graph.consts[node.input[1]].astype(np.float64)
+    bias = None
+    if len(node.input) > 2 and node.input[2] in ctx.graph.consts:
+        bias = ctx.graph.consts[node.input[2]].astype(np.float64).reshape((1, -1) + (1,) * (w.ndim - 2))
     out = excite_linear(ctx, node, a, p, w,
                         forward=lambda x, wp: spec.conv(ctx, x, wp),
-                        transpose=lambda r, wp: spec.conv_transpose(ctx, r, wp, like=a), negate=negate)
+                        transpose=lambda r, wp: spec.conv_transpose(ctx, r, wp, like=a), negate=negate, bias=bias)
     return {a: out}
 
 
 # ---------------------------------------------------------------------------
 # Gemm and MatMul
 # ---------------------------------------------------------------------------
-def _dense(ctx: Context, node, a: str, p: str, w: np.ndarray, negate: bool):
+def _dense(ctx: Context, node, a: str, p: str, w: np.ndarray, negate: bool, bias=None):
     """``y = a @ w`` with ``w`` of shape (K, M): forward a @ W', transpose r @ W'^T.
 
     For 2-D activations the transpose is a Gemm with transB=1 on the same
@@ -259,7 +311,7 @@ def _dense(ctx: Context, node, a: str, p: str, w: np.ndarray, negate: bool):
     return excite_linear(
         ctx, node, a, p, w,
         forward=lambda x, wp: g.op("MatMul", [x, g.const(wp.astype(np.float32), "w")], hint="z_mm"),
-        transpose=transpose, negate=negate)
+        transpose=transpose, negate=negate, bias=bias)
 
 
 def dense_check(graph, node):
@@ -286,7 +338,10 @@ def dense_weight(graph, node) -> np.ndarray:
 def dense(ctx: Context, node, p: str, negate=False):
     """Linear rule through Gemm / MatMul with a constant weight."""
     a = node.input[0]
-    return {a: _dense(ctx, node, a, p, dense_weight(ctx.graph, node), negate)}
+    bias = None
+    if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] in ctx.graph.consts:
+        bias = ctx.graph.consts[node.input[2]].astype(np.float64) * float(attr(node, "beta", 1.0))
+    return {a: _dense(ctx, node, a, p, dense_weight(ctx.graph, node), negate, bias)}
 
 
 # ---------------------------------------------------------------------------
@@ -315,18 +370,43 @@ def average_pool(ctx: Context, node, p: str, negate=False):
     c = _channels(ctx.graph, a)
     spec = pool_spec(ctx.graph, node, c)
     ones = np.ones([c, 1] + spec.kernel)
+
+    def count():
+        """The pool's divisor: the window size, or (count_include_pad=0 with padding) the
+        number of non-pad elements per window."""
+        if attr(node, "count_include_pad", 0) or not any(spec.pads):
+            return float(np.prod(spec.kernel))
+        g = ctx.g
+        ones_like = g.op("ConstantOfShape", [g.shape(a)], value=onnx.numpy_helper.from_array(np.ones(1, np.float32)))
+        return spec.conv(ctx, ones_like, ones)
+
     out = excite_linear(ctx, node, a, p, ones,
                         forward=lambda x, wp: spec.conv(ctx, x, wp),
-                        transpose=lambda r, wp: spec.conv_transpose(ctx, r, wp, like=a))
+                        transpose=lambda r, wp: spec.conv_transpose(ctx, r, wp, like=a), family="pool", count=count)
     return {a: out}
 
 
 def _global_pool(ctx: Context, node, a: str, p: str, axes: list[int]):
     g = ctx.g
+
+    def count():
+        """The number of positions averaged (H*W), static where the shape is known; 1 for a sum."""
+        if node.op_type == "ReduceSum":
+            return 1.0
+        dims = ctx.graph.static_dims(a, axes)
+        if dims is not None:
+            return float(np.prod(dims))
+        sizes = g.op("Cast", [g.op("Gather", [g.shape(a), g.i64(axes)], axis=0)], to=onnx.TensorProto.FLOAT)
+        return g.op("ReduceProd", [sizes], keepdims=1, hint="count")   # float: CUDA has no int64 ReduceProd
+
+    def transpose(r, wp):  # the adjoint of a window sum over all positions: broadcast
+        return r if ctx.variant("pool").resolve(ctx.rule)[0][0] != "1" else g.op(
+            "Expand", [r, g.shape(a)], hint="p_broadcast")
+
     out = excite_linear(
         ctx, node, a, p, np.ones(1),
         forward=lambda x, wp: g.op("ReduceSum", [x, g.i64(axes)], keepdims=1, hint="z_sum"),
-        transpose=lambda r, wp: r)
+        transpose=transpose, family="pool", count=count)
     return {a: out}
 
 
@@ -396,7 +476,9 @@ def batch_normalization(ctx: Context, node, p: str, negate=False):
     def diag(x, wp):
         return g.op("Mul", [x, g.const(wp.astype(np.float32), "scale")])
 
-    return {a: excite_linear(ctx, node, a, p, scale, forward=diag, transpose=diag, negate=negate)}
+    beta, mean = (ctx.graph.consts[i].astype(np.float64) for i in (node.input[2], node.input[3]))
+    shift = (beta - mean * (gamma / np.sqrt(var + eps))).reshape((1, -1) + (1,) * (rank - 2))
+    return {a: excite_linear(ctx, node, a, p, scale, forward=diag, transpose=diag, negate=negate, bias=shift)}
 
 
 @register("ReduceLogSumExp", inputs=(0,), check=reduce_mean_check,

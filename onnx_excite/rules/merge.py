@@ -7,6 +7,9 @@ no share, and with one non-constant input P passes through.
 """
 from __future__ import annotations
 
+import numpy as np
+
+from ..methods import LRP_EPSILON
 from .base import Context, attr, register
 
 
@@ -23,21 +26,43 @@ def _sum_check(graph, node):
 @register("Add", "Sum", keeps_nonneg=True, check=_sum_check,
           description="split in proportion `x_k / sum x` (`x_k+ / sum x+` for `positive`); constant summands are biases and take no share")
 def add(ctx: Context, node, p: str, negate=False):
-    """Split P over the non-constant summands in proportion to them."""
+    """Split P over the non-constant summands by the method's ``add`` rule variant (unit
+    weights): P_k = sum_parts act(x_k) * R, R = P / Z, Z = sum_parts sum_k act(x_k)
+    (+ the constant summands when the bias is "in-Z"); a ``W-`` part of a unit weight is
+    empty. MWP: x_k+ / sum x+ (``positive``), x_k / sum x (``paper``); the gradient family
+    copies P to every summand."""
     g = ctx.g
+    variant = ctx.variant("add")
     data = [i for i in node.input if i and not ctx.graph.is_const(i)]
-    if len(data) == 1:
+    consts = [i for i in node.input if i and ctx.graph.is_const(i)]
+    in_z = variant.bias == "in-Z" and consts
+    if len(data) == 1 and not in_z:
         return {data[0]: p}
-    if ctx.rule == "positive":
-        parts = [g.memo(("a+", x), lambda x=x: g.relu(ctx.act(x))) for x in data]
+    parts = [act for act, kind in variant.resolve(ctx.rule) if kind != "W-"]
+
+    def summand(act, x):
+        return g.memo(("a+", x), lambda: g.relu(ctx.act(x))) if act == "a+" else \
+            g.memo(("a-", x), lambda: g.negative_part(ctx.act(x))) if act == "a-" else ctx.act(x)
+
+    if variant.normalise == "none":
+        r = p
     else:
-        parts = [ctx.act(x) for x in data]
-    inv = g.memo((node.name, "inv_sum"), lambda: g.safe_reciprocal(g.sum(parts), signed=ctx.rule == "paper"))
-    r = g.mul(p, inv)
+        def inverse():
+            z = g.sum([summand(act, x) for act in parts for x in data])
+            if in_z:
+                z = g.add(z, g.const(sum(ctx.graph.consts[c].astype(np.float64) for c in consts).astype(np.float32), "bias"))
+            if variant.normalise == "Z+eps":
+                return g.safe_reciprocal(g.epsilon_stabilised(z, LRP_EPSILON), signed=True)
+            return g.safe_reciprocal(z, signed=any(act in ("a", "1") for act in parts))
+
+        key = (node.name, "inv_sum", tuple(parts), variant.normalise, bool(in_z))
+        r = g.mul(p, g.memo(key, inverse))
     out = {}
-    for x, part in zip(data, parts):
-        if ctx.wants(x):
-            share = g.mul(part, r)
+    for x in data:
+        if not ctx.wants(x):
+            continue
+        for act in parts:
+            share = r if act == "1" else g.mul(summand(act, x), r)
             out[x] = g.add(out[x], share) if x in out else share
     return out
 

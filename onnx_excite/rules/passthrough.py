@@ -6,12 +6,117 @@ happens. Shape ops move P back to the layout of their input.
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .base import Context, attr, register
 
 
 def _pass(ctx: Context, node, p: str, negate=False):
-    """P passes through unchanged."""
-    return {node.input[0]: p}
+    """P passes through unchanged for the excitation / LRP methods. The gradient family
+    (:attr:`Context.adjoint`) gates it: at rectifiers (Relu, Clip) by the method's gate
+    (``forward-mask``: P * [lo < x < hi], the derivative; ``backward-relu``: max(P, 0);
+    ``both``); at smooth activations grad and guided multiply by the derivative (deconv
+    passes P: its backward ReLU is only at rectifiers)."""
+    x = node.input[0]
+    op = node.op_type
+    if not ctx.adjoint or op in ("Identity", "Dropout", "Cast"):
+        return {x: p}
+    g, gate = ctx.g, ctx.gate
+    if op in ("Relu", "Clip"):
+        if gate in ("backward-relu", "both"):
+            p = g.relu(p)
+        if gate in ("forward-mask", "both"):
+            p = g.mul(p, g.memo(("fwd_mask", node.name), lambda: _rectifier_mask(ctx, node)))
+        return {x: p}
+    if gate in ("forward-mask", "both"):
+        if op == "LRN":
+            return {x: _lrn_adjoint(ctx, node, p)}
+        return {x: g.mul(p, g.memo(("derivative", node.name), lambda: _derivative(ctx, node)))}
+    return {x: p}
+
+
+def _channel_window_sum(ctx: Context, t: str, size: int, before: int, after: int) -> str:
+    """s[c] = sum of t[c - before .. c + after] over the channel axis 1 (zero outside), as a
+    Conv3D of ones over (N, 1, C, H, W)."""
+    g = ctx.g
+    t5 = g.op("Unsqueeze", [t, g.i64([1])])
+    ones = g.const(np.ones((1, 1, size, 1, 1), np.float32), "ones")
+    s = g.op("Conv", [t5, ones], kernel_shape=[size, 1, 1], pads=[before, 0, 0, after, 0, 0], hint="lrn_sum")
+    return g.op("Squeeze", [s, g.i64([1])])
+
+
+def _lrn_adjoint(ctx: Context, node, p: str) -> str:
+    """The transposed Jacobian of LRN, y_c = x_c d_c^-beta, d_c = bias + alpha/size
+    sum_{c' = c-lo}^{c+hi} x_c'^2 (lo = floor((size-1)/2), hi = ceil((size-1)/2)):
+    P_in_j = P_j d_j^-beta - (2 alpha beta / size) x_j sum_{c = j-hi}^{j+lo} P_c x_c d_c^(-beta-1)."""
+    g = ctx.g
+    size = int(attr(node, "size"))
+    alpha, beta, bias = (float(attr(node, k, d)) for k, d in (("alpha", 1e-4), ("beta", 0.75), ("bias", 1.0)))
+    lo, hi = (size - 1) // 2, size // 2
+    x = ctx.act(node.input[0])
+
+    def powers():
+        d = g.add(g.mul(_channel_window_sum(ctx, g.mul(x, x), size, lo, hi), g.scalar(alpha / size)), g.scalar(bias))
+        return g.op("Pow", [d, g.scalar(-beta)]), g.op("Pow", [d, g.scalar(-beta - 1.0)])
+
+    d_beta, d_beta1 = g.memo(("lrn_d", node.name), powers)
+    back = _channel_window_sum(ctx, g.mul(g.mul(p, x), d_beta1), size, hi, lo)
+    return g.sub(g.mul(p, d_beta), g.mul(g.mul(x, back), g.scalar(2.0 * alpha * beta / size)))
+
+
+def _rectifier_mask(ctx: Context, node) -> str:
+    """[x > lo] * [x < hi] as float (Relu: lo = 0, hi = inf): where the derivative is 1."""
+    g = ctx.g
+    x = ctx.act(node.input[0])
+    lo, hi = (0.0, None) if node.op_type == "Relu" else _clip_bounds(ctx.graph, node)
+    mask = g.op("Greater", [x, g.scalar(lo)]) if lo is not None else None
+    if hi is not None:
+        below = g.op("Less", [x, g.scalar(hi)])
+        mask = below if mask is None else g.op("And", [mask, below])
+    if mask is None:
+        return g.scalar(1.0)
+    return g.op("Cast", [mask], to=1, hint="relu_mask")
+
+
+def _clip_bounds(graph, node):
+    def bound(index, name):
+        if len(node.input) > index and node.input[index]:
+            if node.input[index] not in graph.consts:
+                from ..errors import ExciteError
+
+                raise ExciteError(f"node {node.name!r}: the gradient through Clip needs constant bounds")
+            return float(graph.consts[node.input[index]])
+        return attr(node, name)
+    return bound(1, "min"), bound(2, "max")
+
+
+def _derivative(ctx: Context, node) -> str:
+    """dy/dx of a smooth elementwise activation, from its input x and output y."""
+    g = ctx.g
+    x, y = ctx.act(node.input[0]), ctx.act(node.output[0])
+    one = g.scalar(1.0)
+    op = node.op_type
+    if op == "Sigmoid":
+        return g.mul(y, g.sub(one, y))
+    if op == "Tanh":
+        return g.sub(one, g.mul(y, y))
+    if op == "Softplus":
+        return g.op("Sigmoid", [x])
+    if op == "LeakyRelu":
+        return g.op("Where", [g.op("Greater", [x, g.scalar(0.0)]), one, g.scalar(float(attr(node, "alpha", 0.01)))])
+    if op == "HardSigmoid":
+        alpha, beta = float(attr(node, "alpha", 0.2)), float(attr(node, "beta", 0.5))
+        inner = g.add(g.mul(x, g.scalar(alpha)), g.scalar(beta))
+        inside = g.op("And", [g.op("Greater", [inner, g.scalar(0.0)]), g.op("Less", [inner, one])])
+        return g.op("Where", [inside, g.scalar(alpha), g.scalar(0.0)])
+    if op == "HardSwish":  # x * clip(x/6 + 1/2, 0, 1): 0 below -3, 1 above 3, (2x + 3)/6 between
+        mid = g.add(g.mul(x, g.scalar(1 / 3)), g.scalar(0.5))
+        return g.op("Where", [g.op("Less", [x, g.scalar(-3.0)]), g.scalar(0.0),
+                              g.op("Where", [g.op("Greater", [x, g.scalar(3.0)]), one, mid])])
+    from ..errors import ExciteError
+
+    raise ExciteError(f"method {ctx.the_method.name!r}: the derivative of {op} (node {node.name!r}) is not "
+                      "implemented; use an excitation/LRP method (mwp, cmwp, lrp-*) on this model")
 
 
 _PASS = ("P passes through (where an activation's output can be negative, the next linear layer sees that sign: "
@@ -101,5 +206,32 @@ def mul_check(graph, node):
 @register("Mul", keeps_nonneg=True, check=mul_check,
           description="by a gate (SE blocks, SiLU = x·sigmoid(x), constant scales): the gate is a per-element scale, P goes to the gated features only")
 def mul(ctx: Context, node, p: str, negate=False):
-    """The gate (a constant or computed from the features) is a per-element scale: P flows to the features."""
-    return {node.input[1 - _gate_input(ctx.graph, node)]: p}
+    """The gate (a constant or computed from the features) is a per-element scale: P flows to the
+    features. The gradient family follows the product rule instead: P * gate to the features
+    and P * features to the gate branch (unbroadcast to each factor's shape)."""
+    if not ctx.adjoint:
+        return {node.input[1 - _gate_input(ctx.graph, node)]: p}
+    g = ctx.g
+    out = {}
+    for i in (0, 1):
+        x, other = node.input[i], node.input[1 - i]
+        if ctx.graph.is_const(x) or not ctx.wants(x):
+            continue
+        q = g.mul(p, ctx.act(other))
+        out[x] = _unbroadcast(ctx, q, x, node.output[0])
+    return out
+
+
+def _unbroadcast(ctx: Context, q: str, x: str, y: str) -> str:
+    """Sum ``q`` (shaped like the output ``y``) over the axes where ``x`` was broadcast."""
+    xs, ys = ctx.graph.shape(x), ctx.graph.shape(y)
+    if xs is None or ys is None:
+        return q
+    lead = len(ys) - len(xs)
+    if lead:
+        q = ctx.g.op("ReduceSum", [q, ctx.g.i64(list(range(lead)))], keepdims=0, hint="p_unbroadcast")
+    axes = [i for i, (d, e) in enumerate(zip(xs, ys[lead:])) if d == 1 and e != 1]
+    if not axes:
+        return q
+    return ctx.g.op("ReduceSum", [q, ctx.g.i64(axes)], keepdims=1, hint="p_unbroadcast")
+
