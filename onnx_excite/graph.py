@@ -103,17 +103,28 @@ class Emitter:
         return self.op("Reshape", [x, self.shape(like)])
 
     def safe_reciprocal(self, z: str, signed: bool) -> str:
-        """1/z where |z| is at least the smallest normal float, exactly 0 elsewhere.
+        """1/z where |z| is above the smallest normal float, exactly 0 elsewhere.
 
-        Never produces NaN or Inf: ``z`` is replaced by 1 before the division
-        where it counts as zero, and the result is masked to 0 there.
+        Written without ``Where`` (ONNX Runtime's CPU Where is ~10x slower than an
+        element-wise Mul), as a mask times the reciprocal of a divisor that is never 0::
+
+            m = float(|z| > tiny)
+            1/z ~ m / Max(z, tiny)         z >= 0 (signed=False): Greater, Cast, Max, Div
+            1/z ~ m / (z + (1 - m))        any sign (signed=True)
+
+        Where m = 1 the divisor is z itself, so the result is 1/z bit for bit (IEEE
+        division is correctly rounded); where m = 0 it is 0 / (a number >= tiny in
+        magnitude) = 0. Never NaN or Inf.
         """
         tiny = self.scalar(TINY)
-        zero, one = self.scalar(0.0), self.scalar(1.0)
         mag = self.op("Abs", [z]) if signed else z
-        nonzero = self.op("Greater", [mag, tiny], hint="z_nonzero")
-        z_safe = self.op("Where", [nonzero, z, one], hint="z_safe")
-        return self.op("Where", [nonzero, self.op("Reciprocal", [z_safe]), zero], hint="inv_z")
+        mask = self.op("Cast", [self.op("Greater", [mag, tiny], hint="z_nonzero")], to=onnx.TensorProto.FLOAT,
+                       hint="z_mask")
+        if signed:
+            divisor = self.add(z, self.sub(self.scalar(1.0), mask))
+        else:
+            divisor = self.op("Max", [z, tiny], hint="z_safe")
+        return self.op("Div", [mask, divisor], hint="inv_z")
 
     def channel_sum(self, p: str, rank: int, axis: int = 1) -> str:
         """The MWP map: sum of P over the channel ``axis`` for rank >= 3 tensors."""
