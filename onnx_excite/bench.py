@@ -221,53 +221,60 @@ def _peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-def _build_in_child(queue, model, layers, methods, rule, logits, input_shapes, threads, providers):
-    try:
-        import onnx_excite.runtime  # noqa: F401  (imports and ORT are part of every variant's base)
+def _build_in_child(spec: dict) -> dict:
+    """Runs in the fresh process (``python -m onnx_excite.bench``): load, build, create the session."""
+    import onnx_excite.runtime  # noqa: F401  (imports and ORT are part of every variant's base)
 
-        source = load_source(model)
-        loaded = _rss_mb()
-        t0 = time.perf_counter()
-        if methods is None:
-            forward = canonicalize(source, logits=logits, input_shapes=input_shapes)
-            target = forward.forward_model()
-            del forward
-        else:
-            target = build_excitation_model(source, layers, methods=methods, rule=rule, logits=logits,
-                                            input_shapes=input_shapes).model
-        del source
-        t1 = time.perf_counter()
-        session = make_session(target, providers, threads)
-        t2 = time.perf_counter()
-        del session
-        queue.put((t1 - t0, t2 - t1, _peak_rss_mb(), loaded, None))
-    except BaseException as exc:  # reported to the parent
-        queue.put((0.0, 0.0, 0.0, 0.0, f"{type(exc).__name__}: {exc}"))
+    source = load_source(spec["model"])
+    loaded = _rss_mb()
+    t0 = time.perf_counter()
+    if spec["methods"] is None:
+        forward = canonicalize(source, logits=spec["logits"], input_shapes=spec["input_shapes"])
+        target = forward.forward_model()
+        del forward
+    else:
+        target = build_excitation_model(source, spec["layers"], methods=spec["methods"], rule=spec["rule"],
+                                        logits=spec["logits"], input_shapes=spec["input_shapes"]).model
+    del source
+    t1 = time.perf_counter()
+    session = make_session(target, spec["providers"], spec["threads"])
+    t2 = time.perf_counter()
+    del session
+    return {"build_s": t1 - t0, "session_s": t2 - t1, "peak_rss_mb": _peak_rss_mb(), "loaded_rss_mb": loaded}
 
 
 def measure_build(model, layers: Sequence[str], methods: Sequence[str] | None, name: str | None = None,
                   rule: str = "positive", logits: str | None = None, input_shapes=None, threads: int | None = None,
                   providers=None, timeout: float = 900) -> BuildCost:
-    """Build one variant (``methods=None``: the forward session alone) in a fresh process
-    and return its build and session-creation seconds and the process's peak RSS.
+    """Build one variant (``methods=None``: the forward session alone) in a fresh Python
+    process and return its build and session-creation seconds and the process's peak RSS.
 
     ``model`` is a path, ``default`` or a recipe name: what the child loads itself.
     """
-    import multiprocessing as mp
+    import subprocess
+    import sys
 
     from .errors import ExciteError
 
     if not isinstance(model, (str, os.PathLike)):
         raise ExciteError("memory measurement needs a model path, 'default' or a recipe name")
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_build_in_child, args=(queue, str(model), list(layers), methods, rule, logits,
-                                                       input_shapes, threads, providers))
-    proc.start()
+    spec = {"model": str(model), "layers": list(layers), "methods": list(methods) if methods else None, "rule": rule,
+            "logits": logits, "input_shapes": {k: list(v) for k, v in input_shapes.items()} if input_shapes else None,
+            "threads": threads, "providers": list(providers) if providers else None}
+    label = name or ("forward" if methods is None else "+".join(methods))
     try:
-        build_s, session_s, peak, loaded, error = queue.get(timeout=timeout)
-    finally:
-        proc.join(timeout=60)
-    if error:
-        raise ExciteError(f"building {name or methods} in a fresh process failed: {error}")
-    return BuildCost(name or ("forward" if methods is None else "+".join(methods)), build_s, session_s, peak, loaded)
+        done = subprocess.run([sys.executable, "-m", "onnx_excite.bench"], input=json.dumps(spec), capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ExciteError(f"building {label} in a fresh process took over {timeout:.0f} s") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ExciteError(f"building {label} in a fresh process failed: {last}")
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    return BuildCost(label, r["build_s"], r["session_s"], r["peak_rss_mb"], r["loaded_rss_mb"])
+
+
+if __name__ == "__main__":  # the child of measure_build: a JSON spec on stdin, a JSON result on stdout
+    import sys
+
+    print(json.dumps(_build_in_child(json.load(sys.stdin))))

@@ -6,6 +6,7 @@ chains share (the normaliser Z of a layer does not depend on the signal).
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 from typing import Callable, Hashable, Iterable, Sequence
 
@@ -43,7 +44,10 @@ class Emitter:
     def const(self, array, hint: str = "const") -> str:
         """An initializer holding ``array`` (deduplicated by content)."""
         array = np.asarray(array)
-        key = (array.dtype.str, array.shape, array.tobytes())
+        # small arrays are keyed by their bytes; large ones by a digest, so that the key
+        # does not hold a second copy of every weight while the model is built
+        content = array.tobytes() if array.nbytes <= 1 << 16 else hashlib.sha256(np.ascontiguousarray(array).data).digest()
+        key = (array.dtype.str, array.shape, content)
         if key not in self._const_cache:
             name = self.fresh(hint)
             self.initializers.append(numpy_helper.from_array(array, name))

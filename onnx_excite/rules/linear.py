@@ -180,7 +180,7 @@ def excite_linear(ctx: Context, node, a: str, p: str, weight: np.ndarray, forwar
     signed = ctx.signed(a)
     a = ctx.act(a)  # float32 even in a float16 model: tiny Z must not underflow
     w = -weight if negate else weight
-    w_pos, w_neg = np.maximum(w, 0), np.minimum(w, 0)
+    w_pos, w_neg = np.maximum(w, 0), (np.minimum(w, 0) if signed else None)
     if signed:
         parts = []
         if w_pos.any():
@@ -232,7 +232,7 @@ def conv(ctx: Context, node, p: str, negate=False):
     """Linear rule through Conv (any groups, strides, dilations, pads) and ConvTranspose of W+."""
     a = node.input[0]
     spec = conv_spec(ctx.graph, node)
-    w = ctx.graph.consts[node.input[1]].astype(np.float64)
+    w = ctx.graph.consts[node.input[1]].astype(np.float32, copy=False)  # clamping commutes with rounding to float32
     out = excite_linear(ctx, node, a, p, w,
                         forward=lambda x, wp: spec.conv(ctx, x, wp),
                         transpose=lambda r, wp: spec.conv_transpose(ctx, r, wp, like=a), negate=negate)
@@ -275,10 +275,14 @@ def dense_check(graph, node):
 
 def dense_weight(graph, node) -> np.ndarray:
     """The (K_in, K_out) weight: B for MatMul, alpha * B' for Gemm (a negative alpha flips W+)."""
-    b = graph.consts[node.input[1]].astype(np.float64)
+    b = graph.consts[node.input[1]]
     if node.op_type == "MatMul":
-        return b
-    return (b.T if attr(node, "transB", 0) else b) * float(attr(node, "alpha", 1.0))
+        return b.astype(np.float32, copy=False)
+    b = b.T if attr(node, "transB", 0) else b
+    alpha = float(attr(node, "alpha", 1.0))
+    if alpha == 1.0:  # no copy: W+ is then taken once, in float32, and shared by Z and the adjoint
+        return b.astype(np.float32, copy=False)
+    return (b.astype(np.float64) * alpha).astype(np.float32)
 
 
 @register("Gemm", "MatMul", inputs=(0,), check=dense_check, weighted=True,
