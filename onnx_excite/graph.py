@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import weakref
 from typing import Callable, Hashable, Iterable, Sequence
 
 import numpy as np
@@ -30,6 +31,7 @@ class Emitter:
         self._counter = itertools.count()
         self._memo: dict[Hashable, object] = {}
         self._const_cache: dict[tuple, str] = {}
+        self._const_by_id: dict[int, tuple] = {}
 
     # -- names, constants, memo -------------------------------------------------
     def fresh(self, hint: str) -> str:
@@ -44,15 +46,32 @@ class Emitter:
     def const(self, array, hint: str = "const") -> str:
         """An initializer holding ``array`` (deduplicated by content)."""
         array = np.asarray(array)
-        # small arrays are keyed by their bytes; large ones by a digest, so that the key
-        # does not hold a second copy of every weight while the model is built
-        content = array.tobytes() if array.nbytes <= 1 << 16 else hashlib.sha256(np.ascontiguousarray(array).data).digest()
-        key = (array.dtype.str, array.shape, content)
+        seen = self._const_by_id.get(id(array))
+        if seen is not None and seen[0]() is array:  # the very same array again (Z and adjoint share W+)
+            return seen[1]
+        key = (array.dtype.str, array.shape, self._digest(array))
         if key not in self._const_cache:
             name = self.fresh(hint)
             self.initializers.append(numpy_helper.from_array(array, name))
             self._const_cache[key] = name
+        try:
+            self._const_by_id[id(array)] = (weakref.ref(array), self._const_cache[key])
+        except TypeError:  # not weak-referenceable
+            pass
         return self._const_cache[key]
+
+    @staticmethod
+    def _digest(array: np.ndarray) -> bytes:
+        """Small arrays are keyed by their bytes; large ones by a SHA-256 of their memory
+        (read in place for C- or Fortran-ordered arrays), so that the key holds no second
+        copy of every weight while the model is built."""
+        if array.nbytes <= 1 << 16:
+            return array.tobytes()
+        if array.flags.c_contiguous:
+            return b"C" + hashlib.sha256(array.data).digest()
+        if array.flags.f_contiguous:
+            return b"F" + hashlib.sha256(array.T.data).digest()
+        return b"C" + hashlib.sha256(np.ascontiguousarray(array).data).digest()
 
     def i64(self, values: Sequence[int], hint: str = "i64") -> str:
         return self.const(np.asarray(values, dtype=np.int64), hint)

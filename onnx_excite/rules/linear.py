@@ -245,21 +245,31 @@ def conv(ctx: Context, node, p: str, negate=False):
 def _dense(ctx: Context, node, a: str, p: str, w: np.ndarray, negate: bool):
     """``y = a @ w`` with ``w`` of shape (K, M): forward a @ W', transpose r @ W'^T.
 
-    For 2-D activations the transpose is a Gemm with transB=1 on the same
-    initializer, so a large classifier's W+ is stored once.
+    For 2-D activations Z and the transpose are Gemms on one initializer, W'+ stored in
+    the layout it already has in memory (the model's own for Gemm transB=1: (M, K)), so a
+    large classifier's W+ is stored once and never copied into a transposed layout.
     """
     g = ctx.g
     two_d = ctx.graph.rank(a) == 2
 
+    def stored(wp):
+        """(initializer, True when it holds W'+ as (M, K), i.e. transposed)."""
+        flip = not wp.flags.c_contiguous and wp.T.flags.c_contiguous
+        return g.const((wp.T if flip else wp).astype(np.float32, copy=False), "w"), flip
+
+    def forward(x, wp):
+        if two_d:
+            name, flip = stored(wp)
+            return g.op("Gemm", [x, name], hint="z_gemm", transB=int(flip))
+        return g.op("MatMul", [x, g.const(wp.astype(np.float32), "w")], hint="z_mm")
+
     def transpose(r, wp):
         if two_d:
-            return g.op("Gemm", [r, g.const(wp.astype(np.float32), "w")], hint="p_gemm", transB=1)
+            name, flip = stored(wp)
+            return g.op("Gemm", [r, name], hint="p_gemm", transB=int(not flip))
         return g.op("MatMul", [r, g.const(np.ascontiguousarray(wp.T).astype(np.float32), "wT")], hint="p_mm")
 
-    return excite_linear(
-        ctx, node, a, p, w,
-        forward=lambda x, wp: g.op("MatMul", [x, g.const(wp.astype(np.float32), "w")], hint="z_mm"),
-        transpose=transpose, negate=negate)
+    return excite_linear(ctx, node, a, p, w, forward=forward, transpose=transpose, negate=negate)
 
 
 def dense_check(graph, node):
