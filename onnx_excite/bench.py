@@ -202,18 +202,28 @@ def run_bench(model, layers: Sequence[str], rule: str = "positive", batch: int =
 # ---------------------------------------------------------------------------
 # build time and peak memory, one fresh process per variant
 # ---------------------------------------------------------------------------
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
+    """A memory line of /proc/self/status in MB (NaN where there is none)."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
     return float("nan")
 
 
+def _rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
 def _peak_rss_mb() -> float:
+    """This process's own peak RSS: VmHWM on Linux (getrusage's ru_maxrss would carry the
+    parent's peak over fork + exec), ru_maxrss elsewhere."""
+    peak = _status_mb("VmHWM")
+    if peak == peak:  # not NaN
+        return peak
     import resource
     import sys
 
