@@ -13,6 +13,7 @@ and the ORT session options used.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import defaultdict
@@ -222,7 +223,7 @@ def _peak_rss_mb() -> float:
     """This process's own peak RSS: VmHWM on Linux (getrusage's ru_maxrss would carry the
     parent's peak over fork + exec), ru_maxrss elsewhere."""
     peak = _status_mb("VmHWM")
-    if peak == peak:  # not NaN
+    if not math.isnan(peak):
         return peak
     import resource
     import sys

@@ -73,7 +73,6 @@ def node_flops(node: onnx.NodeProto, shapes: Mapping[str, tuple]) -> int | None:
     b = shapes.get(node.input[1]) if len(node.input) > 1 else None
     if out is None or a is None or b is None or any(d is None for d in out + a + b):
         return None
-    group = int(_attr(node, "group", 1))
     if node.op_type == "Conv":  # W: (C_out, C_in / group, k...)
         return 2 * int(np.prod(out)) * int(np.prod(b[1:]))
     if node.op_type == "ConvTranspose":  # W: (C_in, C_out / group, k...)

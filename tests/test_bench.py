@@ -5,11 +5,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnx_excite.models import synthetic
 from typer.testing import CliRunner
 
 from onnx_excite.bench import run_bench_report
 from onnx_excite.flops import count_flops
-from onnx_excite.models import synthetic
 
 
 def _hand_model():
