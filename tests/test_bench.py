@@ -80,3 +80,34 @@ def test_bench_cli_prints_floor_and_options():
     assert "floor = 1 + 2f" in res.output and "ORT_ENABLE_EXTENDED" in res.output and "allow_spinning=0" in res.output
     bad = CliRunner().invoke(app, ["bench", "tiny-cnn", "--opt-level", "fast"])
     assert bad.exit_code == 2 and "error:" in bad.output
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_safe_reciprocal_is_exact_and_finite(signed):
+    """Emitter.safe_reciprocal (mask / Max(Z, tiny), no Where): 1/z bit for bit where |z| is
+    above the smallest normal float32, exactly 0 at or below it (0, denormals, tiny), never
+    NaN/Inf, with no Where node emitted."""
+    import onnxruntime as ort
+
+    from onnx_excite.graph import TINY, Emitter
+
+    g = Emitter({"z"})
+    out = g.safe_reciprocal("z", signed=signed)
+    assert all(n.op_type != "Where" for n in g.nodes)
+    graph = helper.make_graph(g.nodes + [helper.make_node("Identity", [out], ["inv"])], "safe",
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [None])],
+                              [helper.make_tensor_value_info("inv", TensorProto.FLOAT, [None])], g.initializers)
+    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                                  ir_version=8).SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    z = np.concatenate([[0.0, 1e-45, 1e-40, TINY, np.nextafter(np.float32(TINY), np.float32(1)), 2 * TINY, 1e-30,
+                         1.0, 3e38, np.finfo(np.float32).max], rng.random(1000) * 10.0 ** rng.integers(-37, 38, 1000)])
+    if signed:
+        z = np.concatenate([z, -z, [-0.0]])
+    z = z.astype(np.float32)
+    inv = sess.run(None, {"z": z})[0]
+    counted = np.abs(z) > np.float32(TINY)
+    with np.errstate(divide="ignore", over="ignore"):
+        expected = np.where(counted, np.float32(1) / z, np.float32(0))
+    assert np.isfinite(inv).all()                     # 1 / (smallest z above tiny) ~ 8.5e37 is finite
+    assert np.array_equal(inv, expected)              # bit for bit, including the exact zeros
