@@ -220,7 +220,8 @@ def build_excitation_model(
             raise ExciteError(f"contrastive MWP needs layers below the classifier {clf.name!r}; "
                               f"{', '.join(repr(l) for l in layers)} is not")
 
-    g = Emitter(set(tensor_names(graph)) | set(graph.consts) | {n.name for n in graph.nodes})
+    g = Emitter(set(tensor_names(graph)) | set(graph.consts) | {n.name for n in graph.nodes},
+                sink=graph.model.graph.initializer)
     ctx = Context(graph=graph, g=g, rule=rule, wanted=frozenset(wanted))
 
     entry_shape = graph.shape(graph.entry)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import sys
 import weakref
 from typing import Callable, Hashable, Iterable, Sequence
 
@@ -23,9 +24,13 @@ TINY = float(np.finfo(np.float32).tiny)
 class Emitter:
     """Collects the nodes and initializers of the excitation branch."""
 
-    def __init__(self, taken_names: Iterable[str], prefix: str = "excite"):
+    def __init__(self, taken_names: Iterable[str], prefix: str = "excite", sink=None):
+        """``sink``: a model's ``graph.initializer`` to write large initializers into
+        directly (one copy of their bytes instead of three: no ``from_array`` + ``extend``);
+        ``initializers`` then lists only the small ones, still to be added."""
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
+        self._sink = sink
         self._taken = set(taken_names)
         self._prefix = prefix
         self._counter = itertools.count()
@@ -52,7 +57,14 @@ class Emitter:
         key = (array.dtype.str, array.shape, self._digest(array))
         if key not in self._const_cache:
             name = self.fresh(hint)
-            self.initializers.append(numpy_helper.from_array(array, name))
+            if self._sink is not None and array.nbytes > 1 << 16 and array.dtype.kind == "f" and sys.byteorder == "little":
+                tensor = self._sink.add()
+                tensor.name = name
+                tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+                tensor.dims.extend(array.shape)
+                tensor.raw_data = array.tobytes()
+            else:
+                self.initializers.append(numpy_helper.from_array(array, name))
             self._const_cache[key] = name
         try:
             self._const_by_id[id(array)] = (weakref.ref(array), self._const_cache[key])
