@@ -176,24 +176,34 @@ def export(model: Path = typer.Argument(..., help="ONNX classifier (never modifi
 
 @app.command()
 @friendly
-def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 'vgg16-random' (full-width VGG16 shape, random weights)"),
-          layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="map layer (repeatable; default: the model profile's)"),
+def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or a recipe with random weights: vgg16-random, "
+                                               "resnet50-random, mobilenetv2-random, tiny-cnn"),
+          layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="map layer (repeatable; default: the model profile's or the recipe's)"),
           rule: str = typer.Option("positive", help="positive or paper"),
           batch: int = typer.Option(1, help="batch size (at least 1)"),
           runs: int = typer.Option(10, help="timed runs per variant (at least 1)"),
           threads: Optional[int] = typer.Option(None, help="intra-op threads (default: ORT's)"),
           input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. '1,3,224,224'"),
+          spin: bool = typer.Option(False, "--spin/--no-spin", help="ORT's busy-waiting worker threads (session.intra_op.allow_spinning); off by default"),
+          opt_level: str = typer.Option("all", help="ORT graph optimisation level: disable, basic, extended or all"),
+          memory: bool = typer.Option(False, "--memory", help="also build each variant in a fresh process: build time, session time, peak RSS"),
+          profile: bool = typer.Option(False, "--profile", help="also print ORT's node-time share per op type of the forward+MWP session"),
           logits: Optional[str] = _logits_option(),
           method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="also time forward + this method "
                                                      "(any of `onnx-excite methods`; repeatable)")):
-    """Median ms of forward alone vs forward+MWP vs forward+c-MWP (and forward + each --method), and the ratios."""
-    from onnx_excite.bench import run_bench
+    """Median ms of forward alone vs forward+MWP vs forward+c-MWP (and forward + each --method), the ratios and the FLOP floor."""
+    from onnx_excite.bench import run_bench_report
     from onnx_excite.models.default import layers_or_default
-    from onnx_excite.models.synthetic import RECIPES
+    from onnx_excite.models.synthetic import RECIPE_LAYERS, RECIPES
 
+    if model in RECIPES:
+        layer = list(layer or []) or RECIPE_LAYERS[model]
     layer = layers_or_default(model, layer)
-    source = RECIPES[model]() if model in RECIPES else model
-    shapes = _input_shapes(model, input_shape) if model not in RECIPES else None
+    if model in RECIPES:  # every recipe's input is called "input"
+        parsed = _parse_shape(input_shape)
+        shapes = None if parsed is None else {parsed[0] or "input": parsed[1]}
+    else:
+        shapes = _input_shapes(model, input_shape)
     from rich.progress import Progress
 
     used, bar = {}, Progress(console=err, transient=True)
@@ -205,19 +215,38 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
         bar.update(bar.task_ids[0], description=phase, completed=done, total=total)
 
     try:
-        rows, providers = run_bench(source, layer, rule=rule, batch=batch, runs=runs, threads=threads,
-                                    input_shapes=shapes, progress=progress, on_inputs=used.update,
-                                    logits=logits, methods=method or ())
+        report = run_bench_report(model, layer, rule=rule, batch=batch, runs=runs, threads=threads,
+                                  input_shapes=shapes, progress=progress, on_inputs=used.update, logits=logits,
+                                  spinning=spin, opt_level=opt_level, memory=memory, profile=profile,
+                                  methods=method or ())
     finally:
         bar.stop()
     sizes = ", ".join(f"{name} {_shape(shape)}" for name, shape in used.items())
-    table = Table("variant", "median ms", "x forward", "x forward+MWP",
-                  title=f"{Path(model).name}, layer {', '.join(layer)}, input {sizes}, {providers[0]}")
-    for row in rows:
+    floor = report.floor
+    table = Table("variant", "median ms", "x forward", "x forward+MWP", "floor",
+                  title=f"{Path(model).name}, layer {', '.join(layer)}, input {sizes}, {report.providers[0]}")
+    for row in report.rows:
         table.add_row(row.name, f"{row.median_ms:.3f}", f"{row.ratio:.2f}",
-                      "-" if row.vs_mwp is None else f"{row.vs_mwp:.2f}")
+                      "-" if row.vs_mwp is None else f"{row.vs_mwp:.2f}",
+                      "" if floor is None or row.name == "forward" else f"{floor:.2f}")
     out.print(table)
     out.print(f"input used: {sizes} (batch {batch}, dynamic dims at 224; pin with --input-shape)", markup=False)
+    if report.flops is not None:
+        f = report.flops
+        out.print(f"floor = 1 + 2f = {f.floor:.2f}: f = {f.share_above:.3f} of the forward's {f.total / 1e9:.3g} GFLOP "
+                  f"(Conv/Gemm/MatMul) lie above the map layer", markup=False)
+    else:
+        out.print("floor: unknown (shape inference could not size every Conv/Gemm/MatMul)", markup=False)
+    out.print("session: " + ", ".join(f"{k}={v}" for k, v in report.options.items()), markup=False)
+    if report.builds:
+        mem = Table("variant", "build s", "session s", "peak RSS MB", "RSS after load MB",
+                    title="build in a fresh process (model load excluded from the times)")
+        for b in report.builds:
+            mem.add_row(b.name, f"{b.build_s:.2f}", f"{b.session_s:.2f}", f"{b.peak_rss_mb:.0f}", f"{b.loaded_rss_mb:.0f}")
+        out.print(mem)
+    if report.profile:
+        shares = ", ".join(f"{op} {share:.1%}" for op, share in list(report.profile.items())[:12])
+        out.print(f"forward+MWP node time by op type (ORT profiler): {shares}", markup=False)
 
 
 @app.command()

@@ -52,54 +52,130 @@ def vgg16(seed: int = 0, num_classes: int = 1000, size: int = 224) -> onnx.Model
     return model
 
 
-def resnet50(seed: int = 0, num_classes: int = 1000, size: int = 224) -> onnx.ModelProto:
-    """A ResNet-50-shaped classifier (bottleneck blocks 3-4-6-3, BatchNorm folded into the
-    convs, He-initialised random weights): the benchmark's second architecture.
 
-    Tensor names: ``stem`` (after conv1+ReLU), ``pool1``, ``layer{s}.{b}`` (the output of
-    block b of stage s, after the residual ReLU), ``gap``, ``fc`` (the logits).
+
+def _he(rng, shape, fan_in: int) -> np.ndarray:
+    return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+
+def resnet50(seed: int = 0, num_classes: int = 1000) -> onnx.ModelProto:
+    """A ResNet-50-shaped classifier (torchvision v1.5 layout, BatchNorm folded, random weights).
+
+    Tensor names: ``stem`` (after conv1 + ReLU), ``maxpool``, ``layer{i}.{j}`` for the
+    output of block j of stage i, ``layer1``..``layer4`` for each stage's output,
+    ``pool``, ``logits``. Input ``input`` (N, 3, H, W), H and W free.
     """
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
 
-    def conv(x, cin, cout, k, stride, name, relu=True):
-        w = (rng.standard_normal((cout, cin, k, k)) * np.sqrt(2.0 / (cin * k * k))).astype(np.float32)
+    def conv(x, cin, cout, k, stride, name, out, relu=True):
+        w = _he(rng, (cout, cin, k, k), cin * k * k)
+        if not relu:  # the last conv of a block: small, so the residual sum stays moderate
+            w *= 0.2
         inits.extend([numpy_helper.from_array(w, f"{name}.weight"),
-                      numpy_helper.from_array(np.full(cout, 0.01, np.float32), f"{name}.bias")])
-        nodes.append(helper.make_node("Conv", [x, f"{name}.weight", f"{name}.bias"], [name], name=name,
+                       numpy_helper.from_array(np.full(cout, 0.01, np.float32), f"{name}.bias")])
+        y = out if not relu else f"{name}.out"
+        nodes.append(helper.make_node("Conv", [x, f"{name}.weight", f"{name}.bias"], [y], name=name,
                                       kernel_shape=[k, k], strides=[stride, stride], pads=[k // 2] * 4))
-        if not relu:
-            return name
-        nodes.append(helper.make_node("Relu", [name], [f"{name}.relu"], name=f"{name}.relu"))
-        return f"{name}.relu"
+        if relu:
+            nodes.append(helper.make_node("Relu", [y], [out], name=f"{out}.relu"))
+        return out
 
-    x = conv("input", 3, 64, 7, 2, "conv1")
-    nodes.append(helper.make_node("Identity", [x], ["stem"], name="stem"))
-    nodes.append(helper.make_node("MaxPool", ["stem"], ["pool1"], name="pool1", kernel_shape=[3, 3], strides=[2, 2],
-                                  pads=[1, 1, 1, 1]))
-    x, cin = "pool1", 64
-    for s, (blocks, width) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512)), start=1):
-        for b in range(blocks):
-            stride = 2 if b == 0 and s > 1 else 1
-            p = f"layer{s}.{b}"
-            y = conv(x, cin, width, 1, 1, f"{p}.conv1")
-            y = conv(y, width, width, 3, stride, f"{p}.conv2")
-            y = conv(y, width, width * 4, 1, 1, f"{p}.conv3", relu=False)
-            skip = conv(x, cin, width * 4, 1, stride, f"{p}.downsample", relu=False) if b == 0 else x
-            nodes.append(helper.make_node("Add", [y, skip], [f"{p}.sum"], name=f"{p}.sum"))
-            nodes.append(helper.make_node("Relu", [f"{p}.sum"], [p], name=p))
-            x, cin = p, width * 4
-    nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"], name="gap"))
-    nodes.append(helper.make_node("Flatten", ["gap"], ["flatten"], name="flatten"))
-    w = (rng.standard_normal((num_classes, cin)) * np.sqrt(1.0 / cin)).astype(np.float32)
-    inits.extend([numpy_helper.from_array(w, "fc.weight"), numpy_helper.from_array(np.zeros(num_classes, np.float32), "fc.bias")])
-    nodes.append(helper.make_node("Gemm", ["flatten", "fc.weight", "fc.bias"], ["fc"], name="fc", transB=1))
+    x = conv("input", 3, 64, 7, 2, "conv1", "stem")
+    nodes.append(helper.make_node("MaxPool", [x], ["maxpool"], name="maxpool", kernel_shape=[3, 3],
+                                  strides=[2, 2], pads=[1, 1, 1, 1]))
+    x, cin = "maxpool", 64
+    for i, (width, blocks) in enumerate([(64, 3), (128, 4), (256, 6), (512, 3)], start=1):
+        for j in range(blocks):
+            p, stride = f"layer{i}.{j}", (2 if i > 1 and j == 0 else 1)
+            h = conv(x, cin, width, 1, 1, f"{p}.conv1", f"{p}.relu1")
+            h = conv(h, width, width, 3, stride, f"{p}.conv2", f"{p}.relu2")
+            h = conv(h, width, width * 4, 1, 1, f"{p}.conv3", f"{p}.bn3", relu=False)
+            skip = x if j > 0 else conv(x, cin, width * 4, 1, stride, f"{p}.downsample", f"{p}.downsample", relu=False)
+            nodes.append(helper.make_node("Add", [h, skip], [f"{p}.add"], name=f"{p}.add"))
+            out = f"layer{i}" if j == blocks - 1 else p
+            nodes.append(helper.make_node("Relu", [f"{p}.add"], [out], name=f"{p}.relu"))
+            x, cin = out, width * 4
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["pool"], name="pool"))
+    nodes.append(helper.make_node("Flatten", ["pool"], ["flatten"], name="flatten"))
+    inits.extend([numpy_helper.from_array(_he(rng, (num_classes, cin), cin), "fc.weight"),
+                  numpy_helper.from_array(np.zeros(num_classes, np.float32), "fc.bias")])
+    nodes.append(helper.make_node("Gemm", ["flatten", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1))
     graph = helper.make_graph(nodes, "resnet50_random",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
-                              [helper.make_tensor_value_info("fc", TensorProto.FLOAT, ["N", num_classes])], inits)
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", num_classes])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="onnx-excite")
     model.ir_version = 8
     return model
 
 
-RECIPES = {"vgg16-random": vgg16, "resnet50-random": resnet50}
+def mobilenet_v2_state_dict(seed: int = 0, num_classes: int = 1000) -> dict[str, np.ndarray]:
+    """Random weights under torchvision's MobileNetV2 state-dict names and shapes."""
+    from .mobilenet_v2 import INVERTED_RESIDUAL_SETTING
+
+    rng = np.random.default_rng(seed)
+    sd: dict[str, np.ndarray] = {}
+
+    def conv_bn(conv, bn, cout, cin_per_group, k):
+        sd[f"{conv}.weight"] = _he(rng, (cout, cin_per_group, k, k), cin_per_group * k * k)
+        sd[f"{bn}.weight"] = rng.uniform(0.5, 1.5, cout).astype(np.float32)
+        sd[f"{bn}.bias"] = rng.uniform(-0.1, 0.2, cout).astype(np.float32)
+        sd[f"{bn}.running_mean"] = rng.uniform(-0.1, 0.1, cout).astype(np.float32)
+        sd[f"{bn}.running_var"] = rng.uniform(0.5, 1.5, cout).astype(np.float32)
+        sd[f"{bn}.num_batches_tracked"] = np.asarray(0, np.int64)
+
+    conv_bn("features.0.0", "features.0.1", 32, 3, 3)
+    cin, idx = 32, 1
+    for t, c, n, _ in INVERTED_RESIDUAL_SETTING:
+        for _ in range(n):
+            p, hidden, j = f"features.{idx}", cin * t, 0
+            if t != 1:
+                conv_bn(f"{p}.conv.0.0", f"{p}.conv.0.1", hidden, cin, 1)
+                j = 1
+            conv_bn(f"{p}.conv.{j}.0", f"{p}.conv.{j}.1", hidden, 1, 3)
+            conv_bn(f"{p}.conv.{j + 1}", f"{p}.conv.{j + 2}", c, hidden, 1)
+            cin, idx = c, idx + 1
+    conv_bn("features.18.0", "features.18.1", 1280, cin, 1)
+    sd["classifier.1.weight"] = _he(rng, (num_classes, 1280), 1280)
+    sd["classifier.1.bias"] = np.zeros(num_classes, np.float32)
+    return sd
+
+
+def mobilenet_v2(seed: int = 0, num_classes: int = 1000) -> onnx.ModelProto:
+    """The default model's MobileNetV2 graph (same names: ``features.0``..``features.18``,
+    ``pool``, ``logits``) with random weights; no weights package needed."""
+    from .mobilenet_v2 import build_mobilenet_v2
+
+    return build_mobilenet_v2(mobilenet_v2_state_dict(seed, num_classes))
+
+
+def tiny_cnn(seed: int = 0, num_classes: int = 10) -> onnx.ModelProto:
+    """A small conv net for tests: conv1 (8) -> relu -> pool1 -> conv2 (16, stride 2) -> relu ->
+    GlobalAveragePool -> fc (``logits``). Input (N, 3, 32, 32)."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(_he(rng, (8, 3, 3, 3), 27), "conv1.weight"),
+             numpy_helper.from_array(_he(rng, (16, 8, 3, 3), 72), "conv2.weight"),
+             numpy_helper.from_array(_he(rng, (num_classes, 16), 16), "fc.weight"),
+             numpy_helper.from_array(np.zeros(num_classes, np.float32), "fc.bias")]
+    nodes = [helper.make_node("Conv", ["input", "conv1.weight"], ["conv1"], name="conv1", kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["conv1"], ["relu1"], name="relu1"),
+             helper.make_node("MaxPool", ["relu1"], ["pool1"], name="pool1", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["pool1", "conv2.weight"], ["conv2"], name="conv2", kernel_shape=[3, 3],
+                              pads=[1] * 4, strides=[2, 2]),
+             helper.make_node("Relu", ["conv2"], ["relu2"], name="relu2"),
+             helper.make_node("GlobalAveragePool", ["relu2"], ["gap"], name="gap"),
+             helper.make_node("Flatten", ["gap"], ["flatten"], name="flatten"),
+             helper.make_node("Gemm", ["flatten", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "tiny_cnn",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", num_classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="onnx-excite")
+    model.ir_version = 8
+    return model
+
+
+RECIPES = {"vgg16-random": vgg16, "resnet50-random": resnet50, "mobilenetv2-random": mobilenet_v2,
+           "tiny-cnn": tiny_cnn}
+#: each recipe's map layer when none is given (the issue's benchmark shapes)
+RECIPE_LAYERS = {"vgg16-random": ["pool4"], "resnet50-random": ["layer3"], "mobilenetv2-random": ["features.13"],
+                 "tiny-cnn": ["pool1"]}

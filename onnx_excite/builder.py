@@ -297,7 +297,8 @@ def validate(model, layers: Sequence[str], methods: Sequence[str], rule: str = "
             raise ExciteError(f"contrastive methods ({', '.join(contrastive)}) need layers below the classifier "
                               f"{clf.name!r}; {', '.join(repr(l) for l in layers)} is not")
 
-    g = Emitter(set(tensor_names(graph)) | set(graph.consts) | {n.name for n in graph.nodes})
+    g = Emitter(set(tensor_names(graph)) | set(graph.consts) | {n.name for n in graph.nodes},
+                sink=graph.model.graph.initializer)
     g.opset = default_opset(graph.model)
     ctx = Context(graph=graph, g=g, rule=rule, wanted=frozenset(wanted))
     return Plan(graph, layers, methods, rule, wanted, nodes, clf, g, ctx)

@@ -11,5 +11,5 @@ mkdir -p "$out"
   python -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
   python -m pytest -q -rs tests/test_cuda_runtime.py tests/test_cuda_coverage.py
   onnx-excite bench-device default --device cuda --batch 1 --batch 32 --runs 50
-  onnx-excite bench-device resnet50-random -l layer3.5 --device cuda --batch 1 --batch 32 --runs 50
+  onnx-excite bench-device resnet50-random -l layer3 --device cuda --batch 1 --batch 32 --runs 50
 } 2>&1 | tee "$out/gpu_check.txt"

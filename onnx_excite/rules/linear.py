@@ -281,7 +281,7 @@ def conv(ctx: Context, node, p: str, negate=False):
     """Linear rule through Conv (any groups, strides, dilations, pads) and ConvTranspose of W+."""
     a = node.input[0]
     spec = conv_spec(ctx.graph, node)
-    w = ctx.graph.consts[node.input[1]].astype(np.float64)
+    w = ctx.graph.consts[node.input[1]].astype(np.float32, copy=False)  # clamping commutes with rounding to float32
     bias = None
     if len(node.input) > 2 and node.input[2] in ctx.graph.consts:
         bias = ctx.graph.consts[node.input[2]].astype(np.float64).reshape((1, -1) + (1,) * (w.ndim - 2))
@@ -297,21 +297,31 @@ def conv(ctx: Context, node, p: str, negate=False):
 def _dense(ctx: Context, node, a: str, p: str, w: np.ndarray, negate: bool, bias=None):
     """``y = a @ w`` with ``w`` of shape (K, M): forward a @ W', transpose r @ W'^T.
 
-    For 2-D activations the transpose is a Gemm with transB=1 on the same
-    initializer, so a large classifier's W+ is stored once.
+    For 2-D activations Z and the transpose are Gemms on one initializer, W'+ stored in
+    the layout it already has in memory (the model's own for Gemm transB=1: (M, K)), so a
+    large classifier's W+ is stored once and never copied into a transposed layout.
     """
     g = ctx.g
     two_d = ctx.graph.rank(a) == 2
 
+    def stored(wp):
+        """(initializer, True when it holds W'+ as (M, K), i.e. transposed)."""
+        flip = not wp.flags.c_contiguous and wp.T.flags.c_contiguous
+        return g.const((wp.T if flip else wp).astype(np.float32, copy=False), "w"), flip
+
+    def forward(x, wp):
+        if two_d:
+            name, flip = stored(wp)
+            return g.op("Gemm", [x, name], hint="z_gemm", transB=int(flip))
+        return g.op("MatMul", [x, g.const(wp.astype(np.float32), "w")], hint="z_mm")
+
     def transpose(r, wp):
         if two_d:
-            return g.op("Gemm", [r, g.const(wp.astype(np.float32), "w")], hint="p_gemm", transB=1)
+            name, flip = stored(wp)
+            return g.op("Gemm", [r, name], hint="p_gemm", transB=int(not flip))
         return g.op("MatMul", [r, g.const(np.ascontiguousarray(wp.T).astype(np.float32), "wT")], hint="p_mm")
 
-    return excite_linear(
-        ctx, node, a, p, w,
-        forward=lambda x, wp: g.op("MatMul", [x, g.const(wp.astype(np.float32), "w")], hint="z_mm"),
-        transpose=transpose, negate=negate, bias=bias)
+    return excite_linear(ctx, node, a, p, w, forward=forward, transpose=transpose, negate=negate, bias=bias)
 
 
 def dense_check(graph, node):
@@ -327,10 +337,14 @@ def dense_check(graph, node):
 
 def dense_weight(graph, node) -> np.ndarray:
     """The (K_in, K_out) weight: B for MatMul, alpha * B' for Gemm (a negative alpha flips W+)."""
-    b = graph.consts[node.input[1]].astype(np.float64)
+    b = graph.consts[node.input[1]]
     if node.op_type == "MatMul":
-        return b
-    return (b.T if attr(node, "transB", 0) else b) * float(attr(node, "alpha", 1.0))
+        return b.astype(np.float32, copy=False)
+    b = b.T if attr(node, "transB", 0) else b
+    alpha = float(attr(node, "alpha", 1.0))
+    if alpha == 1.0:  # no copy: W+ is then taken once, in float32, and shared by Z and the adjoint
+        return b.astype(np.float32, copy=False)
+    return (b.astype(np.float64) * alpha).astype(np.float32)
 
 
 @register("Gemm", "MatMul", inputs=(0,), check=dense_check, weighted=True,

@@ -1,0 +1,113 @@
+"""Benchmark infrastructure (issue 13): the FLOP counter against hand-computed counts and
+published ones, the recipes, and `bench` on a tiny recipe (rows, ratios, floor, options,
+memory; no timing assertions)."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx_excite.models import synthetic
+from typer.testing import CliRunner
+
+from onnx_excite.bench import run_bench_report
+from onnx_excite.flops import count_flops
+
+
+def _hand_model():
+    """input 2x3x8x8 -> Conv 3->8 3x3 pad 1 -> depthwise Conv 8 3x3 stride 2 pad 1 -> Flatten -> Gemm 128->10
+    -> MatMul 10x4."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.standard_normal((8, 1, 3, 3)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.standard_normal((10, 128)).astype(np.float32), "w3"),
+             numpy_helper.from_array(rng.standard_normal((10, 4)).astype(np.float32), "w4")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["c1"], name="c1", kernel_shape=[3, 3], pads=[1] * 4),
+             helper.make_node("Relu", ["c1"], ["r1"], name="r1"),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], name="c2", kernel_shape=[3, 3], pads=[1] * 4,
+                              strides=[2, 2], group=8),
+             helper.make_node("Flatten", ["c2"], ["f"], name="f"),
+             helper.make_node("Gemm", ["f", "w3"], ["g"], name="g", transB=1),
+             helper.make_node("MatMul", ["g", "w4"], ["y"], name="mm")]
+    graph = helper.make_graph(nodes, "hand", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_flop_count_by_hand():
+    count = count_flops(_hand_model(), ["r1"], {"x": [2, 3, 8, 8]})
+    conv1 = 2 * (2 * 8 * 8 * 8) * (3 * 3 * 3)      # 2 * out elements * (C_in/group * k * k) = 27648
+    conv2 = 2 * (2 * 8 * 4 * 4) * (1 * 3 * 3)      # depthwise, stride 2: 4608
+    gemm = 2 * (2 * 10) * 128                       # 5120
+    matmul = 2 * (2 * 4) * 10                       # 160
+    assert count.per_node == {"c1": conv1, "c2": conv2, "g": gemm, "mm": matmul}
+    assert count.total == conv1 + conv2 + gemm + matmul
+    assert count.above == conv2 + gemm + matmul     # the nodes that read r1
+    assert count.floor == pytest.approx(1 + 2 * (conv2 + gemm + matmul) / count.total)
+    everything = count_flops(_hand_model(), ["x"], {"x": [1, 3, 8, 8]})
+    assert everything.total == count.total // 2 and everything.floor == 3.0
+
+
+@pytest.mark.parametrize("recipe, gmacs", [("resnet50-random", 4.09), ("mobilenetv2-random", 0.30)])
+def test_recipes_have_the_published_size(recipe, gmacs):
+    """torchvision's ResNet-50 is 4.09 GMACs, MobileNetV2 0.30 GMACs at 224 x 224 (their model cards)."""
+    model = synthetic.RECIPES[recipe]()
+    onnx.checker.check_model(model)
+    count = count_flops(model, synthetic.RECIPE_LAYERS[recipe], {"input": [1, 3, 224, 224]})
+    assert count.total / 2e9 == pytest.approx(gmacs, rel=0.01)
+    assert 0 < count.share_above < 1
+
+
+def test_bench_report_on_a_tiny_recipe():
+    steps = []
+    report = run_bench_report("tiny-cnn", ["pool1"], runs=2, memory=True, profile=True,
+                              progress=lambda *a: steps.append(a[0]))
+    assert [r.name for r in report.rows] == ["forward", "forward+MWP", "forward+c-MWP", "forward+MWP+c-MWP"]
+    assert report.rows[0].ratio == 1.0 and all(r.ratio > 0 and r.median_ms > 0 for r in report.rows)
+    expected = count_flops(synthetic.tiny_cnn(), ["pool1"], {"input": [1, 3, 32, 32]})
+    assert report.floor == pytest.approx(expected.floor) and 1 < report.floor < 3
+    assert report.options["allow_spinning"] == "0"
+    assert report.options["graph_optimization_level"] == "ORT_ENABLE_ALL"
+    assert [b.name for b in report.builds] == [r.name for r in report.rows]
+    assert all(b.peak_rss_mb >= b.loaded_rss_mb > 0 and b.session_s > 0 for b in report.builds)
+    assert sum(report.profile.values()) == pytest.approx(1.0) and "Conv" in report.profile
+    assert {"building", "timing", "memory", "profiling"} <= set(steps)
+
+
+def test_bench_cli_prints_floor_and_options():
+    from onnx_excite.cli.app import app
+
+    res = CliRunner().invoke(app, ["bench", "tiny-cnn", "--runs", "1", "--opt-level", "extended"])
+    assert res.exit_code == 0, res.output
+    assert "floor = 1 + 2f" in res.output and "ORT_ENABLE_EXTENDED" in res.output and "allow_spinning=0" in res.output
+    bad = CliRunner().invoke(app, ["bench", "tiny-cnn", "--opt-level", "fast"])
+    assert bad.exit_code == 2 and "error:" in bad.output
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_safe_reciprocal_is_exact_and_finite(signed):
+    """Emitter.safe_reciprocal (mask / Max(Z, tiny), no Where): 1/z bit for bit where |z| is
+    above the smallest normal float32, exactly 0 at or below it (0, denormals, tiny), never
+    NaN/Inf, with no Where node emitted."""
+    import onnxruntime as ort
+
+    from onnx_excite.graph import TINY, Emitter
+
+    g = Emitter({"z"})
+    out = g.safe_reciprocal("z", signed=signed)
+    assert all(n.op_type != "Where" for n in g.nodes)
+    graph = helper.make_graph(g.nodes + [helper.make_node("Identity", [out], ["inv"])], "safe",
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [None])],
+                              [helper.make_tensor_value_info("inv", TensorProto.FLOAT, [None])], g.initializers)
+    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                                  ir_version=8).SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    z = np.concatenate([[0.0, 1e-45, 1e-40, TINY, np.nextafter(np.float32(TINY), np.float32(1)), 2 * TINY, 1e-30,
+                         1.0, 3e38, np.finfo(np.float32).max], rng.random(1000) * 10.0 ** rng.integers(-37, 38, 1000)])
+    if signed:
+        z = np.concatenate([z, -z, [-0.0]])
+    z = z.astype(np.float32)
+    inv = sess.run(None, {"z": z})[0]
+    counted = np.abs(z) > np.float32(TINY)
+    with np.errstate(divide="ignore", over="ignore"):
+        expected = np.where(counted, np.float32(1) / z, np.float32(0))
+    assert np.isfinite(inv).all()                     # 1 / (smallest z above tiny) ~ 8.5e37 is finite
+    assert np.array_equal(inv, expected)              # bit for bit, including the exact zeros
