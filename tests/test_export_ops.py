@@ -495,20 +495,9 @@ def test_grad_through_export_ops_equals_finite_differences(arch):
     """The gradient family through Sub (``c - x``: -P), Div by a constant (P / c), Mean (P / n),
     Pad modes, Resize, Slice/Split/Expand/Tile, Max, Einsum: the library's grad at every layer
     equals float64 central finite differences of the reference forward; a Div by a gate is refused."""
-    from onnx_excite.errors import ExciteError
+    from test_methods_builder import assert_grad_equals_finite_differences
 
-    def _forward_with(ref, x, layer, value):
-        """The reference forward (float64) with tensor ``layer`` replaced by ``value`` (Split's outputs too)."""
-        v = dict(ref.consts)
-        v[ref.model.graph.input[0].name] = np.asarray(x, np.float64)
-        if layer in v:
-            v[layer] = value
-        ref.windows, ref.near_ties = {}, False
-        for node in ref.nodes:
-            out = ref._fwd(node, [v[i] if i else None for i in node.input])
-            outs = dict(zip(node.output, out)) if node.op_type == "Split" else {node.output[0]: out}
-            v.update({k: (value if k == layer else o) for k, o in outs.items()})
-        return v
+    from onnx_excite.errors import ExciteError
 
     model, layers, shape, _, nhwc = GRAPHS[arch](0)
     if arch == "nhwc_reductions":
@@ -526,15 +515,4 @@ def test_grad_through_export_ops_equals_finite_differences(arch):
             Exciter(model, layers, methods=("grad",), channels=True)
         return
     res = Exciter(model, layers, methods=("grad",), channels=True).explain(x.astype(np.float32), e.astype(np.float32))
-    rng = np.random.default_rng(1)
-    h = 1e-7
-    for layer in layers:
-        g = res.channels["grad"][layer].astype(np.float64)
-        base = vals[layer]
-        assert g.shape == base.shape, (arch, layer)
-        for _ in range(3):
-            d = rng.normal(size=base.shape) * (base != 0)
-            plus = (_forward_with(ref, x, layer, base + h * d)[entry] * e).sum()
-            minus = (_forward_with(ref, x, layer, base - h * d)[entry] * e).sum()
-            fd = (plus - minus) / (2 * h)
-            assert abs((g * d).sum() - fd) <= 2e-4 * (np.abs(g).sum() * np.abs(d).max() + 1e-6), (arch, layer, fd, (g * d).sum())
+    assert_grad_equals_finite_differences(arch, ref, x, vals, entry, e, res.channels["grad"], layers)

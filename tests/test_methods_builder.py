@@ -38,8 +38,28 @@ def _forward_with(ref: Reference, x, layer, value):
     ref.windows, ref.near_ties = {}, False
     for node in ref.nodes:
         out = ref._fwd(node, [v[i] if i else None for i in node.input])
-        v[node.output[0]] = value if node.output[0] == layer else out
+        outs = dict(zip(node.output, out)) if node.op_type == "Split" else {node.output[0]: out}
+        v.update({k: (value if k == layer else o) for k, o in outs.items()})
     return v
+
+
+def assert_grad_equals_finite_differences(arch, ref, x, vals, entry, e, grads, layers):
+    """grads[layer] (the library's grad at ``layer``) against float64 central finite differences of
+    the reference forward along random directions."""
+    rng = np.random.default_rng(1)
+    h = 1e-7   # small: a random direction moves every unit, a kink (ReLU, MaxPool tie) must not be crossed
+    for layer in layers:
+        g = grads[layer].astype(np.float64)
+        base = vals[layer]
+        assert g.shape == base.shape, (arch, layer)
+        for _ in range(3):
+            # directions that keep exact zeros (dead ReLUs) at 0: ties of zeros in a MaxPool
+            # window are a kink where finite differences have no single value
+            d = rng.normal(size=base.shape) * (base != 0)
+            plus = (_forward_with(ref, x, layer, base + h * d)[entry] * e).sum()
+            minus = (_forward_with(ref, x, layer, base - h * d)[entry] * e).sum()
+            fd = (plus - minus) / (2 * h)
+            assert abs((g * d).sum() - fd) <= 2e-4 * (np.abs(g).sum() * np.abs(d).max() + 1e-6), (arch, layer, fd)
 
 
 def _cam_layer(model):
@@ -59,20 +79,7 @@ def test_grad_equals_finite_differences(arch):
     k = vals[entry].shape[1]
     e = np.eye(k)[[1 % k]]
     res = Exciter(model, layers, methods=("grad",), channels=True).explain(x.astype(np.float32), e.astype(np.float32))
-    rng = np.random.default_rng(1)
-    h = 1e-7   # small: a random direction moves every unit, a kink (ReLU, MaxPool tie) must not be crossed
-    for layer in layers:
-        g = res.channels["grad"][layer].astype(np.float64)
-        base = vals[layer]
-        assert g.shape == base.shape, (arch, layer)
-        for _ in range(3):
-            # directions that keep exact zeros (dead ReLUs) at 0: ties of zeros in a MaxPool
-            # window are a kink where finite differences have no single value
-            d = rng.normal(size=base.shape) * (base != 0)
-            plus = (_forward_with(ref, x, layer, base + h * d)[entry] * e).sum()
-            minus = (_forward_with(ref, x, layer, base - h * d)[entry] * e).sum()
-            fd = (plus - minus) / (2 * h)
-            assert abs((g * d).sum() - fd) <= 2e-4 * (np.abs(g).sum() * np.abs(d).max() + 1e-6), (arch, layer, fd)
+    assert_grad_equals_finite_differences(arch, ref, x, vals, entry, e, res.channels["grad"], layers)
 
 
 @pytest.mark.parametrize("arch", sorted(ZOO))
