@@ -56,14 +56,14 @@ def _progress_bar(console):
 def _eval(protocol: str, data: Path, fmt: str, model: str, methods: str, layer: Optional[List[str]],
           mapping: Optional[str], out_dir: Path, tolerance: float, size: int, rule: str, ray, actors: int,
           ray_batch: int, cpus: float, gpus: float, logits: Optional[str] = None,
-          blur: bool = True):
+          blur: bool = True, device: str = "auto"):
     from onnx_excite.eval import run_evaluation
 
     settings = ray_settings(ray, actors, ray_batch, cpus, gpus)
     kwargs = dict(protocol=protocol, data=str(data), fmt=fmt, model=model,
                   methods=[m.strip() for m in methods.split(",") if m.strip()], layers=layer or None,
                   mapping=mapping, out_dir=str(out_dir), tolerance=tolerance, size=size, rule=rule, ray=settings,
-                  logits=logits, blur=blur)
+                  logits=logits, blur=blur, device=device)
     t0 = time.perf_counter()
     if settings is None:  # one process: our own progress bar, started with the first image; on Ray, Ray Data's
         bar = {}
@@ -104,6 +104,7 @@ _LAYER = typer.Option(None, "--layer", "-l", help="map layer (default: the model
 _MAPPING = typer.Option(None, "--mapping", help="dataset class -> model output indices (JSON file or bundled name)")
 _OUT = typer.Option(Path("eval_out"), "-o", "--output", help="results folder (maps are cached there)")
 _RULE = typer.Option("positive", help="positive or paper")
+_DEVICE = typer.Option("auto", help="cpu, cuda (an error when CUDA cannot run) or auto (CUDA when available)")
 
 
 @eval_app.command("pointing")
@@ -114,10 +115,10 @@ def eval_pointing(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, meth
                   size: int = typer.Option(224, help="shorter side of the resized image"),
                   rule: str = _RULE, ray: Optional[str] = RAY, actors: int = ACTORS, ray_batch: int = RAY_BATCH,
                   cpus_per_actor: float = CPUS, gpus_per_actor: float = GPUS,
-                  logits: Optional[str] = _logits_option(), blur: bool = _BLUR):
+                  logits: Optional[str] = _logits_option(), blur: bool = _BLUR, device: str = _DEVICE):
     """Pointing game (all and difficult subsets, with the center baseline)."""
     _eval("pointing", data, fmt, model, methods, layer, mapping, out_dir, tolerance, size, rule, ray, actors,
-          ray_batch, cpus_per_actor, gpus_per_actor, logits, blur)
+          ray_batch, cpus_per_actor, gpus_per_actor, logits, blur, device)
 
 @eval_app.command("localization")
 @friendly
@@ -126,8 +127,8 @@ def eval_localization(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, 
                       size: int = typer.Option(224, help="square input size"), rule: str = _RULE,
                       ray: Optional[str] = RAY, actors: int = ACTORS, ray_batch: int = RAY_BATCH,
                       cpus_per_actor: float = CPUS, gpus_per_actor: float = GPUS,
-                      logits: Optional[str] = _logits_option(), blur: bool = _BLUR):
+                      logits: Optional[str] = _logits_option(), blur: bool = _BLUR, device: str = _DEVICE):
     """Dominant-object localization (alpha * mean threshold, alpha chosen on a held-out split)."""
     _eval("localization", data, fmt, model, methods, layer, mapping, out_dir, 15, size, rule, ray, actors,
-          ray_batch, cpus_per_actor, gpus_per_actor, logits, blur)
+          ray_batch, cpus_per_actor, gpus_per_actor, logits, blur, device)
 

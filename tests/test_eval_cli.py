@@ -55,3 +55,23 @@ def test_localization_from_coco_json(tmp_path):
 def test_eval_bad_data_is_one_line(tmp_path):
     res = runner.invoke(app, ["eval", "pointing", "--data", str(tmp_path / "nope"), "-o", str(tmp_path / "o")])
     assert res.exit_code == 2 and res.output.startswith("error:") and "Traceback" not in res.output
+
+
+def test_eval_device_cpu_runs_and_cuda_without_a_gpu_is_one_line(tmp_path):
+    """`--device cpu` evaluates on the CPU provider; `--device cuda` where this onnxruntime has no CUDA
+    provider is refused in one line before anything is written (no silent CPU fallback)."""
+    import onnxruntime as ort
+
+    res = runner.invoke(app, ["eval", "pointing", "--data", str(VOC), "--mapping", "voc_sample_to_imagenet",
+                              "--methods", "mwp,center", "--device", "cpu", "-o", str(tmp_path / "cpu")])
+    assert res.exit_code == 0, res.output
+    assert "mwp:features.13" in _summary(tmp_path / "cpu")
+    if "CUDAExecutionProvider" in ort.get_available_providers():   # a GPU build: cuda must run too
+        return
+    out = tmp_path / "cuda"
+    res = runner.invoke(app, ["eval", "localization", "--data", str(VOC), "--methods", "mwp", "--device", "cuda",
+                              "-o", str(out)])
+    assert res.exit_code == 2, res.output
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "CUDA" in errors[0] and "Traceback" not in res.output
+    assert not (out / "results.json").exists()

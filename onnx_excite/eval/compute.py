@@ -72,6 +72,7 @@ class ModelSpec:
     num_classes: Optional[int]
     meta: str            # the cache key: model hash, logits, rule, preprocessing
     logits: Optional[str] = None   # the output explained (None: resolve_logits chooses)
+    device: str = "auto"           # cpu | cuda | auto (onnx_excite.devices); not part of the cache key
 
     def describe_input(self) -> str:
         return f"{self.size}x{self.size}" if self.resize == "square" else f"shorter side {self.size}"
@@ -101,7 +102,7 @@ class ModelSpec:
 
 
 def model_spec(model: str, layers, methods: Sequence[str], rule: str, protocol: str, size: int,
-               logits: Optional[str] = None) -> ModelSpec:
+               logits: Optional[str] = None, device: str = "auto") -> ModelSpec:
     from ..explain import resolve_model
 
     name = str(model)
@@ -125,7 +126,7 @@ def model_spec(model: str, layers, methods: Sequence[str], rule: str, protocol: 
                        "mean": list(p.mean), "std": list(p.std), "scale": p.scale, "channel_order": p.channel_order,
                        "layout": p.layout}, sort_keys=True)
     return ModelSpec(name, source, layers, list(methods), rule, resize, size, tuple(p.mean), tuple(p.std), p.scale,
-                     p.channel_order, p.layout, class_names, num_classes, meta, logits)
+                     p.channel_order, p.layout, class_names, num_classes, meta, logits, device)
 
 
 class MapComputer:
@@ -154,7 +155,8 @@ class MapComputer:
         s = self.spec
         try:
             ex = Exciter(s.source, s.layers, methods=tuple(s.methods), rule=s.rule, logits=s.logits,
-                         input_shapes={first_input_name(s.source): [None, *shape]}, threads=self.threads)
+                         input_shapes={first_input_name(s.source): [None, *shape]}, threads=self.threads,
+                         device=s.device)
         except ExciteError as exc:
             raise ModelError(str(exc)) from None
         if s.num_classes is None:

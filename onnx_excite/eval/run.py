@@ -130,7 +130,7 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
                    seed: int = 0, limit: Optional[int] = None, ids: Optional[Sequence[str]] = None,
                    batch_size: int = 16, cache: bool = True, dominant: str = "all",
                    on_progress: Optional[ProgressFn] = None, on_error: Optional[ErrorFn] = None,
-                   ray=None, logits: Optional[str] = None, blur: bool = True) -> EvalResult:
+                   ray=None, logits: Optional[str] = None, blur: bool = True, device: str = "auto") -> EvalResult:
     """Evaluate ``methods`` on a dataset; returns the :class:`EvalResult` (also written to ``out_dir``).
 
     * ``protocol``: ``"pointing"`` (input: shorter side resized to ``size``) or
@@ -190,7 +190,10 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
     if excite or mapping is not None:
         if model is None:
             raise ExciteError("attention methods and a mapping need a model (a path or 'default')")
-        spec = model_spec(model, layers, excite, rule, protocol, size, logits=logits)
+        from ..devices import providers_for
+
+        providers_for(device)   # --device cuda without CUDA: fail before any work
+        spec = model_spec(model, layers, excite, rule, protocol, size, logits=logits, device=device)
         if excite:
             learn_num_classes(spec, records)
         cmap = resolve_mapping(mapping, dataset_classes, spec.num_classes, spec.class_names)
