@@ -38,7 +38,7 @@ def _run(built, x, e):
 
 def _check(model, layers, methods, x, e):
     plain = build_excitation_model(model, layers, methods=methods, share_adjoints=False)
-    shared = build_excitation_model(model, layers, methods=methods)
+    shared = build_excitation_model(model, layers, methods=methods, share_adjoints=True)
     onnx.checker.check_model(shared.model, full_check=True)  # also: topologically sorted
     assert shared.model.ir_version <= 10
     a, b = _run(plain, x, e), _run(shared, x, e)
@@ -99,13 +99,27 @@ def test_maps_equal_without_sharing_on_zoo_blocks(arch, which):
     _check(model, layers, methods, x, _signal(built, 3))
 
 
+def test_sharing_is_off_by_default():
+    model, layers = cnn_gen.random_cnn(0)
+    built = build_excitation_model(model, layers[:1], methods=("grad", "deconv"))
+    assert _excite_nodes(built) and not _excite_nodes(built, shared=True)
+
+
+def test_exciter_passes_the_option_on():
+    from onnx_excite import Exciter
+
+    model, layers = cnn_gen.random_cnn(0)
+    ex = Exciter(model, layers[:1], methods=("grad", "deconv"), share_adjoints=True)
+    assert _excite_nodes(ex.built, shared=True)
+
+
 def test_grad_deconv_guided_run_one_adjoint_per_weighted_layer():
     """grad, deconv and guided all apply W: three adjoint convs per conv layer become one."""
     model, layers = cnn_gen.random_cnn(0)
     layer = layers[0]
     methods = ("grad", "deconv", "guided")
     plain = build_excitation_model(model, [layer], methods=methods, share_adjoints=False)
-    shared = build_excitation_model(model, [layer], methods=methods)
+    shared = build_excitation_model(model, [layer], methods=methods, share_adjoints=True)
     before = Counter(n.op_type for n in _excite_nodes(plain))
     after = Counter(n.op_type for n in _excite_nodes(shared))
     merged = _excite_nodes(shared, shared=True)
@@ -122,18 +136,18 @@ def test_mwp_and_cmwp_postnorm_share_the_adjoints():
     layer = layers[0]
     methods = ("mwp", "cmwp-postnorm")
     plain = build_excitation_model(model, [layer], methods=methods, share_adjoints=False)
-    shared = build_excitation_model(model, [layer], methods=methods)
+    shared = build_excitation_model(model, [layer], methods=methods, share_adjoints=True)
     assert _excite_nodes(shared, shared=True)
     assert len(_excite_nodes(shared)) < len(_excite_nodes(plain))
 
 
-def test_multi_method_model_stays_on_cuda():
+def test_shared_multi_method_model_stays_on_cuda():
     model, layers = tb.mobilenet_block(0)
     methods = _usable(model, layers, tuple(METHODS))
-    built = build_excitation_model(model, layers, methods=methods)
+    built = build_excitation_model(model, layers, methods=methods, share_adjoints=True)
     assert _excite_nodes(built, shared=True)
-    report = check_companion(model, layers=layers, methods=methods)
-    assert report.methods == methods and report.fallbacks == []
+    report = check_companion(model, layers=layers, methods=methods, share_adjoints=True)
+    assert report.methods == methods and report.fallbacks == [] and report.nodes == len(built.model.graph.node)
     assert {"Split", "Concat"} <= {n.op_type for n in built.model.graph.node}
     assert 17 <= max(i.version for i in built.model.opset_import if i.domain in ("", "ai.onnx")) <= 20
 
