@@ -15,7 +15,8 @@ import netgen
 import test_blocks as tb
 from onnx_excite import build_excitation_model
 from onnx_excite.cuda_coverage import check_companion
-from onnx_excite.methods import METHODS, get_method
+from onnx_excite.errors import ExciteError
+from onnx_excite.methods import METHODS
 from onnx_excite.share import share_adjoints
 
 SETS = {"grad+deconv+guided": ("grad", "deconv", "guided"),
@@ -64,7 +65,7 @@ def _usable(model, layers, methods):
     for m in methods:
         try:
             build_excitation_model(model, layers, methods=(m,), share_adjoints=False)
-        except Exception:
+        except ExciteError:
             continue
         keep.append(m)
     return tuple(keep)
