@@ -48,8 +48,13 @@ def _key(node: onnx.NodeProto, is_const: Callable[[str], bool]):
             tuple(sorted((k, a.SerializeToString(deterministic=True)) for k, a in attrs.items())))
 
 
-def _reaches(producers: dict, starts: Sequence[str], targets: set[str]) -> bool:
-    """Whether any tensor in ``targets`` is an ancestor of (or is) a tensor in ``starts``."""
+def _reaches(producers: dict, position: dict, starts: Sequence[str], targets: set[str]) -> bool:
+    """Whether a tensor in ``targets`` is an ancestor of (or is) a tensor in ``starts``. The
+    nodes are topologically sorted (``position``): the walk does not go below the earliest
+    producer of a target."""
+    floor = min((position[id(producers[t])] for t in targets if t in producers), default=None)
+    if floor is None:
+        return bool(targets & set(starts))
     seen, stack = set(), list(starts)
     while stack:
         t = stack.pop()
@@ -59,7 +64,7 @@ def _reaches(producers: dict, starts: Sequence[str], targets: set[str]) -> bool:
             continue
         seen.add(t)
         node = producers.get(t)
-        if node is not None:
+        if node is not None and position[id(node)] >= floor:
             stack.extend(i for i in node.input if i)
     return False
 
@@ -70,59 +75,40 @@ def share_adjoints(nodes: Sequence[onnx.NodeProto], is_const: Callable[[str], bo
     list (topologically sorted) and the number of ops removed. ``is_const(name)`` says
     whether a tensor is an initializer / constant; ``fresh(hint)`` makes unused names.
     Tensors produced outside ``nodes`` are treated as available from the start."""
-    nodes = list(nodes)
+    order = _toposort(list(nodes))
     groups: dict = defaultdict(list)
-    for i, node in enumerate(nodes):
+    for node in order:
         key = _key(node, is_const)
         if key is not None:
-            groups[key].append(i)
+            groups[key].append(node)
     removed = 0
-    alive = [True] * len(nodes)
-    extra: dict[int, list[onnx.NodeProto]] = defaultdict(list)  # new nodes, placed after index
 
-    def producers():
-        out = {}
-        for i, n in enumerate(nodes):
-            if alive[i]:
-                for o in n.output:
-                    out[o] = n
-        for new in extra.values():
-            for n in new:
-                for o in n.output:
-                    out[o] = n
-        return out
+    def index(order):
+        return ({o: n for n in order for o in n.output if o}, {id(n): i for i, n in enumerate(order)})
 
-    for key, members in groups.items():
-        if len(members) < 2:
-            continue
-        prod = producers()
+    prod, position = index(order)
+    for members in groups.values():
         pending = list(members)
         while len(pending) >= 2:
             group, rest = [pending[0]], []
-            for j in pending[1:]:
-                cand = nodes[j]
-                independent = all(
-                    not _reaches(prod, [cand.input[0]], {nodes[m].output[0]})
-                    and not _reaches(prod, [nodes[m].input[0]], {cand.output[0]})
-                    for m in group)
-                (group if independent else rest).append(j)
+            for cand in pending[1:]:
+                independent = (not _reaches(prod, position, [cand.input[0]], {m.output[0] for m in group})
+                               and not _reaches(prod, position, [m.input[0] for m in group], {cand.output[0]}))
+                (group if independent else rest).append(cand)
             if len(group) >= 2:
-                _merge(nodes, group, alive, extra, fresh)
+                gone = {id(m) for m in group}
+                order = _toposort([n for n in order if id(n) not in gone] + _merged(group, fresh))
+                prod, position = index(order)
                 removed += len(group) - 1
-                prod = producers()
             pending = rest
-    out = []
-    for i, n in enumerate(nodes):
-        if alive[i]:
-            out.append(n)
-        out.extend(extra.get(i, ()))
-    return _toposort(out), removed
+    return order, removed
 
 
-def _merge(nodes, group, alive, extra, fresh) -> None:
-    first = nodes[group[0]]
-    xs = [nodes[i].input[0] for i in group]
-    ys = [nodes[i].output[0] for i in group]
+def _merged(group: list[onnx.NodeProto], fresh) -> list[onnx.NodeProto]:
+    """Shape/Concat sizes, Concat of the inputs, the op once, Split into the old outputs."""
+    first = group[0]
+    xs = [n.input[0] for n in group]
+    ys = [n.output[0] for n in group]
     base = first.op_type.lower()
     stacked, batched, sizes = fresh(f"shared_{base}_in"), fresh(f"shared_{base}"), fresh("shared_sizes")
     dims = [fresh("shared_n") for _ in xs]
@@ -137,9 +123,7 @@ def _merge(nodes, group, alive, extra, fresh) -> None:
     op.name = fresh(f"shared_{base}_node")
     new.append(op)
     new.append(helper.make_node("Split", [batched, sizes], ys, name=fresh("shared_split_node"), axis=0))
-    for i in group:
-        alive[i] = False
-    extra[max(group)].extend(new)
+    return new
 
 
 def _toposort(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
