@@ -395,7 +395,9 @@ def sweep(plan: Plan, share_adjoints: bool = False) -> dict:
             done[u][tensor] = g.sum(terms) if terms else None
         return done[u][tensor]
 
+    sites: dict = {}  # emitted node name -> the forward node it was emitted for
     for node in reversed(plan.nodes):  # every node here has a data input that needs P (path_nodes)
+        first_emitted = len(g.nodes)
         excite = RULES[node.op_type].excite
         for u in units:
             p = p_of(u, node.output[0])
@@ -410,10 +412,11 @@ def sweep(plan: Plan, share_adjoints: bool = False) -> dict:
             for tensor, q in sent.items():
                 if q is not None and tensor in plan.wanted:  # inputs that carry no P are skipped
                     pending[u].setdefault(tensor, []).append(q)
+        sites.update((n.name, node.name) for n in g.nodes[first_emitted:])
     result = {u: {layer: p_of(u, layer) for layer in plan.layers} for u in units}
     if share_adjoints and len(units) > 1:
         consts = set(graph.consts) | {t.name for t in g.initializers} | {t.name for t in graph.model.graph.initializer}
-        g.nodes[:], _ = merge_shared_ops(g.nodes, consts.__contains__, g.fresh)
+        g.nodes[:], _ = merge_shared_ops(g.nodes, consts.__contains__, g.fresh, site=lambda n: sites.get(n.name))
     return result
 
 

@@ -70,17 +70,21 @@ def _reaches(producers: dict, position: dict, starts: Sequence[str], targets: se
 
 
 def share_adjoints(nodes: Sequence[onnx.NodeProto], is_const: Callable[[str], bool],
-                   fresh: Callable[[str], str]) -> tuple[list[onnx.NodeProto], int]:
+                   fresh: Callable[[str], str], site: Callable[[onnx.NodeProto], object] | None = None,
+                   ) -> tuple[list[onnx.NodeProto], int]:
     """Merge shareable ops of ``nodes`` (see the module docstring); returns the new node
     list (topologically sorted) and the number of ops removed. ``is_const(name)`` says
     whether a tensor is an initializer / constant; ``fresh(hint)`` makes unused names.
-    Tensors produced outside ``nodes`` are treated as available from the start."""
+    ``site(node)`` (the forward node an op was emitted for) keeps ops of different sites
+    apart: their inputs may differ in shape beyond axis 0 (a weight tied across layers of
+    different sizes), which Concat cannot stack. Tensors produced outside ``nodes`` are
+    treated as available from the start."""
     order = _toposort(list(nodes))
     groups: dict = defaultdict(list)
     for node in order:
         key = _key(node, is_const)
         if key is not None:
-            groups[key].append(node)
+            groups[(site(node) if site is not None else None, key)].append(node)
     removed = 0
 
     def index(order):

@@ -177,3 +177,17 @@ def test_dependent_ops_on_one_weight_are_not_merged():
     W = onnx.numpy_helper.to_array(graph.initializer[0])
     (y,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x, "z": z})
     np.testing.assert_allclose(y, x @ W @ W + z @ W, rtol=1e-5, atol=1e-5)
+
+
+def test_ops_of_different_sites_are_not_merged():
+    """A weight tied across two layers whose inputs differ in shape beyond axis 0: Concat
+    could not stack them, so with ``site`` telling them apart nothing merges; the same
+    nodes at one site (independent, equal shapes) do merge."""
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["a"], name="m1"),
+             helper.make_node("MatMul", ["z", "W"], ["c"], name="m2")]
+    counter = iter(range(10**6))
+    fresh = lambda h: f"{h}_{next(counter)}"  # noqa: E731
+    _, removed = share_adjoints(nodes, {"W"}.__contains__, fresh, site=lambda n: {"m1": "layer1", "m2": "layer2"}[n.name])
+    assert removed == 0
+    _, removed = share_adjoints(nodes, {"W"}.__contains__, fresh, site=lambda n: "layer1")
+    assert removed == 1
