@@ -9,7 +9,8 @@ on every index of axis 0 independently (Conv / ConvTranspose: the batch; Gemm wi
     [y_1; ...; y_n] = op([x_1; ...; x_n], W)      ([;]: Concat on axis 0)
 
 and the y_k come back by a Split on axis 0 with the runtime sizes of the x_k (the batch
-dim is symbolic). :func:`share_adjoints` rewrites a list of emitted nodes that way. It
+dim is symbolic). :func:`share_adjoints` rewrites a list of emitted nodes that way, per
+forward node the ops were emitted for (the builder's ``site``: equal input shapes). It
 merges only ops that do not depend on each other (a dependency walk: no member's output
 reaches another member's input), merges one group at a time on the rewritten graph (so
 no cycle can form across groups either) and returns the nodes topologically sorted,
