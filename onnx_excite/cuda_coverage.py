@@ -205,12 +205,13 @@ class CoverageReport:
 
 
 def check_companion(model, layers=None, methods=("mwp", "cmwp"), output: str | None = None,
-                    input_shapes=None, rule: str = "positive") -> CoverageReport:
+                    input_shapes=None, rule: str = "positive", share_adjoints: bool = False) -> CoverageReport:
     """Build the companion graph (forward + excitation) and check every node of it.
 
     Without ``layers`` the map layer is the model input, so the excitation branch runs
     through every node between the input and the logits (every rule the model needs).
     Contrastive MWP is dropped when the model has no classifier layer to negate.
+    ``share_adjoints`` checks the build with the sweeps' adjoint ops batched.
     """
     from .builder import build_excitation_model
     from .canonicalize import first_input_name, load_model
@@ -220,10 +221,12 @@ def check_companion(model, layers=None, methods=("mwp", "cmwp"), output: str | N
     layers = list(layers or [first_input_name(proto)])
     methods = tuple(methods)
     try:
-        built = build_excitation_model(proto, layers, methods=methods, output=output, input_shapes=input_shapes, rule=rule)
+        built = build_excitation_model(proto, layers, methods=methods, output=output, input_shapes=input_shapes, rule=rule,
+                                       share_adjoints=share_adjoints)
     except ExciteError as exc:
         if "cmwp" not in methods or "classifier" not in str(exc) or methods == ("cmwp",):
             raise
         methods = tuple(m for m in methods if m != "cmwp")
-        built = build_excitation_model(proto, layers, methods=methods, output=output, input_shapes=input_shapes, rule=rule)
+        built = build_excitation_model(proto, layers, methods=methods, output=output, input_shapes=input_shapes, rule=rule,
+                                       share_adjoints=share_adjoints)
     return CoverageReport(layers, methods, len(built.model.graph.node), check_cuda(built.model), kernel_table().version)

@@ -176,10 +176,12 @@ class Exciter:
                  providers: Sequence[str] | None = None, channels: bool = False, classifier: str | None = None,
                  logits: str | None = None, input_shapes: Mapping | None = None, threads: int | None = None,
                  diagnostics: bool = False, output: str | None = None, device: str | None = None,
-                 io_binding: bool | None = None):
+                 io_binding: bool | None = None, share_adjoints: bool = False):
         """``device`` (cpu / cuda / auto) picks the providers unless ``providers`` are given;
         asking for CUDA where it cannot run raises :class:`~onnx_excite.devices.DeviceUnavailableError`.
-        ``io_binding`` (default: on when CUDA runs) keeps inputs and outputs on the device."""
+        ``io_binding`` (default: on when CUDA runs) keeps inputs and outputs on the device.
+        ``share_adjoints`` batches the adjoint convs / Gemms that several methods' sweeps apply
+        with one weight (see :func:`~onnx_excite.builder.build_excitation_model`)."""
         from onnx_excite.models.default import layers_or_default
 
         from .devices import check_providers, providers_for
@@ -187,7 +189,8 @@ class Exciter:
         layers = layers_or_default(model, layers)
         self.built: ExcitationModel = build_excitation_model(
             model, layers, methods=methods, rule=rule, channels=channels, classifier=classifier,
-            logits=logits if logits is not None else output, input_shapes=input_shapes, diagnostics=diagnostics)
+            logits=logits if logits is not None else output, input_shapes=input_shapes, diagnostics=diagnostics,
+            share_adjoints=share_adjoints)
         requested = list(providers) if providers else (providers_for(device) if device else None)
         self.session = make_session(self.built.model, requested, threads)
         if providers or device == "cuda":   # auto may end up on the CPU: the providers line says so
