@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
+
+from test_eval_data import tiny_gap_model
 
 from onnx_excite import ExciteError
 from onnx_excite.distributed import ExplainActor, RaySettings, explain_on_ray, list_inputs
@@ -29,27 +30,7 @@ def local_ray():
     ray.shutdown()
 
 
-def gap_model(num_classes=4, seed=0):
-    """conv 3->6 s2 - relu - conv 6->8 s2 - relu ('feat') - global avg pool - gemm: any input size."""
-    rng = np.random.default_rng(seed)
-    w1 = rng.normal(size=(6, 3, 3, 3)).astype(np.float32) * 0.5
-    w2 = rng.normal(size=(8, 6, 3, 3)).astype(np.float32) * 0.5
-    w3 = rng.normal(size=(num_classes, 8)).astype(np.float32)
-    nodes = [
-        helper.make_node("Conv", ["x", "W1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
-        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "W2"], ["c2"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2]),
-        helper.make_node("Relu", ["c2"], ["feat"], name="relu2"),
-        helper.make_node("GlobalAveragePool", ["feat"], ["g"], name="gap"),
-        helper.make_node("Flatten", ["g"], ["f"], name="flat"),
-        helper.make_node("Gemm", ["f", "W3"], ["logits"], name="fc", transB=1),
-    ]
-    graph = helper.make_graph(nodes, "gap", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", num_classes])],
-                              [numpy_helper.from_array(w, n) for w, n in ((w1, "W1"), (w2, "W2"), (w3, "W3"))])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+gap_model = tiny_gap_model   # conv-relu-conv-relu ('feat') - global avg pool - gemm: any input size
 
 
 @pytest.fixture
