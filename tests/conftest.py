@@ -49,6 +49,23 @@ def tiny_model(seed: int = 0, softmax: bool = True) -> onnx.ModelProto:
     return model
 
 
+def gap_classifier(classes: int, width: int, stride: int, seed: int):
+    """conv 3->width (stride) - relu - global avg pool - gemm to ``classes``: any input size."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Conv", ["x", "W1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[stride, stride]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("GlobalAveragePool", ["r1"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "W2"], ["logits"], name="fc", transB=1)]
+    graph = helper.make_graph(nodes, "many", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
+                              [numpy_helper.from_array(rng.normal(size=(width, 3, 3, 3)).astype(np.float32), "W1"),
+                               numpy_helper.from_array(rng.normal(size=(classes, width)).astype(np.float32), "W2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
 @pytest.fixture
 def tiny_path(tmp_path):
     path = tmp_path / "tiny.onnx"

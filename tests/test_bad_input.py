@@ -154,19 +154,9 @@ def test_eval_bad_size(tmp_path):
 
 
 def _many_class_model(classes=16):
-    rng = np.random.default_rng(1)
-    nodes = [helper.make_node("Conv", ["x", "W1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
-             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-             helper.make_node("GlobalAveragePool", ["r1"], ["g"], name="gap"),
-             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
-             helper.make_node("Gemm", ["f", "W2"], ["logits"], name="fc", transB=1)]
-    graph = helper.make_graph(nodes, "many", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
-                              [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "W1"),
-                               numpy_helper.from_array(rng.normal(size=(classes, 4)).astype(np.float32), "W2")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    from conftest import gap_classifier
+
+    return gap_classifier(classes, width=4, stride=1, seed=1)
 
 
 def test_large_top_k_warns_with_the_count_first(photo, tmp_path):

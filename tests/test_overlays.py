@@ -108,21 +108,9 @@ def test_without_matplotlib_the_built_in_map_works_and_others_name_the_extra(mon
 
 
 def _many_class_model(path, classes=8):
-    from onnx import TensorProto, helper, numpy_helper
+    from conftest import gap_classifier
 
-    rng = np.random.default_rng(4)
-    nodes = [helper.make_node("Conv", ["x", "W1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
-             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-             helper.make_node("GlobalAveragePool", ["r1"], ["g"], name="gap"),
-             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
-             helper.make_node("Gemm", ["f", "W2"], ["logits"], name="fc", transB=1)]
-    graph = helper.make_graph(nodes, "many", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", "W"])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
-                              [numpy_helper.from_array(rng.normal(size=(6, 3, 3, 3)).astype(np.float32), "W1"),
-                               numpy_helper.from_array(rng.normal(size=(classes, 6)).astype(np.float32), "W2")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, str(path))
+    onnx.save(gap_classifier(classes, width=6, stride=2, seed=4), str(path))
     return path
 
 
