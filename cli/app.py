@@ -222,13 +222,17 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
     finally:
         bar.stop()
     sizes = ", ".join(f"{name} {_shape(shape)}" for name, shape in used.items())
-    floor = report.floor
-    table = Table("variant", "median ms", "x forward", "x forward+MWP", "floor",
+    floor, time_floor = report.floor, report.time_floor
+    table = Table("variant", "median ms", "x fwd", "x fwd+MWP", "/ floor", "/ time floor",
                   title=f"{Path(model).name}, layer {', '.join(layer)}, input {sizes}, {report.providers[0]}")
+    for column in table.columns:
+        column.no_wrap = True
     for row in report.rows:
-        table.add_row(row.name, f"{row.median_ms:.3f}", f"{row.ratio:.2f}",
+        excited = row.name != "forward"
+        table.add_row(row.name, f"{row.median_ms:.2f}", f"{row.ratio:.2f}",
                       "-" if row.vs_mwp is None else f"{row.vs_mwp:.2f}",
-                      "" if floor is None or row.name == "forward" else f"{floor:.2f}")
+                      "" if floor is None or not excited else f"{row.ratio / floor:.2f}",
+                      "" if time_floor is None or not excited else f"{row.ratio / time_floor:.2f}")
     out.print(table)
     out.print(f"input used: {sizes} (batch {batch}, dynamic dims at 224; pin with --input-shape)", markup=False)
     if report.flops is not None:
@@ -237,6 +241,10 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
                   f"(Conv/Gemm/MatMul) lie above the map layer", markup=False)
     else:
         out.print("floor: unknown (shape inference could not size every Conv/Gemm/MatMul)", markup=False)
+    if report.time_floor is not None:
+        out.print(f"time floor = 1 + 2f_t = {report.time_floor:.2f}: f_t = {report.share_above_time:.3f} of the forward's "
+                  f"time lies above the map layer (forward cut at the layer: {report.below_ms:.3f} ms, same rounds)",
+                  markup=False)
     out.print("session: " + ", ".join(f"{k}={v}" for k, v in report.options.items()), markup=False)
     if report.builds:
         mem = Table("variant", "build s", "session s", "peak RSS MB", "RSS after load MB",

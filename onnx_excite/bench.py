@@ -6,6 +6,10 @@ and the ORT session options used.
 * ratio = median time of a variant / median time of the forward alone, variants run
   interleaved round by round so load from elsewhere falls on all of them alike;
 * floor = 1 + 2 f, f = share of the forward FLOPs above the map layer (:mod:`.flops`);
+* time floor = 1 + 2 f_t, f_t = share of the forward's TIME above the map layer, measured in
+  the same rounds: 1 - (time of the forward cut at the map layer) / (time of the forward).
+  It counts what FLOPs miss: memory-bound layers (VGG's fc layers read 400+ MB of weights
+  at batch 1, MobileNetV2's depthwise convs) and the runtime's efficiency per layer;
 * memory = peak RSS of a fresh process that loads the model and builds the variant's
   session (build + session creation), so each variant's peak is its own
   (:func:`measure_build`);
@@ -22,11 +26,16 @@ from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import numpy as np
+import onnx
+from onnx import helper
 
 from .builder import build_excitation_model
 from .canonicalize import canonicalize
-from .flops import FlopCount, count_flops
+from .flops import FlopCount, count_flops, downstream
 from .runtime import describe_session_options, make_session, session_options
+
+#: the forward cut at the map layer (timed with the variants, reported as the time floor)
+BELOW = "forward below the map layer"
 
 #: (variant name, methods; None = the forward alone)
 VARIANTS = (("forward", None), ("forward+MWP", ("mwp",)), ("forward+c-MWP", ("cmwp",)),
@@ -62,10 +71,50 @@ class BenchReport:
     options: dict[str, object] = field(default_factory=dict)
     builds: list[BuildCost] = field(default_factory=list)
     profile: dict[str, float] = field(default_factory=dict)   # op type -> share of node time (forward+MWP)
+    below_ms: float | None = None   # median ms of the forward cut at the map layer (0: the layer is an input)
 
     @property
     def floor(self) -> float | None:
         return None if self.flops is None else self.flops.floor
+
+    @property
+    def share_above_time(self) -> float | None:
+        """f_t: the share of the forward's time above the map layer (clipped to [0, 1])."""
+        base = next((r.median_ms for r in self.rows if r.name == "forward"), None)
+        if self.below_ms is None or not base:
+            return None
+        return min(max(1.0 - self.below_ms / base, 0.0), 1.0)
+
+    @property
+    def time_floor(self) -> float | None:
+        """1 + 2 f_t: each excited layer costs at least two forward passes of itself, in time."""
+        f = self.share_above_time
+        return None if f is None else 1.0 + 2.0 * f
+
+
+def below_model(model: onnx.ModelProto, layers: Sequence[str]) -> onnx.ModelProto | None:
+    """The forward cut at the map layers: only the nodes that compute a layer without reading
+    one (ancestors of the layers, none of their descendants), the lowest layers as outputs.
+    None when every layer is a graph input (nothing lies below)."""
+    above = downstream(model, layers)
+    needed, keep = set(layers), []
+    for node in reversed(model.graph.node):
+        name = node.name or node.output[0]
+        if name not in above and any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(i for i in node.input if i)
+    produced = {o for n in keep for o in n.output}
+    outputs = [t for t in dict.fromkeys(layers) if t in produced]
+    if not outputs:
+        return None
+    infos = {v.name: v for v in list(model.graph.value_info) + list(model.graph.output)}
+    graph = helper.make_graph(list(reversed(keep)), "below_map_layer", list(model.graph.input),
+                              [infos[t] if t in infos else helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                               for t in outputs],
+                              [i for i in model.graph.initializer if i.name in needed])
+    cut = helper.make_model(graph, opset_imports=list(model.opset_import))
+    cut.ir_version = model.ir_version
+    return cut
 
 
 def _input_array(shape, batch: int, rng, ort_type: str = "tensor(float)") -> np.ndarray:
@@ -156,6 +205,11 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
         flops = None
     variants = list(variants) + [(f"forward+{m}", (m,)) for m in extra]
     prepared = []
+    cut = below_model(forward.model, layers)
+    if cut is not None:   # timed in the same rounds; its ratio gives the time floor
+        cut_session = make_session(cut, providers, options=options())
+        prepared.append((BELOW, cut_session, [o.name for o in cut_session.get_outputs()],
+                         {i.name: feeds[i.name] for i in cut_session.get_inputs()}))
     mwp_model = None
     for n, (name, methods) in enumerate(variants):
         progress("building", n, len(variants))
@@ -185,9 +239,10 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
     base = float(np.median(times["forward"]))
     mwp = float(np.median(times["forward+MWP"])) if "forward+MWP" in times else None
     rows = [BenchRow(name, float(np.median(times[name])), float(np.median(times[name])) / base,
-                     float(np.median(times[name])) / mwp if mwp else None) for name, *_ in prepared]
+                     float(np.median(times[name])) / mwp if mwp else None) for name, *_ in prepared if name != BELOW]
     report = BenchReport(rows=rows, providers=fwd_session.get_providers(), inputs=shapes, flops=flops,
-                         options=describe_session_options(options()))
+                         options=describe_session_options(options()),
+                         below_ms=float(np.median(times[BELOW])) if BELOW in times else 0.0)
     if mwp_model is not None:
         progress("profiling", 0, 1)
         report.profile = profile_shares(mwp_model[0], mwp_model[2], mwp_model[1], options(), providers)

@@ -36,6 +36,7 @@ from .canonicalize import ForwardGraph, LogitsChoice, canonicalize, default_opse
 from .methods import DEFAULT_METHODS, METHODS, get_method
 from .errors import ExciteError, UnsupportedModelError
 from .graph import Emitter
+from .share import WEIGHT_BOUND, shared_ops
 from .share import share_adjoints as merge_shared_ops
 from .layout import Layout, channel_axis
 from .rules import RULE_CHOICES, RULES, Context, data_inputs, unsupported_reason
@@ -225,7 +226,7 @@ def build_excitation_model(
     input_shapes: Mapping[str, Sequence[int | None]] | None = None,
     diagnostics: bool = False,
     output: str | None = None,
-    share_adjoints: bool = False,
+    share_adjoints: bool | Sequence[str] = WEIGHT_BOUND,
 ) -> ExcitationModel:
     """Build the companion model for ``layers`` (ONNX tensor names) and ``methods`` (names
     registered in :data:`onnx_excite.methods.METHODS`, see ``onnx-excite methods``).
@@ -237,10 +238,13 @@ def build_excitation_model(
     ``mass.<method>:<layer>`` (N,), the total P that reached each layer (for a
     ``separate``-dual method: target minus dual), to compare with ``Method.mass``:
     what is missing was lost where Z == 0. ``share_adjoints`` batches the adjoint ops
-    that different sweeps apply with the same weight (:mod:`onnx_excite.share`): one
-    Conv/ConvTranspose/Gemm per layer instead of one per sweep, on the signals stacked on
-    the batch axis. Off by default: on a 2-core CPU the Concat/Split copies cost more
-    than the fewer, larger ops save (MobileNetV2, grad+deconv+guided: 1.06-1.22x slower).
+    that different sweeps apply with the same weight (:mod:`onnx_excite.share`): one op
+    per layer instead of one per sweep, on the signals stacked on the batch axis. By
+    default (:data:`~onnx_excite.share.WEIGHT_BOUND`) only Gemm/MatMul, whose time at small
+    batch is reading the weight (VGG16's fc6 reads 411 MB per op); ``True`` adds
+    Conv/ConvTranspose, where on a 2-core CPU the Concat/Split copies cost more than the
+    fewer, larger ops save (MobileNetV2, grad+deconv+guided: 1.06-1.22x slower); ``False``
+    shares none.
 
     Three steps: :func:`validate` (names, rule, layers, supported ops, classifier, CAM
     head), :func:`sweep` (the backward sweeps the methods need, shared where their
@@ -370,7 +374,7 @@ def unit_of(method: str, mode: str) -> tuple:
     return (get_method(method).sweep_key, mode)
 
 
-def sweep(plan: Plan, share_adjoints: bool = False) -> dict:
+def sweep(plan: Plan, share_adjoints: bool | Sequence[str] = WEIGHT_BOUND) -> dict:
     """Emit the backward sweeps; returns {(sweep_key, mode): {tensor: P or None}} for the
     requested layers (None: all of P was lost on the way down). With ``share_adjoints``
     the ops that several sweeps apply with one weight run once on the stacked signals
@@ -414,9 +418,10 @@ def sweep(plan: Plan, share_adjoints: bool = False) -> dict:
                     pending[u].setdefault(tensor, []).append(q)
         sites.update((n.name, node.name) for n in g.nodes[first_emitted:])
     result = {u: {layer: p_of(u, layer) for layer in plan.layers} for u in units}
-    if share_adjoints and len(units) > 1:
+    ops = shared_ops(share_adjoints)
+    if ops and len(units) > 1:
         consts = set(graph.consts) | {t.name for t in g.initializers} | {t.name for t in graph.model.graph.initializer}
-        g.nodes[:], _ = merge_shared_ops(g.nodes, consts.__contains__, g.fresh, site=lambda n: sites.get(n.name))
+        g.nodes[:], _ = merge_shared_ops(g.nodes, consts.__contains__, g.fresh, site=lambda n: sites.get(n.name), ops=ops)
     return result
 
 

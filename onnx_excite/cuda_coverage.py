@@ -21,9 +21,12 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
+from typing import Sequence
 
 import onnx
 from onnx import TensorProto, helper, shape_inference
+
+from .share import WEIGHT_BOUND
 
 ANY_VERSION = 2**31 - 1
 
@@ -205,7 +208,7 @@ class CoverageReport:
 
 
 def check_companion(model, layers=None, methods=("mwp", "cmwp"), output: str | None = None,
-                    input_shapes=None, rule: str = "positive", share_adjoints: bool = False) -> CoverageReport:
+                    input_shapes=None, rule: str = "positive", share_adjoints: bool | Sequence[str] = WEIGHT_BOUND) -> CoverageReport:
     """Build the companion graph (forward + excitation) and check every node of it.
 
     Without ``layers`` the map layer is the model input, so the excitation branch runs

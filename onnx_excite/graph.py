@@ -16,9 +16,16 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-#: Below the smallest normal float32 a normaliser counts as zero: its share of
+#: Below the smallest normal float32 a signed normaliser counts as zero: its share of
 #: the signal is dropped instead of overflowing (1 / denormal is +inf).
 TINY = float(np.finfo(np.float32).tiny)
+
+#: The floor of a non-negative normaliser: R = P / Max(Z, Z_FLOOR) (2**-64 ~ 5.4e-20).
+#: Z = 0 still contributes exactly 0 (every term z_ij of a zero sum of non-negative
+#: terms is 0, so the adjoint multiplies R_i by 0), and R stays finite, with no Inf or
+#: NaN downstream, while the signal's |values| times the weights stay below 2**64 ~ 1.8e19.
+#: A normaliser in (0, Z_FLOOR) passes the share Z / Z_FLOOR of its signal.
+Z_FLOOR = 2.0 ** -64
 
 
 class Emitter:
@@ -129,8 +136,8 @@ class Emitter:
         return self.op("Relu", [x])
 
     def negative_part(self, x: str) -> str:
-        """min(x, 0), written as -relu(-x)."""
-        return self.op("Neg", [self.relu(self.op("Neg", [x]))])
+        """min(x, 0)."""
+        return self.op("Min", [x, self.scalar(0.0)], hint="a_neg")
 
     def shape(self, x: str) -> str:
         return self.memo(("shape", x), lambda: self.op("Shape", [x]))
@@ -162,6 +169,20 @@ class Emitter:
             divisor = self.op("Max", [z, tiny], hint="z_safe")
         return self.op("Div", [mask, divisor], hint="inv_z")
 
+    def safe_divisor(self, z: str, signed: bool) -> tuple[str, str]:
+        """What to divide by Z with: ``("Div", Max(Z, Z_FLOOR))`` for a non-negative Z (one
+        element-wise node; :data:`Z_FLOOR` says why no mask is needed), else ``("Mul",
+        safe_reciprocal(Z))``. Emit it once per normaliser and share it between sweeps;
+        :meth:`divide` applies it."""
+        if signed:
+            return "Mul", self.safe_reciprocal(z, signed=True)
+        return "Div", self.op("Max", [z, self.scalar(Z_FLOOR)], hint="z_safe")
+
+    def divide(self, p: str, divisor: tuple[str, str]) -> str:
+        """R = P / Z by a :meth:`safe_divisor`."""
+        op, name = divisor
+        return self.op(op, [p, name], hint="r")
+
     def reduce(self, op_type: str, x: str, axes: Sequence[int], keepdims: int = 0, hint: str | None = None) -> str:
         """ReduceMax/ReduceMin/... over ``axes`` (attribute before opset 18, input from 18)."""
         if op_type == "ReduceSum" or self.opset >= 18:
@@ -190,7 +211,7 @@ class Emitter:
             total = self.op("Abs", [m])
         else:
             total = self.op("ReduceSum", [self.op("Abs", [m]), self.i64(list(range(1, rank)))], keepdims=1, hint="l1")
-        return self.mul(m, self.safe_reciprocal(total, signed=False))
+        return self.divide(m, self.safe_divisor(total, signed=False))
 
     def channel_sum(self, p: str, rank: int, axis: int = 1) -> str:
         """The MWP map: sum of P over the channel ``axis`` for rank >= 3 tensors."""

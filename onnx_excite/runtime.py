@@ -9,6 +9,7 @@ import numpy as np
 from .builder import ExcitationModel, build_excitation_model
 from .methods import DEFAULT_METHODS, get_method
 from .errors import ExciteError
+from .share import WEIGHT_BOUND
 
 INSTALL_HINT = ("ONNX Runtime is not installed: pip install 'onnx-excite[cpu]' "
                 "(or 'onnx-excite[gpu]' for the CUDA build; install only one of them)")
@@ -176,7 +177,7 @@ class Exciter:
                  providers: Sequence[str] | None = None, channels: bool = False, classifier: str | None = None,
                  logits: str | None = None, input_shapes: Mapping | None = None, threads: int | None = None,
                  diagnostics: bool = False, output: str | None = None, device: str | None = None,
-                 io_binding: bool | None = None, share_adjoints: bool = False):
+                 io_binding: bool | None = None, share_adjoints: bool | Sequence[str] = WEIGHT_BOUND):
         """``device`` (cpu / cuda / auto) picks the providers unless ``providers`` are given;
         asking for CUDA where it cannot run raises :class:`~onnx_excite.devices.DeviceUnavailableError`.
         ``io_binding`` (default: on when CUDA runs) keeps inputs and outputs on the device.

@@ -30,10 +30,28 @@ from .errors import ExciteError
 #: ops whose every index of axis 0 is computed independently, given a constant weight
 SHAREABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
+#: the default: ops whose time is reading their weight (dense layers at small batch), where
+#: one op on the stacked signals reads the weight once instead of once per sweep
+WEIGHT_BOUND = ("Gemm", "MatMul")
 
-def _key(node: onnx.NodeProto, is_const: Callable[[str], bool]):
+
+def shared_ops(share) -> tuple[str, ...]:
+    """The op types a ``share_adjoints`` setting merges: True = all of :data:`SHAREABLE`,
+    False/None = none, else the given op types (each must be in SHAREABLE)."""
+    if share is True:
+        return SHAREABLE
+    if not share:
+        return ()
+    ops = (share,) if isinstance(share, str) else tuple(share)
+    bad = [o for o in ops if o not in SHAREABLE]
+    if bad:
+        raise ExciteError(f"share_adjoints: {', '.join(bad)} cannot be shared (shareable: {', '.join(SHAREABLE)})")
+    return ops
+
+
+def _key(node: onnx.NodeProto, is_const: Callable[[str], bool], ops: Sequence[str] = SHAREABLE):
     """The merge key (op, weight and bias inputs, attributes), or None if not shareable."""
-    if node.op_type not in SHAREABLE or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+    if node.op_type not in ops or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
         return None
     if len(node.input) < 2 or not node.input[0] or is_const(node.input[0]):
         return None
@@ -72,18 +90,18 @@ def _reaches(producers: dict, position: dict, starts: Sequence[str], targets: se
 
 def share_adjoints(nodes: Sequence[onnx.NodeProto], is_const: Callable[[str], bool],
                    fresh: Callable[[str], str], site: Callable[[onnx.NodeProto], object] | None = None,
-                   ) -> tuple[list[onnx.NodeProto], int]:
+                   ops: Sequence[str] = SHAREABLE) -> tuple[list[onnx.NodeProto], int]:
     """Merge shareable ops of ``nodes`` (see the module docstring); returns the new node
     list (topologically sorted) and the number of ops removed. ``is_const(name)`` says
     whether a tensor is an initializer / constant; ``fresh(hint)`` makes unused names.
     ``site(node)`` (the forward node an op was emitted for) keeps ops of different sites
     apart: their inputs may differ in shape beyond axis 0 (a weight tied across layers of
     different sizes), which Concat cannot stack. Tensors produced outside ``nodes`` are
-    treated as available from the start."""
+    treated as available from the start. ``ops``: the op types to merge (of SHAREABLE)."""
     order = _toposort(list(nodes))
     groups: dict = defaultdict(list)
     for node in order:
-        key = _key(node, is_const)
+        key = _key(node, is_const, ops)
         if key is not None:
             groups[(site(node) if site is not None else None, key)].append(node)
     removed = 0

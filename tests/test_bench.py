@@ -111,3 +111,64 @@ def test_safe_reciprocal_is_exact_and_finite(signed):
         expected = np.where(counted, np.float32(1) / z, np.float32(0))
     assert np.isfinite(inv).all()                     # 1 / (smallest z above tiny) ~ 8.5e37 is finite
     assert np.array_equal(inv, expected)              # bit for bit, including the exact zeros
+
+
+def test_safe_divisor_divides_exactly_with_one_node():
+    """Non-negative Z: R = Div(P, Max(Z, 2**-64)), one Max per normaliser and one Div per
+    sweep, no mask: P / Z correctly rounded wherever Z >= 2**-64, and P / 2**-64 (finite)
+    at Z = 0, whose terms the adjoint multiplies by 0."""
+    import onnxruntime as ort
+
+    from onnx_excite.graph import Z_FLOOR, Emitter
+
+    g = Emitter({"z", "p"})
+    out = g.divide("p", g.safe_divisor("z", signed=False))
+    assert [n.op_type for n in g.nodes] == ["Max", "Div"]
+    graph = helper.make_graph(g.nodes + [helper.make_node("Identity", [out], ["r"])], "div",
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [None]) for n in ("p", "z")],
+                              [helper.make_tensor_value_info("r", TensorProto.FLOAT, [None])], g.initializers)
+    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                                  ir_version=8).SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    z = np.concatenate([[0.0, 1e-45, 1e-30, Z_FLOOR, 1.0, 3e38], rng.random(1000) * 10.0 ** rng.integers(-19, 38, 1000)])
+    z = z.astype(np.float32)
+    p = (rng.normal(size=z.size) * 10.0 ** rng.integers(-5, 12, z.size)).astype(np.float32)
+    r = sess.run(None, {"p": p, "z": z})[0]
+    assert np.isfinite(r).all()
+    above = z >= np.float32(Z_FLOOR)
+    assert np.array_equal(r[above], p[above] / z[above])
+    assert np.array_equal(r[~above], p[~above] / np.float32(Z_FLOOR))
+
+
+def test_below_model_is_the_forward_cut_at_the_map_layer():
+    """The time floor's cut: it computes the map layer's tensor exactly as the full forward
+    does, holds no node that reads the layer (nor the classifier), and is None for a map
+    layer that is the graph input (all of the forward lies above it: time floor 3)."""
+    import onnxruntime as ort
+
+    from onnx_excite.bench import below_model
+    from onnx_excite.canonicalize import canonicalize
+    from onnx_excite.flops import downstream
+    from onnx_excite.models.synthetic import tiny_cnn
+
+    forward = canonicalize(tiny_cnn())
+    cut = below_model(forward.model, ["pool1"])
+    assert [o.name for o in cut.graph.output] == ["pool1"]
+    names = {n.name for n in cut.graph.node}
+    assert names and not names & downstream(forward.model, ["pool1"])
+    full = forward.forward_model()
+    full.graph.output.append(helper.make_tensor_value_info("pool1", TensorProto.FLOAT, None))
+    x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    want = ort.InferenceSession(full.SerializeToString(), providers=["CPUExecutionProvider"]).run(["pool1"], {"input": x})[0]
+    got = ort.InferenceSession(cut.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    np.testing.assert_array_equal(got, want)
+    assert below_model(forward.model, ["input"]) is None
+
+
+def test_report_time_floor():
+    report = run_bench_report("tiny-cnn", ["pool1"], runs=2, warmup=1)
+    assert 0 < report.below_ms and 0 <= report.share_above_time <= 1
+    assert report.time_floor == pytest.approx(1 + 2 * report.share_above_time)
+    assert all(r.name != "forward below the map layer" for r in report.rows)
+    to_input = run_bench_report("tiny-cnn", ["input"], runs=1, warmup=0)
+    assert to_input.below_ms == 0 and to_input.time_floor == 3.0

@@ -75,7 +75,7 @@ def test_bench_method_ratio_to_mwp(tiny_path):
     res = runner.invoke(app, ["bench", str(tiny_path), "--layer", "x", "--runs", "2", "--method", "guided",
                               "--method", "c-deconv"])
     assert res.exit_code == 0, res.output
-    assert "forward+guided" in res.output and "forward+c-deconv" in res.output and "x forward+MWP" in res.output
+    assert "forward+guided" in res.output and "forward+c-deconv" in res.output and "x fwd+MWP" in res.output
     bad = runner.invoke(app, ["bench", str(tiny_path), "--layer", "x", "--method", "nope"])
     assert bad.exit_code == 2 and bad.output.strip().startswith("error: unknown method 'nope'")
 

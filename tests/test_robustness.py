@@ -249,3 +249,37 @@ def test_float16_model_excitation_runs_in_float32():
             got, want = res16.maps[method][layer], res32.maps[method][layer]
             assert got.dtype == np.float32 and np.isfinite(got).all()
             assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e6, 1e12])
+def test_zero_z_loses_its_share_exactly_under_a_large_signal(scale):
+    """R = P / Max(Z, 2**-64) needs no mask: where Z == 0 every term z_ij of the adjoint is 0.
+    Here filter 1 has only negative weights and a positive bias, so on a non-negative input
+    its ReLU output is alive (P reaches it from the classifier) but its Z is 0, and class 2
+    has only negative weights. The lost shares stay exactly 0 and everything finite for a
+    signal up to 1e12, and the maps are linear in the signal (class 2 adds nothing)."""
+    model = tiny_model(softmax=False)
+    w1 = numpy_helper.to_array(model.graph.initializer[0]).copy()
+    w1[1] = -np.abs(w1[1])
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w1, "W1"))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([0.1, 2.0, 0.1, 0.1], np.float32), "B1"))
+    model.graph.node[0].input.append("B1")
+    w2 = numpy_helper.to_array(model.graph.initializer[1]).copy()
+    w2[2] = -np.abs(w2[2])
+    w2[0] = np.abs(w2[0])
+    model.graph.initializer[1].CopyFrom(numpy_helper.from_array(w2, "W2"))
+    ex = Exciter(model, ["x", "r1"], channels=True, diagnostics=True)
+    x = (0.02 * np.abs(np.random.default_rng(1).normal(size=(2, 3, 8, 8)))).astype(np.float32)  # bias 2 wins
+    signal = np.array([[1, 0, 1, 0, 0]] * 2, np.float32)
+    unit = ex.explain(x, signal)
+    big = ex.explain(x, scale * signal)
+    _all_finite(big)
+    for method in ("mwp", "cmwp"):
+        for layer in ("x", "r1"):
+            ref = scale * unit.channels[method][layer]
+            np.testing.assert_allclose(big.channels[method][layer], ref, rtol=2e-5, atol=1e-5 * np.abs(ref).max())
+    first = ex.explain(x, np.array([[1, 0, 0, 0, 0]] * 2, np.float32))
+    for layer in ("x", "r1"):                                 # class 2 (Z == 0) adds exactly nothing
+        np.testing.assert_array_equal(unit.channels["mwp"][layer], first.channels["mwp"][layer])
+    assert np.all(first.channels["mwp"]["r1"][:, 1].sum(axis=(1, 2)) > 0)   # the dead-Z filter gets P ...
+    assert np.all(0 < first.lost["mwp"]["x"]) and np.all(first.lost["mwp"]["x"] < 1)   # ... lost below it

@@ -100,10 +100,22 @@ def test_maps_equal_without_sharing_on_zoo_blocks(arch, which):
     _check(model, layers, methods, x, _signal(built, 3))
 
 
-def test_sharing_is_off_by_default():
+def test_default_shares_only_dense_adjoints():
+    """Default WEIGHT_BOUND: the sweeps' Gemm/MatMul adjoints are batched (one weight read),
+    their convs are not; False shares nothing; the maps agree either way."""
     model, layers = cnn_gen.random_cnn(0)
     built = build_excitation_model(model, layers[:1], methods=("grad", "deconv"))
-    assert _excite_nodes(built) and not _excite_nodes(built, shared=True)
+    assert {n.op_type for n in _excite_nodes(built, shared=True)} == {"Gemm"}
+    assert _excite_nodes(built, ("Conv", "ConvTranspose"), shared=False)
+    assert not _excite_nodes(built, ("Conv", "ConvTranspose"), shared=True)
+    off = build_excitation_model(model, layers[:1], methods=("grad", "deconv"), share_adjoints=False)
+    assert not _excite_nodes(off, shared=True)
+    x = _batch_input(model, 2)
+    e = _signal(built, 2)
+    a, b = _run(built, x, e), _run(off, x, e)
+    assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], rtol=1e-5, atol=1e-6) for k in a)
+    with pytest.raises(ExciteError, match="cannot be shared"):
+        build_excitation_model(model, layers[:1], methods=("grad", "deconv"), share_adjoints=("Relu",))
 
 
 def test_exciter_passes_the_option_on():

@@ -193,7 +193,7 @@ def excite_linear(ctx: Context, node, a: str, p: str, weight: np.ndarray, forwar
     ``transpose(r, w)`` applies its adjoint. ``negate`` uses -W (and -b): the dual.
     ``count`` (pools: the divisor, a number or tensor of the output's shape) scales the
     un-normalised adjoint of a pool whose ``weight`` is its window of ones. Z (through
-    1/Z) is emitted once per node, weight sign and parts, shared by every sweep and method
+    its safe divisor) is emitted once per node, weight sign and parts, shared by every sweep and method
     (mwp, cmwp, cmwp-postnorm and, with the positive rule, lrp-zplus).
     Excitation (``--rule positive``): parts a+ W+ + a- W-; where ``a`` is provably
     non-negative the a- half is zero and a+ = a, neither is emitted.
@@ -236,17 +236,17 @@ def excite_linear(ctx: Context, node, a: str, p: str, weight: np.ndarray, forwar
         b = None
         if variant.bias == "in-Z" and bias is not None and np.any(bias):
             b = -bias if negate else bias
-        key = (node.name, negate, tuple(labels), variant.normalise, variant.bias, "inv_z")
+        key = (node.name, negate, tuple(labels), variant.normalise, variant.bias, "z_divisor")
 
-        def inverse_z():
+        def divisor():
             z = g.sum([forward(x, wp) for x, wp in terms])
             if b is not None:
                 z = g.add(z, g.const(b.astype(np.float32), "bias"))
             if variant.normalise == "Z+eps":
-                return g.safe_reciprocal(g.epsilon_stabilised(z, LRP_EPSILON), signed=True)
-            return g.safe_reciprocal(z, signed=any(lab not in _NONNEG_PARTS for lab in labels))
+                return g.safe_divisor(g.epsilon_stabilised(z, LRP_EPSILON), signed=True)
+            return g.safe_divisor(z, signed=any(lab not in _NONNEG_PARTS for lab in labels))
 
-        r = g.mul(p, g.memo(key, inverse_z))
+        r = g.divide(p, g.memo(key, divisor))
     return g.sum([transpose(r, wp) if x is None else g.mul(x, transpose(r, wp)) for x, wp in terms])
 
 

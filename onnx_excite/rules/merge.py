@@ -47,16 +47,16 @@ def add(ctx: Context, node, p: str, negate=False):
     if variant.normalise == "none":
         r = p
     else:
-        def inverse():
+        def divisor():
             z = g.sum([summand(act, x) for act in parts for x in data])
             if in_z:
                 z = g.add(z, g.const(sum(ctx.graph.consts[c].astype(np.float64) for c in consts).astype(np.float32), "bias"))
             if variant.normalise == "Z+eps":
-                return g.safe_reciprocal(g.epsilon_stabilised(z, LRP_EPSILON), signed=True)
-            return g.safe_reciprocal(z, signed=any(act in ("a", "1") for act in parts))
+                return g.safe_divisor(g.epsilon_stabilised(z, LRP_EPSILON), signed=True)
+            return g.safe_divisor(z, signed=any(act in ("a", "1") for act in parts))
 
-        key = (node.name, "inv_sum", tuple(parts), variant.normalise, bool(in_z))
-        r = g.mul(p, g.memo(key, inverse))
+        key = (node.name, "sum_divisor", tuple(parts), variant.normalise, bool(in_z))
+        r = g.divide(p, g.memo(key, divisor))
     out = {}
     for x in data:
         if not ctx.wants(x):
