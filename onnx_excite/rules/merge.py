@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..methods import LRP_EPSILON
-from .base import Context, attr, register
+from .base import Context, attr, proves_nonneg, register
 
 
 def _sum_check(graph, node):
@@ -41,8 +41,9 @@ def add(ctx: Context, node, p: str, negate=False):
     parts = [act for act, kind in variant.resolve(ctx.rule) if kind != "W-"]
 
     def summand(act, x):
-        return g.memo(("a+", x), lambda: g.relu(ctx.act(x))) if act == "a+" else \
-            g.memo(("a-", x), lambda: g.negative_part(ctx.act(x))) if act == "a-" else ctx.act(x)
+        if act == "a+":   # x+ = x where x is provably >= 0 (a ResNet's identity branch)
+            return ctx.act(x) if proves_nonneg(ctx.graph, x) else g.memo(("a+", x), lambda: g.relu(ctx.act(x)))
+        return g.memo(("a-", x), lambda: g.negative_part(ctx.act(x))) if act == "a-" else ctx.act(x)
 
     if variant.normalise == "none":
         r = p
