@@ -234,7 +234,8 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
                       "" if floor is None or not excited else f"{row.ratio / floor:.2f}",
                       "" if time_floor is None or not excited else f"{row.ratio / time_floor:.2f}")
     out.print(table)
-    out.print(f"input used: {sizes} (batch {batch}, dynamic dims at 224; pin with --input-shape)", markup=False)
+    out.print(f"input used: {sizes} (batch {batch}; dynamic sizes at 224, built for that size with a dynamic batch "
+              f"as explain/eval do; other sizes: --input-shape)", markup=False)
     if report.flops is not None:
         f = report.flops
         out.print(f"floor = 1 + 2f = {f.floor:.2f}: f = {f.share_above:.3f} of the forward's {f.total / 1e9:.3g} GFLOP "

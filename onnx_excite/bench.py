@@ -173,7 +173,8 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
 
     The variants run interleaved, one run each per round, so that load from elsewhere
     on the machine falls on all of them alike. ``on_inputs({name: shape})`` is told the
-    input shapes used (dynamic dims at 224); ``progress(phase, done, total)`` is called as
+    input shapes used (dynamic dims at 224; without ``input_shapes`` the models are built for
+    the sizes fed, batch left dynamic, as explain and eval build them); ``progress(phase, done, total)`` is called as
     the variants are built and the rounds run. ``spinning=False`` (default) turns ORT's
     busy-waiting worker threads off; ``memory=True`` also builds each variant in a fresh
     process (:func:`measure_build`; ``model`` must then be a path, ``default`` or a recipe
@@ -197,6 +198,12 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
     fwd_session = make_session(forward.forward_model(), providers, options=options())
     feeds = {i.name: _input_array(i.shape, batch, rng, i.type) for i in fwd_session.get_inputs()}
     shapes = {name: tuple(v.shape) for name, v in feeds.items()}
+    declared = {i.name: list(i.shape) for i in fwd_session.get_inputs()}
+    if input_shapes is None and any(not isinstance(d, int) for dims in declared.values() for d in dims[1:]):
+        # pin the sizes fed (batch stays dynamic), as explain and eval build one model per input size
+        input_shapes = {name: [None, *shapes[name][1:]] for name in declared}
+        forward = canonicalize(source, logits=logits, input_shapes=input_shapes)
+        fwd_session = make_session(forward.forward_model(), providers, options=options())
     if on_inputs is not None:
         on_inputs(shapes)
     try:
