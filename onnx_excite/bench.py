@@ -119,7 +119,8 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
                      warmup: int = 2, providers=None, threads: int | None = None, input_shapes=None, seed: int = 0,
                      progress=None, on_inputs=None, logits: str | None = None, spinning: bool = False,
                      opt_level: str = "all", memory: bool = False, profile: bool = False,
-                     variants: Sequence[tuple] = VARIANTS, methods: Sequence[str] = ()) -> BenchReport:
+                     variants: Sequence[tuple] = VARIANTS, methods: Sequence[str] = (),
+                     derive_weights: bool | None = None) -> BenchReport:
     """Median wall time of each variant over ``runs`` rounds; ratios are to the forward alone.
 
     The variants run interleaved, one run each per round, so that load from elsewhere
@@ -130,7 +131,8 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
     process (:func:`measure_build`; ``model`` must then be a path, ``default`` or a recipe
     name); ``profile=True`` adds ORT's node-time shares of the forward + MWP session.
     ``methods``: one more variant ``forward+<method>`` each (any name of
-    :data:`onnx_excite.methods.METHODS`).
+    :data:`onnx_excite.methods.METHODS`). ``derive_weights``: passed to
+    :func:`~onnx_excite.builder.build_excitation_model` (None: its default).
     """
     from .methods import get_method
 
@@ -162,7 +164,8 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
         if methods is None:
             prepared.append((name, fwd_session, [forward.entry], feeds))
             continue
-        built = build_excitation_model(source, layers, methods=methods, rule=rule, logits=logits, input_shapes=input_shapes)
+        built = build_excitation_model(source, layers, methods=methods, rule=rule, logits=logits, input_shapes=input_shapes,
+                                       derive_weights=derive_weights)
         session = make_session(built.model, providers, options=options())
         k = built.num_classes or session.get_inputs()[-1].shape[1]
         signal = np.zeros((batch, k), np.float32)
@@ -196,7 +199,8 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
         for n, (name, methods) in enumerate(variants):
             progress("memory", n, len(variants))
             report.builds.append(measure_build(model, layers, methods, name=name, rule=rule, logits=logits,
-                                               input_shapes=input_shapes, threads=threads, providers=providers))
+                                               input_shapes=input_shapes, threads=threads, providers=providers,
+                                               derive_weights=derive_weights))
     return report
 
 
@@ -256,7 +260,8 @@ def _build_in_child(spec: dict) -> dict:
         del forward
     else:
         target = build_excitation_model(source, spec["layers"], methods=spec["methods"], rule=spec["rule"],
-                                        logits=spec["logits"], input_shapes=spec["input_shapes"]).model
+                                        logits=spec["logits"], input_shapes=spec["input_shapes"],
+                                        derive_weights=spec.get("derive_weights")).model
     del source
     t1 = time.perf_counter()
     session = make_session(target, spec["providers"], spec["threads"])
@@ -267,7 +272,7 @@ def _build_in_child(spec: dict) -> dict:
 
 def measure_build(model, layers: Sequence[str], methods: Sequence[str] | None, name: str | None = None,
                   rule: str = "positive", logits: str | None = None, input_shapes=None, threads: int | None = None,
-                  providers=None, timeout: float = 900) -> BuildCost:
+                  providers=None, timeout: float = 900, derive_weights: bool | None = None) -> BuildCost:
     """Build one variant (``methods=None``: the forward session alone) in a fresh Python
     process and return its build and session-creation seconds and the process's peak RSS.
 
@@ -282,7 +287,7 @@ def measure_build(model, layers: Sequence[str], methods: Sequence[str] | None, n
         raise ExciteError("memory measurement needs a model path, 'default' or a recipe name")
     spec = {"model": str(model), "layers": list(layers), "methods": list(methods) if methods else None, "rule": rule,
             "logits": logits, "input_shapes": {k: list(v) for k, v in input_shapes.items()} if input_shapes else None,
-            "threads": threads, "providers": list(providers) if providers else None}
+            "threads": threads, "providers": list(providers) if providers else None, "derive_weights": derive_weights}
     label = name or ("forward" if methods is None else "+".join(methods))
     try:
         done = subprocess.run([sys.executable, "-m", "onnx_excite.bench"], input=json.dumps(spec), capture_output=True,
