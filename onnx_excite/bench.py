@@ -147,7 +147,7 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
     source = load_source(model)
     options = lambda: session_options(threads, spinning=spinning, opt_level=opt_level)  # noqa: E731
     forward = canonicalize(source, logits=logits, input_shapes=input_shapes)
-    fwd_session = make_session(forward.forward_model(), providers, options=options())
+    fwd_session = make_session(forward.forward_model(copy_model=False), providers, options=options())
     feeds = {i.name: _input_array(i.shape, batch, rng, i.type) for i in fwd_session.get_inputs()}
     shapes = {name: tuple(v.shape) for name, v in feeds.items()}
     if on_inputs is not None:
@@ -256,7 +256,7 @@ def _build_in_child(spec: dict) -> dict:
     t0 = time.perf_counter()
     if spec["methods"] is None:
         forward = canonicalize(source, logits=spec["logits"], input_shapes=spec["input_shapes"])
-        target = forward.forward_model()
+        target = forward.forward_model(copy_model=False)
         del forward
     else:
         target = build_excitation_model(source, spec["layers"], methods=spec["methods"], rule=spec["rule"],

@@ -81,13 +81,23 @@ class ExcitationModel:
     logits_choice: LogitsChoice | None = None                            # how the logits were chosen
 
     def save(self, path) -> None:
-        """Write the model; past protobuf's 2 GiB limit the weights go to ``<path>.data``."""
+        """Write the model; past protobuf's 2 GiB limit the weights go to ``<path>.data``
+        (written afresh: onnx would append to an existing file). ``self.model`` keeps its
+        weights in memory either way (onnx moves them out of the proto it saves; they are
+        read back)."""
         from .runtime import PROTOBUF_LIMIT
 
         if self.model.ByteSize() < PROTOBUF_LIMIT:
             onnx.save(self.model, str(path))
-        else:
-            onnx.save(self.model, str(path), save_as_external_data=True, location=f"{Path(path).name}.data")
+            return
+        from onnx.external_data_helper import load_external_data_for_model
+
+        path = Path(path)
+        data = path.with_name(f"{path.name}.data")
+        if data.exists():
+            data.unlink()
+        onnx.save(self.model, str(path), save_as_external_data=True, location=data.name)
+        load_external_data_for_model(self.model, str(path.parent))
 
 
 # ---------------------------------------------------------------------------

@@ -178,3 +178,42 @@ def test_large_constants_without_origin_are_deduplicated_by_content():
     assert len(stored) == 2
     marked = with_origin(d, WeightOrigin("w", onnx.TensorProto.FLOAT, part="W+"))
     assert g.const(marked) == g.const(with_origin(d.copy(), WeightOrigin("w", onnx.TensorProto.FLOAT, part="W+")))
+
+
+def test_save_past_the_protobuf_limit_writes_external_data_afresh(tmp_path, monkeypatch):
+    """Forced through the external-data path: the file loads with the same maps, saving
+    twice does not grow the data file (onnx appends), and the in-memory model keeps its weights."""
+    import onnx_excite.runtime as runtime
+
+    model = _grouped_net()
+    built = build_excitation_model(model, ["r1"], methods=("mwp", "cmwp"))
+    x = np.random.default_rng(0).normal(size=(2, 4, 9, 9)).astype(np.float32)
+    e = np.random.default_rng(1).normal(size=(2, 4)).astype(np.float32)
+    feeds = {built.inputs[0]: x, built.signal: e}
+    before = _outputs(built.model, feeds)
+    monkeypatch.setattr(runtime, "PROTOBUF_LIMIT", 64)
+    out = tmp_path / "companion.onnx"
+    built.save(out)
+    size = (tmp_path / "companion.onnx.data").stat().st_size
+    built.save(out)
+    assert (tmp_path / "companion.onnx.data").stat().st_size == size > 0
+    assert all(t.data_location == onnx.TensorProto.DEFAULT for t in built.model.graph.initializer)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    loaded = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feeds)))
+    again = _outputs(built.model, feeds)
+    for k in before:
+        np.testing.assert_array_equal(loaded[k], before[k])
+        np.testing.assert_array_equal(again[k], before[k])
+
+
+def test_forward_model_without_copy_only_where_nothing_is_added():
+    from onnx_excite.canonicalize import canonicalize
+
+    model = _grouped_net()
+    graph = canonicalize(model)
+    assert graph.forward_model(copy_model=False) is graph.model          # logits already an output
+    assert graph.forward_model() is not graph.model
+    inner = canonicalize(model, logits="h")                               # the logits must be added
+    out = inner.forward_model(copy_model=False)
+    assert out is not inner.model and "h" in {o.name for o in out.graph.output}
+    assert "h" not in {o.name for o in inner.model.graph.output}
