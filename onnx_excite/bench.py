@@ -51,6 +51,7 @@ class BuildCost:
     session_s: float
     peak_rss_mb: float
     loaded_rss_mb: float   # RSS once the model is loaded, before the build
+    model_mb: float = float("nan")   # the serialized size of the model the session was made from
 
 
 @dataclass
@@ -132,7 +133,9 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
     name); ``profile=True`` adds ORT's node-time shares of the forward + MWP session.
     ``methods``: one more variant ``forward+<method>`` each (any name of
     :data:`onnx_excite.methods.METHODS`). ``derive_weights``: passed to
-    :func:`~onnx_excite.builder.build_excitation_model` (None: its default).
+    :func:`~onnx_excite.builder.build_excitation_model` (None: its default, except with
+    ``opt_level="disable"``, where ORT would not fold the derivations and they would be
+    timed: then the weights are stored).
     """
     from .methods import get_method
 
@@ -143,6 +146,8 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
     at_least(batch, 1, "--batch")
     at_least(warmup, 0, "warmup")
     progress = progress or (lambda phase, done, total: None)
+    if derive_weights is None and opt_level == "disable":
+        derive_weights = False
     rng = np.random.default_rng(seed)
     source = load_source(model)
     options = lambda: session_options(threads, spinning=spinning, opt_level=opt_level)  # noqa: E731
@@ -267,7 +272,8 @@ def _build_in_child(spec: dict) -> dict:
     session = make_session(target, spec["providers"], spec["threads"])
     t2 = time.perf_counter()
     del session
-    return {"build_s": t1 - t0, "session_s": t2 - t1, "peak_rss_mb": _peak_rss_mb(), "loaded_rss_mb": loaded}
+    return {"build_s": t1 - t0, "session_s": t2 - t1, "peak_rss_mb": _peak_rss_mb(), "loaded_rss_mb": loaded,
+            "model_mb": target.ByteSize() / 1e6}
 
 
 def measure_build(model, layers: Sequence[str], methods: Sequence[str] | None, name: str | None = None,
@@ -298,7 +304,7 @@ def measure_build(model, layers: Sequence[str], methods: Sequence[str] | None, n
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise ExciteError(f"building {label} in a fresh process failed: {last}")
     r = json.loads(done.stdout.strip().splitlines()[-1])
-    return BuildCost(label, r["build_s"], r["session_s"], r["peak_rss_mb"], r["loaded_rss_mb"])
+    return BuildCost(label, r["build_s"], r["session_s"], r["peak_rss_mb"], r["loaded_rss_mb"], r.get("model_mb", float("nan")))
 
 
 if __name__ == "__main__":  # the child of measure_build: a JSON spec on stdin, a JSON result on stdout
