@@ -41,7 +41,7 @@ class WeightOrigin:
     part: str = "W"
     layout: tuple = ()
 
-    def relaid(self, layout: tuple) -> "WeightOrigin | None":
+    def relaid(self, layout: tuple) -> WeightOrigin | None:
         """The origin of this weight laid out as ``layout`` says (``("T",)`` toggles a 2-D
         transpose); None where the two layouts do not compose."""
         if layout == ("T",) and self.layout in ((), ("T",)):
