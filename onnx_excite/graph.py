@@ -192,9 +192,8 @@ class Emitter:
         return self.const(np.asarray(out).astype(np.float32, copy=False), hint)
 
     def _large_const(self, array: np.ndarray, hint: str) -> str:
-        flat = array.reshape(-1)
-        step = max(1, flat.size // 4093)
-        key = (array.dtype.str, array.shape, np.ascontiguousarray(flat[::step]).tobytes())
+        step = max(1, array.size // 4093)
+        key = (array.dtype.str, array.shape, np.asarray(array.flat[::step]).tobytes())   # no copy of the whole array
         candidates = self._by_sample.setdefault(key, [])
         for ref, name, tensor in candidates:
             earlier = ref() if ref is not None else None

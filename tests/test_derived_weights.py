@@ -24,6 +24,8 @@ from onnx_excite.graph import (
     Emitter,
     SourcedArray,
     WeightOrigin,
+    derived,
+    origin_of,
     source_weight,
     with_origin,
 )
@@ -160,6 +162,12 @@ def test_origin_follows_negation_and_nothing_else():
     assert w.origin == WeightOrigin("w", onnx.TensorProto.FLOAT16, layout=("T",))
     assert (-w).origin == WeightOrigin("w", onnx.TensorProto.FLOAT16, negated=True, layout=("T",))
     assert (w * 2).origin is None and np.maximum(w, 0).origin is None and w[:1].origin is None
+    both = np.concatenate([derived(w, np.maximum(w, 0), "W+"), derived(w, np.minimum(w, 0), "W-")], axis=1)
+    assert origin_of(both) is None   # a new array a rule makes from parts: stored by content
+    model = onnx.ModelProto()
+    g = Emitter([], sink=model.graph.initializer)
+    name = g.const(both)
+    np.testing.assert_array_equal(numpy_helper.to_array(next(t for t in g.initializers if t.name == name)), both)
     assert w.origin.relaid(("T",)).layout == () and w.origin.relaid(("flipT", 1, (2, 3))) is None
 
 
