@@ -246,7 +246,7 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
                     title="build in a fresh process (model load excluded from the times)")
         for b in report.builds:
             mem.add_row(b.name, f"{b.build_s:.2f}", f"{b.session_s:.2f}", f"{b.peak_rss_mb:.0f}", f"{b.loaded_rss_mb:.0f}",
-                        f"{b.model_mb:.1f}")
+                        f"{b.model_mb:.1f}" if b.model_mb >= 10 else f"{b.model_mb:.3g}")
         out.print(mem)
     if report.profile:
         shares = ", ".join(f"{op} {share:.1%}" for op, share in list(report.profile.items())[:12])
