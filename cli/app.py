@@ -190,7 +190,10 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
           profile: bool = typer.Option(False, "--profile", help="also print ORT's node-time share per op type of the forward+MWP session"),
           logits: Optional[str] = _logits_option(),
           method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="also time forward + this method "
-                                                     "(any of `onnx-excite methods`; repeatable)")):
+                                                     "(any of `onnx-excite methods`; repeatable)"),
+          stored_weights: bool = typer.Option(False, "--stored-weights", help="store W+, W- and flipped kernels as "
+                                              "initializers instead of deriving them in the graph from the model's own "
+                                              "(the default; ORT folds them at session load)")):
     """Median ms of forward alone vs forward+MWP vs forward+c-MWP (and forward + each --method), the ratios and the FLOP floor."""
     from onnx_excite.bench import run_bench_report
     from onnx_excite.models.default import layers_or_default
@@ -218,7 +221,7 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
         report = run_bench_report(model, layer, rule=rule, batch=batch, runs=runs, threads=threads,
                                   input_shapes=shapes, progress=progress, on_inputs=used.update, logits=logits,
                                   spinning=spin, opt_level=opt_level, memory=memory, profile=profile,
-                                  methods=method or ())
+                                  methods=method or (), derive_weights=False if stored_weights else None)
     finally:
         bar.stop()
     sizes = ", ".join(f"{name} {_shape(shape)}" for name, shape in used.items())
@@ -248,10 +251,11 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
                   markup=False)
     out.print("session: " + ", ".join(f"{k}={v}" for k, v in report.options.items()), markup=False)
     if report.builds:
-        mem = Table("variant", "build s", "session s", "peak RSS MB", "RSS after load MB",
+        mem = Table("variant", "build s", "session s", "peak RSS MB", "RSS after load MB", "model MB",
                     title="build in a fresh process (model load excluded from the times)")
         for b in report.builds:
-            mem.add_row(b.name, f"{b.build_s:.2f}", f"{b.session_s:.2f}", f"{b.peak_rss_mb:.0f}", f"{b.loaded_rss_mb:.0f}")
+            mem.add_row(b.name, f"{b.build_s:.2f}", f"{b.session_s:.2f}", f"{b.peak_rss_mb:.0f}", f"{b.loaded_rss_mb:.0f}",
+                        f"{b.model_mb:.1f}" if b.model_mb >= 10 else f"{b.model_mb:.3g}")
         out.print(mem)
     if report.profile:
         shares = ", ".join(f"{op} {share:.1%}" for op, share in list(report.profile.items())[:12])

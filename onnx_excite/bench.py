@@ -60,6 +60,7 @@ class BuildCost:
     session_s: float
     peak_rss_mb: float
     loaded_rss_mb: float   # RSS once the model is loaded, before the build
+    model_mb: float = float("nan")   # the serialized size of the model the session was made from
 
 
 @dataclass
@@ -168,7 +169,8 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
                      warmup: int = 2, providers=None, threads: int | None = None, input_shapes=None, seed: int = 0,
                      progress=None, on_inputs=None, logits: str | None = None, spinning: bool = False,
                      opt_level: str = "all", memory: bool = False, profile: bool = False,
-                     variants: Sequence[tuple] = VARIANTS, methods: Sequence[str] = ()) -> BenchReport:
+                     variants: Sequence[tuple] = VARIANTS, methods: Sequence[str] = (),
+                     derive_weights: bool | None = None) -> BenchReport:
     """Median wall time of each variant over ``runs`` rounds; ratios are to the forward alone.
 
     The variants run interleaved, one run each per round, so that load from elsewhere
@@ -180,7 +182,10 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
     process (:func:`measure_build`; ``model`` must then be a path, ``default`` or a recipe
     name); ``profile=True`` adds ORT's node-time shares of the forward + MWP session.
     ``methods``: one more variant ``forward+<method>`` each (any name of
-    :data:`onnx_excite.methods.METHODS`).
+    :data:`onnx_excite.methods.METHODS`). ``derive_weights``: passed to
+    :func:`~onnx_excite.builder.build_excitation_model` (None: its default, except with
+    ``opt_level="disable"``, where ORT would not fold the derivations and they would be
+    timed: then the weights are stored).
     """
     from .methods import get_method
 
@@ -191,11 +196,13 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
     at_least(batch, 1, "--batch")
     at_least(warmup, 0, "warmup")
     progress = progress or (lambda phase, done, total: None)
+    if derive_weights is None and opt_level == "disable":
+        derive_weights = False
     rng = np.random.default_rng(seed)
     source = load_source(model)
     options = lambda: session_options(threads, spinning=spinning, opt_level=opt_level)  # noqa: E731
     forward = canonicalize(source, logits=logits, input_shapes=input_shapes)
-    fwd_session = make_session(forward.forward_model(), providers, options=options())
+    fwd_session = make_session(forward.forward_model(copy_model=False), providers, options=options())
     feeds = {i.name: _input_array(i.shape, batch, rng, i.type) for i in fwd_session.get_inputs()}
     shapes = {name: tuple(v.shape) for name, v in feeds.items()}
     declared = {i.name: list(i.shape) for i in fwd_session.get_inputs()}
@@ -223,7 +230,8 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
         if methods is None:
             prepared.append((name, fwd_session, [forward.entry], feeds))
             continue
-        built = build_excitation_model(source, layers, methods=methods, rule=rule, logits=logits, input_shapes=input_shapes)
+        built = build_excitation_model(source, layers, methods=methods, rule=rule, logits=logits, input_shapes=input_shapes,
+                                       derive_weights=derive_weights)
         session = make_session(built.model, providers, options=options())
         k = built.num_classes or session.get_inputs()[-1].shape[1]
         signal = np.zeros((batch, k), np.float32)
@@ -258,7 +266,8 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
         for n, (name, methods) in enumerate(variants):
             progress("memory", n, len(variants))
             report.builds.append(measure_build(model, layers, methods, name=name, rule=rule, logits=logits,
-                                               input_shapes=input_shapes, threads=threads, providers=providers))
+                                               input_shapes=input_shapes, threads=threads, providers=providers,
+                                               derive_weights=derive_weights))
     return report
 
 
@@ -314,22 +323,24 @@ def _build_in_child(spec: dict) -> dict:
     t0 = time.perf_counter()
     if spec["methods"] is None:
         forward = canonicalize(source, logits=spec["logits"], input_shapes=spec["input_shapes"])
-        target = forward.forward_model()
+        target = forward.forward_model(copy_model=False)
         del forward
     else:
         target = build_excitation_model(source, spec["layers"], methods=spec["methods"], rule=spec["rule"],
-                                        logits=spec["logits"], input_shapes=spec["input_shapes"]).model
+                                        logits=spec["logits"], input_shapes=spec["input_shapes"],
+                                        derive_weights=spec.get("derive_weights")).model
     del source
     t1 = time.perf_counter()
     session = make_session(target, spec["providers"], spec["threads"])
     t2 = time.perf_counter()
     del session
-    return {"build_s": t1 - t0, "session_s": t2 - t1, "peak_rss_mb": _peak_rss_mb(), "loaded_rss_mb": loaded}
+    return {"build_s": t1 - t0, "session_s": t2 - t1, "peak_rss_mb": _peak_rss_mb(), "loaded_rss_mb": loaded,
+            "model_mb": target.ByteSize() / 1e6}
 
 
 def measure_build(model, layers: Sequence[str], methods: Sequence[str] | None, name: str | None = None,
                   rule: str = "positive", logits: str | None = None, input_shapes=None, threads: int | None = None,
-                  providers=None, timeout: float = 900) -> BuildCost:
+                  providers=None, timeout: float = 900, derive_weights: bool | None = None) -> BuildCost:
     """Build one variant (``methods=None``: the forward session alone) in a fresh Python
     process and return its build and session-creation seconds and the process's peak RSS.
 
@@ -344,7 +355,7 @@ def measure_build(model, layers: Sequence[str], methods: Sequence[str] | None, n
         raise ExciteError("memory measurement needs a model path, 'default' or a recipe name")
     spec = {"model": str(model), "layers": list(layers), "methods": list(methods) if methods else None, "rule": rule,
             "logits": logits, "input_shapes": {k: list(v) for k, v in input_shapes.items()} if input_shapes else None,
-            "threads": threads, "providers": list(providers) if providers else None}
+            "threads": threads, "providers": list(providers) if providers else None, "derive_weights": derive_weights}
     label = name or ("forward" if methods is None else "+".join(methods))
     try:
         done = subprocess.run([sys.executable, "-m", "onnx_excite.bench"], input=json.dumps(spec), capture_output=True,
@@ -355,7 +366,7 @@ def measure_build(model, layers: Sequence[str], methods: Sequence[str] | None, n
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise ExciteError(f"building {label} in a fresh process failed: {last}")
     r = json.loads(done.stdout.strip().splitlines()[-1])
-    return BuildCost(label, r["build_s"], r["session_s"], r["peak_rss_mb"], r["loaded_rss_mb"])
+    return BuildCost(label, r["build_s"], r["session_s"], r["peak_rss_mb"], r["loaded_rss_mb"], r.get("model_mb", float("nan")))
 
 
 if __name__ == "__main__":  # the child of measure_build: a JSON spec on stdin, a JSON result on stdout

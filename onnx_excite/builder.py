@@ -43,6 +43,12 @@ from .rules import RULE_CHOICES, RULES, Context, data_inputs, unsupported_reason
 
 SIGNAL = "excite_signal"
 
+#: default of ``build_excitation_model(derive_weights=...)``: on, it wins on every count
+#: measured (VGG16 pool4 + MWP: file 553 MB instead of 1.1 GB, build 2.6 s instead of
+#: 4.3 s, session creation 8.4 s instead of 15.4 s, peak RSS 3.3 GB instead of 5.9 GB;
+#: ONNX Runtime's optimised graphs, hence the run, are the same)
+DERIVE_WEIGHTS = True
+
 
 def map_name(method: str, layer: str) -> str:
     return f"{method}:{layer}"
@@ -76,13 +82,23 @@ class ExcitationModel:
     logits_choice: LogitsChoice | None = None                            # how the logits were chosen
 
     def save(self, path) -> None:
-        """Write the model; past protobuf's 2 GiB limit the weights go to ``<path>.data``."""
+        """Write the model; past protobuf's 2 GiB limit the weights go to ``<path>.data``
+        (written afresh: onnx would append to an existing file). ``self.model`` keeps its
+        weights in memory either way (onnx moves them out of the proto it saves; they are
+        read back)."""
         from .runtime import PROTOBUF_LIMIT
 
         if self.model.ByteSize() < PROTOBUF_LIMIT:
             onnx.save(self.model, str(path))
-        else:
-            onnx.save(self.model, str(path), save_as_external_data=True, location=f"{Path(path).name}.data")
+            return
+        from onnx.external_data_helper import load_external_data_for_model
+
+        path = Path(path)
+        data = path.with_name(f"{path.name}.data")
+        if data.exists():
+            data.unlink()
+        onnx.save(self.model, str(path), save_as_external_data=True, location=data.name)
+        load_external_data_for_model(self.model, str(path.parent))
 
 
 # ---------------------------------------------------------------------------
@@ -227,6 +243,7 @@ def build_excitation_model(
     diagnostics: bool = False,
     output: str | None = None,
     share_adjoints: bool | Sequence[str] = WEIGHT_BOUND,
+    derive_weights: bool | None = None,
 ) -> ExcitationModel:
     """Build the companion model for ``layers`` (ONNX tensor names) and ``methods`` (names
     registered in :data:`onnx_excite.methods.METHODS`, see ``onnx-excite methods``).
@@ -246,11 +263,21 @@ def build_excitation_model(
     fewer, larger ops save (MobileNetV2, grad+deconv+guided: 1.06-1.22x slower); ``False``
     shares none.
 
+    ``derive_weights`` (default :data:`DERIVE_WEIGHTS`, on): the weights the excitation
+    applies that derive from the model's own initializers (W+ = Relu(W), W- = Min(W, 0),
+    -W, a transpose, the flipped stride-1 adjoint kernel, float32 from a float16 weight)
+    are computed in the graph from that initializer, so the file stores each weight once;
+    ONNX Runtime folds these constant subgraphs once at session load (any graph
+    optimisation level but ``disable``) and the optimised graph is the one the stored
+    weights give. Off: they are stored as initializers (keyed by their origin, each once).
+    Where a rule applies the model's weight itself (W), the initializer is used either way.
+
     Three steps: :func:`validate` (names, rule, layers, supported ops, classifier, CAM
     head), :func:`sweep` (the backward sweeps the methods need, shared where their
     declarations agree) and :func:`expose` (the maps as outputs).
     """
     plan = validate(model, layers, methods, rule, classifier, logits if logits is not None else output, input_shapes)
+    plan.g.derive_weights = DERIVE_WEIGHTS if derive_weights is None else bool(derive_weights)
     sweeps = sweep(plan, share_adjoints=share_adjoints)
     return expose(plan, sweeps, channels=channels, diagnostics=diagnostics)
 
@@ -420,7 +447,8 @@ def sweep(plan: Plan, share_adjoints: bool | Sequence[str] = WEIGHT_BOUND) -> di
     result = {u: {layer: p_of(u, layer) for layer in plan.layers} for u in units}
     ops = shared_ops(share_adjoints)
     if ops and len(units) > 1:
-        consts = set(graph.consts) | {t.name for t in g.initializers} | {t.name for t in graph.model.graph.initializer}
+        consts = (set(graph.consts) | {t.name for t in g.initializers} | {t.name for t in graph.model.graph.initializer}
+                  | g.derived_names)
         g.nodes[:], _ = merge_shared_ops(g.nodes, consts.__contains__, g.fresh, site=lambda n: sites.get(n.name), ops=ops)
     return result
 

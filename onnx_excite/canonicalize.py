@@ -627,8 +627,12 @@ class ForwardGraph:
     def input_names(self) -> list[str]:
         return [i.name for i in self.model.graph.input]
 
-    def forward_model(self) -> onnx.ModelProto:
-        """A copy of the forward model that also outputs the logits."""
+    def forward_model(self, copy_model: bool = True) -> onnx.ModelProto:
+        """A copy of the forward model that also outputs the logits. ``copy_model=False``:
+        the model itself where it already does (no copy of the weights; the caller must
+        not modify it), a copy otherwise."""
+        if not copy_model and self.entry in {o.name for o in self.model.graph.output}:
+            return self.model
         model = copy.deepcopy(self.model)
         if self.entry not in {o.name for o in model.graph.output}:
             model.graph.output.append(helper.make_tensor_value_info(

@@ -6,10 +6,10 @@ chains share (the normaliser Z of a layer does not depend on the signal).
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import sys
 import weakref
+from dataclasses import dataclass, replace
 from typing import Callable, Hashable, Iterable, Sequence
 
 import numpy as np
@@ -26,6 +26,93 @@ TINY = float(np.finfo(np.float32).tiny)
 #: NaN downstream, while the signal's |values| times the weights stay below 2**64 ~ 1.8e19.
 #: A normaliser in (0, Z_FLOOR) passes the share Z / Z_FLOOR of its signal.
 Z_FLOOR = 2.0 ** -64
+
+
+@dataclass(frozen=True)
+class WeightOrigin:
+    """How a weight array derives from an initializer ``name`` of the forward model::
+
+        array = layout(part(sign * float32(initializer)))
+
+    ``dtype`` is the initializer's ONNX element type (a Cast to float32 where it is not
+    FLOAT); ``negated`` the sign; ``part`` "W", "W+" = max(., 0) or "W-" = min(., 0);
+    ``layout`` () as stored, ("T",) a 2-D transpose, or ("flipT", group, shape) a conv weight
+    (M, C/g, k...) turned into its stride-1 adjoint's (C, M/g, k...), spatially flipped.
+    Used as the initializer's deduplication key (no hash of the bytes) and, with
+    ``Emitter.derive_weights``, to compute the array in the graph from the model's own
+    initializer (ONNX Runtime folds the derivation once, at session load)."""
+
+    name: str
+    dtype: int
+    negated: bool = False
+    part: str = "W"
+    layout: tuple = ()
+
+    def relaid(self, layout: tuple) -> WeightOrigin | None:
+        """The origin of this weight laid out as ``layout`` says (``("T",)`` toggles a 2-D
+        transpose); None where the two layouts do not compose."""
+        if layout == ("T",) and self.layout in ((), ("T",)):
+            return replace(self, layout=() if self.layout else ("T",))
+        if self.layout == ():
+            return replace(self, layout=tuple(layout))
+        return None
+
+    @property
+    def identity(self) -> bool:
+        """The initializer itself (float32, as stored)."""
+        return (self.dtype == onnx.TensorProto.FLOAT and not self.negated and self.part == "W"
+                and self.layout == ())
+
+
+class SourcedArray(np.ndarray):
+    """A float32 weight array that carries its :class:`WeightOrigin` (``origin``).
+
+    Any numpy operation on it yields an array whose origin is unknown (``None``); only
+    negation of a whole weight, :func:`with_origin` and the rules that derive W+/W- and
+    layouts say what the result is. Arrays without an origin are deduplicated by content."""
+
+    origin: WeightOrigin | None = None
+
+    def __array_finalize__(self, obj):
+        self.origin = None
+
+    def __neg__(self):
+        out = super().__neg__()
+        if isinstance(out, SourcedArray) and self.origin is not None and self.origin.part == "W":
+            out.origin = replace(self.origin, negated=not self.origin.negated)
+        return out
+
+
+def with_origin(array: np.ndarray, origin: WeightOrigin | None) -> np.ndarray:
+    """``array`` (no copy) marked as derived from an initializer as ``origin`` says."""
+    if origin is None:
+        return array
+    out = np.asarray(array).view(SourcedArray)
+    out.origin = origin
+    return out
+
+
+def origin_of(array) -> WeightOrigin | None:
+    return getattr(array, "origin", None) if isinstance(array, SourcedArray) else None
+
+
+def source_weight(consts: dict, name: str, transposed: bool = False) -> np.ndarray:
+    """The initializer ``name`` as float32 (no copy when it is float32), transposed (a view)
+    when asked, marked with its origin."""
+    raw = consts[name]
+    w = raw.astype(np.float32, copy=False)
+    if transposed:
+        w = w.T
+    return with_origin(w, WeightOrigin(name, helper.np_dtype_to_tensor_dtype(raw.dtype), layout=("T",) if transposed else ()))
+
+
+def derived(array: np.ndarray, result: np.ndarray, part: str) -> np.ndarray:
+    """``result``, the ``part`` ("W+" or "W-") of ``array``, marked with the origin that
+    says so where ``array`` has one (a whole weight, any sign and layout)."""
+    o = origin_of(array)
+    if o is None or o.part != "W":
+        return result
+    return with_origin(result, replace(o, part=part))
 
 
 class Emitter:
@@ -45,6 +132,14 @@ class Emitter:
         self._const_cache: dict[tuple, str] = {}
         self.opset = 17  # the default-domain opset of the graph (the builder sets it)
         self._const_by_id: dict[int, tuple] = {}
+        self._by_sample: dict[tuple, list] = {}
+        #: compute weights that derive from the model's initializers (W+, W-, -W, W^T, the
+        #: flipped adjoint kernel) in the graph from that initializer instead of storing them:
+        #: the file holds each weight once and ONNX Runtime constant-folds the derivation at
+        #: session load (graph optimisation level basic or above)
+        self.derive_weights = False
+        #: names of the tensors computed from initializers only (constants after folding)
+        self.derived_names: set[str] = set()
 
     # -- names, constants, memo -------------------------------------------------
     def fresh(self, hint: str) -> str:
@@ -57,41 +152,128 @@ class Emitter:
                 return name
 
     def const(self, array, hint: str = "const") -> str:
-        """An initializer holding ``array`` (deduplicated by content)."""
+        """An initializer holding ``array`` (deduplicated), or, for an array that carries a
+        :class:`WeightOrigin` while ``derive_weights`` is on, the tensor computed from the
+        model's initializer. Keys: the origin where there is one (no look at the bytes); the
+        same array object again; else dtype, shape and a strided sample of the values, with
+        an exact comparison against earlier arrays of the same key (no hash of the bytes)."""
+        if origin_of(array) is not None:
+            return self.weight(array, hint)
         array = np.asarray(array)
         seen = self._const_by_id.get(id(array))
         if seen is not None and seen[0]() is array:  # the very same array again (Z and adjoint share W+)
             return seen[1]
-        key = (array.dtype.str, array.shape, self._digest(array))
-        if key not in self._const_cache:
-            name = self.fresh(hint)
-            if self._sink is not None and array.nbytes > 1 << 16 and array.dtype.kind == "f" and sys.byteorder == "little":
-                tensor = self._sink.add()
-                tensor.name = name
-                tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
-                tensor.dims.extend(array.shape)
-                tensor.raw_data = array.tobytes()
-            else:
-                self.initializers.append(numpy_helper.from_array(array, name))
-            self._const_cache[key] = name
+        if array.nbytes <= 1 << 16:
+            key = (array.dtype.str, array.shape, array.tobytes())
+            if key not in self._const_cache:
+                self._const_cache[key] = self._store(array, hint)
+            name = self._const_cache[key]
+        else:
+            name = self._large_const(array, hint)
         try:
-            self._const_by_id[id(array)] = (weakref.ref(array), self._const_cache[key])
+            self._const_by_id[id(array)] = (weakref.ref(array), name)
         except TypeError:  # not weak-referenceable
             pass
-        return self._const_cache[key]
+        return name
 
-    @staticmethod
-    def _digest(array: np.ndarray) -> bytes:
-        """Small arrays are keyed by their bytes; large ones by a SHA-256 of their memory
-        (read in place for C- or Fortran-ordered arrays), so that the key holds no second
-        copy of every weight while the model is built."""
-        if array.nbytes <= 1 << 16:
-            return array.tobytes()
-        if array.flags.c_contiguous:
-            return b"C" + hashlib.sha256(array.data).digest()
-        if array.flags.f_contiguous:
-            return b"F" + hashlib.sha256(array.T.data).digest()
-        return b"C" + hashlib.sha256(np.ascontiguousarray(array).data).digest()
+    def weight(self, array: np.ndarray, hint: str = "w", layout: tuple | None = None, compute=None) -> str:
+        """The float32 weight ``compute(array)`` (``array`` itself without ``compute``), where
+        ``layout`` says what ``compute`` does to the layout (see :class:`WeightOrigin`).
+
+        For an array with an origin: the model's initializer itself where the weight is
+        that initializer; with ``derive_weights`` the tensor computed from it in the graph;
+        else an initializer keyed by the origin. ``compute`` runs only when the weight is
+        stored. Arrays without an origin go to :meth:`const`."""
+        origin = origin_of(array)
+        if origin is not None and layout is not None:
+            origin = origin.relaid(layout)
+        if origin is not None:
+            if origin.identity or self.derive_weights:
+                return self._derive(origin)
+            key = ("origin", origin)
+            if key not in self._const_cache:
+                out = array if compute is None else compute(array)
+                self._const_cache[key] = self._store(np.asarray(out).astype(np.float32, copy=False), hint)
+            return self._const_cache[key]
+        out = array if compute is None else compute(array)
+        return self.const(np.asarray(out).astype(np.float32, copy=False), hint)
+
+    def _large_const(self, array: np.ndarray, hint: str) -> str:
+        step = max(1, array.size // 4093)
+        key = (array.dtype.str, array.shape, np.asarray(array.flat[::step]).tobytes())   # no copy of the whole array
+        candidates = self._by_sample.setdefault(key, [])
+        for ref, name, tensor in candidates:
+            earlier = ref() if ref is not None else None
+            if earlier is None:
+                earlier = numpy_helper.to_array(tensor)
+            if np.array_equal(earlier, array):
+                return name
+        name, tensor = self._store(array, hint, tensor=True)
+        try:
+            ref = weakref.ref(array)
+        except TypeError:
+            ref = None
+        candidates.append((ref, name, tensor))
+        return name
+
+    def _store(self, array: np.ndarray, hint: str, tensor: bool = False):
+        """A new initializer holding ``array`` (its name, and the TensorProto with
+        ``tensor``); large float ones go straight into the sink."""
+        name = self.fresh(hint)
+        if self._sink is not None and array.nbytes > 1 << 16 and array.dtype.kind == "f" and sys.byteorder == "little":
+            proto = self._sink.add()
+            proto.name = name
+            proto.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+            proto.dims.extend(array.shape)
+            proto.raw_data = array.tobytes()
+        else:
+            proto = numpy_helper.from_array(array, name)
+            self.initializers.append(proto)
+        return (name, proto) if tensor else name
+
+    def _derive(self, origin: WeightOrigin) -> str:
+        """The tensor ``origin`` describes, computed from the initializer in the graph; each
+        step (Cast, Neg, Relu/Min, Transpose, flip) emitted once and shared."""
+        def memo(key, build):
+            name = self.memo(("derive",) + key, build)
+            self.derived_names.add(name)
+            return name
+
+        base = (origin.name, origin.dtype)
+        x = origin.name
+        if origin.dtype != onnx.TensorProto.FLOAT:
+            x = memo(base, lambda: self.op("Cast", [origin.name], hint="w_f32", to=onnx.TensorProto.FLOAT))
+        if origin.negated:
+            x = memo(base + ("neg",), lambda x=x: self.op("Neg", [x], hint="w_neg"))
+        key = base + (origin.negated, origin.part)
+        if origin.part == "W+":
+            x = memo(key, lambda x=x: self.op("Relu", [x], hint="w_pos"))
+        elif origin.part == "W-":
+            x = memo(key, lambda x=x: self.op("Min", [x, self.scalar(0.0)], hint="w_neg_part"))
+        layout = origin.layout
+        if layout == ("T",):
+            x = memo(key + layout, lambda x=x: self.op("Transpose", [x], hint="w_T", perm=[1, 0]))
+        elif layout and layout[0] == "flipT":
+            x = memo(key + layout, lambda x=x: self._flip_transpose(x, layout[1], layout[2]))
+        elif layout:
+            raise ValueError(f"internal: unknown weight layout {layout!r}")
+        return x
+
+    def _flip_transpose(self, w: str, group: int, shape: tuple) -> str:
+        """Conv weight (M, C/g, k...) -> (C, M/g, k...), flipped on every spatial axis: the
+        kernel of the stride-1 adjoint conv (Transpose, Reshapes for groups, Slice step -1)."""
+        spatial = list(range(2, len(shape)))
+        if group == 1:
+            t = self.op("Transpose", [w], hint="w_T", perm=[1, 0] + spatial)
+        else:
+            m, cg = shape[0], shape[1]
+            k = list(shape[2:])
+            grouped = self.op("Reshape", [w, self.i64([group, m // group, cg] + k)], hint="w_grouped")
+            swapped = self.op("Transpose", [grouped], hint="w_T", perm=[0, 2, 1] + [a + 1 for a in spatial])
+            t = self.op("Reshape", [swapped, self.i64([group * cg, m // group] + k)], hint="w_T")
+        n = len(spatial)
+        return self.op("Slice", [t, self.i64([-1] * n), self.i64([-(2 ** 63)] * n), self.i64(spatial),
+                                 self.i64([-1] * n)], hint="w_flip")
 
     def i64(self, values: Sequence[int], hint: str = "i64") -> str:
         return self.const(np.asarray(values, dtype=np.int64), hint)

@@ -172,3 +172,22 @@ def test_report_time_floor():
     assert all(r.name != "forward below the map layer" for r in report.rows)
     to_input = run_bench_report("tiny-cnn", ["input"], runs=1, warmup=0)
     assert to_input.below_ms == 0 and to_input.time_floor == 3.0
+
+
+def test_measure_build_reports_model_size_derived_below_stored():
+    """The companion with weights derived in the graph stores each weight once: its size is
+    the forward's plus its nodes, the stored variant's is larger by W+ and the adjoint kernels."""
+    from onnx_excite.bench import measure_build
+
+    forward = measure_build("tiny-cnn", ["pool1"], None)
+    derived = measure_build("tiny-cnn", ["pool1"], ("mwp",), derive_weights=True)
+    stored = measure_build("tiny-cnn", ["pool1"], ("mwp",), derive_weights=False)
+    assert forward.model_mb < derived.model_mb < stored.model_mb
+    assert derived.model_mb - forward.model_mb < 0.5 * (stored.model_mb - forward.model_mb)
+
+
+def test_bench_cli_stored_weights():
+    from onnx_excite.cli.app import app
+
+    res = CliRunner().invoke(app, ["bench", "tiny-cnn", "--runs", "1", "--stored-weights"])
+    assert res.exit_code == 0, res.output

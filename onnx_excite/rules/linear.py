@@ -25,6 +25,7 @@ import onnx
 import onnx.numpy_helper
 
 from ..errors import ExciteError
+from ..graph import derived, source_weight
 from ..methods import LRP_EPSILON
 from .base import Context, attr, proves_nonneg, register
 
@@ -48,7 +49,7 @@ class ConvSpec:
         return _flip_transpose(w, self.group)
 
     def conv(self, ctx: Context, x: str, w: np.ndarray) -> str:
-        return ctx.g.op("Conv", [x, ctx.g.const(w.astype(np.float32), "w")], hint="z_conv",
+        return ctx.g.op("Conv", [x, ctx.g.weight(w, "w")], hint="z_conv",
                         kernel_shape=self.kernel, strides=self.strides, dilations=self.dilations,
                         pads=self.pads, group=self.group)
 
@@ -67,7 +68,8 @@ class ConvSpec:
             if min(flipped_pads) >= 0:
                 # stride 1: the adjoint is a plain Conv with the kernel transposed and flipped,
                 # which runs on ORT's fast (NCHWc) convolution path
-                return g.op("Conv", [r, g.const(self._flipped(w).astype(np.float32), "wT")], hint="p_conv",
+                wt = g.weight(w, "wT", layout=("flipT", self.group, tuple(w.shape)), compute=self._flipped)
+                return g.op("Conv", [r, wt], hint="p_conv",
                             kernel_shape=self.kernel, strides=self.strides, dilations=self.dilations,
                             pads=flipped_pads, group=self.group)
         sym, out_pad, starts, need_slice = [], [], [], False
@@ -90,7 +92,7 @@ class ConvSpec:
             else:
                 out_pad.append(s - 1 if s > 1 else 0)
                 need_slice = True
-        y = g.op("ConvTranspose", [r, g.const(w.astype(np.float32), "w")], hint="p_convT",
+        y = g.op("ConvTranspose", [r, g.weight(w, "w")], hint="p_convT",
                  kernel_shape=self.kernel, strides=self.strides, dilations=self.dilations,
                  pads=sym + sym, group=self.group, output_padding=out_pad if any(out_pad) else None)
         if not need_slice:
@@ -173,7 +175,16 @@ def pool_spec(graph, node, channels: int) -> ConvSpec:
 # the one excitation every linear op shares
 # ---------------------------------------------------------------------------
 def _weight_of(kind: str, w: np.ndarray) -> np.ndarray:
-    return {"W": w, "W+": np.maximum(w, 0), "W-": np.minimum(w, 0), "1": np.ones_like(w)}[kind]
+    """The part ``kind`` of ``w`` (W, W+ = max(W, 0), W- = min(W, 0), 1), only that one computed."""
+    if kind == "W":
+        return w
+    if kind == "W+":
+        return derived(w, np.maximum(w, 0), "W+")
+    if kind == "W-":
+        return derived(w, np.minimum(w, 0), "W-")
+    if kind == "1":
+        return np.ones_like(w)
+    raise KeyError(kind)
 
 
 #: parts whose forward sum is >= 0 whatever the sign of the activation
@@ -281,7 +292,7 @@ def conv(ctx: Context, node, p: str, negate=False):
     """Linear rule through Conv (any groups, strides, dilations, pads) and ConvTranspose of W+."""
     a = node.input[0]
     spec = conv_spec(ctx.graph, node)
-    w = ctx.graph.consts[node.input[1]].astype(np.float32, copy=False)  # clamping commutes with rounding to float32
+    w = source_weight(ctx.graph.consts, node.input[1])  # float32: clamping commutes with rounding to float32
     bias = None
     if len(node.input) > 2 and node.input[2] in ctx.graph.consts:
         bias = ctx.graph.consts[node.input[2]].astype(np.float64).reshape((1, -1) + (1,) * (w.ndim - 2))
@@ -307,19 +318,22 @@ def _dense(ctx: Context, node, a: str, p: str, w: np.ndarray, negate: bool, bias
     def stored(wp):
         """(initializer, True when it holds W'+ as (M, K), i.e. transposed)."""
         flip = not wp.flags.c_contiguous and wp.T.flags.c_contiguous
-        return g.const((wp.T if flip else wp).astype(np.float32, copy=False), "w"), flip
+        if flip:
+            return g.weight(wp, "w", layout=("T",), compute=lambda a: a.T), flip
+        return g.weight(wp, "w"), flip
 
     def forward(x, wp):
         if two_d:
             name, flip = stored(wp)
             return g.op("Gemm", [x, name], hint="z_gemm", transB=int(flip))
-        return g.op("MatMul", [x, g.const(wp.astype(np.float32), "w")], hint="z_mm")
+        return g.op("MatMul", [x, g.weight(wp, "w")], hint="z_mm")
 
     def transpose(r, wp):
         if two_d:
             name, flip = stored(wp)
             return g.op("Gemm", [r, name], hint="p_gemm", transB=int(not flip))
-        return g.op("MatMul", [r, g.const(np.ascontiguousarray(wp.T).astype(np.float32), "wT")], hint="p_mm")
+        return g.op("MatMul", [r, g.weight(wp, "wT", layout=("T",), compute=lambda a: np.ascontiguousarray(a.T))],
+                    hint="p_mm")
 
     return excite_linear(ctx, node, a, p, w, forward=forward, transpose=transpose, negate=negate, bias=bias)
 
@@ -337,13 +351,13 @@ def dense_check(graph, node):
 
 def dense_weight(graph, node) -> np.ndarray:
     """The (K_in, K_out) weight: B for MatMul, alpha * B' for Gemm (a negative alpha flips W+)."""
-    b = graph.consts[node.input[1]]
     if node.op_type == "MatMul":
-        return b.astype(np.float32, copy=False)
-    b = b.T if attr(node, "transB", 0) else b
+        return source_weight(graph.consts, node.input[1])
     alpha = float(attr(node, "alpha", 1.0))
     if alpha == 1.0:  # no copy: W+ is then taken once, in float32, and shared by Z and the adjoint
-        return b.astype(np.float32, copy=False)
+        return source_weight(graph.consts, node.input[1], transposed=bool(attr(node, "transB", 0)))
+    b = graph.consts[node.input[1]]
+    b = b.T if attr(node, "transB", 0) else b
     return (b.astype(np.float64) * alpha).astype(np.float32)
 
 
