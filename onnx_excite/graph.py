@@ -245,17 +245,20 @@ class Emitter:
             x = memo(base, lambda: self.op("Cast", [origin.name], hint="w_f32", to=onnx.TensorProto.FLOAT))
         if origin.negated:
             x = memo(base + ("neg",), lambda x=x: self.op("Neg", [x], hint="w_neg"))
-        key = base + (origin.negated, origin.part)
+        layout = origin.layout
+        if layout == ("T",):
+            # transposed BEFORE the sign part: a Gemm fed by a Transpose gets it fused back
+            # into its transB (ORT's GemmTransposeFusion), which would make it read the same
+            # folded W+ as Z's Gemm, and ORT prepacks a Gemm's B only where no other node reads it
+            x = memo(base + (origin.negated, "T"), lambda x=x: self.op("Transpose", [x], hint="w_T", perm=[1, 0]))
+        key = base + (origin.negated, origin.part, layout == ("T",))
         if origin.part == "W+":
             x = memo(key, lambda x=x: self.op("Relu", [x], hint="w_pos"))
         elif origin.part == "W-":
             x = memo(key, lambda x=x: self.op("Min", [x, self.scalar(0.0)], hint="w_neg_part"))
-        layout = origin.layout
-        if layout == ("T",):
-            x = memo(key + layout, lambda x=x: self.op("Transpose", [x], hint="w_T", perm=[1, 0]))
-        elif layout and layout[0] == "flipT":
+        if layout and layout[0] == "flipT":
             x = memo(key + layout, lambda x=x: self._flip_transpose(x, layout[1], layout[2]))
-        elif layout:
+        elif layout and layout != ("T",):
             raise ValueError(f"internal: unknown weight layout {layout!r}")
         return x
 

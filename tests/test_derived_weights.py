@@ -147,13 +147,30 @@ def test_float16_weights_are_cast_then_derived(tmp_path):
     assert casts and all(helper.get_attribute_value(n.attribute[0]) == onnx.TensorProto.FLOAT for n in casts)
 
 
-def test_the_models_weight_itself_is_used_not_copied():
-    """grad applies W itself: a Gemm/MatMul uses the model's initializer, derived or not."""
+def test_every_gemm_reads_a_weight_of_its_own():
+    """ONNX Runtime prepacks a Gemm/MatMul's constant B only where no other node reads it, so
+    no two of them (forward included) share B. grad's adjoint applies W itself: derived, its B
+    is the model's own initializer transposed in the graph (folded at load), not a copy.
+    (lrp-epsilon is the exception: its Z and adjoint apply W itself, like the forward.)"""
     model = _grouped_net()
     for derive in (False, True):
-        built = build_excitation_model(model, ["x"], methods=("grad",), derive_weights=derive)
-        gemms = [n for n in built.model.graph.node if n.op_type == "Gemm" and n.name.startswith("excite/")]
-        assert {n.input[1] for n in gemms} == {"fc", "mm"}   # the model's own, for the Gemm and the MatMul
+        for methods in (("grad",), ("mwp", "cmwp"), ("grad", "deconv", "mwp"), ("lrp-zplus", "guided", "c-grad"),
+                        ("cmwp-nonorm", "cmwp-postnorm", "c-deconv")):
+            built = build_excitation_model(model, ["x"], methods=methods, derive_weights=derive)
+            readers = [n.input[1] for n in built.model.graph.node if n.op_type in ("Gemm", "MatMul")]
+            shared = {b for b in readers if readers.count(b) > 1}
+            assert not shared, (derive, methods, shared)
+        if derive:
+            built = build_excitation_model(model, ["x"], methods=("grad",), derive_weights=True)
+            producer = {o: n for n in built.model.graph.node for o in n.output}
+            sources = set()
+            for n in built.model.graph.node:
+                if n.op_type in ("Gemm", "MatMul") and n.name.startswith("excite/"):
+                    b = n.input[1]
+                    while b in producer:
+                        b = producer[b].input[0]
+                    sources.add(b)
+            assert sources == {"fc", "mm"}   # computed from the model's own, for the Gemm and the MatMul
 
 
 def test_origin_follows_negation_and_nothing_else():
