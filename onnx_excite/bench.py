@@ -62,6 +62,7 @@ class BenchReport:
     options: dict[str, object] = field(default_factory=dict)
     builds: list[BuildCost] = field(default_factory=list)
     profile: dict[str, float] = field(default_factory=dict)   # op type -> share of node time (forward+MWP)
+    peers: object | None = None   # bench_torch.PeerReport: TorchRay / zennit on the same weights (``peers=``)
 
     @property
     def floor(self) -> float | None:
@@ -119,7 +120,8 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
                      warmup: int = 2, providers=None, threads: int | None = None, input_shapes=None, seed: int = 0,
                      progress=None, on_inputs=None, logits: str | None = None, spinning: bool = False,
                      opt_level: str = "all", memory: bool = False, profile: bool = False,
-                     variants: Sequence[tuple] = VARIANTS, methods: Sequence[str] = ()) -> BenchReport:
+                     variants: Sequence[tuple] = VARIANTS, methods: Sequence[str] = (),
+                     peers: Sequence[str] = ()) -> BenchReport:
     """Median wall time of each variant over ``runs`` rounds; ratios are to the forward alone.
 
     The variants run interleaved, one run each per round, so that load from elsewhere
@@ -130,7 +132,10 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
     process (:func:`measure_build`; ``model`` must then be a path, ``default`` or a recipe
     name); ``profile=True`` adds ORT's node-time shares of the forward + MWP session.
     ``methods``: one more variant ``forward+<method>`` each (any name of
-    :data:`onnx_excite.methods.METHODS`).
+    :data:`onnx_excite.methods.METHODS`). ``peers`` (``"torchray"``, ``"zennit"``): the same
+    weights in PyTorch, their excitation backprop at ``layers[0]`` timed against their own
+    forward after ours (:mod:`.bench_torch`); ``threads`` then defaults to torch's count
+    and is given to both.
     """
     from .methods import get_method
 
@@ -141,6 +146,11 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
     at_least(batch, 1, "--batch")
     at_least(warmup, 0, "warmup")
     progress = progress or (lambda phase, done, total: None)
+    if peers:
+        from . import bench_torch
+
+        bench_torch.require(peers)
+        threads = threads or bench_torch.default_threads()   # the same count for ORT and torch
     rng = np.random.default_rng(seed)
     source = load_source(model)
     options = lambda: session_options(threads, spinning=spinning, opt_level=opt_level)  # noqa: E731
@@ -192,6 +202,9 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
         progress("profiling", 0, 1)
         report.profile = profile_shares(mwp_model[0], mwp_model[2], mwp_model[1], options(), providers)
     del prepared, fwd_session, mwp_model
+    if peers:
+        report.peers = bench_torch.run_peers(forward, layers[0], next(iter(feeds.values())), peers, runs=runs,
+                                             warmup=warmup, threads=threads, progress=progress)
     if memory:
         for n, (name, methods) in enumerate(variants):
             progress("memory", n, len(variants))
