@@ -203,6 +203,7 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
         report.profile = profile_shares(mwp_model[0], mwp_model[2], mwp_model[1], options(), providers)
     del prepared, fwd_session, mwp_model
     if peers:
+        built = session = None   # noqa: F841  (the last variant's model and session: free them before torch's copy)
         report.peers = bench_torch.run_peers(forward, layers[0], next(iter(feeds.values())), peers, runs=runs,
                                              warmup=warmup, threads=threads, progress=progress)
     if memory:

@@ -59,6 +59,7 @@ class PeerRow:
     name: str             # forward, excitation backprop, contrastive EB
     median_ms: float
     ratio: float          # median / median of the torch forward alone
+    min_ms: float = float("nan")   # the fastest round (less load-dependent than the median)
 
 
 @dataclass
@@ -344,6 +345,9 @@ def run_peers(forward, layer: str, batch_input: np.ndarray, peers: Sequence[str]
     progress("torch peers: converting", 0, 1)
     peer = torch_peer(forward)
     peer.module_for(layer)   # a clear error before any timing
+    import gc
+
+    gc.collect()   # onnx2torch's intermediate copies of the weights
     x = torch.from_numpy(np.ascontiguousarray(batch_input, dtype=np.float32))
     previous = torch.get_num_threads()
     n_threads = threads or previous
@@ -384,7 +388,8 @@ def run_peers(forward, layer: str, batch_input: np.ndarray, peers: Sequence[str]
         torch.set_num_threads(previous)
     progress("torch peers: timing", runs, runs)
     base = float(np.median(times[("torch", "forward")]))
-    rows = [PeerRow(lib, name, float(np.median(t)), float(np.median(t)) / base) for (lib, name), t in times.items()]
+    rows = [PeerRow(lib, name, float(np.median(t)), float(np.median(t)) / base, float(np.min(t)))
+            for (lib, name), t in times.items()]
     notes = [f"same weights: the forward graph converted by onnx2torch; torch threads = {n_threads} "
              f"(= ORT's intra-op threads); forward under torch.inference_mode()"]
     if "torchray" in peers:
