@@ -17,6 +17,7 @@ from rich.table import Table
 from onnx_excite.cli import help_style  # noqa: F401  (plain placeholders in --help)
 from onnx_excite.errors import ExciteError
 
+from .bench_peers import COMPARE_HELP, render_peers
 from .ray_options import ACTORS, CPUS, GPUS, RAY, RAY_BATCH, RayAwareGroup, print_run_summary, ray_settings
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -193,7 +194,8 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
                                                      "(any of `onnx-excite methods`; repeatable)"),
           stored_weights: bool = typer.Option(False, "--stored-weights", help="store W+, W- and flipped kernels as "
                                               "initializers instead of deriving them in the graph from the model's own "
-                                              "(the default; ORT folds them at session load)")):
+                                              "(the default; ORT folds them at session load)"),
+          compare: Optional[List[str]] = typer.Option(None, "--compare", help=COMPARE_HELP)):
     """Median ms of forward alone vs forward+MWP vs forward+c-MWP (and forward + each --method), the ratios and the FLOP floor."""
     from onnx_excite.bench import run_bench_report
     from onnx_excite.models.default import layers_or_default
@@ -221,7 +223,8 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
         report = run_bench_report(model, layer, rule=rule, batch=batch, runs=runs, threads=threads,
                                   input_shapes=shapes, progress=progress, on_inputs=used.update, logits=logits,
                                   spinning=spin, opt_level=opt_level, memory=memory, profile=profile,
-                                  methods=method or (), derive_weights=False if stored_weights else None)
+                                  methods=method or (), derive_weights=False if stored_weights else None,
+                                  peers=compare or ())
     finally:
         bar.stop()
     sizes = ", ".join(f"{name} {_shape(shape)}" for name, shape in used.items())
@@ -260,6 +263,8 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
     if report.profile:
         shares = ", ".join(f"{op} {share:.1%}" for op, share in list(report.profile.items())[:12])
         out.print(f"forward+MWP node time by op type (ORT profiler): {shares}", markup=False)
+    if report.peers is not None:
+        render_peers(report.peers, out)
 
 
 @app.command()

@@ -73,6 +73,7 @@ class BenchReport:
     builds: list[BuildCost] = field(default_factory=list)
     profile: dict[str, float] = field(default_factory=dict)   # op type -> share of node time (forward+MWP)
     below_ms: float | None = None   # median ms of the forward cut at the map layer (0: the layer is an input)
+    peers: object | None = None   # bench_torch.PeerReport: TorchRay / zennit on the same weights (``peers=``)
 
     @property
     def floor(self) -> float | None:
@@ -170,7 +171,7 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
                      progress=None, on_inputs=None, logits: str | None = None, spinning: bool = False,
                      opt_level: str = "all", memory: bool = False, profile: bool = False,
                      variants: Sequence[tuple] = VARIANTS, methods: Sequence[str] = (),
-                     derive_weights: bool | None = None) -> BenchReport:
+                     derive_weights: bool | None = None, peers: Sequence[str] = ()) -> BenchReport:
     """Median wall time of each variant over ``runs`` rounds; ratios are to the forward alone.
 
     The variants run interleaved, one run each per round, so that load from elsewhere
@@ -185,7 +186,10 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
     :data:`onnx_excite.methods.METHODS`). ``derive_weights``: passed to
     :func:`~onnx_excite.builder.build_excitation_model` (None: its default, except with
     ``opt_level="disable"``, where ORT would not fold the derivations and they would be
-    timed: then the weights are stored).
+    timed: then the weights are stored). ``peers`` (``"torchray"``, ``"zennit"``): the same
+    weights in PyTorch, their excitation backprop at ``layers[0]`` timed against their own
+    forward after ours (:mod:`.bench_torch`); ``threads`` then defaults to torch's count
+    and is given to both.
     """
     from .methods import get_method
 
@@ -198,6 +202,11 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
     progress = progress or (lambda phase, done, total: None)
     if derive_weights is None and opt_level == "disable":
         derive_weights = False
+    if peers:
+        from . import bench_torch
+
+        bench_torch.require(peers)
+        threads = threads or bench_torch.default_threads()   # the same count for ORT and torch
     rng = np.random.default_rng(seed)
     source = load_source(model)
     options = lambda: session_options(threads, spinning=spinning, opt_level=opt_level)  # noqa: E731
@@ -210,7 +219,7 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
         # pin the sizes fed (batch stays dynamic), as explain and eval build one model per input size
         input_shapes = {name: [None, *shapes[name][1:]] for name in declared}
         forward = canonicalize(source, logits=logits, input_shapes=input_shapes)
-        fwd_session = make_session(forward.forward_model(), providers, options=options())
+        fwd_session = make_session(forward.forward_model(copy_model=False), providers, options=options())
     if on_inputs is not None:
         on_inputs(shapes)
     try:
@@ -262,6 +271,10 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
         progress("profiling", 0, 1)
         report.profile = profile_shares(mwp_model[0], mwp_model[2], mwp_model[1], options(), providers)
     del prepared, fwd_session, mwp_model
+    if peers:
+        built = session = None   # noqa: F841  (the last variant's model and session: free them before torch's copy)
+        report.peers = bench_torch.run_peers(forward, layers[0], next(iter(feeds.values())), peers, runs=runs,
+                                             warmup=warmup, threads=threads, progress=progress)
     if memory:
         for n, (name, methods) in enumerate(variants):
             progress("memory", n, len(variants))
