@@ -196,7 +196,7 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
                                               "initializers instead of deriving them in the graph from the model's own "
                                               "(the default; ORT folds them at session load)"),
           compare: Optional[List[str]] = typer.Option(None, "--compare", help=COMPARE_HELP)):
-    """Median ms of forward alone vs forward+MWP vs forward+c-MWP (and forward + each --method), the ratios and the FLOP floor."""
+    """Median ms of forward alone vs forward+MWP vs forward+c-MWP (and forward + each --method), the ratios, the FLOP floor and the time floor."""
     from onnx_excite.bench import run_bench_report
     from onnx_excite.models.default import layers_or_default
     from onnx_excite.models.synthetic import RECIPE_LAYERS, RECIPES
