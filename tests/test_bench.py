@@ -191,3 +191,22 @@ def test_bench_cli_stored_weights():
 
     res = CliRunner().invoke(app, ["bench", "tiny-cnn", "--runs", "1", "--stored-weights"])
     assert res.exit_code == 0, res.output
+
+
+def test_cli_warns_when_the_cut_forward_times_slower(monkeypatch):
+    """A cut forward slower than the whole forward (noise) clips f_t to 0: the CLI says the
+    time floor means nothing in that run instead of printing 1.00 silently."""
+    import onnx_excite.bench as bench
+    from onnx_excite.bench import BenchReport, BenchRow
+    from onnx_excite.cli.app import app
+
+    report = BenchReport(rows=[BenchRow("forward", 10.0, 1.0), BenchRow("forward+MWP", 15.0, 1.5, 1.0)],
+                         providers=["CPUExecutionProvider"], inputs={"input": (1, 3, 32, 32)}, below_ms=12.0)
+    assert report.time_floor == 1.0
+    monkeypatch.setattr(bench, "run_bench_report", lambda *a, **k: report)
+    res = CliRunner().invoke(app, ["bench", "tiny-cnn", "--runs", "1"])
+    assert res.exit_code == 0, res.output
+    assert "timed slower than the whole forward" in res.output
+    report.below_ms = 5.0
+    res = CliRunner().invoke(app, ["bench", "tiny-cnn", "--runs", "1"])
+    assert res.exit_code == 0 and "timed slower" not in res.output and "time floor = 1 + 2f_t = 2.00" in res.output
