@@ -7,6 +7,7 @@ line on stderr with exit code 2, never a traceback.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -195,7 +196,9 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
           stored_weights: bool = typer.Option(False, "--stored-weights", help="store W+, W- and flipped kernels as "
                                               "initializers instead of deriving them in the graph from the model's own "
                                               "(the default; ORT folds them at session load)"),
-          compare: Optional[List[str]] = typer.Option(None, "--compare", help=COMPARE_HELP)):
+          compare: Optional[List[str]] = typer.Option(None, "--compare", help=COMPARE_HELP),
+          markdown: bool = typer.Option(False, "--markdown", help="also print this run as a row of the README's "
+                                        "benchmark table (model, layer, batch and load average as its label)")):
     """Median ms of forward alone vs forward+MWP vs forward+c-MWP (and forward + each --method), the ratios, the FLOP floor and the time floor."""
     from onnx_excite.bench import run_bench_report
     from onnx_excite.models.default import layers_or_default
@@ -258,6 +261,10 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
                       f"vs {forward_ms:.1f} ms): noise, the time floor says nothing in this run; use more --runs",
                       markup=False)
     out.print("session: " + ", ".join(f"{k}={v}" for k, v in report.options.items()), markup=False)
+    if markdown:
+        load = f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "?"
+        out.print(report.MARKDOWN_HEADER + "\n" + report.markdown_row(f"{model}, {', '.join(layer)}, {batch} ({load})"),
+                  markup=False, soft_wrap=True)
     if report.builds:
         mem = Table("variant", "build s", "session s", "peak RSS MB", "RSS after load MB", "model MB",
                     title="build in a fresh process (model load excluded from the times)")

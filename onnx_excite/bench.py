@@ -93,6 +93,28 @@ class BenchReport:
         f = self.share_above_time
         return None if f is None else 1.0 + 2.0 * f
 
+    #: the header of :meth:`markdown_row`'s table (README "Benchmark")
+    MARKDOWN_HEADER = ("| model, map layer, batch (load) | forward | fwd+MWP | FLOP floor | time floor | "
+                       "fwd+MWP / time floor | c-MWP / MWP | MWP+c-MWP / MWP |\n|---|---|---|---|---|---|---|---|")
+
+    def markdown_row(self, label: str) -> str:
+        """This run as one row of the README's benchmark table (``MARKDOWN_HEADER``); a cell
+        whose variant or floor is missing is empty."""
+        by = {r.name: r for r in self.rows}
+
+        def ms(v):
+            return f"{v:.3g} ms" if v < 100 else f"{v:.0f} ms"
+
+        def num(v, fmt="{:.2f}"):
+            return "" if v is None else fmt.format(v)
+
+        fwd, mwp = by.get("forward"), by.get("forward+MWP")
+        cmwp, both = by.get("forward+c-MWP"), by.get("forward+MWP+c-MWP")
+        cells = [label, ms(fwd.median_ms) if fwd else "", num(mwp and mwp.ratio, "{:.2f}x"), num(self.floor),
+                 num(self.time_floor), num(mwp and self.time_floor and mwp.ratio / self.time_floor),
+                 num(cmwp and cmwp.vs_mwp), num(both and both.vs_mwp)]
+        return "| " + " | ".join(cells) + " |"
+
 
 def below_model(model: onnx.ModelProto, layers: Sequence[str]) -> onnx.ModelProto | None:
     """The forward cut at the map layers: only the nodes that compute a layer without reading

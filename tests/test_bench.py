@@ -210,3 +210,25 @@ def test_cli_warns_when_the_cut_forward_times_slower(monkeypatch):
     report.below_ms = 5.0
     res = CliRunner().invoke(app, ["bench", "tiny-cnn", "--runs", "1"])
     assert res.exit_code == 0 and "timed slower" not in res.output and "time floor = 1 + 2f_t = 2.00" in res.output
+
+
+def test_markdown_row_matches_the_readme_table():
+    """`bench --markdown`: the README benchmark table's header and one row with the same
+    numbers as the report (ratios over the time floor and over MWP)."""
+    from onnx_excite.bench import BenchReport, BenchRow
+    from onnx_excite.cli.app import app
+
+    report = BenchReport(rows=[BenchRow("forward", 8.4, 1.0), BenchRow("forward+MWP", 16.2, 1.92, 1.0),
+                               BenchRow("forward+c-MWP", 16.4, 1.95, 1.01), BenchRow("forward+MWP+c-MWP", 19.3, 2.29, 1.19)],
+                         providers=["CPUExecutionProvider"], inputs={"input": (1, 3, 224, 224)}, below_ms=5.4)
+    row = report.markdown_row("m, l, 1 (0.3)")
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    header = [c.strip() for c in BenchReport.MARKDOWN_HEADER.splitlines()[0].strip("|").split("|")]
+    assert len(cells) == len(header) == 8
+    f_t = 1 - 5.4 / 8.4
+    assert cells[:3] == ["m, l, 1 (0.3)", "8.4 ms", "1.92x"] and cells[3] == ""          # no FLOP count given
+    assert cells[4] == f"{1 + 2 * f_t:.2f}" and cells[5] == f"{1.92 / (1 + 2 * f_t):.2f}"
+    assert cells[6:] == ["1.01", "1.19"]
+    res = CliRunner().invoke(app, ["bench", "tiny-cnn", "--runs", "1", "--markdown"])
+    assert res.exit_code == 0, res.output
+    assert BenchReport.MARKDOWN_HEADER.splitlines()[0] in res.output and "| tiny-cnn, pool1, 1 (" in res.output
