@@ -150,7 +150,8 @@ def _weightless(model: onnx.ModelProto):
     light.opset_import.extend(model.opset_import)
     light.graph.name = model.graph.name
     light.graph.node.extend(model.graph.node)
-    light.graph.input.extend(model.graph.input)
+    inits = {t.name for t in model.graph.initializer}
+    light.graph.input.extend(i for i in model.graph.input if i.name not in inits)  # (old exporters list them too)
     light.graph.output.extend(model.graph.output)
     big = []
     for t in model.graph.initializer:

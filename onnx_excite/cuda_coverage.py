@@ -26,6 +26,7 @@ from typing import Sequence
 import onnx
 from onnx import TensorProto, helper, shape_inference
 
+from .index import attr
 from .share import WEIGHT_BOUND
 
 ANY_VERSION = 2**31 - 1
@@ -119,15 +120,8 @@ def _bindings(node: onnx.NodeProto, opset: int, dtypes: dict[str, int]) -> dict[
     return bound
 
 
-def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
 def _asymmetric_pads(node) -> bool:
-    pads = _attr(node, "pads")
+    pads = attr(node, "pads")
     if not pads:
         return False
     half = len(pads) // 2
@@ -139,7 +133,7 @@ def _asymmetric_pads(node) -> bool:
 #: pads; CudnnConvolutionDescriptor::Set reads pads[0:rank]), unlike its Conv, which
 #: over-pads and slices; the builder emits symmetric pads and a Slice for that reason.
 ATTRIBUTE_LIMITS = [
-    ("ConvTranspose", lambda n: _asymmetric_pads(n) or _attr(n, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"),
+    ("ConvTranspose", lambda n: _asymmetric_pads(n) or attr(n, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"),
      "asymmetric or automatic pads: the CUDA kernel passes one pad per axis to cuDNN"),
 ]
 

@@ -18,7 +18,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import helper, shape_inference
+from onnx import shape_inference
+
+from .index import attr
 
 COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
@@ -32,36 +34,18 @@ def _dims(vi) -> tuple | None:
 
 def _shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | None) -> dict[str, tuple]:
     """Static shapes of every tensor: shape inference on a weightless copy with the inputs pinned."""
-    light = onnx.ModelProto(ir_version=model.ir_version)
-    light.opset_import.extend(model.opset_import)
-    light.graph.node.extend(model.graph.node)
-    light.graph.output.extend(model.graph.output)
-    inits = {t.name for t in model.graph.initializer}
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        new = light.graph.input.add()
-        new.CopyFrom(vi)
-        if input_shapes and vi.name in input_shapes:
-            for d, v in zip(new.type.tensor_type.shape.dim, input_shapes[vi.name]):
-                d.Clear()
-                d.dim_value = int(v)
-    for t in model.graph.initializer:  # typed inputs instead of the weights: nothing large is copied
-        light.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    from .canonicalize import _weightless, fix_input_shapes
+
+    light, _ = _weightless(model)
+    names = {i.name for i in light.graph.input}
+    fix_input_shapes(light, {k: v for k, v in (input_shapes or {}).items() if k in names})
     inferred = shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
-    shapes = {}
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
     for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         s = _dims(vi)
         if s is not None:
             shapes[vi.name] = s
     return shapes
-
-
-def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def node_flops(node: onnx.NodeProto, shapes: Mapping[str, tuple]) -> int | None:
@@ -78,7 +62,7 @@ def node_flops(node: onnx.NodeProto, shapes: Mapping[str, tuple]) -> int | None:
     if node.op_type == "ConvTranspose":  # W: (C_in, C_out / group, k...)
         return 2 * int(np.prod(a)) * int(np.prod(b[1:]))
     if node.op_type == "Gemm":
-        k = a[0] if _attr(node, "transA", 0) else a[1]
+        k = a[0] if attr(node, "transA", 0) else a[1]
         return 2 * int(np.prod(out)) * int(k)
     return 2 * int(np.prod(out)) * int(a[-1])  # MatMul
 
