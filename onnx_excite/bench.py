@@ -233,15 +233,16 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
     source = load_source(model)
     options = lambda: session_options(threads, spinning=spinning, opt_level=opt_level)  # noqa: E731
     forward = canonicalize(source, logits=logits, input_shapes=input_shapes)
+    declared = {i.name: [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
+                for i in forward.model.graph.input}
+    if input_shapes is None and any(d is None for dims in declared.values() for d in dims[1:]):
+        # pin the sizes fed (dynamic ones at 224, as _input_array feeds them; batch stays dynamic),
+        # as explain and eval build one model per input size
+        input_shapes = {name: [None] + [d if d else 224 for d in dims[1:]] for name, dims in declared.items()}
+        forward = canonicalize(source, logits=logits, input_shapes=input_shapes)
     fwd_session = make_session(forward.forward_model(copy_model=False), providers, options=options())
     feeds = {i.name: _input_array(i.shape, batch, rng, i.type) for i in fwd_session.get_inputs()}
     shapes = {name: tuple(v.shape) for name, v in feeds.items()}
-    declared = {i.name: list(i.shape) for i in fwd_session.get_inputs()}
-    if input_shapes is None and any(not isinstance(d, int) for dims in declared.values() for d in dims[1:]):
-        # pin the sizes fed (batch stays dynamic), as explain and eval build one model per input size
-        input_shapes = {name: [None, *shapes[name][1:]] for name in declared}
-        forward = canonicalize(source, logits=logits, input_shapes=input_shapes)
-        fwd_session = make_session(forward.forward_model(copy_model=False), providers, options=options())
     if on_inputs is not None:
         on_inputs(shapes)
     try:
