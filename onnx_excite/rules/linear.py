@@ -315,32 +315,35 @@ def _dense(ctx: Context, node, a: str, p: str, w: np.ndarray, negate: bool, bias
     g = ctx.g
     two_d = ctx.graph.rank(a) == 2
 
-    def stored(wp):
-        """(initializer, True when it holds W'+ as (M, K), i.e. transposed)."""
-        flip = not wp.flags.c_contiguous and wp.T.flags.c_contiguous
-        if flip:
-            return g.weight(wp, "w", layout=("T",), compute=lambda a: a.T), flip
-        return g.weight(wp, "w"), flip
+    def flipped(wp) -> bool:
+        """Whether W'+ (K, M) lies in memory as (M, K): the model's Gemm with transB=1."""
+        return not wp.flags.c_contiguous and wp.T.flags.c_contiguous
+
+    def as_laid(wp):
+        """W'+ in the layout it has in memory (a Gemm reads it with transB = flipped)."""
+        return g.weight(wp, "w", layout=("T",), compute=lambda a: a.T) if flipped(wp) else g.weight(wp, "w")
+
+    def other_layout(wp):
+        """W'+ in the other layout: (K, M) for a flipped one, else (M, K)."""
+        return g.weight(wp, "wT") if flipped(wp) else transposed(wp)
+
+    def transposed(wp):
+        return g.weight(wp, "wT", layout=("T",), compute=lambda a: np.ascontiguousarray(a.T))
 
     def forward(x, wp):
         if two_d:
-            name, flip = stored(wp)
-            return g.op("Gemm", [x, name], hint="z_gemm", transB=int(flip))
+            return g.op("Gemm", [x, as_laid(wp)], hint="z_gemm", transB=int(flipped(wp)))
         return g.op("MatMul", [x, g.weight(wp, "w")], hint="z_mm")
 
     def transpose(r, wp):
+        # W'+ in the other layout than Z's, with the same transB: each Gemm reads a weight of
+        # its own. ONNX Runtime prepacks a Gemm's constant B only where no other node reads
+        # it; one B shared by Z and the adjoint runs unpacked, 1.7-2.2x slower at batch 1
+        # (1000 x 1280 and 4096 x 8192 measured). Derived in the graph, the file still holds
+        # the model's weight once; ORT folds the Transpose at load.
         if two_d:
-            # W'+ in the other layout than Z's, with the same transB: each Gemm reads a weight
-            # of its own. ONNX Runtime prepacks a Gemm's constant B only where no other node
-            # reads it; one B shared by Z and the adjoint runs unpacked, 1.7-2.2x slower at
-            # batch 1 (1000 x 1280 and 4096 x 8192 measured). Derived in the graph, the file
-            # still holds the model's weight once; ORT folds the Transpose at load.
-            flip = not wp.flags.c_contiguous and wp.T.flags.c_contiguous
-            other = g.weight(wp, "wT") if flip else g.weight(wp, "wT", layout=("T",),
-                                                             compute=lambda a: np.ascontiguousarray(a.T))
-            return g.op("Gemm", [r, other], hint="p_gemm", transB=int(flip))
-        return g.op("MatMul", [r, g.weight(wp, "wT", layout=("T",), compute=lambda a: np.ascontiguousarray(a.T))],
-                    hint="p_mm")
+            return g.op("Gemm", [r, other_layout(wp)], hint="p_gemm", transB=int(flipped(wp)))
+        return g.op("MatMul", [r, transposed(wp)], hint="p_mm")
 
     return excite_linear(ctx, node, a, p, w, forward=forward, transpose=transpose, negate=negate, bias=bias)
 
