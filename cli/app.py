@@ -255,10 +255,9 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
         out.print(f"time floor = 1 + 2f_t = {report.time_floor:.2f}: f_t = {report.share_above_time:.3f} of the forward's "
                   f"time lies above the map layer (forward cut at the layer: {report.below_ms:.3f} ms, same rounds)",
                   markup=False)
-        forward_ms = report.rows[0].median_ms
-        if report.below_ms and report.below_ms >= forward_ms:
+        if report.cut_timed_slower:
             err.print(f"warning: the forward cut at the map layer timed slower than the whole forward ({report.below_ms:.1f} "
-                      f"vs {forward_ms:.1f} ms): noise, the time floor says nothing in this run; use more --runs",
+                      f"vs {report.forward_ms:.1f} ms): noise, the time floor says nothing in this run; use more --runs",
                       markup=False)
     out.print("session: " + ", ".join(f"{k}={v}" for k, v in report.options.items()), markup=False)
     if markdown:

@@ -80,12 +80,21 @@ class BenchReport:
         return None if self.flops is None else self.flops.floor
 
     @property
+    def forward_ms(self) -> float | None:
+        return next((r.median_ms for r in self.rows if r.name == "forward"), None)
+
+    @property
     def share_above_time(self) -> float | None:
         """f_t: the share of the forward's time above the map layer (clipped to [0, 1])."""
-        base = next((r.median_ms for r in self.rows if r.name == "forward"), None)
+        base = self.forward_ms
         if self.below_ms is None or not base:
             return None
         return min(max(1.0 - self.below_ms / base, 0.0), 1.0)
+
+    @property
+    def cut_timed_slower(self) -> bool:
+        """The cut forward timed slower than the whole forward (noise): f_t was clipped to 0."""
+        return bool(self.below_ms and self.forward_ms and self.below_ms >= self.forward_ms)
 
     @property
     def time_floor(self) -> float | None:
