@@ -249,6 +249,12 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
         f = report.flops
         out.print(f"floor = 1 + 2f = {f.floor:.2f}: f = {f.share_above:.3f} of the forward's {f.total / 1e9:.3g} GFLOP "
                   f"(Conv/Gemm/MatMul) lie above the map layer", markup=False)
+        counted = [f"{row.name} {row.graph_flops:.2f}" for row in report.rows
+                   if row.name != "forward" and row.graph_flops is not None]
+        if counted:
+            out.print("graph FLOPs (Conv/ConvTranspose/Gemm/MatMul each variant's graph runs, in forward FLOPs; above "
+                      "1 + 2f where the rule runs the a+ and a- halves of a signed input): " + ", ".join(counted),
+                      markup=False)
     else:
         out.print("floor: unknown (shape inference could not size every Conv/Gemm/MatMul)", markup=False)
     if report.time_floor is not None:

@@ -48,6 +48,9 @@ class BenchRow:
     median_ms: float
     ratio: float
     vs_mwp: float | None = None   # median / median of forward+MWP
+    #: the variant's graph's Conv/ConvTranspose/Gemm/MatMul FLOPs in forward FLOPs (the
+    #: forward: 1; a rule that runs two halves on a signed input puts more than 1 + 2f here)
+    graph_flops: float | None = None
 
 
 @dataclass
@@ -266,6 +269,7 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
         prepared.append((BELOW, cut_session, [o.name for o in cut_session.get_outputs()],
                          {i.name: feeds[i.name] for i in cut_session.get_inputs()}))
     mwp_model = None
+    graph_flops = {"forward": 1.0 if flops is not None else None}
     for n, (name, methods) in enumerate(variants):
         progress("building", n, len(variants))
         if methods is None:
@@ -279,6 +283,7 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
         signal[:, 0] = 1.0
         outputs = [built.logits] + list(built.maps.values())
         prepared.append((name, session, outputs, dict(feeds, **{built.signal: signal})))
+        graph_flops[name] = _graph_flops(built, dict(shapes, **{built.signal: signal.shape}), flops)
         if profile and tuple(methods) == ("mwp",):
             mwp_model = (built.model, outputs, prepared[-1][3])
     for _ in range(warmup):
@@ -295,7 +300,8 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
     base = float(np.median(times["forward"]))
     mwp = float(np.median(times["forward+MWP"])) if "forward+MWP" in times else None
     rows = [BenchRow(name, float(np.median(times[name])), float(np.median(times[name])) / base,
-                     float(np.median(times[name])) / mwp if mwp else None) for name, *_ in prepared if name != BELOW]
+                     float(np.median(times[name])) / mwp if mwp else None, graph_flops.get(name))
+            for name, *_ in prepared if name != BELOW]
     report = BenchReport(rows=rows, providers=fwd_session.get_providers(), inputs=shapes, flops=flops,
                          options=describe_session_options(options()),
                          below_ms=float(np.median(times[BELOW])) if BELOW in times else 0.0)
@@ -314,6 +320,17 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
                                                input_shapes=input_shapes, threads=threads, providers=providers,
                                                derive_weights=derive_weights))
     return report
+
+
+def _graph_flops(built, shapes, forward_flops: FlopCount | None) -> float | None:
+    """The companion graph's counted FLOPs (forward + excitation) over the forward's (None
+    where either count is unknown)."""
+    if forward_flops is None or not forward_flops.total:
+        return None
+    try:
+        return count_flops(built.model, (), shapes).total / forward_flops.total
+    except Exception:  # shape inference cannot size every node: no count, the timing stands
+        return None
 
 
 def run_bench(model, layers: Sequence[str], rule: str = "positive", batch: int = 1, runs: int = 10, warmup: int = 2,

@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import shape_inference
+from onnx import TensorProto, helper, shape_inference
 
 from .index import attr
 
@@ -39,13 +39,40 @@ def _shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | 
     light, _ = _weightless(model)
     names = {i.name for i in light.graph.input}
     fix_input_shapes(light, {k: v for k, v in (input_shapes or {}).items() if k in names})
-    inferred = shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
-        s = _dims(vi)
-        if s is not None:
-            shapes[vi.name] = s
-    return shapes
+    while True:
+        inferred = shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+        for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
+            s = _dims(vi)
+            if s is not None and None not in s:
+                shapes[vi.name] = s
+        sized = _split_by_runtime_sizes(light, shapes)
+        if not sized:
+            return shapes
+        light.graph.value_info.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims) for name, dims in sized.items())
+
+
+def _split_by_runtime_sizes(model: onnx.ModelProto, shapes: Mapping[str, tuple]) -> dict[str, tuple]:
+    """Output shapes ONNX shape inference leaves unknown for a Split on axis 0 whose sizes are
+    ``Concat(Shape(x_1)[0:1], ...)`` (how :mod:`onnx_excite.share` un-stacks sweeps): output k
+    is x_k's first dim by the Split input's other dims. Only outputs not yet in ``shapes``."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type != "Split" or attr(node, "axis", 0) != 0 or len(node.input) < 2 or node.input[0] not in shapes:
+            continue
+        sizes = producer.get(node.input[1])
+        if sizes is None or sizes.op_type != "Concat" or len(sizes.input) != len(node.output):
+            continue
+        parts = [producer.get(d) for d in sizes.input]
+        if not all(p is not None and p.op_type == "Shape" and attr(p, "start", 0) == 0 and attr(p, "end", None) == 1
+                   and p.input[0] in shapes for p in parts):
+            continue
+        rest = shapes[node.input[0]][1:]
+        for out, p in zip(node.output, parts):
+            if out not in shapes:
+                found[out] = (shapes[p.input[0]][0],) + rest
+    return found
 
 
 def node_flops(node: onnx.NodeProto, shapes: Mapping[str, tuple]) -> int | None:

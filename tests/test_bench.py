@@ -72,6 +72,30 @@ def test_bench_report_on_a_tiny_recipe():
     assert {"building", "timing", "memory", "profiling"} <= set(steps)
 
 
+@pytest.mark.parametrize("rule", ["positive", "paper"])
+def test_graph_flops_count_each_rules_convolutions(rule):
+    """graph FLOPs = forward + each excited layer's Z and adjoint, by hand: the paper rule
+    applies W+ once each (1 + 2f = 3 at the input); the positive rule runs a+ W+ and a- W-
+    where the input is signed: x (the image), c2's output (no ReLU) into the Gemm, the Gemm's
+    output into the MatMul; r1 (after a ReLU) is non-negative."""
+    count = count_flops(_hand_model(), ["x"], {"x": [1, 3, 8, 8]})
+    c1, c2, g, mm = (count.per_node[n] for n in ("c1", "c2", "g", "mm"))
+    halves = 2 if rule == "positive" else 1
+    mwp = count.total + 2 * (halves * c1 + c2 + halves * g + halves * mm)
+    report = run_bench_report(_hand_model(), ["x"], rule=rule, runs=1, warmup=0)
+    by = {r.name: r.graph_flops for r in report.rows}
+    assert by["forward"] == 1.0
+    assert by["forward+MWP"] == pytest.approx(mwp / count.total)
+    assert by["forward+MWP"] == pytest.approx(report.floor) if rule == "paper" else by["forward+MWP"] > report.floor
+    # c-MWP: the classifier's dual (-W, its own halves): one more Z and adjoint there
+    assert by["forward+c-MWP"] == pytest.approx((mwp + 2 * halves * mm) / count.total)
+    # both: the dual, and one more sweep below the classifier (Z shared); the target's
+    # classifier adjoint may run once per method (a stacked row each). This counts the
+    # Split that un-stacks shared sweeps (shape inference alone leaves its outputs unsized).
+    both = mwp + 2 * halves * mm + halves * g + c2 + halves * c1
+    assert both / count.total <= by["forward+MWP+c-MWP"] <= (both + halves * mm) / count.total
+
+
 def test_bench_cli_prints_floor_and_options():
     from onnx_excite.cli.app import app
 
