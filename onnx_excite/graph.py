@@ -129,6 +129,7 @@ class Emitter:
         self._prefix = prefix
         self._counter = itertools.count()
         self._memo: dict[Hashable, object] = {}
+        self._emitted: dict[tuple, object] = {}   # (op, inputs, outputs, attributes) -> its output(s)
         self._const_cache: dict[tuple, str] = {}
         self.opset = 17  # the default-domain opset of the graph (the builder sets it)
         self._const_by_id: dict[int, tuple] = {}
@@ -292,12 +293,19 @@ class Emitter:
 
     # -- generic node -----------------------------------------------------------
     def op(self, op_type: str, inputs: Sequence[str], hint: str | None = None, outputs: int = 1, **attrs):
-        """Append one node; returns its output name (or list of names)."""
+        """Append one node; returns its output name (or list of names). A node identical to
+        one emitted before (op, inputs, attributes) is not emitted again: its outputs are
+        returned. Sweeps that coincide (MWP's and c-MWP's above the classifier's input) then
+        share their nodes, so :mod:`onnx_excite.share` never stacks two copies of one signal."""
+        attrs = {k: v for k, v in attrs.items() if v is not None}
+        key = (op_type, tuple(inputs), outputs, tuple(sorted((k, repr(v)) for k, v in attrs.items())))
+        if key in self._emitted:
+            return self._emitted[key]
         base = hint or op_type.lower()
         outs = [self.fresh(base) for _ in range(outputs)]
-        attrs = {k: v for k, v in attrs.items() if v is not None}
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self.fresh(f"{base}_node"), **attrs))
-        return outs[0] if outputs == 1 else outs
+        self._emitted[key] = outs[0] if outputs == 1 else outs
+        return self._emitted[key]
 
     # -- verbs used by the rules ------------------------------------------------
     def mul(self, a: str, b: str) -> str:
