@@ -336,9 +336,9 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
         conv.input.extend([w_name, b_name])
         _record_folded(model, [conv.output[0]], bn.output[0])
         conv.output[0] = bn.output[0]
-        drop.append(bn.name)
+        drop.append(id(bn))
     if drop:
-        keep = [n for n in graph.node if n.name not in drop]
+        keep = [n for n in graph.node if id(n) not in drop]
         del graph.node[:]
         graph.node.extend(keep)
         used = {i for n in graph.node for i in n.input}
