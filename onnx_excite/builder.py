@@ -32,7 +32,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .canonicalize import ForwardGraph, LogitsChoice, canonicalize, default_opset, expose_maxpool_indices, infer_shapes
+from .canonicalize import (ForwardGraph, LogitsChoice, canonicalize, default_opset, expose_maxpool_indices, folded_message,
+                           infer_shapes)
 from .methods import DEFAULT_METHODS, METHODS, get_method
 from .errors import ExciteError, UnsupportedModelError
 from .graph import Emitter
@@ -145,6 +146,8 @@ def check_layers(graph: ForwardGraph, layers: Sequence[str]) -> None:
     up = _upstream(graph, graph.entry)
     cut = None
     for layer in layers:
+        if layer not in known and layer in graph.folded:
+            raise ExciteError(folded_message("layer", layer, graph.folded[layer]))
         if layer not in known:
             close = difflib.get_close_matches(layer, names, n=3)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "; list them with `onnx-excite layers MODEL`"

@@ -22,7 +22,7 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from .errors import ExciteError
-from .index import GraphIndex, attr, attrs
+from .index import GraphIndex, all_inputs, attr, attrs
 
 #: The companion graph is emitted in this opset range (CUDA kernels lag newer ones).
 MIN_OPSET, MAX_OPSET = 17, 20
@@ -334,14 +334,156 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
             numpy_helper.from_array(((b - mean) * scale + beta).astype(w_dtype), b_name)])
         del conv.input[1:]
         conv.input.extend([w_name, b_name])
+        _record_folded(model, [conv.output[0]], bn.output[0])
         conv.output[0] = bn.output[0]
-        drop.append(bn.name)
+        drop.append(id(bn))
     if drop:
-        keep = [n for n in graph.node if n.name not in drop]
+        keep = [n for n in graph.node if id(n) not in drop]
         del graph.node[:]
         graph.node.extend(keep)
         used = {i for n in graph.node for i in n.input}
         unused = [t for t in graph.initializer if t.name not in used]
+        for t in unused:
+            graph.initializer.remove(t)
+    return model
+
+
+#: the element-wise ops :func:`fold_conv_affine` folds into a Conv
+_AFFINE_OPS = ("Mul", "Div", "Add", "Sub")
+#: metadata key prefix under which the folding passes record the tensor names they remove
+#: (read and dropped by :func:`make_view`, which puts them in ``ForwardGraph.folded``)
+FOLDED_KEY = "onnx_excite.folded:"
+
+
+def _record_folded(model: onnx.ModelProto, vanished: Sequence[str], into: str) -> None:
+    """Note that the tensors ``vanished`` are now computed as part of ``into`` (earlier
+    records that pointed at a vanished name are moved on to ``into``)."""
+    gone = set(vanished)
+    for prop in model.metadata_props:
+        if prop.key.startswith(FOLDED_KEY) and prop.value in gone:
+            prop.value = into
+    for name in vanished:
+        if name and name != into:
+            model.metadata_props.add(key=FOLDED_KEY + name, value=into)
+
+
+def folded_names(model: onnx.ModelProto) -> dict[str, str]:
+    """{tensor name removed by a folding pass: the tensor it was folded into}."""
+    return {p.key[len(FOLDED_KEY):]: p.value for p in model.metadata_props if p.key.startswith(FOLDED_KEY)}
+
+
+def folded_message(what: str, name: str, into: str) -> str:
+    """The one error line for a name that a folding pass removed."""
+    return (f"{what} {name!r} was folded into the Conv that now outputs {into!r} (canonicalization merges a "
+            f"BatchNorm or per-channel Mul/Div/Add/Sub after a Conv into the Conv); use {into!r}")
+
+
+def _channel_vector(c: np.ndarray, channels: int, out_rank: int) -> np.ndarray | None:
+    """``c`` as a (channels,) float64 vector when it broadcasts against a (N, channels, ...)
+    Conv output of rank ``out_rank`` as a scalar or per output channel, else None."""
+    if c.dtype.kind != "f" or c.ndim > out_rank:
+        return None
+    shape = (1,) * (out_rank - c.ndim) + c.shape
+    if shape[0] != 1 or any(d != 1 for d in shape[2:]) or shape[1] not in (1, channels):
+        return None
+    return np.broadcast_to(c.astype(np.float64).reshape(-1), (channels,)).copy()
+
+
+def fold_conv_affine(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Per-channel affine ops after a Conv (a BatchNorm written decomposed, as tf2onnx and
+    paddle2onnx do) become part of the Conv, so the maps do not depend on the exporter.
+
+    Starting at a Conv whose weight W (and bias b, if any) are initializers: while the Conv's
+    current output has exactly one consumer (and is not a graph output) and that consumer is
+    Mul / Div / Add / Sub whose other input is a float initializer ``c`` that is a scalar or
+    per output channel (after numpy broadcasting against the (N, C, ...) output: all
+    non-channel dims 1, rank <= the output's), it is folded, per output channel k:
+
+    * ``x * c``, ``c * x``: W_k *= c_k, b_k *= c_k
+    * ``x / c``: W_k /= c_k, b_k /= c_k (not folded when c has a 0)
+    * ``x + c``, ``c + x``: b_k += c_k
+    * ``x - c``: b_k -= c_k;  ``c - x``: W_k = -W_k, b_k = c_k - b_k
+
+    in float64, stored in W's dtype (float16 models stay float16); a Conv without bias gets
+    one. The Conv takes over the last folded op's output name (the tensors in between are
+    recorded in the model's metadata, see :func:`folded_names`). As with
+    :func:`fold_batchnorm`, a negative scale flips the signs of W, which the clamp to W+ must
+    see. Other constants (per-pixel, full tensor, integer), an output with two or more
+    consumers, or a graph output: left for the element-wise rules.
+    """
+    graph = model.graph
+    index = GraphIndex(graph)
+    inits = index.initializers
+    taken = set(index.tensor_names())
+    dropped: set[int] = set()
+    replaced: set[str] = set()
+    for conv in list(graph.node):
+        if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or len(conv.input) < 2:
+            continue
+        bias = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
+        if conv.input[1] not in inits or (bias is not None and bias not in inits):
+            continue
+        w_dtype = numpy_helper.to_array(inits[conv.input[1]]).dtype
+        if w_dtype.kind != "f":
+            continue
+        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
+        b = numpy_helper.to_array(inits[bias]).astype(np.float64) if bias is not None else np.zeros(w.shape[0])
+        per_channel = (-1,) + (1,) * (w.ndim - 1)
+        chain, out = [], conv.output[0]
+        while True:
+            users = index.consumers.get(out, [])
+            if len(users) != 1 or out in index.outputs:
+                break
+            node = users[0]
+            if node.op_type not in _AFFINE_OPS or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+                break
+            if node.input[0] == out and node.input[1] != out:
+                other, x_first = node.input[1], True
+            elif node.input[1] == out and node.input[0] != out:
+                other, x_first = node.input[0], False
+            else:
+                break
+            c = _channel_vector(index.array(other), w.shape[0], w.ndim) if other in inits else None
+            if c is None or (node.op_type == "Div" and (not x_first or np.any(c == 0))):
+                break
+            if node.op_type == "Mul":
+                w, b = w * c.reshape(per_channel), b * c
+            elif node.op_type == "Div":
+                w, b = w / c.reshape(per_channel), b / c
+            elif node.op_type == "Add":
+                b = b + c
+            elif x_first:   # x - c
+                b = b - c
+            else:           # c - x
+                w, b = -w, c - b
+            chain.append(node)
+            out = node.output[0]
+        if not chain:
+            continue
+        names = []
+        for part in ("affine_weight", "affine_bias"):
+            name, k = f"{conv.name}.{part}", 0
+            while name in taken:
+                k += 1
+                name = f"{conv.name}.{part}{k}"
+            taken.add(name)
+            names.append(name)
+        graph.initializer.extend([numpy_helper.from_array(w.astype(w_dtype), names[0]),
+                                  numpy_helper.from_array(b.astype(w_dtype), names[1])])
+        replaced.update(conv.input[1:])
+        replaced.update(i for n in chain for i in n.input)
+        vanished = [conv.output[0]] + [n.output[0] for n in chain[:-1]]
+        del conv.input[1:]
+        conv.input.extend(names)
+        conv.output[0] = out
+        _record_folded(model, vanished, out)
+        dropped.update(id(n) for n in chain)
+    if dropped:
+        keep = [n for n in graph.node if id(n) not in dropped]
+        del graph.node[:]
+        graph.node.extend(keep)
+        used = {i for n in graph.node for i in all_inputs(n)} | {o.name for o in graph.output}
+        unused = [t for t in graph.initializer if t.name in replaced and t.name not in used]
         for t in unused:
             graph.initializer.remove(t)
     return model
@@ -510,6 +652,7 @@ PASSES: list[Callable[[onnx.ModelProto], onnx.ModelProto]] = [
     name_nodes,
     upgrade_opset,
     fold_batchnorm,
+    fold_conv_affine,
     split_to_slices,
     ceil_pools_to_pads,
     infer_shapes,
@@ -569,6 +712,9 @@ def resolve_logits(model: onnx.ModelProto, logits: str | None = None) -> LogitsC
     candidates = tuple(o for o in outputs if float_2d(o))
     if logits is not None:
         if logits not in outputs and logits not in index.producer:
+            into = folded_names(model).get(logits)
+            if into is not None:
+                raise ExciteError(folded_message("logits", logits, into))
             import difflib
 
             names = outputs + [o for n in model.graph.node for o in n.output if o]
@@ -618,6 +764,7 @@ class ForwardGraph:
     producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
     consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
     logits: LogitsChoice | None = None            # how ``entry`` was chosen
+    folded: dict[str, str] = field(default_factory=dict)  # tensor removed by a fold: the tensor it went into
     _nonneg: dict[str, bool] = field(default_factory=dict)
 
     @property
@@ -674,6 +821,10 @@ def _shape_of(value_info) -> tuple | None:
 def make_view(model: onnx.ModelProto, logits: LogitsChoice | str) -> ForwardGraph:
     if isinstance(logits, str):
         logits = LogitsChoice(logits, logits, "given")
+    folded = folded_names(model)
+    keep = [p for p in model.metadata_props if not p.key.startswith(FOLDED_KEY)]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
     index = GraphIndex(model.graph)
     consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     shapes: dict[str, tuple] = {}
@@ -687,7 +838,7 @@ def make_view(model: onnx.ModelProto, logits: LogitsChoice | str) -> ForwardGrap
     for name, arr in consts.items():
         shapes[name] = tuple(arr.shape)
     return ForwardGraph(model=model, entry=logits.tensor, consts=consts, shapes=shapes, dtypes=dtypes,
-                        producer=index.producer, consumers=index.consumers, logits=logits)
+                        producer=index.producer, consumers=index.consumers, logits=logits, folded=folded)
 
 
 def fix_input_shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int | None]]) -> onnx.ModelProto:

@@ -229,9 +229,76 @@ def _fold_conv_bn(model):
     return model
 
 
+def _fold_conv_affine(model):
+    """The spec also folds a BatchNorm written decomposed after a Conv: while the Conv's output
+    feeds exactly one node (and is no graph output) and that node is Mul / Div / Add / Sub of it
+    and a float constant c that broadcasts to (1, C, 1, ..., 1) (a scalar or one value per output
+    channel k), the node becomes part of the Conv (y_k = W_k * x + b_k):
+    y * c -> (c W, c b); y / c -> (W / c, b / c), c without zeros; y + c -> (W, b + c);
+    y - c -> (W, b - c); c - y -> (-W, c - b). One node at a time, on a copy, in float64."""
+    import copy
+
+    model = copy.deepcopy(model)
+    g = model.graph
+    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    graph_outputs = {o.name for o in g.output}
+    k = 0
+    while True:
+        uses = {}
+        for n in g.node:
+            for i in n.input:
+                uses[i] = uses.get(i, 0) + 1
+        producer = {o: n for n in g.node for o in n.output}
+        folded = False
+        for node in g.node:
+            if node.op_type not in ("Mul", "Div", "Add", "Sub") or len(node.input) != 2:
+                continue
+            for pos in (0, 1):
+                y, c_name = node.input[pos], node.input[1 - pos]
+                conv = producer.get(y)
+                if (conv is None or conv.op_type != "Conv" or uses.get(y) != 1 or y in graph_outputs
+                        or c_name not in consts or consts[c_name].dtype.kind != "f" or conv.input[1] not in consts
+                        or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in consts)):
+                    continue
+                w = consts[conv.input[1]].astype(np.float64)
+                n_out = w.shape[0]
+                try:
+                    c = np.broadcast_to(consts[c_name], (1, n_out) + (1,) * (w.ndim - 2)).reshape(n_out).astype(np.float64)
+                except ValueError:   # per pixel, or more dims than the output: not per channel
+                    continue
+                if node.op_type == "Div" and (pos == 1 or (c == 0).any()):
+                    continue
+                b = consts[conv.input[2]].astype(np.float64) if len(conv.input) > 2 and conv.input[2] else np.zeros(n_out)
+                per_k = c.reshape((n_out,) + (1,) * (w.ndim - 1))
+                if node.op_type == "Mul":
+                    w, b = w * per_k, b * c
+                elif node.op_type == "Div":
+                    w, b = w / per_k, b / c
+                elif node.op_type == "Add":
+                    b = b + c
+                elif pos == 0:     # y - c
+                    b = b - c
+                else:              # c - y
+                    w, b = -w, c - b
+                k += 1
+                names = (f"ref_affine_w{k}", f"ref_affine_b{k}")
+                consts.update(zip(names, (w, b)))
+                g.initializer.extend([numpy_helper.from_array(w, names[0]), numpy_helper.from_array(b, names[1])])
+                del conv.input[1:]
+                conv.input.extend(names)
+                conv.output[0] = node.output[0]
+                g.node.remove(node)
+                folded = True
+                break
+            if folded:
+                break
+        if not folded:
+            return model
+
+
 class Reference:
     def __init__(self, model: onnx.ModelProto):
-        model = _fold_conv_bn(model)
+        model = _fold_conv_affine(_fold_conv_bn(model))
         self.model = model
         self.consts = {t.name: numpy_helper.to_array(t).astype(np.float64) if numpy_helper.to_array(t).dtype.kind == "f"
                        else numpy_helper.to_array(t) for t in model.graph.initializer}

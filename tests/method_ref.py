@@ -81,7 +81,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from excitation_ref import _fold_conv_bn
+from excitation_ref import _fold_conv_affine, _fold_conv_bn
 from reference import LINEAR, _attrs, _Graph, _pool_windows, _safe_div, _unbroadcast
 
 METHODS = ("grad", "deconv", "guided", "lrp-epsilon", "lrp-zplus", "cam", "mwp", "cmwp",
@@ -100,11 +100,12 @@ class MethodNotApplicable(ValueError):
 
 class Graph(_Graph):
     """reference.py's interpreter on the model with every Conv -> BatchNormalization (sole
-    consumer) folded into one Conv (as the library's canonicalization does), plus Concat,
-    Clip and unfolded BatchNormalization (a per-channel affine map y = s x + t)."""
+    consumer), and every per-channel constant Mul / Div / Add / Sub chain after a Conv, folded
+    into one Conv (as the library's canonicalization does), plus Concat, Clip and unfolded
+    BatchNormalization (a per-channel affine map y = s x + t)."""
 
     def __init__(self, model: onnx.ModelProto):
-        super().__init__(_fold_conv_bn(model))
+        super().__init__(_fold_conv_affine(_fold_conv_bn(model)))
 
     def _forward_node(self, n, ins):
         if n.op_type == "Concat":

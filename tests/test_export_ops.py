@@ -35,8 +35,10 @@ def _model(g, out, shape, opset=17, dtype=TensorProto.FLOAT, classes=6):
 
 
 def decomposed_bn_hardswish(seed):
-    """Conv -> (x - m) / s * gamma + beta (a BatchNorm as tf2onnx / paddle write it) -> paddle's hard-swish
-    x * clip(x + 3, 0, 6) / 6 -> c - x -> ReLU -> L2 normalisation over channels -> Conv."""
+    """Conv -> (x - m) / s * gamma + beta (a BatchNorm as tf2onnx / paddle write it; canonicalize folds it
+    into the Conv, the reference folds it on its own) -> paddle's hard-swish x * clip(x + 3, 0, 6) / 6 ->
+    c - x -> ReLU -> (x - m) / s again, after the ReLU (a pre-activation BatchNorm: no Conv to fold it into,
+    the element-wise Sub / Div rules) -> L2 normalisation over channels -> Conv."""
     g = G(seed)
     c = g.conv("input", 4, 6)
     r = g.rng
@@ -47,12 +49,14 @@ def decomposed_bn_hardswish(seed):
     gate = g.op("Clip", [g.op("Add", [bn, g.init(3.0, "three")]), g.init(0.0, "lo"), g.init(6.0, "hi")], "gate")
     hswish = g.op("Div", [g.op("Mul", [bn, gate]), g.init(6.0, "six")], "hswish")
     flipped = g.op("Relu", [g.op("Sub", [g.init(0.25, "c"), hswish], "flipped")])
+    centred2 = g.op("Sub", [flipped, g.init(r.normal(size=(1, 6, 1, 1)) * 0.1, "mean")], "centred")
+    scaled2 = g.op("Div", [centred2, g.init(r.uniform(0.5, 2, (1, 6, 1, 1)), "std")], "scaled")
     # L2 normalisation over channels: x / sqrt(sum x^2 + eps), a divisor computed from x (a gate)
-    norm = g.op("Sqrt", [g.op("Add", [g.op("ReduceSum", [g.op("Mul", [flipped, flipped], "sq"), _ints(g, [1], "axes")],
+    norm = g.op("Sqrt", [g.op("Add", [g.op("ReduceSum", [g.op("Mul", [scaled2, scaled2], "sq"), _ints(g, [1], "axes")],
                                            "ssq", keepdims=1), g.init(1e-3, "eps")])], "l2")
-    unit = g.op("Div", [flipped, norm], "unit")
+    unit = g.op("Div", [scaled2, norm], "unit")
     top = g.op("Relu", [g.conv(unit, 6, 5)])
-    return g.model(g.head(top, 5)), ["input", c, centred, scaled, hswish, flipped, unit], (4, 10, 9), 17, set()
+    return (g.model(g.head(top, 5)), ["input", bn, hswish, flipped, centred2, scaled2, unit], (4, 10, 9), 17, set())
 
 
 def pad_modes(seed):
@@ -212,6 +216,8 @@ def _input(model, shape, seed, batch=2):
 def test_export_ops_match_reference(arch, seed, rule):
     model, layers, shape, _, nhwc = GRAPHS[arch](seed)
     x = _input(model, shape, seed)
+    if rule == "paper":
+        x = np.abs(x)  # the literal rule's Z = sum a W+ cancels on signed inputs (as in test_excitation.py)
     ex = Exciter(model, layers, methods=("mwp", "cmwp"), rule=rule, channels=True)
     signal = np.random.default_rng(seed + 10).random((2, ex.num_classes)).astype(np.float32)
     res = ex.explain(x, signal)
