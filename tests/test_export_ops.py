@@ -216,8 +216,10 @@ def _input(model, shape, seed, batch=2):
 def test_export_ops_match_reference(arch, seed, rule):
     model, layers, shape, _, nhwc = GRAPHS[arch](seed)
     x = _input(model, shape, seed)
-    if rule == "paper":
-        x = np.abs(x)  # the literal rule's Z = sum a W+ cancels on signed inputs (as in test_excitation.py)
+    if rule == "paper" and arch == "decomposed_bn_hardswish":
+        # with the BatchNorm folded, the literal rule's Z = sum a W+ at the signed input cancels
+        # (2.1e-4 off in float32 against 2e-4; as in test_excitation.py, which feeds it |x|)
+        x = np.abs(x)
     ex = Exciter(model, layers, methods=("mwp", "cmwp"), rule=rule, channels=True)
     signal = np.random.default_rng(seed + 10).random((2, ex.num_classes)).astype(np.float32)
     res = ex.explain(x, signal)
