@@ -471,6 +471,22 @@ def _drop_nodes(graph: onnx.GraphProto, dropped: set[int], replaced: set[str]) -
         graph.initializer.remove(t)
 
 
+def _batchnorm_affine(bn: onnx.NodeProto, index: GraphIndex, units: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(s, t) with BatchNormalization(y)_k = s_k y_k + t_k (inference: s = gamma / sqrt(var + eps),
+    t = beta - mean s, float64), or None when ``bn`` has a used second output, non-constant
+    parameters or parameters that are not one value per unit."""
+    if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or any(bn.output[1:]):
+        return None
+    params = list(bn.input[1:5])
+    if len(params) != 4 or any(p not in index.initializers for p in params):
+        return None
+    gamma, beta, mean, var = (index.array(p).astype(np.float64).reshape(-1) for p in params)
+    if any(v.shape != (units,) for v in (gamma, beta, mean, var)):
+        return None
+    scale = gamma / np.sqrt(var + attr(bn, "epsilon", 1e-5))
+    return scale, beta - mean * scale
+
+
 def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     """Conv -> BatchNormalization (inference), or dense -> BatchNormalization on its (N, M)
     output, becomes one Conv / Gemm with scaled weights (see :class:`_UnitAffineLayer` for
@@ -484,30 +500,24 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     graph = model.graph
     index = GraphIndex(graph)
-    inits = index.initializers
     ranks = _lazy_ranks(model)
     taken = set(index.tensor_names())
     dropped: set[int] = set()
     replaced: set[str] = set()
     for bn in list(graph.node):
-        if bn.op_type != "BatchNormalization" or len(bn.output) > 1 and any(bn.output[1:]):
+        if bn.op_type != "BatchNormalization":
             continue
         producer = index.producer.get(bn.input[0])
-        params = bn.input[1:5]
-        if (producer is None or index.consumer_count(producer.output[0]) != 1 or len(params) != 4
-                or any(p not in inits for p in params)):
+        if producer is None or index.consumer_count(producer.output[0]) != 1:
             continue
         layer = _UnitAffineLayer.of(producer, index, ranks)
-        if layer is None:
+        affine = _batchnorm_affine(bn, index, layer.units) if layer is not None else None
+        if affine is None:
             continue
-        gamma, beta, mean, var = (index.array(p).astype(np.float64).reshape(-1) for p in params)
-        if any(v.shape != (layer.units,) for v in (gamma, beta, mean, var)):
-            continue
-        scale = gamma / np.sqrt(var + attr(bn, "epsilon", 1e-5))
-        layer.scale(scale)
-        layer.shift(beta - mean * scale)
+        layer.scale(affine[0])
+        layer.shift(affine[1])
         replaced.update(layer.write(graph, taken, ("folded_weight", "folded_bias")))
-        replaced.update(params)
+        replaced.update(bn.input[1:5])
         _record_folded(model, [producer.output[0]], bn.output[0])
         producer.output[0] = bn.output[0]
         dropped.add(id(bn))
@@ -532,6 +542,8 @@ def fold_conv_affine(model: onnx.ModelProto) -> onnx.ModelProto:
     * ``x / c``: W_k /= c_k, b_k /= c_k (not folded when c has a 0)
     * ``x + c``, ``c + x``: b_k += c_k
     * ``x - c``: b_k -= c_k;  ``c - x``: W_k = -W_k, b_k = c_k - b_k
+    * a BatchNormalization (inference, as in :func:`fold_batchnorm`) further down the chain,
+      e.g. after a bias Add: W_k *= s_k, b_k = b_k s_k + beta_k - mean_k s_k
 
     in float64, stored in W's dtype (float16 models stay float16); a layer without bias gets
     one (so a MatMul with its bias Add becomes one Gemm). The layer takes over the last
@@ -552,7 +564,7 @@ def fold_conv_affine(model: onnx.ModelProto) -> onnx.ModelProto:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or index.consumer_count(node.output[0]) != 1:
             continue
         first = index.consumers.get(node.output[0], [None])[0]
-        if first is None or first.op_type not in _AFFINE_OPS:
+        if first is None or first.op_type not in _AFFINE_OPS + ("BatchNormalization",):
             continue
         layer = _UnitAffineLayer.of(node, index, ranks)
         if layer is None:
@@ -563,6 +575,13 @@ def fold_conv_affine(model: onnx.ModelProto) -> onnx.ModelProto:
             if len(users) != 1 or out in index.outputs:
                 break
             op = users[0]
+            affine = _batchnorm_affine(op, index, layer.units) if op.op_type == "BatchNormalization" else None
+            if affine is not None:   # a BatchNormalization further down the chain (after a bias Add)
+                layer.scale(affine[0])
+                layer.shift(affine[1])
+                chain.append(op)
+                out = op.output[0]
+                continue
             if op.op_type not in _AFFINE_OPS or op.domain not in ("", "ai.onnx") or len(op.input) != 2:
                 break
             if op.input[0] == out and op.input[1] != out:

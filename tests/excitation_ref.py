@@ -194,6 +194,16 @@ def _resize_matrices(node, ins, opset):
 # ---------------------------------------------------------------------------
 # the reference
 # ---------------------------------------------------------------------------
+def _fresh(g, base):
+    """``base``, or ``base`` with a number, not yet a name of ``g``'s initializers."""
+    taken = {t.name for t in g.initializer}
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    return name
+
+
 def _fold_conv_bn(model):
     """The spec folds Conv -> BatchNormalization (sole consumer) into one Conv before any
     rule runs (W' = W * s, s = gamma / sqrt(var + eps)); do the same on a copy."""
@@ -218,7 +228,7 @@ def _fold_conv_bn(model):
         scale = gamma / np.sqrt(var + _attr(bn, "epsilon", 1e-5))
         w = consts[conv.input[1]] * scale[:, None, None, None]
         b = consts[conv.input[2]] if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0])
-        names = (f"ref_fold_w_{bn.name}", f"ref_fold_b_{bn.name}")
+        names = (_fresh(g, f"ref_fold_w_{bn.name}"), _fresh(g, f"ref_fold_b_{bn.name}"))
         g.initializer.extend([numpy_helper.from_array(w, names[0]), numpy_helper.from_array((b - mean) * scale + beta, names[1])])
         del conv.input[1:]
         conv.input.extend(names)
@@ -281,7 +291,7 @@ def _fold_conv_affine(model):
                 else:              # c - y
                     w, b = -w, c - b
                 k += 1
-                names = (f"ref_affine_w{k}", f"ref_affine_b{k}")
+                names = (_fresh(g, f"ref_affine_w{k}"), _fresh(g, f"ref_affine_b{k}"))
                 consts.update(zip(names, (w, b)))
                 g.initializer.extend([numpy_helper.from_array(w, names[0]), numpy_helper.from_array(b, names[1])])
                 del conv.input[1:]
@@ -324,7 +334,7 @@ def _dense_layer(node, consts, ranks):
 
 def _as_gemm(g, node, w, b, tag):
     """Rewrite ``node`` in place as Gemm(x, W, b) with W (K, M), transB = 0, alpha = beta = 1."""
-    names = (f"ref_dense_w_{tag}", f"ref_dense_b_{tag}")
+    names = (_fresh(g, f"ref_dense_w_{tag}"), _fresh(g, f"ref_dense_b_{tag}"))
     g.initializer.extend([numpy_helper.from_array(w, names[0]), numpy_helper.from_array(b, names[1])])
     x = node.input[0]
     del node.input[:]
@@ -439,8 +449,13 @@ def _fold_dense_affine(model):
 
 def fold_like_the_spec(model):
     """Every fold the spec makes before any rule runs: BatchNorm (node or decomposed) into the
-    Conv or the dense layer before it."""
-    return _fold_dense_affine(_fold_dense_bn(_fold_conv_affine(_fold_conv_bn(model))))
+    Conv or the dense layer before it, repeated until nothing changes (a BatchNormalization
+    behind a bias Add folds once the Add has)."""
+    while True:
+        before = len(model.graph.node)
+        model = _fold_dense_affine(_fold_dense_bn(_fold_conv_affine(_fold_conv_bn(model))))
+        if len(model.graph.node) == before:
+            return model
 
 
 class Reference:

@@ -20,8 +20,9 @@ from onnx_excite.errors import ExciteError
 
 #: batchnorm: Gemm (transB=1) -> BatchNormalization; gemm_mul_add: Gemm (transB=0, alpha=2, beta=0.25)
 #: -> Mul -> Add; keras: MatMul -> Add(bias) -> Mul -> Add; keras_sub_div: MatMul -> Add(bias) -> Sub
-#: mean -> Div std -> Mul gamma -> Add beta; folded: one Gemm with the BatchNorm folded by hand
-FORMS = ("batchnorm", "gemm_mul_add", "keras", "keras_sub_div", "folded")
+#: mean -> Div std -> Mul gamma -> Add beta; bias_add_batchnorm: MatMul -> Add(bias) -> BatchNormalization;
+#: folded: one Gemm with the BatchNorm folded by hand
+FORMS = ("batchnorm", "gemm_mul_add", "keras", "keras_sub_div", "bias_add_batchnorm", "folded")
 UNFOLDED = FORMS[:-1]
 EPS = 1e-3
 SHAPE = (3, 8, 6)
@@ -74,6 +75,10 @@ def dense_bn_net(seed: int, form: str, dtype=np.float32) -> onnx.ModelProto:
         centred = op("Sub", [fc, const("mean", mean)], "bn_centred")
         scaled = op("Div", [centred, const("std", std.reshape(1, -1))], "bn_scaled")
         op("Add", [op("Mul", [scaled, const("gamma", gamma)], "bn_gamma"), const("beta", beta.reshape(1, -1))], "bn")
+    elif form == "bias_add_batchnorm":
+        fc = op("Add", [op("MatMul", [flat, const("w1", w1.T)], "fc1_mm"), const("b1", b1)], "fc1")
+        op("BatchNormalization", [fc, const("gamma", gamma), const("beta", beta), const("mean", mean), const("var", var)],
+           "bn", epsilon=EPS)
     else:
         op("Gemm", [flat, const("w1", w1 * scale[:, None]), const("b1", (b1 - mean) * scale + beta)], "bn", transB=1)
     relu = op("Relu", ["bn"], "hrelu")
@@ -274,7 +279,7 @@ def test_a_chain_stops_at_the_first_op_it_cannot_fold():
 # 4. the passes alone
 # ---------------------------------------------------------------------------
 @pytest.mark.parametrize("form,dropped,trans_b", [("batchnorm", 1, 1), ("gemm_mul_add", 2, 0), ("keras", 3, 0),
-                                                  ("keras_sub_div", 5, 0)])
+                                                  ("keras_sub_div", 5, 0), ("bias_add_batchnorm", 2, 0)])
 def test_passes_keep_the_forward_outputs(form, dropped, trans_b):
     """One Gemm per dense layer, fewer nodes, the same outputs; the folded Gemm has alpha = beta = 1 (no
     attribute), transB as the Gemm had it (0 for a MatMul), and the BatchNorm's output name."""
@@ -336,6 +341,25 @@ def test_batchnorm_then_scale_folds_both():
     np.testing.assert_allclose(_ort(out, _x("matmul"))[0], _ort(model, _x("matmul"))[0], rtol=1e-4, atol=1e-5)
 
 
+def test_conv_bias_add_then_batchnorm_folds_too():
+    """The chain may end in a BatchNormalization for a Conv as well: Conv -> Add per channel ->
+    BatchNormalization becomes one Conv with the same outputs."""
+    rng = np.random.default_rng(6)
+    w, x = rng.normal(size=(4, 3, 3, 3)).astype(np.float32), rng.normal(size=(2, 3, 7, 6)).astype(np.float32)
+    consts = {"W": w, "k": rng.normal(size=(1, 4, 1, 1)), **BN_CONSTS}
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "k"], ["a"], name="add"), _bn_node("a", "y")]
+    graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 7, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(np.asarray(v, np.float32), n) for n, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    out = _fold(model)
+    assert _counts(out) == {"Conv": 1} and C.folded_names(out) == {"c": "y", "a": "y"}
+    np.testing.assert_allclose(_ort(out, x)[0], _ort(model, x)[0], rtol=1e-4, atol=1e-5)
+    assert _counts(Reference(model).model) == {"Conv": 1}   # the reference folds it on its own
+
+
 # ---------------------------------------------------------------------------
 # names that vanish by folding
 # ---------------------------------------------------------------------------
@@ -347,7 +371,7 @@ def _one_error_line(result):
     return lines[0]
 
 
-@pytest.mark.parametrize("form,layer", [("batchnorm", "fc1"), ("keras", "fc1_mm"), ("keras", "fc1"),
+@pytest.mark.parametrize("form,layer", [("batchnorm", "fc1"), ("keras", "fc1_mm"), ("keras", "fc1"), ("bias_add_batchnorm", "fc1"),
                                         ("keras_sub_div", "bn_gamma"), ("gemm_mul_add", "bn_scaled")])
 def test_a_folded_layer_name_is_one_clear_error(form, layer, tmp_path):
     path = tmp_path / "net.onnx"
