@@ -147,7 +147,8 @@ def check_layers(graph: ForwardGraph, layers: Sequence[str]) -> None:
     cut = None
     for layer in layers:
         if layer not in known and layer in graph.folded:
-            raise ExciteError(folded_message("layer", layer, graph.folded[layer]))
+            into = graph.producer.get(graph.folded[layer])
+            raise ExciteError(folded_message("layer", layer, graph.folded[layer], into.op_type if into is not None else "layer"))
         if layer not in known:
             close = difflib.get_close_matches(layer, names, n=3)
             hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "; list them with `onnx-excite layers MODEL`"

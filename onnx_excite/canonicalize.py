@@ -300,55 +300,7 @@ def ceil_pools_to_pads(model: onnx.ModelProto) -> onnx.ModelProto:
             return model
 
 
-def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Conv -> BatchNormalization (inference) becomes one Conv with scaled weights.
-
-    W' = W * s, b' = (b - mean) * s + beta, s = gamma / sqrt(var + eps), in float64.
-    A negative gamma flips the signs of W', which is why the clamp to W+ must come
-    after this fold. A BatchNormalization that does not follow a Conv it alone
-    consumes is left for its own rule (a per-channel linear layer).
-    """
-    graph = model.graph
-    index = GraphIndex(graph)
-    inits = index.initializers
-    drop = []
-    for bn in graph.node:
-        if bn.op_type != "BatchNormalization" or len(bn.output) > 1 and any(bn.output[1:]):
-            continue
-        conv = index.producer.get(bn.input[0])
-        params = bn.input[1:5]
-        if (conv is None or conv.op_type != "Conv" or index.consumer_count(conv.output[0]) != 1
-                or conv.input[1] not in inits
-                or any(p not in inits for p in params) or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in inits)):
-            continue
-        gamma, beta, mean, var = (numpy_helper.to_array(inits[p]).astype(np.float64) for p in params)
-        eps = attr(bn, "epsilon", 1e-5)
-        scale = gamma / np.sqrt(var + eps)
-        w_dtype = numpy_helper.to_array(inits[conv.input[1]]).dtype   # float16 models stay float16
-        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
-        b = (numpy_helper.to_array(inits[conv.input[2]]).astype(np.float64)
-             if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0]))
-        w_name, b_name = f"{conv.name}.folded_weight", f"{conv.name}.folded_bias"
-        graph.initializer.extend([
-            numpy_helper.from_array((w * scale.reshape(-1, *([1] * (w.ndim - 1)))).astype(w_dtype), w_name),
-            numpy_helper.from_array(((b - mean) * scale + beta).astype(w_dtype), b_name)])
-        del conv.input[1:]
-        conv.input.extend([w_name, b_name])
-        _record_folded(model, [conv.output[0]], bn.output[0])
-        conv.output[0] = bn.output[0]
-        drop.append(id(bn))
-    if drop:
-        keep = [n for n in graph.node if id(n) not in drop]
-        del graph.node[:]
-        graph.node.extend(keep)
-        used = {i for n in graph.node for i in n.input}
-        unused = [t for t in graph.initializer if t.name not in used]
-        for t in unused:
-            graph.initializer.remove(t)
-    return model
-
-
-#: the element-wise ops :func:`fold_conv_affine` folds into a Conv
+#: the element-wise ops :func:`fold_conv_affine` folds into a Conv or dense layer
 _AFFINE_OPS = ("Mul", "Div", "Add", "Sub")
 #: metadata key prefix under which the folding passes record the tensor names they remove
 #: (read and dropped by :func:`make_view`, which puts them in ``ForwardGraph.folded``)
@@ -372,15 +324,16 @@ def folded_names(model: onnx.ModelProto) -> dict[str, str]:
     return {p.key[len(FOLDED_KEY):]: p.value for p in model.metadata_props if p.key.startswith(FOLDED_KEY)}
 
 
-def folded_message(what: str, name: str, into: str) -> str:
-    """The one error line for a name that a folding pass removed."""
-    return (f"{what} {name!r} was folded into the Conv that now outputs {into!r} (canonicalization merges a "
-            f"BatchNorm or per-channel Mul/Div/Add/Sub after a Conv into the Conv); use {into!r}")
+def folded_message(what: str, name: str, into: str, op: str = "Conv") -> str:
+    """The one error line for a name that a folding pass removed (``op``: the op type of the
+    layer that now outputs ``into``, Conv or Gemm)."""
+    return (f"{what} {name!r} was folded into the {op} that now outputs {into!r} (canonicalization merges a "
+            f"BatchNorm or per-channel Mul/Div/Add/Sub after a Conv, Gemm or MatMul into that layer); use {into!r}")
 
 
 def _channel_vector(c: np.ndarray, channels: int, out_rank: int) -> np.ndarray | None:
     """``c`` as a (channels,) float64 vector when it broadcasts against a (N, channels, ...)
-    Conv output of rank ``out_rank`` as a scalar or per output channel, else None."""
+    layer output of rank ``out_rank`` as a scalar or per output channel, else None."""
     if c.dtype.kind != "f" or c.ndim > out_rank:
         return None
     shape = (1,) * (out_rank - c.ndim) + c.shape
@@ -389,103 +342,279 @@ def _channel_vector(c: np.ndarray, channels: int, out_rank: int) -> np.ndarray |
     return np.broadcast_to(c.astype(np.float64).reshape(-1), (channels,)).copy()
 
 
-def fold_conv_affine(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Per-channel affine ops after a Conv (a BatchNorm written decomposed, as tf2onnx and
-    paddle2onnx do) become part of the Conv, so the maps do not depend on the exporter.
+def _tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
+    """{tensor: rank} from shape inference on a weightless copy ({} where it fails)."""
+    light, _ = _weightless(model)
+    try:
+        inferred = shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+    except Exception:
+        return {}
+    values = list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output)
+    return {vi.name: len(s) for vi in values if (s := _shape_of(vi)) is not None}
 
-    Starting at a Conv whose weight W (and bias b, if any) are initializers: while the Conv's
-    current output has exactly one consumer (and is not a graph output) and that consumer is
-    Mul / Div / Add / Sub whose other input is a float initializer ``c`` that is a scalar or
-    per output channel (after numpy broadcasting against the (N, C, ...) output: all
-    non-channel dims 1, rank <= the output's), it is folded, per output channel k:
+
+class _UnitAffineLayer:
+    """A Conv or dense layer whose weight W and bias b are constants, seen per output unit k
+    (Conv: output channel, dense: output feature). A per-unit affine map after it,
+    ``y_k -> s_k y_k + t_k``, is folded as W_k' = s_k W_k, b_k' = s_k b_k + t_k (in float64;
+    written back in W's dtype, so float16 models stay float16).
+
+    * Conv: W (M, C/group, k...), b (M,) (zeros where the Conv has none).
+    * dense: W (K, M) = alpha * B' (B' = B, or B^T for transB = 1), b = beta * C broadcast to
+      (M,) (zeros where there is no C); a Gemm with transA = 0 and a constant B (any 2-D input,
+      as Gemm requires), or a MatMul with a constant 2-D B and a 2-D input. Written back as
+      ``Gemm(x, B_new, C_new)`` with alpha = beta = 1 and transB as the Gemm had it (0 for a
+      MatMul: a MatMul whose chain folds becomes a Gemm, which carries the folded bias in the
+      same node; the dense rule treats both alike and ignores the bias).
+    """
+
+    def __init__(self, node, w, b, axis, dtype, out_rank):
+        self.node, self.w, self.b, self.axis, self.dtype, self.out_rank = node, w, b, axis, dtype, out_rank
+
+    @property
+    def units(self) -> int:
+        return self.w.shape[self.axis]
+
+    @classmethod
+    def of(cls, node, index: GraphIndex, ranks: Callable[[], dict]) -> "_UnitAffineLayer | None":
+        """The layer ``node`` is, or None when it is not a foldable Conv / Gemm / MatMul
+        (``ranks``: called for the tensor ranks only when a MatMul needs them)."""
+        inits = index.initializers
+        if node is None or node.domain not in ("", "ai.onnx") or node.op_type not in ("Conv", "Gemm", "MatMul"):
+            return None
+        if len(node.input) < 2 or node.input[1] not in inits:
+            return None
+        raw = index.array(node.input[1])
+        if raw.dtype.kind != "f":
+            return None
+        bias = node.input[2] if node.op_type != "MatMul" and len(node.input) > 2 and node.input[2] else None
+        if bias is not None and bias not in inits:
+            return None
+        w = raw.astype(np.float64)
+        if node.op_type == "Conv":
+            b = index.array(bias).astype(np.float64) if bias is not None else np.zeros(w.shape[0])
+            return cls(node, w, b, 0, raw.dtype, w.ndim)
+        if w.ndim != 2:
+            return None
+        if node.op_type == "MatMul":
+            if ranks().get(node.input[0]) != 2:
+                return None
+            return cls(node, w, np.zeros(w.shape[1]), 1, raw.dtype, 2)
+        if attr(node, "transA", 0):
+            return None
+        w = float(attr(node, "alpha", 1.0)) * (w.T if attr(node, "transB", 0) else w)
+        b = np.zeros(w.shape[1])
+        if bias is not None:
+            c = _channel_vector(index.array(bias), w.shape[1], 2)
+            if c is None:      # a C that varies over the batch axis: not a per-feature bias
+                return None
+            b = float(attr(node, "beta", 1.0)) * c
+        return cls(node, w, b, 1, raw.dtype, 2)
+
+    def scale(self, s: np.ndarray) -> None:
+        """y_k -> s_k y_k."""
+        shape = [1] * self.w.ndim
+        shape[self.axis] = -1
+        self.w, self.b = self.w * s.reshape(shape), self.b * s
+
+    def shift(self, t: np.ndarray) -> None:
+        """y_k -> y_k + t_k."""
+        self.b = self.b + t
+
+    def write(self, graph: onnx.GraphProto, taken: set[str], parts: tuple[str, str]) -> list[str]:
+        """Store the folded W and b as new initializers (unique names ``<node>.<part>``), point
+        the node at them; the names of the constants it read before are returned."""
+        node, names = self.node, []
+        for part in parts:
+            name, k = f"{node.name}.{part}", 0
+            while name in taken:
+                k += 1
+                name = f"{node.name}.{part}{k}"
+            taken.add(name)
+            names.append(name)
+        w = self.w
+        if node.op_type != "Conv":
+            flip = node.op_type == "Gemm" and attr(node, "transB", 0)
+            w = w.T if flip else w
+            keep = [a for a in node.attribute if a.name not in ("alpha", "beta", "transA", "transB")]
+            del node.attribute[:]
+            node.attribute.extend(keep + ([helper.make_attribute("transB", 1)] if flip else []))
+            node.op_type = "Gemm"
+        graph.initializer.extend([numpy_helper.from_array(np.ascontiguousarray(w).astype(self.dtype), names[0]),
+                                  numpy_helper.from_array(self.b.astype(self.dtype), names[1])])
+        replaced = [i for i in node.input[1:] if i]
+        del node.input[1:]
+        node.input.extend(names)
+        return replaced
+
+
+def _lazy_ranks(model: onnx.ModelProto) -> Callable[[], dict]:
+    cache: list[dict] = []
+
+    def ranks() -> dict:
+        if not cache:
+            cache.append(_tensor_ranks(model))
+        return cache[0]
+    return ranks
+
+
+def _drop_nodes(graph: onnx.GraphProto, dropped: set[int], replaced: set[str]) -> None:
+    """Remove the nodes ``dropped`` (ids) and the initializers ``replaced`` that nothing reads any more."""
+    if not dropped:
+        return
+    keep = [n for n in graph.node if id(n) not in dropped]
+    del graph.node[:]
+    graph.node.extend(keep)
+    used = {i for n in graph.node for i in all_inputs(n)} | {o.name for o in graph.output}
+    unused = [t for t in graph.initializer if t.name in replaced and t.name not in used]
+    for t in unused:
+        graph.initializer.remove(t)
+
+
+def _batchnorm_affine(bn: onnx.NodeProto, index: GraphIndex, units: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(s, t) with BatchNormalization(y)_k = s_k y_k + t_k (inference: s = gamma / sqrt(var + eps),
+    t = beta - mean s, float64), or None when ``bn`` has a used second output, non-constant
+    parameters or parameters that are not one value per unit."""
+    if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or any(bn.output[1:]):
+        return None
+    params = list(bn.input[1:5])
+    if len(params) != 4 or any(p not in index.initializers for p in params):
+        return None
+    gamma, beta, mean, var = (index.array(p).astype(np.float64).reshape(-1) for p in params)
+    if any(v.shape != (units,) for v in (gamma, beta, mean, var)):
+        return None
+    scale = gamma / np.sqrt(var + attr(bn, "epsilon", 1e-5))
+    return scale, beta - mean * scale
+
+
+def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Conv -> BatchNormalization (inference), or dense -> BatchNormalization on its (N, M)
+    output, becomes one Conv / Gemm with scaled weights (see :class:`_UnitAffineLayer` for
+    which Gemm / MatMul are dense layers and how they are written back).
+
+    W'_k = W_k s_k, b'_k = (b_k - mean_k) s_k + beta_k, s = gamma / sqrt(var + eps), per
+    output unit k, in float64. A negative gamma flips the signs of W', which is why the clamp
+    to W+ must come after this fold. A BatchNormalization that does not follow such a layer
+    whose output it alone consumes (and that is no graph output) is left for its own rule (a
+    per-channel linear layer).
+    """
+    graph = model.graph
+    index = GraphIndex(graph)
+    ranks = _lazy_ranks(model)
+    taken = set(index.tensor_names())
+    dropped: set[int] = set()
+    replaced: set[str] = set()
+    for bn in list(graph.node):
+        if bn.op_type != "BatchNormalization":
+            continue
+        producer = index.producer.get(bn.input[0])
+        if producer is None or index.consumer_count(producer.output[0]) != 1:
+            continue
+        layer = _UnitAffineLayer.of(producer, index, ranks)
+        affine = _batchnorm_affine(bn, index, layer.units) if layer is not None else None
+        if affine is None:
+            continue
+        layer.scale(affine[0])
+        layer.shift(affine[1])
+        replaced.update(layer.write(graph, taken, ("folded_weight", "folded_bias")))
+        replaced.update(bn.input[1:5])
+        _record_folded(model, [producer.output[0]], bn.output[0])
+        producer.output[0] = bn.output[0]
+        dropped.add(id(bn))
+    _drop_nodes(graph, dropped, replaced)
+    return model
+
+
+def fold_conv_affine(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Per-channel affine ops after a Conv or a dense layer (a BatchNorm written decomposed, as
+    tf2onnx and paddle2onnx do; Keras' ``Dense -> BatchNormalization`` is MatMul -> Add(bias)
+    -> Mul -> Add) become part of the layer, so the maps do not depend on the exporter.
+
+    Starting at a Conv / Gemm / MatMul whose weight W (and bias b, if any) are initializers
+    (:class:`_UnitAffineLayer`: which Gemm / MatMul count, and how they are written back):
+    while the layer's current output has exactly one consumer (and is not a graph output) and
+    that consumer is Mul / Div / Add / Sub whose other input is a float initializer ``c`` that
+    is a scalar or per output unit (after numpy broadcasting against the (N, C, ...) Conv
+    output or the (N, M) dense output: all non-unit dims 1, rank <= the output's), it is
+    folded, per output unit k:
 
     * ``x * c``, ``c * x``: W_k *= c_k, b_k *= c_k
     * ``x / c``: W_k /= c_k, b_k /= c_k (not folded when c has a 0)
     * ``x + c``, ``c + x``: b_k += c_k
     * ``x - c``: b_k -= c_k;  ``c - x``: W_k = -W_k, b_k = c_k - b_k
+    * a BatchNormalization (inference, as in :func:`fold_batchnorm`) further down the chain,
+      e.g. after a bias Add: W_k *= s_k, b_k = b_k s_k + beta_k - mean_k s_k
 
-    in float64, stored in W's dtype (float16 models stay float16); a Conv without bias gets
-    one. The Conv takes over the last folded op's output name (the tensors in between are
-    recorded in the model's metadata, see :func:`folded_names`). As with
-    :func:`fold_batchnorm`, a negative scale flips the signs of W, which the clamp to W+ must
-    see. Other constants (per-pixel, full tensor, integer), an output with two or more
-    consumers, or a graph output: left for the element-wise rules.
+    in float64, stored in W's dtype (float16 models stay float16); a layer without bias gets
+    one (so a MatMul with its bias Add becomes one Gemm). The layer takes over the last
+    folded op's output name (the tensors in between are recorded in the model's metadata,
+    see :func:`folded_names`). As with :func:`fold_batchnorm`, a negative scale flips the
+    signs of W, which the clamp to W+ must see. Other constants (per-pixel, per-sample, full
+    tensor, integer), an output with two or more consumers, or a graph output: left for the
+    element-wise rules; the chain stops at the first op that cannot fold.
     """
     graph = model.graph
     index = GraphIndex(graph)
     inits = index.initializers
+    ranks = _lazy_ranks(model)
     taken = set(index.tensor_names())
     dropped: set[int] = set()
     replaced: set[str] = set()
-    for conv in list(graph.node):
-        if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or len(conv.input) < 2:
+    for node in list(graph.node):
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or index.consumer_count(node.output[0]) != 1:
             continue
-        bias = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
-        if conv.input[1] not in inits or (bias is not None and bias not in inits):
+        first = index.consumers.get(node.output[0], [None])[0]
+        if first is None or first.op_type not in _AFFINE_OPS + ("BatchNormalization",):
             continue
-        w_dtype = numpy_helper.to_array(inits[conv.input[1]]).dtype
-        if w_dtype.kind != "f":
+        layer = _UnitAffineLayer.of(node, index, ranks)
+        if layer is None:
             continue
-        w = numpy_helper.to_array(inits[conv.input[1]]).astype(np.float64)
-        b = numpy_helper.to_array(inits[bias]).astype(np.float64) if bias is not None else np.zeros(w.shape[0])
-        per_channel = (-1,) + (1,) * (w.ndim - 1)
-        chain, out = [], conv.output[0]
+        chain, out = [], node.output[0]
         while True:
             users = index.consumers.get(out, [])
             if len(users) != 1 or out in index.outputs:
                 break
-            node = users[0]
-            if node.op_type not in _AFFINE_OPS or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            op = users[0]
+            affine = _batchnorm_affine(op, index, layer.units) if op.op_type == "BatchNormalization" else None
+            if affine is not None:   # a BatchNormalization further down the chain (after a bias Add)
+                layer.scale(affine[0])
+                layer.shift(affine[1])
+                chain.append(op)
+                out = op.output[0]
+                continue
+            if op.op_type not in _AFFINE_OPS or op.domain not in ("", "ai.onnx") or len(op.input) != 2:
                 break
-            if node.input[0] == out and node.input[1] != out:
-                other, x_first = node.input[1], True
-            elif node.input[1] == out and node.input[0] != out:
-                other, x_first = node.input[0], False
+            if op.input[0] == out and op.input[1] != out:
+                other, x_first = op.input[1], True
+            elif op.input[1] == out and op.input[0] != out:
+                other, x_first = op.input[0], False
             else:
                 break
-            c = _channel_vector(index.array(other), w.shape[0], w.ndim) if other in inits else None
-            if c is None or (node.op_type == "Div" and (not x_first or np.any(c == 0))):
+            c = _channel_vector(index.array(other), layer.units, layer.out_rank) if other in inits else None
+            if c is None or (op.op_type == "Div" and (not x_first or np.any(c == 0))):
                 break
-            if node.op_type == "Mul":
-                w, b = w * c.reshape(per_channel), b * c
-            elif node.op_type == "Div":
-                w, b = w / c.reshape(per_channel), b / c
-            elif node.op_type == "Add":
-                b = b + c
+            if op.op_type == "Mul":
+                layer.scale(c)
+            elif op.op_type == "Div":
+                layer.scale(1.0 / c)
+            elif op.op_type == "Add":
+                layer.shift(c)
             elif x_first:   # x - c
-                b = b - c
+                layer.shift(-c)
             else:           # c - x
-                w, b = -w, c - b
-            chain.append(node)
-            out = node.output[0]
+                layer.scale(-np.ones_like(c))
+                layer.shift(c)
+            chain.append(op)
+            out = op.output[0]
         if not chain:
             continue
-        names = []
-        for part in ("affine_weight", "affine_bias"):
-            name, k = f"{conv.name}.{part}", 0
-            while name in taken:
-                k += 1
-                name = f"{conv.name}.{part}{k}"
-            taken.add(name)
-            names.append(name)
-        graph.initializer.extend([numpy_helper.from_array(w.astype(w_dtype), names[0]),
-                                  numpy_helper.from_array(b.astype(w_dtype), names[1])])
-        replaced.update(conv.input[1:])
+        replaced.update(layer.write(graph, taken, ("affine_weight", "affine_bias")))
         replaced.update(i for n in chain for i in n.input)
-        vanished = [conv.output[0]] + [n.output[0] for n in chain[:-1]]
-        del conv.input[1:]
-        conv.input.extend(names)
-        conv.output[0] = out
+        vanished = [node.output[0]] + [n.output[0] for n in chain[:-1]]
+        node.output[0] = out
         _record_folded(model, vanished, out)
         dropped.update(id(n) for n in chain)
-    if dropped:
-        keep = [n for n in graph.node if id(n) not in dropped]
-        del graph.node[:]
-        graph.node.extend(keep)
-        used = {i for n in graph.node for i in all_inputs(n)} | {o.name for o in graph.output}
-        unused = [t for t in graph.initializer if t.name in replaced and t.name not in used]
-        for t in unused:
-            graph.initializer.remove(t)
+    _drop_nodes(graph, dropped, replaced)
     return model
 
 
@@ -714,7 +843,8 @@ def resolve_logits(model: onnx.ModelProto, logits: str | None = None) -> LogitsC
         if logits not in outputs and logits not in index.producer:
             into = folded_names(model).get(logits)
             if into is not None:
-                raise ExciteError(folded_message("logits", logits, into))
+                layer = index.producer.get(into)
+                raise ExciteError(folded_message("logits", logits, into, layer.op_type if layer is not None else "layer"))
             import difflib
 
             names = outputs + [o for n in model.graph.node for o in n.output if o]

@@ -194,6 +194,16 @@ def _resize_matrices(node, ins, opset):
 # ---------------------------------------------------------------------------
 # the reference
 # ---------------------------------------------------------------------------
+def _fresh(g, base):
+    """``base``, or ``base`` with a number, not yet a name of ``g``'s initializers."""
+    taken = {t.name for t in g.initializer}
+    name, k = base, 0
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    return name
+
+
 def _fold_conv_bn(model):
     """The spec folds Conv -> BatchNormalization (sole consumer) into one Conv before any
     rule runs (W' = W * s, s = gamma / sqrt(var + eps)); do the same on a copy."""
@@ -218,7 +228,7 @@ def _fold_conv_bn(model):
         scale = gamma / np.sqrt(var + _attr(bn, "epsilon", 1e-5))
         w = consts[conv.input[1]] * scale[:, None, None, None]
         b = consts[conv.input[2]] if len(conv.input) > 2 and conv.input[2] else np.zeros(w.shape[0])
-        names = (f"ref_fold_w_{bn.name}", f"ref_fold_b_{bn.name}")
+        names = (_fresh(g, f"ref_fold_w_{bn.name}"), _fresh(g, f"ref_fold_b_{bn.name}"))
         g.initializer.extend([numpy_helper.from_array(w, names[0]), numpy_helper.from_array((b - mean) * scale + beta, names[1])])
         del conv.input[1:]
         conv.input.extend(names)
@@ -281,7 +291,7 @@ def _fold_conv_affine(model):
                 else:              # c - y
                     w, b = -w, c - b
                 k += 1
-                names = (f"ref_affine_w{k}", f"ref_affine_b{k}")
+                names = (_fresh(g, f"ref_affine_w{k}"), _fresh(g, f"ref_affine_b{k}"))
                 consts.update(zip(names, (w, b)))
                 g.initializer.extend([numpy_helper.from_array(w, names[0]), numpy_helper.from_array(b, names[1])])
                 del conv.input[1:]
@@ -296,9 +306,161 @@ def _fold_conv_affine(model):
             return model
 
 
+def _dense_layer(node, consts, ranks):
+    """(W (K, M), b (M,)) in float64 when ``node`` is a dense layer the spec folds into, else None:
+    Gemm with a constant B, transA = 0 and a constant C (if any) that is a scalar or one value per
+    output feature (y = alpha A B' + beta C, so W = alpha B', b = beta C); MatMul with a constant
+    2-D B and a 2-D A (W = B, b = 0)."""
+    if node is None or node.op_type not in ("Gemm", "MatMul") or node.input[1] not in consts:
+        return None
+    bm = consts[node.input[1]]
+    if bm.dtype.kind != "f" or bm.ndim != 2:
+        return None
+    if node.op_type == "MatMul":
+        return (bm.astype(np.float64), np.zeros(bm.shape[1])) if ranks.get(node.input[0]) == 2 else None
+    if _attr(node, "transA", 0):
+        return None
+    w = _attr(node, "alpha", 1.0) * (bm.T if _attr(node, "transB", 0) else bm).astype(np.float64)
+    b = np.zeros(w.shape[1])
+    if len(node.input) > 2 and node.input[2]:
+        if node.input[2] not in consts:
+            return None
+        try:
+            b = _attr(node, "beta", 1.0) * np.broadcast_to(consts[node.input[2]], (1, w.shape[1])).reshape(-1).astype(np.float64)
+        except ValueError:
+            return None
+    return w, b
+
+
+def _as_gemm(g, node, w, b, tag):
+    """Rewrite ``node`` in place as Gemm(x, W, b) with W (K, M), transB = 0, alpha = beta = 1."""
+    names = (_fresh(g, f"ref_dense_w_{tag}"), _fresh(g, f"ref_dense_b_{tag}"))
+    g.initializer.extend([numpy_helper.from_array(w, names[0]), numpy_helper.from_array(b, names[1])])
+    x = node.input[0]
+    del node.input[:]
+    node.input.extend([x, *names])
+    del node.attribute[:]
+    node.op_type = "Gemm"
+
+
+def _ranks(model):
+    inferred = onnx.shape_inference.infer_shapes(model)
+    return {vi.name: len(vi.type.tensor_type.shape.dim)
+            for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output)
+            if vi.type.tensor_type.HasField("shape")}
+
+
+def _fold_dense_bn(model):
+    """The spec folds a BatchNormalization on the (N, M) output of a dense layer (see
+    :func:`_dense_layer`; its output feeds only the BatchNormalization and is no graph output)
+    into that layer: y = s (W x + b - mean) + beta, s = gamma / sqrt(var + eps), written as
+    Gemm(x, W * s, (b - mean) * s + beta). On a copy."""
+    import copy
+
+    model = copy.deepcopy(model)
+    g = model.graph
+    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    ranks = _ranks(model)
+    graph_outputs = {o.name for o in g.output}
+    uses = {}
+    for n in g.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    producer = {o: n for n in g.node for o in n.output}
+    for bn in [n for n in g.node if n.op_type == "BatchNormalization"]:
+        dense = producer.get(bn.input[0])
+        y = bn.input[0]
+        if uses.get(y) != 1 or y in graph_outputs or any(p not in consts for p in bn.input[1:5]):
+            continue
+        found = _dense_layer(dense, consts, ranks)
+        if found is None:
+            continue
+        w, b = found
+        gamma, beta, mean, var = (consts[i].astype(np.float64) for i in bn.input[1:5])
+        s = gamma / np.sqrt(var + _attr(bn, "epsilon", 1e-5))
+        _as_gemm(g, dense, w * s[None, :], (b - mean) * s + beta, bn.name or bn.output[0])
+        dense.output[0] = bn.output[0]
+        g.node.remove(bn)
+    return model
+
+
+def _fold_dense_affine(model):
+    """The spec folds a BatchNorm written decomposed after a dense layer (see
+    :func:`_dense_layer`) as for a Conv (:func:`_fold_conv_affine`), with a constant c that
+    broadcasts to (1, M) (a scalar or one value per output feature m) on y = x W + b:
+    y * c -> (W c, b c); y / c -> (W / c, b / c), c without zeros; y + c -> (W, b + c);
+    y - c -> (W, b - c); c - y -> (-W, c - b). The layer becomes Gemm(x, W, b). One node at a
+    time, on a copy, in float64."""
+    import copy
+
+    model = copy.deepcopy(model)
+    g = model.graph
+    ranks = _ranks(model)
+    graph_outputs = {o.name for o in g.output}
+    k = 0
+    while True:
+        consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        uses = {}
+        for n in g.node:
+            for i in n.input:
+                uses[i] = uses.get(i, 0) + 1
+        producer = {o: n for n in g.node for o in n.output}
+        folded = False
+        for node in g.node:
+            if node.op_type not in ("Mul", "Div", "Add", "Sub") or len(node.input) != 2:
+                continue
+            for pos in (0, 1):
+                y, c_name = node.input[pos], node.input[1 - pos]
+                dense = producer.get(y)
+                if uses.get(y) != 1 or y in graph_outputs or c_name not in consts or consts[c_name].dtype.kind != "f":
+                    continue
+                found = _dense_layer(dense, consts, ranks)
+                if found is None or consts[c_name].ndim > 2:
+                    continue
+                w, b = found
+                try:
+                    c = np.broadcast_to(consts[c_name], (1, w.shape[1])).reshape(-1).astype(np.float64)
+                except ValueError:
+                    continue
+                if node.op_type == "Div" and (pos == 1 or (c == 0).any()):
+                    continue
+                if node.op_type == "Mul":
+                    w, b = w * c, b * c
+                elif node.op_type == "Div":
+                    w, b = w / c, b / c
+                elif node.op_type == "Add":
+                    b = b + c
+                elif pos == 0:
+                    b = b - c
+                else:
+                    w, b = -w, c - b
+                k += 1
+                _as_gemm(g, dense, w, b, f"affine{k}")
+                dense.output[0] = node.output[0]
+                ranks[node.output[0]] = 2
+                g.node.remove(node)
+                folded = True
+                break
+            if folded:
+                break
+        if not folded:
+            return model
+
+
+def fold_like_the_spec(model):
+    """Every fold the spec makes before any rule runs: BatchNorm (node or decomposed) into the
+    Conv or the dense layer before it, repeated until nothing changes (a BatchNormalization
+    behind a bias Add folds once the Add has)."""
+    while True:
+        before = len(model.graph.node)
+        model = _fold_dense_affine(_fold_dense_bn(_fold_conv_affine(_fold_conv_bn(model))))
+        if len(model.graph.node) == before:
+            return model
+
+
 class Reference:
     def __init__(self, model: onnx.ModelProto):
-        model = _fold_conv_affine(_fold_conv_bn(model))
+        model = fold_like_the_spec(model)
         self.model = model
         self.consts = {t.name: numpy_helper.to_array(t).astype(np.float64) if numpy_helper.to_array(t).dtype.kind == "f"
                        else numpy_helper.to_array(t) for t in model.graph.initializer}

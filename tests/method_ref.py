@@ -19,8 +19,9 @@ cnt = H*W) are the linear
 layers y_i = sum_{j in window i} a_j / cnt_i; a residual Add is y = x1 + x2 (+ constant).
 Flatten/Reshape reshape P, Concat splits it, Identity/Dropout pass it; MaxPool routes P_out
 to the first maximum of each window (row-major scan) in every method. A Conv followed by a
-BatchNormalization (its sole consumer) is folded into one Conv first (as the library's
-canonicalization does); a BatchNormalization left over is the per-channel linear layer
+BatchNormalization (its sole consumer) is folded into one Conv first, and likewise a dense
+layer (Gemm / MatMul) followed by a BatchNormalization or a per-feature Mul/Div/Add/Sub chain
+into one Gemm (excitation_ref.fold_like_the_spec, as the library's canonicalization does); a BatchNormalization left over is the per-channel linear layer
 y = s x + t (s = gamma / sqrt(var + eps), t = beta - mean s: weight s, bias t). Clip
 (ReLU6) is a rectifier like Relu: the gradient's mask is [lo < x < hi], deconv rectifies P
 there, LRP and MWP pass P. Safe division: a term with a zero denominator contributes 0.
@@ -81,7 +82,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from excitation_ref import _fold_conv_affine, _fold_conv_bn
+from excitation_ref import fold_like_the_spec
 from reference import LINEAR, _attrs, _Graph, _pool_windows, _safe_div, _unbroadcast
 
 METHODS = ("grad", "deconv", "guided", "lrp-epsilon", "lrp-zplus", "cam", "mwp", "cmwp",
@@ -101,11 +102,12 @@ class MethodNotApplicable(ValueError):
 class Graph(_Graph):
     """reference.py's interpreter on the model with every Conv -> BatchNormalization (sole
     consumer), and every per-channel constant Mul / Div / Add / Sub chain after a Conv, folded
-    into one Conv (as the library's canonicalization does), plus Concat, Clip and unfolded
+    into one Conv, and the same after a dense layer folded into one Gemm (as the library's
+    canonicalization does), plus Concat, Clip and unfolded
     BatchNormalization (a per-channel affine map y = s x + t)."""
 
     def __init__(self, model: onnx.ModelProto):
-        super().__init__(_fold_conv_affine(_fold_conv_bn(model)))
+        super().__init__(fold_like_the_spec(model))
 
     def _forward_node(self, n, ins):
         if n.op_type == "Concat":

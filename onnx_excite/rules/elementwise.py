@@ -44,7 +44,7 @@ def sub_check(graph, node):
 @register("Sub", check=sub_check,
           description="`x - c`, `c - x` (decomposed BatchNorm, pixel normalisation inside the graph): per-element affine, "
                       "P passes to `x` as for Mul by a constant and a bias Add; Sub of two tensors is refused. A decomposed "
-                      "BatchNorm right after a Conv (scalar or per-channel constants) is folded into the Conv first")
+                      "BatchNorm right after a Conv or a dense layer (scalar or per-channel constants) is folded into that layer first")
 def sub(ctx: Context, node, p: str, negate=False):
     """P_in = P: each output cell is an affine function of one input cell. The gradient
     family (``ctx.adjoint``) takes the derivative: -P for ``c - x``."""
@@ -76,7 +76,7 @@ def div_nonneg(graph, node):
 @register("Div", inputs=(0,), keeps_nonneg=div_nonneg, check=div_check,
           description="`x / c`, or `x / g` with a gate `g` computed from `x` (L2 normalisation, paddle's hard-swish "
                       "`x·clip(x+3, 0, 6)/6`): P passes to `x`, the divisor takes none; `c / x` is refused. `x / c` "
-                      "right after a Conv (decomposed BatchNorm, scalar or per-channel c) is folded into the Conv first")
+                      "right after a Conv or a dense layer (decomposed BatchNorm, scalar or per-channel c) is folded into that layer first")
 def div(ctx: Context, node, p: str, negate=False):
     """P_in = P for the dividend; the divisor (a constant or a gate) takes no share. The
     gradient family (``ctx.adjoint``) takes the derivative, P / c, and refuses a divisor

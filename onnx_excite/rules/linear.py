@@ -372,7 +372,9 @@ def dense_weight(graph, node) -> np.ndarray:
 
 
 @register("Gemm", "MatMul", inputs=(0,), check=dense_check, weighted=True,
-          description="linear, W = alpha * B' for Gemm (transB honoured), B for MatMul (2-D constant); a bias Add passes P through")
+          description="linear, W = alpha * B' for Gemm (transB honoured), B for MatMul (2-D constant); a bias Add passes P "
+                      "through. On a 2-D input (Gemm: transA = 0), a BatchNorm or per-feature Mul/Div/Add/Sub (bias Add, "
+                      "decomposed BatchNorm) right after it is folded into one Gemm first")
 def dense(ctx: Context, node, p: str, negate=False):
     """Linear rule through Gemm / MatMul with a constant weight."""
     a = node.input[0]
@@ -501,7 +503,8 @@ def batchnorm_check(graph, node):
 
 
 @register("BatchNormalization", inputs=(0,), check=batchnorm_check,
-          description="folded into the preceding Conv (in float64, before W+ is taken); elsewhere a per-channel linear layer")
+          description="folded into the preceding Conv or dense layer (Gemm / MatMul) (in float64, before W+ is taken); "
+                      "elsewhere a per-channel linear layer")
 def batch_normalization(ctx: Context, node, p: str, negate=False):
     """Diagonal linear rule with weight s = gamma / sqrt(var + eps); the shift is a bias."""
     a = node.input[0]

@@ -205,8 +205,8 @@ def mul_check(graph, node):
 
 @register("Mul", keeps_nonneg=True, check=mul_check,
           description="by a gate (SE blocks, SiLU = x·sigmoid(x), constant scales): the gate is a per-element scale, P goes to the gated "
-                      "features only. A scalar or per-channel constant scale right after a Conv (decomposed BatchNorm) is folded "
-                      "into the Conv first")
+                      "features only. A scalar or per-channel constant scale right after a Conv or a dense layer (Gemm / MatMul; "
+                      "decomposed BatchNorm) is folded into that layer first")
 def mul(ctx: Context, node, p: str, negate=False):
     """The gate (a constant or computed from the features) is a per-element scale: P flows to the
     features. The gradient family follows the product rule instead: P * gate to the features
