@@ -300,7 +300,7 @@ def ceil_pools_to_pads(model: onnx.ModelProto) -> onnx.ModelProto:
             return model
 
 
-#: the element-wise ops :func:`fold_conv_affine` folds into a Conv or dense layer
+#: the element-wise ops :func:`fold_affine` folds into a Conv or dense layer
 _AFFINE_OPS = ("Mul", "Div", "Add", "Sub")
 #: metadata key prefix under which the folding passes record the tensor names they remove
 #: (read and dropped by :func:`make_view`, which puts them in ``ForwardGraph.folded``)
@@ -525,7 +525,7 @@ def fold_batchnorm(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def fold_conv_affine(model: onnx.ModelProto) -> onnx.ModelProto:
+def fold_affine(model: onnx.ModelProto) -> onnx.ModelProto:
     """Per-channel affine ops after a Conv or a dense layer (a BatchNorm written decomposed, as
     tf2onnx and paddle2onnx do; Keras' ``Dense -> BatchNormalization`` is MatMul -> Add(bias)
     -> Mul -> Add) become part of the layer, so the maps do not depend on the exporter.
@@ -781,7 +781,7 @@ PASSES: list[Callable[[onnx.ModelProto], onnx.ModelProto]] = [
     name_nodes,
     upgrade_opset,
     fold_batchnorm,
-    fold_conv_affine,
+    fold_affine,
     split_to_slices,
     ceil_pools_to_pads,
     infer_shapes,

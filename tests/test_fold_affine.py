@@ -1,5 +1,5 @@
 """A BatchNorm written decomposed after a Conv (tf2onnx / paddle2onnx: Sub mean, Div std, Mul gamma,
-Add beta, or only Mul + Add) is folded into the Conv by ``canonicalize.fold_conv_affine``, so the maps do
+Add beta, or only Mul + Add) is folded into the Conv by ``canonicalize.fold_affine``, so the maps do
 not depend on how the exporter wrote the BatchNorm: the same network written three ways gives the same
 maps; the maps match the float64 reference (tests/excitation_ref.py, which folds the chain on its own);
 what the spec leaves alone stays; names that vanish by folding give one clear error."""
@@ -204,7 +204,7 @@ def test_not_folded(case):
     nodes, consts, outputs = NOT_FOLDED[case]
     model = _conv_then(nodes, consts, outputs)
     _ort(model, X)   # a valid model
-    out = C.fold_conv_affine(_copy(model))
+    out = C.fold_affine(_copy(model))
     assert _counts(out) == _counts(model) and [n.input[1] for n in out.graph.node if n.op_type == "Conv"] == ["W"]
     view = C.canonicalize(model, logits=nodes[-1].output[0])       # the whole pipeline leaves it too
     assert _counts(view.model) == _counts(model) and view.folded == {}
@@ -214,7 +214,7 @@ def test_a_chain_stops_at_the_first_op_it_cannot_fold():
     """Conv -> Mul per channel (folded) -> Add per pixel (left): one Conv and the Add, same outputs."""
     model = _conv_then([helper.make_node("Mul", ["c", "s"], ["m"]), helper.make_node("Add", ["m", "p"], ["y"])],
                        {"s": RNG.normal(size=(1, 4, 1, 1)), "p": RNG.normal(size=(1, 1, 7, 6))})
-    out = C.fold_conv_affine(_copy(model))
+    out = C.fold_affine(_copy(model))
     assert _counts(out) == {"Conv": 1, "Add": 1}
     conv = next(n for n in out.graph.node if n.op_type == "Conv")
     assert conv.output[0] == "m" and C.folded_names(out) == {"c": "m"}
@@ -236,7 +236,7 @@ def test_scalars_and_constant_minus_x(bias):
     """W' = -s W / d and b' = (k - s b) / d + t, per output channel; a bias-free Conv gets one."""
     nodes, consts = SCALAR_CHAIN
     model = _conv_then(nodes, consts, bias=bias)
-    out = C.fold_conv_affine(_copy(model))
+    out = C.fold_affine(_copy(model))
     assert _counts(out) == {"Conv": 1}
     (conv,) = out.graph.node
     assert conv.output[0] == "y" and len(conv.input) == 3
@@ -275,7 +275,7 @@ def test_scalar_chain_maps_match_reference(rule):
 @pytest.mark.parametrize("form,dropped", [("sub_div_mul_add", 16), ("mul_add", 8)])
 def test_pass_keeps_the_forward_outputs(form, dropped):
     model = conv_bn_net(3, form)
-    out = C.fold_conv_affine(_copy(model))
+    out = C.fold_affine(_copy(model))
     onnx.checker.check_model(out, full_check=True)
     assert len(out.graph.node) == len(model.graph.node) - dropped
     assert _counts(out) == {"Conv": 4, "Relu": 3, "GlobalAveragePool": 1, "Flatten": 1, "Gemm": 1}
@@ -286,7 +286,7 @@ def test_pass_keeps_the_forward_outputs(form, dropped):
 
 def test_float16_model_stays_float16():
     model = conv_bn_net(4, "sub_div_mul_add", dtype=np.float16)
-    out = C.fold_conv_affine(_copy(model))
+    out = C.fold_affine(_copy(model))
     assert len(out.graph.node) == len(model.graph.node) - 16
     convs = [n for n in out.graph.node if n.op_type == "Conv"]
     values = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
@@ -297,14 +297,14 @@ def test_float16_model_stays_float16():
 
 
 def test_batchnorm_then_scale_folds_both():
-    """Conv -> BatchNormalization -> Mul by a scalar: fold_batchnorm then fold_conv_affine, one Conv; the
+    """Conv -> BatchNormalization -> Mul by a scalar: fold_batchnorm then fold_affine, one Conv; the
     Conv's original output is recorded as folded into the last tensor. (fold_batchnorm alone, on unnamed
     nodes, once dropped every unnamed node with the BatchNorm.)"""
     rng = np.random.default_rng(2)
     bn = {"g": rng.uniform(-1, 1, 4), "be": rng.normal(size=4), "mu": rng.normal(size=4), "v": rng.uniform(0.5, 2, 4)}
     model = _conv_then([helper.make_node("BatchNormalization", ["c", "g", "be", "mu", "v"], ["bn"]),
                         helper.make_node("Mul", ["bn", "s"], ["y"])], dict(bn, s=-3.0))   # unnamed, as before name_nodes
-    out = C.fold_conv_affine(C.fold_batchnorm(_copy(model)))
+    out = C.fold_affine(C.fold_batchnorm(_copy(model)))
     assert _counts(out) == {"Conv": 1} and C.folded_names(out) == {"c": "y", "bn": "y"}
     np.testing.assert_allclose(_ort(out, X)[0], _ort(model, X)[0], rtol=1e-4, atol=1e-5)
 

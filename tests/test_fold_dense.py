@@ -1,6 +1,6 @@
 """A BatchNorm after a dense layer (PyTorch ``Linear -> BatchNorm1d``: Gemm -> BatchNormalization on
 (N, M); Keras ``Dense -> BatchNormalization``: MatMul -> Add(bias) -> Mul -> Add) is folded into the
-dense layer by ``canonicalize.fold_batchnorm`` / ``fold_conv_affine``, as after a Conv: the same head
+dense layer by ``canonicalize.fold_batchnorm`` / ``fold_affine``, as after a Conv: the same head
 written four ways (BatchNormalization node, decomposed after a Gemm with alpha / beta, Keras-style MatMul
 chains, folded by hand) gives the same logits and maps; the maps match the float64 reference
 (tests/excitation_ref.py, which folds on its own); what the spec leaves alone stays; folded names give
@@ -117,7 +117,7 @@ def _copy(model):
 
 
 def _fold(model):
-    return C.fold_conv_affine(C.fold_batchnorm(_copy(model)))
+    return C.fold_affine(C.fold_batchnorm(_copy(model)))
 
 
 # ---------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def test_the_forms_really_differ_before_canonicalization():
     folded = Exciter(dense_bn_net(0, "folded"), ["crelu"]).explain(x, signal).maps["mwp"]["crelu"]
     saved = C.PASSES[:]
     try:   # the same model without the two folding passes
-        C.PASSES[:] = [p for p in saved if p not in (C.fold_batchnorm, C.fold_conv_affine)]
+        C.PASSES[:] = [p for p in saved if p not in (C.fold_batchnorm, C.fold_affine)]
         unfolded = Exciter(dense_bn_net(0, "keras"), ["crelu"]).explain(x, signal).maps["mwp"]["crelu"]
     finally:
         C.PASSES[:] = saved
@@ -268,7 +268,7 @@ def test_a_chain_stops_at_the_first_op_it_cannot_fold():
     model = _dense_then([helper.make_node("Add", ["g", "b"], ["a"]), helper.make_node("Mul", ["a", "s"], ["m"]),
                          helper.make_node("Add", ["m", "p"], ["y"])],
                         {"b": RNG.normal(size=4), "s": RNG.normal(size=(1, 4)), "p": RNG.normal(size=(2, 4))}, layer="matmul")
-    out = C.fold_conv_affine(_copy(model))
+    out = C.fold_affine(_copy(model))
     assert _counts(out) == {"Gemm": 1, "Add": 1}
     gemm = next(n for n in out.graph.node if n.op_type == "Gemm")
     assert gemm.output[0] == "m" and C.folded_names(out) == {"g": "m", "a": "m"}
@@ -307,7 +307,7 @@ def test_scalars_and_constant_minus_x_on_a_gemm(bias):
                         {"s": s, "k": k, "d": [d], "t": t}, bias=bias)
     dense = model.graph.node[0]
     dense.attribute.extend([helper.make_attribute("alpha", 0.5), helper.make_attribute("beta", 2.0)])
-    out = C.fold_conv_affine(_copy(model))
+    out = C.fold_affine(_copy(model))
     assert _counts(out) == {"Gemm": 1}
     (gemm,) = out.graph.node
     assert gemm.output[0] == "y" and len(gemm.input) == 3 and C.attr(gemm, "transB") == 1
