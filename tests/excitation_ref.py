@@ -239,21 +239,48 @@ def _fold_conv_bn(model):
     return model
 
 
-def _fold_conv_affine(model):
-    """The spec also folds a BatchNorm written decomposed after a Conv: while the Conv's output
-    feeds exactly one node (and is no graph output) and that node is Mul / Div / Add / Sub of it
-    and a float constant c that broadcasts to (1, C, 1, ..., 1) (a scalar or one value per output
-    channel k), the node becomes part of the Conv (y_k = W_k * x + b_k):
-    y * c -> (c W, c b); y / c -> (W / c, b / c), c without zeros; y + c -> (W, b + c);
-    y - c -> (W, b - c); c - y -> (-W, c - b). One node at a time, on a copy, in float64."""
+def _affine_after(op, c_first, w, b, c, c_per_unit):
+    """(W, b) of y_k = W_k x + b_k followed by ``op(y, c)`` (``c_first``: ``op(c, y)``), c one
+    value per unit k (``c_per_unit``: c shaped to scale W's unit axis): y * c -> (c W, c b);
+    y / c -> (W / c, b / c); y + c -> (W, b + c); y - c -> (W, b - c); c - y -> (-W, c - b)."""
+    if op == "Mul":
+        return w * c_per_unit, b * c
+    if op == "Div":
+        return w / c_per_unit, b / c
+    if op == "Add":
+        return w, b + c
+    return (-w, c - b) if c_first else (w, b - c)
+
+
+def _conv_layer(node, consts):
+    """(W (M, C/g, k...), b (M,)) in float64 when ``node`` is a Conv with constant weight and
+    bias (if any), else None."""
+    if node is None or node.op_type != "Conv" or node.input[1] not in consts:
+        return None
+    if len(node.input) > 2 and node.input[2] and node.input[2] not in consts:
+        return None
+    w = consts[node.input[1]].astype(np.float64)
+    b = consts[node.input[2]].astype(np.float64) if len(node.input) > 2 and node.input[2] else np.zeros(w.shape[0])
+    return w, b
+
+
+def _fold_affine(model):
+    """The spec also folds a BatchNorm written decomposed after a Conv or a dense layer (see
+    :func:`_dense_layer`): while the layer's output feeds exactly one node (and is no graph
+    output) and that node is Mul / Div / Add / Sub of it and a float constant c that broadcasts
+    to the output as one value per output unit k or a scalar ((1, C, 1, ..., 1) for a Conv,
+    (1, M) for a dense layer), the node becomes part of the layer (y_k = W_k x + b_k; see
+    :func:`_affine_after`; a Div by a c with zeros, or of c by y, is not folded). A dense layer
+    becomes Gemm(x, W, b). One node at a time, on a copy, in float64."""
     import copy
 
     model = copy.deepcopy(model)
     g = model.graph
-    consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    ranks = _ranks(model)
     graph_outputs = {o.name for o in g.output}
     k = 0
     while True:
+        consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
         uses = {}
         for n in g.node:
             for i in n.input:
@@ -265,38 +292,36 @@ def _fold_conv_affine(model):
                 continue
             for pos in (0, 1):
                 y, c_name = node.input[pos], node.input[1 - pos]
-                conv = producer.get(y)
-                if (conv is None or conv.op_type != "Conv" or uses.get(y) != 1 or y in graph_outputs
-                        or c_name not in consts or consts[c_name].dtype.kind != "f" or conv.input[1] not in consts
-                        or (len(conv.input) > 2 and conv.input[2] and conv.input[2] not in consts)):
+                layer = producer.get(y)
+                if uses.get(y) != 1 or y in graph_outputs or c_name not in consts or consts[c_name].dtype.kind != "f":
                     continue
-                w = consts[conv.input[1]].astype(np.float64)
-                n_out = w.shape[0]
+                conv = layer is not None and layer.op_type == "Conv"
+                found = _conv_layer(layer, consts) if conv else _dense_layer(layer, consts, ranks)
+                if found is None:
+                    continue
+                w, b = found
+                units = w.shape[0] if conv else w.shape[1]
+                out_shape = (1, units) + (1,) * (w.ndim - 2) if conv else (1, units)
+                if consts[c_name].ndim > len(out_shape):
+                    continue
                 try:
-                    c = np.broadcast_to(consts[c_name], (1, n_out) + (1,) * (w.ndim - 2)).reshape(n_out).astype(np.float64)
-                except ValueError:   # per pixel, or more dims than the output: not per channel
+                    c = np.broadcast_to(consts[c_name], out_shape).reshape(units).astype(np.float64)
+                except ValueError:   # per pixel / per sample: not one value per unit
                     continue
                 if node.op_type == "Div" and (pos == 1 or (c == 0).any()):
                     continue
-                b = consts[conv.input[2]].astype(np.float64) if len(conv.input) > 2 and conv.input[2] else np.zeros(n_out)
-                per_k = c.reshape((n_out,) + (1,) * (w.ndim - 1))
-                if node.op_type == "Mul":
-                    w, b = w * per_k, b * c
-                elif node.op_type == "Div":
-                    w, b = w / per_k, b / c
-                elif node.op_type == "Add":
-                    b = b + c
-                elif pos == 0:     # y - c
-                    b = b - c
-                else:              # c - y
-                    w, b = -w, c - b
+                # W (K, M) of a dense layer: c scales its columns as it is
+                w, b = _affine_after(node.op_type, pos == 1, w, b, c, c.reshape((units,) + (1,) * (w.ndim - 1)) if conv else c)
                 k += 1
-                names = (_fresh(g, f"ref_affine_w{k}"), _fresh(g, f"ref_affine_b{k}"))
-                consts.update(zip(names, (w, b)))
-                g.initializer.extend([numpy_helper.from_array(w, names[0]), numpy_helper.from_array(b, names[1])])
-                del conv.input[1:]
-                conv.input.extend(names)
-                conv.output[0] = node.output[0]
+                if conv:
+                    names = (_fresh(g, f"ref_affine_w{k}"), _fresh(g, f"ref_affine_b{k}"))
+                    g.initializer.extend([numpy_helper.from_array(w, names[0]), numpy_helper.from_array(b, names[1])])
+                    del layer.input[1:]
+                    layer.input.extend(names)
+                else:
+                    _as_gemm(g, layer, w, b, f"affine{k}")
+                    ranks[node.output[0]] = 2
+                layer.output[0] = node.output[0]
                 g.node.remove(node)
                 folded = True
                 break
@@ -384,76 +409,13 @@ def _fold_dense_bn(model):
     return model
 
 
-def _fold_dense_affine(model):
-    """The spec folds a BatchNorm written decomposed after a dense layer (see
-    :func:`_dense_layer`) as for a Conv (:func:`_fold_conv_affine`), with a constant c that
-    broadcasts to (1, M) (a scalar or one value per output feature m) on y = x W + b:
-    y * c -> (W c, b c); y / c -> (W / c, b / c), c without zeros; y + c -> (W, b + c);
-    y - c -> (W, b - c); c - y -> (-W, c - b). The layer becomes Gemm(x, W, b). One node at a
-    time, on a copy, in float64."""
-    import copy
-
-    model = copy.deepcopy(model)
-    g = model.graph
-    ranks = _ranks(model)
-    graph_outputs = {o.name for o in g.output}
-    k = 0
-    while True:
-        consts = {t.name: numpy_helper.to_array(t) for t in g.initializer}
-        uses = {}
-        for n in g.node:
-            for i in n.input:
-                uses[i] = uses.get(i, 0) + 1
-        producer = {o: n for n in g.node for o in n.output}
-        folded = False
-        for node in g.node:
-            if node.op_type not in ("Mul", "Div", "Add", "Sub") or len(node.input) != 2:
-                continue
-            for pos in (0, 1):
-                y, c_name = node.input[pos], node.input[1 - pos]
-                dense = producer.get(y)
-                if uses.get(y) != 1 or y in graph_outputs or c_name not in consts or consts[c_name].dtype.kind != "f":
-                    continue
-                found = _dense_layer(dense, consts, ranks)
-                if found is None or consts[c_name].ndim > 2:
-                    continue
-                w, b = found
-                try:
-                    c = np.broadcast_to(consts[c_name], (1, w.shape[1])).reshape(-1).astype(np.float64)
-                except ValueError:
-                    continue
-                if node.op_type == "Div" and (pos == 1 or (c == 0).any()):
-                    continue
-                if node.op_type == "Mul":
-                    w, b = w * c, b * c
-                elif node.op_type == "Div":
-                    w, b = w / c, b / c
-                elif node.op_type == "Add":
-                    b = b + c
-                elif pos == 0:
-                    b = b - c
-                else:
-                    w, b = -w, c - b
-                k += 1
-                _as_gemm(g, dense, w, b, f"affine{k}")
-                dense.output[0] = node.output[0]
-                ranks[node.output[0]] = 2
-                g.node.remove(node)
-                folded = True
-                break
-            if folded:
-                break
-        if not folded:
-            return model
-
-
 def fold_like_the_spec(model):
     """Every fold the spec makes before any rule runs: BatchNorm (node or decomposed) into the
     Conv or the dense layer before it, repeated until nothing changes (a BatchNormalization
     behind a bias Add folds once the Add has)."""
     while True:
         before = len(model.graph.node)
-        model = _fold_dense_affine(_fold_dense_bn(_fold_conv_affine(_fold_conv_bn(model))))
+        model = _fold_affine(_fold_dense_bn(_fold_conv_bn(model)))
         if len(model.graph.node) == before:
             return model
 

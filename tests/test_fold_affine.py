@@ -114,12 +114,18 @@ def test_same_maps_whatever_the_exporter_wrote(seed, rule):
     signal = np.random.default_rng(seed).random((2, 5)).astype(np.float32)
     results = {form: Exciter(conv_bn_net(seed, form), LAYERS, methods=("mwp", "cmwp"), rule=rule).explain(x, signal)
                for form in FORMS}
-    want = results["batchnorm"]
-    for form in FORMS[1:]:
+    assert_same_explanations(results, "batchnorm", FORMS[1:], LAYERS)
+
+
+def assert_same_explanations(results, base, forms, layers):
+    """``results[form]`` (Explanations of one network written in several forms) equal
+    ``results[base]``: logits, MWP and c-MWP maps at ``layers`` (to 1e-5 of each map's peak)."""
+    want = results[base]
+    for form in forms:
         got = results[form]
         np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-6)
         for method in ("mwp", "cmwp"):
-            for layer in LAYERS:
+            for layer in layers:
                 exp = want.maps[method][layer]
                 scale = max(np.abs(exp).max(), 1e-12)
                 err = np.abs(got.maps[method][layer] - exp).max()
@@ -144,16 +150,22 @@ def test_decomposed_model_matches_reference(seed, form, rule):
     model = conv_bn_net(seed, form)
     x = _input(seed, rule)
     signal = np.random.default_rng(seed + 7).random((2, 5)).astype(np.float32)
-    res = Exciter(model, LAYERS, methods=("mwp", "cmwp"), rule=rule).explain(x, signal)
     ref = Reference(model)
     assert not any(n.op_type in ("Sub", "Div", "Mul") for n in ref.nodes)   # the reference folded on its own
+    assert_matches_reference(model, ref, LAYERS, x, signal, rule, form)
+
+
+def assert_matches_reference(model, ref, layers, x, signal, rule, label):
+    """Logits, MWP and c-MWP maps of the library at ``layers`` against the float64 reference
+    ``ref`` (to 1e-4 of the larger of the map's and P's peak)."""
+    res = Exciter(model, layers, methods=("mwp", "cmwp"), rule=rule).explain(x, signal)
     np.testing.assert_allclose(res.logits, ref.forward(x)[ref.entry()], rtol=1e-4, atol=1e-5)
     for contrastive, method in ((False, "mwp"), (True, "cmwp")):
-        want = ref.run(x, signal, LAYERS, rule=rule, contrastive=contrastive)
-        for layer in LAYERS:
+        want = ref.run(x, signal, layers, rule=rule, contrastive=contrastive)
+        for layer in layers:
             exp = want["map"][layer]
             scale = max(np.abs(exp).max(), np.abs(want["P"][layer]).max())
-            assert np.abs(res.maps[method][layer] - exp).max() <= 1e-4 * scale, (form, method, layer)
+            assert np.abs(res.maps[method][layer] - exp).max() <= 1e-4 * scale, (label, method, layer)
 
 
 # ---------------------------------------------------------------------------

@@ -7,12 +7,12 @@ chains, folded by hand) gives the same logits and maps; the maps match the float
 one clear error."""
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from excitation_ref import Reference
+from test_fold_affine import _counts, _ort, assert_matches_reference, assert_same_explanations
 from onnx_excite import Exciter
 from onnx_excite import canonicalize as C
 from onnx_excite.cli.app import app
@@ -98,16 +98,6 @@ def _input(seed, rule, batch=2):
     return np.abs(x) if rule == "paper" else x
 
 
-def _ort(model, x):
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    return sess.run(None, {sess.get_inputs()[0].name: x})
-
-
-def _counts(model):
-    out = {}
-    for n in model.graph.node:
-        out[n.op_type] = out.get(n.op_type, 0) + 1
-    return out
 
 
 def _copy(model):
@@ -132,16 +122,7 @@ def test_same_maps_whatever_the_exporter_wrote(seed, rule):
     signal = np.random.default_rng(seed).random((2, CLASSES)).astype(np.float32)
     results = {form: Exciter(dense_bn_net(seed, form), LAYERS, methods=("mwp", "cmwp"), rule=rule).explain(x, signal)
                for form in FORMS}
-    want = results["folded"]
-    for form in UNFOLDED:
-        got = results[form]
-        np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-6)
-        for method in ("mwp", "cmwp"):
-            for layer in LAYERS:
-                exp = want.maps[method][layer]
-                scale = max(np.abs(exp).max(), 1e-12)
-                err = np.abs(got.maps[method][layer] - exp).max()
-                assert err <= 1e-5 * scale, (form, method, layer, err / scale)
+    assert_same_explanations(results, "folded", UNFOLDED, LAYERS)
 
 
 def test_the_forms_really_differ_before_canonicalization():
@@ -173,16 +154,9 @@ def test_unfolded_model_matches_reference(seed, form, rule):
     model = dense_bn_net(seed, form)
     x = _input(seed, rule)
     signal = np.random.default_rng(seed + 7).random((2, CLASSES)).astype(np.float32)
-    res = Exciter(model, LAYERS, methods=("mwp", "cmwp"), rule=rule).explain(x, signal)
     ref = Reference(model)
     assert _counts(ref.model) == {"Conv": 1, "Relu": 2, "MaxPool": 1, "Flatten": 1, "Gemm": 2}   # folded on its own
-    np.testing.assert_allclose(res.logits, ref.forward(x)[ref.entry()], rtol=1e-4, atol=1e-5)
-    for contrastive, method in ((False, "mwp"), (True, "cmwp")):
-        want = ref.run(x, signal, LAYERS, rule=rule, contrastive=contrastive)
-        for layer in LAYERS:
-            exp = want["map"][layer]
-            scale = max(np.abs(exp).max(), np.abs(want["P"][layer]).max())
-            assert np.abs(res.maps[method][layer] - exp).max() <= 1e-4 * scale, (form, method, layer)
+    assert_matches_reference(model, ref, LAYERS, x, signal, rule, form)
 
 
 # ---------------------------------------------------------------------------
