@@ -75,6 +75,12 @@ def _logits_option():
     return typer.Option(None, "--logits", help=LOGITS_HELP)
 
 
+def _share_option():
+    return typer.Option("dense", "--share-adjoints", help="run the adjoint ops that several methods' sweeps apply with "
+                        "one weight once on the stacked signals: dense (Gemm/MatMul, whose time is reading the weight), "
+                        "all (convolutions too) or none")
+
+
 def _hidden_output_alias():
     return typer.Option(None, "--output", hidden=True, help="older name of --logits")
 
@@ -163,6 +169,7 @@ def export(model: Path = typer.Argument(..., help="ONNX classifier (never modifi
            serving: Optional[Path] = typer.Option(None, help="also write a Triton model repository folder here"),
            name: Optional[str] = typer.Option(None, help="Triton model name (default: the model file's stem + '_excite')"),
            max_batch_size: int = typer.Option(32, help="Triton max_batch_size"),
+           share_adjoints: str = _share_option(),
            logits: Optional[str] = _logits_option()):
     """Write one ONNX model with the forward graph and the excitation outputs.
 
@@ -173,7 +180,7 @@ def export(model: Path = typer.Argument(..., help="ONNX classifier (never modifi
 
     export_command(model, out_path, layer, _methods(method, contrastive), rule, channels,
                    _input_shapes(str(model), input_shape), signal, map_size, resize, normalize, fp16,
-                   dynamic_batch, serving, name, max_batch_size, logits=logits)
+                   dynamic_batch, serving, name, max_batch_size, logits=logits, share_adjoints=share_adjoints)
 
 
 @app.command()
@@ -198,12 +205,15 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
                                               "(the default; ORT folds them at session load)"),
           compare: Optional[List[str]] = typer.Option(None, "--compare", help=COMPARE_HELP),
           markdown: bool = typer.Option(False, "--markdown", help="also print this run as a row of the README's "
-                                        "benchmark table (model, layer, batch and load average as its label)")):
+                                        "benchmark table (model, layer, batch and load average as its label)"),
+          share_adjoints: str = _share_option()):
     """Median ms of forward alone vs forward+MWP vs forward+c-MWP (and forward + each --method), the ratios, the FLOP floor and the time floor."""
     from onnx_excite.bench import run_bench_report
     from onnx_excite.models.default import layers_or_default
     from onnx_excite.models.synthetic import RECIPE_LAYERS, RECIPES
+    from onnx_excite.share import parse_share
 
+    share = parse_share(share_adjoints)
     if model in RECIPES:
         layer = list(layer or []) or RECIPE_LAYERS[model]
     layer = layers_or_default(model, layer)
@@ -227,7 +237,7 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
                                   input_shapes=shapes, progress=progress, on_inputs=used.update, logits=logits,
                                   spinning=spin, opt_level=opt_level, memory=memory, profile=profile,
                                   methods=method or (), derive_weights=False if stored_weights else None,
-                                  peers=compare or ())
+                                  peers=compare or (), share_adjoints=share)
     finally:
         bar.stop()
     sizes = ", ".join(f"{name} {_shape(shape)}" for name, shape in used.items())

@@ -32,11 +32,12 @@ def check_cuda_command(model: Path, provider: str, layer: Optional[List[str]], o
 
 def export_command(model: Path, out_path: Optional[Path], layers, methods, rule, channels, input_shapes,
                    signal, map_size, resize, normalize, fp16, dynamic_batch, serving_dir, name, max_batch_size,
-                   logits=None) -> None:
+                   logits=None, share_adjoints: str = "dense") -> None:
     """`onnx-excite export`: build, post-process, write the model (and the Triton folder), verify."""
     import onnx
 
     from onnx_excite.serving import export_model, write_triton_repository
+    from onnx_excite.share import parse_share
 
     if out_path is None and serving_dir is None:
         raise ExciteError("give -o/--output FILE and/or --serving DIR")
@@ -44,6 +45,7 @@ def export_command(model: Path, out_path: Optional[Path], layers, methods, rule,
     from onnx_excite.cli.app import _note_logits
     from onnx_excite.models.default import layers_or_default
 
+    share = parse_share(share_adjoints)
     layers = layers_or_default(str(model), layers)
     if out_path is not None:
         output_file(out_path, "-o", protect=[model])
@@ -51,7 +53,8 @@ def export_command(model: Path, out_path: Optional[Path], layers, methods, rule,
         output_dir(serving_dir, "--serving")
     exp = export_model(str(model), layers, methods=methods, rule=rule, channels=channels, input_shapes=input_shapes,
                        signal=signal, map_size=map_size, resize=resize, normalize=normalize, fp16=fp16,
-                       dynamic_batch=dynamic_batch, serving=serving_dir is not None, logits=logits)
+                       dynamic_batch=dynamic_batch, serving=serving_dir is not None, logits=logits,
+                       share_adjoints=share)
     _note_logits(exp.built.logits_choice)
     for note in exp.notes:
         out.print(f"note: {note}", markup=False, soft_wrap=True)

@@ -33,6 +33,7 @@ from .builder import build_excitation_model
 from .canonicalize import canonicalize
 from .flops import FlopCount, count_flops, downstream
 from .runtime import describe_session_options, make_session, session_options
+from .share import WEIGHT_BOUND
 
 #: the forward cut at the map layer (timed with the variants, reported as the time floor)
 BELOW = "forward below the map layer"
@@ -205,7 +206,8 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
                      progress=None, on_inputs=None, logits: str | None = None, spinning: bool = False,
                      opt_level: str = "all", memory: bool = False, profile: bool = False,
                      variants: Sequence[tuple] = VARIANTS, methods: Sequence[str] = (),
-                     derive_weights: bool | None = None, peers: Sequence[str] = ()) -> BenchReport:
+                     derive_weights: bool | None = None, peers: Sequence[str] = (),
+                     share_adjoints: bool | Sequence[str] = WEIGHT_BOUND) -> BenchReport:
     """Median wall time of each variant over ``runs`` rounds; ratios are to the forward alone.
 
     The variants run interleaved, one run each per round, so that load from elsewhere
@@ -220,7 +222,9 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
     :data:`onnx_excite.methods.METHODS`). ``derive_weights``: passed to
     :func:`~onnx_excite.builder.build_excitation_model` (None: its default, except with
     ``opt_level="disable"``, where ORT would not fold the derivations and they would be
-    timed: then the weights are stored). ``peers`` (``"torchray"``, ``"zennit"``): the same
+    timed: then the weights are stored). ``share_adjoints``: passed to the builder too (the
+    default: dense adjoints shared between sweeps; ``True`` adds the convolutions, ``False``
+    shares nothing). ``peers`` (``"torchray"``, ``"zennit"``): the same
     weights in PyTorch, their excitation backprop at ``layers[0]`` timed against their own
     forward after ours (:mod:`.bench_torch`); ``threads`` then defaults to torch's count
     and is given to both.
@@ -276,7 +280,7 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
             prepared.append((name, fwd_session, [forward.entry], feeds))
             continue
         built = build_excitation_model(source, layers, methods=methods, rule=rule, logits=logits, input_shapes=input_shapes,
-                                       derive_weights=derive_weights)
+                                       derive_weights=derive_weights, share_adjoints=share_adjoints)
         session = make_session(built.model, providers, options=options())
         k = built.num_classes or session.get_inputs()[-1].shape[1]
         signal = np.zeros((batch, k), np.float32)
@@ -318,7 +322,7 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
             progress("memory", n, len(variants))
             report.builds.append(measure_build(model, layers, methods, name=name, rule=rule, logits=logits,
                                                input_shapes=input_shapes, threads=threads, providers=providers,
-                                               derive_weights=derive_weights))
+                                               derive_weights=derive_weights, share_adjoints=share_adjoints))
     return report
 
 
@@ -390,7 +394,8 @@ def _build_in_child(spec: dict) -> dict:
     else:
         target = build_excitation_model(source, spec["layers"], methods=spec["methods"], rule=spec["rule"],
                                         logits=spec["logits"], input_shapes=spec["input_shapes"],
-                                        derive_weights=spec.get("derive_weights")).model
+                                        derive_weights=spec.get("derive_weights"),
+                                        share_adjoints=spec.get("share_adjoints", WEIGHT_BOUND)).model
     del source
     t1 = time.perf_counter()
     session = make_session(target, spec["providers"], spec["threads"])
@@ -402,7 +407,8 @@ def _build_in_child(spec: dict) -> dict:
 
 def measure_build(model, layers: Sequence[str], methods: Sequence[str] | None, name: str | None = None,
                   rule: str = "positive", logits: str | None = None, input_shapes=None, threads: int | None = None,
-                  providers=None, timeout: float = 900, derive_weights: bool | None = None) -> BuildCost:
+                  providers=None, timeout: float = 900, derive_weights: bool | None = None,
+                  share_adjoints: bool | Sequence[str] = WEIGHT_BOUND) -> BuildCost:
     """Build one variant (``methods=None``: the forward session alone) in a fresh Python
     process and return its build and session-creation seconds and the process's peak RSS.
 
@@ -417,7 +423,8 @@ def measure_build(model, layers: Sequence[str], methods: Sequence[str] | None, n
         raise ExciteError("memory measurement needs a model path, 'default' or a recipe name")
     spec = {"model": str(model), "layers": list(layers), "methods": list(methods) if methods else None, "rule": rule,
             "logits": logits, "input_shapes": {k: list(v) for k, v in input_shapes.items()} if input_shapes else None,
-            "threads": threads, "providers": list(providers) if providers else None, "derive_weights": derive_weights}
+            "threads": threads, "providers": list(providers) if providers else None, "derive_weights": derive_weights,
+            "share_adjoints": share_adjoints if isinstance(share_adjoints, bool) else list(share_adjoints)}
     label = name or ("forward" if methods is None else "+".join(methods))
     try:
         done = subprocess.run([sys.executable, "-m", "onnx_excite.bench"], input=json.dumps(spec), capture_output=True,

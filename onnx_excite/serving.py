@@ -21,6 +21,7 @@ import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import onnx
@@ -30,6 +31,7 @@ from .builder import ExcitationModel
 from .canonicalize import default_opset, load_model
 from .errors import ExciteError
 from .graph import Emitter
+from .share import WEIGHT_BOUND
 
 SIGNALS = ("input", "top1", "topk:K")
 MAP_SIZES = ("layer", "input")
@@ -509,7 +511,8 @@ class Export:
 def export_model(model, layers, methods=("mwp",), rule: str = "positive", channels: bool = False,
                  input_shapes=None, signal: str = "input", map_size: str = "layer", resize: str = "bilinear",
                  normalize: str = "none", fp16: bool = False, dynamic_batch: bool = True,
-                 serving: bool = False, logits: str | None = None) -> Export:
+                 serving: bool = False, logits: str | None = None,
+                 share_adjoints: bool | Sequence[str] = WEIGHT_BOUND) -> Export:
     """Build the companion model of ``model`` and post-process it for deployment.
 
     Order: dynamic batch (when safe) -> float16 forward -> build -> signal/maps rewrite.
@@ -531,7 +534,7 @@ def export_model(model, layers, methods=("mwp",), rule: str = "positive", channe
         proto = forward_to_float16(proto)
         notes.append("forward converted to float16 (inputs/outputs float32); excitation branch in float32")
     built = build_excitation_model(proto, layers, methods=methods, rule=rule, channels=channels,
-                                   input_shapes=input_shapes, logits=logits)
+                                   input_shapes=input_shapes, logits=logits, share_adjoints=share_adjoints)
     plain = parse_signal(signal) == 0 and map_size == "layer" and normalize == "none" and not serving
     if plain:
         return Export(built, None, notes)

@@ -35,6 +35,17 @@ SHAREABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 WEIGHT_BOUND = ("Gemm", "MatMul")
 
 
+#: the command line's names for the ``share_adjoints`` settings
+SHARE_CHOICES = {"dense": WEIGHT_BOUND, "all": True, "none": False}
+
+
+def parse_share(text: str):
+    """The ``share_adjoints`` setting a command-line value names (:data:`SHARE_CHOICES`)."""
+    if text not in SHARE_CHOICES:
+        raise ExciteError(f"--share-adjoints {text!r}: choose dense (Gemm/MatMul, the default), all or none")
+    return SHARE_CHOICES[text]
+
+
 def shared_ops(share) -> tuple[str, ...]:
     """The op types a ``share_adjoints`` setting merges: True = all of :data:`SHAREABLE`,
     False/None = none, else the given op types (each must be in SHAREABLE)."""

@@ -207,3 +207,37 @@ def test_ops_of_different_sites_are_not_merged():
     assert removed == 0
     _, removed = share_adjoints(nodes, {"W"}.__contains__, fresh, site=lambda n: "layer1")
     assert removed == 1
+
+
+@pytest.mark.parametrize("choice, shared_ops", [("dense", {"Gemm"}), ("all", {"Gemm", "Conv", "ConvTranspose"}), ("none", set())])
+def test_cli_share_adjoints_option(tmp_path, choice, shared_ops):
+    """`export --share-adjoints` reaches the builder: dense shares the Gemm adjoints of grad and
+    deconv (two Gemms with a ReLU between), all the (transposed) convolutions too, none nothing; `bench`
+    takes the same values; a bad value is one error line, exit status 2."""
+    from typer.testing import CliRunner
+
+    from onnx_excite.cli.app import app
+
+    model, layers = cnn_gen.random_cnn(1)
+    src, out = tmp_path / "m.onnx", tmp_path / "e.onnx"
+    onnx.save(model, str(src))
+    res = CliRunner().invoke(app, ["export", str(src), "-o", str(out), "-l", layers[0], "-m", "grad", "-m", "deconv",
+                                   "--share-adjoints", choice])
+    assert res.exit_code == 0, res.output
+    exported = onnx.load(str(out))
+    merged = {n.op_type for n in exported.graph.node if n.name.startswith("excite/") and "shared_" in n.name
+              and n.op_type in ADJOINT}
+    assert merged == shared_ops
+    res = CliRunner().invoke(app, ["bench", "tiny-cnn", "--runs", "1", "--share-adjoints", choice])
+    assert res.exit_code == 0, res.output
+
+
+def test_cli_share_adjoints_refuses_other_values(tmp_path):
+    from typer.testing import CliRunner
+
+    from onnx_excite.cli.app import app
+
+    res = CliRunner().invoke(app, ["bench", "tiny-cnn", "--share-adjoints", "convs"])
+    assert res.exit_code == 2 and res.output.count("error:") == 1 and "dense" in res.output
+    res = CliRunner().invoke(app, ["export", "default", "-o", str(tmp_path / "x.onnx"), "--share-adjoints", "yes"])
+    assert res.exit_code == 2 and res.output.count("error:") == 1 and not (tmp_path / "x.onnx").exists()
