@@ -9,6 +9,7 @@ from typing import List, Optional
 
 from onnx_excite.cli.app import out
 from onnx_excite.errors import ExciteError
+from onnx_excite.share import parse_share
 
 
 def check_cuda_command(model: Path, provider: str, layer: Optional[List[str]], output: Optional[str]) -> None:
@@ -37,7 +38,6 @@ def export_command(model: Path, out_path: Optional[Path], layers, methods, rule,
     import onnx
 
     from onnx_excite.serving import export_model, write_triton_repository
-    from onnx_excite.share import parse_share
 
     if out_path is None and serving_dir is None:
         raise ExciteError("give -o/--output FILE and/or --serving DIR")
@@ -106,12 +106,16 @@ def _register():
                      batch: Optional[List[int]] = typer.Option(None, "--batch", help="batch sizes (repeatable; default 1 and 32)"),
                      runs: int = typer.Option(20, help="timed runs per variant and batch"),
                      rule: str = typer.Option("positive", help="positive or paper"),
-                     input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. '1,3,224,224'")):
+                     input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. '1,3,224,224'"),
+                     share_adjoints: str = typer.Option("dense", "--share-adjoints", help="dense (Gemm/MatMul adjoints "
+                                                        "shared between sweeps, the default), all (convolutions too) or none")):
         """Latency (batch 1), throughput (images/s, batch 32) and peak device memory of forward vs
         forward+MWP vs forward+c-MWP on the providers in use, as ratios to the forward alone."""
         from onnx_excite.bench_device import run_device_bench
         from onnx_excite.explain import resolve_model
         from onnx_excite.models.synthetic import RECIPES
+
+        share = parse_share(share_adjoints)
 
         if model in RECIPES:
             source, layers = RECIPES[model](), list(layer or [])
@@ -124,7 +128,7 @@ def _register():
             raise ExciteError("--runs and --batch must be at least 1")
         shapes = _input_shapes(source, input_shape) if input_shape and model not in RECIPES else None
         rows, providers = run_device_bench(source, layers, device=device, batches=tuple(batch or (1, 32)),
-                                           runs=runs, rule=rule, input_shapes=shapes)
+                                           runs=runs, rule=rule, input_shapes=shapes, share_adjoints=share)
         out.print("providers: " + ", ".join(providers), markup=False)
         table = Table("variant", "batch", "ms", "img/s", "x fwd img/s", "MiB", "x fwd MiB",
                       title=f"{Path(model).name}, layer {', '.join(layers)}")

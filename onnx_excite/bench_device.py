@@ -20,11 +20,13 @@ from typing import Sequence
 import numpy as np
 
 from .builder import build_excitation_model
+from .share import WEIGHT_BOUND
 from .canonicalize import canonicalize
 from .devices import CUDA, check_providers, providers_for
 from .runtime import import_ort, make_session
 
-VARIANTS = (("forward", None), ("forward+MWP", ("mwp",)), ("forward+c-MWP", ("cmwp",)))
+VARIANTS = (("forward", None), ("forward+MWP", ("mwp",)), ("forward+c-MWP", ("cmwp",)),
+            ("forward+MWP+c-MWP", ("mwp", "cmwp")))
 
 
 @dataclass
@@ -76,8 +78,8 @@ def _measure(session, feeds: dict, outputs: list[str], runs: int, warmup: int, o
 
 def run_device_bench(model, layers: Sequence[str], device: str = "auto", batches: Sequence[int] = (1, 32),
                      runs: int = 20, warmup: int = 3, rule: str = "positive", input_shapes=None,
-                     seed: int = 0) -> tuple[list[DeviceRow], list[str]]:
-    """Rows per (variant, batch) and the providers in use."""
+                     seed: int = 0, share_adjoints: bool | Sequence[str] = WEIGHT_BOUND) -> tuple[list[DeviceRow], list[str]]:
+    """Rows per (variant, batch) and the providers in use (``share_adjoints``: passed to the builder)."""
     requested = providers_for(device)
     rng = np.random.default_rng(seed)
     forward = canonicalize(model, input_shapes=input_shapes)
@@ -92,7 +94,8 @@ def run_device_bench(model, layers: Sequence[str], device: str = "auto", batches
                 session = make_session(forward.forward_model(), requested)
                 outputs, signal_name, k = [forward.entry], None, None
             else:
-                built = build_excitation_model(model, layers, methods=methods, rule=rule, input_shapes=input_shapes)
+                built = build_excitation_model(model, layers, methods=methods, rule=rule, input_shapes=input_shapes,
+                                               share_adjoints=share_adjoints)
                 session = make_session(built.model, requested)
                 outputs = [built.logits] + list(built.maps.values())
                 signal_name, k = built.signal, built.num_classes or session.get_inputs()[-1].shape[1]

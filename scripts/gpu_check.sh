@@ -12,4 +12,6 @@ mkdir -p "$out"
   python -m pytest -q -rs tests/test_cuda_runtime.py tests/test_cuda_coverage.py
   onnx-excite bench-device default --device cuda --batch 1 --batch 32 --runs 50
   onnx-excite bench-device resnet50-random -l layer3 --device cuda --batch 1 --batch 32 --runs 50
+  # MWP + c-MWP with the convolutions' adjoints batched over the two sweeps too (issue 13's third goal)
+  onnx-excite bench-device default --device cuda --batch 1 --batch 32 --runs 50 --share-adjoints all
 } 2>&1 | tee "$out/gpu_check.txt"

@@ -295,7 +295,8 @@ def test_bench_device_reports_latency_throughput_and_providers(tmp_path):
 
     rows, providers = run_device_bench(tiny_model(), ["r1"], device="cpu", batches=(1, 3), runs=2, warmup=1)
     assert providers == ["CPUExecutionProvider"]
-    assert [(r.variant, r.batch) for r in rows] == [(v, b) for b in (1, 3) for v in ("forward", "forward+MWP", "forward+c-MWP")]
+    variants = ("forward", "forward+MWP", "forward+c-MWP", "forward+MWP+c-MWP")
+    assert [(r.variant, r.batch) for r in rows] == [(v, b) for b in (1, 3) for v in variants]
     for r in rows:
         assert r.median_ms > 0 and r.images_per_s == pytest.approx(r.batch / (r.median_ms / 1e3))
         assert r.peak_mib is None and r.memory_ratio is None     # memory is reported on CUDA only
@@ -306,6 +307,11 @@ def test_bench_device_reports_latency_throughput_and_providers(tmp_path):
     assert res.exit_code == 0 and "providers: CPUExecutionProvider" in res.output, res.output
     res = runner.invoke(app, ["bench-device", str(path), "-l", "r1", "--batch", "0"])
     assert res.exit_code == 2 and "error:" in res.output
+    res = runner.invoke(app, ["bench-device", str(path), "-l", "r1", "--device", "cpu", "--batch", "1", "--runs", "1",
+                              "--share-adjoints", "all"])
+    assert res.exit_code == 0 and "forward+MWP+c-MWP" in res.output, res.output
+    res = runner.invoke(app, ["bench-device", str(path), "-l", "r1", "--share-adjoints", "some"])
+    assert res.exit_code == 2 and res.output.count("error:") == 1
 
 
 def test_export_cli_options_and_errors(tmp_path):
