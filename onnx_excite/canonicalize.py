@@ -475,7 +475,8 @@ def _batchnorm_affine(bn: onnx.NodeProto, index: GraphIndex, units: int) -> tupl
     """(s, t) with BatchNormalization(y)_k = s_k y_k + t_k (inference: s = gamma / sqrt(var + eps),
     t = beta - mean s, float64), or None when ``bn`` has a used second output, non-constant
     parameters or parameters that are not one value per unit."""
-    if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or any(bn.output[1:]):
+    if (bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx") or any(bn.output[1:])
+            or attr(bn, "training_mode", 0)):   # batch statistics: no fixed affine map (the rule refuses it)
         return None
     params = list(bn.input[1:5])
     if len(params) != 4 or any(p not in index.initializers for p in params):

@@ -367,3 +367,26 @@ def test_user_model_is_never_modified(tmp_path):
     view = C.canonicalize(model)
     assert view.folded and not C.folded_names(view.model) and not C.folded_names(built.model)
     assert not any(p.key.startswith(C.FOLDED_KEY) for p in onnx.load(str(tmp_path / "o.onnx")).metadata_props)
+
+
+def test_batchnorm_in_training_mode_is_neither_folded_nor_excited():
+    """BatchNormalization(training_mode=1) normalises with the batch's own statistics: no fixed
+    affine map to fold or to excite through. The fold leaves it; the rule refuses it with one
+    line that says what to do."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.normal(size=(5, 144)).astype(np.float32), "F")]
+    inits += [numpy_helper.from_array(np.full(4, v, np.float32), n) for n, v in (("g", 1.5), ("b", 0.1), ("m", 0.2), ("v", 2.0))]
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["bn", "rm", "rv"], name="bnode",
+                              training_mode=1),
+             helper.make_node("Relu", ["bn"], ["r"], name="relu"),
+             helper.make_node("Flatten", ["r"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "F"], ["y"], name="fc", transB=1)]
+    model = helper.make_model(helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 6, 6])],
+                                                [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5])], inits),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    assert _counts(C.fold_batchnorm(_copy(model)))["BatchNormalization"] == 1
+    with pytest.raises(ExciteError, match="training_mode=1.*eval mode"):
+        Exciter(model, ["x"])

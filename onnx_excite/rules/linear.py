@@ -495,6 +495,8 @@ def reduce_mean(ctx: Context, node, p: str, negate=False):
 # BatchNormalization left unfolded: a per-channel linear layer
 # ---------------------------------------------------------------------------
 def batchnorm_check(graph, node):
+    if attr(node, "training_mode", 0):
+        return "training_mode=1 (normalises with the batch's own statistics): export the model in eval mode"
     if any(p not in graph.consts for p in node.input[1:5]):
         return "BatchNormalization parameters are not constants"
     if graph.rank(node.input[0]) is None:
