@@ -253,6 +253,11 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
                       "" if floor is None or not excited else f"{row.ratio / floor:.2f}",
                       "" if time_floor is None or not excited else f"{row.ratio / time_floor:.2f}")
     out.print(table)
+    spread = [f"{row.name} {row.ratio_spread[0]:.2f}-{row.ratio_spread[1]:.2f}" for row in report.rows
+              if row.name != "forward" and row.ratio_spread is not None]
+    if spread and runs >= 4:
+        out.print("x fwd per round, quartiles (each run paired with the forward of its round): " + ", ".join(spread),
+                  markup=False)
     out.print(f"input used: {sizes} (batch {batch}; dynamic sizes at 224, built for that size with a dynamic batch "
               f"as explain/eval do; other sizes: --input-shape)", markup=False)
     if report.flops is not None:

@@ -52,6 +52,9 @@ class BenchRow:
     #: the variant's graph's Conv/ConvTranspose/Gemm/MatMul FLOPs in forward FLOPs (the
     #: forward: 1; a rule that runs two halves on a signed input puts more than 1 + 2f here)
     graph_flops: float | None = None
+    #: the quartiles (25 %, 75 %) of the per-round ratios to the forward timed in the same
+    #: round: how much the ratio moved during the run
+    ratio_spread: tuple[float, float] | None = None
 
 
 @dataclass
@@ -304,7 +307,8 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
     base = float(np.median(times["forward"]))
     mwp = float(np.median(times["forward+MWP"])) if "forward+MWP" in times else None
     rows = [BenchRow(name, float(np.median(times[name])), float(np.median(times[name])) / base,
-                     float(np.median(times[name])) / mwp if mwp else None, graph_flops.get(name))
+                     float(np.median(times[name])) / mwp if mwp else None, graph_flops.get(name),
+                     round_spread(times[name], times["forward"]))
             for name, *_ in prepared if name != BELOW]
     report = BenchReport(rows=rows, providers=fwd_session.get_providers(), inputs=shapes, flops=flops,
                          options=describe_session_options(options()),
@@ -324,6 +328,14 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
                                                input_shapes=input_shapes, threads=threads, providers=providers,
                                                derive_weights=derive_weights, share_adjoints=share_adjoints))
     return report
+
+
+def round_spread(variant_ms: Sequence[float], forward_ms: Sequence[float]) -> tuple[float, float]:
+    """Quartiles (25 %, 75 %) of variant / forward over the rounds, each round's two runs
+    paired (they ran back to back, under the same load)."""
+    ratios = np.asarray(variant_ms, dtype=np.float64) / np.asarray(forward_ms, dtype=np.float64)
+    q1, q3 = np.percentile(ratios, [25, 75])
+    return float(q1), float(q3)
 
 
 def _graph_flops(built, shapes, forward_flops: FlopCount | None) -> float | None:

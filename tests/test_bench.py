@@ -96,12 +96,29 @@ def test_graph_flops_count_each_rules_convolutions(rule):
     assert by["forward+MWP+c-MWP"] == pytest.approx(both / count.total)
 
 
+def test_round_spread_pairs_each_run_with_its_rounds_forward():
+    """Quartiles of the per-round ratios: a round where both ran slow (load) gives the same
+    ratio as a quiet one, which a ratio of medians over unpaired runs would not show."""
+    from onnx_excite.bench import round_spread
+
+    forward = [10.0, 20.0, 10.0, 10.0, 30.0]
+    variant = [20.0, 40.0, 22.0, 18.0, 60.0]          # ratios 2, 2, 2.2, 1.8, 2
+    assert round_spread(variant, forward) == pytest.approx((2.0, 2.0))
+    # ratios 1.5, 2.5, 3.5, 4.5: linear interpolation between order statistics (numpy's default)
+    assert round_spread([15.0, 25.0, 35.0, 45.0], [10.0] * 4) == pytest.approx((2.25, 3.75))
+    report = run_bench_report("tiny-cnn", ["pool1"], runs=4, warmup=0)
+    for row in report.rows:
+        lo, hi = row.ratio_spread
+        assert lo <= hi and (row.name != "forward" or lo == hi == 1.0)
+
+
 def test_bench_cli_prints_floor_and_options():
     from onnx_excite.cli.app import app
 
-    res = CliRunner().invoke(app, ["bench", "tiny-cnn", "--runs", "1", "--opt-level", "extended"])
+    res = CliRunner().invoke(app, ["bench", "tiny-cnn", "--runs", "4", "--opt-level", "extended"])
     assert res.exit_code == 0, res.output
     assert "floor = 1 + 2f" in res.output and "ORT_ENABLE_EXTENDED" in res.output and "allow_spinning=0" in res.output
+    assert "x fwd per round, quartiles" in res.output and "graph FLOPs" in res.output
     bad = CliRunner().invoke(app, ["bench", "tiny-cnn", "--opt-level", "fast"])
     assert bad.exit_code == 2 and "error:" in bad.output
 
