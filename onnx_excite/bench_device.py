@@ -20,10 +20,10 @@ from typing import Sequence
 import numpy as np
 
 from .builder import build_excitation_model
-from .share import WEIGHT_BOUND
 from .canonicalize import canonicalize
 from .devices import CUDA, check_providers, providers_for
 from .runtime import import_ort, make_session
+from .share import WEIGHT_BOUND
 
 VARIANTS = (("forward", None), ("forward+MWP", ("mwp",)), ("forward+c-MWP", ("cmwp",)),
             ("forward+MWP+c-MWP", ("mwp", "cmwp")))
