@@ -76,18 +76,28 @@ def conv_bn_net(seed: int, form: str, dtype=np.float32) -> onnx.ModelProto:
     flat = op("Flatten", [op("GlobalAveragePool", [x], "gap")], "flat")
     op("Gemm", [flat, const("fc_w", rng.normal(size=(5, 7)) / 2), const("fc_b", rng.normal(size=5) * 0.1)],
        "logits", transB=1)
+    return classifier_model(nodes, inits, f"conv_bn_{form}", SHAPE, 5, dtype)
+
+
+def classifier_model(nodes, inits, name, shape, classes, dtype=np.float32):
+    """``nodes`` from "input" (N, *shape) to "logits" (N, classes) as a checked opset-17 model."""
     elem = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
-    graph = helper.make_graph(nodes, f"conv_bn_{form}", [helper.make_tensor_value_info("input", elem, ["N", *SHAPE])],
-                              [helper.make_tensor_value_info("logits", elem, ["N", 5])], inits)
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("input", elem, ["N", *shape])],
+                              [helper.make_tensor_value_info("logits", elem, ["N", classes])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
 
 
+def random_input(seed, rule, shape, batch=2):
+    """A signed input, |x| for the paper rule (its Z = sum a W+ cancels on signed inputs)."""
+    x = np.random.default_rng(seed).normal(size=(batch, *shape)).astype(np.float32)
+    return np.abs(x) if rule == "paper" else x
+
+
 def _input(seed, rule, batch=2):
-    x = np.random.default_rng(100 + seed).normal(size=(batch, *SHAPE)).astype(np.float32)
-    return np.abs(x) if rule == "paper" else x   # the literal rule's Z = sum a W+ cancels on signed inputs
+    return random_input(100 + seed, rule, SHAPE, batch)
 
 
 def _ort(model, x):

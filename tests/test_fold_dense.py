@@ -12,7 +12,8 @@ from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from excitation_ref import Reference
-from test_fold_affine import _counts, _ort, assert_matches_reference, assert_same_explanations
+from test_fold_affine import (_counts, _one_error_line, _ort, assert_matches_reference, assert_same_explanations, classifier_model,
+                             random_input)
 from onnx_excite import Exciter
 from onnx_excite import canonicalize as C
 from onnx_excite.cli.app import app
@@ -84,18 +85,11 @@ def dense_bn_net(seed: int, form: str, dtype=np.float32) -> onnx.ModelProto:
     relu = op("Relu", ["bn"], "hrelu")
     op("Gemm", [relu, const("w2", rng.normal(size=(CLASSES, HIDDEN)) / 3), const("b2", rng.normal(size=CLASSES) * 0.1)],
        "logits", transB=1)
-    elem = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
-    graph = helper.make_graph(nodes, f"dense_bn_{form}", [helper.make_tensor_value_info("input", elem, ["N", *SHAPE])],
-                              [helper.make_tensor_value_info("logits", elem, ["N", CLASSES])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model, full_check=True)
-    return model
+    return classifier_model(nodes, inits, f"dense_bn_{form}", SHAPE, CLASSES, dtype)
 
 
 def _input(seed, rule, batch=2):
-    x = np.random.default_rng(200 + seed).normal(size=(batch, *SHAPE)).astype(np.float32)
-    return np.abs(x) if rule == "paper" else x
+    return random_input(200 + seed, rule, SHAPE, batch)
 
 
 
@@ -337,14 +331,6 @@ def test_conv_bias_add_then_batchnorm_folds_too():
 # ---------------------------------------------------------------------------
 # names that vanish by folding
 # ---------------------------------------------------------------------------
-def _one_error_line(result):
-    assert result.exit_code == 2, result.output
-    assert result.exception is None or isinstance(result.exception, SystemExit)
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    return lines[0]
-
-
 @pytest.mark.parametrize("form,layer", [("batchnorm", "fc1"), ("keras", "fc1_mm"), ("keras", "fc1"), ("bias_add_batchnorm", "fc1"),
                                         ("keras_sub_div", "bn_gamma"), ("gemm_mul_add", "bn_scaled")])
 def test_a_folded_layer_name_is_one_clear_error(form, layer, tmp_path):
