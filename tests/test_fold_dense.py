@@ -346,3 +346,61 @@ def test_a_folded_layer_name_is_one_clear_error(form, layer, tmp_path):
 def test_a_folded_logits_name_is_one_clear_error():
     with pytest.raises(ExciteError, match="logits 'bn_scaled' was folded into the Gemm that now outputs 'bn'"):
         C.canonicalize(dense_bn_net(0, "keras"), logits="bn_scaled")
+
+
+def _torch_export(module, x):
+    """``module`` exported by PyTorch's TorchScript exporter in eval mode, without its constant
+    folding (so the BatchNorms stay nodes, as a user's export may have them)."""
+    import io
+    import warnings
+
+    import torch
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the legacy exporter announces its deprecation
+        torch.onnx.export(module, (x,), buf, dynamo=False, opset_version=17, do_constant_folding=False,
+                          training=torch.onnx.TrainingMode.EVAL, input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+    return onnx.load_from_string(buf.getvalue())
+
+
+def test_pytorch_linear_batchnorm1d_export_gives_the_maps_of_the_folded_network():
+    """A real exporter's output: PyTorch writes Conv -> BatchNorm2d and Linear -> BatchNorm1d as
+    BatchNormalization nodes. Canonicalized, both are folded (no BatchNormalization left), and the
+    maps equal those of the same network with both BatchNorms folded into the weights by hand in
+    torch before export, for both rules, MWP and c-MWP, at the input."""
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 6 * 6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                              torch.nn.Linear(8, 5))
+    with torch.no_grad():
+        for bn in (net[1], net[5]):   # non-trivial statistics, some negative gammas
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(-1.5, 1.5)
+            bn.bias.normal_()
+    net.eval()
+    folded = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                 torch.nn.Linear(4 * 6 * 6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 5)).eval()
+    with torch.no_grad():
+        for layer, bn, target in ((net[0], net[1], folded[0]), (net[4], net[5], folded[3])):
+            s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            target.weight.copy_(layer.weight * s.reshape(-1, *([1] * (layer.weight.dim() - 1))))
+            target.bias.copy_((layer.bias - bn.running_mean) * s + bn.bias)
+        folded[5].load_state_dict(net[7].state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    exported, by_hand = _torch_export(net, x), _torch_export(folded, x)
+    assert _counts(exported)["BatchNormalization"] == 2
+    assert "BatchNormalization" not in _counts(C.canonicalize(exported).model)
+    signal = np.random.default_rng(3).random((2, 5)).astype(np.float32)
+    for rule in ("positive", "paper"):
+        xs = x.numpy() if rule == "positive" else np.abs(x.numpy())
+        got = Exciter(exported, ["input"], methods=("mwp", "cmwp"), rule=rule).explain(xs, signal)
+        want = Exciter(by_hand, ["input"], methods=("mwp", "cmwp"), rule=rule).explain(xs, signal)
+        np.testing.assert_allclose(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+        for method in ("mwp", "cmwp"):
+            exp = want.maps[method]["input"]
+            assert np.abs(got.maps[method]["input"] - exp).max() <= 1e-4 * np.abs(exp).max(), (rule, method)
