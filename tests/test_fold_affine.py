@@ -13,6 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from excitation_ref import Reference
+from test_canonicalize_passes import _copy, _model
 from onnx_excite import Exciter
 from onnx_excite import canonicalize as C
 from onnx_excite.cli.app import app
@@ -192,18 +193,12 @@ def _conv_then(nodes, consts, outputs=None, bias=True):
     conv = helper.make_node("Conv", ["x", "W"] + (["B"] if bias else []), ["c"], name="conv", pads=[1, 1, 1, 1])
     inits = [numpy_helper.from_array(W, "W")] + ([numpy_helper.from_array(B, "B")] if bias else [])
     inits += [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in consts.items()]
-    outs = outputs or [nodes[-1].output[0]]
-    graph = helper.make_graph([conv] + nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 7, 6])],
-                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return _model([conv] + nodes, inits, outputs=_outputs(nodes, outputs), shape=(2, 3, 7, 6))
 
 
-def _copy(model):
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
+def _outputs(nodes, names=None):
+    """Untyped-shape float value infos for ``names`` (default: the last node's output)."""
+    return [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in (names or [nodes[-1].output[0]])]
 
 
 NOT_FOLDED = {

@@ -12,8 +12,9 @@ from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from excitation_ref import Reference
-from test_fold_affine import (_counts, _one_error_line, _ort, assert_matches_reference, assert_same_explanations, classifier_model,
-                             random_input)
+from test_canonicalize_passes import _copy, _model
+from test_fold_affine import (_counts, _one_error_line, _ort, _outputs, assert_matches_reference, assert_same_explanations,
+                             classifier_model, random_input)
 from onnx_excite import Exciter
 from onnx_excite import canonicalize as C
 from onnx_excite.cli.app import app
@@ -94,12 +95,6 @@ def _input(seed, rule, batch=2):
 
 
 
-def _copy(model):
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
-
-
 def _fold(model):
     return C.fold_affine(C.fold_batchnorm(_copy(model)))
 
@@ -175,12 +170,7 @@ def _dense_then(nodes, consts, outputs=None, layer="gemm", bias=True):
     else:
         dense = helper.make_node("MatMul", ["x", "W"], ["g"], name="dense")
     inits += [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in consts.items()]
-    outs = outputs or [nodes[-1].output[0]]
-    graph = helper.make_graph([dense] + nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shapes[layer])],
-                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return model
+    return _model([dense] + nodes, inits, outputs=_outputs(nodes, outputs), shape=shapes[layer])
 
 
 def _x(layer):
