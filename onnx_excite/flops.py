@@ -49,6 +49,7 @@ def _shapes(model: onnx.ModelProto, input_shapes: Mapping[str, Sequence[int]] | 
         sized = _split_by_runtime_sizes(light, shapes)
         if not sized:
             return shapes
+        shapes.update(sized)   # known from here on, so each round adds new ones and the loop ends
         light.graph.value_info.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, dims) for name, dims in sized.items())
 
 
