@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
-from onnx_excite.cli.app import out
+from onnx_excite.cli.app import _share_option, out
 from onnx_excite.errors import ExciteError
 from onnx_excite.share import parse_share
 
@@ -107,8 +107,7 @@ def _register():
                      runs: int = typer.Option(20, help="timed runs per variant and batch"),
                      rule: str = typer.Option("positive", help="positive or paper"),
                      input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. '1,3,224,224'"),
-                     share_adjoints: str = typer.Option("dense", "--share-adjoints", help="dense (Gemm/MatMul adjoints "
-                                                        "shared between sweeps, the default), all (convolutions too) or none")):
+                     share_adjoints: str = _share_option()):
         """Latency (batch 1), throughput (images/s, batch 32) and peak device memory of forward vs
         forward+MWP vs forward+c-MWP on the providers in use, as ratios to the forward alone."""
         from onnx_excite.bench_device import run_device_bench
