@@ -87,19 +87,31 @@ class ExcitationModel:
         (written afresh: onnx would append to an existing file). ``self.model`` keeps its
         weights in memory either way (onnx moves them out of the proto it saves; they are
         read back)."""
-        from .runtime import PROTOBUF_LIMIT
+        from .runtime import PROTOBUF_LIMIT, proto_size
 
-        if self.model.ByteSize() < PROTOBUF_LIMIT:
+        if proto_size(self.model) < PROTOBUF_LIMIT:
             onnx.save(self.model, str(path))
             return
-        from onnx.external_data_helper import load_external_data_for_model
-
         path = Path(path)
         data = path.with_name(f"{path.name}.data")
         if data.exists():
             data.unlink()
-        onnx.save(self.model, str(path), save_as_external_data=True, location=data.name)
-        load_external_data_for_model(self.model, str(path.parent))
+        save_external(self.model, path)
+
+
+def save_external(model: onnx.ModelProto, path) -> None:
+    """Save ``model`` to ``path`` with its weights in ``<path>.data``, leaving ``model`` as it
+    was: onnx moves the weights out of the proto it saves (external references in their
+    place); they are read back and the references cleared."""
+    from onnx.external_data_helper import load_external_data_for_model
+
+    path = Path(path)
+    inline = {t.name for t in model.graph.initializer if not t.HasField("data_location")}
+    onnx.save(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
+    load_external_data_for_model(model, str(path.parent))
+    for t in model.graph.initializer:
+        if t.name in inline:
+            t.ClearField("data_location")
 
 
 # ---------------------------------------------------------------------------

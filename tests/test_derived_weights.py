@@ -223,9 +223,11 @@ def test_save_past_the_protobuf_limit_writes_external_data_afresh(tmp_path, monk
     e = np.random.default_rng(1).normal(size=(2, 4)).astype(np.float32)
     feeds = {built.inputs[0]: x, built.signal: e}
     before = _outputs(built.model, feeds)
+    size = built.model.ByteSize()
     monkeypatch.setattr(runtime, "PROTOBUF_LIMIT", 64)
     out = tmp_path / "companion.onnx"
     built.save(out)
+    assert built.model.ByteSize() == size  # the in-memory model is as it was
     size = (tmp_path / "companion.onnx.data").stat().st_size
     built.save(out)
     assert (tmp_path / "companion.onnx.data").stat().st_size == size > 0
@@ -249,3 +251,69 @@ def test_forward_model_without_copy_only_where_nothing_is_added():
     out = inner.forward_model(copy_model=False)
     assert out is not inner.model and "h" in {o.name for o in out.graph.output}
     assert "h" not in {o.name for o in inner.model.graph.output}
+
+
+def _every_tensor_kind_model():
+    """Initializers as raw_data (float32, float16, bfloat16, int64, int4, bool), as typed
+    fields (float_data, string_data), as an external-data reference; a Constant node with a
+    tensor, a function, metadata, doc strings."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.normal(size=(64, 32, 3, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(rng.normal(size=(7, 5)).astype(np.float16), "h"),
+             helper.make_tensor("bf", onnx.TensorProto.BFLOAT16, [4], [1.0, 2.0, 3.0, 4.0]),
+             numpy_helper.from_array(np.arange(6, dtype=np.int64), "i"),
+             helper.make_tensor("q", onnx.TensorProto.INT4, [5], [1, -2, 3, -4, 5], raw=False),
+             numpy_helper.from_array(np.array([True, False, True]), "b"),
+             helper.make_tensor("f", onnx.TensorProto.FLOAT, [3], [1.0, 2.0, 3.0]),
+             helper.make_tensor("s", onnx.TensorProto.STRING, [2], [b"ab", b"c"])]
+    ext = helper.make_tensor("e", onnx.TensorProto.FLOAT, [10], np.zeros(10, np.float32).tobytes(), raw=True)
+    onnx.external_data_helper.set_external_data(ext, "weights.bin", offset=0, length=40)
+    ext.ClearField("raw_data")
+    ext.data_location = onnx.TensorProto.EXTERNAL
+    inits.append(ext)
+    nodes = [helper.make_node("Constant", [], ["c"], value=numpy_helper.from_array(np.ones((9, 9), np.float32))),
+             helper.make_node("Add", ["w", "w"], ["y"], doc_string="twice")]
+    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+                              initializer=inits, doc_string="graph doc")
+    func = helper.make_function("local", "f", ["a"], ["b"], [helper.make_node("Relu", ["a"], ["b"])],
+                                [helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, functions=[func], doc_string="d" * 300)
+    helper.set_model_props(model, {"k": "v"})
+    return model
+
+
+@pytest.mark.parametrize("which", ["every tensor kind", "companion"])
+def test_proto_size_bounds_the_serialised_size_without_serialising_the_weights(which):
+    """`make_session` and `save` decide between one file and external data by `proto_size`,
+    which counts a raw_data initializer from its dims instead of serialising it (upb's
+    ByteSize serialises: the weights were written twice per session). It must never be
+    below the true size, and stays within a few hundred bytes per initializer of it."""
+    from onnx_excite.runtime import proto_size
+
+    if which == "companion":
+        model = build_excitation_model(_grouped_net(), ["r1"], methods=("mwp", "cmwp")).model
+    else:
+        model = _every_tensor_kind_model()
+    true = model.ByteSize()
+    bound = proto_size(model)
+    assert true <= bound <= true + 120 * (len(model.graph.initializer) + 1), (true, bound)
+    assert model.ByteSize() == true  # measuring did not change the model
+
+
+def test_make_session_goes_through_external_data_past_the_limit(monkeypatch):
+    """Past `PROTOBUF_LIMIT` (forced low here) the session is made from a temporary file
+    with external data: same outputs as from serialised bytes, the model unchanged."""
+    from onnx_excite import runtime
+
+    built = build_excitation_model(_grouped_net(), ["r1"], methods=("mwp",))
+    x = np.random.default_rng(0).normal(size=(2, 4, 9, 9)).astype(np.float32)
+    e = np.random.default_rng(1).normal(size=(2, 4)).astype(np.float32)
+    feeds = {built.inputs[0]: x, built.signal: e}
+    before = runtime.make_session(built.model).run(None, feeds)
+    size = built.model.ByteSize()
+    monkeypatch.setattr(runtime, "PROTOBUF_LIMIT", 64)
+    after = runtime.make_session(built.model).run(None, feeds)
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    assert built.model.ByteSize() == size
+    assert all(t.data_location == onnx.TensorProto.DEFAULT for t in built.model.graph.initializer)
