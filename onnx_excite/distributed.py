@@ -130,6 +130,8 @@ def _check_resources(ray, settings: RaySettings) -> None:
 
 
 def _actor_args(settings: RaySettings) -> dict:
+    # max_restarts / max_task_retries go through map_batches' **ray_remote_args: deprecated in
+    # Ray 2.60 with no named replacement, removed in 2.64, hence the extra's pin ray < 2.64
     ray = import_ray()
     _check_resources(ray, settings)
     return dict(compute=ray.data.ActorPoolStrategy(size=settings.actors), batch_size=settings.batch_size,
