@@ -21,6 +21,36 @@ class DeviceUnavailableError(ExciteError):
     """CUDA was asked for and is not available."""
 
 
+#: what ONNX Runtime's ``preload_dlls`` reported (it prints; the library does not), once per process
+_preload_report: list[str] | None = None
+
+
+def preload_cuda() -> list[str]:
+    """Load the CUDA and cuDNN libraries that onnxruntime-gpu needs from where pip put them
+    (``pip install 'onnxruntime-gpu[cuda,cudnn]'``: the nvidia-* packages beside it), or
+    from the default library paths, before the first CUDA session: the CUDA provider looks
+    only in the default paths otherwise, and ONNX Runtime then runs on the CPU. ORT's own
+    ``preload_dlls`` (1.21+) does it; it prints what failed, so its output is kept here, for
+    the error line when a session drops CUDA. Once per process; a CPU build returns at once."""
+    global _preload_report
+    if _preload_report is None:
+        import contextlib
+        import io
+
+        from .runtime import import_ort
+
+        ort = import_ort()
+        out = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out):
+                if hasattr(ort, "preload_dlls"):
+                    ort.preload_dlls()
+        except Exception as exc:   # e.g. a library folder that does not exist
+            out.write(f"{type(exc).__name__}: {exc}\n")
+        _preload_report = [line.strip() for line in out.getvalue().splitlines() if line.strip()]
+    return _preload_report
+
+
 def providers_for(device: str) -> list[str]:
     """The provider list for a device name (``auto``: CUDA first when this build has it)."""
     from .runtime import import_ort
@@ -34,16 +64,21 @@ def providers_for(device: str) -> list[str]:
         raise DeviceUnavailableError(
             "--device cuda: this onnxruntime has no CUDA provider (available: " + ", ".join(available)
             + "); install the GPU build: pip install 'onnx-excite[gpu]' (and uninstall onnxruntime)")
-    return ([CUDA] if CUDA in available else []) + [CPU]
+    if CUDA in available:
+        preload_cuda()
+        return [CUDA, CPU]
+    return [CPU]
 
 
 def check_providers(requested: Sequence[str], session) -> list[str]:
     """The providers the session really uses; raise when it silently dropped CUDA."""
     used = list(session.get_providers())
     if CUDA in requested and CUDA not in used:
+        failed = [line for line in (_preload_report or []) if line.lower().startswith(("failed", "runtimeerror"))]
+        why = f" ({failed[0][:200]})" if failed else ""
         raise DeviceUnavailableError(
             "CUDA was asked for but ONNX Runtime could not start it (no GPU visible, or the CUDA/cuDNN "
-            f"libraries are missing); providers in use: {', '.join(used)}. Use --device cpu to run on the CPU")
+            f"libraries are missing{why}); providers in use: {', '.join(used)}. Use --device cpu to run on the CPU")
     return used
 
 

@@ -24,10 +24,10 @@ def import_ort():
 
 
 def default_providers() -> list[str]:
-    """CUDA first when this onnxruntime build has it, then the CPU."""
-    available = import_ort().get_available_providers()
-    wanted = [p for p in ("CUDAExecutionProvider",) if p in available]
-    return wanted + ["CPUExecutionProvider"]
+    """CUDA first when this onnxruntime build has it (its libraries preloaded), then the CPU."""
+    from .devices import providers_for
+
+    return providers_for("auto")
 
 
 #: protobuf cannot serialise a message of 2 GiB or more: larger models go through external data

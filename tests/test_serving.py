@@ -270,6 +270,60 @@ def test_device_selection_says_when_cuda_is_missing(tmp_path):
         assert res.exit_code == 2 and "error: --device cuda" in res.output
 
 
+def test_cuda_libraries_are_preloaded_once_quietly_and_their_failure_is_named(monkeypatch, capsys):
+    """Where this onnxruntime lists CUDA, the first CUDA provider list preloads the CUDA and
+    cuDNN libraries (ORT's preload_dlls: pip's nvidia-* packages, then the default paths),
+    once per process and without printing (the library never prints); what it reported
+    goes into the error line when a session then drops CUDA. The CPU build and
+    ``--device cpu`` never call it."""
+    from onnx_excite import devices
+
+    calls = []
+
+    def fake_preload():
+        calls.append(1)
+        print("Failed to load libcublasLt.so.13: libcublasLt.so.13: cannot open shared object file")
+        print("Please follow https://onnxruntime.ai/docs/install/#cuda-and-cudnn to install CUDA.")
+
+    monkeypatch.setattr(devices, "_preload_report", None)
+    monkeypatch.setattr(ort, "preload_dlls", fake_preload, raising=False)
+    assert devices.providers_for("cpu") == ["CPUExecutionProvider"] and not calls
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    for device in ("auto", "cuda", "auto"):
+        assert devices.providers_for(device) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert calls == [1]
+    assert capsys.readouterr().out == ""
+
+    class DroppedCuda:
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    with pytest.raises(DeviceUnavailableError, match=r"missing \(Failed to load libcublasLt\.so\.13"):
+        devices.check_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], DroppedCuda())
+
+    def broken_preload():
+        raise RuntimeError("Invalid parameter of directory=x. The directory does not exist!")
+
+    monkeypatch.setattr(devices, "_preload_report", None)
+    monkeypatch.setattr(ort, "preload_dlls", broken_preload, raising=False)
+    assert devices.providers_for("auto")[0] == "CUDAExecutionProvider"   # a failing preload stops nothing
+    with pytest.raises(DeviceUnavailableError, match="RuntimeError: Invalid parameter"):
+        devices.check_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], DroppedCuda())
+
+
+def test_the_real_preload_is_quiet_on_this_build(monkeypatch, capsys):
+    """The installed onnxruntime's own preload_dlls runs through `preload_cuda` without output
+    and without raising (a CPU build has no CUDA version and returns at once)."""
+    from onnx_excite import devices
+
+    monkeypatch.setattr(devices, "_preload_report", None)
+    report = devices.preload_cuda()
+    assert isinstance(report, list)
+    assert capsys.readouterr().out == ""
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert report == []
+
+
 def test_io_binding_path_equals_plain_run(monkeypatch):
     x = np.random.default_rng(6).normal(size=(4, 3, 8, 8)).astype(np.float32)
     plain = Exciter(tiny_model(), ["r1", "x"], methods=("mwp", "cmwp"), io_binding=False)
