@@ -84,7 +84,25 @@ def mobilenet_block(seed):
     return g.model(g.head(top, 16)), ["input", x, e, d, s, top]
 
 
-BLOCKS = {"resnet": resnet_block, "mobilenet_v2": mobilenet_block, "se_silu_concat": lambda seed: se_silu_concat(seed)}
+def resnet_v1_blocks(seed):
+    """Two torchvision-style blocks, ``Relu(identity + conv branch)``, summands in either
+    order; the first block's output goes through a MaxPool, which routes P to units where
+    the sum was <= 0 (windows of zeros), then a downsample block (both summands convs)."""
+    g = G(seed)
+    stem = g.op("Relu", [g.bn(g.conv("input", 4, 8, bias=False), 8)])
+    y = g.bn(g.conv(g.op("Relu", [g.bn(g.conv(stem, 8, 8, bias=False), 8)]), 8, 8, bias=False), 8)
+    out1 = g.op("Relu", [g.op("Add", [stem, y], "sum")])
+    pooled = g.op("MaxPool", [out1], "pool", kernel_shape=[2, 2], strides=[1, 1])
+    y2 = g.bn(g.conv(g.op("Relu", [g.conv(pooled, 8, 8)]), 8, 8), 8)
+    out2 = g.op("Relu", [g.op("Add", [y2, pooled], "sum")])
+    down = g.conv(out2, 8, 12, k=1, stride=2)
+    y3 = g.conv(g.op("Relu", [g.conv(out2, 8, 12, stride=2)]), 12, 12)
+    out3 = g.op("Relu", [g.op("Add", [y3, down], "sum")])
+    return g.model(g.head(out3, 12)), ["input", stem, out1, pooled, out2, out3]
+
+
+BLOCKS = {"resnet": resnet_block, "mobilenet_v2": mobilenet_block, "se_silu_concat": lambda seed: se_silu_concat(seed),
+          "resnet_v1": resnet_v1_blocks}
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -104,6 +122,39 @@ def test_block_matches_reference(block, seed):
             got, exp = res.maps[method][layer], want["map"][layer]
             scale = max(np.abs(exp).max(), np.abs(want["P"][layer]).max())
             assert np.abs(got - exp).max() <= 1e-4 * scale, (block, layer, method)
+
+
+@pytest.mark.parametrize("rule", ["positive", "paper"])
+def test_rectified_residual_sum_reads_only_the_block_output(rule):
+    """`Relu(identity + conv)` with the identity >= 0: the positive split takes x_o + x+ =
+    Max(out, x_o) and x+ from the block output, never the conv branch's own output (which
+    ONNX Runtime fuses with the Add and the Relu); exact against the float64 reference,
+    units with a sum <= 0 included (the MaxPool routes P there). The downsample block
+    (two signed summands) and the paper rule still read both summands."""
+    model, layers = resnet_v1_blocks(3)
+    graph = canonicalize(model)
+    sums = [n for n in graph.nodes if n.op_type == "Add"]
+    ex = Exciter(model, layers, methods=("mwp", "cmwp"), rule=rule)
+    readers = {}
+    for n in ex.built.model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    branch = [[i for i in n.input if graph.producer[i].op_type == "Conv"] for n in sums]
+    read = [any(len(readers[i]) > 1 for i in ins) for ins in branch]
+    assert read == ([False, False, True] if rule == "positive" else [True, True, True]), read
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 4, 10, 9)).astype(np.float32)
+    signal = rng.random((2, 6)).astype(np.float32)
+    res = ex.explain(x, signal)
+    ref = Reference(model)
+    fwd = ref.forward(x)
+    assert (fwd[sums[0].output[0]] <= 0).mean() > 0.2       # units the Max(out, x_o) form must get right
+    for contrastive, method in ((False, "mwp"), (True, "cmwp")):
+        want = ref.run(x, signal, layers, rule=rule, contrastive=contrastive)
+        for layer in layers:
+            got, exp = res.maps[method][layer], want["map"][layer]
+            scale = max(np.abs(exp).max(), np.abs(want["P"][layer]).max())
+            assert np.abs(got - exp).max() <= 1e-4 * scale, (layer, method)
 
 
 def se_silu_concat(seed):

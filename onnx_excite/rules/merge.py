@@ -45,6 +45,18 @@ def add(ctx: Context, node, p: str, negate=False):
             return ctx.act(x) if proves_nonneg(ctx.graph, x) else g.memo(("a+", x), lambda: g.relu(ctx.act(x)))
         return g.memo(("a-", x), lambda: g.negative_part(ctx.act(x))) if act == "a-" else ctx.act(x)
 
+    rectified = _rectified_sum(ctx, node, data) if parts == ["a+"] and variant.normalise == "Z" and not in_z else None
+    if rectified is not None:
+        # S = x_o + x+ and x+ = S - x_o, read from the sum's Relu output (see _rectified_sum)
+        x_o, x, out = rectified
+        s = g.memo(("rectified_sum", node.name), lambda: g.op("Max", [ctx.act(out), ctx.act(x_o)], hint="sum_pos"))
+        r = g.divide(p, g.memo((node.name, "sum_divisor", "rectified"), lambda: g.safe_divisor(s, signed=False)))
+        out_p = {}
+        if ctx.wants(x_o):
+            out_p[x_o] = g.mul(ctx.act(x_o), r)
+        if ctx.wants(x):
+            out_p[x] = g.mul(g.memo(("a+ of sum", x), lambda: g.op("Sub", [s, ctx.act(x_o)], hint="a_pos")), r)
+        return out_p
     if variant.normalise == "none":
         r = p
     else:
@@ -66,6 +78,27 @@ def add(ctx: Context, node, p: str, negate=False):
             share = r if act == "1" else g.mul(summand(act, x), r)
             out[x] = g.add(out[x], share) if x in out else share
     return out
+
+
+def _rectified_sum(ctx: Context, node, data):
+    """``(x_o, x, out)`` when ``y = x_o + x`` (two data inputs) feeds nothing but ``out =
+    Relu(y)``, ``x_o`` is provably >= 0 and ``x`` is not: a ResNet block's identity branch
+    plus its last conv. Then, exactly, ``x_o + x+ = Max(out, x_o)`` (y > 0: out = y; else
+    x <= -x_o <= 0) and ``x+ = Max(out, x_o) - x_o``, so the positive split needs neither
+    ``x`` nor ``y``. ONNX Runtime runs that conv, the Add and the Relu as one fused kernel
+    whose only output is ``out``; reading ``x`` made it compute and store them apart (a
+    ResNet-50 forward 19 % slower at batch 1 with those conv outputs read)."""
+    if len(data) != 2 or len(node.input) != 2:
+        return None
+    users = ctx.graph.consumers.get(node.output[0], [])
+    outputs = {o.name for o in ctx.graph.model.graph.output}
+    if len(users) != 1 or users[0].op_type != "Relu" or node.output[0] in outputs:
+        return None
+    nonneg = [proves_nonneg(ctx.graph, x) for x in data]
+    if nonneg.count(True) != 1:
+        return None
+    x_o, x = (data[0], data[1]) if nonneg[0] else (data[1], data[0])
+    return x_o, x, users[0].output[0]
 
 
 @register("Concat", keeps_nonneg=True, description="P split back to the inputs")
