@@ -155,7 +155,8 @@ def voc(tmp_path):
             shutil.copy(photos[i], root / "JPEGImages" / f"{i}.jpg")
             from PIL import Image
 
-            w, h = Image.open(photos[i]).size
+            with Image.open(photos[i]) as im:
+                w, h = im.size
         else:
             # a readable header (the dataset reader accepts it), truncated pixel data
             (root / "JPEGImages" / f"{i}.jpg").write_bytes(photos["dog"].read_bytes()[:3000])
