@@ -11,7 +11,7 @@ if ! echo "$sum  /tmp/$name" | sha256sum -c --status; then
     echo "the wheel's parts in /tmp/ortgpu are missing or incomplete (a fresh machine?): $(ls /tmp/ortgpu 2>&1 | tr '\n' ' ')"
     exit 3
 fi
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "/tmp/$name" || exit 4
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "/tmp/$name" .whl/meta/*.whl || exit 4
 python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --target /tmp/site . || exit 5
 # PYTHONSAFEPATH: the installed onnx_excite (with its cli and models subpackages), not ./onnx_excite
 export PYTHONPATH=/tmp/site PYTHONSAFEPATH=1 PATH="/tmp/site/bin:$PATH" XDG_CACHE_HOME="$PWD/.whl/cache"

@@ -7,7 +7,8 @@
 #
 # Run here, in the checkout, with the project's venv active (the default model is built from
 # the weights package). Writes .whl/ (git-ignored): p00, p01, ... (one wheel part each),
-# cache/ (the default model, for XDG_CACHE_HOME there), meta/SHA256; prints the calls to make.
+# cache/ (the default model, for XDG_CACHE_HOME there), meta/ (SHA256, small pure-Python wheels);
+# prints the calls to make.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ver=$(python -c "import json; print(json.load(open('onnx_excite/data/cuda_kernels.json'))['onnxruntime_gpu'])")
@@ -15,6 +16,8 @@ rm -rf .whl && mkdir -p .whl/dl .whl/meta .whl/cache/onnx-excite
 python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 -d .whl/dl "onnxruntime-gpu==$ver"
+# pure-Python extras the GPU tests use that the image lacks (float16 export): small, in meta/
+python -m pip download -q --no-deps --only-binary=:all: -d .whl/meta onnxconverter-common
 wheel=$(ls .whl/dl/*.whl)
 (cd .whl/dl && sha256sum -- *.whl) > .whl/meta/SHA256
 # what travels with every call besides a part: the tracked files and the untracked, not ignored ones
