@@ -15,8 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from onnx_excite.distributed import RaySettings, explain_on_ray
-from onnx_excite.explain import ExplainOptions, expand_inputs, explain_files
+from onnx_excite.apps.distributed import RaySettings, explain_on_ray
+from onnx_excite.apps.explain import ExplainOptions, expand_inputs, explain_files
 
 
 def main() -> None:
@@ -53,7 +53,7 @@ def main() -> None:
                                   RaySettings(actors=actors, batch_size=8, cpus_per_actor=0.5 if actors > 1 else 1.0))
         rows.append((f"Ray, {actors} actor(s)", stats.images_per_second, f"{stats.seconds:.1f} s"))
     small = []   # the fixed cost: three photos, one process vs one actor (start, model shipping, build)
-    from onnx_excite.explain import sample_images
+    from onnx_excite.apps.explain import sample_images
 
     t = time.perf_counter()
     explain_files(sample_images(), ExplainOptions(model="default", out_dir=tmp / "small1", top=1))

@@ -62,7 +62,7 @@ def _input_shapes(model, text):
     if parsed is None:
         return None
     name, values = parsed
-    from onnx_excite.canonicalize import first_input_name
+    from onnx_excite.graph.canonicalize import first_input_name
 
     return {name or first_input_name(model): values}
 
@@ -98,7 +98,7 @@ def layers(model: Path = typer.Argument(..., help="ONNX classifier, or 'default'
            logits: Optional[str] = _logits_option(),
            output: Optional[str] = _hidden_output_alias()):
     """List candidate layers: tensor names, op types, shapes and layouts (the channel axis a map sums over)."""
-    from onnx_excite.inspect import inspect_model
+    from onnx_excite.graph.layers import inspect_model
     from onnx_excite.models.default import default_layers
 
     report = inspect_model(str(model), logits=logits or output)
@@ -123,7 +123,7 @@ def check(model: Path = typer.Argument(..., help="ONNX classifier, or 'default'"
           layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="map layer for --provider cuda "
                                                     "(default: the input, so every rule is in the graph)")):
     """Report every node the rewrite cannot handle (exit 1), or "ok" and the candidate layers."""
-    from onnx_excite.inspect import inspect_model
+    from onnx_excite.graph.layers import inspect_model
 
     if provider != "cpu":
         from onnx_excite.cli.serve_cmds import check_cuda_command
@@ -208,10 +208,10 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
                                         "benchmark table (model, layer, batch and load average as its label)"),
           share_adjoints: str = _share_option()):
     """Median ms of forward alone vs forward+MWP vs forward+c-MWP (and forward + each --method), the ratios, the FLOP floor and the time floor."""
-    from onnx_excite.bench import run_bench_report
+    from onnx_excite.apps.bench import run_bench_report
     from onnx_excite.models.default import layers_or_default
     from onnx_excite.models.synthetic import RECIPE_LAYERS, RECIPES
-    from onnx_excite.share import parse_share
+    from onnx_excite.graph.share import parse_share
 
     share = parse_share(share_adjoints)
     if model in RECIPES:
@@ -334,7 +334,7 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
 
     Re-running with the same settings skips images whose outputs are complete.
     """
-    from onnx_excite.explain import ExplainOptions, explain_files
+    from onnx_excite.apps.explain import ExplainOptions, explain_files
 
     opts = ExplainOptions(model=model, layers=list(layer or []), targets=list(target or []), top=top,
                           methods=_methods(method or ["mwp", "cmwp"], contrastive), rule=rule, out_dir=out_dir,
@@ -342,7 +342,7 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
                           scale=scale, alpha=alpha, cmap=cmap, full_res=full_res, logits=logits, blur=blur, device=device)
     settings = ray_settings(ray, actors, ray_batch, cpus_per_actor, gpus_per_actor)
     if settings is not None:
-        from onnx_excite.distributed import explain_on_ray
+        from onnx_excite.apps.distributed import explain_on_ray
 
         summary, stats = explain_on_ray(inputs, opts, settings, warn=_warn,
                                         on_error=lambda image, reason: err.print(f"error: {reason}", markup=False, soft_wrap=True))
@@ -377,7 +377,7 @@ def _print_record(rec: dict, skipped: bool = False) -> None:
 @friendly
 def demo(out_dir: Path = typer.Option(Path("excite_demo"), "-o", "--output", help="output folder")):
     """Explain the bundled photos with the default ImageNet model (MWP and c-MWP overlays)."""
-    from onnx_excite.explain import run_demo
+    from onnx_excite.apps.explain import run_demo
 
     summary, path = run_demo(out_dir, console=out, errors=err)
     for rec in summary.records:

@@ -17,7 +17,7 @@ app.add_typer(eval_app, name="eval")
 
 def print_result(res, out, err) -> None:
     """The overall table, the unmapped classes (loudly), counts, files and data problems."""
-    from onnx_excite.eval.report import unmapped_line
+    from onnx_excite.apps.eval.report import unmapped_line
 
     choice = res.settings.get("logits")
     if choice and len(choice.get("candidates", [])) > 1 and choice.get("reason") != "given":
@@ -57,7 +57,7 @@ def _eval(protocol: str, data: Path, fmt: str, model: str, methods: str, layer: 
           mapping: Optional[str], out_dir: Path, tolerance: float, size: int, rule: str, ray, actors: int,
           ray_batch: int, cpus: float, gpus: float, logits: Optional[str] = None,
           blur: bool = True, device: str = "auto"):
-    from onnx_excite.eval import run_evaluation
+    from onnx_excite.apps.eval import run_evaluation
 
     settings = ray_settings(ray, actors, ray_batch, cpus, gpus)
     kwargs = dict(protocol=protocol, data=str(data), fmt=fmt, model=model,
@@ -84,7 +84,7 @@ def _eval(protocol: str, data: Path, fmt: str, model: str, methods: str, layer: 
         res = run_evaluation(**kwargs)
     print_result(res, out, err)
     if settings is not None:
-        from onnx_excite.distributed import RunStats
+        from onnx_excite.apps.distributed import RunStats
 
         read, failed = res.counts["images_read"], res.counts["images_failed"]
         stats = RunStats(images=read, done=read - failed, failed=failed, seconds=time.perf_counter() - t0)

@@ -43,10 +43,10 @@ def ground(model: str = typer.Argument(..., help="ONNX classifier path, or 'defa
 
     Writes per phrase the ranked boxes (JSON), the phrase map (.npy) and an overlay (PNG).
     """
-    from onnx_excite.explain import safe_name
-    from onnx_excite.grounding import Grounder, proposal_source
-    from onnx_excite.grounding.render import write_grounding
-    from onnx_excite.images import load_image
+    from onnx_excite.apps.explain import safe_name
+    from onnx_excite.apps.grounding import Grounder, proposal_source
+    from onnx_excite.apps.grounding.render import write_grounding
+    from onnx_excite.io.images import load_image
 
     if top < 1:
         raise ExciteError("--top must be at least 1")
@@ -101,7 +101,7 @@ def eval_grounding(data: Path = typer.Option(..., "--data", help="Flickr30k Enti
     Also per phrase type and for small instances; the proposal base ranks the same
     proposals in their own order.
     """
-    from onnx_excite.grounding.evaluate import GroundingEvalOptions, run_grounding_eval
+    from onnx_excite.apps.grounding.evaluate import GroundingEvalOptions, run_grounding_eval
 
     opts = GroundingEvalOptions(data=str(data), split=split, heldout=heldout, model=model, method=method, weights=weights,
                                 vocab=str(vocab) if vocab else None, layer=layer, proposals=proposals, gamma=gamma,
@@ -145,7 +145,7 @@ def eval_entities_from_detection(
 
     One phrase "the <class>" per class present, with all its boxes, for `eval grounding`.
     """
-    from onnx_excite.grounding.convert import detection_to_entities
+    from onnx_excite.apps.grounding.convert import detection_to_entities
 
     res = detection_to_entities(data, out_dir, fmt=fmt, split=split, mapping=mapping, val_every=val_every)
     out.print(f"wrote {res['images']} images, {res['phrases']} phrases ({res['classes']} classes) to {res['out']}: "

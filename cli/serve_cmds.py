@@ -9,14 +9,14 @@ from typing import List, Optional
 
 from onnx_excite.cli.app import _share_option, out
 from onnx_excite.errors import ExciteError
-from onnx_excite.share import parse_share
+from onnx_excite.graph.share import parse_share
 
 
 def check_cuda_command(model: Path, provider: str, layer: Optional[List[str]], output: Optional[str]) -> None:
     """`onnx-excite check --provider cuda MODEL`: every node that would leave the GPU, with the reason."""
     import typer
 
-    from onnx_excite.cuda_coverage import check_companion
+    from onnx_excite.run.cuda_coverage import check_companion
 
     if provider != "cuda":
         raise ExciteError(f"unknown provider {provider!r}; choose cpu or cuda")
@@ -37,11 +37,11 @@ def export_command(model: Path, out_path: Optional[Path], layers, methods, rule,
     """`onnx-excite export`: build, post-process, write the model (and the Triton folder), verify."""
     import onnx
 
-    from onnx_excite.serving import export_model, write_triton_repository
+    from onnx_excite.targets.serving import export_model, write_triton_repository
 
     if out_path is None and serving_dir is None:
         raise ExciteError("give -o/--output FILE and/or --serving DIR")
-    from onnx_excite.checks import output_dir, output_file
+    from onnx_excite.io.checks import output_dir, output_file
     from onnx_excite.cli.app import _note_logits
     from onnx_excite.models.default import layers_or_default
 
@@ -110,8 +110,8 @@ def _register():
                      share_adjoints: str = _share_option()):
         """Latency (batch 1), throughput (images/s, batch 32) and peak device memory of forward vs
         forward+MWP vs forward+c-MWP on the providers in use, as ratios to the forward alone."""
-        from onnx_excite.bench_device import run_device_bench
-        from onnx_excite.explain import resolve_model
+        from onnx_excite.apps.bench_device import run_device_bench
+        from onnx_excite.apps.explain import resolve_model
         from onnx_excite.models.synthetic import RECIPES
 
         share = parse_share(share_adjoints)

@@ -2,7 +2,7 @@
 
 Every entry point that takes a model (``Exciter``, ``build_excitation_model``,
 ``inspect_model``, ``run_bench``, ``explain``, ``eval`` and each CLI command) loads it
-through :func:`onnx_excite.canonicalize.load_model`, which calls
+through :func:`onnx_excite.graph.canonicalize.load_model`, which calls
 :func:`resolve_model_path`, so ``"default"`` works everywhere a model path does.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ def model_profile(model):
 
     if is_default(model):
         return profiles.PROFILES["mobilenet_v2"]
-    from onnx_excite.canonicalize import load_model
+    from onnx_excite.graph.canonicalize import load_model
 
     return profiles.profile_for_model(load_model(model))
 

@@ -35,7 +35,7 @@ the logits s, adj = transpose of the bias-free layer, e.g. ConvTranspose for Con
 * ``mass``: what sum(P) over a layer should be, for diagnostics: ``signal`` (sum e, less
   the share of units with Z = 0), ``score`` (sum e * s for bias-free nets), ``zero``
   (the target and dual carry equal mass: sum P ~ 0), or ``none``.
-* ``blur``: the paper's Gaussian blur (sigma = 0.02 max(W, H), ``onnx_excite.postprocess``)
+* ``blur``: the paper's Gaussian blur (sigma = 0.02 max(W, H), ``onnx_excite.render.postprocess``)
   before display/evaluation: grad, deconv, guided, LRP (the paper) and c-grad, c-deconv
   (our choice: pixel-level maps like their base methods); every map is upsampled bicubically.
 * ``layers``: ``any`` or ``last-feature-map`` (CAM: the input of the global pool feeding

@@ -9,7 +9,7 @@ mkdir -p "$out"
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
-  python3 -c "from onnx_excite.devices import providers_for, preload_cuda; print('providers', providers_for('auto'), 'preload:', preload_cuda())"
+  python3 -c "from onnx_excite.run.devices import providers_for, preload_cuda; print('providers', providers_for('auto'), 'preload:', preload_cuda())"
   python3 -m pytest -q -rs tests/test_cuda_runtime.py tests/test_cuda_coverage.py
   onnx-excite bench-device default --device cuda --batch 1 --batch 32 --runs 50
   onnx-excite bench-device resnet50-random -l layer3 --device cuda --batch 1 --batch 32 --runs 50

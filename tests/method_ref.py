@@ -73,7 +73,7 @@ cmwp-postnorm MWP from the target and MWP from the negated classifier computed s
           both passes conserve their mass it equals cmwp / sum(e) (per sample); it differs
           where the two passes lose different mass at units with Z = 0.
 
-Map post-processing (the paper; onnx_excite.postprocess): bicubic upsampling to the image for
+Map post-processing (the paper; onnx_excite.render.postprocess): bicubic upsampling to the image for
 every method, and a Gaussian blur sigma = 0.02 * max(W, H) for grad, deconv, guided and LRP
 (and, our choice, for c-grad and c-deconv).
 """

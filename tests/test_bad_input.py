@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from conftest import tiny_model
 from onnx_excite import ExciteError
 from onnx_excite.cli.app import app
-from onnx_excite.images import load_image, to_rgb
+from onnx_excite.io.images import load_image, to_rgb
 
 runner = CliRunner()
 
@@ -170,7 +170,7 @@ def test_large_top_k_warns_with_the_count_first(photo, tmp_path):
 
 
 def test_jsonl_never_holds_nan(tmp_path):
-    from onnx_excite.records import RecordStore
+    from onnx_excite.io.records import RecordStore
 
     store = RecordStore(tmp_path)
     with pytest.raises(ValueError):
@@ -231,7 +231,7 @@ def test_uint8_model_refuses_mean_std(photo, tmp_path):
 
 
 def test_as_input_dtype_rounds_and_clips():
-    from onnx_excite.runtime import as_input_dtype
+    from onnx_excite.run.runtime import as_input_dtype
 
     got = as_input_dtype(np.array([-3.0, 0.4, 0.6, 254.5, 300.0]), "tensor(uint8)")
     assert got.dtype == np.uint8 and got.tolist() == [0, 0, 1, 254, 255]
@@ -391,7 +391,7 @@ def _lines(out):
 
 
 def test_failure_on_the_second_image_keeps_the_others(tiny, tmp_path, monkeypatch):
-    from onnx_excite.runtime import Exciter
+    from onnx_excite.run.runtime import Exciter
 
     src, out = _three_photos(tmp_path / "in"), tmp_path / "out"
     real, calls = Exciter.explain, []
@@ -415,7 +415,7 @@ def test_failure_on_the_second_image_keeps_the_others(tiny, tmp_path, monkeypatc
 
 
 def test_a_run_that_dies_half_way_keeps_what_it_finished(tiny, tmp_path, monkeypatch):
-    import onnx_excite.render as render
+    import onnx_excite.render.overlay as render
 
     src, out = _three_photos(tmp_path / "in"), tmp_path / "out"
     real, calls = render.panel_grid, []
@@ -454,7 +454,7 @@ def test_rerun_replaces_incomplete_and_keeps_other_settings(tiny, tmp_path):
 
 
 def test_record_store(tmp_path):
-    from onnx_excite.records import RecordStore, merge, read_records
+    from onnx_excite.io.records import RecordStore, merge, read_records
 
     (tmp_path / "m.npy").write_bytes(b"x")
     rec = {"image": str(tmp_path / "a.png"), "settings": {"k": 1}, "outputs": [{"map": str(tmp_path / "m.npy")}]}
@@ -481,7 +481,7 @@ def test_eval_and_demo_into_a_read_only_folder(tmp_path):
 
 
 def test_bench_reports_progress_and_inputs(tiny):
-    from onnx_excite.bench import run_bench
+    from onnx_excite.apps.bench import run_bench
 
     steps, inputs = [], {}
     rows, _ = run_bench(str(tiny), ["r1"], runs=3, progress=lambda *a: steps.append(a), on_inputs=inputs.update)

@@ -8,8 +8,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_excite.models import synthetic
 from typer.testing import CliRunner
 
-from onnx_excite.bench import run_bench_report
-from onnx_excite.flops import count_flops
+from onnx_excite.apps.bench import run_bench_report
+from onnx_excite.graph.flops import count_flops
 
 
 def _hand_model():
@@ -99,7 +99,7 @@ def test_graph_flops_count_each_rules_convolutions(rule):
 def test_round_spread_pairs_each_run_with_its_rounds_forward():
     """Quartiles of the per-round ratios: a round where both ran slow (load) gives the same
     ratio as a quiet one, which a ratio of medians over unpaired runs would not show."""
-    from onnx_excite.bench import round_spread
+    from onnx_excite.apps.bench import round_spread
 
     forward = [10.0, 20.0, 10.0, 10.0, 30.0]
     variant = [20.0, 40.0, 22.0, 18.0, 60.0]          # ratios 2, 2, 2.2, 1.8, 2
@@ -129,7 +129,7 @@ def test_safe_reciprocal_is_exact_and_finite():
     NaN/Inf, with no Where node emitted."""
     import onnxruntime as ort
 
-    from onnx_excite.graph import TINY, Emitter
+    from onnx_excite.graph.emitter import TINY, Emitter
 
     g = Emitter({"z"})
     out = g.safe_reciprocal("z")
@@ -157,7 +157,7 @@ def test_safe_divisor_divides_exactly_with_one_node():
     at Z = 0, whose terms the adjoint multiplies by 0."""
     import onnxruntime as ort
 
-    from onnx_excite.graph import Z_FLOOR, Emitter
+    from onnx_excite.graph.emitter import Z_FLOOR, Emitter
 
     g = Emitter({"z", "p"})
     out = g.divide("p", g.safe_divisor("z", signed=False))
@@ -184,9 +184,9 @@ def test_below_model_is_the_forward_cut_at_the_map_layer():
     layer that is the graph input (all of the forward lies above it: time floor 3)."""
     import onnxruntime as ort
 
-    from onnx_excite.bench import below_model
-    from onnx_excite.canonicalize import canonicalize
-    from onnx_excite.flops import downstream
+    from onnx_excite.apps.bench import below_model
+    from onnx_excite.graph.canonicalize import canonicalize
+    from onnx_excite.graph.flops import downstream
     from onnx_excite.models.synthetic import tiny_cnn
 
     forward = canonicalize(tiny_cnn())
@@ -215,7 +215,7 @@ def test_report_time_floor():
 def test_measure_build_reports_model_size_derived_below_stored():
     """The companion with weights derived in the graph stores each weight once: its size is
     the forward's plus its nodes, the stored variant's is larger by W+ and the adjoint kernels."""
-    from onnx_excite.bench import measure_build
+    from onnx_excite.apps.bench import measure_build
 
     forward = measure_build("tiny-cnn", ["pool1"], None)
     derived = measure_build("tiny-cnn", ["pool1"], ("mwp",), derive_weights=True)
@@ -234,8 +234,8 @@ def test_bench_cli_stored_weights():
 def test_cli_warns_when_the_cut_forward_times_slower(monkeypatch):
     """A cut forward slower than the whole forward (noise) clips f_t to 0: the CLI says the
     time floor means nothing in that run instead of printing 1.00 silently."""
-    import onnx_excite.bench as bench
-    from onnx_excite.bench import BenchReport, BenchRow
+    import onnx_excite.apps.bench as bench
+    from onnx_excite.apps.bench import BenchReport, BenchRow
     from onnx_excite.cli.app import app
 
     report = BenchReport(rows=[BenchRow("forward", 10.0, 1.0), BenchRow("forward+MWP", 15.0, 1.5, 1.0)],
@@ -253,7 +253,7 @@ def test_cli_warns_when_the_cut_forward_times_slower(monkeypatch):
 def test_markdown_row_matches_the_readme_table():
     """`bench --markdown`: the README benchmark table's header and one row with the same
     numbers as the report (ratios over the time floor and over MWP)."""
-    from onnx_excite.bench import BenchReport, BenchRow
+    from onnx_excite.apps.bench import BenchReport, BenchRow
     from onnx_excite.cli.app import app
 
     report = BenchReport(rows=[BenchRow("forward", 8.4, 1.0), BenchRow("forward+MWP", 16.2, 1.92, 1.0),

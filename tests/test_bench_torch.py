@@ -16,9 +16,9 @@ from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from onnx_excite import Exciter
-from onnx_excite import bench_torch
-from onnx_excite.bench import run_bench_report
-from onnx_excite.canonicalize import canonicalize
+from onnx_excite.apps import bench_torch
+from onnx_excite.apps.bench import run_bench_report
+from onnx_excite.graph.canonicalize import canonicalize
 from onnx_excite.models import synthetic
 
 
@@ -160,7 +160,7 @@ def test_residual_sums_reach_the_peers_rules():
 def test_converted_recipes_keep_the_weights(recipe, sums):
     """The torch model computes the ORT forward's logits (same weights); residual Adds and the global
     average pool are the swapped modules, and every mode of the sums computes a + b."""
-    from onnx_excite.runtime import make_session
+    from onnx_excite.run.runtime import make_session
 
     forward = canonicalize(synthetic.RECIPES[recipe]())
     peer = bench_torch.torch_peer(forward)

@@ -8,8 +8,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from excitation_ref import Reference
 from onnx_excite import Exciter
-from onnx_excite.canonicalize import canonicalize
-from onnx_excite.index import GraphIndex
+from onnx_excite.graph.canonicalize import canonicalize
+from onnx_excite.graph.index import GraphIndex
 
 
 class G:

@@ -8,8 +8,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_excite import canonicalize as C
-from onnx_excite.index import GraphIndex, attr, implicit_inputs
+from onnx_excite.graph import canonicalize as C
+from onnx_excite.graph.index import GraphIndex, attr, implicit_inputs
 
 
 def _model(nodes, inits=(), inputs=None, outputs=None, opset=17, shape=(1, 3, 7, 6)):
@@ -177,7 +177,7 @@ def test_split_to_slices_leaves_unknown_sizes():
                inputs=[helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "H", 6])])
     out = C.split_to_slices(_copy(m))
     assert counts(out) == counts(m) == {"Split": 1, "Add": 1}
-    from onnx_excite.inspect import inspect_model
+    from onnx_excite.graph.layers import inspect_model
 
     problems = inspect_model(m).problems
     assert [(op, name) for op, name, _ in problems] == [("Split", "s")] and "sizes are unknown" in problems[0][2]

@@ -14,8 +14,8 @@ import netgen
 from conftest import tiny_model
 from onnx_excite import build_excitation_model
 from onnx_excite.cli.app import app
-from onnx_excite.cuda_coverage import check_companion, check_cuda, kernel_table
-from onnx_excite.serving import forward_to_float16, make_serving_model
+from onnx_excite.run.cuda_coverage import check_companion, check_cuda, kernel_table
+from onnx_excite.targets.serving import forward_to_float16, make_serving_model
 from test_blocks import BLOCKS, ZOO
 
 runner = CliRunner()
@@ -58,7 +58,7 @@ def test_onnx_light_architectures_stay_on_cuda(name):
     """The structure-only real architectures shipped with onnx (see test_light_models.py); the
     ones with 100M-weight dense heads (alexnet, vgg19, zfnet512) also pass but take ~30-60 s
     each to build here, so they are left to a manual run."""
-    from onnx_excite.inspect import inspect_model
+    from onnx_excite.graph.layers import inspect_model
 
     path = os.path.join(LIGHT, f"{name}.onnx")
     report = inspect_model(path)

@@ -18,9 +18,9 @@ import test_blocks as tb
 from onnx import helper, numpy_helper
 
 from onnx_excite import build_excitation_model
-from onnx_excite.cuda_coverage import fallbacks
+from onnx_excite.run.cuda_coverage import fallbacks
 from onnx_excite.errors import ExciteError
-from onnx_excite.graph import (
+from onnx_excite.graph.emitter import (
     Emitter,
     SourcedArray,
     WeightOrigin,
@@ -215,7 +215,7 @@ def test_large_constants_without_origin_are_deduplicated_by_content():
 def test_save_past_the_protobuf_limit_writes_external_data_afresh(tmp_path, monkeypatch):
     """Forced through the external-data path: the file loads with the same maps, saving
     twice does not grow the data file (onnx appends), and the in-memory model keeps its weights."""
-    from onnx_excite import runtime
+    from onnx_excite.run import runtime
 
     model = _grouped_net()
     built = build_excitation_model(model, ["r1"], methods=("mwp", "cmwp"))
@@ -241,7 +241,7 @@ def test_save_past_the_protobuf_limit_writes_external_data_afresh(tmp_path, monk
 
 
 def test_forward_model_without_copy_only_where_nothing_is_added():
-    from onnx_excite.canonicalize import canonicalize
+    from onnx_excite.graph.canonicalize import canonicalize
 
     model = _grouped_net()
     graph = canonicalize(model)
@@ -288,7 +288,7 @@ def test_proto_size_bounds_the_serialised_size_without_serialising_the_weights(w
     which counts a raw_data initializer from its dims instead of serialising it (upb's
     ByteSize serialises: the weights were written twice per session). It must never be
     below the true size, and stays within a few hundred bytes per initializer of it."""
-    from onnx_excite.runtime import proto_size
+    from onnx_excite.run.runtime import proto_size
 
     if which == "companion":
         model = build_excitation_model(_grouped_net(), ["r1"], methods=("mwp", "cmwp")).model
@@ -303,7 +303,7 @@ def test_proto_size_bounds_the_serialised_size_without_serialising_the_weights(w
 def test_make_session_goes_through_external_data_past_the_limit(monkeypatch):
     """Past `PROTOBUF_LIMIT` (forced low here) the session is made from a temporary file
     with external data: same outputs as from serialised bytes, the model unchanged."""
-    from onnx_excite import runtime
+    from onnx_excite.run import runtime
 
     built = build_excitation_model(_grouped_net(), ["r1"], methods=("mwp",))
     x = np.random.default_rng(0).normal(size=(2, 4, 9, 9)).astype(np.float32)

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 from test_eval_data import tiny_gap_model
 
 from onnx_excite import ExciteError
-from onnx_excite.distributed import ExplainActor, RaySettings, explain_on_ray, list_inputs
-from onnx_excite.eval import run_evaluation
-from onnx_excite.explain import ExplainOptions, explain_files, sample_images
+from onnx_excite.apps.distributed import ExplainActor, RaySettings, explain_on_ray, list_inputs
+from onnx_excite.apps.eval import run_evaluation
+from onnx_excite.apps.explain import ExplainOptions, explain_files, sample_images
 
 import ray  # noqa: E402  (the `test` extra installs it)
 
@@ -235,7 +235,7 @@ def test_list_inputs_reads_uris(tmp_path, photos):
     assert [f.stem for f in list_inputs([f"{uri}/e*.jpg"])] == ["eagle"]
     with pytest.raises(ExciteError, match="no such file or folder"):
         list_inputs([f"file://{tmp_path}/nope"])
-    from onnx_excite.distributed import load_any_image
+    from onnx_excite.apps.distributed import load_any_image
 
     assert load_any_image(found[1]).size == (512, 384)
     with pytest.raises(ExciteError, match="broken.jpg: cannot read image"):
@@ -245,7 +245,7 @@ def test_list_inputs_reads_uris(tmp_path, photos):
 def test_ray_missing_is_one_line(monkeypatch):
     import sys
 
-    from onnx_excite.distributed import import_ray
+    from onnx_excite.apps.distributed import import_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ExciteError, match=r"pip install 'onnx-excite\[ray\]'"):

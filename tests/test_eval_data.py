@@ -14,9 +14,9 @@ from PIL import Image
 import onnx_excite
 from conftest import VOC_SAMPLE
 from onnx_excite import ExciteError
-from onnx_excite.eval import read_coco, read_dataset, read_voc, resolve_mapping, run_evaluation
-from onnx_excite.eval import metrics as M
-from onnx_excite.eval.mapping import bundled_mappings
+from onnx_excite.apps.eval import read_coco, read_dataset, read_voc, resolve_mapping, run_evaluation
+from onnx_excite.apps.eval import metrics as M
+from onnx_excite.apps.eval.mapping import bundled_mappings
 
 VOC = VOC_SAMPLE
 COCO = VOC / "instances_coco.json"
@@ -216,7 +216,7 @@ COCO80 = ["person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", 
 @pytest.mark.parametrize("name", ["voc_sample_to_imagenet", "voc20_to_imagenet", "coco80_to_imagenet"])
 def test_bundled_mappings_check_against_imagenet(name):
     assert name in bundled_mappings()
-    from onnx_excite.eval.mapping import read_mapping_file
+    from onnx_excite.apps.eval.mapping import read_mapping_file
 
     data, _ = read_mapping_file(name)
     classes = {"voc20_to_imagenet": VOC20, "coco80_to_imagenet": COCO80}.get(name)

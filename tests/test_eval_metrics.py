@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from onnx_excite.eval import metrics as M
-from onnx_excite.eval.datasets import ImageRecord, Mask, Obj, decode_rle
+from onnx_excite.apps.eval import metrics as M
+from onnx_excite.apps.eval.datasets import ImageRecord, Mask, Obj, decode_rle
 
 
 def rec(objs, w=100, h=100):

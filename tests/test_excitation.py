@@ -118,8 +118,8 @@ def test_contrastive_is_target_minus_dual(seed):
     with the classifier's weights negated."""
     from onnx import numpy_helper
 
-    from onnx_excite.builder import find_classifier
-    from onnx_excite.canonicalize import canonicalize
+    from onnx_excite.graph.builder import find_classifier
+    from onnx_excite.graph.canonicalize import canonicalize
 
     model, layers, x, rng = _setup(seed)
     graph = canonicalize(model)

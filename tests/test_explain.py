@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 from conftest import photo
 from onnx_excite import ExciteError
 from onnx_excite.cli.app import app
-from onnx_excite.images import Prepared, load_image, preprocess, resized_size
-from onnx_excite.maps import normalize, overlay, panel, to_image_space, upsample
+from onnx_excite.io.images import Prepared, load_image, preprocess, resized_size
+from onnx_excite.render.maps import normalize, overlay, panel, to_image_space, upsample
 
 runner = CliRunner()
 DOG_BOX = (67, 133, 220, 373)   # the dog in the bundled dog.jpg (512x384), drawn by hand: x0, y0, x1, y1

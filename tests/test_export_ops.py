@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from excitation_ref import Reference
 from onnx_excite import Exciter
 from onnx_excite.cli.app import app
-from onnx_excite.inspect import inspect_model
+from onnx_excite.graph.layers import inspect_model
 from test_blocks import G
 
 
@@ -306,7 +306,7 @@ def test_resize_weights_reproduce_onnxruntime(attrs, scales, opset):
     tf_half_pixel_for_nn, ceil) and an output size where float32 and float64 disagree (10 * 0.7)."""
     import onnxruntime as ort
 
-    from onnx_excite.canonicalize import canonicalize
+    from onnx_excite.graph.canonicalize import canonicalize
     from onnx_excite.rules.resize import _matrices, _plan, resize_check
 
     node = helper.make_node("Resize", ["x", "", "scales"], ["y"], name="resize", **attrs)
@@ -417,7 +417,7 @@ def test_mul_gate_declared_narrowly_is_reported(monkeypatch):
 def test_declarations_keep_nonneg():
     """keeps_nonneg as declared: Resize, Slice, Tile, GlobalMaxPool, ReduceMax, edge Pad keep x >= 0; Max(x, 0)
     is >= 0 for any x; x / c only for c >= 0; Sub never; a constant Pad with a negative value does not."""
-    from onnx_excite.canonicalize import canonicalize
+    from onnx_excite.graph.canonicalize import canonicalize
 
     nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
              helper.make_node("Resize", ["r", "", "sc"], ["up"], name="up", mode="linear"),
@@ -457,7 +457,7 @@ FLOAT16_CLOSE = {"pad_modes", "resize_fpn", "einsum_layers", "expand_tile", "dec
 def test_float16_models(arch):
     """The same graphs in float16: the companion model passes the full checker, runs, and its maps are finite;
     where no arg-max can flip in half precision they agree with the float32 model (same rounded weights)."""
-    from onnx_excite.builder import build_excitation_model
+    from onnx_excite.graph.builder import build_excitation_model
 
     m16, layers, shape, _, _ = GRAPHS[arch](0)
     m32 = onnx.ModelProto.FromString(m16.SerializeToString())
@@ -485,8 +485,8 @@ def test_companion_graphs_stay_on_cuda(arch):
     """Static check against onnxruntime-gpu's kernel registry (no GPU needed): what the rules of these
     ops emit (ArgMax, ScatterElements, Einsum, the per-axis matrices, Where) has CUDA kernels. The one
     CPU fallback is the model's own forward Mean node, which has no CUDA kernel."""
-    from onnx_excite.builder import build_excitation_model
-    from onnx_excite.cuda_coverage import check_cuda
+    from onnx_excite.graph.builder import build_excitation_model
+    from onnx_excite.run.cuda_coverage import check_cuda
 
     model, layers, _, _, _ = GRAPHS[arch](0)
     built = build_excitation_model(model, layers, methods=("mwp", "cmwp"))

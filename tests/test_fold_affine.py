@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from excitation_ref import Reference
 from test_canonicalize_passes import _copy, _model
 from onnx_excite import Exciter
-from onnx_excite import canonicalize as C
+from onnx_excite.graph import canonicalize as C
 from onnx_excite.cli.app import app
 from onnx_excite.errors import ExciteError
 
@@ -357,7 +357,7 @@ def test_a_folded_logits_name_is_one_clear_error():
 def test_user_model_is_never_modified(tmp_path):
     """canonicalize works on a copy: the file (hashed) and an in-memory proto are unchanged, and the
     fold records stay out of the canonical and the companion model."""
-    from onnx_excite.builder import build_excitation_model
+    from onnx_excite.graph.builder import build_excitation_model
 
     model = conv_bn_net(1, "sub_div_mul_add")
     path = tmp_path / "net.onnx"

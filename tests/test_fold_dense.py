@@ -16,7 +16,7 @@ from test_canonicalize_passes import _copy, _model
 from test_fold_affine import (_counts, _one_error_line, _ort, _outputs, assert_matches_reference, assert_same_explanations,
                              classifier_model, random_input)
 from onnx_excite import Exciter
-from onnx_excite import canonicalize as C
+from onnx_excite.graph import canonicalize as C
 from onnx_excite.cli.app import app
 from onnx_excite.errors import ExciteError
 

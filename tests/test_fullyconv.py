@@ -11,7 +11,7 @@ from conftest import photo
 from excitation_ref import Reference
 from onnx_excite import Exciter
 from onnx_excite.cli.app import app
-from onnx_excite.fullyconv import convert_dense_head
+from onnx_excite.graph.fullyconv import convert_dense_head
 
 CONVERTIBLE = [s for s in range(40) if convert_dense_head(random_cnn(s)[0])[1]]
 

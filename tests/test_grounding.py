@@ -9,13 +9,13 @@ import pytest
 from PIL import Image
 
 from onnx_excite.errors import ExciteError
-from onnx_excite.grounding import metrics, scoring
-from onnx_excite.grounding.flickr30k import (AnnotationError, parse_sentence, read_annotation,
+from onnx_excite.apps.grounding import metrics, scoring
+from onnx_excite.apps.grounding.flickr30k import (AnnotationError, parse_sentence, read_annotation,
                                              read_flickr30k_entities)
-from onnx_excite.grounding.phrases import parse_phrase, singular_forms
-from onnx_excite.grounding.proposals import (BoxesFile, ProposalError, SelectiveSearch, proposal_source,
+from onnx_excite.apps.grounding.phrases import parse_phrase, singular_forms
+from onnx_excite.apps.grounding.proposals import (BoxesFile, ProposalError, SelectiveSearch, proposal_source,
                                              read_boxes_file)
-from onnx_excite.grounding.vocabulary import (Vocabulary, VocabularyError, imagenet_vocabulary,
+from onnx_excite.apps.grounding.vocabulary import (Vocabulary, VocabularyError, imagenet_vocabulary,
                                               load_vocabulary)
 from onnx_excite.models.profiles import imagenet_class_names
 
@@ -278,7 +278,7 @@ def test_selective_search_without_scikit_image(monkeypatch):
 
 
 def test_detection_dataset_to_entities(tmp_path):
-    from onnx_excite.grounding.convert import detection_to_entities
+    from onnx_excite.apps.grounding.convert import detection_to_entities
 
     voc = tmp_path / "voc"
     (voc / "Annotations").mkdir(parents=True)

@@ -10,9 +10,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from onnx_excite.cli.app import app
-from onnx_excite.grounding import Grounder, scoring
-from onnx_excite.grounding.core import class_weights
-from onnx_excite.grounding.flickr30k import read_flickr30k_entities
+from onnx_excite.apps.grounding import Grounder, scoring
+from onnx_excite.apps.grounding.core import class_weights
+from onnx_excite.apps.grounding.flickr30k import read_flickr30k_entities
 
 runner = CliRunner()
 TINY = Path(__file__).resolve().parent / "data" / "flickr30k_tiny"
@@ -209,9 +209,9 @@ def test_any_model_with_a_vocabulary_file(tmp_path, tiny_path):
     """A 5-class model with no class names: the vocabulary comes from a file; a word over
     two classes gets the signal (1/2, 1/2) (uniform weights), so by MWP's linearity in the
     signal its map is the mean of the two one-class maps."""
-    from onnx_excite.canonicalize import first_input_name
-    from onnx_excite.maps import to_image_space
-    from onnx_excite.runtime import Exciter
+    from onnx_excite.graph.canonicalize import first_input_name
+    from onnx_excite.render.maps import to_image_space
+    from onnx_excite.run.runtime import Exciter
 
     vocab = tmp_path / "vocab.tsv"
     vocab.write_text("alpha\t0\nbeta\t1,2\n")

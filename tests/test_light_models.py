@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from onnx_excite import Exciter
-from onnx_excite.inspect import inspect_model
+from onnx_excite.graph.layers import inspect_model
 
 LIGHT = os.path.join(os.path.dirname(onnx.__file__), "backend", "test", "data", "light")
 MODELS = sorted(f for f in os.listdir(LIGHT) if f.endswith(".onnx")) if os.path.isdir(LIGHT) else []

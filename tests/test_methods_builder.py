@@ -63,8 +63,8 @@ def assert_grad_equals_finite_differences(arch, ref, x, vals, entry, e, grads, l
 
 
 def _cam_layer(model):
-    from onnx_excite.builder import cam_feature_map
-    from onnx_excite.canonicalize import canonicalize
+    from onnx_excite.graph.builder import cam_feature_map
+    from onnx_excite.graph.canonicalize import canonicalize
 
     return cam_feature_map(canonicalize(model))
 

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from conftest import VOC_SAMPLE, photo
 from onnx_excite.cli.app import app
-from onnx_excite.postprocess import blur_sigma, gaussian_blur
+from onnx_excite.render.postprocess import blur_sigma, gaussian_blur
 
 runner = CliRunner()
 

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from conftest import tiny_model
 from onnx_excite import ExciteError
-from onnx_excite import render
+from onnx_excite.render import overlay as render
 from onnx_excite.cli.app import app
-from onnx_excite.explain import sample_images
+from onnx_excite.apps.explain import sample_images
 
 runner = CliRunner()
 DOG = next(p for p in sample_images() if p.name == "dog.jpg")
@@ -142,8 +142,8 @@ def test_maps_clipped_at_zero_and_the_top_prediction_printed(tmp_path):
     assert res.exit_code == 0, res.output
     assert "dog.jpg: malamute (0." in res.output                        # as `demo` prints it
     out = _records(tmp_path)[0]["outputs"][0]
-    from onnx_excite.maps import to_image_space
-    from onnx_excite.images import Prepared
+    from onnx_excite.render.maps import to_image_space
+    from onnx_excite.io.images import Prepared
 
     w, h = Image.open(DOG).size
     raw = to_image_space(np.load(out["map"]), Prepared((w, h), (round(w * 224 / h), 224)))

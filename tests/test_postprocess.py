@@ -1,10 +1,10 @@
-"""The paper's map post-processing (onnx_excite.postprocess) against plain numpy expectations."""
+"""The paper's map post-processing (onnx_excite.render.postprocess) against plain numpy expectations."""
 import numpy as np
 import pytest
 
 from onnx_excite.errors import ExciteError
-from onnx_excite.maps import upsample
-from onnx_excite.postprocess import (blur_sigma, gaussian_blur, gaussian_kernel1d, postprocess_for,
+from onnx_excite.render.maps import upsample
+from onnx_excite.render.postprocess import (blur_sigma, gaussian_blur, gaussian_kernel1d, postprocess_for,
                                      postprocess_map)
 
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from conftest import ROOT, photo
 from onnx_excite import Exciter
 from onnx_excite.cli.app import app
-from onnx_excite.images import preprocess
+from onnx_excite.io.images import preprocess
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 import onnx_excite.rules as rules_pkg
 from excitation_ref import Reference
 from onnx_excite import Exciter
-from onnx_excite.canonicalize import canonicalize
+from onnx_excite.graph.canonicalize import canonicalize
 from onnx_excite.optable import main as optable_main
 from onnx_excite.optable import render
 from onnx_excite.rules import RULES, data_inputs, proves_nonneg, register

@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 from conftest import tiny_model
 from onnx_excite import Exciter, build_excitation_model
 from onnx_excite.cli.app import app
-from onnx_excite.devices import DeviceUnavailableError, check_providers
+from onnx_excite.run.devices import DeviceUnavailableError, check_providers
 from onnx_excite.errors import ExciteError
-from onnx_excite.maps import upsample
-from onnx_excite.serving import (export_model, forward_to_float16, make_batch_dynamic, make_serving_model,
+from onnx_excite.render.maps import upsample
+from onnx_excite.targets.serving import (export_model, forward_to_float16, make_batch_dynamic, make_serving_model,
                                  triton_config)
 from test_blocks import BLOCKS, ZOO
 
@@ -276,7 +276,7 @@ def test_cuda_libraries_are_preloaded_once_quietly_and_their_failure_is_named(mo
     once per process and without printing (the library never prints); what it reported
     goes into the error line when a session then drops CUDA. The CPU build and
     ``--device cpu`` never call it."""
-    from onnx_excite import devices
+    from onnx_excite.run import devices
 
     calls = []
 
@@ -314,7 +314,7 @@ def test_cuda_libraries_are_preloaded_once_quietly_and_their_failure_is_named(mo
 def test_the_real_preload_is_quiet_on_this_build(monkeypatch, capsys):
     """The installed onnxruntime's own preload_dlls runs through `preload_cuda` without output
     and without raising (a CPU build has no CUDA version and returns at once)."""
-    from onnx_excite import devices
+    from onnx_excite.run import devices
 
     monkeypatch.setattr(devices, "_preload_report", None)
     report = devices.preload_cuda()
@@ -345,7 +345,7 @@ def test_io_binding_path_equals_plain_run(monkeypatch):
 
 
 def test_bench_device_reports_latency_throughput_and_providers(tmp_path):
-    from onnx_excite.bench_device import run_device_bench
+    from onnx_excite.apps.bench_device import run_device_bench
 
     rows, providers = run_device_bench(tiny_model(), ["r1"], device="cpu", batches=(1, 3), runs=2, warmup=1)
     assert providers == ["CPUExecutionProvider"]

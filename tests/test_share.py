@@ -14,10 +14,10 @@ import cnn_gen
 import netgen
 import test_blocks as tb
 from onnx_excite import build_excitation_model
-from onnx_excite.cuda_coverage import check_companion
+from onnx_excite.run.cuda_coverage import check_companion
 from onnx_excite.errors import ExciteError
 from onnx_excite.methods import METHODS
-from onnx_excite.share import share_adjoints
+from onnx_excite.graph.share import share_adjoints
 
 SETS = {"grad+deconv+guided": ("grad", "deconv", "guided"),
         "mwp+cmwp-postnorm": ("mwp", "cmwp-postnorm"),

@@ -8,10 +8,10 @@ from typer.testing import CliRunner
 
 from excitation_ref import Reference
 from onnx_excite import Exciter, build_excitation_model
-from onnx_excite.canonicalize import canonicalize, resolve_logits
+from onnx_excite.graph.canonicalize import canonicalize, resolve_logits
 from onnx_excite.cli.app import app
 from onnx_excite.errors import ExciteError
-from onnx_excite.inspect import inspect_model
+from onnx_excite.graph.layers import inspect_model
 
 runner = CliRunner()
 
@@ -90,7 +90,7 @@ def test_layers_and_check_show_the_layout(tmp_path):
 
 def test_layout_through_a_transpose_back_to_nhwc():
     """A tensor transposed back to NHWC (before a TF-style Reshape flatten) has channels at 3."""
-    from onnx_excite.layout import channel_axis
+    from onnx_excite.graph.layout import channel_axis
 
     model = nhwc_model()
     graph = canonicalize(model)

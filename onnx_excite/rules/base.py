@@ -32,9 +32,9 @@ from typing import Callable, Optional, Union
 import numpy as np
 import onnx
 
-from ..canonicalize import ForwardGraph
-from ..graph import Emitter
-from ..index import attr, implicit_inputs  # noqa: F401  (attr is re-exported for the rule modules)
+from ..graph.canonicalize import ForwardGraph
+from ..graph.emitter import Emitter
+from ..graph.index import attr, implicit_inputs  # noqa: F401  (attr is re-exported for the rule modules)
 
 RULE_CHOICES = ("positive", "paper")
 

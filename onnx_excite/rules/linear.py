@@ -25,7 +25,7 @@ import onnx
 import onnx.numpy_helper
 
 from ..errors import ExciteError
-from ..graph import derived, source_weight
+from ..graph.emitter import derived, source_weight
 from ..methods import LRP_EPSILON
 from .base import Context, attr, proves_nonneg, register
 

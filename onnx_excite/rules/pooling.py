@@ -2,7 +2,7 @@
 
 The forward MaxPool's ``Indices`` output (flat indices over the whole input
 tensor, batch and channel included; added by the canonicalize pass
-:func:`~onnx_excite.canonicalize.expose_maxpool_indices`) says where each
+:func:`~onnx_excite.graph.canonicalize.expose_maxpool_indices`) says where each
 maximum came from; P is scattered back with ``ScatterElements(reduction='add')``
 so overlapping windows accumulate.
 """

@@ -27,9 +27,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ..axis_maps import apply_along_axis, route_back
-from ..canonicalize import default_opset
-from ..index import attrs as attrs_of
+from ..graph.axis_maps import apply_along_axis, route_back
+from ..graph.canonicalize import default_opset
+from ..graph.index import attrs as attrs_of
 from .base import Context, attr, register
 from .linear import excite_linear
 

@@ -5,14 +5,14 @@ not shared: ``P_in[j] = sum of P[o] over the outputs o copied from j``. The
 border of an edge / reflect / wrap Pad returns its P to the cells it copied;
 the copies made by Expand and Tile are summed back; the cells a Slice drops
 get no P. Ops over static sizes are applied per axis as 0/1 matrices
-(:mod:`onnx_excite.axis_maps`).
+(:mod:`onnx_excite.graph.axis_maps`).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..errors import ExciteError
-from ..axis_maps import route_back, selection_matrix
+from ..graph.axis_maps import route_back, selection_matrix
 from .base import Context, attr, register
 
 

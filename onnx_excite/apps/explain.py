@@ -1,0 +1,528 @@
+"""Explain image files: preprocess, run, write maps and overlays per image."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import ExciteError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+
+
+@dataclass
+class ExplainOptions:
+    model: str
+    layers: list[str] = field(default_factory=list)
+    targets: list[str] = field(default_factory=list)   # class indices or names
+    top: int = 1
+    methods: tuple = ("mwp", "cmwp")
+    rule: str = "positive"
+    out_dir: Path = Path("excite_out")
+    size: int | None = None
+    mean: str | None = None
+    std: str | None = None
+    batch_size: int = 8
+    combine: bool = False      # several targets as one multi-hot signal instead of one map each
+    colorbar: bool = True      # a colour bar beside each overlay
+    scale: str = "shared"      # "max": each map by its own maximum; "shared": one per method and layer across an image's targets
+    alpha: float = 0.5         # weight of the heat map in the overlay
+    cmap: str = "jet"          # colour map (matplotlib's names when it is installed)
+    full_res: bool = False     # image-space maps and overlays at the photo's full size (else long side <= 1600)
+    logits: str | None = None  # the output explained (default: resolve_logits chooses)
+    blur: bool = True          # the paper's Gaussian blur of the image-space maps of methods declared with it
+    device: str = "auto"       # cpu | cuda | auto (see onnx_excite.run.devices)
+
+
+@dataclass
+class ExplainSummary:
+    written: int = 0
+    failed: int = 0
+    skipped: int = 0           # images whose outputs were already complete (same settings)
+    records: list = field(default_factory=list)
+    input_size: tuple | None = None   # (width, height) fed to the model, when all images share one
+    logits_choice: object = None   # canonicalize.LogitsChoice: which output was explained, and why
+    providers: list = field(default_factory=list)   # the ONNX Runtime providers really used
+
+
+def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
+    """Files as given, folders expanded to their image files, globs (quoted by the shell) expanded; sorted."""
+    import glob
+
+    files = []
+    for path in map(Path, inputs):
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
+        elif any(ch in str(path) for ch in "*?[") and not path.exists():
+            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+            if not matches:
+                raise ExciteError(f"{path}: no file matches this pattern")
+            files.extend(m for m in matches if m.is_file())
+        else:
+            files.append(path)
+    return files
+
+
+def _floats(text, default):
+    if text is None:
+        return default
+    try:
+        return tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        raise ExciteError(f"cannot read {text!r} as comma-separated numbers") from None
+
+
+def safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "layer"
+
+
+def resolve_model(name: str, fully_conv: bool = True):
+    """(model path or proto, profile) for a path or 'default'. A model with a fixed input
+    size gets its dense head made fully convolutional when ``fully_conv`` (any image size),
+    else it is returned as it is, with a "square" profile at its declared size."""
+    from onnx_excite.models import profiles
+
+    from onnx_excite.models.default import is_default, model_profile, resolve_model_path
+
+    if is_default(name):
+        return resolve_model_path(name), model_profile(name)
+    from ..graph.canonicalize import load_model
+    from ..graph.fullyconv import convert_dense_head
+
+    proto = load_model(name)
+    profile = profiles.profile_for_model(proto)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    static = len(dims) == 4 and all(d.HasField("dim_value") for d in dims[2:])
+    if static and not fully_conv:
+        return name, profile
+    if static:
+        # a Flatten -> Gemm head turned into convolutions: any image size, any aspect ratio
+        converted, ok = convert_dense_head(proto)
+        if ok:
+            return converted, dataclasses.replace(profile, resize="shorter")
+        return name, profile
+    return name, dataclasses.replace(profile, resize="shorter")
+
+
+def parse_targets(targets: Sequence[str], class_names: list[str] | None, k: int) -> list[int]:
+    """Class indices of ``targets`` (indices, descriptions or synonyms; see ``classes.class_index``)."""
+    from ..classes import class_index
+
+    return [class_index(t, class_names, k) for t in targets]
+
+
+def _settings(opts: ExplainOptions, layers, resize: str, size, mean, std) -> dict:
+    """What a record depends on: a re-run with the same settings skips finished images."""
+    return {"model": str(opts.model), "layers": list(layers), "methods": list(opts.methods), "rule": opts.rule,
+            "targets": [str(t) for t in opts.targets] or None, "top": None if opts.targets else opts.top,
+            "combine": bool(opts.combine), "resize": resize, "size": list(size) if isinstance(size, tuple) else size,
+            "mean": list(mean), "std": list(std), "scale": opts.scale, "alpha": float(opts.alpha), "cmap": opts.cmap,
+            "colorbar": bool(opts.colorbar), "full_res": bool(opts.full_res), "blur": bool(opts.blur)}
+
+
+def _model_header(path):
+    """The model's graph without its external weights (inputs, outputs, shapes)."""
+    import onnx
+
+    from ..graph.canonicalize import load_model
+
+    if isinstance(path, onnx.ModelProto):
+        return path
+    try:
+        return onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return load_model(path)   # raises the one-line error for unreadable files
+
+
+def _validate(opts: ExplainOptions):
+    """Option values, before anything is loaded or written."""
+    from ..io.checks import at_least
+    from ..render.overlay import SCALES, Style
+
+    at_least(opts.top, 1, "--top")
+    at_least(opts.batch_size, 1, "--batch-size")
+    if opts.size is not None:
+        at_least(opts.size, 1, "--size")
+    if opts.scale not in SCALES:
+        raise ExciteError(f"--scale must be one of {', '.join(SCALES)}, not {opts.scale!r}")
+    from ..methods import METHODS, get_method
+
+    if not opts.methods:
+        raise ExciteError(f"no method given; choose from {', '.join(METHODS)}")
+    for m in opts.methods:
+        get_method(m)
+    return Style(cmap=opts.cmap, alpha=opts.alpha, colorbar=opts.colorbar, full_res=opts.full_res)
+
+
+@dataclass
+class ExplainSetup:
+    """The resolved model, layers, preprocessing, rendering and record settings of an explain
+    job (plain, picklable data: the Ray workers get it as it is)."""
+
+    model: object            # a path or a ModelProto (a dense head made fully convolutional)
+    profile: object
+    layers: list
+    class_names: list | None
+    mean: tuple
+    std: tuple
+    scale: float             # pixel scale of the preprocessing
+    resize: str              # "exact" (the model's fixed size), "shorter" or "square"
+    size: object             # an int, or (width, height) with resize "exact"
+    layout: str
+    style: object            # render.Style
+    per_image: int           # maps per image and method and layer (classes explained)
+    settings: dict = field(default_factory=dict)   # what a record depends on (RecordStore key)
+
+    def preprocess(self, img):
+        """(model input array, Prepared geometry) of one decoded image."""
+        from ..io.images import preprocess
+
+        return preprocess(img, size=self.size, resize=self.resize, crop=None, mean=self.mean, std=self.std,
+                          scale=self.scale, channel_order=self.profile.channel_order, layout=self.layout)
+
+    @property
+    def input_size(self):
+        """(width, height) fed to the model when every image gets the same, else None."""
+        return tuple(self.size) if self.resize == "exact" else None
+
+
+def explain_setup(opts: ExplainOptions, warn=None) -> ExplainSetup:
+    """Check the options and resolve the model, its input size, layers and preprocessing
+    (before any image is read or any file written). ``warn(message)`` receives warnings."""
+    from ..io.checks import float_list
+    from ..run.devices import providers_for
+    from ..io.modelinput import declared_input, num_classes
+
+    providers_for(opts.device)   # --device cuda without CUDA: fail before any work
+    style = _validate(opts)
+    warn = warn or (lambda message: None)
+    model, profile = resolve_model(opts.model, fully_conv=False)   # a path: the model as it is
+    header = _model_header(model)
+    declared = declared_input(header)
+    fixed = declared.fixed_size
+    if fixed and opts.size is not None:   # --size on a fixed-size model: its head made fully convolutional
+        model, profile = resolve_model(opts.model)
+    if fixed and opts.size is None:
+        resize, size = "exact", fixed    # the size the model was made for
+    elif fixed:
+        if profile.resize == "square":   # the head could not be made fully convolutional
+            raise ExciteError(f"the model's input is fixed at {fixed[1]}x{fixed[0]} and its head cannot be made "
+                              f"fully convolutional: drop --size")
+        warn(f"the model declares a fixed {fixed[1]}x{fixed[0]} input; --size {opts.size} runs it at a size "
+             f"it was not trained for (its dense head made fully convolutional)")
+        resize, size = "shorter", int(opts.size)
+    else:
+        # maps must cover the whole image: no crop; the shorter side at 224 (any aspect ratio)
+        resize, size = ("shorter", int(opts.size or 224)) if profile.resize == "shorter" else ("square", int(opts.size or profile.input_size))
+    layers = opts.layers or list(profile.default_layers)
+    if not layers:
+        raise ExciteError("no layer given and the model has no profile default: pass --layer (see `onnx-excite layers MODEL`)")
+    channels = len(profile.mean)
+    if declared.integer:
+        if opts.mean is not None or opts.std is not None:
+            raise ExciteError(f"the model takes {declared.dtype.name} pixels and normalises them itself: "
+                              f"--mean/--std do not apply")
+        mean, std, scale = (0.0,) * channels, (1.0,) * channels, 1.0
+    else:
+        mean = float_list(opts.mean, "--mean", length=channels, default=profile.mean)
+        std = float_list(opts.std, "--std", length=channels, positive=True, default=profile.std)
+        scale = profile.scale
+    class_names = profile.load_class_names() if profile.class_names else None
+    k = len(class_names) if class_names else num_classes(header)
+    per_image = len(opts.targets) if opts.targets and not opts.combine else (1 if opts.targets else opts.top)
+    if not opts.targets and k is not None and opts.top > k:
+        raise ExciteError(f"--top {opts.top}: the model has only {k} classes")
+    return ExplainSetup(model, profile, layers, class_names, tuple(mean), tuple(std), scale, resize, size,
+                        declared.layout, style, per_image, _settings(opts, layers, resize, size, mean, std))
+
+
+def warn_if_large(n_files: int, setup: ExplainSetup, opts: ExplainOptions, warn) -> None:
+    """Warn before a job that writes very many files."""
+    maps_total = n_files * setup.per_image * len(opts.methods) * len(setup.layers)
+    if warn is not None and (setup.per_image > 10 or maps_total > 2000):
+        warn(f"{n_files} image(s) x {setup.per_image} classes x {len(opts.methods)} method(s) x {len(setup.layers)} "
+             f"layer(s): {maps_total} maps, each with its .npy files and overlay, plus {n_files * setup.per_image} panels")
+
+
+def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, errors=None, warn=None,
+                  on_record=None) -> ExplainSummary:
+    """Explain every readable image; unreadable ones (and batches ONNX Runtime rejects) are
+    reported and counted, the rest go on.
+
+    Each image's record is stored in ``out_dir/explanations.jsonl`` as soon as it is done
+    (:class:`onnx_excite.io.records.RecordStore`): a run that stops half way keeps what it
+    finished, and a re-run with the same settings skips images whose outputs all exist
+    instead of appending duplicates. ``warn(message)`` receives warnings (a size override,
+    a very large output); ``on_record(record, skipped)`` each image's record as it is done.
+    """
+    from ..io.checks import output_dir
+    from ..io.images import load_image
+    from ..io.records import RecordStore
+
+    setup = explain_setup(opts, warn)
+    files = expand_inputs(inputs)
+    if not files:
+        raise ExciteError("no input images found")
+    warn_if_large(len(files), setup, opts, warn)
+    per_image, settings = setup.per_image, setup.settings
+    out_dir = output_dir(opts.out_dir)
+    opts = dataclasses.replace(opts, out_dir=out_dir)
+    store = RecordStore(out_dir)
+    run = _Run(setup.model, setup.layers, opts, setup.class_names, {p.resolve() for p in files}, setup.style, store,
+               settings, on_record)
+    run.summary.input_size = setup.input_size
+
+    pending: list = []
+    with _progress(console, len(files) * per_image, per_image) as advance:
+        def flush():
+            run.batch(pending, advance)
+            pending.clear()
+
+        for path in files:
+            done = store.done(path, settings)
+            if done is not None:
+                run.summary.skipped += 1
+                run.summary.records.append(done)
+                if on_record is not None:
+                    on_record(done, True)
+                advance(per_image)
+                continue
+            try:
+                img = load_image(path)
+            except ExciteError as exc:
+                run.summary.failed += 1
+                if errors is not None:
+                    errors.print(f"error: {exc}", markup=False)
+                advance(per_image)
+                continue
+            arr, prepared = setup.preprocess(img)
+            if pending and (len(pending) == opts.batch_size or pending[0][2].shape != arr.shape):
+                flush()
+            pending.append((path, img, arr, prepared))
+        if pending:
+            flush()
+    for message in run.failures:
+        if errors is not None:
+            errors.print(f"error: {message}", markup=False)
+    if run.summary.records:
+        run.summary.written += 1   # explanations.jsonl
+    return run.summary
+
+
+class _progress:
+    """A rich progress bar (one step per image and class) for more than a few steps; a no-op otherwise."""
+
+    def __init__(self, console, total: int, per_image: int = 1):
+        self.bar = None
+        if console is not None and total > 3:
+            from rich.progress import Progress
+
+            self.bar = Progress(console=console, transient=True)
+            self.task = self.bar.add_task("explaining" if per_image == 1 else f"explaining ({per_image} classes per image)",
+                                          total=total)
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.__enter__()
+        return lambda n=1: self.bar.advance(self.task, n) if self.bar is not None else None
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+class _Run:
+    """One explain job: an Exciter per input size, outputs per image, target and method."""
+
+    def __init__(self, model, layers, opts: ExplainOptions, class_names, input_paths, style, store, settings,
+                 on_record=None, threads=None):
+        self.model, self.layers, self.opts, self.threads = model, layers, opts, threads
+        self.class_names, self.input_paths = class_names, input_paths
+        self.style, self.store, self.settings, self.on_record = style, store, settings, on_record
+        self.summary = ExplainSummary()
+        self.exciters: dict = {}
+        self.failures: list[str] = []
+
+    def exciter(self, shape):
+        if shape not in self.exciters:  # one companion graph per input size, with static shapes
+            from ..graph.canonicalize import first_input_name
+            from ..run.runtime import Exciter
+
+            self.exciters[shape] = Exciter(self.model, self.layers, methods=self.opts.methods, rule=self.opts.rule,
+                                           logits=self.opts.logits,
+                                           input_shapes={first_input_name(self.model): [None, *shape]},
+                                           device=self.opts.device, threads=self.threads)
+            self.summary.logits_choice = self.exciters[shape].built.logits_choice
+            self.summary.providers = self.exciters[shape].providers
+        return self.exciters[shape]
+
+    def target_sets(self, logits: np.ndarray) -> list[list[tuple]]:
+        """Per sample, the list of class sets to explain (one map each)."""
+        k = logits.shape[1]
+        if self.opts.targets:
+            chosen = parse_targets(self.opts.targets, self.class_names, k)
+            sets = [tuple(chosen)] if self.opts.combine else [(t,) for t in chosen]
+            return [sets] * logits.shape[0]
+        if self.opts.top > k:
+            raise ExciteError(f"--top {self.opts.top}: the model has only {k} classes")
+        return [[(int(t),) for t in np.argsort(-row)[: self.opts.top]] for row in logits]
+
+    def label(self, classes: tuple) -> str:
+        names = [self.class_names[c].split(",")[0] if self.class_names else str(c) for c in classes]
+        return " + ".join(names)
+
+    def batch(self, items, advance=lambda n=1: None) -> None:
+        """Explain one batch and store each image's record; a batch ONNX Runtime rejects is
+        counted as failed (the run goes on); a file that cannot be written stops the run."""
+        x = np.stack([arr for _, _, arr, _ in items])
+        try:
+            ex = self.exciter(x.shape[1:])
+            logits = ex.logits(x)
+            if not np.isfinite(logits).all():
+                raise ExciteError("the model's outputs are NaN or infinite for this input")
+            sets = self.target_sets(logits)
+            probs = _softmax(logits)
+            records = [self._record(path, logits[i]) for i, (path, _, _, _) in enumerate(items)]
+            results = []
+            for j in range(len(sets[0])):
+                signal = np.zeros_like(logits, dtype=np.float32)
+                for i in range(len(items)):
+                    signal[i, list(sets[i][j])] = 1.0
+                results.append(ex.explain(x, signal))
+        except ExciteError as exc:
+            if self.opts.targets and "class" in str(exc):
+                raise          # a bad --target fails the same way for every image
+            names = ", ".join(p.name for p, *_ in items)
+            self.failures.append(f"{names}: {exc}")
+            self.summary.failed += len(items)
+            advance(len(items) * max(1, len(self.opts.targets) if self.opts.targets and not self.opts.combine
+                                     else 1 if self.opts.targets else self.opts.top))
+            return
+        for i, (path, img, _, prepared) in enumerate(items):
+            try:
+                self._write_image(i, path, img, prepared, sets[i], results, probs[i], records[i], advance)
+            except OSError as exc:
+                raise ExciteError(f"cannot write the outputs of {path.name} to {self.opts.out_dir}: "
+                                  f"{exc.strerror or type(exc).__name__}") from None
+            self.store.put(records[i])
+            self.summary.records.append(records[i])
+            if self.on_record is not None:
+                self.on_record(records[i], False)
+
+    def _record(self, path, logits_row) -> dict:
+        return {"image": str(path), "model": self.opts.model, "rule": self.opts.rule, "layers": self.layers,
+                "methods": list(self.opts.methods), "top5": _topk(logits_row, self.class_names, 5),
+                "settings": self.settings, "outputs": []}
+
+    def _write_image(self, i, path, img, prepared, sets, results, probs, record, advance) -> None:
+        from ..render import maps
+        from ..methods import get_method
+        from ..render.postprocess import blur_sigma, gaussian_blur
+        from ..render.overlay import display_size, labelled_overlay, map_max, panel_grid
+
+        # image-space maps: clipped at 0 (bicubic overshoot), at display resolution unless full_res
+        store_size = img.size if self.opts.full_res else display_size(img.size, min_side=1)
+        store_info = dataclasses.replace(prepared, original_size=store_size) if store_size != img.size else prepared
+        images = {}
+        for j in range(len(sets)):
+            for method in self.opts.methods:
+                for layer in self.layers:
+                    up = maps.to_image_space(results[j].maps[method][layer][i], store_info)
+                    if self.opts.blur and get_method(method).blur:  # the paper's blur, sigma = 0.02 max(W, H)
+                        up = gaussian_blur(up, blur_sigma(up.shape[1], up.shape[0])).astype(np.float32)
+                    images[j, method, layer] = np.maximum(up, 0)
+        vmax = {}
+        for key, up in images.items():
+            group = (key[1], key[2]) if self.opts.scale == "shared" else key
+            vmax[group] = max(vmax.get(group, 0.0), map_max(up))
+        bar_label = "excitation (shared scale)" if self.opts.scale == "shared" and len(sets) > 1 else "excitation"
+        all_tiles = []
+        for j, classes in enumerate(sets):
+            tag = "+".join(str(c) for c in classes)
+            prob = float(sum(probs[c] for c in classes))
+            head = f"{self.label(classes)}  p={prob:.2f}"
+            tiles = []
+            for method in self.opts.methods:
+                for layer in self.layers:
+                    m = results[j].maps[method][layer][i]
+                    up = images[j, method, layer]
+                    v = vmax[(method, layer) if self.opts.scale == "shared" else (j, method, layer)]
+                    stem = f"{path.stem}.{tag}.{method}.{safe_name(layer)}"
+                    written = {"map": self.opts.out_dir / f"{stem}.npy",
+                               "map_image": self.opts.out_dir / f"{stem}.image.npy",
+                               "overlay": self.opts.out_dir / f"{stem}.png"}
+                    self._check_not_input(written.values())
+                    caption = [head, f"{_METHOD_NAMES.get(method, method)} · {layer} · {self.opts.rule} rule"]
+                    np.save(written["map"], m)
+                    np.save(written["map_image"], up.astype(np.float16))
+                    labelled_overlay(img, up, caption, self.style, v, bar_label).save(written["overlay"])
+                    self.summary.written += len(written)
+                    tiles.append(([f"{_METHOD_NAMES.get(method, method)} · {layer}"], up, v))
+                    all_tiles.append(([head, f"{_METHOD_NAMES.get(method, method)} · {layer}"], up, v))
+                    record["outputs"].append({"targets": list(classes), "label": self.label(classes),
+                                              "prob": prob, "method": method, "layer": layer, "vmax": v,
+                                              **{k: str(p) for k, p in written.items()}})
+            panel_path = self.opts.out_dir / f"{path.stem}.{tag}.panel.png"
+            self._check_not_input([panel_path])
+            title = [f"{path.name}: {head}  ({self.opts.rule} rule)"]
+            panel_grid(img, tiles, self.style, title, bar_label=bar_label).save(panel_path)
+            self.summary.written += 1
+            for out in record["outputs"][-len(tiles):]:
+                out["panel"] = str(panel_path)
+            advance()
+        if len(sets) > 1:   # every class of the image side by side, one row per class
+            top_path = self.opts.out_dir / f"{path.stem}.classes.panel.png"
+            self._check_not_input([top_path])
+            title = [f"{path.name}: {len(sets)} classes, "
+                     + ("one colour scale per method and layer" if self.opts.scale == "shared" else "each map by its own maximum")
+                     + f"  ({self.opts.rule} rule)"]
+            per_row = len(self.opts.methods) * len(self.layers)
+            panel_grid(img, all_tiles, self.style, title, columns=per_row, bar_label=bar_label,
+                       show_image=False).save(top_path)
+            self.summary.written += 1
+            for out in record["outputs"]:
+                out["classes_panel"] = str(top_path)
+
+    def _check_not_input(self, paths) -> None:
+        if any(Path(p).resolve() in self.input_paths for p in paths):
+            raise ExciteError(f"an output would overwrite an input image ({Path(next(iter(paths))).name}); choose another -o")
+
+
+_METHOD_NAMES = {"mwp": "MWP", "cmwp": "c-MWP"}
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def sample_images() -> list[Path]:
+    """The photos bundled with the package (see onnx_excite/data/samples/README.md)."""
+    from importlib import resources
+
+    folder = resources.files("onnx_excite").joinpath("data", "samples")
+    return sorted(Path(str(p)) for p in folder.iterdir() if p.name.endswith(".jpg"))
+
+
+def run_demo(out_dir: Path, console=None, errors=None) -> tuple[ExplainSummary, Path]:
+    """MWP and c-MWP overlays of the top-1 class on the default model for the bundled photos,
+    plus ``summary.json`` (top-5 classes with probabilities, output paths)."""
+    opts = ExplainOptions(model="default", methods=("mwp", "cmwp"), top=1, out_dir=Path(out_dir))
+    summary = explain_files(sample_images(), opts, console=console, errors=errors)
+    path = Path(out_dir) / "summary.json"
+    path.write_text(json.dumps(summary.records, indent=2))
+    return summary, path
+
+
+def _topk(logits: np.ndarray, class_names, k: int) -> list[dict]:
+    z = logits - logits.max()
+    prob = np.exp(z) / np.exp(z).sum()
+    idx = np.argsort(-logits)[:k]
+    return [{"index": int(i), "label": class_names[i].split(",")[0] if class_names else str(i),
+             "logit": float(logits[i]), "prob": float(prob[i])} for i in idx]
