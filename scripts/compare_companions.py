@@ -38,6 +38,7 @@ warns where the recorded versions differ.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.abc
 import importlib.util
@@ -171,6 +172,13 @@ def _logits_tensor(model) -> str:
     return model.graph.output[0].name
 
 
+def _case(model_id, model, ms, ls, rule="positive", **options):
+    """(case id, model id, model, build kwargs); the id names everything the case varies."""
+    opts = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
+    cid = f"{model_id}|{'+'.join(ms)}|{rule}|{','.join(ls)}" + (f"|{opts}" if opts else "")
+    return cid, model_id, model, dict(layers=list(ls), methods=list(ms), rule=rule, **options)
+
+
 def cases(methods):
     """Yield (case id, model id, model, build kwargs) in a fixed order."""
     singles = [(m,) for m in methods]
@@ -182,12 +190,7 @@ def cases(methods):
         mid = layers[len(layers) // 2] if len(layers) > 1 else layers[0]
         layer_sets = [[layers[0], mid], [mid]] if mid != layers[0] else [[mid]]
         rules = ("positive",) if family == "big" else ("positive", "paper")
-
-        def case(ms, ls, rule="positive", **options):
-            opts = ",".join(f"{k}={v}" for k, v in sorted(options.items()))
-            cid = f"{model_id}|{'+'.join(ms)}|{rule}|{','.join(ls)}" + (f"|{opts}" if opts else "")
-            return cid, model_id, model, dict(layers=list(ls), methods=list(ms), rule=rule, **options)
-
+        case = functools.partial(_case, model_id, model)
         for rule in rules:
             for ls in layer_sets if family != "big" else layer_sets[:1]:
                 for ms in method_sets:
@@ -423,7 +426,7 @@ def compare_entries(old_dir: Path, new_dir: Path, old: dict, new: dict) -> list[
     if len(a_list) != len(names) or len(b_list) != len(names):
         problems.append(f"stored arrays: {len(a_list)} vs {len(b_list)} for {len(names)} outputs")
         return problems
-    for name, a, b in zip(names, a_list, b_list):
+    for name, a, b in zip(names, a_list, b_list, strict=True):
         diff = _array_diff(a, b)
         if diff:
             problems.append(f"output {name!r}: {diff}")
