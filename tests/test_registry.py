@@ -1,5 +1,5 @@
 """The rule registry is the single source for an op: its declarations drive the builder and
-the non-negativity prover, the README's op table is generated from it, and every registered
+the non-negativity prover, the op table of docs/rules.md is generated from it, and every registered
 op has a branch in the float64 reference (tests/excitation_ref.py, "the" reference for
 every op; tests/reference.py cross-checks a core subset)."""
 import ast
@@ -46,12 +46,12 @@ def test_every_registered_op_has_a_reference_branch():
     assert not missing, f"registered ops without a branch in tests/excitation_ref.py: {missing}"
 
 
-def test_readme_op_table_is_generated_from_the_registry(tmp_path):
-    readme = (ROOT / "README.md").read_text()
-    assert render(readme) == readme, "README op table is stale: run `python -m onnx_excite.optable README.md`"
+def test_docs_op_table_is_generated_from_the_registry(tmp_path):
+    readme = (ROOT / "docs" / "rules.md").read_text()
+    assert render(readme) == readme, "docs/rules.md's op table is stale: run `python -m onnx_excite.optable docs/rules.md`"
     for op in RULES:
         assert f" {op}," in readme or f" {op} |" in readme
-    stale = tmp_path / "README.md"
+    stale = tmp_path / "rules.md"
     stale.write_text(readme.replace("| Conv | input 0 |", "| Conv2 | input 0 |"))
     assert optable_main([str(stale), "--check"]) == 1
     assert optable_main([str(stale)]) == 0 and stale.read_text() == readme
