@@ -1,9 +1,10 @@
-"""The name ``"default"``: the one place that turns it into a model, a profile, default layers.
+"""The name ``"default"``: the one place that turns it into a model file and a profile.
 
 Every entry point that takes a model (``Exciter``, ``build_excitation_model``,
-``inspect_model``, ``run_bench``, ``explain``, ``eval`` and each CLI command) loads it
-through :func:`onnx_excite.graph.canonicalize.load_model`, which calls
-:func:`resolve_model_path`, so ``"default"`` works everywhere a model path does.
+``inspect_model``, ``run_bench``, ``explain``, ``eval`` and each CLI command) names it
+through :func:`onnx_excite.models.resolve.resolve_model` or loads it through
+:func:`onnx_excite.graph.canonicalize.load_model`; both call :func:`resolve_model_path`,
+so ``"default"`` works everywhere a model path does.
 """
 from __future__ import annotations
 
@@ -48,21 +49,6 @@ def model_profile(model):
     from onnx_excite.graph.canonicalize import load_model
 
     return profiles.profile_for_model(load_model(model))
-
-
-def default_layers(model) -> list[str]:
-    """The profile's map layers for the model (``["features.13"]`` for the default model; none
-    for other models, whose layers the user names)."""
-    return list(model_profile(model).default_layers) if is_default(model) else []
-
-
-def layers_or_default(model, layers) -> list[str]:
-    """``layers`` when given, else the model's default layers; ExciteError when it has none."""
-    chosen = list(layers or []) or default_layers(model)
-    if not chosen:
-        raise ExciteError("no map layer given and the model has no default one: name one "
-                          "(--layer; `onnx-excite layers MODEL` lists the candidates)")
-    return chosen
 
 
 @dataclass
