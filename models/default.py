@@ -1,4 +1,4 @@
-"""The name ``"default"``: the one place that turns it into a model file and a profile.
+"""The name ``"default"``: the one place that turns it into a model file.
 
 Every entry point that takes a model (``Exciter``, ``build_excitation_model``,
 ``inspect_model``, ``run_bench``, ``explain``, ``eval`` and each CLI command) names it
@@ -40,17 +40,6 @@ def resolve_model_path(model, rebuild: bool = False):
         raise ExciteError(str(exc)) from None
 
 
-def model_profile(model):
-    """The preprocessing profile of a model: the default model's own, else one inferred from the input shape."""
-    from . import profiles
-
-    if is_default(model):
-        return profiles.PROFILES["mobilenet_v2"]
-    from onnx_excite.graph.canonicalize import load_model
-
-    return profiles.profile_for_model(load_model(model))
-
-
 @dataclass
 class DefaultModelInfo:
     """Where the default model lives and how it is made (what ``onnx-excite models`` prints)."""
@@ -89,11 +78,3 @@ def default_model_info() -> DefaultModelInfo:
         rebuild_command=REBUILD_COMMAND, profile=profile, num_classes=len(profile.load_class_names()),
         map_size=224)
 
-
-def model_class_names(model) -> list[str]:
-    """The class descriptions of a model (the 1000 ImageNet ones for the default model);
-    ExciteError when the model carries none (then targets are given as indices)."""
-    names = model_profile(model).load_class_names()
-    if not names:
-        raise ExciteError(f"{model}: no class names known for this model; give target classes as indices")
-    return names

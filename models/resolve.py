@@ -65,6 +65,14 @@ class ResolvedModel:
             profile = dataclasses.replace(profile, resize="shorter")
         return dataclasses.replace(profile, default_layers=list(self.default_layers))
 
+    def class_names(self) -> list[str]:
+        """The class descriptions (the 1000 ImageNet ones for the default model); ExciteError
+        when the model carries none (then targets are given as indices)."""
+        names = self.profile.load_class_names()
+        if not names:
+            raise ExciteError(f"{self.name}: no class names known for this model; give target classes as indices")
+        return names
+
 
 def _static(proto: onnx.ModelProto) -> bool:
     """A 4-D first input with fixed spatial dims."""
