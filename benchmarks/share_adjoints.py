@@ -8,10 +8,11 @@ Conv/ConvTranspose/Gemm/MatMul nodes and the median ms of each, and their ratio.
 """
 import sys, time, numpy as np
 from onnx_excite import build_excitation_model
-from onnx_excite.apps.bench import load_source
-from onnx_excite.run.runtime import make_session, session_options
+from onnx_excite.models.resolve import resolve_model
+from onnx_excite.run.ort import session_options
+from onnx_excite.run.runtime import make_session
 from onnx_excite.graph.canonicalize import load_model
-model = load_model(load_source(sys.argv[1]))  # a path, "default" or a bench recipe
+model = load_model(resolve_model(sys.argv[1], allow_recipes=True).model)  # a path, "default" or a bench recipe
 layers = sys.argv[2].split(",")
 methods = tuple(sys.argv[3].split(","))
 batch = int(sys.argv[4]); runs = int(sys.argv[5])

@@ -99,11 +99,12 @@ def layers(model: Path = typer.Argument(..., help="ONNX classifier, or 'default'
            output: Optional[str] = _hidden_output_alias()):
     """List candidate layers: tensor names, op types, shapes and layouts (the channel axis a map sums over)."""
     from onnx_excite.graph.layers import inspect_model
-    from onnx_excite.models.default import default_layers
+    from onnx_excite.models.resolve import resolve_model
 
-    report = inspect_model(str(model), logits=logits or output)
+    resolved = resolve_model(model)
+    report = inspect_model(resolved.model, logits=logits or output)
     _note_logits(report.logits)
-    marked = set(default_layers(str(model)))
+    marked = set(resolved.default_layers)
     table = Table("layer (tensor name)", "op", "shape", "layout", "", title=f"{model.name}: logits = {report.graph.entry}")
     for info in report.layers:
         table.add_row(info.name, info.op_type, _shape(info.shape), info.layout.describe() if info.layout else "-",
@@ -124,13 +125,16 @@ def check(model: Path = typer.Argument(..., help="ONNX classifier, or 'default'"
                                                     "(default: the input, so every rule is in the graph)")):
     """Report every node the rewrite cannot handle (exit 1), or "ok" and the candidate layers."""
     from onnx_excite.graph.layers import inspect_model
+    from onnx_excite.graph.options import BuildOptions
+    from onnx_excite.models.resolve import resolve_model
 
+    resolved = resolve_model(model)
     if provider != "cpu":
         from onnx_excite.cli.serve_cmds import check_cuda_command
 
-        return check_cuda_command(model, provider, layer, logits or output)
+        return check_cuda_command(resolved.model, provider, BuildOptions(layers=layer, logits=logits or output))
 
-    report = inspect_model(str(model), logits=logits or output)
+    report = inspect_model(resolved.model, logits=logits or output)
     _note_logits(report.logits)
     if report.problems:
         for op_type, name, reason in report.problems:
@@ -177,10 +181,16 @@ def export(model: Path = typer.Argument(..., help="ONNX classifier (never modifi
     --signal top1/topk:K the image alone.
     """
     from onnx_excite.cli.serve_cmds import export_command
+    from onnx_excite.graph.options import BuildOptions
+    from onnx_excite.graph.share import parse_share
+    from onnx_excite.targets.options import ExportOptions
 
-    export_command(model, out_path, layer, _methods(method, contrastive), rule, channels,
-                   _input_shapes(str(model), input_shape), signal, map_size, resize, normalize, fp16,
-                   dynamic_batch, serving, name, max_batch_size, logits=logits, share_adjoints=share_adjoints)
+    build = BuildOptions(layers=layer, methods=_methods(method, contrastive), rule=rule, channels=channels,
+                         input_shapes=_input_shapes(str(model), input_shape), logits=logits,
+                         share_adjoints=parse_share(share_adjoints))
+    export_command(model, out_path, ExportOptions(build=build, signal=signal, map_size=map_size, resize=resize,
+                                                  normalize=normalize, fp16=fp16, dynamic_batch=dynamic_batch,
+                                                  triton_dir=serving, triton_name=name, max_batch_size=max_batch_size))
 
 
 @app.command()
@@ -208,20 +218,18 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
                                         "benchmark table (model, layer, batch and load average as its label)"),
           share_adjoints: str = _share_option()):
     """Median ms of forward alone vs forward+MWP vs forward+c-MWP (and forward + each --method), the ratios, the FLOP floor and the time floor."""
-    from onnx_excite.apps.bench import run_bench_report
-    from onnx_excite.models.default import layers_or_default
-    from onnx_excite.models.synthetic import RECIPE_LAYERS, RECIPES
+    from onnx_excite.apps.bench import BenchOptions, run_bench_report
     from onnx_excite.graph.share import parse_share
+    from onnx_excite.models.resolve import resolve_model
 
     share = parse_share(share_adjoints)
-    if model in RECIPES:
-        layer = list(layer or []) or RECIPE_LAYERS[model]
-    layer = layers_or_default(model, layer)
-    if model in RECIPES:  # every recipe's input is called "input"
-        parsed = _parse_shape(input_shape)
-        shapes = None if parsed is None else {parsed[0] or "input": parsed[1]}
-    else:
-        shapes = _input_shapes(model, input_shape)
+    resolved = resolve_model(model, allow_recipes=True)
+    layer = resolved.layers(layer)
+    shapes = _input_shapes(resolved.model, input_shape) if input_shape else None
+    options = BenchOptions(layers=layer, rule=rule, batch=batch, runs=runs, threads=threads, input_shapes=shapes,
+                           logits=logits, spinning=spin, opt_level=opt_level, memory=memory, profile=profile,
+                           methods=method or (), derive_weights=False if stored_weights else None,
+                           peers=compare or (), share_adjoints=share)
     from rich.progress import Progress
 
     used, bar = {}, Progress(console=err, transient=True)
@@ -233,11 +241,7 @@ def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or 
         bar.update(bar.task_ids[0], description=phase, completed=done, total=total)
 
     try:
-        report = run_bench_report(model, layer, rule=rule, batch=batch, runs=runs, threads=threads,
-                                  input_shapes=shapes, progress=progress, on_inputs=used.update, logits=logits,
-                                  spinning=spin, opt_level=opt_level, memory=memory, profile=profile,
-                                  methods=method or (), derive_weights=False if stored_weights else None,
-                                  peers=compare or (), share_adjoints=share)
+        report = run_bench_report(model, options=options, progress=progress, on_inputs=used.update)
     finally:
         bar.stop()
     sizes = ", ".join(f"{name} {_shape(shape)}" for name, shape in used.items())

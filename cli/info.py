@@ -42,9 +42,9 @@ def classes(model: str = typer.Argument("default", help="ONNX classifier, or 'de
             grep: Optional[str] = typer.Option(None, "--grep", help="only classes whose name contains WORD (case-insensitive)")):
     """List the class indices and names (each comma-separated synonym is accepted as a --target)."""
     from onnx_excite.classes import find_classes
-    from onnx_excite.models.default import model_class_names
+    from onnx_excite.models.resolve import resolve_model
 
-    found = find_classes(model_class_names(model), grep)
+    found = find_classes(resolve_model(model).class_names(), grep)
     for index, name in found:
         out.print(f"{index:5d}  {name}", markup=False, soft_wrap=True)
     if grep and not found:

@@ -1,9 +1,10 @@
-"""The name ``"default"``: the one place that turns it into a model, a profile, default layers.
+"""The name ``"default"``: the one place that turns it into a model file.
 
 Every entry point that takes a model (``Exciter``, ``build_excitation_model``,
-``inspect_model``, ``run_bench``, ``explain``, ``eval`` and each CLI command) loads it
-through :func:`onnx_excite.graph.canonicalize.load_model`, which calls
-:func:`resolve_model_path`, so ``"default"`` works everywhere a model path does.
+``inspect_model``, ``run_bench``, ``explain``, ``eval`` and each CLI command) names it
+through :func:`onnx_excite.models.resolve.resolve_model` or loads it through
+:func:`onnx_excite.graph.canonicalize.load_model`; both call :func:`resolve_model_path`,
+so ``"default"`` works everywhere a model path does.
 """
 from __future__ import annotations
 
@@ -37,32 +38,6 @@ def resolve_model_path(model, rebuild: bool = False):
         return str(mobilenet_v2.load_default_model(rebuild=rebuild))
     except mobilenet_v2.ModelUnavailableError as exc:
         raise ExciteError(str(exc)) from None
-
-
-def model_profile(model):
-    """The preprocessing profile of a model: the default model's own, else one inferred from the input shape."""
-    from . import profiles
-
-    if is_default(model):
-        return profiles.PROFILES["mobilenet_v2"]
-    from onnx_excite.graph.canonicalize import load_model
-
-    return profiles.profile_for_model(load_model(model))
-
-
-def default_layers(model) -> list[str]:
-    """The profile's map layers for the model (``["features.13"]`` for the default model; none
-    for other models, whose layers the user names)."""
-    return list(model_profile(model).default_layers) if is_default(model) else []
-
-
-def layers_or_default(model, layers) -> list[str]:
-    """``layers`` when given, else the model's default layers; ExciteError when it has none."""
-    chosen = list(layers or []) or default_layers(model)
-    if not chosen:
-        raise ExciteError("no map layer given and the model has no default one: name one "
-                          "(--layer; `onnx-excite layers MODEL` lists the candidates)")
-    return chosen
 
 
 @dataclass
@@ -103,11 +78,3 @@ def default_model_info() -> DefaultModelInfo:
         rebuild_command=REBUILD_COMMAND, profile=profile, num_classes=len(profile.load_class_names()),
         map_size=224)
 
-
-def model_class_names(model) -> list[str]:
-    """The class descriptions of a model (the 1000 ImageNet ones for the default model);
-    ExciteError when the model carries none (then targets are given as indices)."""
-    names = model_profile(model).load_class_names()
-    if not names:
-        raise ExciteError(f"{model}: no class names known for this model; give target classes as indices")
-    return names

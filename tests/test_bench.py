@@ -215,11 +215,12 @@ def test_report_time_floor():
 def test_measure_build_reports_model_size_derived_below_stored():
     """The companion with weights derived in the graph stores each weight once: its size is
     the forward's plus its nodes, the stored variant's is larger by W+ and the adjoint kernels."""
-    from onnx_excite.apps.bench import measure_build
+    from onnx_excite.apps.bench import BenchOptions, measure_build
 
-    forward = measure_build("tiny-cnn", ["pool1"], None)
-    derived = measure_build("tiny-cnn", ["pool1"], ("mwp",), derive_weights=True)
-    stored = measure_build("tiny-cnn", ["pool1"], ("mwp",), derive_weights=False)
+    options = BenchOptions(layers=["pool1"])
+    forward = measure_build("tiny-cnn", None, options)
+    derived = measure_build("tiny-cnn", ("mwp",), BenchOptions.of(options, derive_weights=True))
+    stored = measure_build("tiny-cnn", ("mwp",), BenchOptions.of(options, derive_weights=False))
     assert forward.model_mb < derived.model_mb < stored.model_mb
     assert derived.model_mb - forward.model_mb < 0.5 * (stored.model_mb - forward.model_mb)
 

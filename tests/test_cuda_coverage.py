@@ -15,7 +15,8 @@ from conftest import tiny_model
 from onnx_excite import build_excitation_model
 from onnx_excite.cli.app import app
 from onnx_excite.run.cuda_coverage import check_companion, check_cuda, kernel_table
-from onnx_excite.targets.serving import forward_to_float16, make_serving_model
+from onnx_excite.targets.fp16 import forward_to_float16
+from onnx_excite.targets.plain import make_serving_model
 from test_blocks import BLOCKS, ZOO
 
 runner = CliRunner()

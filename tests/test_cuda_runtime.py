@@ -11,7 +11,7 @@ from onnx import TensorProto
 
 from conftest import tiny_model
 from onnx_excite import Exciter, build_excitation_model
-from onnx_excite.targets.serving import make_serving_model
+from onnx_excite.targets.plain import make_serving_model
 from test_blocks import BLOCKS, ZOO
 
 

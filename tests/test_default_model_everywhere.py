@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 from onnx_excite import ExciteError, Exciter, build_excitation_model
 from onnx_excite.cli.app import app
 from onnx_excite.models import mobilenet_v2
-from onnx_excite.models.default import default_layers, layers_or_default, resolve_model_path
+from onnx_excite.models.default import resolve_model_path
+from onnx_excite.models.resolve import resolve_model
 
 runner = CliRunner()
 
@@ -21,11 +22,12 @@ def cached_path():
 def test_resolver(cached_path, tiny_path):
     assert resolve_model_path("default") == cached_path
     assert resolve_model_path(str(tiny_path)) == str(tiny_path)
-    assert default_layers("default") == ["features.13"] and default_layers(str(tiny_path)) == []
-    assert layers_or_default("default", None) == ["features.13"]
-    assert layers_or_default(str(tiny_path), ["r1"]) == ["r1"]
+    assert resolve_model("default").model == cached_path
+    assert resolve_model("default").default_layers == ["features.13"] and resolve_model(str(tiny_path)).default_layers == []
+    assert resolve_model("default").layers(None) == ["features.13"]
+    assert resolve_model(str(tiny_path)).layers(["r1"]) == ["r1"]
     with pytest.raises(ExciteError, match="no map layer given"):
-        layers_or_default(str(tiny_path), None)
+        resolve_model(str(tiny_path)).layers(None)
 
 
 def test_exciter_and_builder_accept_default(cached_path):

@@ -215,7 +215,7 @@ def test_large_constants_without_origin_are_deduplicated_by_content():
 def test_save_past_the_protobuf_limit_writes_external_data_afresh(tmp_path, monkeypatch):
     """Forced through the external-data path: the file loads with the same maps, saving
     twice does not grow the data file (onnx appends), and the in-memory model keeps its weights."""
-    from onnx_excite.run import runtime
+    from onnx_excite.io import modelfile
 
     model = _grouped_net()
     built = build_excitation_model(model, ["r1"], methods=("mwp", "cmwp"))
@@ -224,7 +224,7 @@ def test_save_past_the_protobuf_limit_writes_external_data_afresh(tmp_path, monk
     feeds = {built.inputs[0]: x, built.signal: e}
     before = _outputs(built.model, feeds)
     size = built.model.ByteSize()
-    monkeypatch.setattr(runtime, "PROTOBUF_LIMIT", 64)
+    monkeypatch.setattr(modelfile, "PROTOBUF_LIMIT", 64)
     out = tmp_path / "companion.onnx"
     built.save(out)
     assert built.model.ByteSize() == size  # the in-memory model is as it was
@@ -288,7 +288,7 @@ def test_proto_size_bounds_the_serialised_size_without_serialising_the_weights(w
     which counts a raw_data initializer from its dims instead of serialising it (upb's
     ByteSize serialises: the weights were written twice per session). It must never be
     below the true size, and stays within a few hundred bytes per initializer of it."""
-    from onnx_excite.run.runtime import proto_size
+    from onnx_excite.io.modelfile import proto_size
 
     if which == "companion":
         model = build_excitation_model(_grouped_net(), ["r1"], methods=("mwp", "cmwp")).model
@@ -303,6 +303,7 @@ def test_proto_size_bounds_the_serialised_size_without_serialising_the_weights(w
 def test_make_session_goes_through_external_data_past_the_limit(monkeypatch):
     """Past `PROTOBUF_LIMIT` (forced low here) the session is made from a temporary file
     with external data: same outputs as from serialised bytes, the model unchanged."""
+    from onnx_excite.io import modelfile
     from onnx_excite.run import runtime
 
     built = build_excitation_model(_grouped_net(), ["r1"], methods=("mwp",))
@@ -311,7 +312,7 @@ def test_make_session_goes_through_external_data_past_the_limit(monkeypatch):
     feeds = {built.inputs[0]: x, built.signal: e}
     before = runtime.make_session(built.model).run(None, feeds)
     size = built.model.ByteSize()
-    monkeypatch.setattr(runtime, "PROTOBUF_LIMIT", 64)
+    monkeypatch.setattr(modelfile, "PROTOBUF_LIMIT", 64)
     after = runtime.make_session(built.model).run(None, feeds)
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a, b)

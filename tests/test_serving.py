@@ -16,8 +16,12 @@ from onnx_excite.cli.app import app
 from onnx_excite.run.devices import DeviceUnavailableError, check_providers
 from onnx_excite.errors import ExciteError
 from onnx_excite.render.maps import upsample
-from onnx_excite.targets.serving import (export_model, forward_to_float16, make_batch_dynamic, make_serving_model,
-                                 triton_config)
+from onnx_excite.graph.options import BuildOptions
+from onnx_excite.targets.export import export
+from onnx_excite.targets.fp16 import forward_to_float16
+from onnx_excite.targets.options import ExportOptions
+from onnx_excite.targets.plain import make_batch_dynamic, make_serving_model
+from onnx_excite.targets.triton import triton_config
 from test_blocks import BLOCKS, ZOO
 
 runner = CliRunner()
@@ -127,14 +131,15 @@ def _fixed_batch_model(reshape_batch: bool):
     return m
 
 
-def test_dynamic_batch_when_safe_and_said_when_not():
+def test_dynamic_batch_when_safe_and_said_when_not(tmp_path):
     x = np.random.default_rng(3).normal(size=(3, 3, 6, 6)).astype(np.float32)
     safe = _fixed_batch_model(reshape_batch=False)
     dyn, note = make_batch_dynamic(safe)
     assert "made dynamic (was fixed at 1)" in note
     assert dyn.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
     assert safe.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1    # the input proto is untouched
-    exp = export_model(safe, ["r"], serving=True, signal="top1")
+    exp = export(safe, tmp_path / "safe.onnx", ExportOptions(build=BuildOptions(layers=["r"], methods=("mwp",)),
+                                                             signal="top1"))
     batched = _run(exp.model, {"x": x})
     for n in range(3):   # batch of 3 == three runs of 1
         one = _run(exp.model, {"x": x[n:n + 1]})
@@ -144,7 +149,8 @@ def test_dynamic_batch_when_safe_and_said_when_not():
     kept, note = make_batch_dynamic(baked)
     assert "batch kept at 1" in note and "'bake'" in note and "[1, -1]" in note
     assert kept.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
-    exp = export_model(baked, ["r"], serving=True)
+    exp = export(baked, tmp_path / "baked.onnx", ExportOptions(build=BuildOptions(layers=["r"], methods=("mwp",)),
+                                                               triton_dir=tmp_path / "triton"))
     assert any("batch kept at 1" in n for n in exp.notes)
     assert exp.serving.inputs[0].dims[0] == 1
     assert "max_batch_size: 0" in triton_config(exp.serving, "baked")

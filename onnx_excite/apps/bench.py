@@ -22,18 +22,22 @@ import math
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 import numpy as np
 import onnx
 from onnx import helper
 
+from onnx_excite.models.resolve import resolve_model
+
 from ..graph.builder import build_excitation_model
 from ..graph.canonicalize import canonicalize
 from ..graph.flops import FlopCount, count_flops, downstream
-from ..run.runtime import describe_session_options, make_session, session_options
+from ..graph.options import BuildOptions, Options, given
 from ..graph.share import WEIGHT_BOUND
+from ..run.ort import describe_session_options, session_options
+from ..run.runtime import make_session
 
 #: the forward cut at the map layer (timed with the variants, reported as the time floor)
 BELOW = "forward below the map layer"
@@ -41,6 +45,38 @@ BELOW = "forward below the map layer"
 #: (variant name, methods; None = the forward alone)
 VARIANTS = (("forward", None), ("forward+MWP", ("mwp",)), ("forward+c-MWP", ("cmwp",)),
             ("forward+MWP+c-MWP", ("mwp", "cmwp")))
+
+
+@dataclass(frozen=True)
+class BenchOptions(Options):
+    """What a benchmark builds, how it runs the sessions and what it measures besides the
+    timing (see :func:`run_bench_report`)."""
+
+    layers: Sequence[str] | None = None
+    rule: str = "positive"
+    batch: int = 1
+    runs: int = 10                      # timed rounds
+    warmup: int = 2                     # untimed rounds first
+    providers: Sequence[str] | None = None
+    threads: int | None = None          # intra-op threads (None: ORT's default)
+    input_shapes: Mapping[str, Sequence[int | None]] | None = None
+    seed: int = 0
+    logits: str | None = None
+    spinning: bool = False              # ORT's busy-waiting worker threads
+    opt_level: str = "all"              # ORT graph optimisation level
+    memory: bool = False                # also build each variant in a fresh process
+    profile: bool = False               # ORT's node-time shares of forward + MWP
+    variants: Sequence[tuple] = VARIANTS
+    methods: Sequence[str] = ()         # one more variant forward+<method> each
+    derive_weights: bool | None = None
+    peers: Sequence[str] = ()           # torchray / zennit on the same weights
+    share_adjoints: bool | Sequence[str] = WEIGHT_BOUND
+
+    def build(self, methods: Sequence[str]) -> BuildOptions:
+        """The build of one variant: these options' layers, rule, logits, ... and ``methods``."""
+        return BuildOptions(layers=self.layers, methods=methods, rule=self.rule, logits=self.logits,
+                            input_shapes=self.input_shapes, derive_weights=self.derive_weights,
+                            share_adjoints=self.share_adjoints)
 
 
 @dataclass
@@ -171,16 +207,6 @@ def _input_array(shape, batch: int, rng, ort_type: str = "tensor(float)") -> np.
     return as_input_dtype(rng.standard_normal(dims), ort_type)
 
 
-def load_source(model):
-    """A recipe name (``models.synthetic.RECIPES``) becomes its ModelProto; anything else is
-    passed on (path, ``default``, ModelProto)."""
-    from onnx_excite.models.synthetic import RECIPES
-
-    if isinstance(model, str) and model in RECIPES:
-        return RECIPES[model]()
-    return model
-
-
 def profile_shares(session_model, feeds: Mapping[str, np.ndarray], outputs: Sequence[str], options, providers=None,
                    runs: int = 3) -> dict[str, float]:
     """Share of ORT's node time per op type over ``runs`` runs (ORT's profiler, one warm-up)."""
@@ -204,14 +230,13 @@ def profile_shares(session_model, feeds: Mapping[str, np.ndarray], outputs: Sequ
     return dict(sorted(((k, v / total) for k, v in times.items()), key=lambda kv: -kv[1]))
 
 
-def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch: int = 1, runs: int = 10,
-                     warmup: int = 2, providers=None, threads: int | None = None, input_shapes=None, seed: int = 0,
-                     progress=None, on_inputs=None, logits: str | None = None, spinning: bool = False,
-                     opt_level: str = "all", memory: bool = False, profile: bool = False,
-                     variants: Sequence[tuple] = VARIANTS, methods: Sequence[str] = (),
-                     derive_weights: bool | None = None, peers: Sequence[str] = (),
-                     share_adjoints: bool | Sequence[str] = WEIGHT_BOUND) -> BenchReport:
+def run_bench_report(model, layers: Sequence[str] | None = None, *, options: BenchOptions | None = None,
+                     progress=None, on_inputs=None, **fields) -> BenchReport:
     """Median wall time of each variant over ``runs`` rounds; ratios are to the forward alone.
+
+    ``model`` is a path, ``default``, a ModelProto or a bench recipe (``vgg16-random`` ...);
+    the settings are a :class:`BenchOptions` (``options``), ``layers`` and keyword ``fields``
+    replacing what it holds.
 
     The variants run interleaved, one run each per round, so that load from elsewhere
     on the machine falls on all of them alike. ``on_inputs({name: shape})`` is told the
@@ -234,31 +259,35 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
     """
     from ..methods import get_method
 
-    extra = [get_method(m).name for m in dict.fromkeys(methods)]
+    opts = BenchOptions.of(options, **given(layers=layers), **fields)
+    layers = list(opts.layers or ())
+    extra = [get_method(m).name for m in dict.fromkeys(opts.methods)]
     from ..io.checks import at_least
 
-    at_least(runs, 1, "--runs")
-    at_least(batch, 1, "--batch")
-    at_least(warmup, 0, "warmup")
+    at_least(opts.runs, 1, "--runs")
+    at_least(opts.batch, 1, "--batch")
+    at_least(opts.warmup, 0, "warmup")
     progress = progress or (lambda phase, done, total: None)
-    if derive_weights is None and opt_level == "disable":
-        derive_weights = False
-    if peers:
+    if opts.derive_weights is None and opts.opt_level == "disable":
+        opts = replace(opts, derive_weights=False)
+    if opts.peers:
         from . import bench_torch
 
-        bench_torch.require(peers)
-        threads = threads or bench_torch.default_threads()   # the same count for ORT and torch
-    rng = np.random.default_rng(seed)
-    source = load_source(model)
-    options = lambda: session_options(threads, spinning=spinning, opt_level=opt_level)  # noqa: E731
-    forward = canonicalize(source, logits=logits, input_shapes=input_shapes)
+        bench_torch.require(opts.peers)
+        opts = replace(opts, threads=opts.threads or bench_torch.default_threads())   # the same count for ORT and torch
+    batch, runs, warmup, providers = opts.batch, opts.runs, opts.warmup, opts.providers
+    rng = np.random.default_rng(opts.seed)
+    source = resolve_model(model, allow_recipes=True).model
+    options = lambda: session_options(opts.threads, spinning=opts.spinning, opt_level=opts.opt_level)  # noqa: E731
+    forward = canonicalize(source, logits=opts.logits, input_shapes=opts.input_shapes)
     declared = {i.name: [d.dim_value if d.HasField("dim_value") else None for d in i.type.tensor_type.shape.dim]
                 for i in forward.model.graph.input}
-    if input_shapes is None and any(d is None for dims in declared.values() for d in dims[1:]):
+    if opts.input_shapes is None and any(d is None for dims in declared.values() for d in dims[1:]):
         # pin the sizes fed (dynamic ones at 224, as _input_array feeds them; batch stays dynamic),
         # as explain and eval build one model per input size
-        input_shapes = {name: [None] + [d if d else 224 for d in dims[1:]] for name, dims in declared.items()}
-        forward = canonicalize(source, logits=logits, input_shapes=input_shapes)
+        opts = replace(opts, input_shapes={name: [None] + [d if d else 224 for d in dims[1:]]
+                                           for name, dims in declared.items()})
+        forward = canonicalize(source, logits=opts.logits, input_shapes=opts.input_shapes)
     fwd_session = make_session(forward.forward_model(copy_model=False), providers, options=options())
     feeds = {i.name: _input_array(i.shape, batch, rng, i.type) for i in fwd_session.get_inputs()}
     shapes = {name: tuple(v.shape) for name, v in feeds.items()}
@@ -268,7 +297,7 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
         flops = count_flops(forward.model, layers, shapes)
     except Exception:  # shape inference cannot resolve every node: no floor, the timing stands
         flops = None
-    variants = list(variants) + [(f"forward+{m}", (m,)) for m in extra]
+    variants = list(opts.variants) + [(f"forward+{m}", (m,)) for m in extra]
     prepared = []
     cut = below_model(forward.model, layers)
     if cut is not None:   # timed in the same rounds; its ratio gives the time floor
@@ -282,8 +311,7 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
         if methods is None:
             prepared.append((name, fwd_session, [forward.entry], feeds))
             continue
-        built = build_excitation_model(source, layers, methods=methods, rule=rule, logits=logits, input_shapes=input_shapes,
-                                       derive_weights=derive_weights, share_adjoints=share_adjoints)
+        built = build_excitation_model(source, options=opts.build(methods))
         session = make_session(built.model, providers, options=options())
         k = built.num_classes or session.get_inputs()[-1].shape[1]
         signal = np.zeros((batch, k), np.float32)
@@ -291,7 +319,7 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
         outputs = [built.logits] + list(built.maps.values())
         prepared.append((name, session, outputs, dict(feeds, **{built.signal: signal})))
         graph_flops[name] = _graph_flops(built, dict(shapes, **{built.signal: signal.shape}), flops)
-        if profile and tuple(methods) == ("mwp",):
+        if opts.profile and tuple(methods) == ("mwp",):
             mwp_model = (built.model, outputs, prepared[-1][3])
     for _ in range(warmup):
         for _, session, outputs, run_feeds in prepared:
@@ -317,16 +345,14 @@ def run_bench_report(model, layers: Sequence[str], rule: str = "positive", batch
         progress("profiling", 0, 1)
         report.profile = profile_shares(mwp_model[0], mwp_model[2], mwp_model[1], options(), providers)
     del prepared, fwd_session, mwp_model
-    if peers:
+    if opts.peers:
         built = session = None   # noqa: F841  (the last variant's model and session: free them before torch's copy)
-        report.peers = bench_torch.run_peers(forward, layers[0], next(iter(feeds.values())), peers, runs=runs,
-                                             warmup=warmup, threads=threads, progress=progress)
-    if memory:
+        report.peers = bench_torch.run_peers(forward, layers[0], next(iter(feeds.values())), opts.peers, runs=runs,
+                                             warmup=warmup, threads=opts.threads, progress=progress)
+    if opts.memory:
         for n, (name, methods) in enumerate(variants):
             progress("memory", n, len(variants))
-            report.builds.append(measure_build(model, layers, methods, name=name, rule=rule, logits=logits,
-                                               input_shapes=input_shapes, threads=threads, providers=providers,
-                                               derive_weights=derive_weights, share_adjoints=share_adjoints))
+            report.builds.append(measure_build(model, methods, opts, name=name))
     return report
 
 
@@ -349,14 +375,10 @@ def _graph_flops(built, shapes, forward_flops: FlopCount | None) -> float | None
         return None
 
 
-def run_bench(model, layers: Sequence[str], rule: str = "positive", batch: int = 1, runs: int = 10, warmup: int = 2,
-              providers=None, threads: int | None = None, input_shapes=None, seed: int = 0,
-              progress=None, on_inputs=None, logits: str | None = None,
-              methods: Sequence[str] = ()) -> tuple[list[BenchRow], list[str]]:
+def run_bench(model, layers: Sequence[str] | None = None, *, options: BenchOptions | None = None, progress=None,
+              on_inputs=None, **fields) -> tuple[list[BenchRow], list[str]]:
     """The timing rows of :func:`run_bench_report` and the providers used."""
-    report = run_bench_report(model, layers, rule=rule, batch=batch, runs=runs, warmup=warmup, providers=providers,
-                              threads=threads, input_shapes=input_shapes, seed=seed, progress=progress,
-                              on_inputs=on_inputs, logits=logits, methods=methods)
+    report = run_bench_report(model, layers, options=options, progress=progress, on_inputs=on_inputs, **fields)
     return report.rows, report.providers
 
 
@@ -396,18 +418,15 @@ def _build_in_child(spec: dict) -> dict:
     """Runs in the fresh process (``python -m onnx_excite.apps.bench``): load, build, create the session."""
     import onnx_excite.run.runtime  # noqa: F401  (imports and ORT are part of every variant's base)
 
-    source = load_source(spec["model"])
+    source = resolve_model(spec["model"], allow_recipes=True).model
     loaded = _rss_mb()
     t0 = time.perf_counter()
     if spec["methods"] is None:
-        forward = canonicalize(source, logits=spec["logits"], input_shapes=spec["input_shapes"])
+        forward = canonicalize(source, logits=spec["build"]["logits"], input_shapes=spec["build"]["input_shapes"])
         target = forward.forward_model(copy_model=False)
         del forward
     else:
-        target = build_excitation_model(source, spec["layers"], methods=spec["methods"], rule=spec["rule"],
-                                        logits=spec["logits"], input_shapes=spec["input_shapes"],
-                                        derive_weights=spec.get("derive_weights"),
-                                        share_adjoints=spec.get("share_adjoints", WEIGHT_BOUND)).model
+        target = build_excitation_model(source, options=BuildOptions(**spec["build"])).model
     del source
     t1 = time.perf_counter()
     session = make_session(target, spec["providers"], spec["threads"])
@@ -417,14 +436,13 @@ def _build_in_child(spec: dict) -> dict:
             "model_mb": target.ByteSize() / 1e6}
 
 
-def measure_build(model, layers: Sequence[str], methods: Sequence[str] | None, name: str | None = None,
-                  rule: str = "positive", logits: str | None = None, input_shapes=None, threads: int | None = None,
-                  providers=None, timeout: float = 900, derive_weights: bool | None = None,
-                  share_adjoints: bool | Sequence[str] = WEIGHT_BOUND) -> BuildCost:
+def measure_build(model, methods: Sequence[str] | None, options: BenchOptions, name: str | None = None,
+                  timeout: float = 900) -> BuildCost:
     """Build one variant (``methods=None``: the forward session alone) in a fresh Python
     process and return its build and session-creation seconds and the process's peak RSS.
 
-    ``model`` is a path, ``default`` or a recipe name: what the child loads itself.
+    ``model`` is a path, ``default`` or a recipe name: what the child loads itself; ``options``
+    give the layers, the build and the session's threads and providers.
     """
     import subprocess
     import sys
@@ -433,10 +451,14 @@ def measure_build(model, layers: Sequence[str], methods: Sequence[str] | None, n
 
     if not isinstance(model, (str, os.PathLike)):
         raise ExciteError("memory measurement needs a model path, 'default' or a recipe name")
-    spec = {"model": str(model), "layers": list(layers), "methods": list(methods) if methods else None, "rule": rule,
-            "logits": logits, "input_shapes": {k: list(v) for k, v in input_shapes.items()} if input_shapes else None,
-            "threads": threads, "providers": list(providers) if providers else None, "derive_weights": derive_weights,
-            "share_adjoints": share_adjoints if isinstance(share_adjoints, bool) else list(share_adjoints)}
+    build = options.build(list(methods) if methods else ())
+    spec = {"model": str(model), "methods": list(methods) if methods else None, "threads": options.threads,
+            "providers": list(options.providers) if options.providers else None,
+            "build": {"layers": list(build.layers or ()), "methods": build.methods, "rule": build.rule,
+                      "logits": build.logits, "derive_weights": build.derive_weights,
+                      "input_shapes": {k: list(v) for k, v in build.input_shapes.items()} if build.input_shapes else None,
+                      "share_adjoints": build.share_adjoints if isinstance(build.share_adjoints, bool)
+                      else list(build.share_adjoints)}}
     label = name or ("forward" if methods is None else "+".join(methods))
     try:
         done = subprocess.run([sys.executable, "-m", "onnx_excite.apps.bench"], input=json.dumps(spec), capture_output=True,

@@ -21,12 +21,23 @@ import numpy as np
 
 from ..graph.builder import build_excitation_model
 from ..graph.canonicalize import canonicalize
+from ..graph.options import given
 from ..run.devices import CUDA, check_providers, providers_for
-from ..run.runtime import import_ort, make_session
-from ..graph.share import WEIGHT_BOUND
+from ..run.ort import import_ort
+from ..run.runtime import make_session
+from .bench import BenchOptions
 
-VARIANTS = (("forward", None), ("forward+MWP", ("mwp",)), ("forward+c-MWP", ("cmwp",)),
-            ("forward+MWP+c-MWP", ("mwp", "cmwp")))
+
+
+@dataclass(frozen=True)
+class DeviceBenchOptions(BenchOptions):
+    """:class:`~onnx_excite.apps.bench.BenchOptions` on a device: ``device`` (cpu / cuda / auto)
+    picks the providers, each variant runs at every batch size of ``batches``."""
+
+    device: str = "auto"
+    batches: Sequence[int] = (1, 32)
+    runs: int = 20
+    warmup: int = 3
 
 
 @dataclass
@@ -76,26 +87,29 @@ def _measure(session, feeds: dict, outputs: list[str], runs: int, warmup: int, o
     return float(np.median(times)), peak
 
 
-def run_device_bench(model, layers: Sequence[str], device: str = "auto", batches: Sequence[int] = (1, 32),
-                     runs: int = 20, warmup: int = 3, rule: str = "positive", input_shapes=None,
-                     seed: int = 0, share_adjoints: bool | Sequence[str] = WEIGHT_BOUND) -> tuple[list[DeviceRow], list[str]]:
-    """Rows per (variant, batch) and the providers in use (``share_adjoints``: passed to the builder)."""
+def run_device_bench(model, layers: Sequence[str] | None = None, *, options: DeviceBenchOptions | None = None,
+                     **fields) -> tuple[list[DeviceRow], list[str]]:
+    """Rows per (variant, batch) and the providers in use; the settings are a
+    :class:`DeviceBenchOptions` (``options``), ``layers`` and keyword ``fields`` replacing what
+    it holds (``variants``: the forward and the methods timed; the rule, input shapes and
+    ``share_adjoints`` go to the builder)."""
+    opts = DeviceBenchOptions.of(options, **given(layers=layers), **fields)
+    device = opts.device
     requested = providers_for(device)
-    rng = np.random.default_rng(seed)
-    forward = canonicalize(model, input_shapes=input_shapes)
+    rng = np.random.default_rng(opts.seed)
+    forward = canonicalize(model, input_shapes=opts.input_shapes)
     rows: list[DeviceRow] = []
     used: list[str] = []
-    for batch in batches:
+    for batch in opts.batches:
         base_tp = base_mem = None
-        for name, methods in VARIANTS:
+        for name, methods in opts.variants:
             gc.collect()
             before = device_memory_mib() if CUDA in requested else None
             if methods is None:
                 session = make_session(forward.forward_model(), requested)
                 outputs, signal_name, k = [forward.entry], None, None
             else:
-                built = build_excitation_model(model, layers, methods=methods, rule=rule, input_shapes=input_shapes,
-                                               share_adjoints=share_adjoints)
+                built = build_excitation_model(model, options=opts.build(methods))
                 session = make_session(built.model, requested)
                 outputs = [built.logits] + list(built.maps.values())
                 signal_name, k = built.signal, built.num_classes or session.get_inputs()[-1].shape[1]
@@ -110,7 +124,7 @@ def run_device_bench(model, layers: Sequence[str], device: str = "auto", batches
                 else:
                     dims = [batch] + [d if isinstance(d, int) and d > 0 else 224 for d in inp.shape[1:]]
                     feeds[inp.name] = rng.standard_normal(dims).astype(np.float32)
-            ms, peak = _measure(session, feeds, outputs, runs, warmup, on_cuda)
+            ms, peak = _measure(session, feeds, outputs, opts.runs, opts.warmup, on_cuda)
             tp = batch / (ms / 1e3)
             mem = (peak - (before or 0.0)) if on_cuda and before is not None else None
             if methods is None:

@@ -10,6 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
+from onnx_excite.models.resolve import resolve_model
+
 from ..errors import ExciteError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
@@ -79,34 +81,6 @@ def _floats(text, default):
 
 def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "layer"
-
-
-def resolve_model(name: str, fully_conv: bool = True):
-    """(model path or proto, profile) for a path or 'default'. A model with a fixed input
-    size gets its dense head made fully convolutional when ``fully_conv`` (any image size),
-    else it is returned as it is, with a "square" profile at its declared size."""
-    from onnx_excite.models import profiles
-
-    from onnx_excite.models.default import is_default, model_profile, resolve_model_path
-
-    if is_default(name):
-        return resolve_model_path(name), model_profile(name)
-    from ..graph.canonicalize import load_model
-    from ..graph.fullyconv import convert_dense_head
-
-    proto = load_model(name)
-    profile = profiles.profile_for_model(proto)
-    dims = proto.graph.input[0].type.tensor_type.shape.dim
-    static = len(dims) == 4 and all(d.HasField("dim_value") for d in dims[2:])
-    if static and not fully_conv:
-        return name, profile
-    if static:
-        # a Flatten -> Gemm head turned into convolutions: any image size, any aspect ratio
-        converted, ok = convert_dense_head(proto)
-        if ok:
-            return converted, dataclasses.replace(profile, resize="shorter")
-        return name, profile
-    return name, dataclasses.replace(profile, resize="shorter")
 
 
 def parse_targets(targets: Sequence[str], class_names: list[str] | None, k: int) -> list[int]:
@@ -201,12 +175,14 @@ def explain_setup(opts: ExplainOptions, warn=None) -> ExplainSetup:
     providers_for(opts.device)   # --device cuda without CUDA: fail before any work
     style = _validate(opts)
     warn = warn or (lambda message: None)
-    model, profile = resolve_model(opts.model, fully_conv=False)   # a path: the model as it is
+    resolved = resolve_model(opts.model)   # a path: the model as it is
+    model, profile = resolved.model, resolved.profile
     header = _model_header(model)
     declared = declared_input(header)
     fixed = declared.fixed_size
     if fixed and opts.size is not None:   # --size on a fixed-size model: its head made fully convolutional
-        model, profile = resolve_model(opts.model)
+        resolved = resolve_model(opts.model, fully_conv=True)
+        model, profile = resolved.model, resolved.profile
     if fixed and opts.size is None:
         resize, size = "exact", fixed    # the size the model was made for
     elif fixed:

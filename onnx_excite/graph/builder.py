@@ -24,7 +24,6 @@ outputs hold the channel-resolved signal (before clipping).
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
@@ -34,9 +33,11 @@ from onnx import TensorProto, helper
 
 from .canonicalize import (ForwardGraph, LogitsChoice, canonicalize, default_opset, expose_maxpool_indices, folded_message,
                            infer_shapes)
-from ..methods import DEFAULT_METHODS, METHODS, get_method
+from ..methods import METHODS, get_method
 from ..errors import ExciteError, UnsupportedModelError
 from .emitter import Emitter
+from ..io.modelfile import save_model
+from .options import BuildOptions
 from .share import WEIGHT_BOUND, shared_ops
 from .share import share_adjoints as merge_shared_ops
 from .layout import Layout, channel_axis
@@ -84,34 +85,8 @@ class ExcitationModel:
 
     def save(self, path) -> None:
         """Write the model; past protobuf's 2 GiB limit the weights go to ``<path>.data``
-        (written afresh: onnx would append to an existing file). ``self.model`` keeps its
-        weights in memory either way (onnx moves them out of the proto it saves; they are
-        read back)."""
-        from ..run.runtime import PROTOBUF_LIMIT, proto_size
-
-        if proto_size(self.model) < PROTOBUF_LIMIT:
-            onnx.save(self.model, str(path))
-            return
-        path = Path(path)
-        data = path.with_name(f"{path.name}.data")
-        if data.exists():
-            data.unlink()
-        save_external(self.model, path)
-
-
-def save_external(model: onnx.ModelProto, path) -> None:
-    """Save ``model`` to ``path`` with its weights in ``<path>.data``, leaving ``model`` as it
-    was: onnx moves the weights out of the proto it saves (external references in their
-    place); they are read back and the references cleared."""
-    from onnx.external_data_helper import load_external_data_for_model
-
-    path = Path(path)
-    inline = {t.name for t in model.graph.initializer if not t.HasField("data_location")}
-    onnx.save(model, str(path), save_as_external_data=True, location=f"{path.name}.data")
-    load_external_data_for_model(model, str(path.parent))
-    for t in model.graph.initializer:
-        if t.name in inline:
-            t.ClearField("data_location")
+        (:func:`onnx_excite.io.modelfile.save_model`); ``self.model`` keeps its weights."""
+        save_model(self.model, path)
 
 
 # ---------------------------------------------------------------------------
@@ -247,22 +222,15 @@ def _ir_version_for(opset: int) -> int:
     return 8 if opset <= 18 else 9 if opset <= 20 else 10
 
 
-def build_excitation_model(
-    model,
-    layers: Sequence[str],
-    methods: Sequence[str] = DEFAULT_METHODS,
-    rule: str = "positive",
-    channels: bool = False,
-    classifier: str | None = None,
-    logits: str | None = None,
-    input_shapes: Mapping[str, Sequence[int | None]] | None = None,
-    diagnostics: bool = False,
-    output: str | None = None,
-    share_adjoints: bool | Sequence[str] = WEIGHT_BOUND,
-    derive_weights: bool | None = None,
-) -> ExcitationModel:
+def build_excitation_model(model, layers: Sequence[str] | None = None, methods: Sequence[str] | None = None, *,
+                           options: BuildOptions | None = None, **fields) -> ExcitationModel:
     """Build the companion model for ``layers`` (ONNX tensor names) and ``methods`` (names
-    registered in :data:`onnx_excite.methods.METHODS`, see ``onnx-excite methods``).
+    registered in :data:`onnx_excite.methods.METHODS`, see ``onnx-excite methods``; default
+    mwp and cmwp).
+
+    The settings travel as one :class:`~onnx_excite.graph.options.BuildOptions` (``options``);
+    ``layers``, ``methods`` and keyword ``fields`` (its field names: ``rule="paper"``,
+    ``channels=True`` ...) replace what it holds.
 
     ``model`` is a path or a ModelProto; it is never modified. ``logits`` names the
     output (or tensor) the signal enters at (``output`` is its older alias); without
@@ -292,10 +260,11 @@ def build_excitation_model(
     head), :func:`sweep` (the backward sweeps the methods need, shared where their
     declarations agree) and :func:`expose` (the maps as outputs).
     """
-    plan = validate(model, layers, methods, rule, classifier, logits if logits is not None else output, input_shapes)
-    plan.g.derive_weights = DERIVE_WEIGHTS if derive_weights is None else bool(derive_weights)
-    sweeps = sweep(plan, share_adjoints=share_adjoints)
-    return expose(plan, sweeps, channels=channels, diagnostics=diagnostics)
+    opts = BuildOptions.of(options, layers, methods, **fields)
+    plan = validate(model, opts.layers or (), opts.methods, opts.rule, opts.classifier, opts.logits, opts.input_shapes)
+    plan.g.derive_weights = DERIVE_WEIGHTS if opts.derive_weights is None else bool(opts.derive_weights)
+    sweeps = sweep(plan, share_adjoints=opts.share_adjoints)
+    return expose(plan, sweeps, channels=opts.channels, diagnostics=opts.diagnostics)
 
 
 @dataclass

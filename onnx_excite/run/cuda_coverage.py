@@ -18,16 +18,18 @@ but slow on GPUs (double precision) are *notes*.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from importlib import resources
-from typing import Sequence
 
 import onnx
-from onnx import TensorProto, helper, shape_inference
+from onnx import TensorProto, shape_inference
 
+from ..errors import ExciteError
+from ..graph.builder import build_excitation_model
+from ..graph.canonicalize import _weightless, first_input_name, load_model
 from ..graph.index import attr
-from ..graph.share import WEIGHT_BOUND
+from ..graph.options import BuildOptions
 
 ANY_VERSION = 2**31 - 1
 
@@ -75,8 +77,6 @@ def _type_name(elem_type: int) -> str:
 
 
 def _dtype_map(model: onnx.ModelProto) -> dict[str, int]:
-    from ..graph.canonicalize import _weightless
-
     light, _ = _weightless(model)   # large weights as typed inputs: inference needs only their types
     try:
         inferred = shape_inference.infer_shapes(light, strict_mode=False)
@@ -201,29 +201,28 @@ class CoverageReport:
         return [f for f in self.findings if f.kind in BLOCKING]
 
 
-def check_companion(model, layers=None, methods=("mwp", "cmwp"), output: str | None = None,
-                    input_shapes=None, rule: str = "positive", share_adjoints: bool | Sequence[str] = WEIGHT_BOUND) -> CoverageReport:
+#: what ``check --provider cuda`` builds by default: MWP and c-MWP, the map layer the input
+CHECK_OPTIONS = BuildOptions(methods=("mwp", "cmwp"))
+
+
+def check_companion(model, options: BuildOptions | None = None, **fields) -> CoverageReport:
     """Build the companion graph (forward + excitation) and check every node of it.
 
-    Without ``layers`` the map layer is the model input, so the excitation branch runs
+    The build's settings are ``options`` (default :data:`CHECK_OPTIONS`) with keyword ``fields``
+    replaced. Without layers the map layer is the model input, so the excitation branch runs
     through every node between the input and the logits (every rule the model needs).
     Contrastive MWP is dropped when the model has no classifier layer to negate.
     ``share_adjoints`` checks the build with the sweeps' adjoint ops batched.
     """
-    from ..graph.builder import build_excitation_model
-    from ..graph.canonicalize import first_input_name, load_model
-    from ..errors import ExciteError
-
+    opts = BuildOptions.of(options if options is not None else CHECK_OPTIONS, **fields)
     proto = load_model(model)
-    layers = list(layers or [first_input_name(proto)])
-    methods = tuple(methods)
+    opts = replace(opts, layers=list(opts.layers or [first_input_name(proto)]), methods=tuple(opts.methods))
     try:
-        built = build_excitation_model(proto, layers, methods=methods, output=output, input_shapes=input_shapes, rule=rule,
-                                       share_adjoints=share_adjoints)
+        built = build_excitation_model(proto, options=opts)
     except ExciteError as exc:
-        if "cmwp" not in methods or "classifier" not in str(exc) or methods == ("cmwp",):
+        if "cmwp" not in opts.methods or "classifier" not in str(exc) or opts.methods == ("cmwp",):
             raise
-        methods = tuple(m for m in methods if m != "cmwp")
-        built = build_excitation_model(proto, layers, methods=methods, output=output, input_shapes=input_shapes, rule=rule,
-                                       share_adjoints=share_adjoints)
-    return CoverageReport(layers, methods, len(built.model.graph.node), check_cuda(built.model), kernel_table().version)
+        opts = replace(opts, methods=tuple(m for m in opts.methods if m != "cmwp"))
+        built = build_excitation_model(proto, options=opts)
+    return CoverageReport(list(opts.layers), opts.methods, len(built.model.graph.node), check_cuda(built.model),
+                          kernel_table().version)

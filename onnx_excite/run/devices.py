@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ExciteError
+from .ort import import_ort
 
 DEVICES = ("auto", "cpu", "cuda")
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -37,8 +38,6 @@ def preload_cuda() -> list[str]:
         import contextlib
         import io
 
-        from .runtime import import_ort
-
         ort = import_ort()
         out = io.StringIO()
         try:
@@ -53,8 +52,6 @@ def preload_cuda() -> list[str]:
 
 def providers_for(device: str) -> list[str]:
     """The provider list for a device name (``auto``: CUDA first when this build has it)."""
-    from .runtime import import_ort
-
     if device not in DEVICES:
         raise ExciteError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
     available = import_ort().get_available_providers()
@@ -103,8 +100,6 @@ class BoundRunner:
         self._bound: dict = {}
 
     def __call__(self, feeds: dict) -> list:
-        from .runtime import import_ort
-
         ort = import_ort()
         key = tuple((name, a.shape, a.dtype.str) for name, a in sorted(feeds.items()))
         entry = self._bound.get(key)
@@ -128,7 +123,3 @@ class BoundRunner:
         # a copy: the next batch overwrites the buffers (on CUDA .numpy() copies to the host)
         return [np.array(v.numpy(), copy=True) for v in outputs]
 
-
-def run_bound(session, feeds: dict, outputs: Sequence[str]) -> list:
-    """One run through I/O binding (see :class:`BoundRunner`), without buffer reuse."""
-    return BoundRunner(session, outputs)(feeds)

@@ -1,121 +1,23 @@
 """Run the companion model with ONNX Runtime: build once, explain many batches."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from ..graph.builder import ExcitationModel, build_excitation_model
-from ..methods import DEFAULT_METHODS, get_method
+from ..graph.options import BuildOptions
+from ..methods import get_method
 from ..errors import ExciteError
-from ..graph.share import WEIGHT_BOUND
-
-INSTALL_HINT = ("ONNX Runtime is not installed: pip install 'onnx-excite[cpu]' "
-                "(or 'onnx-excite[gpu]' for the CUDA build; install only one of them)")
-
-
-def import_ort():
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ExciteError(INSTALL_HINT) from None
-    return ort
+from ..io.modelfile import fits_in_one_file, save_external
+from .devices import BoundRunner, check_providers, providers_for
+from .ort import import_ort, session_options
 
 
 def default_providers() -> list[str]:
     """CUDA first when this onnxruntime build has it (its libraries preloaded), then the CPU."""
-    from .devices import providers_for
-
     return providers_for("auto")
-
-
-#: protobuf cannot serialise a message of 2 GiB or more: larger models go through external data
-PROTOBUF_LIMIT = 2**31 - 2**26
-
-
-def proto_size(model) -> int:
-    """An upper bound of ``model.ByteSize()`` that does not serialise the weights.
-
-    ``ByteSize`` costs as much as ``SerializeToString`` (upb serialises to measure: 1.6 s
-    for VGG19's 550 MB), so asking it before serialising paid for the weights twice. An
-    initializer holding ``raw_data`` counts its dims x item size (what raw_data holds) plus
-    a bound on its name, dims and tags; the rest of the model is measured as it is."""
-    import onnx
-
-    total = 0
-    for t in model.graph.initializer:
-        itemsize = None
-        if t.HasField("raw_data"):
-            try:
-                itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-            except Exception:  # a type numpy has no dtype for: measured below
-                pass
-        if itemsize is None:
-            total += t.ByteSize() + 16
-        else:
-            total += int(np.prod(t.dims, dtype=np.int64)) * itemsize + len(t.name.encode()) + 11 * len(t.dims) + 96
-    rest = _copy_without(model, "graph")
-    rest.graph.CopyFrom(_copy_without(model.graph, "initializer"))
-    return total + rest.ByteSize()
-
-
-def _copy_without(message, skip: str):
-    """A copy of a protobuf ``message`` less its field ``skip`` (which is not copied)."""
-    out = type(message)()
-    for fd, value in message.ListFields():
-        if fd.name == skip:
-            continue
-        repeated = fd.is_repeated if hasattr(fd, "is_repeated") else fd.label == fd.LABEL_REPEATED
-        if repeated:
-            getattr(out, fd.name).extend(value)
-        elif fd.type == fd.TYPE_MESSAGE:
-            getattr(out, fd.name).CopyFrom(value)
-        else:
-            setattr(out, fd.name, value)
-    return out
-
-
-#: ORT graph optimisation levels by name (``session_options(opt_level=...)``)
-OPT_LEVELS = ("disable", "basic", "extended", "all")
-
-
-def session_options(threads: int | None = None, spinning: bool | None = None, opt_level: str = "all",
-                    mem_pattern: bool = True, cpu_arena: bool = True):
-    """The SessionOptions every session here uses: ``threads`` intra-op threads (None: ORT's
-    default, one per core), ``spinning`` (None: ORT's default, on; False stops idle worker
-    threads busy-waiting, which on a shared machine steals the cores other runs need),
-    graph optimisation ``opt_level`` (one of OPT_LEVELS; ORT's default ``all``), memory
-    pattern and CPU arena (ORT's defaults, on)."""
-    ort = import_ort()
-    if opt_level not in OPT_LEVELS:
-        raise ExciteError(f"graph optimisation level {opt_level!r}: expected one of {', '.join(OPT_LEVELS)}")
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    if spinning is not None:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    level = ort.GraphOptimizationLevel
-    opts.graph_optimization_level = {"disable": level.ORT_DISABLE_ALL, "basic": level.ORT_ENABLE_BASIC,
-                                     "extended": level.ORT_ENABLE_EXTENDED, "all": level.ORT_ENABLE_ALL}[opt_level]
-    opts.enable_mem_pattern = mem_pattern
-    opts.enable_cpu_mem_arena = cpu_arena
-    opts.log_severity_level = 3
-    return opts
-
-
-def describe_session_options(opts) -> dict[str, object]:
-    """What a SessionOptions holds, for reports (``bench`` prints it)."""
-    def entry(key, default):
-        try:
-            return opts.get_session_config_entry(key) or default
-        except Exception:  # not set
-            return default
-
-    return {"graph_optimization_level": str(opts.graph_optimization_level).split(".")[-1],
-            "intra_op_num_threads": opts.intra_op_num_threads or "ORT default (one per core)",
-            "allow_spinning": entry("session.intra_op.allow_spinning", "1 (ORT default)"),
-            "enable_mem_pattern": opts.enable_mem_pattern, "enable_cpu_mem_arena": opts.enable_cpu_mem_arena}
 
 
 def make_session(model, providers: Sequence[str] | None = None, threads: int | None = None, options=None):
@@ -128,11 +30,9 @@ def make_session(model, providers: Sequence[str] | None = None, threads: int | N
     try:
         if isinstance(model, (bytes, bytearray)):
             return ort.InferenceSession(model, sess_options=opts, providers=provs)
-        if proto_size(model) < PROTOBUF_LIMIT:
+        if fits_in_one_file(model):
             return ort.InferenceSession(model.SerializeToString(), sess_options=opts, providers=provs)
         import tempfile
-
-        from ..graph.builder import save_external
 
         with tempfile.TemporaryDirectory(prefix="onnx-excite-") as tmp:
             path = f"{tmp}/model.onnx"
@@ -215,25 +115,22 @@ class Exciter:
     the default model; other models have none and need ``layers``).
     """
 
-    def __init__(self, model, layers: Sequence[str] | None = None, methods: Sequence[str] = DEFAULT_METHODS, rule: str = "positive",
-                 providers: Sequence[str] | None = None, channels: bool = False, classifier: str | None = None,
-                 logits: str | None = None, input_shapes: Mapping | None = None, threads: int | None = None,
-                 diagnostics: bool = False, output: str | None = None, device: str | None = None,
-                 io_binding: bool | None = None, share_adjoints: bool | Sequence[str] = WEIGHT_BOUND):
-        """``device`` (cpu / cuda / auto) picks the providers unless ``providers`` are given;
+    def __init__(self, model, layers: Sequence[str] | None = None, methods: Sequence[str] | None = None, *,
+                 options: BuildOptions | None = None, device: str | None = None, providers: Sequence[str] | None = None,
+                 threads: int | None = None, io_binding: bool | None = None, **fields):
+        """The build's settings are a :class:`~onnx_excite.graph.options.BuildOptions` (``options``),
+        ``layers``, ``methods`` and keyword ``fields`` replacing what it holds (as for
+        :func:`~onnx_excite.graph.builder.build_excitation_model`; ``share_adjoints`` batches the
+        adjoint convs / Gemms that several methods' sweeps apply with one weight).
+        ``device`` (cpu / cuda / auto) picks the providers unless ``providers`` are given;
         asking for CUDA where it cannot run raises :class:`~onnx_excite.run.devices.DeviceUnavailableError`.
-        ``io_binding`` (default: on when CUDA runs) keeps inputs and outputs on the device.
-        ``share_adjoints`` batches the adjoint convs / Gemms that several methods' sweeps apply
-        with one weight (see :func:`~onnx_excite.graph.builder.build_excitation_model`)."""
-        from onnx_excite.models.default import layers_or_default
+        ``io_binding`` (default: on when CUDA runs) keeps inputs and outputs on the device."""
+        from onnx_excite.models.resolve import resolve_model   # models/ joins the package after this module
 
-        from .devices import check_providers, providers_for
-
-        layers = layers_or_default(model, layers)
-        self.built: ExcitationModel = build_excitation_model(
-            model, layers, methods=methods, rule=rule, channels=channels, classifier=classifier,
-            logits=logits if logits is not None else output, input_shapes=input_shapes, diagnostics=diagnostics,
-            share_adjoints=share_adjoints)
+        opts = BuildOptions.of(options, layers, methods, **fields)
+        resolved = resolve_model(model)
+        opts = replace(opts, layers=resolved.layers(opts.layers))
+        self.built: ExcitationModel = build_excitation_model(resolved.model, options=opts)
         requested = list(providers) if providers else (providers_for(device) if device else None)
         self.session = make_session(self.built.model, requested, threads)
         if providers or device == "cuda":   # auto may end up on the CPU: the providers line says so
@@ -274,8 +171,6 @@ class Exciter:
         try:
             if self.io_binding:
                 if getattr(self, "_bound", None) is None:
-                    from .devices import BoundRunner
-
                     self._bound = BoundRunner(self.session, self._outputs)
                 values = self._bound(feeds)
             else:

@@ -103,10 +103,11 @@ class ModelSpec:
 
 def model_spec(model: str, layers, methods: Sequence[str], rule: str, protocol: str, size: int,
                logits: Optional[str] = None, device: str = "auto") -> ModelSpec:
-    from ..explain import resolve_model
+    from onnx_excite.models.resolve import resolve_model
 
     name = str(model)
-    source, p = resolve_model(name)
+    resolved = resolve_model(name, fully_conv=True)
+    source, p = resolved.model, resolved.profile
     layers = list(layers or p.default_layers or ([DEFAULT_MODEL_LAYER] if name == "default" else []))
     if not layers and methods:
         raise ExciteError("no layer given and the model has no default: pass layers=[...] "

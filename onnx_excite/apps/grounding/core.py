@@ -75,7 +75,7 @@ class Grounder:
                  layer: str | None = None, size: int | None = 300, gamma: float = 0.5, nms_iou: float = 0.7,
                  rule: str = "positive", providers: Sequence[str] | None = None, batch_size: int = 16,
                  cache_size: int = 4, weights: str = "predicted"):
-        from ..explain import resolve_model
+        from onnx_excite.models.resolve import resolve_model
 
         if not 0.0 <= gamma <= 1.0:
             raise ExciteError(f"gamma must be in [0, 1], not {gamma}")
@@ -84,7 +84,8 @@ class Grounder:
         if size is not None and size < 32:
             raise ExciteError(f"image size {size} is too small (at least 32 pixels)")
         self.model_name = model
-        self.model, self.profile = resolve_model(model)
+        resolved = resolve_model(model, fully_conv=True)
+        self.model, self.profile = resolved.model, resolved.profile
         self.layer = layer or (self.profile.default_layers[0] if self.profile.default_layers else None)
         if self.layer is None:
             raise ExciteError("no layer given and the model has no profile default: pass --layer "

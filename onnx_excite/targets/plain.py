@@ -1,4 +1,4 @@
-"""Serving artefacts: post-processing of a built companion model for production runtimes.
+"""The plain serving model: post-processing of a built companion model for production runtimes.
 
 * the signal inside the graph (``top1`` / ``topk:K``): ``TopK`` on the logits, ``OneHot``
   -> the signal, so a client sends only the image and gets back the predicted classes,
@@ -8,12 +8,12 @@
   normalised inside the graph: ``max`` divides each map by its largest absolute value,
   ``sum`` by the sum of absolute values (a map that is 0 everywhere stays 0);
 * a symbolic batch dimension for a model exported with a fixed batch of 1, when no
-  Reshape has the batch size baked in;
-* the forward converted to float16 (onnxconverter-common), the excitation branch in float32;
-* a Triton Inference Server model repository folder (``config.pbtxt`` + ``1/model.onnx``).
+  Reshape has the batch size baked in.
 
 Everything here rewrites a copy of :class:`~onnx_excite.graph.builder.ExcitationModel`'s graph;
-the builder itself is untouched.
+the builder itself is untouched. As a deployment target (:mod:`onnx_excite.targets.export`) it
+makes the batch dynamic before the build, rewrites the built model into the serving form
+where the options ask for it, and writes the ``-o`` file.
 """
 from __future__ import annotations
 
@@ -21,17 +21,17 @@ import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..errors import ExciteError
 from ..graph.builder import ExcitationModel
 from ..graph.canonicalize import default_opset, load_model
-from ..errors import ExciteError
 from ..graph.emitter import Emitter
-from ..graph.share import WEIGHT_BOUND
+from ..io.modelfile import save_model
+from ..run.runtime import make_session
 
 SIGNALS = ("input", "top1", "topk:K")
 MAP_SIZES = ("layer", "input")
@@ -144,48 +144,6 @@ def make_batch_dynamic(model) -> tuple[onnx.ModelProto, str]:
             dims[0].dim_param = "N"
     del proto.graph.value_info[:]   # inferred again, now with a symbolic batch
     return proto, f"batch dimension made dynamic (was fixed at {batch})"
-
-
-# ---------------------------------------------------------------------------
-# float16 forward
-# ---------------------------------------------------------------------------
-def forward_to_float16(model) -> onnx.ModelProto:
-    """The model with its forward in float16 (inputs and outputs stay float32).
-
-    Uses onnxconverter-common's float16 converter (the optional extra ``fp16``); the
-    excitation branch built on it casts activations back to float32.
-    """
-    try:
-        from onnxconverter_common import float16
-    except ImportError:
-        raise ExciteError("--fp16 needs onnxconverter-common: pip install 'onnx-excite[fp16]'") from None
-    proto = load_model(model)
-    first = proto.graph.input[0].type.tensor_type.elem_type if proto.graph.input else TensorProto.FLOAT
-    if first != TensorProto.FLOAT:
-        raise ExciteError(f"--fp16 converts float32 models; this one's input is {TensorProto.DataType.Name(first).lower()}")
-    from ..graph.canonicalize import OUTPUT_SQUASHERS, name_nodes
-
-    proto = name_nodes(proto)
-    # the final Softmax (or kin) stays float32, so the logits below it are found as usual
-    outputs = {o.name for o in proto.graph.output}
-    keep = [n.name for n in proto.graph.node if n.op_type in OUTPUT_SQUASHERS and set(n.output) & outputs]
-    import warnings
-
-    with warnings.catch_warnings():   # "float32 number ... truncated": expected for tiny weights
-        warnings.simplefilter("ignore", UserWarning)
-        half = float16.convert_float_to_float16(proto, keep_io_types=True, node_block_list=keep)
-    # the converter casts a blocked node's output back to float16, also at a graph output:
-    # such an output is read from the float32 node directly
-    producer = {o: n for n in half.graph.node for o in n.output}
-    for out in half.graph.output:
-        cast = producer.get(out.name)
-        if (out.type.tensor_type.elem_type == TensorProto.FLOAT16 and cast is not None and cast.op_type == "Cast"
-                and producer.get(cast.input[0]) is not None and producer[cast.input[0]].name in keep):
-            src = producer[cast.input[0]]
-            src.output[0] = out.name
-            half.graph.node.remove(cast)
-            out.type.tensor_type.elem_type = TensorProto.FLOAT
-    return half
 
 
 # ---------------------------------------------------------------------------
@@ -410,8 +368,6 @@ def _describe(res: ServingModel, outputs: list[str], known: dict) -> None:
     _set_outputs(model, res.outputs)
     static = all(s.dims is not None and all(d is not None for d in s.dims[1:]) for s in res.inputs)
     if static:   # one run at batch 1 gives every output's exact dims (and checks the graph runs)
-        from ..run.runtime import make_session
-
         session = make_session(model, ["CPUExecutionProvider"])
         feeds = {s.name: np.zeros([1] + s.dims[1:], helper.tensor_dtype_to_np_dtype(s.elem_type)) for s in res.inputs}
         try:
@@ -430,116 +386,49 @@ def _set_outputs(model: onnx.ModelProto, specs: list[TensorSpec]) -> None:
             s.name, s.elem_type, [("N" if i == 0 else None) if d is None else d for i, d in enumerate(s.dims)]))
 
 
-# ---------------------------------------------------------------------------
-# Triton model repository
-# ---------------------------------------------------------------------------
-TRITON_TYPES = {TensorProto.FLOAT: "TYPE_FP32", TensorProto.FLOAT16: "TYPE_FP16", TensorProto.DOUBLE: "TYPE_FP64",
-                TensorProto.INT64: "TYPE_INT64", TensorProto.INT32: "TYPE_INT32", TensorProto.UINT8: "TYPE_UINT8",
-                TensorProto.INT8: "TYPE_INT8", TensorProto.BOOL: "TYPE_BOOL", TensorProto.BFLOAT16: "TYPE_BF16"}
-
-
-def _tensor_block(specs: list[TensorSpec], batched: bool) -> str:
-    rows = []
-    for s in specs:
-        if s.elem_type not in TRITON_TYPES:
-            raise ExciteError(f"tensor {s.name!r}: element type {s.elem_type} has no Triton data type")
-        dims = s.dims[1:] if batched else s.dims
-        dims_text = ", ".join("-1" if d is None else str(d) for d in dims)
-        rows.append(f'  {{\n    name: "{s.name}"\n    data_type: {TRITON_TYPES[s.elem_type]}\n    dims: [ {dims_text} ]\n  }}')
-    return ",\n".join(rows)
-
-
-def triton_config(serving: ServingModel, name: str, max_batch_size: int = 32, instances: int = 1,
-                  queue_delay_us: int = 100) -> str:
-    """``config.pbtxt`` for Triton's onnxruntime backend (text format of Triton's ModelConfig).
-
-    With a dynamic batch the first dim is left to Triton (``max_batch_size`` > 0, dims
-    without it) and requests are batched dynamically; with a fixed batch of 1,
-    ``max_batch_size`` is 0 and the dims are the full shapes.
-    """
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ExciteError(f"Triton model name {name!r}: use letters, digits, '_', '.', '-'")
-    batched = all(s.dims and s.dims[0] is None for s in serving.inputs + serving.outputs)
-    if max_batch_size < 1:
-        raise ExciteError("--max-batch-size must be at least 1")
-    lines = [f'name: "{name}"', 'platform: "onnxruntime_onnx"', f"max_batch_size: {max_batch_size if batched else 0}"]
-    if batched:
-        lines.append(f"dynamic_batching {{\n  max_queue_delay_microseconds: {queue_delay_us}\n}}")
-    lines.append("input [\n" + _tensor_block(serving.inputs, batched) + "\n]")
-    lines.append("output [\n" + _tensor_block(serving.outputs, batched) + "\n]")
-    lines.append(f"instance_group [\n  {{\n    count: {instances}\n    kind: KIND_GPU\n  }}\n]")
-    lines.append("""# Optional accelerators: uncomment ONE block (each parses with Triton's ModelConfig); measure first.
-# [cuda-graphs] CUDA graphs (static input shapes only):
-# optimization { cuda { graphs: true } }
-# [tensorrt] TensorRT for the subgraphs it supports, in float16:
-# optimization { execution_accelerators {
-#   gpu_execution_accelerator : [ {
-#     name : "tensorrt"
-#     parameters { key: "precision_mode" value: "FP16" }
-#     parameters { key: "max_workspace_size_bytes" value: "1073741824" } } ]
-# } }""")
-    if serving.notes:
-        lines.insert(0, "\n".join(f"# {n}" for n in serving.notes))
-    return "\n".join(lines) + "\n"
-
-
-def write_triton_repository(serving: ServingModel, root, name: str, max_batch_size: int = 32,
-                            instances: int = 1) -> Path:
-    """``root/<name>/config.pbtxt`` and ``root/<name>/1/model.onnx``; returns the model folder."""
-    folder = Path(root) / name
-    (folder / "1").mkdir(parents=True, exist_ok=True)
-    config = triton_config(serving, name, max_batch_size, instances)
-    onnx.save(serving.model, str(folder / "1" / "model.onnx"))
-    (folder / "config.pbtxt").write_text(config)
-    return folder
 
 
 # ---------------------------------------------------------------------------
-# the export pipeline
+# the plain target
 # ---------------------------------------------------------------------------
-@dataclass
-class Export:
-    built: ExcitationModel
-    serving: ServingModel | None      # None: the plain companion model (today's export)
-    notes: list[str]
-
-    @property
-    def model(self) -> onnx.ModelProto:
-        return self.serving.model if self.serving is not None else self.built.model
-
-
-def export_model(model, layers, methods=("mwp",), rule: str = "positive", channels: bool = False,
-                 input_shapes=None, signal: str = "input", map_size: str = "layer", resize: str = "bilinear",
-                 normalize: str = "none", fp16: bool = False, dynamic_batch: bool = True,
-                 serving: bool = False, logits: str | None = None,
-                 share_adjoints: bool | Sequence[str] = WEIGHT_BOUND) -> Export:
-    """Build the companion model of ``model`` and post-process it for deployment.
-
-    Order: dynamic batch (when safe) -> float16 forward -> build -> signal/maps rewrite.
-    The plain companion model (signal input, layer-size maps, no normalisation) is kept as
-    built unless ``serving`` asks for the serving form (clean output names, pruned graph).
-    """
-    from ..graph.builder import build_excitation_model
-
-    parse_signal(signal)
-    _choice(map_size, MAP_SIZES, "map size")
-    _choice(resize, RESIZE, "resize mode")
-    _choice(normalize, NORMALIZE, "normalization")
-    notes = []
-    proto = load_model(model)
-    if dynamic_batch:
-        proto, note = make_batch_dynamic(proto)
-        notes += [note] if note else []
-    if fp16:
-        proto = forward_to_float16(proto)
-        notes.append("forward converted to float16 (inputs/outputs float32); excitation branch in float32")
-    built = build_excitation_model(proto, layers, methods=methods, rule=rule, channels=channels,
-                                   input_shapes=input_shapes, logits=logits, share_adjoints=share_adjoints)
-    plain = parse_signal(signal) == 0 and map_size == "layer" and normalize == "none" and not serving
-    if plain:
-        return Export(built, None, notes)
-    if channels:
+def check_options(options) -> None:
+    """The signal, map size, resize and normalisation names, and ``channels`` only for the
+    plain companion model: before anything is loaded or built."""
+    parse_signal(options.signal)
+    _choice(options.map_size, MAP_SIZES, "map size")
+    _choice(options.resize, RESIZE, "resize mode")
+    _choice(options.normalize, NORMALIZE, "normalization")
+    if options.build.channels and options.serving_form:
         raise ExciteError("--channels is for the plain companion model; drop it with --signal/--map-size/--normalize/--serving")
-    res = make_serving_model(built, signal=signal, map_size=map_size, resize=resize, normalize=normalize)
-    res.notes = notes
-    return Export(built, res, notes)
+
+
+def wanted(options) -> bool:
+    return True
+
+
+def prepare(model: onnx.ModelProto, options) -> tuple[onnx.ModelProto, list[str]]:
+    """The fixed batch made dynamic where that is safe (``options.dynamic_batch``)."""
+    if not options.dynamic_batch:
+        return model, []
+    model, note = make_batch_dynamic(model)
+    return model, [note] if note else []
+
+
+def finish(result, options) -> None:
+    """The serving form of the built model where ``options.serving_form`` asks for it; the
+    plain companion model (signal input, layer-size maps) stays as built otherwise."""
+    if options.serving_form:
+        result.serving = make_serving_model(result.built, signal=options.signal, map_size=options.map_size,
+                                            resize=options.resize, normalize=options.normalize)
+        result.serving.notes = result.notes
+
+
+def write(result, path: Path | None, options) -> list[Path]:
+    """The model, to ``path`` (``-o``) when one is given."""
+    if path is None:
+        return []
+    try:
+        save_model(result.model, path)
+    except OSError as exc:
+        raise ExciteError(f"-o {path}: cannot write ({exc.strerror or type(exc).__name__})") from None
+    return [path]
