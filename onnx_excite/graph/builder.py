@@ -32,7 +32,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .canonicalize import (ForwardGraph, LogitsChoice, canonicalize, default_opset, expose_maxpool_indices, folded_message,
+from .forward import ForwardGraph
+from .canonicalize import (LogitsChoice, canonicalize, default_opset, expose_maxpool_indices, folded_message,
                            infer_shapes)
 from ..methods import DEFAULT_METHODS, METHODS, get_method
 from ..errors import ExciteError, UnsupportedModelError

@@ -16,7 +16,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .canonicalize import _shape_of, infer_shapes
+from .canonicalize import infer_shapes
+from .forward import shape_of
 from .index import GraphIndex
 from .index import attrs as _attrs
 
@@ -29,7 +30,7 @@ def convert_dense_head(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     g = model.graph
     index = GraphIndex(g)
     consts, consumers = index.initializers, index.consumers
-    shapes = {vi.name: _shape_of(vi) for vi in list(g.value_info) + list(g.input)}
+    shapes = {vi.name: shape_of(vi) for vi in list(g.value_info) + list(g.input)}
     outputs = set(index.outputs)
     for flat in g.node:
         if flat.op_type != "Flatten" or _attrs(flat).get("axis", 1) != 1:

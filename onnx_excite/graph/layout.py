@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .canonicalize import ForwardGraph
+from .forward import ForwardGraph
 from .index import attr
 
 #: ops whose first input and output are NCHW (channels at axis 1)

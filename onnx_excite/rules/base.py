@@ -32,7 +32,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 import onnx
 
-from ..graph.canonicalize import ForwardGraph
+from ..graph.forward import ForwardGraph
 from ..graph.emitter import Emitter
 from ..graph.index import attr, implicit_inputs  # noqa: F401  (attr is re-exported for the rule modules)
 
@@ -89,7 +89,7 @@ NONNEG_WITHOUT_RULE = ("Softmax", "Exp", "Abs")
 def proves_nonneg(graph: ForwardGraph, name: str) -> bool:
     """True where the tensor is provably >= 0 for every input: a non-negative constant,
     or the output of an op whose rule ``keeps_nonneg`` with non-negative data inputs."""
-    memo = graph._nonneg
+    memo = graph.memo.setdefault("nonneg", {})
     if name not in memo:
         memo[name] = False  # a DAG has no cycles; this guards the recursion anyway
         memo[name] = _prove(graph, name)
