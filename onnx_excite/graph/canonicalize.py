@@ -25,14 +25,19 @@ from ..errors import ExciteError
 from .forward import ForwardGraph, shape_of
 from .index import GraphIndex, all_inputs, attr, attrs
 
+
+def has_role(node: onnx.NodeProto, role: str) -> bool:
+    """Whether the op's declaration (:mod:`onnx_excite.rules`) has ``role``."""
+    from ..rules import has_role as declared_role   # imported late: the rules import this package
+
+    return declared_role(node, role)
+
 #: The companion graph is emitted in this opset range (CUDA kernels lag newer ones).
 MIN_OPSET, MAX_OPSET = 17, 20
 MAX_IR_VERSION = 10
 
 #: Ops that turn logits into probabilities at the end of a classifier: the
 #: signal enters at their input.
-OUTPUT_SQUASHERS = {"Softmax", "LogSoftmax", "Sigmoid"}
-_SHAPE_ONLY = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Dropout"}
 
 
 # ---------------------------------------------------------------------------
@@ -302,7 +307,6 @@ def ceil_pools_to_pads(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 #: the element-wise ops :func:`fold_affine` folds into a Conv or dense layer
-_AFFINE_OPS = ("Mul", "Div", "Add", "Sub")
 #: metadata key prefix under which the folding passes record the tensor names they remove
 #: (read and dropped by :func:`make_view`, which puts them in ``ForwardGraph.folded``)
 FOLDED_KEY = "onnx_excite.folded:"
@@ -485,7 +489,14 @@ def _batchnorm_affine(bn: onnx.NodeProto, index: GraphIndex, units: int) -> tupl
     gamma, beta, mean, var = (index.array(p).astype(np.float64).reshape(-1) for p in params)
     if any(v.shape != (units,) for v in (gamma, beta, mean, var)):
         return None
-    scale = gamma / np.sqrt(var + attr(bn, "epsilon", 1e-5))
+    return batchnorm_affine(gamma, beta, mean, var, attr(bn, "epsilon", 1e-5))
+
+
+def batchnorm_affine(gamma, beta, mean, var, epsilon) -> tuple[np.ndarray, np.ndarray]:
+    """(s, t) of inference BatchNormalization y = s x + t: s = gamma / sqrt(var + eps),
+    t = beta - mean s (float64 in, float64 out). The fold pass and the rule of an unfolded
+    BatchNormalization both use it."""
+    scale = gamma / np.sqrt(var + epsilon)
     return scale, beta - mean * scale
 
 
@@ -566,7 +577,7 @@ def fold_affine(model: onnx.ModelProto) -> onnx.ModelProto:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or index.consumer_count(node.output[0]) != 1:
             continue
         first = index.consumers.get(node.output[0], [None])[0]
-        if first is None or first.op_type not in _AFFINE_OPS + ("BatchNormalization",):
+        if first is None or not (has_role(first, "affine") or first.op_type == "BatchNormalization"):
             continue
         layer = _UnitAffineLayer.of(node, index, ranks)
         if layer is None:
@@ -584,7 +595,7 @@ def fold_affine(model: onnx.ModelProto) -> onnx.ModelProto:
                 chain.append(op)
                 out = op.output[0]
                 continue
-            if op.op_type not in _AFFINE_OPS or op.domain not in ("", "ai.onnx") or len(op.input) != 2:
+            if not has_role(op, "affine") or len(op.input) != 2:
                 break
             if op.input[0] == out and op.input[1] != out:
                 other, x_first = op.input[1], True
@@ -813,9 +824,9 @@ class LogitsChoice:
 def _below_squashers(index: GraphIndex, name: str) -> tuple[str, bool]:
     """(the tensor below trailing Softmax/LogSoftmax/Sigmoid and shape-only ops, whether one was passed)."""
     t, node, squashed = name, index.producer.get(name), False
-    while node is not None and node.op_type in OUTPUT_SQUASHERS | _SHAPE_ONLY:
+    while node is not None and (has_role(node, "squasher") or has_role(node, "shape-only")):
         t = node.input[0]
-        if node.op_type in OUTPUT_SQUASHERS:
+        if has_role(node, "squasher"):
             name, squashed = t, True
         node = index.producer.get(t)
     return name, squashed

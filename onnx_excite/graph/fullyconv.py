@@ -21,7 +21,15 @@ from .forward import shape_of
 from .index import GraphIndex
 from .index import attrs as _attrs
 
-_ELEMENTWISE = {"Relu", "Dropout", "Identity", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "Elu", "Gelu"}
+
+
+def _activation(node) -> bool:
+    """An element-wise activation (or Identity/Dropout) by its declaration: it works on the
+    (N, C, 1, 1) score map as on the (N, C) features it replaces."""
+    from ..rules import declared   # imported late: the rules import this package's modules
+
+    rule = declared(node.op_type, node.domain)
+    return rule is not None and rule.layout == "elementwise" and rule.family in ("rectifier", "activation", "identity")
 
 
 def convert_dense_head(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
@@ -44,7 +52,7 @@ def convert_dense_head(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
             node = consumers[t][0]
             if node.op_type == "Gemm" and node.input[1] in consts and not _attrs(node).get("transA", 0):
                 chain.append(node)
-            elif node.op_type in _ELEMENTWISE and node.input[0] == t:
+            elif _activation(node) and node.input[0] == t:
                 chain.append(node)
             else:
                 break
