@@ -8,6 +8,8 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
+from onnx_excite.methods import BASELINES, method_help
+
 from .app import _logits_option, app, err, friendly, out
 from .ray_options import ACTORS, CPUS, GPUS, RAY, RAY_BATCH, print_run_summary, ray_settings
 
@@ -95,9 +97,8 @@ _DATA = typer.Option(..., "--data", help="dataset folder (VOC layout) or COCO in
 _FMT = typer.Option("voc", "--format", help="voc or coco")
 _MODEL = typer.Option("default", "--model", help="ONNX classifier or 'default'")
 _METHODS = typer.Option("cmwp,mwp,center", "--methods",
-                        help="comma-separated attention methods (see `onnx-excite methods`: mwp, cmwp, grad, deconv, "
-                             "guided, lrp-epsilon, lrp-zplus, cam, c-grad, c-deconv, c-cam, cmwp-nonorm, "
-                             "cmwp-postnorm) and/or the center baseline")
+                        help=f"comma-separated attention methods (see `onnx-excite methods`: {method_help()}) "
+                             f"and/or the {', '.join(BASELINES)} baseline")
 _BLUR = typer.Option(True, "--blur/--no-blur",
                      help="the paper's Gaussian blur (sigma = 0.02 max(W, H)) of grad/deconv/guided/LRP maps before scoring")
 _LAYER = typer.Option(None, "--layer", "-l", help="map layer (default: the model profile's)")

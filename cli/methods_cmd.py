@@ -24,8 +24,5 @@ def methods(detail: bool = typer.Option(False, "--detail", "-d",
     else:
         for row in rows:
             out.print(f"{row['method']}: {row['description']}", markup=False)
-            for key in ("linear", "pool", "add", "relu", "top", "dual", "map", "blur", "mass", "layers", "runnable"):
+            for key in ("linear", "pool", "add", "relu", "top", "dual", "map", "blur", "mass", "layers"):
                 out.print(f"    {key:7s} {row[key]}", markup=False)
-    waiting = [row["method"] for row in rows if row["runnable"] == "no"]
-    if waiting:
-        out.print(f"declared, not yet run by explain/eval/bench: {', '.join(waiting)}", markup=False, soft_wrap=True)

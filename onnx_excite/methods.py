@@ -24,6 +24,16 @@ the logits s, adj = transpose of the bias-free layer, e.g. ConvTranspose for Con
 * ``relu``: the gate at a rectifier (Relu; Clip/ReLU6 with the mask [lo < x < hi]):
   ``forward-mask`` (P * [x > 0], the gradient), ``backward-relu`` (max(P, 0), deconvnet),
   ``both`` (guided backprop) or ``none``.
+* ``activation``: smooth activations (Sigmoid, Tanh, HardSwish, LRN ...) ``pass`` P or apply
+  their declared ``derivative`` (grad, guided).
+* ``arithmetic``: Mul by a gate, Sub and Div by a constant, Mean: ``excitation`` (a gate or a
+  constant is a per-element scale, P goes to the features) or ``chain-rule`` (the gradient:
+  the product rule at Mul, -P for ``c - x``, P / c, P / n).
+
+A method is a map from op family to its entry: :meth:`Method.variant` returns the entry of
+a family (``linear``, ``pool``, ``add``, ``rectifier``, ``activation``, ``arithmetic``);
+each op declares its family (:mod:`onnx_excite.rules`), and a rule asks for that entry,
+never for the method.
   MaxPool routes P to the first maximum of each window in every method; reshapes, Concat,
   Identity/Dropout move P unchanged.
 * ``top``: the signal entering at the logits: ``signal`` (e) or ``score`` (e * s, LRP).
@@ -48,7 +58,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
-from typing import Iterable, Optional, Tuple
+from typing import Optional, Tuple
 
 from .errors import ExciteError
 
@@ -59,6 +69,8 @@ WEIGHTS = ("W", "W+", "W-", "1")
 NORMALISATIONS = ("none", "Z", "Z+eps")
 BIASES = ("ignored", "in-Z")
 GATES = ("forward-mask", "backward-relu", "both", "none")
+ACTIVATIONS = ("pass", "derivative")
+ARITHMETIC = ("excitation", "chain-rule")
 TOPS = ("signal", "score")
 DUALS = ("none", "difference", "separate")
 REDUCTIONS = ("sum", "abs-max")
@@ -67,7 +79,8 @@ LAYERS = ("any", "last-feature-map")
 
 LRP_EPSILON = 1e-6  # relative: eps_i = 1e-6 * max |z| over the node's outputs of the sample
 
-RULE_PARTS = {  # the excitation rules of --rule (onnx_excite.rules)
+#: the excitation rules of ``--rule``: the one table of them (``rules.RULE_CHOICES`` is its keys)
+RULE_PARTS = {
     "positive": (("a+", "W+"), ("a-", "W-")),   # z_ij = (a_j W_ij)+
     "paper": (("a", "W+"),),                    # z_ij = a_j W+_ij
 }
@@ -124,6 +137,9 @@ class Method:
     pool: RuleVariant
     add: RuleVariant
     relu: str
+    activation: str = "pass"
+    arithmetic: str = "excitation"
+    display: str = ""               # the name in captions and tables (default: ``name``)
     top: str = "signal"
     dual: str = "none"
     reduce: str = "sum"
@@ -133,15 +149,28 @@ class Method:
     layers: str = "any"
 
     def __post_init__(self):
-        for value, allowed in ((self.relu, GATES), (self.top, TOPS), (self.dual, DUALS),
+        for value, allowed in ((self.relu, GATES), (self.activation, ACTIVATIONS), (self.arithmetic, ARITHMETIC),
+                               (self.top, TOPS), (self.dual, DUALS),
                                (self.reduce, REDUCTIONS), (self.mass, MASSES), (self.layers, LAYERS)):
             if value not in allowed:
                 raise ValueError(f"method {self.name!r}: {value!r} is not one of {allowed}")
 
     @property
+    def label(self) -> str:
+        return self.display or self.name
+
+    def variant(self, family: str):
+        """The entry of the method's map for an op family (see the module docstring)."""
+        entries = {"linear": self.linear, "pool": self.pool, "add": self.add, "rectifier": self.relu,
+                   "activation": self.activation, "arithmetic": self.arithmetic}
+        if family not in entries:
+            raise ValueError(f"no method entry for op family {family!r}")
+        return entries[family]
+
+    @property
     def sweep_key(self) -> tuple:
         """Methods with equal keys have the same target sweep (they differ only after it)."""
-        return (self.linear, self.pool, self.add, self.relu, self.top)
+        return (self.linear, self.pool, self.add, self.relu, self.activation, self.arithmetic, self.top)
 
     @property
     def contrastive(self) -> bool:
@@ -153,16 +182,19 @@ _SUM_RULES = dict(pool=EXCITATION, add=EXCITATION)
 
 def _gradient_family(name, relu, description, dual="none"):
     """grad, deconv, guided and their contrastive variants: pixel-level maps, all blurred
-    (the paper blurs grad/deconv/guided; their contrastive maps are as noisy)."""
-    return Method(name, description, linear=GRADIENT, pool=GRADIENT, add=GRADIENT, relu=relu, dual=dual,
-                  reduce="abs-max", clip=dual != "none", mass="none" if dual == "none" else "zero", blur=True)
+    (the paper blurs grad/deconv/guided; their contrastive maps are as noisy). Smooth
+    activations apply their derivative where the gate includes the forward mask."""
+    activation = "derivative" if relu in ("forward-mask", "both") else "pass"
+    return Method(name, description, linear=GRADIENT, pool=GRADIENT, add=GRADIENT, relu=relu, activation=activation,
+                  arithmetic="chain-rule", dual=dual, reduce="abs-max", clip=dual != "none",
+                  mass="none" if dual == "none" else "zero", blur=True)
 
 
 METHODS: dict = {m.name: m for m in (
     Method("mwp", "Marginal Winning Probability (Excitation Backprop)", linear=EXCITATION, relu="none",
-           **_SUM_RULES),
+           display="MWP", **_SUM_RULES),
     Method("cmwp", "contrastive MWP: target minus negated classifier at its input, propagated",
-           linear=EXCITATION, relu="none", dual="difference", clip=True, mass="zero", **_SUM_RULES),
+           linear=EXCITATION, relu="none", display="c-MWP", dual="difference", clip=True, mass="zero", **_SUM_RULES),
     _gradient_family("grad", "forward-mask",
                      "gradient of the target score; max |g| over channels"),
     _gradient_family("deconv", "backward-relu",
@@ -174,15 +206,15 @@ METHODS: dict = {m.name: m for m in (
     Method("lrp-zplus", "LRP alpha1-beta0 (z+ rule, bias ignored)", linear=ZPLUS, pool=ZPLUS, add=ZPLUS,
            relu="none", top="score", mass="score", blur=True),
     Method("cam", "class activation map: class weights times the last feature map (GAP + linear heads)",
-           linear=GRADIENT, pool=CAM_POOL, add=GRADIENT, relu="none", mass="none",
-           layers="last-feature-map"),
+           linear=GRADIENT, pool=CAM_POOL, add=GRADIENT, relu="none", arithmetic="chain-rule",
+           mass="none", layers="last-feature-map"),
     _gradient_family("c-grad", "forward-mask",
                      "contrastive gradient: L1-normalised map minus dual map (all zeros, as the paper notes)",
                      dual="separate"),
     _gradient_family("c-deconv", "backward-relu",
                      "contrastive deconvnet: L1-normalised map minus dual map, clipped", dual="separate"),
     Method("c-cam", "contrastive CAM: L1-normalised CAM minus the negated classifier's, clipped",
-           linear=GRADIENT, pool=CAM_POOL, add=GRADIENT, relu="none", dual="separate", clip=True,
+           linear=GRADIENT, pool=CAM_POOL, add=GRADIENT, relu="none", arithmetic="chain-rule", dual="separate", clip=True,
            mass="none", layers="last-feature-map"),
     Method("cmwp-nonorm", "ablation: c-MWP without Z normalisation at weighted layers",
            linear=EXCITATION_UNNORMALISED, relu="none", dual="difference", clip=True, mass="none", **_SUM_RULES),
@@ -199,12 +231,6 @@ def method_names() -> tuple:
     return tuple(METHODS)
 
 
-def runnable_methods() -> tuple:
-    """The methods the companion-graph builder runs (explain, eval, bench, export): since
-    the builder consumes the declarations (issue 12, phase 2), every registered method."""
-    return tuple(METHODS)
-
-
 def get_method(name: str) -> Method:
     """The registered method ``name``; ExciteError naming the choices otherwise."""
     if name in METHODS:
@@ -214,45 +240,35 @@ def get_method(name: str) -> Method:
     raise ExciteError(f"unknown method {name!r}{hint}; choose from {', '.join(METHODS)}")
 
 
-def shared_sweeps(names: Iterable[str]) -> list:
-    """Groups of the requested methods that need one and the same target sweep (e.g. grad
-    and c-grad; mwp, cmwp-postnorm): [(sweep key, [names])], in request order."""
-    groups: dict = {}
-    for name in dict.fromkeys(names):
-        groups.setdefault(get_method(name).sweep_key, []).append(name)
-    return list(groups.items())
-
-
-def shared_linear_parts(names: Iterable[str], rule: str = "positive") -> dict:
-    """Which emitted pieces of the weighted layers several methods can share.
-
-    {("Z", parts): [methods]} - the forward sums Z = sum_parts fwd(act, weight), one per
-    (parts, layer), shared by every method normalising by the same parts (mwp, cmwp,
-    cmwp-postnorm and, with the positive rule, lrp-zplus);
-    {("adj", weight): [methods]} - the transposed layers with one weight (W, W+, W-): the
-    methods' signals can be stacked on the batch axis and sent through one ConvTranspose /
-    MatMul per layer (grad, deconv, guided, c-grad, c-deconv share adj(., W))."""
-    out: dict = {}
-    for name in dict.fromkeys(names):
-        variant = get_method(name).linear
-        parts = variant.resolve(rule)
-        if variant.normalise != "none":
-            out.setdefault(("Z", parts), []).append(name)
-        for weight in dict.fromkeys(w for _, w in parts):
-            out.setdefault(("adj", weight), []).append(name)
-    return out
-
-
 def method_table(rule: str = "positive") -> list:
     """One dict of display strings per method (for `onnx-excite methods`)."""
     if rule not in RULE_PARTS:
         raise ExciteError(f"unknown rule {rule!r}; choose from {', '.join(RULE_PARTS)}")
-    runnable = runnable_methods()
     rows = []
     for m in METHODS.values():
         final = ("max|P|" if m.reduce == "abs-max" else "sum") + (", clip" if m.clip else "")
-        rows.append({"method": m.name, "runnable": "yes" if m.name in runnable else "no", "dual": m.dual, "map": final, "blur": "yes" if m.blur else "no",
+        rows.append({"method": m.name, "dual": m.dual, "map": final, "blur": "yes" if m.blur else "no",
                      "linear": m.linear.describe(rule), "pool": m.pool.describe(rule), "add": m.add.describe(rule),
                      "relu": m.relu, "top": m.top, "mass": m.mass, "layers": m.layers,
                      "description": m.description})
     return rows
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A map that needs no model (scored beside the methods by ``eval``)."""
+
+    name: str
+    description: str
+
+
+#: baselines ``eval`` scores beside the methods
+BASELINES: dict = {b.name: b for b in (
+    Baseline("center", "no model: the image centre (pointing), a cone falling from the centre to the corners (localization)"),
+)}
+
+
+def method_help(baselines: bool = False) -> str:
+    """The method names a command accepts, for help texts."""
+    names = list(METHODS) + (list(BASELINES) if baselines else [])
+    return ", ".join(names)

@@ -1,6 +1,5 @@
 """The companion graph (Exciter, float32, ONNX Runtime) against tests/method_ref.py for every
-method the builder runs (``runnable_methods()``: mwp and cmwp today; each method phase 2 of
-issue 12 wires into the builder joins this test without an edit)."""
+registered method (a new method joins this test without an edit)."""
 import numpy as np
 import pytest
 
@@ -8,14 +7,14 @@ import method_ref as mr
 from method_nets import net, num_classes
 from onnx_excite import Exciter
 from onnx_excite.errors import ExciteError
-from onnx_excite.methods import get_method, runnable_methods
+from onnx_excite.methods import METHODS, get_method
 
 KINDS = [("residual", 0), ("signed", 1), ("concat", 2), ("resnet_block", 0), ("mobilenet_block", 1),
          ("reduce_mean", 3)]
 
 
 @pytest.mark.parametrize("kind,seed", KINDS)
-@pytest.mark.parametrize("method", runnable_methods())
+@pytest.mark.parametrize("method", list(METHODS))
 def test_builder_matches_method_ref(method, kind, seed):
     model, layers = net(kind, seed)
     if get_method(method).layers == "last-feature-map":

@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_excite.graph import canonicalize as C
+from onnx_excite.graph.forward import shape_of
 from onnx_excite.graph.index import GraphIndex, attr, implicit_inputs
 
 
@@ -195,7 +196,7 @@ def test_infer_shapes():
     m = _model([helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])],
                [_init("W", W)])
     out = C.infer_shapes(_copy(m))
-    shapes = {vi.name: C._shape_of(vi) for vi in out.graph.value_info}
+    shapes = {vi.name: shape_of(vi) for vi in out.graph.value_info}
     assert shapes["c"] == (1, 4, 7, 6) and counts(out) == counts(m)
 
 

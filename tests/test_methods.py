@@ -9,8 +9,7 @@ import method_ref as mr
 import netgen
 from onnx_excite.cli.app import app
 from onnx_excite.errors import ExciteError
-from onnx_excite.methods import (METHODS, RULE_PARTS, Method, RuleVariant, get_method, method_names,
-                                 runnable_methods, shared_linear_parts, shared_sweeps)
+from onnx_excite.methods import METHODS, RULE_PARTS, Method, RuleVariant, get_method, method_names
 from method_nets import net as _net, num_classes, reduce_mean_head
 from method_spec import interpret
 
@@ -141,20 +140,22 @@ def test_paper_post_processing_flags():
     assert get_method("cmwp").dual == get_method("cmwp-nonorm").dual == "difference"
 
 
-def test_shared_sweeps():
-    groups = dict((tuple(names), key) for key, names in shared_sweeps(["grad", "c-grad", "mwp", "cmwp-postnorm", "deconv",
-                                                                         "c-deconv", "guided", "cmwp"]))
-    assert ("grad", "c-grad") in groups and ("deconv", "c-deconv") in groups and ("guided",) in groups
-    assert ("mwp", "cmwp-postnorm", "cmwp") in groups   # the same rules; cmwp differs only at the classifier
+def test_sweep_keys_group_methods_with_one_target_sweep():
+    key = {m: get_method(m).sweep_key for m in METHODS}
+    assert key["grad"] == key["c-grad"] and key["deconv"] == key["c-deconv"]
+    assert key["mwp"] == key["cmwp-postnorm"] == key["cmwp"]   # the same rules; cmwp differs only at the classifier
+    assert len({key["grad"], key["deconv"], key["guided"], key["mwp"], key["cam"]}) == 5
 
 
-def test_shared_linear_parts():
-    plan = shared_linear_parts(["mwp", "cmwp", "lrp-zplus", "grad", "deconv", "guided", "cmwp-nonorm"])
-    assert plan[("Z", RULE_PARTS["positive"])] == ["mwp", "cmwp", "lrp-zplus"]
-    assert plan[("adj", "W")] == ["grad", "deconv", "guided"]
-    assert plan[("adj", "W+")] == ["mwp", "cmwp", "lrp-zplus", "cmwp-nonorm"]
-    paper = shared_linear_parts(["mwp", "lrp-zplus"], rule="paper")
-    assert paper[("Z", RULE_PARTS["paper"])] == ["mwp"]
+def test_a_method_is_a_map_from_op_family_to_entry():
+    mwp, grad, deconv = get_method("mwp"), get_method("grad"), get_method("deconv")
+    assert [mwp.variant(f) for f in ("rectifier", "activation", "arithmetic")] == ["none", "pass", "excitation"]
+    assert [grad.variant(f) for f in ("rectifier", "activation", "arithmetic")] == ["forward-mask", "derivative",
+                                                                                    "chain-rule"]
+    assert deconv.variant("activation") == "pass" and deconv.variant("rectifier") == "backward-relu"
+    assert mwp.variant("linear") is mwp.linear
+    with pytest.raises(ValueError):
+        mwp.variant("route")   # a family no method changes has no entry
 
 
 # ----------------------------------------------------------------------------------------
@@ -170,10 +171,6 @@ def test_methods_command_lists_every_method():
     res = runner.invoke(app, ["methods", "--detail", "--rule", "paper"])
     assert res.exit_code == 0, res.output
     assert "a W+ /Z" in res.output and "Z+eps (bias in Z)" in res.output
-    waiting = [m for m in METHODS if m not in runnable_methods()]
-    assert {"mwp", "cmwp"} <= set(runnable_methods())
-    footer = [l for l in res.output.splitlines() if l.startswith("declared, not yet run")]
-    assert footer == ([f"declared, not yet run by explain/eval/bench: {', '.join(waiting)}"] if waiting else [])
     res = runner.invoke(app, ["methods", "--rule", "nope"])
     assert res.exit_code == 2
     assert res.output.strip().splitlines() == ["error: unknown rule 'nope'; choose from positive, paper"]

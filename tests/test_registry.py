@@ -17,7 +17,7 @@ from onnx_excite import Exciter
 from onnx_excite.graph.canonicalize import canonicalize
 from onnx_excite.optable import main as optable_main
 from onnx_excite.optable import render
-from onnx_excite.rules import RULES, data_inputs, proves_nonneg, register
+from onnx_excite.rules import OPS, RULES, data_inputs, proves_nonneg, register
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -60,7 +60,60 @@ def test_docs_op_table_is_generated_from_the_registry(tmp_path):
 def test_rule_modules_are_discovered():
     modules = {m.name for m in pkgutil.iter_modules(rules_pkg.__path__)} - {"base"}
     registering = {rule.excite.__module__.rsplit(".", 1)[1] for rule in RULES.values()}
-    assert registering == modules
+    assert registering == modules - {"without_p"}   # that module declares ops that carry no P
+    assert {"Softmax", "ConvTranspose", "Exp"} <= set(OPS) - set(RULES)
+
+
+def test_one_declaration_is_all_the_tool_reads_about_an_op(monkeypatch):
+    """A new op declared once: its layout, sign, roles and family reach the layout search, the
+    non-negativity proof, the logits walk, CAM, flops and the methods' map with no other edit."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnx_excite.graph.canonicalize import canonicalize
+    from onnx_excite.graph.flops import node_flops
+    from onnx_excite.graph.layout import channel_axis
+    from onnx_excite.graph.builder import cam_feature_map
+    from onnx_excite.rules import base
+
+    for op in ("Erf", "Sink7"):   # registered below, removed again after the test
+        for table in (base.OPS, base.RULES):
+            monkeypatch.setitem(table, op, None)
+            monkeypatch.delitem(table, op)
+    seen = {}
+
+    def rule(ctx, node, p, negate=False):
+        seen["entry"] = ctx.variant("activation")
+        return {node.input[0]: p}
+
+    base.register("Erf", inputs=(0,), keeps_nonneg="always", family="activation", layout="elementwise",
+                  description="test op")(rule)
+    base.declare("Sink7", roles={"squasher"})
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])
+    w = numpy_helper.from_array(np.ones((2, 3), np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "k"], ["c"], name="conv", kernel_shape=[1, 1]),
+             helper.make_node("Erf", ["c"], ["s"], name="erf"),
+             helper.make_node("GlobalAveragePool", ["s"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "w"], ["logits"], name="fc", transB=1),
+             helper.make_node("Sink7", ["logits"], ["y"], name="sink")]
+    k = numpy_helper.from_array(np.ones((3, 3, 1, 1), np.float32), "k")
+    shapes = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in
+              (("s", ["N", 3, 4, 4]), ("g", ["N", 3, 1, 1]), ("f", ["N", 3]), ("logits", ["N", 2]))]
+    model = helper.make_model(helper.make_graph(nodes, "t", [x], [y], [w, k], value_info=shapes),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    graph = canonicalize(model)
+    from onnx_excite.graph.layout import _layout
+    assert _layout(nodes[1]) == "elementwise"
+    assert graph.entry == "logits"                       # the logits walk stops below the squasher
+    assert channel_axis(graph, "c").axis == 1
+    assert base.proves_nonneg(graph, "s")                # keeps_nonneg="always"
+    assert cam_feature_map(graph) == "s"
+    assert node_flops(nodes[0], {"x": (1, 3, 4, 4), "k": (3, 3, 1, 1), "c": (1, 3, 4, 4)}) > 0
+    from onnx_excite import build_excitation_model
+    build_excitation_model(model, ["c"], ("grad",))
+    assert seen["entry"] == "derivative"                 # the method's map entry for the op's family
 
 
 def test_registry_declarations():

@@ -17,7 +17,7 @@ from onnx_excite import build_excitation_model
 from onnx_excite.run.cuda_coverage import check_companion
 from onnx_excite.errors import ExciteError
 from onnx_excite.methods import METHODS
-from onnx_excite.graph.share import share_adjoints
+from onnx_excite.graph.share import merge_adjoints
 
 SETS = {"grad+deconv+guided": ("grad", "deconv", "guided"),
         "mwp+cmwp-postnorm": ("mwp", "cmwp-postnorm"),
@@ -181,7 +181,7 @@ def test_dependent_ops_on_one_weight_are_not_merged():
              helper.make_node("MatMul", ["z", "W"], ["c"], name="m3"),
              helper.make_node("Add", ["b", "c"], ["y"], name="add")]
     counter = iter(range(10**6))
-    new, removed = share_adjoints(nodes, {"W"}.__contains__, lambda h: f"{h}_{next(counter)}")
+    new, removed = merge_adjoints(nodes, {"W"}.__contains__, lambda h: f"{h}_{next(counter)}")
     assert removed == 1
     graph = helper.make_graph(new, "g", [helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, ["N", 4]) for t in "xz"],
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])], [_w("W", (4, 4))])
@@ -203,9 +203,9 @@ def test_ops_of_different_sites_are_not_merged():
              helper.make_node("MatMul", ["z", "W"], ["c"], name="m2")]
     counter = iter(range(10**6))
     fresh = lambda h: f"{h}_{next(counter)}"  # noqa: E731
-    _, removed = share_adjoints(nodes, {"W"}.__contains__, fresh, site=lambda n: {"m1": "layer1", "m2": "layer2"}[n.name])
+    _, removed = merge_adjoints(nodes, {"W"}.__contains__, fresh, site=lambda n: {"m1": "layer1", "m2": "layer2"}[n.name])
     assert removed == 0
-    _, removed = share_adjoints(nodes, {"W"}.__contains__, fresh, site=lambda n: "layer1")
+    _, removed = merge_adjoints(nodes, {"W"}.__contains__, fresh, site=lambda n: "layer1")
     assert removed == 1
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from onnx_excite.models.resolve import resolve_model
 
 from ..errors import ExciteError
+from ..methods import DEFAULT_METHODS
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
@@ -23,7 +24,7 @@ class ExplainOptions:
     layers: list[str] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)   # class indices or names
     top: int = 1
-    methods: tuple = ("mwp", "cmwp")
+    methods: tuple = DEFAULT_METHODS
     rule: str = "positive"
     out_dir: Path = Path("excite_out")
     size: int | None = None
@@ -433,13 +434,13 @@ class _Run:
                                "map_image": self.opts.out_dir / f"{stem}.image.npy",
                                "overlay": self.opts.out_dir / f"{stem}.png"}
                     self._check_not_input(written.values())
-                    caption = [head, f"{_METHOD_NAMES.get(method, method)} · {layer} · {self.opts.rule} rule"]
+                    caption = [head, f"{get_method(method).label} · {layer} · {self.opts.rule} rule"]
                     np.save(written["map"], m)
                     np.save(written["map_image"], up.astype(np.float16))
                     labelled_overlay(img, up, caption, self.style, v, bar_label).save(written["overlay"])
                     self.summary.written += len(written)
-                    tiles.append(([f"{_METHOD_NAMES.get(method, method)} · {layer}"], up, v))
-                    all_tiles.append(([head, f"{_METHOD_NAMES.get(method, method)} · {layer}"], up, v))
+                    tiles.append(([f"{get_method(method).label} · {layer}"], up, v))
+                    all_tiles.append(([head, f"{get_method(method).label} · {layer}"], up, v))
                     record["outputs"].append({"targets": list(classes), "label": self.label(classes),
                                               "prob": prob, "method": method, "layer": layer, "vmax": v,
                                               **{k: str(p) for k, p in written.items()}})
@@ -469,9 +470,6 @@ class _Run:
             raise ExciteError(f"an output would overwrite an input image ({Path(next(iter(paths))).name}); choose another -o")
 
 
-_METHOD_NAMES = {"mwp": "MWP", "cmwp": "c-MWP"}
-
-
 def _softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=1, keepdims=True)
     e = np.exp(z)
@@ -489,7 +487,7 @@ def sample_images() -> list[Path]:
 def run_demo(out_dir: Path, console=None, errors=None) -> tuple[ExplainSummary, Path]:
     """MWP and c-MWP overlays of the top-1 class on the default model for the bundled photos,
     plus ``summary.json`` (top-5 classes with probabilities, output paths)."""
-    opts = ExplainOptions(model="default", methods=("mwp", "cmwp"), top=1, out_dir=Path(out_dir))
+    opts = ExplainOptions(model="default", methods=DEFAULT_METHODS, top=1, out_dir=Path(out_dir))
     summary = explain_files(sample_images(), opts, console=console, errors=errors)
     path = Path(out_dir) / "summary.json"
     path.write_text(json.dumps(summary.records, indent=2))

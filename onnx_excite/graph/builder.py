@@ -31,7 +31,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .canonicalize import (ForwardGraph, LogitsChoice, canonicalize, default_opset, expose_maxpool_indices, folded_message,
+from .forward import ForwardGraph
+from .canonicalize import (LogitsChoice, canonicalize, default_opset, expose_maxpool_indices, folded_message,
                            infer_shapes)
 from ..methods import METHODS, get_method
 from ..errors import ExciteError, UnsupportedModelError
@@ -39,9 +40,9 @@ from .emitter import Emitter
 from ..io.modelfile import save_model
 from .options import BuildOptions
 from .share import WEIGHT_BOUND, shared_ops
-from .share import share_adjoints as merge_shared_ops
+from .share import merge_adjoints
 from .layout import Layout, channel_axis
-from ..rules import RULE_CHOICES, RULES, Context, data_inputs, unsupported_reason
+from ..rules import RULE_CHOICES, RULES, Context, data_inputs, has_role, unsupported_reason
 
 SIGNAL = "excite_signal"
 
@@ -333,11 +334,11 @@ def cam_feature_map(graph: ForwardGraph, method: str = "cam") -> str:
     is defined only there; ExciteError naming the reason otherwise."""
     cur = graph.entry
     node = graph.producer.get(cur)
-    if node is not None and node.op_type in ("Add", "Sum"):
+    if node is not None and has_role(node, "bias"):
         data = [i for i in node.input if i and not graph.is_const(i)]
         if len(data) == 1:
             node = graph.producer.get(data[0])
-    if node is None or node.op_type not in ("Gemm", "MatMul"):
+    if node is None or not has_role(node, "classifier"):
         raise ExciteError(f"{method}: the logits {graph.entry!r} do not come from a Gemm/MatMul classifier "
                           f"(found {node.op_type + ' ' + repr(node.name) if node is not None else 'a graph input'})")
     clf = node
@@ -346,16 +347,16 @@ def cam_feature_map(graph: ForwardGraph, method: str = "cam") -> str:
         node = graph.producer.get(cur)
         if node is None:
             raise ExciteError(f"{method}: no global average pool before the classifier {clf.name!r}")
-        if node.op_type in ("Flatten", "Reshape", "Identity", "Dropout", "Squeeze"):
+        if has_role(node, "shape-only"):
             cur = node.input[0]
             continue
-        if node.op_type == "GlobalAveragePool":
+        if has_role(node, "global-pool"):
             return node.input[0]
-        if node.op_type == "ReduceMean":
-            from ..rules.linear import _reduce_axes
+        if has_role(node, "mean"):
+            from ..rules.linear import reduce_axes
 
             rank = graph.rank(node.input[0])
-            axes = _reduce_axes(graph, node)
+            axes = reduce_axes(graph, node)
             if rank is not None and axes is not None and sorted(a % rank for a in axes) == list(range(2, rank)):
                 return node.input[0]
             raise ExciteError(f"{method}: the ReduceMean {node.name!r} before the classifier is not over the spatial axes")
@@ -390,7 +391,7 @@ def sweep(plan: Plan, share_adjoints: bool | Sequence[str] = WEIGHT_BOUND) -> di
     """Emit the backward sweeps; returns {(sweep_key, mode): {tensor: P or None}} for the
     requested layers (None: all of P was lost on the way down). With ``share_adjoints``
     the ops that several sweeps apply with one weight run once on the stacked signals
-    (:func:`onnx_excite.graph.share.share_adjoints`)."""
+    (:func:`onnx_excite.graph.share.merge_adjoints`)."""
     graph, g, clf = plan.graph, plan.g, plan.classifier
     units = sweep_units(plan.methods)
     entry_shape = graph.shape(graph.entry)
@@ -434,7 +435,7 @@ def sweep(plan: Plan, share_adjoints: bool | Sequence[str] = WEIGHT_BOUND) -> di
     if ops and len(units) > 1:
         consts = (set(graph.consts) | {t.name for t in g.initializers} | {t.name for t in graph.model.graph.initializer}
                   | g.derived_names)
-        g.nodes[:], _ = merge_shared_ops(g.nodes, consts.__contains__, g.fresh, site=lambda n: sites.get(n.name), ops=ops)
+        g.nodes[:], _ = merge_adjoints(g.nodes, consts.__contains__, g.fresh, site=lambda n: sites.get(n.name), ops=ops)
     return result
 
 

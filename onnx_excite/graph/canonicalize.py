@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -22,7 +22,15 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from ..errors import ExciteError
+from .forward import ForwardGraph, shape_of
 from .index import GraphIndex, all_inputs, attr, attrs
+
+
+def has_role(node: onnx.NodeProto, role: str) -> bool:
+    """Whether the op's declaration (:mod:`onnx_excite.rules`) has ``role``."""
+    from ..rules import has_role as declared_role   # imported late: the rules import this package
+
+    return declared_role(node, role)
 
 #: The companion graph is emitted in this opset range (CUDA kernels lag newer ones).
 MIN_OPSET, MAX_OPSET = 17, 20
@@ -30,8 +38,6 @@ MAX_IR_VERSION = 10
 
 #: Ops that turn logits into probabilities at the end of a classifier: the
 #: signal enters at their input.
-OUTPUT_SQUASHERS = {"Softmax", "LogSoftmax", "Sigmoid"}
-_SHAPE_ONLY = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Dropout"}
 
 
 # ---------------------------------------------------------------------------
@@ -270,7 +276,7 @@ def ceil_pools_to_pads(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     while True:
         inferred = infer_shapes(model)
-        shapes = {vi.name: _shape_of(vi) for vi in list(inferred.graph.input) + list(inferred.graph.value_info)}
+        shapes = {vi.name: shape_of(vi) for vi in list(inferred.graph.input) + list(inferred.graph.value_info)}
         changed = False
         for node in model.graph.node:
             if node.op_type not in ("MaxPool", "AveragePool"):
@@ -301,7 +307,6 @@ def ceil_pools_to_pads(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 #: the element-wise ops :func:`fold_affine` folds into a Conv or dense layer
-_AFFINE_OPS = ("Mul", "Div", "Add", "Sub")
 #: metadata key prefix under which the folding passes record the tensor names they remove
 #: (read and dropped by :func:`make_view`, which puts them in ``ForwardGraph.folded``)
 FOLDED_KEY = "onnx_excite.folded:"
@@ -350,7 +355,7 @@ def _tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
     except Exception:
         return {}
     values = list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output)
-    return {vi.name: len(s) for vi in values if (s := _shape_of(vi)) is not None}
+    return {vi.name: len(s) for vi in values if (s := shape_of(vi)) is not None}
 
 
 class _UnitAffineLayer:
@@ -484,7 +489,14 @@ def _batchnorm_affine(bn: onnx.NodeProto, index: GraphIndex, units: int) -> tupl
     gamma, beta, mean, var = (index.array(p).astype(np.float64).reshape(-1) for p in params)
     if any(v.shape != (units,) for v in (gamma, beta, mean, var)):
         return None
-    scale = gamma / np.sqrt(var + attr(bn, "epsilon", 1e-5))
+    return batchnorm_affine(gamma, beta, mean, var, attr(bn, "epsilon", 1e-5))
+
+
+def batchnorm_affine(gamma, beta, mean, var, epsilon) -> tuple[np.ndarray, np.ndarray]:
+    """(s, t) of inference BatchNormalization y = s x + t: s = gamma / sqrt(var + eps),
+    t = beta - mean s (float64 in, float64 out). The fold pass and the rule of an unfolded
+    BatchNormalization both use it."""
+    scale = gamma / np.sqrt(var + epsilon)
     return scale, beta - mean * scale
 
 
@@ -565,7 +577,7 @@ def fold_affine(model: onnx.ModelProto) -> onnx.ModelProto:
         if node.op_type not in ("Conv", "Gemm", "MatMul") or index.consumer_count(node.output[0]) != 1:
             continue
         first = index.consumers.get(node.output[0], [None])[0]
-        if first is None or first.op_type not in _AFFINE_OPS + ("BatchNormalization",):
+        if first is None or not (has_role(first, "affine") or first.op_type == "BatchNormalization"):
             continue
         layer = _UnitAffineLayer.of(node, index, ranks)
         if layer is None:
@@ -583,7 +595,7 @@ def fold_affine(model: onnx.ModelProto) -> onnx.ModelProto:
                 chain.append(op)
                 out = op.output[0]
                 continue
-            if op.op_type not in _AFFINE_OPS or op.domain not in ("", "ai.onnx") or len(op.input) != 2:
+            if not has_role(op, "affine") or len(op.input) != 2:
                 break
             if op.input[0] == out and op.input[1] != out:
                 other, x_first = op.input[1], True
@@ -632,7 +644,7 @@ def split_to_slices(model: onnx.ModelProto) -> onnx.ModelProto:
     shapes = {}
     if any(len(n.input) < 2 or not n.input[1] for n in splits):
         inferred = infer_shapes(copy.deepcopy(model))
-        shapes = {vi.name: _shape_of(vi) for vi in list(inferred.graph.input) + list(inferred.graph.value_info)}
+        shapes = {vi.name: shape_of(vi) for vi in list(inferred.graph.input) + list(inferred.graph.value_info)}
     taken = {n.name for n in model.graph.node} | set(index.tensor_names())
     new_nodes = []
     for node in model.graph.node:
@@ -812,9 +824,9 @@ class LogitsChoice:
 def _below_squashers(index: GraphIndex, name: str) -> tuple[str, bool]:
     """(the tensor below trailing Softmax/LogSoftmax/Sigmoid and shape-only ops, whether one was passed)."""
     t, node, squashed = name, index.producer.get(name), False
-    while node is not None and node.op_type in OUTPUT_SQUASHERS | _SHAPE_ONLY:
+    while node is not None and (has_role(node, "squasher") or has_role(node, "shape-only")):
         t = node.input[0]
-        if node.op_type in OUTPUT_SQUASHERS:
+        if has_role(node, "squasher"):
             name, squashed = t, True
         node = index.producer.get(t)
     return name, squashed
@@ -836,7 +848,7 @@ def resolve_logits(model: onnx.ModelProto, logits: str | None = None) -> LogitsC
         vi = vis.get(name)
         if vi is None or not vi.type.HasField("tensor_type"):
             return False
-        shape = _shape_of(vi)
+        shape = shape_of(vi)
         return vi.type.tensor_type.elem_type in _FLOAT_TYPES and shape is not None and len(shape) == 2
 
     candidates = tuple(o for o in outputs if float_2d(o))
@@ -873,80 +885,11 @@ def resolve_logits(model: onnx.ModelProto, logits: str | None = None) -> LogitsC
         return LogitsChoice(_below_squashers(index, out)[0], out, "computed by the last Gemm/MatMul", candidates)
 
     def width(o):
-        d = _shape_of(vis[o])[1]
+        d = shape_of(vis[o])[1]
         return d if d is not None else -1
 
     out = max(pool, key=width)  # first of the widest
     return LogitsChoice(_below_squashers(index, out)[0], out, "the widest output", candidates)
-
-
-# ---------------------------------------------------------------------------
-# the forward-graph view
-# ---------------------------------------------------------------------------
-@dataclass
-class ForwardGraph:
-    """Read-only view of a canonical forward graph."""
-
-    model: onnx.ModelProto
-    entry: str                                   # the logits: where the top signal enters
-    consts: dict[str, np.ndarray]
-    shapes: dict[str, tuple]                      # dims are int or None (unknown)
-    dtypes: dict[str, int] = field(default_factory=dict)   # onnx.TensorProto element types
-    producer: dict[str, onnx.NodeProto] = field(default_factory=dict)
-    consumers: dict[str, list[onnx.NodeProto]] = field(default_factory=dict)
-    logits: LogitsChoice | None = None            # how ``entry`` was chosen
-    folded: dict[str, str] = field(default_factory=dict)  # tensor removed by a fold: the tensor it went into
-    _nonneg: dict[str, bool] = field(default_factory=dict)
-
-    @property
-    def nodes(self) -> Sequence[onnx.NodeProto]:
-        return self.model.graph.node
-
-    @property
-    def input_names(self) -> list[str]:
-        return [i.name for i in self.model.graph.input]
-
-    def forward_model(self, copy_model: bool = True) -> onnx.ModelProto:
-        """A copy of the forward model that also outputs the logits. ``copy_model=False``:
-        the model itself where it already does (no copy of the weights; the caller must
-        not modify it), a copy otherwise."""
-        if not copy_model and self.entry in {o.name for o in self.model.graph.output}:
-            return self.model
-        model = copy.deepcopy(self.model)
-        if self.entry not in {o.name for o in model.graph.output}:
-            model.graph.output.append(helper.make_tensor_value_info(
-                self.entry, self.dtypes.get(self.entry, onnx.TensorProto.FLOAT), None))
-        return model
-
-    def is_const(self, name: str) -> bool:
-        return name in self.consts
-
-    def shape(self, name: str) -> tuple | None:
-        return self.shapes.get(name)
-
-    def rank(self, name: str) -> int | None:
-        s = self.shapes.get(name)
-        return None if s is None else len(s)
-
-    def static_dims(self, name: str, axes: Sequence[int]) -> list[int] | None:
-        s = self.shapes.get(name)
-        if s is None:
-            return None
-        dims = [s[a] for a in axes]
-        return None if any(d is None for d in dims) else dims
-
-    def nonneg(self, name: str) -> bool:
-        """True where the tensor is provably >= 0 for every input (from the rules' declarations)."""
-        from ..rules import proves_nonneg
-
-        return proves_nonneg(self, name)
-
-
-def _shape_of(value_info) -> tuple | None:
-    t = value_info.type
-    if not t.HasField("tensor_type") or not t.tensor_type.HasField("shape"):
-        return None
-    return tuple(d.dim_value if d.HasField("dim_value") else None for d in t.tensor_type.shape.dim)
 
 
 def make_view(model: onnx.ModelProto, logits: LogitsChoice | str) -> ForwardGraph:
@@ -961,7 +904,7 @@ def make_view(model: onnx.ModelProto, logits: LogitsChoice | str) -> ForwardGrap
     shapes: dict[str, tuple] = {}
     dtypes: dict[str, int] = {name: onnx.helper.np_dtype_to_tensor_dtype(a.dtype) for name, a in consts.items()}
     for vi in list(model.graph.input) + list(model.graph.value_info) + list(model.graph.output):
-        s = _shape_of(vi)
+        s = shape_of(vi)
         if s is not None:
             shapes[vi.name] = s
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:

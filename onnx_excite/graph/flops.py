@@ -22,7 +22,6 @@ from onnx import TensorProto, helper, shape_inference
 
 from .index import attr
 
-COUNTED = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
 def _dims(vi) -> tuple | None:
@@ -78,7 +77,9 @@ def _split_by_runtime_sizes(model: onnx.ModelProto, shapes: Mapping[str, tuple])
 
 def node_flops(node: onnx.NodeProto, shapes: Mapping[str, tuple]) -> int | None:
     """FLOPs of one Conv/ConvTranspose/Gemm/MatMul node (None: not counted or shapes unknown)."""
-    if node.op_type not in COUNTED:
+    from ..rules import has_role   # imported late: the rules import this package's modules
+
+    if not has_role(node, "mac"):
         return None
     out = shapes.get(node.output[0])
     a = shapes.get(node.input[0])

@@ -16,11 +16,20 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .canonicalize import _shape_of, infer_shapes
+from .canonicalize import infer_shapes
+from .forward import shape_of
 from .index import GraphIndex
 from .index import attrs as _attrs
 
-_ELEMENTWISE = {"Relu", "Dropout", "Identity", "LeakyRelu", "Clip", "Sigmoid", "Tanh", "Elu", "Gelu"}
+
+
+def _activation(node) -> bool:
+    """An element-wise activation (or Identity/Dropout) by its declaration: it works on the
+    (N, C, 1, 1) score map as on the (N, C) features it replaces."""
+    from ..rules import declared   # imported late: the rules import this package's modules
+
+    rule = declared(node.op_type, node.domain)
+    return rule is not None and rule.layout == "elementwise" and rule.family in ("rectifier", "activation", "identity")
 
 
 def convert_dense_head(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
@@ -29,7 +38,7 @@ def convert_dense_head(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
     g = model.graph
     index = GraphIndex(g)
     consts, consumers = index.initializers, index.consumers
-    shapes = {vi.name: _shape_of(vi) for vi in list(g.value_info) + list(g.input)}
+    shapes = {vi.name: shape_of(vi) for vi in list(g.value_info) + list(g.input)}
     outputs = set(index.outputs)
     for flat in g.node:
         if flat.op_type != "Flatten" or _attrs(flat).get("axis", 1) != 1:
@@ -43,7 +52,7 @@ def convert_dense_head(model: onnx.ModelProto) -> tuple[onnx.ModelProto, bool]:
             node = consumers[t][0]
             if node.op_type == "Gemm" and node.input[1] in consts and not _attrs(node).get("transA", 0):
                 chain.append(node)
-            elif node.op_type in _ELEMENTWISE and node.input[0] == t:
+            elif _activation(node) and node.input[0] == t:
                 chain.append(node)
             else:
                 break

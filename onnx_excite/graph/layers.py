@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .builder import _upstream, check_layers, find_cut, find_unsupported, path_nodes
-from .canonicalize import ForwardGraph, LogitsChoice, canonicalize
+from .canonicalize import LogitsChoice, canonicalize
+from .forward import ForwardGraph
 from .layout import Layout, channel_axis
 
 

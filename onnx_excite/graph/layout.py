@@ -12,17 +12,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .canonicalize import ForwardGraph
+from .forward import ForwardGraph
 from .index import attr
 
-#: ops whose first input and output are NCHW (channels at axis 1)
-NCHW_OPS = {"Conv", "ConvTranspose", "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool",
-            "GlobalLpPool", "BatchNormalization", "InstanceNormalization", "LRN"}
-#: ops whose output has the layout of their same-rank data inputs
-ELEMENTWISE = {"Relu", "Clip", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "HardSigmoid", "HardSwish", "Sigmoid",
-               "Tanh", "Gelu", "Softplus", "Softsign", "Mish", "ThresholdedRelu", "Identity", "Dropout", "Cast",
-               "Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean", "Neg", "Abs", "Exp", "Sqrt", "Pow", "Pad",
-               "Concat", "Slice", "Resize", "Upsample", "Where"}
+
+def _layout(node) -> str | None:
+    """What the op does to the channel axis, as its declaration says (:mod:`onnx_excite.rules`):
+    ``nchw`` (data input and output NCHW), ``elementwise``, ``transpose``, ``einsum`` or None."""
+    from ..rules import declared   # imported late: the rules import this package's modules
+
+    rule = declared(node.op_type, node.domain)
+    return rule.layout if rule is not None else None
 
 
 @dataclass(frozen=True)
@@ -66,31 +66,33 @@ def _search(graph: ForwardGraph, t: str, seen: set) -> int | None:
     for node in graph.consumers.get(t, []):
         if node.domain not in ("", "ai.onnx") or not node.output or not node.output[0]:
             continue
-        if node.op_type in NCHW_OPS and node.input[0] == t:
+        layout = _layout(node)
+        if layout == "nchw" and node.input[0] == t:
             return 1
-        if node.op_type == "Transpose":
+        if layout == "transpose":
             out = _search(graph, node.output[0], seen)
             if out is not None:
                 return _perm(graph, node)[out]
-        elif node.op_type == "Einsum":
+        elif layout == "einsum":
             found = _einsum_channel(graph, node, t)
             if found is not None:
                 return found
-        elif node.op_type in ELEMENTWISE and graph.rank(node.output[0]) == rank:
+        elif layout == "elementwise" and graph.rank(node.output[0]) == rank:
             out = _search(graph, node.output[0], seen)
             if out is not None:
                 return out
     node = graph.producer.get(t)
     if node is None or node.domain not in ("", "ai.onnx") or node.output[0] != t:
         return None
-    if node.op_type in NCHW_OPS:
+    layout = _layout(node)
+    if layout == "nchw":
         return 1
-    if node.op_type == "Einsum":
+    if layout == "einsum":
         return _einsum_channel(graph, node, t)
-    if node.op_type == "Transpose":
+    if layout == "transpose":
         src = _search(graph, node.input[0], seen)
         return _perm(graph, node).index(src) if src is not None else None
-    if node.op_type in ELEMENTWISE:
+    if layout == "elementwise":
         for i in node.input:
             if i and graph.rank(i) == rank:
                 src = _search(graph, i, seen)
@@ -102,9 +104,9 @@ def _search(graph: ForwardGraph, t: str, seen: set) -> int | None:
 def _einsum_channel(graph: ForwardGraph, node, t: str) -> int | None:
     """The channel axis of ``t``, the activation or the output of an Einsum with a constant weight
     (a 1x1 conv or dense layer, ``nhwc,cd->nhwd``): the one index it shares with the weight alone."""
-    from ..rules.einsum import _plan   # imported late: the rules import this package's modules
+    from ..rules.einsum import plan as einsum_plan   # imported late: the rules import this package's modules
 
-    plan = _plan(graph, node)
+    plan = einsum_plan(graph, node)
     if isinstance(plan, str):
         return None
     d_i, _, data, weight, out = plan

@@ -9,7 +9,7 @@ on every index of axis 0 independently (Conv / ConvTranspose: the batch; Gemm wi
     [y_1; ...; y_n] = op([x_1; ...; x_n], W)      ([;]: Concat on axis 0)
 
 and the y_k come back by a Split on axis 0 with the runtime sizes of the x_k (the batch
-dim is symbolic). :func:`share_adjoints` rewrites a list of emitted nodes that way, per
+dim is symbolic). :func:`merge_adjoints` rewrites a list of emitted nodes that way, per
 forward node the ops were emitted for (the builder's ``site``: equal input shapes). It
 merges only ops that do not depend on each other (a dependency walk: no member's output
 reaches another member's input), merges one group at a time on the rewritten graph (so
@@ -27,8 +27,13 @@ from onnx import helper
 
 from ..errors import ExciteError
 
-#: ops whose every index of axis 0 is computed independently, given a constant weight
-SHAREABLE = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+def shareable() -> tuple[str, ...]:
+    """The ops whose every index of axis 0 is computed independently given a constant weight:
+    those declared multiply-accumulate layers (role ``mac`` in :mod:`onnx_excite.rules`)."""
+    from ..rules import ops_with   # imported late: the rules import this package's modules
+
+    return ops_with("mac")
 
 #: the default: ops whose time is reading their weight (dense layers at small batch), where
 #: one op on the stacked signals reads the weight once instead of once per sweep
@@ -47,20 +52,20 @@ def parse_share(text: str):
 
 
 def shared_ops(share) -> tuple[str, ...]:
-    """The op types a ``share_adjoints`` setting merges: True = all of :data:`SHAREABLE`,
-    False/None = none, else the given op types (each must be in SHAREABLE)."""
+    """The op types a ``share_adjoints`` setting merges: True = all of :func:`shareable`,
+    False/None = none, else the given op types (each must be shareable)."""
     if share is True:
-        return SHAREABLE
+        return shareable()
     if not share:
         return ()
     ops = (share,) if isinstance(share, str) else tuple(share)
-    bad = [o for o in ops if o not in SHAREABLE]
+    bad = [o for o in ops if o not in shareable()]
     if bad:
-        raise ExciteError(f"share_adjoints: {', '.join(bad)} cannot be shared (shareable: {', '.join(SHAREABLE)})")
+        raise ExciteError(f"share_adjoints: {', '.join(bad)} cannot be shared (shareable: {', '.join(shareable())})")
     return ops
 
 
-def _key(node: onnx.NodeProto, is_const: Callable[[str], bool], ops: Sequence[str] = SHAREABLE):
+def _key(node: onnx.NodeProto, is_const: Callable[[str], bool], ops: Sequence[str]):
     """The merge key (op, weight and bias inputs, attributes), or None if not shareable."""
     if node.op_type not in ops or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
         return None
@@ -99,16 +104,17 @@ def _reaches(producers: dict, position: dict, starts: Sequence[str], targets: se
     return False
 
 
-def share_adjoints(nodes: Sequence[onnx.NodeProto], is_const: Callable[[str], bool],
+def merge_adjoints(nodes: Sequence[onnx.NodeProto], is_const: Callable[[str], bool],
                    fresh: Callable[[str], str], site: Callable[[onnx.NodeProto], object] | None = None,
-                   ops: Sequence[str] = SHAREABLE) -> tuple[list[onnx.NodeProto], int]:
+                   ops: Sequence[str] | None = None) -> tuple[list[onnx.NodeProto], int]:
     """Merge shareable ops of ``nodes`` (see the module docstring); returns the new node
     list (topologically sorted) and the number of ops removed. ``is_const(name)`` says
     whether a tensor is an initializer / constant; ``fresh(hint)`` makes unused names.
     ``site(node)`` (the forward node an op was emitted for) keeps ops of different sites
     apart: their inputs may differ in shape beyond axis 0 (a weight tied across layers of
     different sizes), which Concat cannot stack. Tensors produced outside ``nodes`` are
-    treated as available from the start. ``ops``: the op types to merge (of SHAREABLE)."""
+    treated as available from the start. ``ops``: the op types to merge (default: all shareable)."""
+    ops = shareable() if ops is None else ops
     order = _toposort(list(nodes))
     groups: dict = defaultdict(list)
     for node in order:
@@ -182,5 +188,5 @@ def _toposort(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
             if not need[k]:
                 heapq.heappush(ready, k)
     if len(out) != len(nodes):
-        raise ExciteError("internal: share_adjoints made a cycle")
+        raise ExciteError("internal: merge_adjoints made a cycle")
     return out

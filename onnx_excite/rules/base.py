@@ -1,28 +1,44 @@
-"""The rule registry and the context a rule sees.
+"""The op registry: one declaration per op, and the context a rule sees.
 
-A rule maps the signal P at a node's output to the signal at the node's data
-inputs. It is one declaration (as in zennit; registered like onnx-graphsurgeon's
-``Graph.register``)::
+Everything the tool knows about an op is its declaration (as in zennit a rule is one small
+declaration; registered like onnx-graphsurgeon's ``Graph.register``)::
 
     @register("Resize", "Upsample", inputs=(0,), keeps_nonneg=True, check=resize_check,
-              description="one line for the README table")
+              family="route", layout="elementwise", description="one line for the op table")
     def excite_resize(ctx, node, p, negate=False) -> dict[input_name, P]: ...
 
-The registry is the single source of what is known about an op:
+    declare("Softmax", keeps_nonneg="always", roles={"squasher"})   # an op that carries no P
 
-* ``inputs``: indices of the data inputs that may carry P (``None``: every
-  non-constant input); the others are weights, shapes or parameters. The builder
-  only calls a rule for a node with a data input that needs P and drops what a
-  rule returns for inputs that need none.
-* ``keeps_nonneg``: the output is >= 0 whenever its data inputs are >= 0
-  (``True``), for every input (``"always"``: ReLU, Sigmoid), or a function
-  ``(graph, node) -> bool | "always"`` deciding per node (Clip by its minimum).
+Fields of a declaration (:class:`Rule`):
+
+* ``excite``: the excitation rule, P at the output -> P at the data inputs; ``None`` for an
+  op that carries no P (:func:`declare`): the builder refuses it on the signal's path.
+* ``inputs``: indices of the data inputs that may carry P (``None``: every non-constant
+  input); the others are weights, shapes or parameters.
+* ``keeps_nonneg``: the output is >= 0 whenever its data inputs are >= 0 (``True``), for
+  every input (``"always"``: ReLU, Softmax), or ``(graph, node) -> bool | "always"``;
   :func:`proves_nonneg` uses it to drop the a-W- half of the positive rule.
 * ``check(graph, node)``: a reason string when the node cannot be handled.
+* ``family``: which entry of a method's map applies (:meth:`onnx_excite.methods.Method.variant`):
+  ``linear``, ``pool``, ``add`` (rule variants), ``rectifier`` (the method's gate),
+  ``activation`` (pass P, or apply ``derivative``), ``arithmetic`` (excitation or the chain
+  rule: Mul, Sub, Div, Mean), or a family no method changes (``route``, ``shape``, ``identity``).
+* ``derivative(ctx, node, p) -> tensor``: the transposed Jacobian of an activation applied to
+  P, for methods whose ``activation`` entry is ``derivative``.
+* ``layout``: what the op does to the channel axis (:mod:`onnx_excite.graph.layout`): ``nchw``
+  (data input and output have channels at axis 1), ``elementwise`` (the output has the
+  layout of its same-rank inputs), ``transpose``, ``einsum`` or ``None``.
+* ``roles``: what else reads the declaration: ``squasher`` (a Softmax-like op below the
+  logits), ``shape-only`` (moves values, no arithmetic: the logits and CAM walks pass it),
+  ``affine`` (a per-channel Mul/Div/Add/Sub the canonicalizer folds into the layer before it),
+  ``bias`` (a sum that may add a classifier's bias), ``classifier`` (a dense layer CAM
+  accepts), ``global-pool`` (a global average pool CAM accepts), ``mean`` (a mean CAM accepts
+  where its axes are the spatial ones), ``mac`` (multiply-accumulate
+  layers: counted by :mod:`~onnx_excite.graph.flops`, shareable by :mod:`~onnx_excite.graph.share`).
 * ``weighted``: a linear layer with a weight (can be the contrastive classifier).
-* ``description``: one line for the README's op table (``python -m onnx_excite.rules``).
+* ``description``: one line for the op table (``python -m onnx_excite.optable docs/rules.md``).
 
-Rule modules are discovered: every module of this package registers its rules on import.
+Rule modules are discovered: every module of this package registers its ops on import.
 """
 from __future__ import annotations
 
@@ -32,42 +48,92 @@ from typing import Callable, Optional, Union
 import numpy as np
 import onnx
 
-from ..graph.canonicalize import ForwardGraph
+from ..graph.forward import ForwardGraph
 from ..graph.emitter import Emitter
 from ..graph.index import attr, implicit_inputs  # noqa: F401  (attr is re-exported for the rule modules)
 
-RULE_CHOICES = ("positive", "paper")
+from ..methods import RULE_PARTS
+
+RULE_CHOICES = tuple(RULE_PARTS)
+
+FAMILIES = ("linear", "pool", "add", "rectifier", "activation", "arithmetic", "route", "shape", "identity")
+LAYOUTS = (None, "nchw", "elementwise", "transpose", "einsum")
+ROLES = frozenset({"squasher", "shape-only", "affine", "bias", "classifier", "global-pool", "mean", "mac"})
 
 NonNeg = Union[bool, str, Callable[[ForwardGraph, onnx.NodeProto], Union[bool, str]]]
 
 
 @dataclass(frozen=True)
 class Rule:
+    """The declaration of one op (see the module docstring for every field)."""
+
     op_type: str
-    excite: Callable
+    excite: Optional[Callable]          # None: the op carries no P
     inputs: Optional[tuple] = None      # data input indices that may carry P; None: all non-constant
     keeps_nonneg: NonNeg = False        # True, "always", False, or (graph, node) -> one of those
     check: Optional[Callable[[ForwardGraph, onnx.NodeProto], Optional[str]]] = None
     weighted: bool = False              # a linear layer with a weight: can serve as the contrastive classifier
-    description: str = ""               # one line for the README's op table
+    description: str = ""               # one line for the op table
+    family: str = "route"
+    derivative: Optional[Callable] = None   # (ctx, node, p) -> the transposed Jacobian applied to p
+    layout: Optional[str] = None
+    roles: frozenset = frozenset()
+
+    def __post_init__(self):
+        if self.family not in FAMILIES or self.layout not in LAYOUTS or not self.roles <= ROLES:
+            raise ValueError(f"op {self.op_type!r}: bad declaration (family {self.family!r}, layout {self.layout!r}, "
+                             f"roles {sorted(self.roles)})")
 
 
+#: every declared op
+OPS: dict[str, Rule] = {}
+#: the declared ops that carry P (their ``excite`` is a rule)
 RULES: dict[str, Rule] = {}
 
 
+def _declare(op_types, excite, inputs, description, roles, **fields):
+    for op in op_types:
+        if op in OPS:
+            raise ValueError(f"op {op!r} is registered twice")
+        rule = Rule(op, excite, tuple(inputs) if inputs is not None else None, description=description,
+                    roles=frozenset(roles), **fields)
+        OPS[op] = rule
+        if excite is not None:
+            RULES[op] = rule
+
+
 def register(*op_types: str, inputs=None, keeps_nonneg: NonNeg = False, check=None, weighted: bool = False,
-             description: str = ""):
-    """Decorator registering ``fn(ctx, node, p, negate=False) -> {input: P}`` for ``op_types``."""
+             description: str = "", family: str = "route", derivative=None, layout=None, roles=()):
+    """Decorator declaring ``fn(ctx, node, p, negate=False) -> {input: P}`` as the rule of ``op_types``."""
 
     def wrap(fn):
         text = description or "".join((fn.__doc__ or "").strip().splitlines()[:1])
-        for op in op_types:
-            if op in RULES:
-                raise ValueError(f"op {op!r} is registered twice ({RULES[op].excite.__name__} and {fn.__name__})")
-            RULES[op] = Rule(op, fn, tuple(inputs) if inputs is not None else None, keeps_nonneg, check, weighted, text)
+        _declare(op_types, fn, inputs, text, roles, keeps_nonneg=keeps_nonneg, check=check, weighted=weighted,
+                 family=family, derivative=derivative, layout=layout)
         return fn
 
     return wrap
+
+
+def declare(*op_types: str, keeps_nonneg: NonNeg = False, layout=None, roles=(), description: str = ""):
+    """Declare ops that carry no P (the builder refuses them on the signal's path) but whose
+    layout, sign or role other parts of the tool read."""
+    _declare(op_types, None, None, description, roles, keeps_nonneg=keeps_nonneg, layout=layout)
+
+
+def declared(op_type: str, domain: str = "") -> Optional[Rule]:
+    """The declaration of an op of the default domain, or None."""
+    return OPS.get(op_type) if domain in ("", "ai.onnx") else None
+
+
+def has_role(node: onnx.NodeProto, role: str) -> bool:
+    rule = declared(node.op_type, node.domain)
+    return rule is not None and role in rule.roles
+
+
+def ops_with(role: str) -> tuple:
+    """The op types declared with ``role``, sorted by name."""
+    return tuple(sorted(op for op, rule in OPS.items() if role in rule.roles))
 
 
 def data_inputs(graph: ForwardGraph, node: onnx.NodeProto) -> list[str]:
@@ -81,15 +147,10 @@ def data_inputs(graph: ForwardGraph, node: onnx.NodeProto) -> list[str]:
     return [n for n in names if n and not graph.is_const(n)]
 
 
-#: Ops without an excitation rule (they never carry P) whose output is >= 0 for any
-#: input; they appear as gates and normalisers (``x * softmax(s)``).
-NONNEG_WITHOUT_RULE = ("Softmax", "Exp", "Abs")
-
-
 def proves_nonneg(graph: ForwardGraph, name: str) -> bool:
     """True where the tensor is provably >= 0 for every input: a non-negative constant,
     or the output of an op whose rule ``keeps_nonneg`` with non-negative data inputs."""
-    memo = graph._nonneg
+    memo = graph.memo.setdefault("nonneg", {})
     if name not in memo:
         memo[name] = False  # a DAG has no cycles; this guards the recursion anyway
         memo[name] = _prove(graph, name)
@@ -102,9 +163,7 @@ def _prove(graph: ForwardGraph, name: str) -> bool:
     node = graph.producer.get(name)
     if node is None:
         return False  # a graph input: pixels may be signed
-    if node.op_type in NONNEG_WITHOUT_RULE and node.domain in ("", "ai.onnx"):
-        return True
-    rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    rule = declared(node.op_type, node.domain)
     if rule is None:
         return False
     keeps = rule.keeps_nonneg(graph, node) if callable(rule.keeps_nonneg) else rule.keeps_nonneg
@@ -121,11 +180,10 @@ def _prove(graph: ForwardGraph, name: str) -> bool:
 
 @dataclass
 class Context:
-    """What a rule may use: the forward graph, the emitter, the rule choice and the method.
+    """What a rule may use: the forward graph, the emitter, the rule choice and the method's map.
 
-    ``method`` is the :class:`~onnx_excite.methods.Method` whose sweep is being emitted
-    (``None``: MWP); a rule asks it for its op family's rule variant (:meth:`variant`) and
-    for the gate at rectifiers (:attr:`gate`)."""
+    A rule asks for the entry of its op family in the method's map (:meth:`variant`), never
+    for the method itself: mwp, grad and LRP differ only in what that map holds."""
 
     graph: ForwardGraph
     g: Emitter
@@ -136,30 +194,16 @@ class Context:
     def wants(self, name: str) -> bool:
         return name in self.wanted
 
-    @property
-    def the_method(self):
-        if self.method is None:
-            from ..methods import METHODS
-
-            return METHODS["mwp"]
-        return self.method
-
     def variant(self, family: str):
-        """The method's :class:`~onnx_excite.methods.RuleVariant` for ``family``
-        ("linear", "pool" or "add")."""
-        return getattr(self.the_method, family)
+        """The method's entry for ``family`` (:meth:`onnx_excite.methods.Method.variant`)."""
+        from ..methods import METHODS
+
+        return (self.method or METHODS["mwp"]).variant(family)
 
     @property
-    def gate(self) -> str:
-        """The method's gate at rectifiers: forward-mask, backward-relu, both or none."""
-        return self.the_method.relu
-
-    @property
-    def adjoint(self) -> bool:
-        """True for the gradient family (grad, deconv, guided, cam): the linear layers are
-        plain transposes (no activation factor), so activations must apply their
-        derivative (``forward-mask``) or rectify P (``backward-relu``)."""
-        return all(act == "1" for act, _ in self.variant("linear").resolve(self.rule))
+    def method_name(self) -> str:
+        """For error lines only."""
+        return self.method.name if self.method is not None else "mwp"
 
     def act(self, name: str) -> str:
         """The activation as float32: the excitation branch of a float16 / bfloat16 / float64

@@ -36,7 +36,7 @@ def _terms(equation: str):
     return ins, rhs_tokens
 
 
-def _plan(graph, node):
+def plan(graph, node):
     """(data index, weight index, data term, weight term, output term) or a reason string."""
     equation = attr(node, "equation")
     ins, out = _terms(equation or "")
@@ -61,16 +61,16 @@ def _plan(graph, node):
 
 
 def einsum_check(graph, node):
-    plan = _plan(graph, node)
-    return plan if isinstance(plan, str) else None
+    found = plan(graph, node)
+    return found if isinstance(found, str) else None
 
 
-@register("Einsum", check=einsum_check, weighted=True,
+@register("Einsum", check=einsum_check, weighted=True, family="linear", layout="einsum",
           description="of one activation and one constant weight (`nhwc,cd->nhwd`, `nchw,oc->nohw` 1x1 convs, `nc,kc->nk` dense): "
                       "linear, with the Einsum and its adjoint Einsum; can be the contrastive classifier")
 def einsum(ctx: Context, node, p: str, negate=False):
     """Linear rule with the Einsum and its adjoint Einsum."""
-    d_i, w_i, data, weight, out = _plan(ctx.graph, node)
+    d_i, w_i, data, weight, out = plan(ctx.graph, node)
     a = node.input[d_i]
     g = ctx.g
     forward_eq = ",".join("".join(t) for t in ((data, weight) if d_i == 0 else (weight, data))) + "->" + "".join(out)

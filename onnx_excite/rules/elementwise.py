@@ -41,17 +41,17 @@ def sub_check(graph, node):
     return _same_shape_check(graph, data, node.output[0])
 
 
-@register("Sub", check=sub_check,
+@register("Sub", check=sub_check, family="arithmetic", layout="elementwise", roles={"affine"},
           description="`x - c`, `c - x` (decomposed BatchNorm, pixel normalisation inside the graph): per-element affine, "
                       "P passes to `x` as for Mul by a constant and a bias Add; Sub of two tensors is refused. A decomposed "
                       "BatchNorm right after a Conv or a dense layer (scalar or per-channel constants) is folded into that layer first")
 def sub(ctx: Context, node, p: str, negate=False):
     """P_in = P: each output cell is an affine function of one input cell. The gradient
-    family (``ctx.adjoint``) takes the derivative: -P for ``c - x``."""
+    rule (the method's ``arithmetic`` entry) takes the derivative: -P for ``c - x``."""
     data = _data(ctx.graph, node)
     if not data:
         return {}
-    if ctx.adjoint and data[0] == node.input[1] and data[0] != node.input[0]:
+    if ctx.variant("arithmetic") == "chain-rule" and data[0] == node.input[1] and data[0] != node.input[0]:
         return {data[0]: ctx.g.op("Neg", [p], hint="p_neg")}
     return {data[0]: p}
 
@@ -73,15 +73,16 @@ def div_nonneg(graph, node):
 # only the dividend carries P (a divisor gate's subgraph is not excited); a constant divided
 # by a tensor declares no input that carries P: div_check reports it (the builder checks
 # every node on the path, also those whose declared inputs are all constants)
-@register("Div", inputs=(0,), keeps_nonneg=div_nonneg, check=div_check,
+@register("Div", inputs=(0,), keeps_nonneg=div_nonneg, check=div_check, family="arithmetic", layout="elementwise",
+          roles={"affine"},
           description="`x / c`, or `x / g` with a gate `g` computed from `x` (L2 normalisation, paddle's hard-swish "
                       "`x·clip(x+3, 0, 6)/6`): P passes to `x`, the divisor takes none; `c / x` is refused. `x / c` "
                       "right after a Conv or a dense layer (decomposed BatchNorm, scalar or per-channel c) is folded into that layer first")
 def div(ctx: Context, node, p: str, negate=False):
     """P_in = P for the dividend; the divisor (a constant or a gate) takes no share. The
-    gradient family (``ctx.adjoint``) takes the derivative, P / c, and refuses a divisor
+    chain rule (the method's ``arithmetic`` entry) takes the derivative, P / c, and refuses a divisor
     computed from the features (its derivative would need the gate branch)."""
-    if ctx.adjoint:
+    if ctx.variant("arithmetic") == "chain-rule":
         d = node.input[1]
         if not ctx.graph.is_const(d):
             raise ExciteError(f"node {node.name!r}: the gradient-family methods cannot pass a Div by a tensor "
@@ -94,11 +95,11 @@ def mean_check(graph, node):
     return _same_shape_check(graph, _data(graph, node), node.output[0])
 
 
-@register("Mean", keeps_nonneg=True, check=mean_check,
+@register("Mean", keeps_nonneg=True, check=mean_check, family="arithmetic", layout="elementwise",
           description="split in proportion `x_k / sum x` (`x_k+ / sum x+` for `positive`); constant summands are biases and take no share")
 def mean(ctx: Context, node, p: str, negate=False):
-    """As Add/Sum (the 1/n scales every share alike); the gradient family copies P / n."""
-    if ctx.adjoint:
+    """As Add/Sum (the 1/n scales every share alike); the chain rule copies P / n."""
+    if ctx.variant("arithmetic") == "chain-rule":
         n = len([i for i in node.input if i])
         p = ctx.g.mul(p, ctx.g.scalar(1.0 / n))
     return _proportional_split(ctx, node, p, negate)
@@ -113,7 +114,7 @@ def max_nonneg(graph, node):
     return "always" if any(proves_nonneg(graph, i) for i in node.input if i) else False
 
 
-@register("Max", keeps_nonneg=max_nonneg, check=max_check,
+@register("Max", keeps_nonneg=max_nonneg, check=max_check, layout="elementwise",
           description="each cell's P goes to the input holding the maximum (the first on ties); constants take none")
 def max_(ctx: Context, node, p: str, negate=False):
     """P_k = P where x_k is the first arg-max over the non-constant inputs, else 0."""

@@ -38,8 +38,13 @@ def global_max_check(graph, node):
     return None
 
 
-@register("GlobalMaxPool", "ReduceMax", inputs=(0,), keeps_nonneg=True, check=global_max_check,
-          description="over any non-batch axes (NHWC `[1, 2]` too), winner-take-all: P goes to the arg-max over the reduced axes (the first on ties; ArgMax + ScatterElements)")
+_GLOBAL_MAX = ("over any non-batch axes (NHWC `[1, 2]` too), winner-take-all: P goes to the arg-max over the reduced "
+               "axes (the first on ties; ArgMax + ScatterElements)")
+
+
+@register("ReduceMax", inputs=(0,), keeps_nonneg=True, check=global_max_check, description=_GLOBAL_MAX)
+@register("GlobalMaxPool", inputs=(0,), keeps_nonneg=True, check=global_max_check, layout="nchw",
+          description=_GLOBAL_MAX)
 def global_max(ctx: Context, node, p: str, negate=False):
     """P_in[j] = P where j is the (first) maximum of its reduced slice, else 0."""
     a = node.input[0]

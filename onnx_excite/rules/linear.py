@@ -25,6 +25,7 @@ import onnx
 import onnx.numpy_helper
 
 from ..errors import ExciteError
+from ..graph.canonicalize import batchnorm_affine
 from ..graph.emitter import derived, source_weight
 from ..methods import LRP_EPSILON
 from .base import Context, attr, proves_nonneg, register
@@ -285,7 +286,7 @@ def conv_check(graph, node):
     return None
 
 
-@register("Conv", inputs=(0,), check=conv_check, weighted=True,
+@register("Conv", inputs=(0,), check=conv_check, weighted=True, family="linear", layout="nchw", roles={"mac"},
           description="linear (pads incl. asymmetric, strides, dilations, groups); the adjoint is a ConvTranspose of W+ "
                       "with symmetric pads + Slice, or for stride 1 a Conv with the flipped, transposed kernel (ORT's fast path)")
 def conv(ctx: Context, node, p: str, negate=False):
@@ -371,7 +372,8 @@ def dense_weight(graph, node) -> np.ndarray:
     return (b.astype(np.float64) * alpha).astype(np.float32)
 
 
-@register("Gemm", "MatMul", inputs=(0,), check=dense_check, weighted=True,
+@register("Gemm", "MatMul", inputs=(0,), check=dense_check, weighted=True, family="linear",
+          roles={"mac", "classifier"},
           description="linear, W = alpha * B' for Gemm (transB honoured), B for MatMul (2-D constant); a bias Add passes P "
                       "through. On a 2-D input (Gemm: transA = 0), a BatchNorm or per-feature Mul/Div/Add/Sub (bias Add, "
                       "decomposed BatchNorm) right after it is folded into one Gemm first")
@@ -402,7 +404,7 @@ def avgpool_check(graph, node):
     return None
 
 
-@register("AveragePool", inputs=(0,), keeps_nonneg=True, check=avgpool_check,
+@register("AveragePool", inputs=(0,), keeps_nonneg=True, check=avgpool_check, family="pool", layout="nchw",
           description="proportional to the inputs in each window (a+ for `positive`); count_include_pad either way, ceil_mode")
 def average_pool(ctx: Context, node, p: str, negate=False):
     """Share P over each window in proportion to the inputs (count_include_pad cancels out)."""
@@ -450,7 +452,7 @@ def _global_pool(ctx: Context, node, a: str, p: str, axes: list[int]):
     return {a: out}
 
 
-@register("GlobalAveragePool", inputs=(0,), keeps_nonneg=True,
+@register("GlobalAveragePool", inputs=(0,), keeps_nonneg=True, family="pool", layout="nchw", roles={"global-pool"},
           description="proportional to the inputs over all positions (a+ for `positive`)")
 def global_average_pool(ctx: Context, node, p: str, negate=False):
     """Share P over all positions in proportion to the inputs."""
@@ -459,7 +461,7 @@ def global_average_pool(ctx: Context, node, p: str, negate=False):
     return _global_pool(ctx, node, a, p, list(range(2, rank)))
 
 
-def _reduce_axes(graph, node):
+def reduce_axes(graph, node):
     axes = attr(node, "axes")
     if axes is None and len(node.input) > 1 and node.input[1]:
         axes = graph.consts.get(node.input[1])
@@ -469,7 +471,7 @@ def _reduce_axes(graph, node):
 
 def reduce_mean_check(graph, node):
     rank = graph.rank(node.input[0])
-    axes = _reduce_axes(graph, node)
+    axes = reduce_axes(graph, node)
     if rank is None or axes is None:
         return "axes or input rank unknown"
     axes = sorted(a % rank for a in axes)
@@ -478,14 +480,18 @@ def reduce_mean_check(graph, node):
     return None
 
 
-@register("ReduceMean", "ReduceSum", inputs=(0,), keeps_nonneg=True, check=reduce_mean_check,
-          description="over any non-batch axes (NCHW `[2, 3]`, NHWC `[1, 2]`): proportional to the inputs (a+ for `positive`)")
+_REDUCE_MEAN = "over any non-batch axes (NCHW `[2, 3]`, NHWC `[1, 2]`): proportional to the inputs (a+ for `positive`)"
+
+
+@register("ReduceSum", inputs=(0,), keeps_nonneg=True, check=reduce_mean_check, family="pool", description=_REDUCE_MEAN)
+@register("ReduceMean", inputs=(0,), keeps_nonneg=True, check=reduce_mean_check, family="pool", roles={"mean"},
+          description=_REDUCE_MEAN)
 def reduce_mean(ctx: Context, node, p: str, negate=False):
     """Mean or sum over positions (how newer exporters and tf2onnx write global pooling): the
     weights are equal and positive, so P is shared in proportion to the inputs whatever the axes."""
     a = node.input[0]
     rank = ctx.graph.rank(a)
-    axes = sorted(x % rank for x in _reduce_axes(ctx.graph, node))
+    axes = sorted(x % rank for x in reduce_axes(ctx.graph, node))
     if not attr(node, "keepdims", 1):
         p = ctx.g.op("Unsqueeze", [p, ctx.g.i64(axes)])
     return _global_pool(ctx, node, a, p, axes)
@@ -504,34 +510,33 @@ def batchnorm_check(graph, node):
     return None
 
 
-@register("BatchNormalization", inputs=(0,), check=batchnorm_check,
+@register("BatchNormalization", inputs=(0,), check=batchnorm_check, family="linear", layout="nchw",
           description="folded into the preceding Conv or dense layer (Gemm / MatMul) (in float64, before W+ is taken); "
                       "elsewhere a per-channel linear layer")
 def batch_normalization(ctx: Context, node, p: str, negate=False):
     """Diagonal linear rule with weight s = gamma / sqrt(var + eps); the shift is a bias."""
     a = node.input[0]
-    gamma, _, _, var = (ctx.graph.consts[i].astype(np.float64) for i in node.input[1:5])
-    eps = attr(node, "epsilon", 1e-5)
+    gamma, beta, mean, var = (ctx.graph.consts[i].astype(np.float64) for i in node.input[1:5])
     rank = ctx.graph.rank(a)
-    scale = (gamma / np.sqrt(var + eps)).reshape((-1,) + (1,) * (rank - 2))
+    scale, shift = batchnorm_affine(gamma, beta, mean, var, attr(node, "epsilon", 1e-5))
+    scale = scale.reshape((-1,) + (1,) * (rank - 2))
+    shift = shift.reshape((1, -1) + (1,) * (rank - 2))
     g = ctx.g
 
     def diag(x, wp):
         return g.op("Mul", [x, g.const(wp.astype(np.float32), "scale")])
 
-    beta, mean = (ctx.graph.consts[i].astype(np.float64) for i in (node.input[2], node.input[3]))
-    shift = (beta - mean * (gamma / np.sqrt(var + eps))).reshape((1, -1) + (1,) * (rank - 2))
     return {a: excite_linear(ctx, node, a, p, scale, forward=diag, transpose=diag, negate=negate, bias=shift)}
 
 
-@register("ReduceLogSumExp", inputs=(0,), check=reduce_mean_check,
+@register("ReduceLogSumExp", inputs=(0,), check=reduce_mean_check, family="pool",
           description="P shared by softmax over positions (the pool of a fully convolutional head)")
 def reduce_log_sum_exp(ctx: Context, node, p: str, negate=False):
     """y = log sum exp(x): P is shared out in proportion to exp(x - y), which sums to 1."""
     a = node.input[0]
     g = ctx.g
     rank = ctx.graph.rank(a)
-    axes = sorted(x % rank for x in _reduce_axes(ctx.graph, node))
+    axes = sorted(x % rank for x in reduce_axes(ctx.graph, node))
     y = ctx.act(node.output[0])
     if not attr(node, "keepdims", 1):
         p = g.op("Unsqueeze", [p, g.i64(axes)])

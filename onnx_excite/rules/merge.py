@@ -23,8 +23,12 @@ def _sum_check(graph, node):
     return None
 
 
-@register("Add", "Sum", keeps_nonneg=True, check=_sum_check,
-          description="split in proportion `x_k / sum x` (`x_k+ / sum x+` for `positive`); constant summands are biases and take no share")
+_SUM = "split in proportion `x_k / sum x` (`x_k+ / sum x+` for `positive`); constant summands are biases and take no share"
+
+
+@register("Sum", keeps_nonneg=True, check=_sum_check, family="add", layout="elementwise", roles={"bias"}, description=_SUM)
+@register("Add", keeps_nonneg=True, check=_sum_check, family="add", layout="elementwise", roles={"bias", "affine"},
+          description=_SUM)
 def add(ctx: Context, node, p: str, negate=False):
     """Split P over the non-constant summands by the method's ``add`` rule variant (unit
     weights): P_k = sum_parts act(x_k) * R, R = P / Z, Z = sum_parts sum_k act(x_k)
@@ -101,7 +105,7 @@ def _rectified_sum(ctx: Context, node, data):
     return x_o, x, users[0].output[0]
 
 
-@register("Concat", keeps_nonneg=True, description="P split back to the inputs")
+@register("Concat", keeps_nonneg=True, family="shape", layout="elementwise", description="P split back to the inputs")
 def concat(ctx: Context, node, p: str, negate=False):
     """Slice P back along the concat axis."""
     g = ctx.g

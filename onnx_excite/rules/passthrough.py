@@ -8,31 +8,50 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Context, attr, register
+from ..errors import ExciteError
+from .base import RULES, Context, attr, register
 
 
-def _pass(ctx: Context, node, p: str, negate=False):
-    """P passes through unchanged for the excitation / LRP methods. The gradient family
-    (:attr:`Context.adjoint`) gates it: at rectifiers (Relu, Clip) by the method's gate
-    (``forward-mask``: P * [lo < x < hi], the derivative; ``backward-relu``: max(P, 0);
-    ``both``); at smooth activations grad and guided multiply by the derivative (deconv
-    passes P: its backward ReLU is only at rectifiers)."""
-    x = node.input[0]
-    op = node.op_type
-    if not ctx.adjoint or op in ("Identity", "Dropout", "Cast"):
-        return {x: p}
-    g, gate = ctx.g, ctx.gate
-    if op in ("Relu", "Clip"):
-        if gate in ("backward-relu", "both"):
-            p = g.relu(p)
-        if gate in ("forward-mask", "both"):
-            p = g.mul(p, g.memo(("fwd_mask", node.name), lambda: _rectifier_mask(ctx, node)))
-        return {x: p}
+def _identity(ctx: Context, node, p: str, negate=False):
+    """P passes through unchanged."""
+    return {node.input[0]: p}
+
+
+def _rectifier(ctx: Context, node, p: str, negate=False):
+    """P passes through, gated by the method's ``rectifier`` entry: ``forward-mask`` (P * [lo < x < hi],
+    the derivative), ``backward-relu`` (max(P, 0)), ``both``, or ``none``."""
+    g, gate = ctx.g, ctx.variant("rectifier")
+    if gate in ("backward-relu", "both"):
+        p = g.relu(p)
     if gate in ("forward-mask", "both"):
-        if op == "LRN":
-            return {x: _lrn_adjoint(ctx, node, p)}
-        return {x: g.mul(p, g.memo(("derivative", node.name), lambda: _derivative(ctx, node)))}
-    return {x: p}
+        p = g.mul(p, g.memo(("fwd_mask", node.name), lambda: _rectifier_mask(ctx, node)))
+    return {node.input[0]: p}
+
+
+def _activation(ctx: Context, node, p: str, negate=False):
+    """P passes through, or (the method's ``activation`` entry is ``derivative``: grad, guided)
+    the op's declared derivative applies to it."""
+    if ctx.variant("activation") == "pass":
+        return {node.input[0]: p}
+    derivative = RULES[node.op_type].derivative
+    if derivative is None:
+        raise ExciteError(f"method {ctx.method_name!r}: the derivative of {node.op_type} (node {node.name!r}) is not "
+                          "implemented; use an excitation/LRP method (mwp, cmwp, lrp-*) on this model")
+    return {node.input[0]: derivative(ctx, node, p)}
+
+
+def _elementwise(factor):
+    """A derivative ``(ctx, node, p) -> p * dy/dx`` from ``factor(g, x, y, one, node) -> dy/dx``
+    (x, y: the op's input and output as float32; one: the constant 1)."""
+
+    def apply(ctx: Context, node, p: str) -> str:
+        def make():
+            x, y = ctx.act(node.input[0]), ctx.act(node.output[0])
+            return factor(ctx.g, x, y, ctx.g.scalar(1.0), node)
+
+        return ctx.g.mul(p, ctx.g.memo(("derivative", node.name), make))
+
+    return apply
 
 
 def _channel_window_sum(ctx: Context, t: str, size: int, before: int, after: int) -> str:
@@ -82,56 +101,67 @@ def _clip_bounds(graph, node):
     def bound(index, name):
         if len(node.input) > index and node.input[index]:
             if node.input[index] not in graph.consts:
-                from ..errors import ExciteError
-
                 raise ExciteError(f"node {node.name!r}: the gradient through Clip needs constant bounds")
             return float(graph.consts[node.input[index]])
         return attr(node, name)
     return bound(1, "min"), bound(2, "max")
 
 
-def _derivative(ctx: Context, node) -> str:
-    """dy/dx of a smooth elementwise activation, from its input x and output y."""
-    g = ctx.g
-    x, y = ctx.act(node.input[0]), ctx.act(node.output[0])
-    one = g.scalar(1.0)
-    op = node.op_type
-    if op == "Sigmoid":
-        return g.mul(y, g.sub(one, y))
-    if op == "Tanh":
-        return g.sub(one, g.mul(y, y))
-    if op == "Softplus":
-        return g.op("Sigmoid", [x])
-    if op == "LeakyRelu":
-        return g.op("Where", [g.op("Greater", [x, g.scalar(0.0)]), one, g.scalar(float(attr(node, "alpha", 0.01)))])
-    if op == "HardSigmoid":
-        alpha, beta = float(attr(node, "alpha", 0.2)), float(attr(node, "beta", 0.5))
-        inner = g.add(g.mul(x, g.scalar(alpha)), g.scalar(beta))
-        inside = g.op("And", [g.op("Greater", [inner, g.scalar(0.0)]), g.op("Less", [inner, one])])
-        return g.op("Where", [inside, g.scalar(alpha), g.scalar(0.0)])
-    if op == "HardSwish":  # x * clip(x/6 + 1/2, 0, 1): 0 below -3, 1 above 3, (2x + 3)/6 between
-        mid = g.add(g.mul(x, g.scalar(1 / 3)), g.scalar(0.5))
-        return g.op("Where", [g.op("Less", [x, g.scalar(-3.0)]), g.scalar(0.0),
-                              g.op("Where", [g.op("Greater", [x, g.scalar(3.0)]), one, mid])])
-    from ..errors import ExciteError
+def _sigmoid_d(g, x, y, one, node):
+    return g.mul(y, g.sub(one, y))
 
-    raise ExciteError(f"method {ctx.the_method.name!r}: the derivative of {op} (node {node.name!r}) is not "
-                      "implemented; use an excitation/LRP method (mwp, cmwp, lrp-*) on this model")
+
+def _tanh_d(g, x, y, one, node):
+    return g.sub(one, g.mul(y, y))
+
+
+def _softplus_d(g, x, y, one, node):
+    return g.op("Sigmoid", [x])
+
+
+def _leaky_relu_d(g, x, y, one, node):
+    return g.op("Where", [g.op("Greater", [x, g.scalar(0.0)]), one, g.scalar(float(attr(node, "alpha", 0.01)))])
+
+
+def _hard_sigmoid_d(g, x, y, one, node):
+    alpha, beta = float(attr(node, "alpha", 0.2)), float(attr(node, "beta", 0.5))
+    inner = g.add(g.mul(x, g.scalar(alpha)), g.scalar(beta))
+    inside = g.op("And", [g.op("Greater", [inner, g.scalar(0.0)]), g.op("Less", [inner, one])])
+    return g.op("Where", [inside, g.scalar(alpha), g.scalar(0.0)])
+
+
+def _hard_swish_d(g, x, y, one, node):
+    """x * clip(x/6 + 1/2, 0, 1): 0 below -3, 1 above 3, (2x + 3)/6 between."""
+    mid = g.add(g.mul(x, g.scalar(1 / 3)), g.scalar(0.5))
+    return g.op("Where", [g.op("Less", [x, g.scalar(-3.0)]), g.scalar(0.0),
+                          g.op("Where", [g.op("Greater", [x, g.scalar(3.0)]), one, mid])])
 
 
 _PASS = ("P passes through (where an activation's output can be negative, the next linear layer sees that sign: "
          "the `positive` rule then counts only positive contributions)")
 
-#: Elementwise ops with one data input whose P passes through unchanged: the ReLU family
-#: and other monotone activations (where an activation's output can be negative, the
-#: sign of that output is seen by the next linear layer: the positive rule then counts
-#: only its positive contributions), plus Identity, Dropout, Cast, LRN. They differ only
-#: in what they say about the sign of their output.
-register("Relu", "Sigmoid", "Softplus", "HardSigmoid", inputs=(0,), keeps_nonneg="always",
-         description="P passes through")(_pass)
-register("LeakyRelu", "PRelu", "Elu", "Celu", "HardSwish", "Tanh", "Gelu", "Softsign", "Mish",
-         "Identity", "Dropout", "Cast", "LRN", inputs=(0,), keeps_nonneg=True, description=_PASS)(_pass)
-register("Selu", "ThresholdedRelu", inputs=(0,), description=_PASS)(_pass)
+_ACT = dict(inputs=(0,), family="activation", layout="elementwise")
+_DERIVATIVES = {"Sigmoid": _sigmoid_d, "Softplus": _softplus_d, "HardSigmoid": _hard_sigmoid_d,
+                "LeakyRelu": _leaky_relu_d, "HardSwish": _hard_swish_d, "Tanh": _tanh_d}
+
+#: The ReLU family and other monotone activations pass P through (where an activation's
+#: output can be negative, the sign of that output is seen by the next linear layer: the
+#: positive rule then counts only its positive contributions); they differ in what they say
+#: about the sign of their output and in their derivative (for grad and guided).
+register("Relu", inputs=(0,), keeps_nonneg="always", family="rectifier", layout="elementwise",
+         description="P passes through")(_rectifier)
+for _op in ("Sigmoid", "Softplus", "HardSigmoid"):
+    register(_op, keeps_nonneg="always", derivative=_elementwise(_DERIVATIVES[_op]), description="P passes through",
+             roles={"squasher"} if _op == "Sigmoid" else (), **_ACT)(_activation)
+for _op in ("LeakyRelu", "PRelu", "Elu", "Celu", "HardSwish", "Tanh", "Gelu", "Softsign", "Mish"):
+    register(_op, keeps_nonneg=True, description=_PASS,
+             derivative=_elementwise(_DERIVATIVES[_op]) if _op in _DERIVATIVES else None, **_ACT)(_activation)
+register("Identity", "Dropout", inputs=(0,), keeps_nonneg=True, family="identity", layout="elementwise",
+         roles={"shape-only"}, description=_PASS)(_identity)
+register("Cast", inputs=(0,), keeps_nonneg=True, family="identity", layout="elementwise", description=_PASS)(_identity)
+register("LRN", keeps_nonneg=True, description=_PASS, derivative=_lrn_adjoint, inputs=(0,), family="activation",
+         layout="nchw")(_activation)
+register("Selu", "ThresholdedRelu", description=_PASS, **_ACT)(_activation)
 
 
 def clip_nonneg(graph, node):
@@ -143,7 +173,8 @@ def clip_nonneg(graph, node):
     return "always" if lo in graph.consts and float(graph.consts[lo]) >= 0 else False
 
 
-register("Clip", inputs=(0,), keeps_nonneg=clip_nonneg, description="P passes through (ReLU6 and other clamps)")(_pass)
+register("Clip", inputs=(0,), keeps_nonneg=clip_nonneg, family="rectifier", layout="elementwise",
+         description="P passes through (ReLU6 and other clamps)")(_rectifier)
 
 
 def _reshape_back(ctx: Context, node, p: str, negate=False):
@@ -151,11 +182,12 @@ def _reshape_back(ctx: Context, node, p: str, negate=False):
     return {a: ctx.g.reshape_like(p, a)}
 
 
-register("Flatten", "Reshape", "Squeeze", "Unsqueeze", inputs=(0,), keeps_nonneg=True,
-         description="P reshaped back; Shape/Gather/Concat subgraphs feeding a Reshape carry no P")(_reshape_back)
+register("Flatten", "Reshape", "Squeeze", "Unsqueeze", inputs=(0,), keeps_nonneg=True, family="shape",
+         roles={"shape-only"}, description="P reshaped back; Shape/Gather/Concat subgraphs feeding a Reshape carry no P")(_reshape_back)
 
 
-@register("Transpose", inputs=(0,), keeps_nonneg=True, description="P permuted back (NHWC graphs)")
+@register("Transpose", inputs=(0,), keeps_nonneg=True, family="shape", layout="transpose",
+          description="P permuted back (NHWC graphs)")
 def transpose(ctx: Context, node, p: str, negate=False):
     """Undo the permutation."""
     a = node.input[0]
@@ -203,7 +235,7 @@ def mul_check(graph, node):
     return None
 
 
-@register("Mul", keeps_nonneg=True, check=mul_check,
+@register("Mul", keeps_nonneg=True, check=mul_check, family="arithmetic", layout="elementwise", roles={"affine"},
           description="by a gate (SE blocks, SiLU = x·sigmoid(x), constant scales): the gate is a per-element scale, P goes to the gated "
                       "features only. A scalar or per-channel constant scale right after a Conv or a dense layer (Gemm / MatMul; "
                       "decomposed BatchNorm) is folded into that layer first")
@@ -211,7 +243,7 @@ def mul(ctx: Context, node, p: str, negate=False):
     """The gate (a constant or computed from the features) is a per-element scale: P flows to the
     features. The gradient family follows the product rule instead: P * gate to the features
     and P * features to the gate branch (unbroadcast to each factor's shape)."""
-    if not ctx.adjoint:
+    if ctx.variant("arithmetic") == "excitation":
         return {node.input[1 - _gate_input(ctx.graph, node)]: p}
     g = ctx.g
     out = {}

@@ -21,7 +21,7 @@ def maxpool_check(graph, node):
     return None
 
 
-@register("MaxPool", inputs=(0,), keeps_nonneg=True, check=maxpool_check, description="all of P to the window's arg-max (overlapping windows, ceil_mode): MaxPool Indices + ScatterElements(add)")
+@register("MaxPool", inputs=(0,), keeps_nonneg=True, check=maxpool_check, layout="nchw", description="all of P to the window's arg-max (overlapping windows, ceil_mode): MaxPool Indices + ScatterElements(add)")
 def max_pool(ctx: Context, node, p: str, negate=False):
     """Route P to the window maxima, accumulating over overlapping windows."""
     a = node.input[0]

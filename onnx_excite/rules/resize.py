@@ -228,7 +228,7 @@ def resize_check(graph, node):
     return None
 
 
-@register("Resize", "Upsample", inputs=(0,), keeps_nonneg=True, check=resize_check,
+@register("Resize", "Upsample", inputs=(0,), keeps_nonneg=True, check=resize_check, layout="elementwise",
           description="nearest and linear (every coordinate transformation but tf_crop_and_resize, antialias; scales, "
                       "sizes, or sizes computed in the graph); nearest: P routed back to the source pixel (copies summed); linear: proportional to the "
                       "contributions, `Z = A a`, `P_in = a · Aᵀ(P / Z)` (a+ for `positive`), `A` the per-axis "

@@ -70,7 +70,7 @@ def pad_nonneg(graph, node):
     return value is None or (value in graph.consts and bool((graph.consts[value] >= 0).all()))
 
 
-@register("Pad", inputs=(0,), keeps_nonneg=pad_nonneg, check=pad_check,
+@register("Pad", inputs=(0,), keeps_nonneg=pad_nonneg, check=pad_check, layout="elementwise",
           description="constant: P cut back to the unpadded input (the padding takes no share); "
                       "edge / reflect / wrap: P of the border returns to the cells it copied")
 def pad(ctx: Context, node, p: str, negate=False):
@@ -124,7 +124,7 @@ def slice_check(graph, node):
     return None
 
 
-@register("Slice", inputs=(0,), keeps_nonneg=True, check=slice_check,
+@register("Slice", inputs=(0,), keeps_nonneg=True, check=slice_check, layout="elementwise",
           description="P placed back at the sliced cells (channels, positions, any step); the dropped cells get none")
 def slice_(ctx: Context, node, p: str, negate=False):
     """P_in = P at the cells the slice kept, 0 elsewhere (a zero Pad for step 1, else a 0/1 matrix)."""

@@ -32,10 +32,10 @@ __all__ = ["run_evaluation", "load_results", "EvalPlan", "ImageOutcome", "evalua
            "PROTOCOLS", "METHODS", "DEFAULT_MODEL_LAYER"]
 
 PROTOCOLS = ("pointing", "localization")
-from ...methods import METHODS as _REGISTERED  # noqa: E402
+from ...methods import BASELINES, METHODS as _REGISTERED  # noqa: E402
 
 EXCITE_METHODS = tuple(_REGISTERED)   # every registered attention method (onnx-excite methods)
-METHODS = EXCITE_METHODS + ("center",)
+METHODS = EXCITE_METHODS + tuple(BASELINES)
 
 #: on_progress(images done, images in all)
 ProgressFn = Callable[[int, int], None]
@@ -47,8 +47,8 @@ def result_labels(methods: Sequence[str], layers: Sequence[str]) -> list[tuple]:
     """(label, method, layer) per result row: ``cmwp:features.13``, ..., ``center``."""
     out = []
     for m in methods:
-        if m == "center":
-            out.append(("center", "center", None))
+        if m in BASELINES:
+            out.append((m, m, None))
         else:
             out.extend((f"{m}:{l}", m, l) for l in layers)
     return out

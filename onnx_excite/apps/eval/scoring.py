@@ -41,7 +41,7 @@ class PointingScorer:
     """Pointing game (Zhang et al. 4.1): per (image, class present) pair, the maximum of the
     map upsampled to the image is a hit when within ``tolerance`` px of an object of the class."""
 
-    labels: list            # (label, method, layer); method "center" has no layer
+    labels: list            # (label, method, layer); a baseline ("center") has no layer
     evaluated: set          # dataset classes with a mapping
     tolerance: float = 15
     blur: bool = True       # see :func:`blurred`
