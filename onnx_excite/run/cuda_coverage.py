@@ -30,6 +30,7 @@ from ..graph.builder import build_excitation_model
 from ..graph.canonicalize import _weightless, first_input_name, load_model
 from ..graph.index import attr
 from ..graph.options import BuildOptions
+from ..methods import DEFAULT_METHODS
 
 ANY_VERSION = 2**31 - 1
 
@@ -202,7 +203,7 @@ class CoverageReport:
 
 
 #: what ``check --provider cuda`` builds by default: MWP and c-MWP, the map layer the input
-CHECK_OPTIONS = BuildOptions(methods=("mwp", "cmwp"))
+CHECK_OPTIONS = BuildOptions(methods=DEFAULT_METHODS)
 
 
 def check_companion(model, options: BuildOptions | None = None, **fields) -> CoverageReport:

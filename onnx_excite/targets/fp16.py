@@ -11,7 +11,8 @@ import onnx
 from onnx import TensorProto
 
 from ..errors import ExciteError
-from ..graph.canonicalize import OUTPUT_SQUASHERS, load_model, name_nodes
+from ..graph.canonicalize import load_model, name_nodes
+from ..rules import has_role
 
 
 def forward_to_float16(model) -> onnx.ModelProto:
@@ -31,7 +32,7 @@ def forward_to_float16(model) -> onnx.ModelProto:
     proto = name_nodes(proto)
     # the final Softmax (or kin) stays float32, so the logits below it are found as usual
     outputs = {o.name for o in proto.graph.output}
-    keep = [n.name for n in proto.graph.node if n.op_type in OUTPUT_SQUASHERS and set(n.output) & outputs]
+    keep = [n.name for n in proto.graph.node if has_role(n, "squasher") and set(n.output) & outputs]
     with warnings.catch_warnings():   # "float32 number ... truncated": expected for tiny weights
         warnings.simplefilter("ignore", UserWarning)
         half = float16.convert_float_to_float16(proto, keep_io_types=True, node_block_list=keep)
