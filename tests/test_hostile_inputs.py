@@ -349,7 +349,7 @@ def test_huge_and_extreme_images_are_refused_before_decoding(tmp_path):
     onnx.save(gap_classifier(2, 4, 2, 0), str(tmp_path / "gap.onnx"))
     for path, needle in ((big, "scale it down first"), (strip, "crop it first")):
         res = _run("explain", tmp_path / "gap.onnx", path, "-l", "r1", "-o", tmp_path / "o")
-        assert res.exit_code != 0 and res.exception is None or isinstance(res.exception, SystemExit)
+        assert res.exit_code != 0 and (res.exception is None or isinstance(res.exception, SystemExit))
         text = " ".join(res.output.split())
         assert "Traceback" not in text and f"error: {path}" in text and needle in text, text
 
@@ -411,10 +411,10 @@ def test_checkpoint_allowed_globals_with_bad_arguments(tmp_path):
     p.b += b")R("
     p.str("w")
     p.tensor("FloatStorage", "s0", 12, 0, (2,), (1,))
-    p.b += b"u}("                                                   # then BUILD on the tensor: new size
+    p.b += b"}("                                                    # BUILD on the tensor: a new size
     p.str("size")
     p.tup((100000, 100000))
-    bad.append(bytes(p.b) + b"ub.")
+    bad.append(bytes(p.b) + b"ubu.")
     for k, pkl in enumerate(bad):
         path = write_zip_checkpoint(tmp_path / f"{k}.pth", pkl=pkl)
         with pytest.raises(ValueError, match="torch checkpoint"):
