@@ -434,3 +434,23 @@ def test_default_weights_pinned_by_their_full_digest(monkeypatch, tmp_path):
     monkeypatch.setattr(mobilenet_v2, "WEIGHTS_SHA256", wrong)
     with pytest.raises(mobilenet_v2.ModelUnavailableError, match="damaged"):
         mobilenet_v2.load_default_model(tmp_path / "cache", rebuild=True)
+
+
+def test_external_data_outside_the_model_folder_is_refused(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    (tmp_path / "secret.bin").write_bytes(np.ones(64 * 5, np.float32).tobytes())
+    model = gap_classifier(2, 4, 2, 0)
+    for location in ("../secret.bin", str(tmp_path / "secret.bin")):
+        w = next(t for t in model.graph.initializer if t.name == "W2")
+        w.ClearField("raw_data")
+        w.data_location = TensorProto.EXTERNAL
+        del w.external_data[:]
+        w.external_data.add(key="location", value=location)
+        (tmp_path / "m").mkdir(exist_ok=True)
+        (tmp_path / "m" / "gap.onnx").write_bytes(model.SerializeToString())
+        Image.new("RGB", (20, 10)).save(tmp_path / "p.png")
+        res = _run("explain", tmp_path / "m" / "gap.onnx", tmp_path / "p.png", "-l", "r1", "-o", tmp_path / "o")
+        text = " ".join(res.output.split())
+        assert res.exit_code != 0 and "Traceback" not in text and "error:" in text, text
+        assert "outside" in text or "absolute" in text, text
