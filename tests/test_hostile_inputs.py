@@ -437,7 +437,7 @@ def test_default_weights_pinned_by_their_full_digest(monkeypatch, tmp_path):
 
 
 def test_external_data_outside_the_model_folder_is_refused(tmp_path):
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto
 
     (tmp_path / "secret.bin").write_bytes(np.ones(64 * 5, np.float32).tobytes())
     model = gap_classifier(2, 4, 2, 0)
