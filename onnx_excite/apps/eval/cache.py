@@ -1,4 +1,7 @@
-"""The per-image map cache of an evaluation: ``<folder>/<protocol>/<image id>.npz``.
+"""The per-image map cache of an evaluation: ``<folder>/<protocol>/<image key>.npz``.
+
+The key (:func:`cache_key`) is the image id made file-safe plus a hash of the image's full
+name in its dataset, so two images never share an entry.
 
 One file per image holds, for every class evaluated so far, the model output indices the
 class maps to (``idx|<class>``) and one map per method and layer (``<method>|<layer>|<class>``),
@@ -8,6 +11,7 @@ with another tolerance, more classes or an interrupted run reuse what is there.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Optional, Sequence
@@ -19,16 +23,26 @@ def safe_id(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "image"
 
 
+def cache_key(rec) -> str:
+    """The file stem of an image's entry: its id made file-safe (at most 64 characters) and 16
+    hex digits of the SHA-256 of its full name in the dataset (``rec.key``, else the id), so ids
+    that read alike (``x y``, ``x_y``) and files of one name in two folders (COCO's
+    ``train/x.jpg``, ``val/x.jpg``) have entries of their own."""
+    digest = hashlib.sha256((rec.key or rec.id).encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{safe_id(rec.id)[:64]}-{digest}"
+
+
 class MapCache:
     def __init__(self, folder, protocol: str, meta: str):
         self.folder, self.protocol, self.meta = Path(folder), protocol, meta
 
-    def path(self, image_id: str) -> Path:
-        return self.folder / self.protocol / f"{safe_id(image_id)}.npz"
+    def path(self, rec) -> Path:
+        """The entry of the :class:`ImageRecord` ``rec``."""
+        return self.folder / self.protocol / f"{cache_key(rec)}.npz"
 
-    def load(self, image_id: str) -> dict:
+    def load(self, rec) -> dict:
         """The stored arrays of this image (without ``meta``), or {} when absent or stale."""
-        path = self.path(image_id)
+        path = self.path(rec)
         if not path.is_file():
             return {}
         try:
@@ -39,9 +53,9 @@ class MapCache:
         except Exception:  # unreadable cache: recompute
             return {}
 
-    def save(self, image_id: str, stored: dict) -> None:
+    def save(self, rec, stored: dict) -> None:
         """Write atomically (a temporary file renamed), so an interrupted run leaves no half file."""
-        path = self.path(image_id)
+        path = self.path(rec)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez_compressed(tmp, meta=np.array(self.meta), **stored)

@@ -14,6 +14,13 @@ image that is missing or unreadable, or an object whose box is invalid or lies e
 outside its image is skipped with a message; everything else is read. Boxes reaching past
 the border are clipped to the image (also reported).
 
+Hostile or broken files end in one :class:`ExciteError` line naming the file, the record and
+the field, before anything is used: an id or image name leading outside its folder
+(:mod:`onnx_excite.io.paths`), an id of the wrong JSON type, a size that is not a finite
+number, a COCO RLE whose ``size`` claims more pixels than its image or whose ``counts`` are
+malformed. XML entity expansion is stopped by the parser (expat's amplification limit; an
+external entity is an undefined one): such a file is malformed.
+
 Coordinates are kept as the files give them (VOC's are 1-based and inclusive, COCO's are
 0-based with ``[x, y, w, h]``; neither is shifted): a box is the continuous rectangle
 ``xmin <= x <= xmax, ymin <= y <= ymax`` in pixel units, clipped to ``[0, width] x [0, height]``.
@@ -31,6 +38,7 @@ import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
 from ...errors import ExciteError
+from ...io.paths import inside
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".JPG", ".JPEG", ".PNG")
 
@@ -79,11 +87,15 @@ class Obj:
 
 @dataclass
 class ImageRecord:
+    """One image: ``id`` as reports show it, ``key`` its full name in the dataset (VOC id, COCO
+    ``file_name``; unique in the dataset, where COCO ids, the file stems, may repeat)."""
+
     id: str
     path: Path
     width: int
     height: int
     objects: list = field(default_factory=list)
+    key: str = ""
 
     def classes(self, include_difficult: bool = False) -> list[str]:
         """Sorted class names present (by default: with at least one non-difficult object)."""
@@ -167,6 +179,15 @@ def _text(node, tag: str):
     return None if child is None or child.text is None else child.text.strip()
 
 
+def _finite(text: str, what: str) -> float:
+    """``float(text)``: ExciteError naming ``what`` when it is infinite or NaN (TypeError/ValueError
+    when it is no number, for the caller to handle)."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ExciteError(f"{what} {text!r} is not a finite number")
+    return value
+
+
 def read_voc_xml(xml_path: Path, image_dir: Path, problems: list, image_id: Optional[str] = None) -> Optional[ImageRecord]:
     """One VOC annotation file, or None (with a message in ``problems``) when it cannot be used."""
     image_id = image_id or xml_path.stem
@@ -179,7 +200,7 @@ def read_voc_xml(xml_path: Path, image_dir: Path, problems: list, image_id: Opti
         problems.append(f"{xml_path}: malformed XML ({exc}); image skipped")
         return None
     filename = _text(root, "filename")
-    path = image_dir / filename if filename else None
+    path = inside(image_dir, filename, f"{xml_path}: <filename>") if filename else None
     if path is None or not path.is_file():
         alt = [image_dir / f"{image_id}{s}" for s in IMAGE_SUFFIXES]
         path = next((p for p in alt if p.is_file()), path or alt[0])
@@ -190,7 +211,7 @@ def read_voc_xml(xml_path: Path, image_dir: Path, problems: list, image_id: Opti
         return None
     size = root.find("size")
     try:
-        width, height = int(float(_text(size, "width"))), int(float(_text(size, "height")))
+        width, height = (int(_finite(_text(size, t), f"{xml_path}: <size>/<{t}>")) for t in ("width", "height"))
     except (TypeError, ValueError, AttributeError):
         width, height = actual
     if width <= 0 or height <= 0:
@@ -199,7 +220,7 @@ def read_voc_xml(xml_path: Path, image_dir: Path, problems: list, image_id: Opti
         problems.append(f"{xml_path}: annotated size {width}x{height} differs from the image's {actual[0]}x{actual[1]} "
                         f"({path.name}); image skipped")
         return None
-    rec = ImageRecord(image_id, path, width, height, [])
+    rec = ImageRecord(image_id, path, width, height, [], image_id)
     for k, obj in enumerate(root.findall("object")):
         name = _text(obj, "name")
         if not name:
@@ -224,12 +245,13 @@ def read_voc(root, split: Optional[str] = None, image_dir=None) -> tuple:
     root = Path(root)
     if not root.is_dir():
         raise ExciteError(f"{root}: no such folder")
-    ids, _ = voc_ids(root, split)
+    ids, source = voc_ids(root, split)
+    xmls = [inside(root / "Annotations", i, f"{source}: image id") for i in ids]
     image_dir = Path(image_dir) if image_dir else root / "JPEGImages"
     problems: list = []
     records = []
-    for image_id in ids:
-        rec = read_voc_xml(root / "Annotations" / f"{image_id}.xml", image_dir, problems, image_id)
+    for image_id, xml_path in zip(ids, xmls):
+        rec = read_voc_xml(xml_path.with_name(xml_path.name + ".xml"), image_dir, problems, image_id)
         if rec is not None:
             records.append(rec)
     records.sort(key=lambda r: r.id)
@@ -242,14 +264,13 @@ def read_voc(root, split: Optional[str] = None, image_dir=None) -> tuple:
 def decode_rle(rle: dict, width: int, height: int) -> np.ndarray:
     """A COCO run-length encoding (``counts`` as a list or as the compressed string) as a
     ``(height, width)`` bool array. Runs alternate 0s and 1s, starting with 0s, column-major."""
-    h, w = (int(v) for v in rle.get("size", (height, width)))
-    counts = rle["counts"]
-    if isinstance(counts, str):
-        counts = _rle_string_counts(counts)
+    try:
+        h, w, counts = rle_runs(rle, width, height)
+    except ValueError as exc:
+        raise ExciteError(f"RLE {exc}") from None
     flat = np.zeros(h * w, dtype=bool)
     pos, val = 0, False
     for c in counts:
-        c = int(c)
         if val:
             flat[pos:pos + c] = True
         pos += c
@@ -262,15 +283,49 @@ def decode_rle(rle: dict, width: int, height: int) -> np.ndarray:
     return mask
 
 
+def rle_runs(rle: dict, width: int, height: int) -> tuple:
+    """``(h, w, runs)`` of a COCO RLE, checked against its ``width`` x ``height`` image:
+    ValueError naming the field when ``size`` is not two integers claiming at most the image's
+    pixels, or ``counts`` is neither a list of non-negative integers nor a well-formed
+    compressed string, or its runs cover more pixels than ``size``."""
+    size = rle.get("size", [height, width])
+    if not (isinstance(size, (list, tuple)) and len(size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in size)):
+        raise ValueError(f"size {size!r} is not [height, width]")
+    h, w = size
+    if h * w > width * height:
+        raise ValueError(f"size {h}x{w} claims {h * w} pixels, more than its {width}x{height} image has")
+    counts = rle.get("counts")
+    if isinstance(counts, str):
+        counts = _rle_string_counts(counts)
+    elif isinstance(counts, list) and all(isinstance(c, int) and not isinstance(c, bool)
+                                          or isinstance(c, float) and c.is_integer() for c in counts):
+        counts = [int(c) for c in counts]
+    else:
+        raise ValueError("counts is neither a list of integers nor a compressed RLE string")
+    if any(c < 0 for c in counts):
+        raise ValueError("counts holds a negative run")
+    if sum(counts) > h * w:
+        raise ValueError(f"counts cover {sum(counts)} pixels, more than its size {h}x{w}")
+    return h, w, counts
+
+
 def _rle_string_counts(s: str) -> list[int]:
     """pycocotools' compressed RLE string (maskApi.c rleFrString): 5-bit groups with a
-    continuation bit, offset by 48; from the third run on each value is a delta to the one two back."""
+    continuation bit, offset by 48; from the third run on each value is a delta to the one two back.
+    ValueError for a character outside the alphabet, a run of more than 64 bits or a cut-off run."""
     counts: list[int] = []
     p = 0
     while p < len(s):
         x, k, more = 0, 0, True
         while more:
+            if p == len(s):
+                raise ValueError("counts: the compressed string ends inside a run")
+            if k == 13:
+                raise ValueError("counts: a run of more than 64 bits")
             c = ord(s[p]) - 48
+            if not 0 <= c < 64:
+                raise ValueError(f"counts: character {s[p]!r} is not of the compressed RLE alphabet")
             x |= (c & 0x1F) << (5 * k)
             more = bool(c & 0x20)
             p += 1
@@ -298,6 +353,13 @@ def coco_image_dir(json_path: Path, images: Sequence[dict]) -> Path:
     return here
 
 
+def _coco_id(value, what: str):
+    """``value`` when it can be an id (a number, a string or null), else ExciteError naming ``what``."""
+    if isinstance(value, (list, dict)):
+        raise ExciteError(f"{what} must be a number or a string, not {'a list' if isinstance(value, list) else 'an object'}")
+    return value
+
+
 def read_coco(json_path, image_dir=None, use_masks: bool = True) -> tuple:
     """``(records, problems)`` for a COCO instances file. Record ids are the image file stems
     (``2007_000027.jpg`` -> ``2007_000027``); an annotation's ``difficult`` field is honoured
@@ -316,6 +378,9 @@ def read_coco(json_path, image_dir=None, use_masks: bool = True) -> tuple:
         raise ExciteError(f"{json_path}: malformed JSON ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise ExciteError(f"{json_path}: not a COCO instances file (no 'images' list)")
+    for name in ("categories", "annotations"):
+        if not isinstance(data.get(name) or [], list):
+            raise ExciteError(f"{json_path}: {name} must be a list, not {type(data[name]).__name__}")
     problems: list = []
     images = data["images"]
     image_dir = Path(image_dir) if image_dir else coco_image_dir(json_path, images)
@@ -323,12 +388,19 @@ def read_coco(json_path, image_dir=None, use_masks: bool = True) -> tuple:
     categories = {}
     for k, cat in enumerate(data.get("categories") or []):
         if isinstance(cat, dict) and "id" in cat and isinstance(cat.get("name"), str):
-            categories[cat["id"]] = cat["name"]
+            categories[_coco_id(cat["id"], f"{json_path}: categories[{k}]: id")] = cat["name"]
         else:
             problems.append(f"{json_path}: categories[{k}] has no id or name; skipped")
 
     records: dict = {}
     for k, im in enumerate(images):
+        if isinstance(im, dict):
+            named = f" ({im['file_name']!r})" if isinstance(im.get("file_name"), str) else ""
+            if "id" in im:
+                _coco_id(im["id"], f"{json_path}: images[{k}]{named}: id")
+            for side in ("width", "height"):
+                if isinstance(im.get(side), float) and not math.isfinite(im[side]):
+                    raise ExciteError(f"{json_path}: images[{k}]{named}: {side} {im[side]} is not a finite number")
         try:
             iid, fname = im["id"], im["file_name"]
             if not isinstance(fname, str):
@@ -336,7 +408,7 @@ def read_coco(json_path, image_dir=None, use_masks: bool = True) -> tuple:
         except (KeyError, TypeError):
             problems.append(f"{json_path}: images[{k}] has no id or file_name; skipped")
             continue
-        path = image_dir / fname
+        path = inside(image_dir, fname, f"{json_path}: images[{k}] file_name")
         try:
             actual = _image_size(path)
         except ExciteError as exc:
@@ -351,7 +423,7 @@ def read_coco(json_path, image_dir=None, use_masks: bool = True) -> tuple:
         if iid in records:
             problems.append(f"{json_path}: images[{k}] repeats image id {iid}; skipped")
             continue
-        records[iid] = ImageRecord(Path(fname).stem, path, int(width), int(height), [])
+        records[iid] = ImageRecord(Path(fname).stem, path, int(width), int(height), [], fname)
 
     known_ids = {im.get("id") for im in images if isinstance(im, dict)}
     for k, ann in enumerate(data.get("annotations") or []):
@@ -359,12 +431,12 @@ def read_coco(json_path, image_dir=None, use_masks: bool = True) -> tuple:
         if not isinstance(ann, dict):
             problems.append(f"{where} is not an object; skipped")
             continue
-        rec = records.get(ann.get("image_id"))
+        rec = records.get(_coco_id(ann.get("image_id"), f"{where}: image_id"))
         if rec is None:
             if ann.get("image_id") not in known_ids:
                 problems.append(f"{where} refers to unknown image id {ann.get('image_id')!r}; skipped")
             continue  # the image itself was skipped (already reported)
-        name = categories.get(ann.get("category_id"))
+        name = categories.get(_coco_id(ann.get("category_id"), f"{where}: category_id"))
         if name is None:
             problems.append(f"{where} refers to unknown category id {ann.get('category_id')!r}; skipped")
             continue
@@ -381,6 +453,10 @@ def read_coco(json_path, image_dir=None, use_masks: bool = True) -> tuple:
             if polys:
                 mask = Mask(rec.width, rec.height, polygons=polys)
         elif isinstance(seg, dict) and "counts" in seg:
+            try:
+                rle_runs(seg, rec.width, rec.height)
+            except ValueError as exc:
+                raise ExciteError(f"{where} ({rec.path.name}): segmentation {exc}") from None
             mask = Mask(rec.width, rec.height, rle=seg)
         _add_object(rec, name, (x, y, x + w, y + h), bool(ann.get("difficult", 0)), mask,
                     f"{where} ({rec.path.name})", problems)

@@ -71,7 +71,7 @@ class EvalPlan:
         sel = self.scorer.select(rec)
         if sel.skip:
             return False
-        stored = self.cache.load(rec.id) if self.cache else {}
+        stored = self.cache.load(rec) if self.cache else {}
         return bool(missing_classes(stored, sel.classes, self.mapping.indices, self.spec.methods, self.spec.layers))
 
 
@@ -100,7 +100,7 @@ def evaluate_image(rec: ImageRecord, plan: EvalPlan, computer: Optional[MapCompu
     maps = {}
     if plan.spec is not None:
         spec = plan.spec
-        stored = plan.cache.load(rec.id) if plan.cache else {}
+        stored = plan.cache.load(rec) if plan.cache else {}
         todo = missing_classes(stored, sel.classes, plan.mapping.indices, spec.methods, spec.layers)
         if todo:
             try:
@@ -115,7 +115,7 @@ def evaluate_image(rec: ImageRecord, plan: EvalPlan, computer: Optional[MapCompu
             out.computed = True
             out.logits = computer.logits_record()
             if plan.cache is not None:
-                plan.cache.save(rec.id, stored)
+                plan.cache.save(rec, stored)
         else:
             out.cached = True
         maps = {(m, l, c): stored[f"{m}|{l}|{c}"] for m in spec.methods for l in spec.layers for c in sel.classes}

@@ -21,9 +21,15 @@ MDETR's, reads all). Phrase types are the markup's ``/``-separated list after th
 A phrase is a grounding *query* when its entity has at least one box; the others are
 counted by reason (``notvisual``, ``nobox``, ``scene``, ``unannotated``) and not scored,
 which is the protocol of Plummer et al. and of the paper.
+
+An annotation whose size or box coordinates are not finite numbers, or with a box lying
+entirely outside its image, is refused (the image is skipped with a message); image ids of a
+split file must name files inside the folder (:mod:`onnx_excite.io.paths`). XML entity
+expansion is stopped by the parser (expat's amplification limit): such a file is malformed.
 """
 from __future__ import annotations
 
+import math
 import re
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -33,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import ExciteError
+from ...io.paths import inside
 
 
 class AnnotationError(ExciteError):
@@ -143,9 +150,12 @@ def _int(elem, tag: str, where: str) -> int:
     if node is None or node.text is None:
         raise AnnotationError(f"{where}: missing <{tag}>")
     try:
-        return int(float(node.text.strip()))
+        value = float(node.text.strip())
     except ValueError:
         raise AnnotationError(f"{where}: <{tag}> is not a number ({node.text.strip()!r})") from None
+    if not math.isfinite(value):
+        raise AnnotationError(f"{where}: <{tag}> is not a finite number ({node.text.strip()!r})")
+    return int(value)
 
 
 def read_annotation(path) -> Annotation:
@@ -173,6 +183,9 @@ def read_annotation(path) -> Annotation:
             if xmax < xmin or ymax < ymin:
                 raise AnnotationError(f"{where}: box ({xmin}, {ymin}, {xmax}, {ymax}) has xmax < xmin or ymax < ymin")
             box = [max(0, xmin - 1), max(0, ymin - 1), min(ann.width, xmax), min(ann.height, ymax)]
+            if box[2] <= box[0] or box[3] <= box[1]:
+                raise AnnotationError(f"{where}: box ({xmin}, {ymin}, {xmax}, {ymax}) lies outside the "
+                                      f"{ann.width}x{ann.height} image")
             for name in names:
                 boxes.setdefault(name, []).append(box)
             continue
@@ -228,7 +241,10 @@ def split_ids(root, split: str | None) -> list[str]:
     f = root / f"{split}.txt"
     if not f.is_file():
         raise AnnotationError(f"{root}: no split file {split}.txt (use --split all to read every image)")
-    return [line.strip() for line in f.read_text().splitlines() if line.strip()]
+    ids = [line.strip() for line in f.read_text().splitlines() if line.strip()]
+    for image_id in ids:
+        inside(root / "Annotations", image_id, f"{f}: image id")
+    return ids
 
 
 def read_flickr30k_entities(root, split: str | None = None, image_dir=None, limit: int | None = None):

@@ -25,6 +25,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from ...errors import ExciteError
+from ...io.paths import inside
 
 
 class ProposalError(ExciteError):
@@ -93,7 +94,10 @@ def read_boxes_file(path) -> dict[str, np.ndarray] | np.ndarray:
                 box = [float(row[cols[c]]) for c in ("x1", "y1", "x2", "y2")]
             except (TypeError, ValueError):
                 raise ProposalError(f"{path}:{lineno}: coordinates must be numbers") from None
-            per_image.setdefault(row[cols["image"]].strip() if "image" in cols else "", []).append(box)
+            image = row[cols["image"]] if "image" in cols else ""
+            if image is None:
+                raise ProposalError(f"{path}:{lineno}: the row has no image column")
+            per_image.setdefault(image.strip(), []).append(box)
         if "image" not in cols:
             return _check_boxes(per_image.get("", []), str(path))
         return {k: _check_boxes(v, f"{path} [{k}]") for k, v in per_image.items()}
@@ -115,7 +119,7 @@ class BoxesFile:
     def boxes(self, image, key: str) -> np.ndarray:
         if self.path.is_dir():
             for suffix in (".json", ".csv"):
-                f = self.path / f"{key}{suffix}"
+                f = inside(self.path, f"{key}{suffix}", "boxes file of image")
                 if f.is_file():
                     found = read_boxes_file(f)
                     return found if isinstance(found, np.ndarray) else found.get(key, np.zeros((0, 4)))
