@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -22,7 +21,7 @@ import onnx
 from onnx import helper, numpy_helper, shape_inference
 
 from ..errors import ExciteError
-from .forward import ForwardGraph, shape_of
+from .forward import ForwardGraph, LogitsChoice, shape_of
 from .index import GraphIndex, all_inputs, attr, attrs
 
 
@@ -805,20 +804,6 @@ PASSES: list[Callable[[onnx.ModelProto], onnx.ModelProto]] = [
 # which output holds the logits
 # ---------------------------------------------------------------------------
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
-
-
-@dataclass(frozen=True)
-class LogitsChoice:
-    """Where the top signal enters, and why that tensor."""
-
-    tensor: str                 # the logits: the signal enters here (below a trailing Softmax)
-    output: str                 # the output (or tensor) it was resolved from
-    reason: str                 # how it was chosen, in words
-    candidates: tuple = ()      # the float 2-D graph outputs there were to choose from
-
-    @property
-    def chosen_among_several(self) -> bool:
-        return len(self.candidates) > 1 and self.reason != "given"
 
 
 def _below_squashers(index: GraphIndex, name: str) -> tuple[str, bool]:

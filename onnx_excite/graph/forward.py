@@ -8,14 +8,25 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnx
 from onnx import helper
 
-if TYPE_CHECKING:
-    from .canonicalize import LogitsChoice
+
+@dataclass(frozen=True)
+class LogitsChoice:
+    """Where the top signal enters, and why that tensor."""
+
+    tensor: str                 # the logits: the signal enters here (below a trailing Softmax)
+    output: str                 # the output (or tensor) it was resolved from
+    reason: str                 # how it was chosen, in words
+    candidates: tuple = ()      # the float 2-D graph outputs there were to choose from
+
+    @property
+    def chosen_among_several(self) -> bool:
+        return len(self.candidates) > 1 and self.reason != "given"
 
 
 @dataclass
