@@ -66,14 +66,32 @@ def output_dir(path, option: str = "-o") -> Path:
     return path
 
 
-def output_file(path, option: str = "-o", protect: Sequence = ()) -> Path:
-    """A file path we can write: not a folder, not one of ``protect`` (e.g. the input model),
-    in a folder that exists or can be created and is writable."""
+def is_protected(path, protect: Sequence) -> bool:
+    """Whether writing ``path`` would write one of ``protect``: the same path after resolving
+    links, or the same file by inode (a hard link)."""
+    path = Path(path)
+    resolved = path.resolve()
+    for p in protect:
+        p = Path(p)
+        if resolved == p.resolve():
+            return True
+        try:
+            if path.exists() and p.exists() and os.path.samefile(path, p):
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def output_file(path, option: str = "-o", protect: Sequence = (), create: bool = True) -> Path:
+    """A file path we can write: not a folder, not one of ``protect`` (the input model and its
+    external-data files; hard links of them too), in a folder that exists or can be created
+    (``create``) and is writable."""
     path = Path(path)
     if path.is_dir():
         raise ExciteError(f"{option} {path}: is a folder; give a file name (e.g. {path / 'model.excite.onnx'})")
-    resolved = path.resolve()
-    if any(resolved == Path(p).resolve() for p in protect):
-        raise ExciteError(f"{option} {path}: refusing to overwrite the input model")
-    output_dir(path.parent if str(path.parent) else Path("."), option)
+    if is_protected(path, protect):
+        raise ExciteError(f"{option} {path}: refusing to overwrite the input model or its data")
+    if create:
+        output_dir(path.parent if str(path.parent) else Path("."), option)
     return path

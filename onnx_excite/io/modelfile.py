@@ -100,3 +100,20 @@ def remove_saved(path) -> None:
     for p in (Path(path), data_path(path)):
         if p.is_file():
             p.unlink()
+
+
+def input_files(path) -> list[Path]:
+    """The files a model on disk is made of: the .onnx file and the external-data files its
+    tensors name (resolved beside it); an export must never write any of them."""
+    path = Path(path)
+    files = [path]
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:   # unreadable: loading it later gives the error line
+        return files
+    tensors = list(proto.graph.initializer) + [a.t for n in proto.graph.node for a in n.attribute if a.HasField("t")]
+    for t in tensors:
+        for entry in t.external_data:
+            if entry.key == "location":
+                files.append(path.parent / entry.value)
+    return list(dict.fromkeys(files))

@@ -25,7 +25,7 @@ from ..graph.builder import build_excitation_model
 from ..graph.canonicalize import load_model
 from ..graph.options import BuildOptions
 from ..io.checks import output_dir, output_file
-from ..io.modelfile import remove_saved
+from ..io.modelfile import input_files, remove_saved
 from . import fp16, plain, triton
 from .options import ExportOptions, ExportResult
 
@@ -44,8 +44,15 @@ def export(model, path=None, options: ExportOptions | None = None) -> ExportResu
         raise ExciteError("give -o/--output FILE and/or --serving DIR")
     resolved = resolve_model(model)
     build = BuildOptions.of(options.build, layers=resolved.layers(options.build.layers))
+    protect = [] if isinstance(resolved.model, onnx.ModelProto) else input_files(resolved.model)
+    triton_model = None
+    if options.triton_dir is not None:   # every path checked before anything is created
+        name = triton.check_name(triton.model_name(resolved.name, options))
+        triton_model = Path(options.triton_dir) / name / "1" / "model.onnx"
+        output_file(triton_model, "--serving", protect=protect, create=False)
     if path is not None:
-        output_file(path, "-o", protect=[resolved.model] if not isinstance(resolved.model, onnx.ModelProto) else [])
+        output_file(path, "-o", protect=protect, create=False)
+        output_dir(Path(path).parent if str(Path(path).parent) else Path("."), "-o")
     if options.triton_dir is not None:
         output_dir(options.triton_dir, "--serving")
     plain.check_options(options)

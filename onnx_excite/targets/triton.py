@@ -35,8 +35,7 @@ def triton_config(serving: ServingModel, name: str, max_batch_size: int = 32, in
     without it) and requests are batched dynamically; with a fixed batch of 1,
     ``max_batch_size`` is 0 and the dims are the full shapes.
     """
-    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-        raise ExciteError(f"Triton model name {name!r}: use letters, digits, '_', '.', '-'")
+    check_name(name)
     batched = all(s.dims and s.dims[0] is None for s in serving.inputs + serving.outputs)
     if max_batch_size < 1:
         raise ExciteError("--max-batch-size must be at least 1")
@@ -59,6 +58,17 @@ def triton_config(serving: ServingModel, name: str, max_batch_size: int = 32, in
     if serving.notes:
         lines.insert(0, "\n".join(f"# {n}" for n in serving.notes))
     return "\n".join(lines) + "\n"
+
+
+def check_name(name: str) -> str:
+    """A Triton model name that is one plain folder name inside the repository."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name.startswith("."):
+        raise ExciteError(f"Triton model name {name!r}: use letters, digits, '_', '.', '-' (not starting with '.')")
+    return name
+
+
+def model_name(result_name: str, options) -> str:
+    return options.triton_name or f"{Path(result_name).stem}_excite".replace(" ", "_")
 
 
 def write_triton_repository(serving: ServingModel, root, name: str, max_batch_size: int = 32,
@@ -91,7 +101,7 @@ def finish(result, options) -> None:
 def write(result, path, options) -> list[Path]:
     """The folder ``options.triton_dir/<name>`` (name: ``options.triton_name``, else the model's
     stem + ``_excite``)."""
-    name = options.triton_name or f"{Path(result.name).stem}_excite".replace(" ", "_")
+    name = model_name(result.name, options)
     result.folder = write_triton_repository(result.serving, options.triton_dir, name,
                                             max_batch_size=options.max_batch_size)
     return [result.folder / "1" / "model.onnx"]
