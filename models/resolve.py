@@ -76,6 +76,8 @@ class ResolvedModel:
 
 def _static(proto: onnx.ModelProto) -> bool:
     """A 4-D first input with fixed spatial dims."""
+    if not proto.graph.input:
+        return False
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     return len(dims) == 4 and all(d.HasField("dim_value") for d in dims[2:])
 

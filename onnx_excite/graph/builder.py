@@ -283,6 +283,17 @@ class Plan:
     ctx: Context
 
 
+def check_model(graph: ForwardGraph) -> None:
+    """What every build needs of the model itself: an input to feed, and (N, K) logits."""
+    if not graph.input_names:
+        raise ExciteError("the model has no inputs: there is nothing to feed an image to")
+    shape = graph.shape(graph.entry)
+    if shape is not None and len(shape) != 2:
+        dims = "x".join("?" if d is None else str(d) for d in shape)
+        raise ExciteError(f"the logits {graph.entry!r} are {dims}, not (N, K): flatten them in the model, or name a "
+                          "2-D tensor with --logits")
+
+
 def validate(model, layers: Sequence[str], methods: Sequence[str], rule: str = "positive",
              classifier: str | None = None, logits: str | None = None,
              input_shapes: Mapping[str, Sequence[int | None]] | None = None) -> Plan:
@@ -298,6 +309,7 @@ def validate(model, layers: Sequence[str], methods: Sequence[str], rule: str = "
         raise ExciteError("no layer given; list candidates with `onnx-excite layers MODEL`")
 
     graph = canonicalize(model, logits=logits, input_shapes=input_shapes)
+    check_model(graph)
     check_layers(graph, layers)
     for m in declared:
         if m.layers == "last-feature-map":

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .builder import _upstream, check_layers, find_cut, find_unsupported, path_nodes
+from .builder import _upstream, check_layers, check_model, find_cut, find_unsupported, path_nodes
 from .canonicalize import LogitsChoice, canonicalize
 from .forward import ForwardGraph
 from .layout import Layout, channel_axis
@@ -38,6 +38,7 @@ def inspect_model(model, logits: str | None = None, input_shapes=None, layers=No
 
     ``layers`` (optional) are validated exactly as the builder validates them."""
     graph = canonicalize(model, logits=logits if logits is not None else output, input_shapes=input_shapes)
+    check_model(graph)
     if layers:
         check_layers(graph, layers)
     up = _upstream(graph, graph.entry)

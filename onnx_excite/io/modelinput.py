@@ -8,6 +8,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from ..errors import ExciteError
+
 
 @dataclass
 class DeclaredInput:
@@ -37,7 +39,9 @@ def _dim(d) -> Optional[int]:
 def declared_input(model: onnx.ModelProto) -> DeclaredInput:
     """The declared element type, layout and static spatial size of the first real input."""
     inits = {t.name for t in model.graph.initializer}
-    vi = next(i for i in model.graph.input if i.name not in inits)
+    vi = next((i for i in model.graph.input if i.name not in inits), None)
+    if vi is None:
+        raise ExciteError("the model has no inputs: there is nothing to feed an image to")
     tt = vi.type.tensor_type
     try:
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tt.elem_type))

@@ -452,8 +452,14 @@ def _global_pool(ctx: Context, node, a: str, p: str, axes: list[int]):
     return {a: out}
 
 
-@register("GlobalAveragePool", inputs=(0,), keeps_nonneg=True, family="pool", layout="nchw", roles={"global-pool"},
-          description="proportional to the inputs over all positions (a+ for `positive`)")
+def global_pool_check(graph, node):
+    if graph.rank(node.input[0]) is None:
+        return "input rank unknown (shape inference cannot see through the ops above it)"
+    return None
+
+
+@register("GlobalAveragePool", inputs=(0,), keeps_nonneg=True, check=global_pool_check, family="pool", layout="nchw",
+          roles={"global-pool"}, description="proportional to the inputs over all positions (a+ for `positive`)")
 def global_average_pool(ctx: Context, node, p: str, negate=False):
     """Share P over all positions in proportion to the inputs."""
     a = node.input[0]

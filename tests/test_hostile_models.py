@@ -1,0 +1,77 @@
+"""Models that used to end in a traceback: each gets one `error:` line and exit 2."""
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from typer.testing import CliRunner
+
+from onnx_excite import build_excitation_model
+from onnx_excite.cli.app import app
+from onnx_excite.errors import ExciteError
+
+
+def _model(path, out4d=False, no_inputs=False, custom=False):
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["r"])]
+    last = "r"
+    if custom:
+        nodes.append(helper.make_node("Foo", ["r"], ["q"], domain="my.domain"))
+        last = "q"
+    nodes.append(helper.make_node("GlobalAveragePool", [last], ["g"]))
+    if out4d:
+        inits.append(numpy_helper.from_array(rng.normal(size=(5, 4, 1, 1)).astype(np.float32), "fc"))
+        nodes.append(helper.make_node("Conv", ["g", "fc"], ["y"]))
+        out = ["N", 5, 1, 1]
+    else:
+        inits.append(numpy_helper.from_array(rng.normal(size=(4, 5)).astype(np.float32), "fc"))
+        nodes += [helper.make_node("Flatten", ["g"], ["f"]), helper.make_node("MatMul", ["f", "fc"], ["y"])]
+        out = ["N", 5]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])]
+    if no_inputs:
+        inits.append(numpy_helper.from_array(rng.normal(size=(1, 3, 16, 16)).astype(np.float32), "x"))
+        inputs = []
+    graph = helper.make_graph(nodes, "m", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, out)], inits)
+    opsets = [helper.make_opsetid("", 17)] + ([helper.make_opsetid("my.domain", 1)] if custom else [])
+    model = helper.make_model(graph, opset_imports=opsets)
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return model
+
+
+def _one_error(args, match):
+    res = CliRunner().invoke(app, [str(a) for a in args])
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and match in res.output, res.output
+    assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("command", ["check", "layers"])
+def test_logits_that_are_not_n_by_k(tmp_path, command):
+    _model(tmp_path / "m.onnx", out4d=True)
+    _one_error([command, tmp_path / "m.onnx"], "not (N, K)")
+
+
+def test_logits_that_are_not_n_by_k_in_the_library(tmp_path):
+    model = _model(tmp_path / "m.onnx", out4d=True)
+    with pytest.raises(ExciteError, match=r"the logits 'y' are \?x5x1x1, not \(N, K\)"):
+        build_excitation_model(model, ["r"], ("mwp",))
+
+
+def test_a_model_with_no_inputs(tmp_path):
+    _model(tmp_path / "m.onnx", no_inputs=True)
+    _one_error(["check", tmp_path / "m.onnx"], "the model has no inputs")
+    image = tmp_path / "i.png"
+    from PIL import Image
+    Image.new("RGB", (20, 20)).save(image)
+    _one_error(["explain", tmp_path / "m.onnx", image, "-l", "r", "-o", tmp_path / "o"], "the model has no inputs")
+
+
+def test_a_layer_below_a_custom_domain_op(tmp_path):
+    """The shapes below an op shape inference does not know are unknown: the pool's rule says so."""
+    model = _model(tmp_path / "m.onnx", custom=True)
+    with pytest.raises(ExciteError, match="input rank unknown"):
+        build_excitation_model(model, ["q"], ("mwp",))
+    with pytest.raises(ExciteError, match="no excitation rule for op type Foo"):
+        build_excitation_model(model, ["r"], ("mwp",))
