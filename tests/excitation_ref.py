@@ -791,6 +791,13 @@ class Reference:
                     p_in[:, :, yy, xx] += act[:, :, yy, xx] * r
             return {node.input[0]: p_in}
         # -- ops of third-party exports (issue 11) --
+        if op == "Sub" and not any(i in self.consts for i in node.input[:2]):
+            # x - y of two tensors: contributions x and -y, z = (a w)+ (positive) or a w+ (paper)
+            x, y = node.input[0], node.input[1]
+            cx = _contrib(v[x], 1.0, rule)
+            cy = _contrib(v[y], -1.0, rule)
+            r = _safe_ratio(p, cx + cy)
+            return {x: cx * r, y: cy * r}
         if op in ("Sub", "Div"):
             # x - c, c - x, x / c: one input cell per output cell, an affine map: P passes
             x = node.input[0] if op == "Div" or node.input[1] in self.consts else node.input[1]

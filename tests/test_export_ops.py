@@ -151,6 +151,20 @@ def gmp_slice_split_merge(seed):
             (4, 10, 9), 18, set())
 
 
+def poolformer_mixer(seed):
+    """PoolFormer's token mixer, x + (AvgPool(x) - x): a Sub of two tensors (the subtrahend signed
+    through the residual), on signed features."""
+    g = G(seed)
+    x = g.conv("input", 4, 6)
+    pooled = g.op("AveragePool", [x], "pool", kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1],
+                  count_include_pad=0)
+    mixed = g.op("Add", [x, g.op("Sub", [pooled, x], "mix")], "res")
+    r = g.op("Relu", [g.conv(mixed, 6, 6)])
+    flat = g.op("Flatten", [g.op("GlobalAveragePool", [r], "gap")], "flat")
+    out = g.op("Gemm", [flat, g.init(g.rng.normal(size=(6, 6)) / 3)], "logits", transB=1)
+    return g.model_at(out, 17), ["input", x, pooled, mixed, r], (4, 10, 9), 17, set()
+
+
 def expand_tile(seed):
     """A per-channel descriptor broadcast back onto the map (Expand by a constant shape, and by a shape
     computed in the graph, as PyTorch's expand_as) and added; channels tiled (Tile)."""
@@ -200,7 +214,8 @@ G.model_at = _model_at
 
 GRAPHS = {"decomposed_bn_hardswish": decomposed_bn_hardswish, "pad_modes": pad_modes, "nhwc_reductions": nhwc_reductions,
           "resize_fpn": resize_fpn, "upsample_opset9": upsample_opset9, "gmp_slice_split_merge": gmp_slice_split_merge,
-          "expand_tile": expand_tile, "einsum_layers": einsum_layers, "uint8_normalised": uint8_normalised}
+          "expand_tile": expand_tile, "einsum_layers": einsum_layers, "uint8_normalised": uint8_normalised,
+          "poolformer_mixer": poolformer_mixer}
 
 
 def _input(model, shape, seed, batch=2):
@@ -355,7 +370,7 @@ def _one_node_classifier(op, inputs, inits, attrs=None, in_shape=("N", 4, 6, 6))
 
 
 REFUSED = {
-    "sub_of_two_tensors": ("Sub", ["r", "x"], {}, {}, "Sub of two tensors"),
+    "sub_of_itself": ("Sub", ["r", "r"], {}, {}, "Sub of a tensor from itself"),
     "pad_negative": ("Pad", ["r", "p"], {"p": np.array([0, 0, -1, 0, 0, 0, 0, 0], np.int64)}, {"mode": "edge"}, "negative pads"),
     "resize_cubic": ("Resize", ["r", "", "s"], {"s": np.array([1, 1, 2, 2], np.float32)}, {"mode": "cubic"}, "cubic"),
     "resize_batch": ("Resize", ["r", "", "s"], {"s": np.array([2, 1, 1, 1], np.float32)}, {"mode": "nearest"}, "batch axis"),

@@ -14,6 +14,7 @@ computed from ``x`` is a gate, as for ``Mul``.
 from __future__ import annotations
 
 from ..errors import ExciteError
+from ..methods import LRP_EPSILON
 from .base import Context, proves_nonneg, register
 from .merge import add as _proportional_split
 from .passthrough import _depends_on
@@ -36,24 +37,78 @@ def _same_shape_check(graph, data, out):
 
 def sub_check(graph, node):
     data = _data(graph, node)
-    if len(data) > 1:
-        return "Sub of two tensors (only a constant may be subtracted, or subtracted from)"
+    if len(data) > 1 and node.input[0] == node.input[1]:
+        return "Sub of a tensor from itself"
     return _same_shape_check(graph, data, node.output[0])
 
 
 @register("Sub", check=sub_check, family="arithmetic", layout="elementwise", roles={"affine"},
           description="`x - c`, `c - x` (decomposed BatchNorm, pixel normalisation inside the graph): per-element affine, "
-                      "P passes to `x` as for Mul by a constant and a bias Add; Sub of two tensors is refused. A decomposed "
+                      "P passes to `x` as for Mul by a constant and a bias Add; `x - y` of two tensors (PoolFormer's `pool(x) - x`) is the sum rule over x and -y (`x+` and `y-` share P for `positive`). A decomposed "
                       "BatchNorm right after a Conv or a dense layer (scalar or per-channel constants) is folded into that layer first")
 def sub(ctx: Context, node, p: str, negate=False):
     """P_in = P: each output cell is an affine function of one input cell. The gradient
-    rule (the method's ``arithmetic`` entry) takes the derivative: -P for ``c - x``."""
+    rule (the method's ``arithmetic`` entry) takes the derivative: -P for ``c - x``.
+    ``x - y`` of two tensors is the sum ``x + (-1) y`` (:func:`_signed_sum`)."""
     data = _data(ctx.graph, node)
     if not data:
         return {}
+    if len(data) == 2:
+        return _signed_sum(ctx, [(node.input[0], 1.0), (node.input[1], -1.0)], p, node)
     if ctx.variant("arithmetic") == "chain-rule" and data[0] == node.input[1] and data[0] != node.input[0]:
         return {data[0]: ctx.g.op("Neg", [p], hint="p_neg")}
     return {data[0]: p}
+
+
+def _part_weight(kind: str, w: float) -> float:
+    return {"W": w, "W+": max(w, 0.0), "W-": min(w, 0.0), "1": 1.0}[kind]
+
+
+def _signed_sum(ctx: Context, terms, p: str, node):
+    """The sum rule over summands with weights +-1 (PoolFormer's ``pool(x) - x``), by the
+    method's ``add`` variant: each part (act, weight) contributes act(x_k) * w_k(part) with
+    w(W+) = max(w, 0), w(W-) = min(w, 0); Z = the sum of the contributions, P_k = sum over its
+    parts of act(x_k) w_k R, R = P / Z (or P where the variant does not normalise).
+    ``positive``: x+ and y- share P in proportion (a subtrahend takes a share where it is
+    negative); ``paper``: x takes it all (a W+ of -1 is 0); the gradient: P and -P."""
+    g = ctx.g
+    variant = ctx.variant("add")
+    parts = variant.resolve(ctx.rule)
+
+    def act(kind, x):
+        if kind == "a+":
+            return ctx.act(x) if proves_nonneg(ctx.graph, x) else g.memo(("a+", x), lambda: g.relu(ctx.act(x)))
+        if kind == "a-":
+            return g.memo(("a-", x), lambda: g.negative_part(ctx.act(x)))
+        return ctx.act(x) if kind == "a" else None   # "1": a unit factor
+
+    def contribution(a_kind, w_kind, x, w):
+        weight = _part_weight(w_kind, w)
+        if weight == 0.0:
+            return None
+        factor = act(a_kind, x)
+        if factor is None:
+            return g.scalar(weight)
+        return factor if weight == 1.0 else g.mul(factor, g.scalar(weight))
+
+    pieces = {x: [c for a_kind, w_kind in parts if (c := contribution(a_kind, w_kind, x, w)) is not None]
+              for x, w in terms}
+    if variant.normalise == "none":
+        r = p
+    else:
+        def divisor():
+            z = g.sum([c for cs in pieces.values() for c in cs])
+            if variant.normalise == "Z+eps":
+                return g.safe_divisor(g.epsilon_stabilised(z, LRP_EPSILON), signed=True)
+            return g.safe_divisor(z, signed=any(a in ("a", "1") or w == "W" for a, w in parts))
+
+        r = g.divide(p, g.memo((node.name, "signed_sum_divisor", parts, variant.normalise), divisor))
+    out = {}
+    for x, _ in terms:
+        if ctx.wants(x) and pieces[x]:
+            shares = [g.mul(c, r) for c in pieces[x]]
+            out[x] = g.sum(shares)
+    return out
 
 
 def div_check(graph, node):
