@@ -75,3 +75,8 @@ def test_a_layer_below_a_custom_domain_op(tmp_path):
         build_excitation_model(model, ["q"], ("mwp",))
     with pytest.raises(ExciteError, match="no excitation rule for op type Foo"):
         build_excitation_model(model, ["r"], ("mwp",))
+
+
+def test_a_device_file_is_refused_not_read(tmp_path):
+    """`check /dev/zero` would read without end."""
+    _one_error(["check", "/dev/zero"], "not a regular file")

@@ -55,6 +55,8 @@ def load_model(model: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         raise ExciteError(f"{path}: no such model file")
     if path.is_dir():
         raise ExciteError(f"{path}: is a directory, expected an .onnx file")
+    if not path.is_file():   # a device (/dev/zero) or a pipe would be read without end
+        raise ExciteError(f"{path}: not a regular file, expected an .onnx file")
     try:
         proto = onnx.load(str(path), load_external_data=True)
     except Exception as exc:  # protobuf raises DecodeError, external data raises others
