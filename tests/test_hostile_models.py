@@ -80,3 +80,33 @@ def test_a_layer_below_a_custom_domain_op(tmp_path):
 def test_a_device_file_is_refused_not_read(tmp_path):
     """`check /dev/zero` would read without end."""
     _one_error(["check", "/dev/zero"], "not a regular file")
+
+
+@pytest.mark.parametrize("line", ['{"image": null, "settings": {}, "outputs": []}',
+                                  '{"image": "a.png", "settings": {}, "outputs": "oops"}',
+                                  '{"image": "a.png", "settings": 3, "outputs": []}', '[1, 2]', '{"image": "a.png", "out'])
+def test_a_bad_record_line_is_dropped_and_said(tmp_path, line):
+    from onnx_excite.io.records import RecordStore
+
+    good = '{"image": "b.png", "settings": {"k": 1}, "outputs": []}'
+    (tmp_path / "explanations.jsonl").write_text(good + "\n" + line + "\n")
+    store = RecordStore(tmp_path)
+    assert [r["image"] for r in store.records.values()] == ["b.png"]
+    assert len(store.skipped) == 1 and store.skipped[0].startswith("line 2: ")
+    store.put({"image": "c.png", "settings": {}, "outputs": []})
+    store.put({"image": "c.png", "settings": {}, "outputs": [{"x": 1}]})   # a rewrite drops the bad line
+    assert "oops" not in (tmp_path / "explanations.jsonl").read_text()
+    assert RecordStore(tmp_path).skipped == []
+
+
+def test_explain_resumes_past_a_bad_record(tmp_path):
+    from PIL import Image
+
+    _model(tmp_path / "m.onnx")
+    Image.new("RGB", (20, 20), (200, 10, 10)).save(tmp_path / "i.png")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "explanations.jsonl").write_text('{"image": null, "outputs": "oops"}\n')
+    res = CliRunner().invoke(app, ["explain", str(tmp_path / "m.onnx"), str(tmp_path / "i.png"), "-l", "r", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "no records and are dropped" in res.output and "Traceback" not in res.output

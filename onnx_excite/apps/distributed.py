@@ -374,6 +374,8 @@ def explain_on_ray(inputs: Sequence, opts, settings: RaySettings, on_error: Opti
     out_dir = output_dir(opts.out_dir)
     opts = dataclasses.replace(opts, out_dir=out_dir)
     store = RecordStore(out_dir)
+    if store.skipped and warn is not None:
+        warn(f"{store.path}: {len(store.skipped)} line(s) are no records and are dropped ({store.skipped[0]})")
     names = [str(f) for f in files]
     summary = ExplainSummary(input_size=setup.input_size)
     done_before = {}

@@ -250,6 +250,8 @@ def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, er
     out_dir = output_dir(opts.out_dir)
     opts = dataclasses.replace(opts, out_dir=out_dir)
     store = RecordStore(out_dir)
+    if store.skipped and warn is not None:
+        warn(f"{store.path}: {len(store.skipped)} line(s) are no records and are dropped ({store.skipped[0]})")
     run = _Run(setup.model, setup.layers, opts, setup.class_names, {p.resolve() for p in files}, setup.style, store,
                settings, on_record)
     run.summary.input_size = setup.input_size

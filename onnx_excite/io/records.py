@@ -46,26 +46,46 @@ def is_complete(record: dict) -> bool:
     return bool(paths) and all(p.is_file() for p in paths)
 
 
-def read_records(path) -> list[dict]:
+def record_problem(rec) -> Optional[str]:
+    """Why a parsed line is not a usable record (None: it is one)."""
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    if not isinstance(rec.get("image"), str) or not rec["image"]:
+        return "'image' is not a path"
+    if rec.get("settings") is not None and not isinstance(rec["settings"], dict):
+        return "'settings' is not an object"
+    outputs = rec.get("outputs", [])
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+        return "'outputs' is not a list of objects"
+    return None
+
+
+def read_records(path, skipped: Optional[list] = None) -> list[dict]:
     """The records of a JSONL file, later lines replacing earlier ones of the same key;
-    lines that are not JSON objects (e.g. cut off by a crash) are dropped."""
+    lines that are not records (cut off by a crash, edited by hand) are dropped, and said in
+    ``skipped`` (``"line N: why"``) when a list is given."""
     path = Path(path)
     if not path.is_file():
         return []
     by_key: dict = {}
     with path.open(encoding="utf-8") as fh:
-        for line in fh:
+        for number, line in enumerate(fh, 1):
             line = line.strip()
             if not line:
                 continue
             try:
                 rec = json.loads(line)
             except ValueError:
+                problem = "not valid JSON"
+            else:
+                problem = record_problem(rec)
+            if problem is not None:
+                if skipped is not None:
+                    skipped.append(f"line {number}: {problem}")
                 continue
-            if isinstance(rec, dict) and "image" in rec:
-                key = record_key(rec["image"], rec.get("settings"))
-                by_key.pop(key, None)
-                by_key[key] = rec
+            key = record_key(rec["image"], rec.get("settings"))
+            by_key.pop(key, None)
+            by_key[key] = rec
     return list(by_key.values())
 
 
@@ -78,7 +98,9 @@ class RecordStore:
 
     def __init__(self, folder, file_name: str = FILE_NAME):
         self.path = Path(folder) / file_name
-        self.records = {record_key(r["image"], r.get("settings")): r for r in read_records(self.path)}
+        #: the lines of the file that were no records (dropped when the file is rewritten)
+        self.skipped: list[str] = []
+        self.records = {record_key(r["image"], r.get("settings")): r for r in read_records(self.path, self.skipped)}
         if self.path.is_file() and self._line_count() != len(self.records):
             self._rewrite()   # duplicates or broken lines from an older version or a crash
 
