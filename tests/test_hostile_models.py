@@ -1,4 +1,6 @@
 """Models that used to end in a traceback: each gets one `error:` line and exit 2."""
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -110,3 +112,26 @@ def test_explain_resumes_past_a_bad_record(tmp_path):
     res = CliRunner().invoke(app, ["explain", str(tmp_path / "m.onnx"), str(tmp_path / "i.png"), "-l", "r", "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert "no records and are dropped" in res.output and "Traceback" not in res.output
+
+
+def test_two_images_with_one_name_keep_their_own_files(tmp_path):
+    from PIL import Image
+
+    _model(tmp_path / "m.onnx")
+    for folder, colour in (("s1", (200, 10, 10)), ("s2", (10, 10, 200))):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (20, 20), colour).save(tmp_path / folder / "cat.png")
+    out = tmp_path / "o"
+    args = ["explain", str(tmp_path / "m.onnx"), "-l", "r", "-o", str(out), "-m", "mwp"]
+    res = CliRunner().invoke(app, args[:2] + [str(tmp_path / "s1" / "cat.png"), str(tmp_path / "s2" / "cat.png")] + args[2:])
+    assert res.exit_code == 0, res.output
+    import json
+    records = [json.loads(line) for line in (out / "explanations.jsonl").read_text().splitlines()]
+    files = [sorted(v for o in r["outputs"] for v in o.values() if isinstance(v, str) and v.endswith(".png"))
+             for r in records]
+    assert len(records) == 2 and not set(files[0]) & set(files[1])
+    assert all(Path(f).is_file() for fs in files for f in fs)
+    # a later run of one of them alone keeps using its own name
+    again = CliRunner().invoke(app, args[:2] + [str(tmp_path / "s2" / "cat.png")] + args[2:] + ["--top", "2"])
+    assert again.exit_code == 0, again.output
+    assert all(Path(f).is_file() for fs in files for f in fs)

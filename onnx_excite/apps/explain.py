@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -78,6 +79,22 @@ def _floats(text, default):
         return tuple(float(v) for v in str(text).split(","))
     except ValueError:
         raise ExciteError(f"cannot read {text!r} as comma-separated numbers") from None
+
+
+def output_stems(paths) -> dict:
+    """{resolved path: the start of its output file names}: the image's stem, or, where two
+    different images (of this run, or recorded in the output folder before) share a stem
+    (``s1/cat.png``, ``s2/cat.png``), the stem and 8 hex digits of the resolved path's hash, so
+    that no image's files overwrite another's."""
+    resolved = {Path(p).resolve() for p in paths}
+    by_stem: dict = {}
+    for p in resolved:
+        by_stem.setdefault(p.stem, set()).add(p)
+    out = {}
+    for stem, group in by_stem.items():
+        for p in group:
+            out[p] = stem if len(group) == 1 else f"{stem}-{hashlib.sha256(str(p).encode()).hexdigest()[:8]}"
+    return out
 
 
 def safe_name(text: str) -> str:
@@ -326,6 +343,11 @@ class _Run:
         self.summary = ExplainSummary()
         self.exciters: dict = {}
         self.failures: list[str] = []
+        self.stems = output_stems(list(input_paths) + [Path(r["image"]) for r in store.records.values()])
+
+    def stem(self, path) -> str:
+        """What the names of an image's output files start with (see :func:`output_stems`)."""
+        return self.stems.get(Path(path).resolve(), Path(path).stem)
 
     def exciter(self, shape):
         if shape not in self.exciters:  # one companion graph per input size, with static shapes
@@ -431,7 +453,7 @@ class _Run:
                     m = results[j].maps[method][layer][i]
                     up = images[j, method, layer]
                     v = vmax[(method, layer) if self.opts.scale == "shared" else (j, method, layer)]
-                    stem = f"{path.stem}.{tag}.{method}.{safe_name(layer)}"
+                    stem = f"{self.stem(path)}.{tag}.{method}.{safe_name(layer)}"
                     written = {"map": self.opts.out_dir / f"{stem}.npy",
                                "map_image": self.opts.out_dir / f"{stem}.image.npy",
                                "overlay": self.opts.out_dir / f"{stem}.png"}
@@ -446,7 +468,7 @@ class _Run:
                     record["outputs"].append({"targets": list(classes), "label": self.label(classes),
                                               "prob": prob, "method": method, "layer": layer, "vmax": v,
                                               **{k: str(p) for k, p in written.items()}})
-            panel_path = self.opts.out_dir / f"{path.stem}.{tag}.panel.png"
+            panel_path = self.opts.out_dir / f"{self.stem(path)}.{tag}.panel.png"
             self._check_not_input([panel_path])
             title = [f"{path.name}: {head}  ({self.opts.rule} rule)"]
             panel_grid(img, tiles, self.style, title, bar_label=bar_label).save(panel_path)
@@ -455,7 +477,7 @@ class _Run:
                 out["panel"] = str(panel_path)
             advance()
         if len(sets) > 1:   # every class of the image side by side, one row per class
-            top_path = self.opts.out_dir / f"{path.stem}.classes.panel.png"
+            top_path = self.opts.out_dir / f"{self.stem(path)}.classes.panel.png"
             self._check_not_input([top_path])
             title = [f"{path.name}: {len(sets)} classes, "
                      + ("one colour scale per method and layer" if self.opts.scale == "shared" else "each map by its own maximum")
