@@ -135,3 +135,79 @@ def test_two_images_with_one_name_keep_their_own_files(tmp_path):
     again = CliRunner().invoke(app, args[:2] + [str(tmp_path / "s2" / "cat.png")] + args[2:] + ["--top", "2"])
     assert again.exit_code == 0, again.output
     assert all(Path(f).is_file() for fs in files for f in fs)
+
+
+def _photo(path, colour=(200, 10, 10)):
+    from PIL import Image
+
+    Image.new("RGB", (20, 20), colour).save(path)
+    return path
+
+
+def _explain(*args):
+    return CliRunner().invoke(app, ["explain", *[str(a) for a in args]])
+
+
+def test_a_rerun_after_other_settings_rewrote_the_files_is_not_skipped(tmp_path):
+    _model(tmp_path / "m.onnx")
+    img = _photo(tmp_path / "i.png")
+    base = [tmp_path / "m.onnx", img, "-l", "r", "-o", tmp_path / "o", "-m", "mwp"]
+    assert _explain(*base).exit_code == 0
+    assert _explain(*base, "--alpha", "0.9").exit_code == 0     # same file names, other pixels
+    again = _explain(*base)
+    assert again.exit_code == 0, again.output
+    import json
+    records = [json.loads(line) for line in (tmp_path / "o" / "explanations.jsonl").read_text().splitlines()]
+    from onnx_excite.io.records import is_complete
+    assert all(is_complete(r) for r in records if r["settings"]["alpha"] == 0.5)
+    first = [r for r in records if r["settings"]["alpha"] == 0.5][0]
+    overlay = Path(next(o["overlay"] for o in first["outputs"] if "overlay" in o))
+    # the overlay on disk is the one of alpha 0.5 again (the re-run wrote it, not skipped it)
+    assert first["stamps"][str(overlay)][1] == overlay.stat().st_mtime_ns
+
+
+def test_a_second_run_into_a_locked_folder_is_refused(tmp_path):
+    import subprocess
+    import sys
+
+    _model(tmp_path / "m.onnx")
+    img = _photo(tmp_path / "i.png")
+    out = tmp_path / "o"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (out / ".onnx-excite.lock").write_text(str(holder.pid))
+        _one_error(["explain", tmp_path / "m.onnx", img, "-l", "r", "-o", out], "another onnx-excite run")
+    finally:
+        holder.kill()
+        holder.wait()
+    res = _explain(tmp_path / "m.onnx", img, "-l", "r", "-o", out)   # the stale lock is taken over
+    assert res.exit_code == 0, res.output
+    assert not (out / ".onnx-excite.lock").exists()
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_explained(tmp_path):
+    _model(tmp_path / "m.onnx")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    _photo(photos / "a.png")
+    for _ in range(2):
+        res = _explain(tmp_path / "m.onnx", photos, "-l", "r", "-o", photos)
+        assert res.exit_code == 0, res.output
+    import json
+    records = [json.loads(line) for line in (photos / "explanations.jsonl").read_text().splitlines()]
+    assert [Path(r["image"]).name for r in records] == ["a.png"]
+
+
+def test_symbolic_link_loops(tmp_path):
+    _model(tmp_path / "m.onnx")
+    (tmp_path / "d" / "e").mkdir(parents=True)
+    os_link = __import__("os").symlink
+    os_link(tmp_path / "d", tmp_path / "d" / "e" / "back")      # a folder loop a ** glob must not follow
+    os_link(tmp_path / "d" / "e" / "back2", tmp_path / "d" / "e" / "back2")   # ... and a dangling self-loop
+    _photo(tmp_path / "d" / "e" / "p.png")
+    res = _explain(tmp_path / "m.onnx", str(tmp_path / "d" / "**" / "*.png"), "-l", "r", "-o", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    loop = tmp_path / "loop.png"
+    os_link(loop, loop)
+    _one_error(["explain", tmp_path / "m.onnx", loop, "-l", "r", "-o", tmp_path / "o2"], "symbolic link loop")

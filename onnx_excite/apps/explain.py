@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import json
 import re
 from dataclasses import dataclass, field
@@ -54,21 +55,52 @@ class ExplainSummary:
     providers: list = field(default_factory=list)   # the ONNX Runtime providers really used
 
 
-def expand_inputs(inputs: Sequence[Path]) -> list[Path]:
-    """Files as given, folders expanded to their image files, globs (quoted by the shell) expanded; sorted."""
+def _matches(pattern: str) -> list[Path]:
+    """Files matching a glob; ``**`` walks folders without following symbolic links (a link
+    loop would never end)."""
+    import fnmatch
     import glob
 
+    if "**" not in pattern:
+        return sorted(Path(p) for p in glob.glob(pattern))
+    head = pattern.split("**", 1)[0]
+    root = Path(head) if head else Path(".")
+    forms = {pattern, pattern.replace("**/", "")}
+    found = []
+    for folder, _, names in os.walk(root, followlinks=False):
+        for name in names:
+            candidate = os.path.join(folder, name) if head else os.path.relpath(os.path.join(folder, name))
+            if any(fnmatch.fnmatch(candidate, f) for f in forms):
+                found.append(Path(candidate))
+    return sorted(found)
+
+
+def _checked(path: Path) -> Path:
+    try:
+        path.resolve()
+    except (RuntimeError, OSError):   # Python raises RuntimeError on a symbolic link loop
+        raise ExciteError(f"{path}: a symbolic link loop, not an image") from None
+    return path
+
+
+def expand_inputs(inputs: Sequence[Path], exclude=frozenset()) -> list[Path]:
+    """Files as given, folders expanded to their image files, globs (quoted by the shell)
+    expanded; sorted. The resolved paths in ``exclude`` (the files earlier runs wrote into
+    the output folder) are left out: a run never explains its own overlays."""
     files = []
     for path in map(Path, inputs):
         if path.is_dir():
             files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES))
         elif any(ch in str(path) for ch in "*?[") and not path.exists():
-            matches = sorted(Path(p) for p in glob.glob(str(path), recursive=True))
+            matches = _matches(str(path))
             if not matches:
                 raise ExciteError(f"{path}: no file matches this pattern")
             files.extend(m for m in matches if m.is_file())
         else:
             files.append(path)
+    files = [_checked(f) for f in files]
+    if exclude:
+        files = [f for f in files if f.resolve() not in exclude]
     return files
 
 
@@ -256,7 +288,7 @@ def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, er
     """
     from ..io.checks import output_dir
     from ..io.images import load_image
-    from ..io.records import RecordStore
+    from ..io.records import FolderLock, RecordStore, output_paths
 
     setup = explain_setup(opts, warn)
     files = expand_inputs(inputs)
@@ -267,6 +299,10 @@ def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, er
     out_dir = output_dir(opts.out_dir)
     opts = dataclasses.replace(opts, out_dir=out_dir)
     store = RecordStore(out_dir)
+    written = {p.resolve() for r in store.records.values() for p in output_paths(r)}
+    files = [f for f in files if f.resolve() not in written]   # -o may be the input folder
+    if not files:
+        raise ExciteError("no input images found (besides the outputs of earlier runs)")
     if store.skipped and warn is not None:
         warn(f"{store.path}: {len(store.skipped)} line(s) are no records and are dropped ({store.skipped[0]})")
     run = _Run(setup.model, setup.layers, opts, setup.class_names, {p.resolve() for p in files}, setup.style, store,
@@ -274,7 +310,7 @@ def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, er
     run.summary.input_size = setup.input_size
 
     pending: list = []
-    with _progress(console, len(files) * per_image, per_image) as advance:
+    with FolderLock(out_dir), _progress(console, len(files) * per_image, per_image) as advance:
         def flush():
             run.batch(pending, advance)
             pending.clear()

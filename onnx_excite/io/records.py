@@ -21,6 +21,8 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from ..errors import ExciteError
+
 FILE_NAME = "explanations.jsonl"
 _PATH_SUFFIXES = (".npy", ".png", ".json")
 
@@ -40,10 +42,68 @@ def output_paths(record: dict) -> list[Path]:
     return paths
 
 
+def _stamp(path: Path) -> list:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
 def is_complete(record: dict) -> bool:
-    """The record lists outputs and every one of them exists."""
+    """The record lists outputs, every one of them exists, and none was written again since
+    (a run with other settings into the same folder rewrites files of the same name: their
+    size and modification time, stamped when the record was stored, then differ)."""
     paths = output_paths(record)
-    return bool(paths) and all(p.is_file() for p in paths)
+    if not paths or not all(p.is_file() for p in paths):
+        return False
+    stamps = record.get("stamps")
+    if not isinstance(stamps, dict):
+        return True   # a record written before stamps were kept
+    return all(stamps.get(str(p)) == _stamp(p) for p in paths)
+
+
+class FolderLock:
+    """One writer per output folder: ``with FolderLock(folder):`` holds ``folder/.onnx-excite.lock``
+    (its process id); a second run into the folder gets one error line while the first lives;
+    a lock left by a process that is gone is taken over."""
+
+    def __init__(self, folder):
+        self.path = Path(folder) / ".onnx-excite.lock"
+
+    def __enter__(self):
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if self._holder_alive():
+                    raise ExciteError(f"{self.path.parent}: another onnx-excite run (process {self._holder()}) is "
+                                      "writing to this folder; wait for it or choose another -o") from None
+                self.path.unlink(missing_ok=True)   # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(os.getpid()))
+            return self
+        raise ExciteError(f"{self.path}: cannot take the folder's lock")
+
+    def _holder(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def _holder_alive(self) -> bool:
+        pid = self._holder()
+        if pid is None or pid == os.getpid():
+            return pid is not None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def __exit__(self, *exc) -> None:
+        if self._holder() == os.getpid():
+            self.path.unlink(missing_ok=True)
 
 
 def record_problem(rec) -> Optional[str]:
@@ -114,7 +174,9 @@ class RecordStore:
         return rec if rec is not None and is_complete(rec) else None
 
     def put(self, record: dict) -> None:
-        """Store ``record`` (keyed by its ``image`` and ``settings``) on disk now."""
+        """Store ``record`` (keyed by its ``image`` and ``settings``) on disk now, with the
+        size and modification time of each output file it lists (see :func:`is_complete`)."""
+        record["stamps"] = {str(p): _stamp(p) for p in output_paths(record) if p.is_file()}
         line = _dump(record)
         key = record_key(record["image"], record.get("settings"))
         replacing = key in self.records
