@@ -46,10 +46,12 @@ def ground(model: str = typer.Argument(..., help="ONNX classifier path, or 'defa
     from onnx_excite.apps.explain import safe_name
     from onnx_excite.apps.grounding import Grounder, proposal_source
     from onnx_excite.apps.grounding.render import write_grounding
+    from onnx_excite.io.checks import output_dir
     from onnx_excite.io.images import load_image
 
     if top < 1:
         raise ExciteError("--top must be at least 1")
+    output_dir(out_dir, "-o")   # before the work, not after it
     photo = load_image(image)
     grounder = Grounder(model, vocab=vocab, method=method, layer=layer, size=size, gamma=_gamma(gamma), nms_iou=nms_iou,
                         weights=weights)
@@ -102,6 +104,9 @@ def eval_grounding(data: Path = typer.Option(..., "--data", help="Flickr30k Enti
     proposals in their own order.
     """
     from onnx_excite.apps.grounding.evaluate import GroundingEvalOptions, run_grounding_eval
+    from onnx_excite.io.checks import output_dir
+
+    output_dir(out_dir, "-o")   # before the work, not after it
 
     opts = GroundingEvalOptions(data=str(data), split=split, heldout=heldout, model=model, method=method, weights=weights,
                                 vocab=str(vocab) if vocab else None, layer=layer, proposals=proposals, gamma=gamma,

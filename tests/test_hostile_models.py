@@ -211,3 +211,24 @@ def test_symbolic_link_loops(tmp_path):
     loop = tmp_path / "loop.png"
     os_link(loop, loop)
     _one_error(["explain", tmp_path / "m.onnx", loop, "-l", "r", "-o", tmp_path / "o2"], "symbolic link loop")
+
+
+@pytest.mark.parametrize("bad", [["-l", "nope"], ["-l", "r", "--logits", "nope"]])
+def test_a_model_error_on_a_folder_is_one_line(tmp_path, bad):
+    _model(tmp_path / "m.onnx")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(10):
+        _photo(photos / f"p{i}.png", (20 * i, 10, 10))
+    res = _explain(tmp_path / "m.onnx", photos, *bad, "-o", tmp_path / "o")
+    assert res.exit_code == 2, res.output
+    assert res.output.count("error:") == 1, res.output
+
+
+def test_ground_checks_its_output_folder_before_the_work(tmp_path):
+    _model(tmp_path / "m.onnx")
+    img = _photo(tmp_path / "i.png")
+    (tmp_path / "file").write_text("x")
+    _one_error(["ground", tmp_path / "m.onnx", img, "red thing", "-l", "r", "-o", tmp_path / "file" / "sub"],
+               "a part of this path is an existing file")
+    _one_error(["eval", "grounding", "--data", tmp_path, "-o", tmp_path / "file" / "sub"], "a part of this path is an existing file")

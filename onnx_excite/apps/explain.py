@@ -417,8 +417,8 @@ class _Run:
         """Explain one batch and store each image's record; a batch ONNX Runtime rejects is
         counted as failed (the run goes on); a file that cannot be written stops the run."""
         x = np.stack([arr for _, _, arr, _ in items])
+        ex = self.exciter(x.shape[1:])   # a model or settings error (-l, --logits) stops the run: one line
         try:
-            ex = self.exciter(x.shape[1:])
             logits = ex.logits(x)
             if not np.isfinite(logits).all():
                 raise ExciteError("the model's outputs are NaN or infinite for this input")
