@@ -49,16 +49,13 @@ def _one_error(args, match):
     assert "Traceback" not in res.output
 
 
-@pytest.mark.parametrize("command", ["check", "layers"])
-def test_logits_that_are_not_n_by_k(tmp_path, command):
+def test_logits_of_a_1x1_conv_head_are_explained(tmp_path):
+    """(N, K, 1, 1) logits (a 1x1 conv classifier) were a TypeError in explain."""
     _model(tmp_path / "m.onnx", out4d=True)
-    _one_error([command, tmp_path / "m.onnx"], "not (N, K)")
-
-
-def test_logits_that_are_not_n_by_k_in_the_library(tmp_path):
-    model = _model(tmp_path / "m.onnx", out4d=True)
-    with pytest.raises(ExciteError, match=r"the logits 'y' are \?x5x1x1, not \(N, K\)"):
-        build_excitation_model(model, ["r"], ("mwp",))
+    img = _photo(tmp_path / "i.png")
+    res = _explain(tmp_path / "m.onnx", img, "-l", "r", "-o", tmp_path / "o", "--top", "2")
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "o").glob("i.*.png"))) >= 2
 
 
 def test_a_model_with_no_inputs(tmp_path):

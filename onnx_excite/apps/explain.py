@@ -113,6 +113,21 @@ def _floats(text, default):
         raise ExciteError(f"cannot read {text!r} as comma-separated numbers") from None
 
 
+def class_scores(logits: np.ndarray) -> np.ndarray:
+    """(N, K) scores from the logits: (N, K, 1, 1) heads (a 1x1 conv classifier) are flattened;
+    other shapes get one error line."""
+    if logits.ndim > 2 and all(d == 1 for d in logits.shape[2:]):
+        return logits.reshape(logits.shape[0], -1)
+    if logits.ndim != 2:
+        raise ModelShapeError(f"the logits are {'x'.join(map(str, logits.shape))}, not (N, K): flatten them in the "
+                              "model, or name a 2-D tensor with --logits")
+    return logits
+
+
+class ModelShapeError(ExciteError):
+    """A model whose outputs cannot be explained per image (stops the run)."""
+
+
 def output_stems(paths) -> dict:
     """{resolved path: the start of its output file names}: the image's stem, or, where two
     different images (of this run, or recorded in the output folder before) share a stem
@@ -379,7 +394,8 @@ class _Run:
         self.summary = ExplainSummary()
         self.exciters: dict = {}
         self.failures: list[str] = []
-        self.stems = output_stems(list(input_paths) + [Path(r["image"]) for r in store.records.values()])
+        recorded = getattr(store, "records", {})   # the Ray workers keep no store
+        self.stems = output_stems(list(input_paths) + [Path(r["image"]) for r in recorded.values()])
 
     def stem(self, path) -> str:
         """What the names of an image's output files start with (see :func:`output_stems`)."""
@@ -419,7 +435,7 @@ class _Run:
         x = np.stack([arr for _, _, arr, _ in items])
         ex = self.exciter(x.shape[1:])   # a model or settings error (-l, --logits) stops the run: one line
         try:
-            logits = ex.logits(x)
+            logits = class_scores(ex.logits(x))
             if not np.isfinite(logits).all():
                 raise ExciteError("the model's outputs are NaN or infinite for this input")
             sets = self.target_sets(logits)
@@ -432,7 +448,7 @@ class _Run:
                     signal[i, list(sets[i][j])] = 1.0
                 results.append(ex.explain(x, signal))
         except ExciteError as exc:
-            if self.opts.targets and "class" in str(exc):
+            if isinstance(exc, ModelShapeError) or (self.opts.targets and "class" in str(exc)):
                 raise          # a bad --target fails the same way for every image
             names = ", ".join(p.name for p, *_ in items)
             self.failures.append(f"{names}: {exc}")

@@ -284,14 +284,9 @@ class Plan:
 
 
 def check_model(graph: ForwardGraph) -> None:
-    """What every build needs of the model itself: an input to feed, and (N, K) logits."""
+    """What every build needs of the model itself: an input to feed."""
     if not graph.input_names:
         raise ExciteError("the model has no inputs: there is nothing to feed an image to")
-    shape = graph.shape(graph.entry)
-    if shape is not None and len(shape) != 2:
-        dims = "x".join("?" if d is None else str(d) for d in shape)
-        raise ExciteError(f"the logits {graph.entry!r} are {dims}, not (N, K): flatten them in the model, or name a "
-                          "2-D tensor with --logits")
 
 
 def validate(model, layers: Sequence[str], methods: Sequence[str], rule: str = "positive",

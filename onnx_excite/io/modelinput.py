@@ -57,6 +57,9 @@ def declared_input(model: onnx.ModelProto) -> DeclaredInput:
 
 
 def num_classes(model: onnx.ModelProto) -> Optional[int]:
-    """The static size of the first output's last dimension, if the graph declares it."""
+    """The static size of the first output's class axis, if the graph declares it: its last
+    dimension, or the second where the rest are 1 ((N, K, 1, 1) logits of a 1x1 conv head)."""
     dims = model.graph.output[0].type.tensor_type.shape.dim if model.graph.output else []
+    if len(dims) > 2 and all(_dim(d) == 1 for d in dims[2:]):
+        return _dim(dims[1])
     return _dim(dims[-1]) if dims else None
