@@ -603,6 +603,18 @@ class Reference:
             return ins[0].astype(np.float64)
         if op == "Sqrt":
             return np.sqrt(ins[0])
+        if op == "Constant":
+            value = numpy_helper.to_array(_attr(node, "value"))
+            return value.astype(np.float64) if value.dtype.kind == "f" else value
+        if op == "Erf":
+            return np.vectorize(math.erf)(ins[0])
+        if op == "Pow":
+            return ins[0] ** ins[1]
+        if op == "LayerNormalization":
+            axes = tuple(range(_attr(node, "axis", -1) % ins[0].ndim, ins[0].ndim))
+            centred = ins[0] - ins[0].mean(axis=axes, keepdims=True)
+            sigma = np.sqrt((centred ** 2).mean(axis=axes, keepdims=True) + _attr(node, "epsilon", 1e-5))
+            return centred / sigma * ins[1] + (ins[2] if len(ins) > 2 and ins[2] is not None else 0.0)
         if op == "Shape":
             return np.array(ins[0].shape, np.int64)
         if op == "ReduceSum":
@@ -705,13 +717,26 @@ class Reference:
             if op == "Gemm":
                 bm = (bm.T if _attr(node, "transB", 0) else bm) * _attr(node, "alpha", 1.0)
             w = sign * bm  # (K, M)
-            z = _contrib(a[:, :, None], w[None], rule)  # (N, K, M)
-            r = _safe_ratio(p, z.sum(axis=1))
-            return {node.input[0]: (z * r[:, None, :]).sum(axis=2)}
+            z = _contrib(a[..., :, None], w, rule)  # (..., K, M): a token-wise layer on any rank
+            r = _safe_ratio(p, z.sum(axis=-2))
+            return {node.input[0]: (z * r[..., None, :]).sum(axis=-1)}
+        if op == "LayerNormalization":
+            # sigma per token a constant (Ali et al. 2022): y = M x + beta with the explicit
+            # C x C matrix M_ij = (gamma_i / sigma)(delta_ij - 1/C), z_ij = contrib(x_j, M_ij)
+            axis = _attr(node, "axis", -1) % a.ndim
+            lead, c = a.shape[:axis], int(np.prod(a.shape[axis:]))
+            x = a.reshape(lead + (c,))
+            sigma = np.sqrt(x.var(axis=-1, keepdims=True) + _attr(node, "epsilon", 1e-5))[..., None]   # (..., 1, 1)
+            m = sign * v[node.input[1]].reshape(-1)[:, None] * (np.eye(c) - 1.0 / c) / sigma           # (..., C, C)
+            z = _contrib(x[..., None, :], m, rule)                                                     # (..., i, j)
+            r = _safe_ratio(p.reshape(lead + (c,)), z.sum(axis=-1))
+            return {node.input[0]: (z * r[..., :, None]).sum(axis=-2).reshape(a.shape)}
         if op in ("Relu", "Clip", "Sigmoid", "Identity", "Dropout", "Softmax", "LRN", "LeakyRelu", "HardSwish", "Tanh",
                   "Softplus", "HardSigmoid", "Elu", "Celu", "Selu", "Gelu", "Softsign", "Mish", "ThresholdedRelu",
                   "PRelu", "Cast"):
             return {node.input[0]: p}   # element-wise activations pass P through
+        if op in ("Erf", "Pow"):
+            return {}   # only in a gate branch (GELU's bracket), which the Mul gate hands no P
         if op == "ReduceMean":   # a spatial mean: proportional to the (positive) inputs, like GAP
             axes = tuple(_attr(node, "axes") or [int(x) for x in v[node.input[1]]])
             act = np.maximum(a, 0) if rule == "positive" else a

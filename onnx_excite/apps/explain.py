@@ -262,6 +262,11 @@ def explain_setup(opts: ExplainOptions, warn=None) -> ExplainSetup:
         resize, size = ("shorter", int(opts.size or 224)) if profile.resize == "shorter" else ("square", int(opts.size or profile.input_size))
     layers = opts.layers or list(profile.default_layers)
     if not layers:
+        from ..graph.canonicalize import canonicalize
+        from ..graph.layers import default_layer
+
+        layers = [name] if (name := default_layer(canonicalize(model, logits=opts.logits))) else []
+    if not layers:
         raise ExciteError("no layer given and the model has no profile default: pass --layer (see `onnx-excite layers MODEL`)")
     channels = len(profile.mean)
     if declared.integer:

@@ -22,6 +22,7 @@ from onnx import helper, numpy_helper, shape_inference
 
 from ..errors import ExciteError
 from .forward import ForwardGraph, LogitsChoice, shape_of
+from . import fuse_gelu, fuse_layernorm
 from .index import GraphIndex, all_inputs, attr, attrs
 
 
@@ -794,6 +795,8 @@ PASSES: list[Callable[[onnx.ModelProto], onnx.ModelProto]] = [
     inline_constant_if,
     name_nodes,
     upgrade_opset,
+    fuse_gelu.run,
+    fuse_layernorm.run,
     fold_batchnorm,
     fold_affine,
     split_to_slices,

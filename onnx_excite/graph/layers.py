@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..rules.base import data_inputs
 from .builder import _upstream, check_layers, check_model, find_cut, find_unsupported, path_nodes
 from .canonicalize import LogitsChoice, canonicalize
 from .forward import ForwardGraph
@@ -48,3 +49,33 @@ def inspect_model(model, logits: str | None = None, input_shapes=None, layers=No
     for info in infos:
         info.layout = channel_axis(graph, info.name)
     return ModelReport(graph, infos, find_unsupported(graph, nodes) + find_cut(graph, up))
+
+
+#: ops between the last feature map (or token layer) and the classifier that the default layer skips
+_HEAD_OPS = {"Gemm", "MatMul", "Add", "Flatten", "Reshape", "Squeeze", "Identity", "Dropout", "Transpose",
+             "LayerNormalization"}
+
+
+def default_layer(graph: ForwardGraph) -> str | None:
+    """The map layer of a model with LayerNormalization on its path (ConvNeXt, ViT) when none is
+    named: from the logits down the head (classifier, bias, reshapes, the final norm) to the last
+    feature map a global pool reads (ConvNeXt), or to the tokens a class-token Gather / Slice
+    picks from (ViT: the last block's output, below the final norm). None for other models
+    (convolutional nets name theirs: their profile or ``--layer``)."""
+    if not any(n.op_type == "LayerNormalization" for n in path_nodes(graph, _upstream(graph, graph.entry))):
+        return None
+    t = graph.entry
+    while True:
+        node = graph.producer.get(t)
+        data = data_inputs(graph, node) if node is not None else []
+        if node is None or len(data) != 1:
+            return None
+        if node.op_type in ("GlobalAveragePool", "ReduceMean", "Gather", "Slice"):
+            below = data[0]
+            norm = graph.producer.get(below)
+            if node.op_type in ("Gather", "Slice") and norm is not None and norm.op_type == "LayerNormalization":
+                below = norm.input[0]
+            return below
+        if node.op_type not in _HEAD_OPS:
+            return None
+        t = data[0]

@@ -69,6 +69,8 @@ def _search(graph: ForwardGraph, t: str, seen: set) -> int | None:
         layout = _layout(node)
         if layout == "nchw" and node.input[0] == t:
             return 1
+        if _token_wise(graph, node) and node.input[0] == t:
+            return rank - 1
         if layout == "transpose":
             out = _search(graph, node.output[0], seen)
             if out is not None:
@@ -87,6 +89,8 @@ def _search(graph: ForwardGraph, t: str, seen: set) -> int | None:
     layout = _layout(node)
     if layout == "nchw":
         return 1
+    if _token_wise(graph, node):
+        return rank - 1
     if layout == "einsum":
         return _einsum_channel(graph, node, t)
     if layout == "transpose":
@@ -99,6 +103,12 @@ def _search(graph: ForwardGraph, t: str, seen: set) -> int | None:
                 if src is not None:
                     return src
     return None
+
+
+def _token_wise(graph: ForwardGraph, node) -> bool:
+    """A MatMul with a constant 2-D weight: a linear layer over the last axis (the channels)."""
+    return (node.op_type == "MatMul" and len(node.input) == 2 and graph.is_const(node.input[1])
+            and graph.rank(node.input[1]) == 2)
 
 
 def _einsum_channel(graph: ForwardGraph, node, t: str) -> int | None:

@@ -193,7 +193,7 @@ _NONNEG_PARTS = {("a+", "W+"), ("a-", "W-"), ("a+", "1"), ("1", "W+"), ("1", "1"
 
 
 def excite_linear(ctx: Context, node, a: str, p: str, weight: np.ndarray, forward, transpose, negate=False,
-                  family: str = "linear", bias: np.ndarray | None = None, count=None) -> str | None:
+                  family: str = "linear", bias: np.ndarray | None = None, count=None, part_of=None) -> str | None:
     """P at the input ``a`` of a linear node, given P at its output, by the method's rule
     variant for ``family`` (:class:`~onnx_excite.methods.RuleVariant`)::
 
@@ -204,7 +204,9 @@ def excite_linear(ctx: Context, node, a: str, p: str, weight: np.ndarray, forwar
     ``forward(x, w)`` applies the node with weight ``w`` to ``x`` (no bias);
     ``transpose(r, w)`` applies its adjoint. ``negate`` uses -W (and -b): the dual.
     ``count`` (pools: the divisor, a number or tensor of the output's shape) scales the
-    un-normalised adjoint of a pool whose ``weight`` is its window of ones. Z (through
+    un-normalised adjoint of a pool whose ``weight`` is its window of ones. ``part_of(kind, w)``
+    (default: elementwise W+ / W- of the array) gives a structured weight's parts, for a linear
+    map whose W+ is not max(w, 0) of its parameters (LayerNormalization). Z (through
     its safe divisor) is emitted once per node, weight sign and parts, shared by every sweep and method
     (mwp, cmwp, cmwp-postnorm and, with the positive rule, lrp-zplus).
     Excitation (``--rule positive``): parts a+ W+ + a- W-; where ``a`` is provably
@@ -220,7 +222,7 @@ def excite_linear(ctx: Context, node, a: str, p: str, weight: np.ndarray, forwar
     for act, kind in parts:
         if act == "a-" and nonneg:
             continue   # a- = 0: the half is empty (and its weight part never computed)
-        wk = _weight_of(kind, w)
+        wk = (part_of or _weight_of)(kind, w)
         if not wk.any():
             continue
         if act == "a+":

@@ -6,6 +6,8 @@ happens. Shape ops move P back to the layout of their input.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..errors import ExciteError
@@ -137,12 +139,26 @@ def _hard_swish_d(g, x, y, one, node):
                           g.op("Where", [g.op("Greater", [x, g.scalar(3.0)]), one, mid])])
 
 
+def _gelu_d(g, x, y, one, node):
+    """x * Phi(x): Phi(x) + x phi(x) (``approximate="tanh"``: the derivative of
+    0.5 x (1 + tanh(k (x + 0.044715 x^3))), k = sqrt(2/pi))."""
+    if attr(node, "approximate", "none") in ("tanh", b"tanh"):
+        k = math.sqrt(2.0 / math.pi)
+        x2 = g.mul(x, x)
+        t = g.op("Tanh", [g.mul(g.add(x, g.mul(g.mul(x2, x), g.scalar(0.044715))), g.scalar(k))])
+        dt = g.mul(g.sub(one, g.mul(t, t)), g.mul(g.add(one, g.mul(x2, g.scalar(3 * 0.044715))), g.scalar(k)))
+        return g.mul(g.add(g.add(one, t), g.mul(x, dt)), g.scalar(0.5))
+    cdf = g.mul(g.add(one, g.op("Erf", [g.mul(x, g.scalar(1 / math.sqrt(2.0)))])), g.scalar(0.5))
+    pdf = g.mul(g.op("Exp", [g.mul(g.mul(x, x), g.scalar(-0.5))]), g.scalar(1 / math.sqrt(2 * math.pi)))
+    return g.add(cdf, g.mul(x, pdf))
+
+
 _PASS = ("P passes through (where an activation's output can be negative, the next linear layer sees that sign: "
          "the `positive` rule then counts only positive contributions)")
 
 _ACT = dict(inputs=(0,), family="activation", layout="elementwise")
 _DERIVATIVES = {"Sigmoid": _sigmoid_d, "Softplus": _softplus_d, "HardSigmoid": _hard_sigmoid_d,
-                "LeakyRelu": _leaky_relu_d, "HardSwish": _hard_swish_d, "Tanh": _tanh_d}
+                "LeakyRelu": _leaky_relu_d, "HardSwish": _hard_swish_d, "Tanh": _tanh_d, "Gelu": _gelu_d}
 
 #: The ReLU family and other monotone activations pass P through (where an activation's
 #: output can be negative, the sign of that output is seen by the next linear layer: the

@@ -10,6 +10,6 @@ from .base import declare
 declare("Softmax", keeps_nonneg="always", roles={"squasher"})
 declare("LogSoftmax", roles={"squasher"})
 declare("Exp", "Abs", keeps_nonneg="always", layout="elementwise")
-declare("Neg", "Sqrt", "Pow", "Min", "Where", layout="elementwise")
+declare("Neg", "Sqrt", "Min", "Where", layout="elementwise")
 declare("ConvTranspose", layout="nchw", roles={"mac"})
 declare("LpPool", "GlobalLpPool", "InstanceNormalization", layout="nchw")

@@ -1,0 +1,188 @@
+"""Transformer-era pieces and models vs the float64 reference (tests/excitation_ref.py): GELU
+written out (erf and tanh forms, QuickGELU) and fused at opset 20, token-wise MatMul on 4-D
+tensors, layer scale, LayerNormalization (the op and its decomposed form) and RMSNorm, and
+torchvision's ConvNeXt exported with the legacy exporter."""
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from typer.testing import CliRunner
+
+import transformer_nets as nets
+from excitation_ref import Reference
+from onnx_excite import ExciteError, Exciter
+from onnx_excite.cli.app import app
+from onnx_excite.graph import fuse_gelu
+from onnx_excite.graph.layers import inspect_model
+
+
+def _input(seed, shape, batch=2):
+    return np.random.default_rng(seed).normal(size=(batch, *shape)).astype(np.float32)
+
+
+def _compare(model, layers, x, rule, axes=None, methods=("mwp", "cmwp"), tol=2e-4, reference=None):
+    """Channel-resolved P and maps at ``layers`` vs the reference, for mwp and cmwp. ``reference``:
+    (model, its layers, their channel axes) to run the reference on instead (the same network
+    written another way)."""
+    ex = Exciter(model, layers, methods=methods, rule=rule, channels=True)
+    signal = np.random.default_rng(7).random((x.shape[0], ex.num_classes)).astype(np.float32)
+    res = ex.explain(x, signal)
+    ref_model, ref_layers, ref_axes = reference or (model, layers, axes)
+    ref = Reference(ref_model)
+    plain = ref.run(x, signal, ref_layers, rule=rule, channel_axes=ref_axes)
+    np.testing.assert_allclose(res.logits, plain["logits"], rtol=1e-4, atol=1e-4)
+    for method in methods:
+        want = (ref.run(x, signal, ref_layers, rule=rule, contrastive=True, channel_axes=ref_axes)
+                if method == "cmwp" else plain)
+        for layer, ref_layer in zip(layers, ref_layers):
+            exp = want["P"][ref_layer]
+            scale = max(np.abs(exp).max(), np.abs(plain["P"][ref_layer]).max(), 1e-12)
+            got = res.channels[method][layer]
+            assert got.shape == exp.shape, (layer, method)
+            assert np.abs(got - exp).max() <= tol * scale, (layer, method, np.abs(got - exp).max() / scale)
+            np.testing.assert_allclose(res.maps[method][layer], want["map"][ref_layer],
+                                       atol=tol * scale * exp.shape[(ref_axes or {}).get(ref_layer, 1)])
+    return res
+
+
+# ---------------------------------------------------------------------------
+# GELU, token-wise linear layers, layer scale, LayerNormalization, RMSNorm
+# ---------------------------------------------------------------------------
+BLOCKS = [("erf", "op"), ("tanh", "op"), ("tanh-pow", "op"), ("quick", "op"), ("erf", "decomposed"), ("erf", "rms")]
+
+
+@pytest.mark.parametrize("rule", ["positive", "paper"])
+@pytest.mark.parametrize("gelu,norm", BLOCKS)
+def test_token_block_matches_reference(gelu, norm, rule):
+    model, layers, axes = nets.token_block(1, gelu=gelu, norm=norm)
+    assert inspect_model(model).problems == []
+    x = _input(3, (3, 6, 5))
+    if rule == "paper":
+        x = np.abs(x)   # the literal rule's Z = sum a W+ cancels at a signed input
+    # the decomposed layer norm is fused to the op: the reference excites the op
+    _compare(model, layers, x, rule, axes, reference=nets.token_block(1, gelu=gelu) if norm == "decomposed" else None)
+
+
+def test_layernorm_positive_rule_is_stable_on_signed_tokens():
+    """(x_j M_ij)+ summed in O(C): where every token is signed the positive rule's Z is >= 0 and the
+    P at the input stays finite and matches the explicit C x C reference."""
+    model, layers, axes = nets.token_block(2, gelu="erf", norm="op")
+    res = _compare(model, layers, _input(4, (3, 6, 5)) * 5, "positive", axes)
+    assert all(np.isfinite(m).all() for m in res.maps["mwp"].values())
+
+
+@pytest.mark.parametrize("approximate,pow_cube", [("none", False), ("tanh", False), ("tanh", True)])
+def test_gelu_fused_at_opset_20_and_kept_below(approximate, pow_cube):
+    x = np.random.default_rng(0).normal(size=(1, 6)).astype(np.float32) * 2
+    for opset, fused in ((17, False), (20, True)):
+        model = nets.gelu_graph(approximate, opset, pow_cube)
+        out = fuse_gelu.run(onnx.ModelProto.FromString(model.SerializeToString()))
+        ops = [n.op_type for n in out.graph.node]
+        assert (ops == ["Gelu"]) == fused, ops
+        if fused:
+            assert out.graph.node[0].attribute[0].s.decode() == approximate
+            assert len(out.graph.initializer) == 0
+        run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+               for m in (model, out)]
+        np.testing.assert_allclose(run[0], run[1], rtol=1e-5, atol=1e-6)
+
+
+def test_decomposed_layernorm_is_fused():
+    from onnx_excite.graph.canonicalize import canonicalize
+
+    model, _, _ = nets.token_block(0, norm="decomposed")
+    ops = [n.op_type for n in canonicalize(model).nodes]
+    assert "LayerNormalization" in ops and "Pow" not in ops and "Sqrt" not in ops
+
+
+@pytest.mark.parametrize("gelu,norm", [b for b in BLOCKS if b[1] != "rms"])
+def test_grad_through_token_blocks_equals_finite_differences(gelu, norm):
+    """The gradient through GELU (the op, erf / tanh written out, QuickGELU) and layer norms
+    (sigma's derivative included) equals float64 central finite differences of the reference."""
+    from test_methods_builder import assert_grad_equals_finite_differences
+
+    model, layers, _ = nets.token_block(1, gelu=gelu, norm=norm)
+    x = _input(3, (3, 6, 5), batch=1).astype(np.float64)
+    ref = Reference(model)
+    vals = ref.forward(x)
+    entry = ref.entry()
+    e = np.eye(vals[entry].shape[1])[[1]]
+    res = Exciter(model, layers, methods=("grad",), channels=True).explain(x.astype(np.float32), e.astype(np.float32))
+    assert_grad_equals_finite_differences(gelu + norm, ref, x, vals, entry, e, res.channels["grad"], layers)
+
+
+def test_grad_through_rmsnorm_is_one_error_line():
+    """RMSNorm divides by a tensor computed from x: the gradient family refuses it in one line."""
+    model, layers, _ = nets.token_block(1, norm="rms")
+    with pytest.raises(ExciteError, match="gradient-family methods cannot pass a Div"):
+        Exciter(model, layers, methods=("grad",))
+
+
+def test_erf_outside_a_gate_is_reported():
+    from test_blocks import G
+
+    g = G(0, c=3, hw=(4, 4))
+    y = g.op("Erf", [g.conv("input", 3, 4)])
+    report = inspect_model(g.model(g.head(y, 4)))
+    assert [p[0] for p in report.problems] == ["Erf"] and "gate" in report.problems[0][2]
+
+
+# ---------------------------------------------------------------------------
+# ConvNeXt (torchvision, legacy exporter, opset 17)
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def convnext():
+    pytest.importorskip("torchvision")
+    return nets.convnext_tiny(0)
+
+
+def _convnext_layers(model):
+    report = inspect_model(model)
+    names = [i.name for i in report.layers]
+    block = next(n for n in names if n.endswith("features.3.0/Add_output_0"))
+    ln = next(n for n in names if n.endswith("block.2/LayerNormalization_output_0"))
+    return report, ["input", block, ln], {ln: 3}
+
+
+def test_convnext_check_passes(convnext, tmp_path):
+    path = tmp_path / "convnext.onnx"
+    onnx.save(convnext, str(path))
+    res = CliRunner().invoke(app, ["check", str(path)])
+    assert res.exit_code == 0 and res.output.startswith("ok"), res.output
+
+
+@pytest.mark.parametrize("rule", ["positive", "paper"])
+def test_convnext_matches_reference(convnext, rule):
+    _, layers, axes = _convnext_layers(convnext)
+    x = _input(5, (3, 32, 32), batch=1)   # exported at batch 1
+    _compare(convnext, layers, np.abs(x) if rule == "paper" else x, rule, axes, tol=5e-4)
+
+
+def test_convnext_conservation_and_contrast(convnext):
+    """Mass at the input = the signal less the mass reported lost; c-MWP of two classes differs."""
+    ex = Exciter(convnext, ["input"], methods=("mwp", "cmwp"), channels=True, diagnostics=True)
+    x = _input(6, (3, 32, 32), batch=1)
+    signal = np.zeros((1, ex.num_classes), np.float32)
+    signal[0, 2] = 1.0
+    res = ex.explain(x, signal)
+    total = res.channels["mwp"]["input"].sum()
+    np.testing.assert_allclose(total, 1.0 - res.lost["mwp"]["input"][0], rtol=1e-4, atol=1e-5)
+    assert total > 0.5
+    other = signal.copy()
+    other[0] = 0
+    other[0, 7] = 1.0
+    res2 = ex.explain(x, other)
+    a, b = res.maps["cmwp"]["input"], res2.maps["cmwp"]["input"]
+    assert np.abs(a - b).max() > 0.1 * max(np.abs(a).max(), np.abs(b).max())
+
+
+def test_convnext_explain_cli(convnext, tmp_path):
+    from PIL import Image
+
+    path = tmp_path / "convnext.onnx"
+    onnx.save(convnext, str(path))
+    image = tmp_path / "cat.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(image)
+    for extra in ([], ["--layer", "input"]):
+        res = CliRunner().invoke(app, ["explain", str(path), str(image), "--output", str(tmp_path / "out")] + extra)
+        assert res.exit_code == 0, res.output

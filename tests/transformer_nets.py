@@ -1,0 +1,127 @@
+"""Tiny transformer-era classifiers for the tests: torchvision ConvNeXt and ViT exported with
+the legacy exporter (random weights, eval mode, opset 17), and hand-built graphs with the
+pieces those exports are made of (token-wise MatMul, GELU written out, LayerNormalization and
+its decomposed form, RMSNorm, layer scale)."""
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from test_blocks import G
+
+
+def _export(module, shape=(1, 3, 32, 32), opset=17) -> onnx.ModelProto:
+    import torch
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), torch.randn(*shape), buf, dynamo=False, opset_version=opset,
+                          input_names=["input"], output_names=["logits"])
+    return onnx.load_from_string(buf.getvalue())
+
+
+def convnext_tiny(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
+    """torchvision's ConvNeXt with two one-block stages (16 and 32 channels), 10 classes, on 32x32."""
+    import torch
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    torch.manual_seed(seed)
+    model = ConvNeXt(block_setting=[CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=10)
+    with torch.no_grad():   # layer scale starts at 1e-6: make the blocks' branches count
+        for name, p in model.named_parameters():
+            if name.endswith("layer_scale"):
+                p.uniform_(0.2, 1.0)
+    return _export(model, opset=opset)
+
+
+def vit_tiny(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
+    """torchvision's VisionTransformer: 32x32 input, 8x8 patches (a 4x4 grid), 2 layers of 2 heads."""
+    import torch
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                              num_classes=10)
+    with torch.no_grad():
+        model.class_token.normal_()
+        model.encoder.pos_embedding.normal_(std=0.2)
+        model.heads.head.weight.normal_(std=0.3)
+    return _export(model, opset=opset)
+
+
+def _gelu_erf(g: G, x: str) -> str:
+    """x * 0.5 * (1 + erf(x / sqrt 2)) as PyTorch's legacy exporter writes nn.GELU()."""
+    e = g.op("Erf", [g.op("Div", [x, g.init(math.sqrt(2.0), "sqrt2")])])
+    bracket = g.op("Add", [e, g.init(1.0, "one")])
+    return g.op("Mul", [g.op("Mul", [x, bracket]), g.init(0.5, "half")], "gelu")
+
+
+def _gelu_tanh(g: G, x: str, pow_cube: bool = False) -> str:
+    """x * (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) * 0.5 as PyTorch writes nn.GELU(approximate="tanh")
+    (``pow_cube``: x^3 as Pow(x, 3), as other exporters write it)."""
+    cube = g.op("Pow", [x, g.init(3.0, "three")]) if pow_cube else g.op("Mul", [x, g.op("Mul", [x, x])])
+    inner = g.op("Add", [x, g.op("Mul", [cube, g.init(0.044715, "k")])])
+    t = g.op("Tanh", [g.op("Mul", [inner, g.init(math.sqrt(2 / math.pi), "s")])])
+    return g.op("Mul", [g.op("Mul", [x, g.op("Add", [g.init(1.0, "one"), t])]), g.init(0.5, "half")], "gelu")
+
+
+def _quick_gelu(g: G, x: str) -> str:
+    """x * sigmoid(1.702 x) (CLIP's QuickGELU)."""
+    return g.op("Mul", [x, g.op("Sigmoid", [g.op("Mul", [x, g.init(1.702, "k")])])], "qgelu")
+
+
+def _layernorm(g: G, x: str, c: int, decomposed: bool) -> str:
+    r = g.rng
+    gamma, beta = g.init(r.uniform(-1.5, 1.5, c), "gamma"), g.init(r.normal(size=c) * 0.1, "beta")
+    if not decomposed:
+        return g.op("LayerNormalization", [x, gamma, beta], "ln", axis=-1, epsilon=1e-5)
+    axes = dict(axes=[-1], keepdims=1)
+    centred = g.op("Sub", [x, g.op("ReduceMean", [x], "mu", **axes)], "centred")
+    var = g.op("ReduceMean", [g.op("Pow", [centred, g.init(2.0, "two")])], "var", **axes)
+    sigma = g.op("Sqrt", [g.op("Add", [var, g.init(1e-5, "eps")])], "sigma")
+    return g.op("Add", [g.op("Mul", [g.op("Div", [centred, sigma]), gamma]), beta], "ln")
+
+
+def _rmsnorm(g: G, x: str, c: int) -> str:
+    """x / sqrt(mean(x^2) + eps) * gamma (T5 / LLaMA RMSNorm)."""
+    ms = g.op("ReduceMean", [g.op("Pow", [x, g.init(2.0, "two")])], "ms", axes=[-1], keepdims=1)
+    rms = g.op("Sqrt", [g.op("Add", [ms, g.init(1e-6, "eps")])], "rms")
+    return g.op("Mul", [g.op("Div", [x, rms]), g.init(g.rng.uniform(0.5, 1.5, c), "gamma")], "rmsn")
+
+
+def token_block(seed: int, gelu: str = "erf", norm: str = "op") -> tuple:
+    """Conv stem -> NHWC -> norm -> token-wise MatMul (4-D) + bias -> GELU -> MatMul + bias -> NCHW ->
+    layer scale -> residual Add -> ReLU -> GAP -> Gemm. (model, map layers, {layer: channel axis})."""
+    g = G(seed, c=3, hw=(6, 5))
+    r = g.rng
+    stem = g.conv("input", 3, 8)
+    nhwc = g.op("Transpose", [stem], "nhwc", perm=[0, 2, 3, 1])
+    normed = _rmsnorm(g, nhwc, 8) if norm == "rms" else _layernorm(g, nhwc, 8, decomposed=norm == "decomposed")
+    h = g.op("Add", [g.init(r.normal(size=16) * 0.1, "b"),
+                     g.op("MatMul", [normed, g.init(r.normal(size=(8, 16)) / np.sqrt(8))], "fc1")], "h")
+    act = {"erf": _gelu_erf, "tanh": _gelu_tanh, "tanh-pow": lambda g, h: _gelu_tanh(g, h, True),
+           "quick": _quick_gelu}[gelu](g, h)
+    y = g.op("Add", [g.op("MatMul", [act, g.init(r.normal(size=(16, 8)) / np.sqrt(16))], "fc2"),
+                     g.init(r.normal(size=8) * 0.1, "b")], "y")
+    back = g.op("Transpose", [y], "nchw", perm=[0, 3, 1, 2])
+    scaled = g.op("Mul", [g.init(r.uniform(0.2, 1.0, (8, 1, 1)), "layer_scale"), back], "scaled")
+    out = g.op("Relu", [g.op("Add", [scaled, stem], "res")])
+    model = g.model(g.head(out, 8, k=5))
+    return model, ["input", stem, normed, act, out], {normed: 3, act: 3}
+
+
+def gelu_graph(approximate: str, opset: int, pow_cube: bool = False) -> onnx.ModelProto:
+    """(1, 6) -> GELU written out -> (1, 6), for the fusion pass."""
+    g = G(0)
+    y = _gelu_erf(g, "x") if approximate == "none" else _gelu_tanh(g, "x", pow_cube)
+    graph = helper.make_graph(g.nodes, "gelu", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
+                              [helper.make_tensor_value_info(y, TensorProto.FLOAT, [1, 6])], g.inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 9
+    return model
