@@ -104,10 +104,10 @@ def layers(model: Path = typer.Argument(..., help="ONNX classifier, or 'default'
     resolved = resolve_model(model)
     report = inspect_model(resolved.model, logits=logits or output)
     _note_logits(report.logits)
-    marked = set(resolved.default_layers)
+    marked = set(resolved.default_layers) or ({report.default} if report.default else set())
     table = Table("layer (tensor name)", "op", "shape", "layout", "", title=f"{model.name}: logits = {report.graph.entry}")
     for info in report.layers:
-        table.add_row(info.name, info.op_type, _shape(info.shape), info.layout.describe() if info.layout else "-",
+        table.add_row(info.name, info.op_type, _shape(info.shape), info.describe_layout(),
                       "default" if info.name in marked else "")
     out.print(table)
     if report.problems:
@@ -142,8 +142,7 @@ def check(model: Path = typer.Argument(..., help="ONNX classifier, or 'default'"
         raise typer.Exit(1)
     out.print("ok", markup=False)
     for info in report.layers:
-        layout = info.layout.describe() if info.layout else "-"
-        out.print(f"  {info.name}  {info.op_type}  {_shape(info.shape)}  {layout}", markup=False)
+        out.print(f"  {info.name}  {info.op_type}  {_shape(info.shape)}  {info.describe_layout()}", markup=False)
 
 
 def _methods(method: Optional[List[str]], contrastive: bool) -> tuple:

@@ -606,6 +606,18 @@ class Reference:
         if op == "Constant":
             value = numpy_helper.to_array(_attr(node, "value"))
             return value.astype(np.float64) if value.dtype.kind == "f" else value
+        if op == "ConstantOfShape":
+            value = _attr(node, "value")
+            fill = numpy_helper.to_array(value).reshape(-1)[0] if value is not None else np.float32(0)
+            return np.full([int(d) for d in ins[0]], fill, dtype=np.asarray(fill).dtype)
+        if op == "Equal":
+            return ins[0] == ins[1]
+        if op == "Where":
+            return np.where(ins[0], ins[1], ins[2])
+        if op == "Mod":
+            return np.mod(ins[0], ins[1])
+        if op == "Gather":
+            return np.take(ins[0], ins[1], axis=_attr(node, "axis", 0))
         if op == "Erf":
             return np.vectorize(math.erf)(ins[0])
         if op == "Pow":
@@ -712,6 +724,20 @@ class Reference:
                 p_in[(slice(None), slice(None)) + sl] += (z * r).sum(axis=2).reshape(n_, g * cg, *p.shape[2:])
             pads = list(_attr(node, "pads", [0, 0, 0, 0]))
             return {node.input[0]: p_in[:, :, pads[0]:pads[0] + a.shape[2], pads[1]:pads[1] + a.shape[3]]}
+        if op == "MatMul" and node.input[1] not in self.consts:
+            # attention A @ V: A (a Softmax's output) is a per-sample non-negative weight,
+            # z_itd = contrib(V_td, A_it), P_V[t, d] = sum_i z_itd P_id / Z_id
+            att, val = v[node.input[0]], v[node.input[1]]
+            z = _contrib(val[..., None, :, :], att[..., :, :, None], rule)   # (..., i, t, d)
+            r = _safe_ratio(p, z.sum(axis=-2))
+            return {node.input[1]: (z * r[..., :, None, :]).sum(axis=-3)}
+        if op == "Gather":   # one constant index: P back at that position
+            axis = _attr(node, "axis", 0) % a.ndim
+            out = np.zeros(a.shape)
+            index = [slice(None)] * a.ndim
+            index[axis] = int(v[node.input[1]])
+            out[tuple(index)] = p
+            return {node.input[0]: out}
         if op in ("Gemm", "MatMul"):
             bm = v[node.input[1]]
             if op == "Gemm":

@@ -48,7 +48,7 @@ W = np.random.default_rng(1).normal(size=(4, 3, 3, 3)).astype(np.float32)
 def test_pass_order():
     assert [p.__name__ for p in C.PASSES] == [
         "drop_initializer_inputs", "constants_to_initializers", "fold_constants", "inline_constant_if",
-        "name_nodes", "upgrade_opset", "run", "run", "fold_batchnorm", "fold_affine", "split_to_slices", "ceil_pools_to_pads",
+        "name_nodes", "upgrade_opset", "run", "run", "run", "fold_batchnorm", "fold_affine", "split_to_slices", "ceil_pools_to_pads",
         "infer_shapes"]
 
 

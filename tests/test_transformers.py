@@ -1,7 +1,8 @@
 """Transformer-era pieces and models vs the float64 reference (tests/excitation_ref.py): GELU
 written out (erf and tanh forms, QuickGELU) and fused at opset 20, token-wise MatMul on 4-D
 tensors, layer scale, LayerNormalization (the op and its decomposed form) and RMSNorm, and
-torchvision's ConvNeXt exported with the legacy exporter."""
+torchvision's ConvNeXt and VisionTransformer exported with the legacy exporter (self-attention,
+the class token, shape arithmetic folded, maps of token layers on the patch grid)."""
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -20,10 +21,11 @@ def _input(seed, shape, batch=2):
     return np.random.default_rng(seed).normal(size=(batch, *shape)).astype(np.float32)
 
 
-def _compare(model, layers, x, rule, axes=None, methods=("mwp", "cmwp"), tol=2e-4, reference=None):
+def _compare(model, layers, x, rule, axes=None, methods=("mwp", "cmwp"), tol=2e-4, reference=None, grids=()):
     """Channel-resolved P and maps at ``layers`` vs the reference, for mwp and cmwp. ``reference``:
     (model, its layers, their channel axes) to run the reference on instead (the same network
-    written another way)."""
+    written another way). ``grids``: token layers (N, 1 + h*w, C), whose map is the patch tokens'
+    (the first token dropped) on the h x w grid."""
     ex = Exciter(model, layers, methods=methods, rule=rule, channels=True)
     signal = np.random.default_rng(7).random((x.shape[0], ex.num_classes)).astype(np.float32)
     res = ex.explain(x, signal)
@@ -40,7 +42,10 @@ def _compare(model, layers, x, rule, axes=None, methods=("mwp", "cmwp"), tol=2e-
             got = res.channels[method][layer]
             assert got.shape == exp.shape, (layer, method)
             assert np.abs(got - exp).max() <= tol * scale, (layer, method, np.abs(got - exp).max() / scale)
-            np.testing.assert_allclose(res.maps[method][layer], want["map"][ref_layer],
+            expected = want["map"][ref_layer]
+            if layer in grids:
+                expected = expected[:, 1:].reshape(res.maps[method][layer].shape)
+            np.testing.assert_allclose(res.maps[method][layer], expected,
                                        atol=tol * scale * exp.shape[(ref_axes or {}).get(ref_layer, 1)])
     return res
 
@@ -87,6 +92,17 @@ def test_gelu_fused_at_opset_20_and_kept_below(approximate, pow_cube):
         np.testing.assert_allclose(run[0], run[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("gelu", ["erf", "tanh"])
+def test_opset_20_block_explained_through_the_fused_gelu(gelu):
+    from onnx_excite.graph.canonicalize import canonicalize
+
+    model, layers, axes = nets.token_block(1, gelu=gelu)
+    model.opset_import[0].version = 20   # every op of the block means the same at opset 20
+    ops = [n.op_type for n in canonicalize(model).nodes]
+    assert "Gelu" in ops and "Erf" not in ops and "Tanh" not in ops
+    _compare(model, layers, _input(3, (3, 6, 5)), "positive", axes)
+
+
 def test_decomposed_layernorm_is_fused():
     from onnx_excite.graph.canonicalize import canonicalize
 
@@ -130,10 +146,14 @@ def test_erf_outside_a_gate_is_reported():
 # ---------------------------------------------------------------------------
 # ConvNeXt (torchvision, legacy exporter, opset 17)
 # ---------------------------------------------------------------------------
+def _torchvision(build):
+    pytest.importorskip("torchvision")
+    return build(0)
+
+
 @pytest.fixture(scope="module")
 def convnext():
-    pytest.importorskip("torchvision")
-    return nets.convnext_tiny(0)
+    return _torchvision(nets.convnext_tiny)
 
 
 def _convnext_layers(model):
@@ -176,13 +196,118 @@ def test_convnext_conservation_and_contrast(convnext):
     assert np.abs(a - b).max() > 0.1 * max(np.abs(a).max(), np.abs(b).max())
 
 
-def test_convnext_explain_cli(convnext, tmp_path):
+def test_convnext_explain_at_the_input(convnext, tmp_path):
     from PIL import Image
 
     path = tmp_path / "convnext.onnx"
     onnx.save(convnext, str(path))
     image = tmp_path / "cat.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(image)
-    for extra in ([], ["--layer", "input"]):
-        res = CliRunner().invoke(app, ["explain", str(path), str(image), "--output", str(tmp_path / "out")] + extra)
-        assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["explain", str(path), str(image), "--output", str(tmp_path / "out"), "--layer", "input"])
+    assert res.exit_code == 0, res.output
+
+
+# ---------------------------------------------------------------------------
+# ViT (torchvision, legacy exporter, opset 17)
+# ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vit():
+    return _torchvision(nets.vit_tiny)
+
+
+def _vit_layers(model):
+    report = inspect_model(model)
+    assert report.problems == []
+    tokens = [i for i in report.layers if i.grid is not None]
+    assert tokens and all((i.grid.h, i.grid.w, i.grid.offset, i.grid.tokens) == (4, 4, 1, 17) for i in tokens)
+    assert report.default == "/encoder/layers/encoder_layer_0/Add_1_output_0"   # the last block's input
+    embedded = "/encoder/Add_output_0"
+    return report, ["input", "/conv_proj/Conv_output_0", embedded, report.default]
+
+
+def test_vit_check_and_layers(vit, tmp_path):
+    path = tmp_path / "vit.onnx"
+    onnx.save(vit, str(path))
+    res = CliRunner().invoke(app, ["check", str(path)])
+    assert res.exit_code == 0 and res.output.startswith("ok"), res.output
+    res = CliRunner().invoke(app, ["layers", str(path)], env={"COLUMNS": "250"})
+    assert res.exit_code == 0 and "4x4 patches + 1 token" in res.output
+    assert [line for line in res.output.splitlines() if "default" in line and "encoder_layer_0/Add_1" in line]
+
+
+@pytest.mark.parametrize("rule", ["positive", "paper"])
+def test_vit_matches_reference(vit, rule):
+    report, layers = _vit_layers(vit)
+    x = _input(8, (3, 32, 32), batch=1)
+    tokens = {layers[2]: 2, layers[3]: 2}
+    # the literal rule's Z = sum a W+ cancels on signed tokens (P grows to ~1e3 times the signal): a
+    # looser float32 tolerance there
+    res = _compare(vit, layers, np.abs(x) if rule == "paper" else x, rule, tokens, grids=set(tokens),
+                   tol=2e-3 if rule == "paper" else 2e-4)
+    assert res.maps["mwp"][layers[3]].shape == (1, 4, 4)
+
+
+def test_vit_conservation_class_token_and_contrast(vit):
+    """The class token's share is lost mass: at the input and at the token layers (whose map keeps the
+    patch tokens) the mass is the signal less the reported loss; c-MWP of two classes differs."""
+    _, layers = _vit_layers(vit)
+    ex = Exciter(vit, layers, methods=("mwp", "cmwp"), channels=True, diagnostics=True)
+    x = _input(9, (3, 32, 32), batch=1)
+    signal = np.zeros((1, ex.num_classes), np.float32)
+    signal[0, 3] = 1.0
+    res = ex.explain(x, signal)
+    for layer in layers:
+        p = res.channels["mwp"][layer]
+        mass = p[:, 1:].sum() if layer in layers[2:] else p.sum()
+        np.testing.assert_allclose(mass, 1.0 - res.lost["mwp"][layer][0], rtol=1e-4, atol=1e-5)
+    assert 0 < res.lost["mwp"]["input"][0] < 1   # the class token (a constant) takes its share
+    np.testing.assert_allclose(res.maps["mwp"][layers[3]].sum(), res.channels["mwp"][layers[3]][:, 1:].sum(), rtol=1e-5)
+    other = np.zeros_like(signal)
+    other[0, 8] = 1.0
+    a, b = res.maps["cmwp"]["input"], ex.explain(x, other).maps["cmwp"]["input"]
+    assert np.abs(a - b).max() > 0.1 * max(np.abs(a).max(), np.abs(b).max())
+
+
+def test_vit_grad_equals_finite_differences(vit):
+    """The gradient through self-attention (the Q and K paths, Softmax's derivative), layer norms
+    (sigma's derivative) and GELU: the library's grad at the input, the patch embedding and two
+    token layers equals float64 central finite differences of the reference forward."""
+    from test_methods_builder import assert_grad_equals_finite_differences
+
+    _, layers = _vit_layers(vit)
+    x = _input(8, (3, 32, 32), batch=1).astype(np.float64)
+    ref = Reference(vit)
+    vals = ref.forward(x)
+    entry = ref.entry()
+    e = np.eye(vals[entry].shape[1])[[3]]
+    res = Exciter(vit, layers, methods=("grad",), channels=True).explain(x.astype(np.float32), e.astype(np.float32))
+    assert_grad_equals_finite_differences("vit", ref, x, vals, entry, e, res.channels["grad"], layers)
+
+
+@pytest.mark.parametrize("method", ["guided", "deconv", "lrp-epsilon", "lrp-zplus", "cmwp-nonorm"])
+def test_vit_other_methods_give_finite_maps(vit, method):
+    _, layers = _vit_layers(vit)
+    ex = Exciter(vit, layers, methods=(method,))
+    res = ex.explain(_input(8, (3, 32, 32), batch=1), 3)
+    for layer in layers:
+        m = res.maps[method][layer]
+        assert np.isfinite(m).all() and np.abs(m).max() > 0, (method, layer)
+
+
+@pytest.mark.parametrize("arch", ["vit", "convnext"])
+def test_explain_with_no_option(arch, request, tmp_path):
+    """`onnx-excite explain MODEL IMAGE` maps the default layer (mwp and cmwp)."""
+    from PIL import Image
+
+    model = request.getfixturevalue(arch)
+    path = tmp_path / f"{arch}.onnx"
+    onnx.save(model, str(path))
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(image)
+    res = CliRunner().invoke(app, ["explain", str(path), str(image), "--output", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert any(".mwp." in n and n.endswith(".npy") for n in written) and any(".cmwp." in n for n in written)
+    grid = np.load(next(tmp_path / "out" / n for n in written if ".mwp." in n and n.endswith(".npy")
+                        and not n.endswith(".image.npy")))
+    assert grid.shape[-2:] == (4, 4)

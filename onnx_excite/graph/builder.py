@@ -42,6 +42,7 @@ from .options import BuildOptions
 from .share import WEIGHT_BOUND, shared_ops
 from .share import merge_adjoints
 from .layout import Layout, channel_axis
+from .token_grid import token_grid
 from ..rules import RULE_CHOICES, RULES, Context, data_inputs, has_role, unsupported_reason
 
 SIGNAL = "excite_signal"
@@ -478,6 +479,10 @@ def expose(plan: Plan, sweeps: dict, channels: bool = False, diagnostics: bool =
             return g.channel_sum(p, rank, axis)
 
         map_rank = rank - 1 if rank >= 3 else rank
+        grid = token_grid(graph, layer)
+        if grid is not None:   # tokens: the patch tokens' map on the patch grid, the other tokens dropped
+            map_rank = 3
+            reduced = _on_grid(g, grid, reduced)
         for name in plan.methods:
             method = get_method(name)
             p = p_at(name, "difference" if method.dual == "difference" else "target")
@@ -494,6 +499,8 @@ def expose(plan: Plan, sweeps: dict, channels: bool = False, diagnostics: bool =
                 built.channels[(name, layer)] = _expose(g, p, channels_name(name, layer), new_outputs, rank)
             if diagnostics and method.mass != "none":
                 def total(t):
+                    if grid is not None:   # the patch tokens' mass: the other tokens' share counts as lost
+                        t = _patch_tokens(g, grid, t)
                     return g.op("ReduceSum", [t, g.i64(list(range(1, rank)))], keepdims=0, hint="mass") if rank > 1 else t
 
                 mass = total(p) if dual_p is None else g.sub(total(p), total(dual_p))
@@ -501,6 +508,19 @@ def expose(plan: Plan, sweeps: dict, channels: bool = False, diagnostics: bool =
 
     _assemble(graph, g, new_outputs, num_classes)
     return built
+
+
+def _patch_tokens(g: Emitter, grid, t: str) -> str:
+    """The patch tokens of ``t`` (token axis 1)."""
+    return g.op("Slice", [t, g.i64([grid.offset]), g.i64([grid.offset + grid.h * grid.w]), g.i64([1])], hint="patches")
+
+
+def _on_grid(g: Emitter, grid, reduce):
+    """``reduce`` (P -> its (N, T) token map) followed by the patch tokens laid out as (N, h, w)."""
+    def on_grid(method, p):
+        m = reduce(method, p)
+        return g.op("Reshape", [_patch_tokens(g, grid, m), g.i64([0, grid.h, grid.w])], hint="map_grid")
+    return on_grid
 
 
 def _difference(g: Emitter, target: str | None, dual: str | None) -> str | None:

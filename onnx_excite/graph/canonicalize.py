@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper, shape_inference
 
 from ..errors import ExciteError
 from .forward import ForwardGraph, LogitsChoice, shape_of
-from . import fuse_gelu, fuse_layernorm
+from . import fold_shape_arithmetic, fuse_gelu, fuse_layernorm
 from .index import GraphIndex, all_inputs, attr, attrs
 
 
@@ -795,6 +795,7 @@ PASSES: list[Callable[[onnx.ModelProto], onnx.ModelProto]] = [
     inline_constant_if,
     name_nodes,
     upgrade_opset,
+    fold_shape_arithmetic.run,
     fuse_gelu.run,
     fuse_layernorm.run,
     fold_batchnorm,

@@ -18,10 +18,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import onnx
 from onnx import helper
 
+from .fuse import replace_chains
 from .index import GraphIndex
 
 GELU_OPSET = 20
@@ -172,24 +172,18 @@ def run(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     index = GraphIndex(graph)
     outputs = {o.name for o in graph.output}
-    replaced, new_nodes = set(), {}
+    replaced, fused = set(), []
     for match in gelu_matches(graph):
-        inner = [n for n in graph.node if id(n) in match.nodes and match.output not in n.output]
+        chain = [n for n in graph.node if id(n) in match.nodes]
+        inner = [n for n in chain if match.output not in n.output]
         if any(o in outputs or index.consumer_count(o) != 1 for n in inner for o in n.output if o):
             continue   # an intermediate is read elsewhere: keep the nodes
         if replaced & set(match.nodes):
             continue
         replaced |= set(match.nodes)
-        last = next(n for n in graph.node if match.output in n.output)
-        new_nodes[id(last)] = helper.make_node("Gelu", [match.x], [match.output], name=f"{last.name or match.output}.gelu",
-                                               approximate=match.approximate)
-    if not replaced:
-        return model
-    consts = {i for n in graph.node if id(n) in replaced for i in n.input if index.is_initializer(i)}
-    keep = [new_nodes.get(id(n), n) for n in graph.node if id(n) in new_nodes or id(n) not in replaced]
-    del graph.node[:]
-    graph.node.extend(keep)
-    used = {i for n in graph.node for i in n.input} | outputs
-    for t in [t for t in graph.initializer if t.name in consts and t.name not in used]:
-        graph.initializer.remove(t)
+        last = next(n for n in chain if match.output in n.output)
+        chain = inner + [last]
+        fused.append((chain, helper.make_node("Gelu", [match.x], [match.output], name=f"{last.name or match.output}.gelu",
+                                              approximate=match.approximate)))
+    replace_chains(graph, index, fused)
     return model

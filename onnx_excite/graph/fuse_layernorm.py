@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .fuse import fresh_name, replace_chains
 from .index import GraphIndex, attr
 
 
@@ -91,8 +92,8 @@ def run(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     index = GraphIndex(graph)
     taken = set(index.tensor_names())
-    replaced: dict[int, onnx.NodeProto] = {}
     dropped: set[int] = set()
+    fused = []
     for div in list(graph.node):
         found = _match(index, div)
         if found is None:
@@ -102,25 +103,12 @@ def run(model: onnx.ModelProto) -> onnx.ModelProto:
             continue
         params = []
         for name, part in ((gamma, "scale"), (beta, "bias")):
-            if name is None:
-                continue
-            flat, k = f"{div.name or out}.{part}", 0
-            while flat in taken:
-                k += 1
-                flat = f"{div.name or out}.{part}{k}"
-            taken.add(flat)
-            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(index.array(name).reshape(-1)), flat))
-            params.append(flat)
+            if name is not None:
+                flat = fresh_name(f"{div.name or out}.{part}", taken)
+                graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(index.array(name).reshape(-1)), flat))
+                params.append(flat)
         dropped |= {id(n) for n in nodes}
-        replaced[id(nodes[-1])] = helper.make_node("LayerNormalization", [x] + params, [out],
-                                                   name=f"{div.name or out}.layernorm", axis=-1, epsilon=eps)
-    if not replaced:
-        return model
-    consts = {i for n in graph.node if id(n) in dropped for i in n.input if index.is_initializer(i)}
-    keep = [replaced.get(id(n), n) for n in graph.node if id(n) in replaced or id(n) not in dropped]
-    del graph.node[:]
-    graph.node.extend(keep)
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
-    for t in [t for t in graph.initializer if t.name in consts and t.name not in used]:
-        graph.initializer.remove(t)
+        fused.append((nodes, helper.make_node("LayerNormalization", [x] + params, [out],
+                                              name=f"{div.name or out}.layernorm", axis=-1, epsilon=eps)))
+    replace_chains(graph, index, fused)
     return model

@@ -8,6 +8,7 @@ from .builder import _upstream, check_layers, check_model, find_cut, find_unsupp
 from .canonicalize import LogitsChoice, canonicalize
 from .forward import ForwardGraph
 from .layout import Layout, channel_axis
+from .token_grid import TokenGrid, token_grid
 
 
 @dataclass
@@ -16,6 +17,11 @@ class LayerInfo:
     op_type: str       # op that produces it ("input" for a graph input)
     shape: tuple | None
     layout: Layout | None = None   # the channel axis the map sums over
+    grid: TokenGrid | None = None   # for the tokens of a vision transformer: the patch grid of the map
+
+    def describe_layout(self) -> str:
+        text = self.layout.describe() if self.layout else "-"
+        return f"{text}, tokens: {self.grid.describe()}" if self.grid else text
 
 
 @dataclass
@@ -23,6 +29,7 @@ class ModelReport:
     graph: ForwardGraph
     layers: list[LayerInfo]
     problems: list[tuple[str, str, str]]   # (op_type, node name, reason)
+    default: str | None = None             # the map layer used when none is named (see default_layer)
 
     @property
     def ok(self) -> bool:
@@ -48,34 +55,43 @@ def inspect_model(model, logits: str | None = None, input_shapes=None, layers=No
     infos += [LayerInfo(n.output[0], n.op_type, graph.shape(n.output[0])) for n in nodes]
     for info in infos:
         info.layout = channel_axis(graph, info.name)
-    return ModelReport(graph, infos, find_unsupported(graph, nodes) + find_cut(graph, up))
+        info.grid = token_grid(graph, info.name)
+    problems = find_unsupported(graph, nodes) + find_cut(graph, up)
+    return ModelReport(graph, infos, problems, default_layer(graph) if not problems else None)
 
 
-#: ops between the last feature map (or token layer) and the classifier that the default layer skips
+#: ops between the last feature map and the classifier that the default layer skips
 _HEAD_OPS = {"Gemm", "MatMul", "Add", "Flatten", "Reshape", "Squeeze", "Identity", "Dropout", "Transpose",
              "LayerNormalization"}
 
 
 def default_layer(graph: ForwardGraph) -> str | None:
-    """The map layer of a model with LayerNormalization on its path (ConvNeXt, ViT) when none is
-    named: from the logits down the head (classifier, bias, reshapes, the final norm) to the last
-    feature map a global pool reads (ConvNeXt), or to the tokens a class-token Gather / Slice
-    picks from (ViT: the last block's output, below the final norm). None for other models
-    (convolutional nets name theirs: their profile or ``--layer``)."""
-    if not any(n.op_type == "LayerNormalization" for n in path_nodes(graph, _upstream(graph, graph.entry))):
+    """The map layer of a model with LayerNormalization on its path (ViT, ConvNeXt) when none is
+    named; None for other models (convolutional nets name theirs: their profile or ``--layer``).
+
+    * With self-attention: the tokens the last attention reads, i.e. the input of the last
+      block (the layer norm in front of its V). Above that attention every op is per token and
+      P sits on the class token alone, which the patch-grid map drops.
+    * Else: the last feature map, the input of the global pool below the head (classifier, bias,
+      reshapes, the final norm).
+    """
+    nodes = path_nodes(graph, _upstream(graph, graph.entry))
+    if not any(n.op_type == "LayerNormalization" for n in nodes):
         return None
+    attention = [n for n in nodes if n.op_type == "MatMul" and not graph.is_const(n.input[1])
+                 and getattr(graph.producer.get(n.input[0]), "op_type", "") == "Softmax"]
+    if attention:
+        t = attention[-1].input[1]
+        while (node := graph.producer.get(t)) is not None and node.op_type != "LayerNormalization":
+            data = data_inputs(graph, node)
+            if len(data) != 1:
+                return None
+            t = data[0]
+        return node.input[0] if node is not None else None
     t = graph.entry
-    while True:
-        node = graph.producer.get(t)
-        data = data_inputs(graph, node) if node is not None else []
-        if node is None or len(data) != 1:
-            return None
-        if node.op_type in ("GlobalAveragePool", "ReduceMean", "Gather", "Slice"):
-            below = data[0]
-            norm = graph.producer.get(below)
-            if node.op_type in ("Gather", "Slice") and norm is not None and norm.op_type == "LayerNormalization":
-                below = norm.input[0]
-            return below
-        if node.op_type not in _HEAD_OPS:
+    while (node := graph.producer.get(t)) is not None and node.op_type in _HEAD_OPS:
+        data = data_inputs(graph, node)
+        if len(data) != 1:
             return None
         t = data[0]
+    return node.input[0] if node is not None and node.op_type in ("GlobalAveragePool", "ReduceMean") else None

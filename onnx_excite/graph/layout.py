@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from .forward import ForwardGraph
 from .index import attr
+from .token_grid import token_grid
 
 
 def _layout(node) -> str | None:
@@ -53,6 +54,8 @@ def channel_axis(graph: ForwardGraph, tensor: str) -> Layout:
     rank = graph.rank(tensor)
     if rank is None or rank < 3:
         return Layout(None, rank)
+    if token_grid(graph, tensor) is not None:   # (N, T, C) tokens of a vision transformer
+        return Layout(2, rank)
     found = _search(graph, tensor, set())
     return Layout(found, rank) if found is not None else Layout(1, rank, known=False)
 

@@ -22,9 +22,10 @@ from .base import Context, register
 from .passthrough import _activation, _gate_input
 
 
-def _gate_only(graph, name: str, seen=None) -> bool:
-    """Whether every path from ``name`` to the logits enters a Mul as its gate input or a Div
-    as its divisor (so that P under the excitation methods never reaches ``name``)."""
+def gate_only(graph, name: str, seen=None) -> bool:
+    """Whether every path from ``name`` to the logits enters a Mul as its gate input, a Div
+    as its divisor or an attention MatMul as its weights ``Softmax(..) @ V`` (so that P under
+    the excitation methods never reaches ``name``)."""
     seen = set() if seen is None else seen
     if name == graph.entry:
         return False
@@ -38,7 +39,10 @@ def _gate_only(graph, name: str, seen=None) -> bool:
                 continue
         if node.op_type == "Div" and node.input[1] == name and node.input[0] != name:
             continue
-        if not all(_gate_only(graph, o, seen) for o in node.output if o):
+        if (node.op_type == "MatMul" and node.input[0] == name and node.input[1] != name
+                and not graph.is_const(node.input[1]) and getattr(graph.producer.get(name), "op_type", "") == "Softmax"):
+            continue
+        if not all(gate_only(graph, o, seen) for o in node.output if o):
             return False
     return True
 
@@ -47,7 +51,7 @@ def gate_check(graph, node):
     if node.op_type == "Pow" and not (len(node.input) == 2 and graph.is_const(node.input[1])
                                       and np.asarray(graph.consts[node.input[1]]).size == 1):
         return "Pow with an exponent that is not one constant"
-    if not _gate_only(graph, node.output[0]):
+    if not gate_only(graph, node.output[0]):
         return (f"{node.op_type} outside a gate (only GELU's erf / x^3 bracket, a branch that reaches the features "
                 f"as the gate of a Mul, is supported)")
     return None

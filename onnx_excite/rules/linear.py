@@ -352,6 +352,11 @@ def _dense(ctx: Context, node, a: str, p: str, w: np.ndarray, negate: bool, bias
 
 
 def dense_check(graph, node):
+    if node.op_type == "MatMul" and len(node.input) > 1 and not graph.is_const(node.input[1]) \
+            and not graph.is_const(node.input[0]):
+        from .attention import matmul_check
+
+        return matmul_check(graph, node)
     reason = _weight_check(graph, node)
     if reason:
         return reason
@@ -374,11 +379,25 @@ def dense_weight(graph, node) -> np.ndarray:
     return (b.astype(np.float64) * alpha).astype(np.float32)
 
 
-@register("Gemm", "MatMul", inputs=(0,), check=dense_check, weighted=True, family="linear",
-          roles={"mac", "classifier"},
-          description="linear, W = alpha * B' for Gemm (transB honoured), B for MatMul (2-D constant); a bias Add passes P "
-                      "through. On a 2-D input (Gemm: transA = 0), a BatchNorm or per-feature Mul/Div/Add/Sub (bias Add, "
-                      "decomposed BatchNorm) right after it is folded into one Gemm first")
+_DENSE = ("linear, W = alpha * B' for Gemm (transB honoured), B for MatMul (2-D constant; on an input of any rank: "
+          "token-wise); a bias Add passes P through. On a 2-D input (Gemm: transA = 0), a BatchNorm or per-feature "
+          "Mul/Div/Add/Sub (bias Add, decomposed BatchNorm) right after it is folded into one Gemm first")
+
+
+@register("MatMul", check=dense_check, weighted=True, family="linear", roles={"mac", "classifier"},
+          description=_DENSE + ". Of two activations: self-attention `Softmax(..) @ V` (P to V through the attention "
+                      "weights, a gate) and its score product `Q K'` (a gate branch, no P)")
+def matmul(ctx: Context, node, p: str, negate=False):
+    """The dense rule; of two activations, the attention rule (``rules.attention``)."""
+    if not ctx.graph.is_const(node.input[1]):
+        from .attention import attention_matmul
+
+        return attention_matmul(ctx, node, p, negate)
+    return dense(ctx, node, p, negate)
+
+
+@register("Gemm", inputs=(0,), check=dense_check, weighted=True, family="linear", roles={"mac", "classifier"},
+          description=_DENSE)
 def dense(ctx: Context, node, p: str, negate=False):
     """Linear rule through Gemm / MatMul with a constant weight."""
     a = node.input[0]

@@ -2,12 +2,11 @@
 
 The builder refuses them on the signal's path (they have no excitation rule); their
 declarations say what they do to the layout, whether their output is provably >= 0 (a
-Softmax gate, an Exp normaliser), and their roles (a Softmax below the logits is a squasher;
+Exp normaliser), and their roles (a LogSoftmax below the logits is a squasher;
 ConvTranspose is a multiply-accumulate layer of the companion graph).
 """
 from .base import declare
 
-declare("Softmax", keeps_nonneg="always", roles={"squasher"})
 declare("LogSoftmax", roles={"squasher"})
 declare("Exp", "Abs", keeps_nonneg="always", layout="elementwise")
 declare("Neg", "Sqrt", "Min", "Where", layout="elementwise")
