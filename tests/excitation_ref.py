@@ -672,23 +672,30 @@ class Reference:
 
     def _ancestor(self, source, tensor):
         """Whether ``tensor`` is computed from ``source``."""
-        stack = [tensor]
+        stack, seen = [tensor], set()
         while stack:
             t = stack.pop()
             if t == source:
                 return True
+            if t in seen:
+                continue
+            seen.add(t)
             node = self.producer.get(t)
             if node is not None:
                 stack.extend(i for i in node.input if i)
         return False
 
     def classifier(self, entry):
-        t = entry
-        while True:
-            node = self.producer[t]
+        """The linear layers below the logits on each branch (summed heads: several)."""
+        found, todo = [], [entry]
+        while todo:
+            node = self.producer[todo.pop()]
             if node.op_type in ("Conv", "Gemm", "MatMul", "Einsum"):
-                return node
-            t = self._data_inputs(node)[0]
+                found.append(node)
+                continue
+            ins = self._data_inputs(node)
+            todo.extend(ins if node.op_type in ("Add", "Sum") else ins[:1])
+        return found
 
     def excite(self, node, p, rule, negate=False):
         """{input name: P} for the node's data inputs."""
@@ -957,7 +964,7 @@ class Reference:
             p = sum(pending.pop(out))
             P[out] = p
             sent = self.excite(node, p, rule)
-            if clf is not None and node is clf:
+            if clf is not None and any(node is c for c in clf):
                 dual = self.excite(node, p, rule, negate=True)
                 sent = {k: sent[k] - dual[k] for k in sent}
             for k, q in sent.items():

@@ -55,6 +55,63 @@ def vit_tiny(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
     return _export(model, opset=opset)
 
 
+def deit_tiny(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
+    """A DeiT-style ViT: torchvision's VisionTransformer with a distillation token after the
+    class token (18 tokens on a 4x4 grid) and two heads, averaged, as DeiT's inference does."""
+    import torch
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    class DeiT(VisionTransformer):
+        def __init__(self):
+            super().__init__(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                             num_classes=10)
+            self.dist_token = torch.nn.Parameter(torch.randn(1, 1, 32))
+            self.encoder.pos_embedding = torch.nn.Parameter(torch.randn(1, 18, 32) * 0.2)
+            self.head_dist = torch.nn.Linear(32, 10)
+
+        def forward(self, x):
+            x = self._process_input(x)
+            n = x.shape[0]
+            x = torch.cat([self.class_token.expand(n, -1, -1), self.dist_token.expand(n, -1, -1), x], dim=1)
+            x = self.encoder(x)
+            return (self.heads(x[:, 0]) + self.head_dist(x[:, 1])) / 2
+
+    torch.manual_seed(seed)
+    model = DeiT()
+    with torch.no_grad():
+        model.class_token.normal_()
+        model.heads.head.weight.normal_(std=0.3)
+    return _export(model, opset=opset)
+
+
+def swin_tiny(seed: int = 0, opset: int = 17, mask: float = -3.0) -> onnx.ModelProto:
+    """torchvision's SwinTransformer: 32x32 input, 2x2 patches, two stages of two blocks (the
+    second block of each with shifted windows), 4x4 windows, patch merging between the stages.
+
+    ``mask``: the value torchvision's shifted-window mask adds to the attention logits of
+    token pairs from different image regions is -100; exp(-100) is below float32's range, so
+    there the float32 companion graph drops shares that the float64 reference still sends
+    through weights of ~1e-44. -3 keeps both in range (the graph is the same)."""
+    import torch
+    from onnx import numpy_helper
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(seed)
+    model = SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
+                            num_classes=10)
+    proto = _export(model, opset=opset)
+    tensors = list(proto.graph.initializer) + [a.t for n in proto.graph.node if n.op_type == "Constant"
+                                               for a in n.attribute if a.name == "value"]
+    replaced = 0
+    for t in tensors:
+        a = numpy_helper.to_array(t)
+        if a.size == 1 and a.dtype.kind == "f" and float(a.reshape(-1)[0]) == -100.0:
+            t.CopyFrom(numpy_helper.from_array(np.full(a.shape, mask, a.dtype), t.name))
+            replaced += 1
+    assert replaced == 2, replaced   # the mask of each shifted block
+    return proto
+
+
 def _gelu_erf(g: G, x: str) -> str:
     """x * 0.5 * (1 + erf(x / sqrt 2)) as PyTorch's legacy exporter writes nn.GELU()."""
     e = g.op("Erf", [g.op("Div", [x, g.init(math.sqrt(2.0), "sqrt2")])])

@@ -197,24 +197,39 @@ def find_cut(graph: ForwardGraph, tensors: set[str]) -> list[tuple[str, str, str
 
 
 def find_classifier(graph: ForwardGraph, wanted: set[str], name: str | None = None) -> onnx.NodeProto:
-    """The linear layer the contrastive signal negates: the first weighted node below the logits."""
+    """The linear layer the contrastive signal negates: the first weighted node below the logits
+    (the first of :func:`find_classifiers`)."""
+    return find_classifiers(graph, wanted, name)[0]
+
+
+def find_classifiers(graph: ForwardGraph, wanted: set[str], name: str | None = None) -> tuple:
+    """The linear layers the contrastive signal negates: the first weighted node below the logits
+    on each branch (one; two for a DeiT's class and distillation heads, whose sum the logits are)."""
     if name is not None:
         node = next((n for n in graph.nodes if n.name == name), None)
         if node is None or not RULES.get(node.op_type) or not RULES[node.op_type].weighted:
             raise ExciteError(f"classifier {name!r} is not a Conv/Gemm/MatMul node of the model")
-        return node
-    t = graph.entry
-    while True:
+        return (node,)
+    found: list = []
+    todo, seen = [graph.entry], set()
+    while todo:
+        t = todo.pop()
+        if t in seen:
+            continue
+        seen.add(t)
         node = graph.producer.get(t)
         if node is None:
             raise ExciteError("no linear classifier layer (Conv/Gemm/MatMul) found below the logits for contrastive MWP")
         rule = RULES.get(node.op_type)
         if rule is not None and rule.weighted:
-            return node
+            found.append(node)
+            continue
         nxt = [i for i in data_inputs(graph, node) if i in wanted] or data_inputs(graph, node)
-        if len(nxt) != 1:
-            raise ExciteError(f"cannot find the classifier below the logits: node {node.name!r} ({node.op_type}) merges several branches; name it with classifier=")
-        t = nxt[0]
+        if len(nxt) != 1 and node.op_type not in ("Add", "Sum"):
+            raise ExciteError(f"cannot find the classifier below the logits: node {node.name!r} ({node.op_type}) "
+                              f"merges several branches; name it with classifier=")
+        todo.extend(reversed(nxt))
+    return tuple(found)
 
 
 # ---------------------------------------------------------------------------
@@ -282,6 +297,7 @@ class Plan:
     classifier: onnx.NodeProto | None
     g: Emitter
     ctx: Context
+    classifiers: tuple = ()           # every classifier the dual negates (several for summed heads)
 
 
 def check_model(graph: ForwardGraph) -> None:
@@ -322,9 +338,11 @@ def validate(model, layers: Sequence[str], methods: Sequence[str], rule: str = "
 
     clf = None
     contrastive = [m.name for m in declared if m.contrastive]
+    clfs = ()
     if contrastive:
-        clf = find_classifier(graph, wanted, classifier)
-        if not any(i in wanted for i in data_inputs(graph, clf)):
+        clfs = find_classifiers(graph, wanted, classifier)
+        clf = clfs[0]
+        if not all(any(i in wanted for i in data_inputs(graph, c)) for c in clfs):
             raise ExciteError(f"contrastive methods ({', '.join(contrastive)}) need layers below the classifier "
                               f"{clf.name!r}; {', '.join(repr(l) for l in layers)} is not")
 
@@ -332,7 +350,7 @@ def validate(model, layers: Sequence[str], methods: Sequence[str], rule: str = "
                 sink=graph.model.graph.initializer)
     g.opset = default_opset(graph.model)
     ctx = Context(graph=graph, g=g, rule=rule, wanted=frozenset(wanted))
-    return Plan(graph, layers, methods, rule, wanted, nodes, clf, g, ctx)
+    return Plan(graph, layers, methods, rule, wanted, nodes, clf, g, ctx, clfs)
 
 
 def cam_feature_map(graph: ForwardGraph, method: str = "cam") -> str:
@@ -400,7 +418,8 @@ def sweep(plan: Plan, share_adjoints: bool | Sequence[str] = WEIGHT_BOUND) -> di
     requested layers (None: all of P was lost on the way down). With ``share_adjoints``
     the ops that several sweeps apply with one weight run once on the stacked signals
     (:func:`onnx_excite.graph.share.merge_adjoints`)."""
-    graph, g, clf = plan.graph, plan.g, plan.classifier
+    graph, g = plan.graph, plan.g
+    at_classifier = {c.name for c in plan.classifiers}
     units = sweep_units(plan.methods)
     entry_shape = graph.shape(graph.entry)
     signal = SIGNAL if (entry_shape is not None and len(entry_shape) == 2) else g.reshape_like(SIGNAL, graph.entry)
@@ -429,7 +448,7 @@ def sweep(plan: Plan, share_adjoints: bool | Sequence[str] = WEIGHT_BOUND) -> di
             if p is None:
                 continue
             ctx, mode = ctxs[u], u[1]
-            at_clf = clf is not None and node.name == clf.name
+            at_clf = node.name in at_classifier
             sent = excite(ctx, node, p, negate=at_clf and mode == "negated")
             if at_clf and mode == "difference":
                 dual = excite(ctx, node, p, negate=True)
@@ -456,7 +475,7 @@ def expose(plan: Plan, sweeps: dict, channels: bool = False, diagnostics: bool =
     built = ExcitationModel(model=graph.model, inputs=list(graph.input_names), signal=SIGNAL,
                             logits=graph.entry, num_classes=num_classes, layers=plan.layers,
                             methods=plan.methods, rule=plan.rule,
-                            classifier=plan.classifier.name if plan.classifier is not None else None,
+                            classifier=", ".join(c.name for c in plan.classifiers) or None,
                             logits_choice=graph.logits)
     new_outputs = []
     for layer in plan.layers:

@@ -30,10 +30,8 @@ def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
     return shapes
 
 
-def run(model: onnx.ModelProto) -> onnx.ModelProto:
-    """``Shape`` of a tensor of static shape -> an int64 constant; then constant folding."""
-    from .canonicalize import fold_constants
-
+def _fold_shapes(model: onnx.ModelProto) -> bool:
+    """Each ``Shape`` of a tensor of static shape becomes an int64 constant; whether any did."""
     shapes = None
     keep, changed = [], False
     for node in model.graph.node:
@@ -47,8 +45,24 @@ def run(model: onnx.ModelProto) -> onnx.ModelProto:
                 changed = True
                 continue
         keep.append(node)
-    if not changed:
-        return model
-    del model.graph.node[:]
-    model.graph.node.extend(keep)
-    return fold_constants(model)
+    if changed:
+        del model.graph.node[:]
+        model.graph.node.extend(keep)
+    return changed
+
+
+#: rounds of (fold the static Shapes, fold constants): each round's folded Reshapes let shape
+#: inference see the next shapes (Swin's window partition and shifted-window mask)
+MAX_ROUNDS = 8
+
+
+def run(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``Shape`` of a tensor of static shape -> an int64 constant; then constant folding; again
+    until nothing changes."""
+    from .canonicalize import fold_constants
+
+    for _ in range(MAX_ROUNDS):
+        if not _fold_shapes(model):
+            break
+        model = fold_constants(model)
+    return model

@@ -69,29 +69,31 @@ def default_layer(graph: ForwardGraph) -> str | None:
     """The map layer of a model with LayerNormalization on its path (ViT, ConvNeXt) when none is
     named; None for other models (convolutional nets name theirs: their profile or ``--layer``).
 
-    * With self-attention: the tokens the last attention reads, i.e. the input of the last
+    * A head that pools (ConvNeXt, Swin): the last feature map, the input of the global pool
+      below the head (classifier, bias, reshapes, the final norm).
+    * Else, with self-attention (a class-token head): the tokens the last attention reads, i.e. the input of the last
       block (the layer norm in front of its V). Above that attention every op is per token and
       P sits on the class token alone, which the patch-grid map drops.
-    * Else: the last feature map, the input of the global pool below the head (classifier, bias,
-      reshapes, the final norm).
     """
     nodes = path_nodes(graph, _upstream(graph, graph.entry))
     if not any(n.op_type == "LayerNormalization" for n in nodes):
         return None
-    attention = [n for n in nodes if n.op_type == "MatMul" and not graph.is_const(n.input[1])
-                 and getattr(graph.producer.get(n.input[0]), "op_type", "") == "Softmax"]
-    if attention:
-        t = attention[-1].input[1]
-        while (node := graph.producer.get(t)) is not None and node.op_type != "LayerNormalization":
-            data = data_inputs(graph, node)
-            if len(data) != 1:
-                return None
-            t = data[0]
-        return node.input[0] if node is not None else None
     t = graph.entry
     while (node := graph.producer.get(t)) is not None and node.op_type in _HEAD_OPS:
         data = data_inputs(graph, node)
         if len(data) != 1:
+            break
+        t = data[0]
+    if node is not None and node.op_type in ("GlobalAveragePool", "ReduceMean"):
+        return node.input[0]   # a pooled head (ConvNeXt, Swin): the last feature map
+    attention = [n for n in nodes if n.op_type == "MatMul" and not graph.is_const(n.input[1])
+                 and getattr(graph.producer.get(n.input[0]), "op_type", "") == "Softmax"]
+    if not attention:
+        return None
+    t = attention[-1].input[1]
+    while (node := graph.producer.get(t)) is not None and node.op_type != "LayerNormalization":
+        data = data_inputs(graph, node)
+        if len(data) != 1:
             return None
         t = data[0]
-    return node.input[0] if node is not None and node.op_type in ("GlobalAveragePool", "ReduceMean") else None
+    return node.input[0] if node is not None else None
