@@ -295,6 +295,35 @@ def test_vit_other_methods_give_finite_maps(vit, method):
         assert np.isfinite(m).all() and np.abs(m).max() > 0, (method, layer)
 
 
+@pytest.fixture(scope="module")
+def vit_dynamo():
+    pytest.importorskip("onnxscript")
+    return _torchvision(lambda seed: nets.vit_tiny(seed, opset=18, dynamo=True))
+
+
+def test_vit_dynamo_export_matches_reference_and_grad(vit_dynamo):
+    """torch's dynamo exporter (opset 18: its own node names, SDPA-style attention scale, a
+    LayerNormalization op) passes check, gets a default token layer on the 4x4 grid, and matches
+    the float64 reference (both rules) and finite differences there and at the input."""
+    from test_methods_builder import assert_grad_equals_finite_differences
+
+    report = inspect_model(vit_dynamo)
+    assert report.problems == [] and report.default is not None
+    grid = next(i.grid for i in report.layers if i.name == report.default)
+    assert (grid.h, grid.w, grid.offset) == (4, 4, 1)
+    layers = ["input", report.default]
+    x = _input(8, (3, 32, 32), batch=1)
+    for rule in ("positive", "paper"):
+        _compare(vit_dynamo, layers, np.abs(x) if rule == "paper" else x, rule, {report.default: 2},
+                 grids={report.default}, tol=2e-3 if rule == "paper" else 2e-4)
+    x64 = x.astype(np.float64)
+    ref = Reference(vit_dynamo)
+    vals = ref.forward(x64)
+    e = np.eye(vals[ref.entry()].shape[1])[[3]]
+    grads = Exciter(vit_dynamo, layers, methods=("grad",), channels=True).explain(x, e.astype(np.float32)).channels["grad"]
+    assert_grad_equals_finite_differences("vit-dynamo", ref, x64, vals, ref.entry(), e, grads, layers)
+
+
 # ---------------------------------------------------------------------------
 # DeiT-style (a distillation token, two heads) and Swin (shifted windows, patch merging)
 # ---------------------------------------------------------------------------

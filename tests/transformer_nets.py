@@ -15,9 +15,15 @@ from onnx import TensorProto, helper
 from test_blocks import G
 
 
-def _export(module, shape=(1, 3, 32, 32), opset=17) -> onnx.ModelProto:
+def _export(module, shape=(1, 3, 32, 32), opset=17, dynamo=False) -> onnx.ModelProto:
     import torch
 
+    if dynamo:   # torch.export + onnxscript (the exporter torch recommends today)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(module.eval(), (torch.randn(*shape),), dynamo=True, opset_version=opset,
+                                        input_names=["input"], output_names=["logits"], verbose=False)
+        return program.model_proto
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -40,7 +46,7 @@ def convnext_tiny(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
     return _export(model, opset=opset)
 
 
-def vit_tiny(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
+def vit_tiny(seed: int = 0, opset: int = 17, dynamo: bool = False) -> onnx.ModelProto:
     """torchvision's VisionTransformer: 32x32 input, 8x8 patches (a 4x4 grid), 2 layers of 2 heads."""
     import torch
     from torchvision.models.vision_transformer import VisionTransformer
@@ -52,7 +58,7 @@ def vit_tiny(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
         model.class_token.normal_()
         model.encoder.pos_embedding.normal_(std=0.2)
         model.heads.head.weight.normal_(std=0.3)
-    return _export(model, opset=opset)
+    return _export(model, opset=opset, dynamo=dynamo)
 
 
 def deit_tiny(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
