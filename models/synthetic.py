@@ -174,8 +174,85 @@ def tiny_cnn(seed: int = 0, num_classes: int = 10) -> onnx.ModelProto:
     return model
 
 
+def vit(seed: int = 0, num_classes: int = 1000, size: int = 224, patch: int = 16, dim: int = 384, depth: int = 12,
+        heads: int = 6, mlp: int = 1536) -> onnx.ModelProto:
+    """A ViT-S/16-shaped classifier (random weights) as PyTorch's exporter writes one: a patch
+    Conv, a class token joined by Concat, a positional Add, ``depth`` pre-norm blocks
+    (LayerNormalization, one fused QKV MatMul split into heads, ``Softmax(Q K' / sqrt(d)) V``,
+    the erf GELU written out) and the class token's Gemm head.
+
+    Tensor names: ``tokens`` (after the positional Add), ``block{i}`` (block i's output; the
+    map layer ``block{depth-2}`` is the last block's input), ``logits``. Input (N, 3, size, size).
+    """
+    rng = np.random.default_rng(seed)
+    grid, hd = size // patch, dim // heads
+    t = grid * grid + 1
+    nodes, inits = [], []
+
+    def const(name, array):
+        inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def node(op, ins, name, **kw):
+        nodes.append(helper.make_node(op, ins, [name], name=name, **kw))
+        return name
+
+    def linear(x, cin, cout, name):
+        w = const(f"{name}.weight", (rng.standard_normal((cin, cout)) / np.sqrt(cin)).astype(np.float32))
+        b = const(f"{name}.bias", np.zeros(cout, np.float32))
+        return node("Add", [node("MatMul", [x, w], f"{name}.mm"), b], name)
+
+    def norm(x, name):
+        g = const(f"{name}.weight", np.ones(dim, np.float32))
+        b = const(f"{name}.bias", np.zeros(dim, np.float32))
+        return node("LayerNormalization", [x, g, b], name, axis=-1, epsilon=1e-6)
+
+    pw = const("patch.weight", _he(rng, (dim, 3, patch, patch), 3 * patch * patch))
+    x = node("Conv", ["input", pw], "patch", kernel_shape=[patch, patch], strides=[patch, patch])
+    x = node("Reshape", [x, const("patch.shape", np.array([0, dim, grid * grid], np.int64))], "patch.flat")
+    x = node("Transpose", [x], "patch.tokens", perm=[0, 2, 1])
+    cls = const("cls_token", (rng.standard_normal((1, 1, dim)) * 0.02).astype(np.float32))
+    cls = node("Expand", [cls, node("Concat", [node("Slice", [node("Shape", [x], "shape"), const("s0", np.array([0], np.int64)),
+                                                              const("s1", np.array([1], np.int64))], "batch"),
+                                             const("one_dim", np.array([1, dim], np.int64))], "cls.shape", axis=0)],
+               "cls.expand")
+    x = node("Concat", [cls, x], "concat", axis=1)
+    x = node("Add", [x, const("pos_embed", (rng.standard_normal((1, t, dim)) * 0.02).astype(np.float32))], "tokens")
+    heads_shape = const("heads.shape", np.array([0, t, 3, heads, hd], np.int64))
+    merge_shape = const("merge.shape", np.array([0, t, dim], np.int64))
+    scale = const("attn.scale", np.array(1.0 / np.sqrt(hd), np.float32))
+    half, one = const("half", np.array(0.5, np.float32)), const("one", np.array(1.0, np.float32))
+    sqrt2 = const("sqrt2", np.array(np.sqrt(2.0), np.float32))
+    for i in range(depth):
+        b = f"blocks.{i}"
+        h = linear(norm(x, f"{b}.norm1"), dim, 3 * dim, f"{b}.qkv")
+        h = node("Transpose", [node("Reshape", [h, heads_shape], f"{b}.qkv.heads")], f"{b}.qkv.perm", perm=[2, 0, 3, 1, 4])
+        q, k, v = (node("Gather", [h, const(f"{b}.idx{j}", np.array(j, np.int64))], f"{b}.{n}", axis=0)
+                   for j, n in enumerate("qkv"))
+        s_ = node("Mul", [node("MatMul", [q, node("Transpose", [k], f"{b}.kT", perm=[0, 1, 3, 2])], f"{b}.scores"), scale],
+                  f"{b}.scaled")
+        a = node("Softmax", [s_], f"{b}.attn", axis=-1)
+        o = node("Transpose", [node("MatMul", [a, v], f"{b}.av")], f"{b}.av.perm", perm=[0, 2, 1, 3])
+        o = linear(node("Reshape", [o, merge_shape], f"{b}.merge"), dim, dim, f"{b}.proj")
+        x = node("Add", [x, o], f"{b}.res1")
+        h = linear(norm(x, f"{b}.norm2"), dim, mlp, f"{b}.fc1")
+        gelu = node("Mul", [node("Mul", [h, node("Add", [node("Erf", [node("Div", [h, sqrt2], f"{b}.gelu.div")], f"{b}.gelu.erf"),
+                                                         one], f"{b}.gelu.add")], f"{b}.gelu.mul"), half], f"{b}.gelu")
+        x = node("Add", [x, linear(gelu, mlp, dim, f"{b}.fc2")], f"block{i}")
+    x = node("Gather", [norm(x, "norm"), const("cls.idx", np.array(0, np.int64))], "cls", axis=1)
+    hw = const("head.weight", (rng.standard_normal((num_classes, dim)) / np.sqrt(dim)).astype(np.float32))
+    nodes.append(helper.make_node("Gemm", [x, hw, const("head.bias", np.zeros(num_classes, np.float32))], ["logits"],
+                                  name="head", transB=1))
+    graph = helper.make_graph(nodes, "vit",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", num_classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="onnx-excite")
+    model.ir_version = 8
+    return model
+
+
 RECIPES = {"vgg16-random": vgg16, "resnet50-random": resnet50, "mobilenetv2-random": mobilenet_v2,
-           "tiny-cnn": tiny_cnn}
+           "tiny-cnn": tiny_cnn, "vit-s16-random": vit}
 #: each recipe's map layer when none is given (the issue's benchmark shapes)
 RECIPE_LAYERS = {"vgg16-random": ["pool4"], "resnet50-random": ["layer3"], "mobilenetv2-random": ["features.13"],
-                 "tiny-cnn": ["pool1"]}
+                 "tiny-cnn": ["pool1"], "vit-s16-random": ["block10"]}

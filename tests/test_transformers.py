@@ -452,3 +452,56 @@ def test_explain_with_no_option(arch, request, tmp_path):
     grid = np.load(next(tmp_path / "out" / n for n in written if ".mwp." in n and n.endswith(".npy")
                         and not n.endswith(".image.npy")))
     assert grid.shape[-2:] == {"swin": (8, 8)}.get(arch, (4, 4))
+
+
+def test_vit_bench_recipe_small_config_matches_reference():
+    """The `vit-s16-random` bench recipe's graph (written without torch), at a small config:
+    no problem, its default layer is the last block's input, maps match the reference."""
+    from onnx_excite.models import synthetic
+
+    model = synthetic.vit(size=32, patch=8, dim=32, depth=3, heads=2, mlp=64, num_classes=10)
+    report = inspect_model(model)
+    assert report.problems == [] and report.default == "block1"   # RECIPE_LAYERS: block{depth-2}
+    assert synthetic.RECIPE_LAYERS["vit-s16-random"] == ["block10"]
+    x = _input(3, (3, 32, 32), batch=2)
+    for rule in ("positive", "paper"):
+        _compare(model, ["input", "block1"], np.abs(x) if rule == "paper" else x, rule, {"block1": 2},
+                 grids={"block1"}, tol=2e-3 if rule == "paper" else 2e-4)
+
+
+@pytest.fixture(scope="module")
+def mobilevit():
+    return _torchvision(nets.mobilevit_tiny)
+
+
+def test_mobilevit_hybrid_matches_reference_and_grad(mobilevit):
+    """Convs and a transformer over unfolded patches (nn.TransformerEncoderLayer's fused
+    attention export): check ok, the maps at the input, the stem and the unfolded tokens match
+    the float64 reference (both rules), grad equals finite differences, conservation."""
+    from test_methods_builder import assert_grad_equals_finite_differences
+
+    from onnx_excite.graph.canonicalize import canonicalize
+
+    report = inspect_model(mobilevit)
+    assert report.problems == [], report.problems
+    names = [i.name for i in report.layers]
+    stem = next(n for n in names if "/0/Conv" in n)
+    fused = next(n for n in names if n.endswith("Concat_output_0"))
+    layers = ["input", stem, fused]
+    canonical = canonicalize(mobilevit).model
+    x = _input(4, (3, 32, 32), batch=1)
+    for rule in ("positive", "paper"):
+        _compare(mobilevit, layers, np.abs(x) if rule == "paper" else x, rule, tol=2e-3 if rule == "paper" else 2e-4,
+                 reference=(canonical, layers, None))
+    ex = Exciter(mobilevit, layers, methods=("mwp",), channels=True, diagnostics=True)
+    signal = np.eye(ex.num_classes, dtype=np.float32)[[1]]
+    res = ex.explain(x, signal)
+    for layer in layers:
+        np.testing.assert_allclose(res.channels["mwp"][layer].sum(), 1.0 - res.lost["mwp"][layer][0], rtol=1e-4,
+                                   atol=1e-5)
+    x64 = x.astype(np.float64)
+    ref = Reference(canonical)
+    vals = ref.forward(x64)
+    grads = Exciter(mobilevit, layers, methods=("grad",), channels=True).explain(x, signal).channels["grad"]
+    assert_grad_equals_finite_differences("mobilevit", ref, x64, vals, ref.entry(), signal.astype(np.float64), grads,
+                                          layers)

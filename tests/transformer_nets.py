@@ -118,6 +118,40 @@ def swin_tiny(seed: int = 0, opset: int = 17, mask: float = -3.0) -> onnx.ModelP
     return proto
 
 
+def mobilevit_tiny(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
+    """A MobileViT-style hybrid: a conv stem, a MobileViT block (a 3x3 and a 1x1 conv, the map
+    unfolded into 2x2 patches, a transformer encoder layer over the patches at each of the 4
+    pixel positions, folded back, a 1x1 conv, concatenated with the block's input, a 3x3 conv
+    fusing them), global pool, linear head; 32x32 input."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, c=16, d=24, p=2):
+            super().__init__()
+            self.p = p
+            self.local = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.SiLU(), nn.Conv2d(c, d, 1))
+            self.encoder = nn.TransformerEncoderLayer(d, 2, 48, dropout=0.0, activation="gelu", batch_first=True,
+                                                      norm_first=True)
+            self.project = nn.Conv2d(d, c, 1)
+            self.fuse = nn.Sequential(nn.Conv2d(2 * c, c, 3, padding=1), nn.SiLU())
+
+        def forward(self, x):
+            n, _, h, w = x.shape
+            y = self.local(x)
+            d, p = y.shape[1], self.p
+            # unfold: (N, d, h, w) -> (N * p * p, h/p * w/p, d): one sequence of patches per pixel position
+            t = y.reshape(n, d, h // p, p, w // p, p).permute(0, 3, 5, 2, 4, 1).reshape(n * p * p, (h // p) * (w // p), d)
+            t = self.encoder(t)
+            y = t.reshape(n, p, p, h // p, w // p, d).permute(0, 5, 3, 1, 4, 2).reshape(n, d, h, w)
+            return self.fuse(torch.cat([x, self.project(y)], dim=1))
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.SiLU(), Block(), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(16, 10))
+    return _export(model, opset=opset)
+
+
 def _gelu_erf(g: G, x: str) -> str:
     """x * 0.5 * (1 + erf(x / sqrt 2)) as PyTorch's legacy exporter writes nn.GELU()."""
     e = g.op("Erf", [g.op("Div", [x, g.init(math.sqrt(2.0), "sqrt2")])])

@@ -49,14 +49,16 @@ def _grids(graph: ForwardGraph) -> dict[int, TokenGrid]:
     for node in graph.nodes:
         if node.op_type != "Concat" or graph.rank(node.output[0]) != 3 or attr(node, "axis") % 3 != 1:
             continue
-        data = [i for i in node.input if not graph.is_const(i)]
         out = graph.shape(node.output[0])
-        if len(data) != 1 or out is None or out[1] is None:
+        if out is None or out[1] is None:
             continue
-        grid = _patch_grid(graph, data[0])
+        # the patch tokens: the one input laid out from the patch Conv (the class token may be a
+        # constant or, with a dynamic batch, a constant Expand-ed to the batch)
+        patches = [(i, grid) for i in node.input if (grid := _patch_grid(graph, i)) is not None]
         sizes = [graph.shape(i) for i in node.input]
-        if grid is None or any(s is None or s[1] is None for s in sizes):
+        if len(patches) != 1 or any(s is None or s[1] is None for s in sizes):
             continue
+        data, grid = [patches[0][0]], patches[0][1]
         offset = sum(s[1] for s in sizes[:list(node.input).index(data[0])])
         found[out[1]] = TokenGrid(out[1], offset, *grid)
     return found
