@@ -28,11 +28,32 @@ class ResolvedModel:
 
     def __init__(self, name: str, model=None, default_layers: Sequence[str] = (), recipe: str | None = None):
         self.name = name                               # as the user named it
-        self.default_layers = list(default_layers)     # the profile's or the recipe's
+        self._named_layers = list(default_layers)      # the profile's or the recipe's
         self.recipe = recipe                           # the recipe's name, for a recipe
         self.converted = False                         # the dense head was made fully convolutional
         if model is not None:
             self.model = model
+
+    @cached_property
+    def default_layers(self) -> list[str]:
+        """The profile's or the recipe's layers; for any other model the layer its graph suggests
+        (:func:`onnx_excite.graph.layers.default_layer`: the last feature map before the global
+        pool, the map a dense head flattens, a ViT's last block input); [] when none is found."""
+        if self._named_layers:
+            return list(self._named_layers)
+        from onnx_excite.graph.canonicalize import canonicalize
+        from onnx_excite.graph.layers import default_layer
+
+        try:
+            layer = default_layer(canonicalize(self.proto))
+        except ExciteError:
+            return []   # the model's problem is reported by whatever uses it
+        return [layer] if layer else []
+
+    @property
+    def layers_chosen_by_graph(self) -> bool:
+        """Whether :attr:`default_layers` came from the graph (no profile or recipe names one)."""
+        return not self._named_layers and bool(self.default_layers)
 
     @cached_property
     def model(self) -> str | onnx.ModelProto:

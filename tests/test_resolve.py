@@ -10,10 +10,26 @@ from onnx_excite.models.resolve import resolve_model
 
 def test_a_path(tiny_path):
     resolved = resolve_model(str(tiny_path))
-    assert resolved.model == str(tiny_path) and resolved.recipe is None and resolved.default_layers == []
+    assert resolved.model == str(tiny_path) and resolved.recipe is None
+    assert resolved.default_layers == ["p1"] and resolved.layers_chosen_by_graph   # the map its head pools
     assert resolved.profile.resize == "square" and resolved.profile.input_size == 8   # its fixed 8 x 8 input
     assert resolve_model(tiny_path).model == str(tiny_path)                          # a Path as well
-    assert resolved.layers(["r1"]) == ["r1"]
+    assert resolved.layers(["r1"]) == ["r1"] and resolved.layers(None) == ["p1"]
+
+
+def test_a_model_with_no_feature_map_has_no_default_layer(tmp_path):
+    """A dense classifier on a vector: no layer to suggest, so naming none is one error line."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((3, 4), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["logits"], transB=1)], "dense",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])], [w])
+    path = tmp_path / "dense.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    resolved = resolve_model(str(path))
+    assert resolved.default_layers == [] and not resolved.layers_chosen_by_graph
     with pytest.raises(ExciteError, match="no map layer given and the model has no default one"):
         resolved.layers(None)
 

@@ -261,11 +261,9 @@ def explain_setup(opts: ExplainOptions, warn=None) -> ExplainSetup:
         # maps must cover the whole image: no crop; the shorter side at 224 (any aspect ratio)
         resize, size = ("shorter", int(opts.size or 224)) if profile.resize == "shorter" else ("square", int(opts.size or profile.input_size))
     layers = opts.layers or list(profile.default_layers)
-    if not layers:
-        from ..graph.canonicalize import canonicalize
-        from ..graph.layers import default_layer
-
-        layers = [name] if (name := default_layer(canonicalize(model, logits=opts.logits))) else []
+    if not opts.layers and layers and resolved.layers_chosen_by_graph:
+        warn(f"no --layer given: maps at {layers[0]!r}, the layer the graph suggests (the last feature map "
+             f"before the head; `onnx-excite layers MODEL` marks it)")
     if not layers:
         raise ExciteError("no layer given and the model has no profile default: pass --layer (see `onnx-excite layers MODEL`)")
     channels = len(profile.mean)

@@ -60,32 +60,39 @@ def inspect_model(model, logits: str | None = None, input_shapes=None, layers=No
     return ModelReport(graph, infos, problems, default_layer(graph) if not problems else None)
 
 
-#: ops between the last feature map and the classifier that the default layer skips
+#: ops between the last feature map (or token layer) and the classifier that the default layer skips
 _HEAD_OPS = {"Gemm", "MatMul", "Add", "Flatten", "Reshape", "Squeeze", "Identity", "Dropout", "Transpose",
-             "LayerNormalization"}
+             "LayerNormalization", "Relu", "Clip", "Gelu", "Mul", "Div", "BatchNormalization"}
+
+
+_POOLS = ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax")
 
 
 def default_layer(graph: ForwardGraph) -> str | None:
-    """The map layer of a model with LayerNormalization on its path (ViT, ConvNeXt) when none is
-    named; None for other models (convolutional nets name theirs: their profile or ``--layer``).
+    """The map layer used when none is named (CAM's layer where there is one), or None.
 
-    * A head that pools (ConvNeXt, Swin): the last feature map, the input of the global pool
-      below the head (classifier, bias, reshapes, the final norm).
-    * Else, with self-attention (a class-token head): the tokens the last attention reads, i.e. the input of the last
-      block (the layer norm in front of its V). Above that attention every op is per token and
-      P sits on the class token alone, which the patch-grid map drops.
+    * A head that pools (ResNet, MobileNet, ConvNeXt, Swin): the last feature map, the input of
+      the global pool below the head (classifier, bias, activations, reshapes, the final norm).
+    * A dense head on a flattened map (VGG, AlexNet): the map the head flattens.
+    * Else, with self-attention (a class-token head: ViT, DeiT): the tokens the last attention
+      reads, i.e. the input of the last block (the layer norm in front of its V). Above that
+      attention every op is per token and P sits on the class token alone, which the
+      patch-grid map drops.
     """
-    nodes = path_nodes(graph, _upstream(graph, graph.entry))
-    if not any(n.op_type == "LayerNormalization" for n in nodes):
-        return None
-    t = graph.entry
-    while (node := graph.producer.get(t)) is not None and node.op_type in _HEAD_OPS:
+    t, seen = graph.entry, set()
+    while (node := graph.producer.get(t)) is not None and node.op_type in _HEAD_OPS and t not in seen:
+        seen.add(t)
         data = data_inputs(graph, node)
         if len(data) != 1:
             break
+        shape = graph.shape(data[0])
+        if (node.op_type in ("Flatten", "Reshape") and shape is not None and len(shape) == 4
+                and not (shape[2] == 1 and shape[3] == 1)):
+            return data[0]   # a dense head on the flattened map
         t = data[0]
-    if node is not None and node.op_type in ("GlobalAveragePool", "ReduceMean"):
-        return node.input[0]   # a pooled head (ConvNeXt, Swin): the last feature map
+    if node is not None and node.op_type in _POOLS:
+        return node.input[0]   # a pooled head: the last feature map
+    nodes = path_nodes(graph, _upstream(graph, graph.entry))
     attention = [n for n in nodes if n.op_type == "MatMul" and not graph.is_const(n.input[1])
                  and getattr(graph.producer.get(n.input[0]), "op_type", "") == "Softmax"]
     if not attention:
