@@ -174,3 +174,16 @@ def test_bench_says_which_input_it_used(tiny):
     res = _run("bench", tiny, "-l", "r1", "--runs", "2")
     assert res.exit_code == 0, res.output
     assert "input used: x 1x3x8x8" in res.output
+
+
+def test_written_pngs_hold_the_rendered_pixels_exactly(tmp_path):
+    """The PNG settings of explain's files (zlib's run-length strategy) are lossless: the file
+    decodes to the very pixels rendered, as Pillow's default PNG settings would."""
+    photo = Image.open(DOG).convert("RGB")
+    over = render.labelled_overlay(photo, _blob_map(photo.height, photo.width), ["dog  p=0.90", "MWP · x"],
+                                   render.Style())
+    render.save_png(over, tmp_path / "fast.png")
+    over.save(tmp_path / "default.png")
+    fast, default = (np.asarray(Image.open(tmp_path / n)) for n in ("fast.png", "default.png"))
+    assert np.array_equal(fast, np.asarray(over)) and np.array_equal(fast, default)
+    assert Image.open(tmp_path / "fast.png").format == "PNG"

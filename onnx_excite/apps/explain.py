@@ -476,7 +476,7 @@ class _Run:
         from ..render import maps
         from ..methods import get_method
         from ..render.postprocess import blur_sigma, gaussian_blur
-        from ..render.overlay import display_size, labelled_overlay, map_max, panel_grid
+        from ..render.overlay import display_size, labelled_overlay, map_max, panel_grid, save_png
 
         # image-space maps: clipped at 0 (bicubic overshoot), at display resolution unless full_res
         store_size = img.size if self.opts.full_res else display_size(img.size, min_side=1)
@@ -513,7 +513,7 @@ class _Run:
                     caption = [head, f"{get_method(method).label} · {layer} · {self.opts.rule} rule"]
                     np.save(written["map"], m)
                     np.save(written["map_image"], up.astype(np.float16))
-                    labelled_overlay(img, up, caption, self.style, v, bar_label).save(written["overlay"])
+                    save_png(labelled_overlay(img, up, caption, self.style, v, bar_label), written["overlay"])
                     self.summary.written += len(written)
                     tiles.append(([f"{get_method(method).label} · {layer}"], up, v))
                     all_tiles.append(([head, f"{get_method(method).label} · {layer}"], up, v))
@@ -523,7 +523,7 @@ class _Run:
             panel_path = self.opts.out_dir / f"{self.stem(path)}.{tag}.panel.png"
             self._check_not_input([panel_path])
             title = [f"{path.name}: {head}  ({self.opts.rule} rule)"]
-            panel_grid(img, tiles, self.style, title, bar_label=bar_label).save(panel_path)
+            save_png(panel_grid(img, tiles, self.style, title, bar_label=bar_label), panel_path)
             self.summary.written += 1
             for out in record["outputs"][-len(tiles):]:
                 out["panel"] = str(panel_path)
@@ -535,8 +535,8 @@ class _Run:
                      + ("one colour scale per method and layer" if self.opts.scale == "shared" else "each map by its own maximum")
                      + f"  ({self.opts.rule} rule)"]
             per_row = len(self.opts.methods) * len(self.layers)
-            panel_grid(img, all_tiles, self.style, title, columns=per_row, bar_label=bar_label,
-                       show_image=False).save(top_path)
+            save_png(panel_grid(img, all_tiles, self.style, title, columns=per_row, bar_label=bar_label,
+                                show_image=False), top_path)
             self.summary.written += 1
             for out in record["outputs"]:
                 out["classes_panel"] = str(top_path)
