@@ -409,7 +409,8 @@ class _Run:
             self.exciters[shape] = Exciter(self.model, self.layers, methods=self.opts.methods, rule=self.opts.rule,
                                            logits=self.opts.logits,
                                            input_shapes={first_input_name(self.model): [None, *shape]},
-                                           device=self.opts.device, threads=self.threads)
+                                           device=self.opts.device, threads=self.threads,
+                                           top1=not self.opts.targets)
             self.summary.logits_choice = self.exciters[shape].built.logits_choice
             self.summary.providers = self.exciters[shape].providers
         return self.exciters[shape]
@@ -435,14 +436,18 @@ class _Run:
         x = np.stack([arr for _, _, arr, _ in items])
         ex = self.exciter(x.shape[1:])   # a model or settings error (-l, --logits) stops the run: one line
         try:
-            logits = class_scores(ex.logits(x))
+            # the top-1 class chosen inside the graph: one run gives the logits and its maps
+            first = ex.explain(x, None) if ex.top1 else None
+            logits = class_scores(ex.logits(x) if first is None else first.logits)
             if not np.isfinite(logits).all():
                 raise ExciteError("the model's outputs are NaN or infinite for this input")
             sets = self.target_sets(logits)
+            if first is not None and any(sets[i][0] != (int(c),) for i, c in enumerate(first.signal.argmax(axis=1))):
+                first = None   # a tie the graph broke otherwise: explain the class chosen here
             probs = _softmax(logits)
             records = [self._record(path, logits[i]) for i, (path, _, _, _) in enumerate(items)]
-            results = []
-            for j in range(len(sets[0])):
+            results = [] if first is None else [first]
+            for j in range(len(results), len(sets[0])):
                 signal = np.zeros_like(logits, dtype=np.float32)
                 for i in range(len(items)):
                     signal[i, list(sets[i][j])] = 1.0
