@@ -44,3 +44,81 @@ def test_without_top1_targets_are_required():
 
     with pytest.raises(ExciteError, match="no targets given"):
         Exciter(tiny_model(), ["r1"], methods=("mwp",)).explain(_batch(0, (1, 3, 8, 8)), None)
+
+
+def _outputs(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != "explanations.jsonl"}
+
+
+def _records(folder: Path) -> list:
+    """The records without the files' modification times, with the folder's name taken out."""
+    out = []
+    for line in (folder / "explanations.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        rec["stamps"] = {Path(k).name: v[0] for k, v in rec["stamps"].items()}   # sizes; the times differ
+        out.append(json.dumps(rec, sort_keys=True).replace(str(folder), "OUT"))
+    return out
+
+
+@pytest.mark.parametrize("args", [dict(top=2, methods=("mwp", "cmwp")), dict(targets=["1", "3"], methods=("mwp",))])
+def test_writer_threads_write_the_files_of_one_thread(tmp_path, args):
+    """Photos of two sizes (batches split by size), an unreadable file, top-2 or given targets:
+    one thread and four write the same bytes and the same records in the same order."""
+    import shutil
+
+    from PIL import Image
+
+    from onnx_excite.apps.explain import ExplainOptions, explain_files, sample_images
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for p in sample_images():
+        shutil.copy(p, src)
+        Image.open(p).resize((90, 70)).save(src / f"small_{p.stem}.png")
+    (src / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    model = tmp_path / "gap.onnx"
+    onnx.save(gap_classifier(7, 6, 2, 1), str(model))
+    summaries = {}
+    for workers in (1, 4):
+        opts = ExplainOptions(model=str(model), layers=["r1"], out_dir=tmp_path / f"w{workers}", batch_size=2,
+                              workers=workers, **args)
+        summaries[workers] = explain_files([src], opts)
+    one, four = summaries[1], summaries[4]
+    assert (one.written, one.failed, one.skipped) == (four.written, four.failed, four.skipped) and one.failed == 1
+    files = _outputs(tmp_path / "w1")
+    assert len(files) == one.written - 1 and files == _outputs(tmp_path / "w4")
+    assert len(_records(tmp_path / "w1")) == 6 and _records(tmp_path / "w1") == _records(tmp_path / "w4")
+
+
+def test_a_write_that_fails_on_a_thread_keeps_the_records_before_it(tmp_path, monkeypatch):
+    """The third image's overlay cannot be written: the run stops with one error, the records
+    of the images before it are stored (in order), none after it; a re-run finishes the rest."""
+    import shutil
+
+    from onnx_excite import ExciteError
+    from onnx_excite.apps.explain import ExplainOptions, explain_files, sample_images
+    import onnx_excite.render.overlay as render
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(6):
+        shutil.copy(sample_images()[i % 3], src / f"{i}.jpg")
+    model = tmp_path / "gap.onnx"
+    onnx.save(gap_classifier(7, 6, 2, 1), str(model))
+    real = render.save_png
+
+    def fails(img, path):
+        if Path(path).name.startswith("2.") and not Path(path).name.endswith("panel.png"):
+            raise PermissionError(13, "Permission denied")
+        real(img, path)
+
+    monkeypatch.setattr(render, "save_png", fails)
+    opts = ExplainOptions(model=str(model), layers=["r1"], methods=("mwp",), out_dir=tmp_path / "out", workers=3)
+    with pytest.raises(ExciteError, match="cannot write the outputs of 2.jpg .*Permission denied"):
+        explain_files([src], opts)
+    assert [Path(r["image"]).name for r in map(json.loads, (tmp_path / "out" / "explanations.jsonl").open())] \
+        == ["0.jpg", "1.jpg"]
+    assert not (tmp_path / "out" / ".onnx-excite.lock").exists()
+    monkeypatch.setattr(render, "save_png", real)
+    again = explain_files([src], opts)
+    assert again.skipped == 2 and len(again.records) == 6

@@ -9,6 +9,7 @@ chosen by the caller), so that a weak class does not look as hot as the top-1.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Optional, Sequence
@@ -79,13 +80,19 @@ def map_max(map2d: np.ndarray) -> float:
     return float(max(m.max(), 0.0)) if m.size else 0.0
 
 
-@lru_cache(maxsize=64)
+_FONTS = threading.local()   # FreeType faces may be used by one thread at a time: a cache per thread
+
+
 def font(size: int) -> ImageFont.ImageFont:
-    """Pillow's bundled scalable font (Pillow >= 10.1) at ``size`` px, else its bitmap font."""
-    try:
-        return ImageFont.load_default(size=max(6, int(size)))
-    except TypeError:  # older Pillow: fixed 11 px bitmap font
-        return ImageFont.load_default()
+    """Pillow's bundled scalable font (Pillow >= 10.1) at ``size`` px, else its bitmap font
+    (cached per thread)."""
+    cache = _FONTS.__dict__.setdefault("fonts", {})
+    if size not in cache:
+        try:
+            cache[size] = ImageFont.load_default(size=max(6, int(size)))
+        except TypeError:  # older Pillow: fixed 11 px bitmap font
+            cache[size] = ImageFont.load_default()
+    return cache[size]
 
 
 def _text_size(draw: ImageDraw.ImageDraw, text: str, fnt) -> tuple:
