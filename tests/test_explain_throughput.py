@@ -122,3 +122,27 @@ def test_a_write_that_fails_on_a_thread_keeps_the_records_before_it(tmp_path, mo
     monkeypatch.setattr(render, "save_png", real)
     again = explain_files([src], opts)
     assert again.skipped == 2 and len(again.records) == 6
+
+
+def test_float16_conversion_is_numpys_bit_for_bit():
+    """Random bit patterns (every class: zeros, subnormals, normals, ties, overflow, inf, NaN
+    payloads) and the boundaries give numpy's own float16 bits (checked once over all 2^32
+    float32 patterns as well)."""
+    import warnings
+
+    from onnx_excite.io.half import to_float16
+
+    rng = np.random.default_rng(0)
+    patterns = rng.integers(0, 2 ** 32, size=1 << 21, dtype=np.uint64).astype(np.uint32)
+    edges = np.array([0, 0x80000000, 0x33000000, 0x33000001, 0x337FFFFF, 0x38800000, 0x387FFFFF, 0x38801000,
+                      0x38803000, 0x477FE000, 0x477FEFFF, 0x477FF000, 0x477FFFFF, 0x47800000, 0x7F800000,
+                      0xFF800000, 0x7F800001, 0x7FC00000, 0x7F802000, 0xFFFFFFFF], np.uint32)
+    x = np.concatenate([patterns, edges, edges | 0x80000000]).view(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = x.astype(np.float16)
+        got = to_float16(x)
+    assert got.dtype == np.float16 and np.array_equal(got.view(np.uint16), expected.view(np.uint16))
+    tiny = np.random.default_rng(1).random((48, 64)).astype(np.float32) * 1e-5   # a map's typical pixels
+    assert np.array_equal(to_float16(tiny).view(np.uint16), tiny.astype(np.float16).view(np.uint16))
+    assert to_float16(tiny).shape == (48, 64)

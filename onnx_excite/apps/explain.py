@@ -607,6 +607,7 @@ class _Run:
     def _write_image(self, i, path, img, prepared, sets, results, probs, record) -> tuple:
         """Render and write one image's files, listing them in ``record``; (files written,
         progress steps). Touches nothing shared: it may run on a writer thread."""
+        from ..io.half import to_float16
         from ..render import maps
         from ..methods import get_method
         from ..render.postprocess import blur_sigma, gaussian_blur
@@ -646,7 +647,7 @@ class _Run:
                     self._check_not_input(written.values())
                     caption = [head, f"{get_method(method).label} · {layer} · {self.opts.rule} rule"]
                     np.save(written["map"], m)
-                    np.save(written["map_image"], up.astype(np.float16))
+                    np.save(written["map_image"], to_float16(up))
                     save_png(labelled_overlay(img, up, caption, self.style, v, bar_label), written["overlay"])
                     files += len(written)
                     tiles.append(([f"{get_method(method).label} · {layer}"], up, v))
