@@ -404,6 +404,7 @@ from onnx_excite.cli import info as _info  # noqa: E402,F401  (registers `models
 from onnx_excite.cli import methods_cmd as _methods_cmd  # noqa: E402,F401  (registers `methods`)
 from onnx_excite.cli import ground as _ground  # noqa: E402,F401  (ground, eval grounding)
 from onnx_excite.cli import serve_cmds  # noqa: E402,F401  (serving commands register on `app`)
+from onnx_excite.cli import bench_explain_cmd  # noqa: E402,F401  (registers `bench-explain`)
 
 
 def main() -> None:  # console script entry point

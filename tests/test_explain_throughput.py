@@ -146,3 +146,34 @@ def test_float16_conversion_is_numpys_bit_for_bit():
     tiny = np.random.default_rng(1).random((48, 64)).astype(np.float32) * 1e-5   # a map's typical pixels
     assert np.array_equal(to_float16(tiny).view(np.uint16), tiny.astype(np.float16).view(np.uint16))
     assert to_float16(tiny).shape == (48, 64)
+
+
+def test_bench_explain_reports_the_folder_beside_the_graph(tmp_path):
+    """bench-explain: one row for the graph, one per --workers, every image explained in each
+    round (in a temporary folder, removed after), ratios = images/s over the graph's."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from onnx_excite.apps.bench_explain import run_explain_bench
+    from onnx_excite.apps.explain import ExplainOptions, sample_images
+    from onnx_excite.cli.app import app
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for p in sample_images():
+        shutil.copy(p, src)
+    (src / "broken.jpg").write_bytes(b"not a jpeg")
+    model = tmp_path / "gap.onnx"
+    onnx.save(gap_classifier(7, 6, 2, 1), str(model))
+    opts = ExplainOptions(model=str(model), layers=["r1"], top=2, batch_size=2, out_dir=tmp_path / "unused")
+    report = run_explain_bench([src], opts, workers=(1, 3), rounds=2)
+    assert [r.workers for r in report.rows] == [None, 1, 3] and report.runs_per_batch == 2
+    assert all(len(r.seconds) == 2 and r.images == 3 and r.images_per_s > 0 for r in report.rows)
+    assert report.ratio(report.graph) == 1.0
+    assert report.ratio(report.rows[1]) == pytest.approx(report.rows[1].images_per_s / report.graph.images_per_s)
+    assert not (tmp_path / "unused").exists()
+    res = CliRunner().invoke(app, ["bench-explain", str(model), str(src), "-l", "r1", "-t", "1", "--rounds", "1",
+                                   "--workers", "2"])
+    assert res.exit_code == 0, res.output
+    assert "graph (Exciter.explain)" in res.output and "ratio explain folder (workers 2) / graph:" in res.output
