@@ -177,3 +177,30 @@ def test_bench_explain_reports_the_folder_beside_the_graph(tmp_path):
                                    "--workers", "2"])
     assert res.exit_code == 0, res.output
     assert "graph (Exciter.explain)" in res.output and "ratio explain folder (workers 2) / graph:" in res.output
+
+
+@pytest.mark.parametrize("args", [dict(top=1), dict(targets=["2", "5"]), dict(targets=["2", "5"], combine=True)])
+def test_explain_runs_no_forward_beforehand(tmp_path, monkeypatch, args):
+    """--top 1 (the class chosen in the graph) and --target (classes known before the run) need
+    no forward first: Exciter.logits is never called, and the stored maps are Exciter.explain's
+    for the class fed, the logits in the records the forward's."""
+    from onnx_excite.apps.explain import ExplainOptions, explain_files, sample_images
+    from onnx_excite.io.images import load_image, preprocess
+
+    model = tmp_path / "gap.onnx"
+    onnx.save(gap_classifier(7, 6, 2, 1), str(model))
+    photo = sample_images()[0]
+    x, _ = preprocess(load_image(photo), size=224, resize="shorter")
+    plain = Exciter(str(model), ["r1"], methods=("mwp",), input_shapes={"x": [None, *x.shape]})
+    logits = plain.logits(x[None])
+    monkeypatch.setattr(Exciter, "logits", lambda self, x: pytest.fail("a forward before the run"))
+    summary = explain_files([photo], ExplainOptions(model=str(model), layers=["r1"], methods=("mwp",),
+                                                    out_dir=tmp_path / "out", workers=1, **args))
+    record = summary.records[0]
+    assert [t["logit"] for t in record["top5"]] == pytest.approx(sorted(logits[0], reverse=True)[:5], abs=0)
+    classes = [o["targets"] for o in record["outputs"]]
+    assert classes == ([[int(logits[0].argmax())]] if "top" in args else [[2, 5]] if args.get("combine") else [[2], [5]])
+    for out, wanted in zip(record["outputs"], classes):
+        signal = np.zeros((1, 7), np.float32)
+        signal[0, wanted] = 1.0
+        assert np.array_equal(np.load(out["map"]), plain.explain(x[None], signal).maps["mwp"]["r1"][0])

@@ -555,13 +555,22 @@ class _Run:
         x = np.stack([arr for _, _, arr, _ in items])
         ex = self.exciter(x.shape[1:])   # a model or settings error (-l, --logits) stops the run: one line
         try:
-            # the top-1 class chosen inside the graph: one run gives the logits and its maps
-            first = ex.explain(x, None) if ex.top1 else None
+            # one run gives the logits and the first maps: the top-1 class chosen inside the graph,
+            # or the first of the classes given (they do not depend on the logits)
+            first, k = None, ex.built.num_classes
+            if ex.top1:
+                first = ex.explain(x, None)
+            elif self.opts.targets and k is not None:
+                given = self.target_sets(np.zeros((len(items), k), np.float32))
+                signal = np.zeros((len(items), k), np.float32)
+                for i in range(len(items)):
+                    signal[i, list(given[i][0])] = 1.0
+                first = ex.explain(x, signal)
             logits = class_scores(ex.logits(x) if first is None else first.logits)
             if not np.isfinite(logits).all():
                 raise ExciteError("the model's outputs are NaN or infinite for this input")
             sets = self.target_sets(logits)
-            if first is not None and any(sets[i][0] != (int(c),) for i, c in enumerate(first.signal.argmax(axis=1))):
+            if ex.top1 and any(sets[i][0] != (int(c),) for i, c in enumerate(first.signal.argmax(axis=1))):
                 first = None   # a tie the graph broke otherwise: explain the class chosen here
             probs = _softmax(logits)
             records = [self._record(path, logits[i]) for i, (path, _, _, _) in enumerate(items)]
