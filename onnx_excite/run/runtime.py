@@ -269,7 +269,9 @@ class Exciter:
         return res
 
     def logits(self, inputs) -> np.ndarray:
-        """Forward only (the signal branch is not run)."""
+        """The logits alone, on a zero signal. ONNX Runtime still runs the whole companion
+        graph (about the time of :meth:`explain`): where the maps are wanted too, take
+        ``explain(...).logits`` (with ``top1``, ``explain(inputs, None)`` chooses the class)."""
         feeds = self._feeds(inputs)
         batch = next(iter(feeds.values())).shape[0]
         feeds[self.built.signal] = np.zeros((batch, self.num_classes), np.float32)
