@@ -327,6 +327,9 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
             full_res: bool = typer.Option(False, "--full-res", help="image-space maps and overlays at the photo's full size "
                                                                    "(default: long side at most 1600 px)"),
             batch_size: int = typer.Option(8, help="images per run (same-size images share a batch)"),
+            workers: Optional[int] = typer.Option(None, help="threads that decode the next images and write the "
+                                                  "outputs while the model runs (default: the CPU count, 2 to 4; "
+                                                  "1: none); the files are the same"),
             logits: Optional[str] = _logits_option(),
             blur: bool = typer.Option(True, "--blur/--no-blur", help="the paper's Gaussian blur (sigma = 0.02 max(W, H)) "
                                                                      "of the image-space grad/deconv/guided/LRP maps"),
@@ -342,7 +345,8 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
     opts = ExplainOptions(model=model, layers=list(layer or []), targets=list(target or []), top=top,
                           methods=_methods(method or ["mwp", "cmwp"], contrastive), rule=rule, out_dir=out_dir,
                           size=size, mean=mean, std=std, batch_size=batch_size, combine=combine, colorbar=colorbar,
-                          scale=scale, alpha=alpha, cmap=cmap, full_res=full_res, logits=logits, blur=blur, device=device)
+                          scale=scale, alpha=alpha, cmap=cmap, full_res=full_res, logits=logits, blur=blur, device=device,
+                          workers=workers)
     settings = ray_settings(ray, actors, ray_batch, cpus_per_actor, gpus_per_actor)
     if settings is not None:
         from onnx_excite.apps.distributed import explain_on_ray
@@ -399,6 +403,7 @@ from onnx_excite.cli import info as _info  # noqa: E402,F401  (registers `models
 from onnx_excite.cli import methods_cmd as _methods_cmd  # noqa: E402,F401  (registers `methods`)
 from onnx_excite.cli import ground as _ground  # noqa: E402,F401  (ground, eval grounding)
 from onnx_excite.cli import serve_cmds  # noqa: E402,F401  (serving commands register on `app`)
+from onnx_excite.cli import bench_explain_cmd  # noqa: E402,F401  (registers `bench-explain`)
 
 
 def main() -> None:  # console script entry point

@@ -174,3 +174,33 @@ def test_bench_says_which_input_it_used(tiny):
     res = _run("bench", tiny, "-l", "r1", "--runs", "2")
     assert res.exit_code == 0, res.output
     assert "input used: x 1x3x8x8" in res.output
+
+
+def test_written_pngs_hold_the_rendered_pixels_exactly(tmp_path):
+    """The PNG settings of explain's files (zlib's run-length strategy) are lossless: the file
+    decodes to the very pixels rendered, as Pillow's default PNG settings would."""
+    photo = Image.open(DOG).convert("RGB")
+    over = render.labelled_overlay(photo, _blob_map(photo.height, photo.width), ["dog  p=0.90", "MWP · x"],
+                                   render.Style())
+    render.save_png(over, tmp_path / "fast.png")
+    over.save(tmp_path / "default.png")
+    fast, default = (np.asarray(Image.open(tmp_path / n)) for n in ("fast.png", "default.png"))
+    assert np.array_equal(fast, np.asarray(over)) and np.array_equal(fast, default)
+    assert Image.open(tmp_path / "fast.png").format == "PNG"
+
+
+@pytest.mark.parametrize("cmap", ["jet", "viridis"])
+def test_colorize_is_the_table_lookup_of_rounded_clipped_values(cmap):
+    """colorize (Pillow's palette conversion for 2-D maps) = the colour table indexed by
+    rint(255 v), v clipped to [0, 1], NaN as 0: 2-D and 1-D, with NaN, infinities, values
+    out of range and the ties between two indices."""
+    pytest.importorskip("matplotlib") if cmap != "jet" else None
+    rng = np.random.default_rng(0)
+    v = (rng.random((37, 53)) * 1.4 - 0.2).astype(np.float32)
+    v.flat[:8] = [np.nan, np.inf, -np.inf, -1.0, 0.5 / 255, 1.5 / 255, 254.5 / 255, 1.0]
+    lut = render.colormap_lut(cmap)
+    expected = lut[np.clip(np.rint(np.clip(np.nan_to_num(v.astype(np.float64), nan=0.0), 0, 1) * 255), 0, 255)
+                   .astype(np.intp)]
+    assert np.array_equal(render.colorize(v, cmap), expected)
+    assert np.array_equal(render.colorize(v[0], cmap), expected[0])
+    assert np.array_equal(np.asarray(render.colorize_image(v, cmap)), expected)

@@ -42,6 +42,7 @@ class ExplainOptions:
     logits: str | None = None  # the output explained (default: resolve_logits chooses)
     blur: bool = True          # the paper's Gaussian blur of the image-space maps of methods declared with it
     device: str = "auto"       # cpu | cuda | auto (see onnx_excite.run.devices)
+    workers: int | None = None  # threads decoding images ahead and writing outputs behind (None: default_workers(); 1: none)
 
 
 @dataclass
@@ -178,6 +179,11 @@ def _model_header(path):
         return load_model(path)   # raises the one-line error for unreadable files
 
 
+def default_workers() -> int:
+    """Writer threads when ``workers`` is not given: the CPU count, 2 to 4."""
+    return max(2, min(4, os.cpu_count() or 1))
+
+
 def _validate(opts: ExplainOptions):
     """Option values, before anything is loaded or written."""
     from ..io.checks import at_least
@@ -185,6 +191,8 @@ def _validate(opts: ExplainOptions):
 
     at_least(opts.top, 1, "--top")
     at_least(opts.batch_size, 1, "--batch-size")
+    if opts.workers is not None:
+        at_least(opts.workers, 1, "--workers")
     if opts.size is not None:
         at_least(opts.size, 1, "--size")
     if opts.scale not in SCALES:
@@ -303,6 +311,12 @@ def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, er
     finished, and a re-run with the same settings skips images whose outputs all exist
     instead of appending duplicates. ``warn(message)`` receives warnings (a size override,
     a very large output); ``on_record(record, skipped)`` each image's record as it is done.
+
+    With ``opts.workers`` > 1 (the default, :func:`default_workers`) the next images are
+    decoded on a thread while the model runs, and each image's files are rendered and written
+    on a pool of that many threads, at most ``2 * workers`` images at a time; an image's
+    record is stored, in input order, only once all its files are written. The files are the
+    same, byte for byte, as with ``workers=1`` (everything in the calling thread).
     """
     from ..io.checks import output_dir
     from ..io.images import load_image
@@ -323,19 +337,35 @@ def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, er
         raise ExciteError("no input images found (besides the outputs of earlier runs)")
     if store.skipped and warn is not None:
         warn(f"{store.path}: {len(store.skipped)} line(s) are no records and are dropped ({store.skipped[0]})")
-    run = _Run(setup.model, setup.layers, opts, setup.class_names, {p.resolve() for p in files}, setup.style, store,
-               settings, on_record)
-    run.summary.input_size = setup.input_size
+    workers = opts.workers or default_workers()
+
+    def decode(path):
+        img = load_image(path)
+        return (img, *setup.preprocess(img))
 
     pending: list = []
-    with FolderLock(out_dir), _progress(console, len(files) * per_image, per_image) as advance:
+    with FolderLock(out_dir), _progress(console, len(files) * per_image, per_image) as advance, \
+            _Writes(workers, 2 * workers) as writes, _Ahead(decode, 1 if workers > 1 else 0, opts.batch_size) as ahead:
+        run = _Run(setup.model, setup.layers, opts, setup.class_names, {p.resolve() for p in files}, setup.style, store,
+                   settings, on_record, writes=writes)
+        run.summary.input_size = setup.input_size
+        seen: set = set()
+
         def flush():
             run.batch(pending, advance)
             pending.clear()
 
-        for path in files:
-            done = store.done(path, settings)
-            if done is not None:
+        def todo(path):   # an image given twice is done once: its first record is complete first
+            if path.resolve() in seen:
+                if pending:
+                    flush()
+                writes.drain()
+            return store.done(path, settings) is None
+
+        for path, decoded in ahead.run(files, todo, lambda path: store.done(path, settings) is None):
+            seen.add(path.resolve())
+            if decoded is None:
+                done = store.done(path, settings)
                 run.summary.skipped += 1
                 run.summary.records.append(done)
                 if on_record is not None:
@@ -343,25 +373,113 @@ def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, er
                 advance(per_image)
                 continue
             try:
-                img = load_image(path)
+                img, arr, prepared = decoded()
             except ExciteError as exc:
                 run.summary.failed += 1
                 if errors is not None:
                     errors.print(f"error: {exc}", markup=False)
                 advance(per_image)
                 continue
-            arr, prepared = setup.preprocess(img)
             if pending and (len(pending) == opts.batch_size or pending[0][2].shape != arr.shape):
                 flush()
             pending.append((path, img, arr, prepared))
         if pending:
             flush()
+        writes.drain()
     for message in run.failures:
         if errors is not None:
             errors.print(f"error: {message}", markup=False)
     if run.summary.records:
         run.summary.written += 1   # explanations.jsonl
     return run.summary
+
+
+class _Writes:
+    """Jobs on a pool of ``workers`` threads, at most ``limit`` submitted and not yet finished;
+    each job's ``done(result)`` runs in the submitting thread, in submission order (an
+    exception a job raised is raised there). One worker: each job runs at once, inline."""
+
+    def __init__(self, workers: int, limit: int):
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="onnx-excite-write") if workers > 1 else None
+        self.limit, self.pending = max(1, limit), deque()
+
+    def submit(self, job, done) -> None:
+        if self.pool is None:
+            done(job())
+            return
+        self.pending.append((self.pool.submit(job), done))
+        while len(self.pending) > self.limit:
+            self._finish_oldest()
+
+    def _finish_oldest(self) -> None:
+        future, done = self.pending.popleft()
+        done(future.result())
+
+    def drain(self) -> None:
+        """Finish every job submitted."""
+        while self.pending:
+            self._finish_oldest()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:   # after an error: drop the jobs not started, wait for the running ones
+            for future, _ in self.pending:
+                future.cancel()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Ahead:
+    """``run(items, wanted, likely)`` yields ``(item, decoded)`` in order: ``decoded()``
+    returns ``decode(item)`` (or raises what it raised), None for an item ``wanted`` refused
+    (asked as the item's turn comes); with ``threads`` > 0 up to ``ahead`` items for which
+    ``likely(item)`` holds are decoded ahead on those threads."""
+
+    def __init__(self, decode, threads: int, ahead: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.decode, self.ahead = decode, max(1, ahead)
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="onnx-excite-read") if threads > 0 else None
+
+    def run(self, items, wanted, likely):
+        from collections import deque
+
+        if self.pool is None:
+            for item in items:
+                yield item, ((lambda item=item: self.decode(item)) if wanted(item) else None)
+            return
+        queue, items, ahead = deque(), iter(items), 0
+        while True:
+            while ahead < self.ahead:
+                item = next(items, None)
+                if item is None:
+                    break
+                future = self.pool.submit(self.decode, item) if likely(item) else None
+                queue.append((item, future))
+                ahead += future is not None
+            if not queue:
+                return
+            item, future = queue.popleft()
+            ahead -= future is not None
+            if not wanted(item):
+                if future is not None:
+                    future.cancel()
+                yield item, None
+            elif future is None:
+                yield item, (lambda item=item: self.decode(item))
+            else:
+                yield item, future.result
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _progress:
@@ -390,8 +508,9 @@ class _Run:
     """One explain job: an Exciter per input size, outputs per image, target and method."""
 
     def __init__(self, model, layers, opts: ExplainOptions, class_names, input_paths, style, store, settings,
-                 on_record=None, threads=None):
+                 on_record=None, threads=None, writes=None):
         self.model, self.layers, self.opts, self.threads = model, layers, opts, threads
+        self.writes = writes if writes is not None else _Writes(1, 1)   # a _Writes: where the files are written
         self.class_names, self.input_paths = class_names, input_paths
         self.style, self.store, self.settings, self.on_record = style, store, settings, on_record
         self.summary = ExplainSummary()
@@ -412,7 +531,8 @@ class _Run:
             self.exciters[shape] = Exciter(self.model, self.layers, methods=self.opts.methods, rule=self.opts.rule,
                                            logits=self.opts.logits,
                                            input_shapes={first_input_name(self.model): [None, *shape]},
-                                           device=self.opts.device, threads=self.threads)
+                                           device=self.opts.device, threads=self.threads,
+                                           top1=not self.opts.targets)
             self.summary.logits_choice = self.exciters[shape].built.logits_choice
             self.summary.providers = self.exciters[shape].providers
         return self.exciters[shape]
@@ -438,14 +558,27 @@ class _Run:
         x = np.stack([arr for _, _, arr, _ in items])
         ex = self.exciter(x.shape[1:])   # a model or settings error (-l, --logits) stops the run: one line
         try:
-            logits = class_scores(ex.logits(x))
+            # one run gives the logits and the first maps: the top-1 class chosen inside the graph,
+            # or the first of the classes given (they do not depend on the logits)
+            first, k = None, ex.built.num_classes
+            if ex.top1:
+                first = ex.explain(x, None)
+            elif self.opts.targets and k is not None:
+                given = self.target_sets(np.zeros((len(items), k), np.float32))
+                signal = np.zeros((len(items), k), np.float32)
+                for i in range(len(items)):
+                    signal[i, list(given[i][0])] = 1.0
+                first = ex.explain(x, signal)
+            logits = class_scores(ex.logits(x) if first is None else first.logits)
             if not np.isfinite(logits).all():
                 raise ExciteError("the model's outputs are NaN or infinite for this input")
             sets = self.target_sets(logits)
+            if ex.top1 and any(sets[i][0] != (int(c),) for i, c in enumerate(first.signal.argmax(axis=1))):
+                first = None   # a tie the graph broke otherwise: explain the class chosen here
             probs = _softmax(logits)
             records = [self._record(path, logits[i]) for i, (path, _, _, _) in enumerate(items)]
-            results = []
-            for j in range(len(sets[0])):
+            results = [] if first is None else [first]
+            for j in range(len(results), len(sets[0])):
                 signal = np.zeros_like(logits, dtype=np.float32)
                 for i in range(len(items)):
                     signal[i, list(sets[i][j])] = 1.0
@@ -460,31 +593,42 @@ class _Run:
                                      else 1 if self.opts.targets else self.opts.top))
             return
         for i, (path, img, _, prepared) in enumerate(items):
-            try:
-                self._write_image(i, path, img, prepared, sets[i], results, probs[i], records[i], advance)
-            except OSError as exc:
-                raise ExciteError(f"cannot write the outputs of {path.name} to {self.opts.out_dir}: "
-                                  f"{exc.strerror or type(exc).__name__}") from None
-            self.store.put(records[i])
-            self.summary.records.append(records[i])
-            if self.on_record is not None:
-                self.on_record(records[i], False)
+            def job(i=i, path=path, img=img, prepared=prepared):
+                try:
+                    return self._write_image(i, path, img, prepared, sets[i], results, probs[i], records[i])
+                except OSError as exc:
+                    raise ExciteError(f"cannot write the outputs of {path.name} to {self.opts.out_dir}: "
+                                      f"{exc.strerror or type(exc).__name__}") from None
+
+            def done(counts, record=records[i]):   # in the calling thread, once every file is written
+                files, steps = counts
+                self.summary.written += files
+                advance(steps)
+                self.store.put(record)
+                self.summary.records.append(record)
+                if self.on_record is not None:
+                    self.on_record(record, False)
+
+            self.writes.submit(job, done)
 
     def _record(self, path, logits_row) -> dict:
         return {"image": str(path), "model": self.opts.model, "rule": self.opts.rule, "layers": self.layers,
                 "methods": list(self.opts.methods), "top5": _topk(logits_row, self.class_names, 5),
                 "settings": self.settings, "outputs": []}
 
-    def _write_image(self, i, path, img, prepared, sets, results, probs, record, advance) -> None:
+    def _write_image(self, i, path, img, prepared, sets, results, probs, record) -> tuple:
+        """Render and write one image's files, listing them in ``record``; (files written,
+        progress steps). Touches nothing shared: it may run on a writer thread."""
+        from ..io.half import to_float16
         from ..render import maps
         from ..methods import get_method
         from ..render.postprocess import blur_sigma, gaussian_blur
-        from ..render.overlay import display_size, labelled_overlay, map_max, panel_grid
+        from ..render.overlay import display_size, labelled_overlay, map_max, panel_grid, save_png
 
         # image-space maps: clipped at 0 (bicubic overshoot), at display resolution unless full_res
         store_size = img.size if self.opts.full_res else display_size(img.size, min_side=1)
         store_info = dataclasses.replace(prepared, original_size=store_size) if store_size != img.size else prepared
-        images = {}
+        images, files = {}, 0
         for j in range(len(sets)):
             for method in self.opts.methods:
                 for layer in self.layers:
@@ -515,9 +659,9 @@ class _Run:
                     self._check_not_input(written.values())
                     caption = [head, f"{get_method(method).label} · {layer} · {self.opts.rule} rule"]
                     np.save(written["map"], m)
-                    np.save(written["map_image"], up.astype(np.float16))
-                    labelled_overlay(img, up, caption, self.style, v, bar_label).save(written["overlay"])
-                    self.summary.written += len(written)
+                    np.save(written["map_image"], to_float16(up))
+                    save_png(labelled_overlay(img, up, caption, self.style, v, bar_label), written["overlay"])
+                    files += len(written)
                     tiles.append(([f"{get_method(method).label} · {layer}"], up, v))
                     all_tiles.append(([head, f"{get_method(method).label} · {layer}"], up, v))
                     record["outputs"].append({"targets": list(classes), "label": self.label(classes),
@@ -526,11 +670,10 @@ class _Run:
             panel_path = self.opts.out_dir / f"{self.stem(path)}.{tag}.panel.png"
             self._check_not_input([panel_path])
             title = [f"{path.name}: {head}  ({self.opts.rule} rule)"]
-            panel_grid(img, tiles, self.style, title, bar_label=bar_label).save(panel_path)
-            self.summary.written += 1
+            save_png(panel_grid(img, tiles, self.style, title, bar_label=bar_label), panel_path)
+            files += 1
             for out in record["outputs"][-len(tiles):]:
                 out["panel"] = str(panel_path)
-            advance()
         if len(sets) > 1:   # every class of the image side by side, one row per class
             top_path = self.opts.out_dir / f"{self.stem(path)}.classes.panel.png"
             self._check_not_input([top_path])
@@ -538,11 +681,12 @@ class _Run:
                      + ("one colour scale per method and layer" if self.opts.scale == "shared" else "each map by its own maximum")
                      + f"  ({self.opts.rule} rule)"]
             per_row = len(self.opts.methods) * len(self.layers)
-            panel_grid(img, all_tiles, self.style, title, columns=per_row, bar_label=bar_label,
-                       show_image=False).save(top_path)
-            self.summary.written += 1
+            save_png(panel_grid(img, all_tiles, self.style, title, columns=per_row, bar_label=bar_label,
+                                show_image=False), top_path)
+            files += 1
             for out in record["outputs"]:
                 out["classes_panel"] = str(top_path)
+        return files, len(sets)
 
     def _check_not_input(self, paths) -> None:
         if any(Path(p).resolve() in self.input_paths for p in paths):

@@ -90,6 +90,68 @@ def as_input_dtype(values, ort_type: str) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=dtype)
 
 
+#: with ``Exciter(top1=True)``: the weight (shape [1]) of the graph's own top-1 one-hot in the
+#: signal the excitation receives, and that signal as an output
+TOP1_WEIGHT, TOP1_SIGNAL = "excite_top1_weight", "excite_top1_signal"
+
+
+def _logits_rank(model, name: str):
+    """The rank of ``name`` and whether its dims past the second are all 1 (None when unknown)."""
+    for info in list(model.graph.value_info) + list(model.graph.output):
+        if info.name == name and info.type.tensor_type.HasField("shape"):
+            dims = info.type.tensor_type.shape.dim
+            return len(dims), all(d.HasField("dim_value") and d.dim_value == 1 for d in dims[2:])
+    return None, False
+
+
+def add_top1_signal(built: ExcitationModel) -> bool:
+    """Rewrite ``built.model`` in place so that the excitation receives ``excite_signal + w *
+    OneHot(TopK(logits, 1))`` (``w`` the input :data:`TOP1_WEIGHT`, shape [1]), exposed as the
+    output :data:`TOP1_SIGNAL`: with w = 1 and a zero signal one run explains each image's own
+    top-1 class (no forward beforehand to choose it); with w = 0 the signal is the one fed, bit
+    for bit. False (nothing changed) where the logits are not (N, K) or (N, K, 1, ..., 1) with
+    a known K, or the opset is below 11."""
+    from onnx import TensorProto, helper
+
+    from ..graph.canonicalize import default_opset
+
+    model, k = built.model, built.num_classes
+    rank, ones = _logits_rank(model, built.logits)
+    if k is None or default_opset(model) < 11 or not (rank == 2 or (rank and rank > 2 and ones)):
+        return False
+    used = "excite_top1_used_signal"
+    for node in model.graph.node:
+        for j, name in enumerate(node.input):
+            if name == built.signal:
+                node.input[j] = used
+    logits = built.logits
+    dtype = next((i.type.tensor_type.elem_type for i in list(model.graph.value_info) + list(model.graph.output)
+                  if i.name == logits), TensorProto.FLOAT)
+    nodes, p = [], "excite_top1_"
+    if dtype != TensorProto.FLOAT:
+        nodes.append(helper.make_node("Cast", [logits], [p + "logits"], to=TensorProto.FLOAT, name=p + "cast"))
+        logits = p + "logits"
+    model.graph.initializer.extend([
+        helper.make_tensor(p + "k", TensorProto.INT64, [1], [1]),
+        helper.make_tensor(p + "depth", TensorProto.INT64, [1], [k]),
+        helper.make_tensor(p + "values", TensorProto.FLOAT, [2], [0.0, 1.0]),
+        helper.make_tensor(p + "shape", TensorProto.INT64, [2], [-1, k])])
+    nodes += [helper.make_node("TopK", [logits, p + "k"], [p + "value", p + "index"], axis=1, name=p + "topk"),
+              helper.make_node("OneHot", [p + "index", p + "depth", p + "values"], [p + "onehot"], axis=-1,
+                               name=p + "onehot"),
+              helper.make_node("Reshape", [p + "onehot", p + "shape"], [p + "flat"], name=p + "reshape"),
+              helper.make_node("Mul", [p + "flat", TOP1_WEIGHT], [p + "weighted"], name=p + "weight"),
+              helper.make_node("Add", [built.signal, p + "weighted"], [used], name=p + "add"),
+              helper.make_node("Identity", [used], [TOP1_SIGNAL], name=p + "expose")]
+    # after the node that makes the logits: the graph stays topologically sorted
+    producer = max((i for i, n in enumerate(model.graph.node) if built.logits in n.output), default=-1)
+    for offset, node in enumerate(nodes):
+        model.graph.node.insert(producer + 1 + offset, node)
+    model.graph.input.append(helper.make_tensor_value_info(TOP1_WEIGHT, TensorProto.FLOAT, [1]))
+    model.graph.output.append(helper.make_tensor_value_info(TOP1_SIGNAL, TensorProto.FLOAT, [None, k]))
+    return True
+
+
 @dataclass
 class Explanation:
     """Result of one run: logits (N x K) and maps[method][layer] (N x h x w)."""
@@ -117,27 +179,30 @@ class Exciter:
 
     def __init__(self, model, layers: Sequence[str] | None = None, methods: Sequence[str] | None = None, *,
                  options: BuildOptions | None = None, device: str | None = None, providers: Sequence[str] | None = None,
-                 threads: int | None = None, io_binding: bool | None = None, **fields):
+                 threads: int | None = None, io_binding: bool | None = None, top1: bool = False, **fields):
         """The build's settings are a :class:`~onnx_excite.graph.options.BuildOptions` (``options``),
         ``layers``, ``methods`` and keyword ``fields`` replacing what it holds (as for
         :func:`~onnx_excite.graph.builder.build_excitation_model`; ``share_adjoints`` batches the
         adjoint convs / Gemms that several methods' sweeps apply with one weight).
         ``device`` (cpu / cuda / auto) picks the providers unless ``providers`` are given;
         asking for CUDA where it cannot run raises :class:`~onnx_excite.run.devices.DeviceUnavailableError`.
-        ``io_binding`` (default: on when CUDA runs) keeps inputs and outputs on the device."""
+        ``io_binding`` (default: on when CUDA runs) keeps inputs and outputs on the device.
+        ``top1``: the graph can choose each image's top-1 class itself (:func:`add_top1_signal`;
+        ``explain(inputs, None)``), where its logits allow it (:attr:`top1` says)."""
         from onnx_excite.models.resolve import resolve_model   # models/ joins the package after this module
 
         opts = BuildOptions.of(options, layers, methods, **fields)
         resolved = resolve_model(model)
         opts = replace(opts, layers=resolved.layers(opts.layers))
         self.built: ExcitationModel = build_excitation_model(resolved.model, options=opts)
+        self.top1 = bool(top1) and add_top1_signal(self.built)
         requested = list(providers) if providers else (providers_for(device) if device else None)
         self.session = make_session(self.built.model, requested, threads)
         if providers or device == "cuda":   # auto may end up on the CPU: the providers line says so
             check_providers(requested, self.session)
         self.io_binding = ("CUDAExecutionProvider" in self.session.get_providers()) if io_binding is None else io_binding
         self._outputs = ([self.built.logits] + list(self.built.maps.values()) + list(self.built.channels.values())
-                         + list(self.built.masses.values()))
+                         + list(self.built.masses.values()) + ([TOP1_SIGNAL] if self.top1 else []))
 
     @property
     def providers(self) -> list[str]:
@@ -164,10 +229,17 @@ class Exciter:
         return {names[0]: as_input_dtype(inputs, kind)}
 
     def explain(self, inputs, targets) -> Explanation:
+        """Logits and maps of a batch for ``targets`` (see :func:`signal_matrix`); ``None`` with
+        ``top1``: each image's top-1 class, chosen inside the graph in the same run."""
         feeds = self._feeds(inputs)
         batch = next(iter(feeds.values())).shape[0]
-        signal = signal_matrix(targets, batch, self.num_classes)
+        if targets is None and not self.top1:
+            raise ExciteError("no targets given (choosing the top-1 class in the graph needs Exciter(top1=True))")
+        signal = (np.zeros((batch, self.num_classes), np.float32) if targets is None
+                  else signal_matrix(targets, batch, self.num_classes))
         feeds[self.built.signal] = signal
+        if self.top1:
+            feeds[TOP1_WEIGHT] = np.array([1.0 if targets is None else 0.0], np.float32)
         try:
             if self.io_binding:
                 if getattr(self, "_bound", None) is None:
@@ -178,6 +250,8 @@ class Exciter:
         except Exception as exc:
             raise ExciteError(f"ONNX Runtime failed: {str(exc).splitlines()[0][:300]}") from None
         out = dict(zip(self._outputs, values))
+        if targets is None:
+            signal = out[TOP1_SIGNAL]
         res = Explanation(logits=out[self.built.logits], signal=signal)
         for (method, layer), name in self.built.maps.items():
             res.maps.setdefault(method, {})[layer] = out[name]
@@ -195,10 +269,14 @@ class Exciter:
         return res
 
     def logits(self, inputs) -> np.ndarray:
-        """Forward only (the signal branch is not run)."""
+        """The logits alone, on a zero signal. ONNX Runtime still runs the whole companion
+        graph (about the time of :meth:`explain`): where the maps are wanted too, take
+        ``explain(...).logits`` (with ``top1``, ``explain(inputs, None)`` chooses the class)."""
         feeds = self._feeds(inputs)
         batch = next(iter(feeds.values())).shape[0]
         feeds[self.built.signal] = np.zeros((batch, self.num_classes), np.float32)
+        if self.top1:
+            feeds[TOP1_WEIGHT] = np.zeros(1, np.float32)
         try:
             return self.session.run([self.built.logits], feeds)[0]
         except Exception as exc:
