@@ -73,6 +73,21 @@ def tiny_path(tmp_path):
     return path
 
 
+@pytest.fixture
+def dense_path(tmp_path):
+    """A dense classifier on a 4-vector: no feature map, so no layer to suggest."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((3, 4), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["logits"], name="fc", transB=1)], "dense",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3])], [w])
+    path = tmp_path / "dense.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Under CI=true (.ci/run) a skipped test fails, unless it skips for an absent GPU:

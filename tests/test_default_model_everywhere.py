@@ -23,11 +23,10 @@ def test_resolver(cached_path, tiny_path):
     assert resolve_model_path("default") == cached_path
     assert resolve_model_path(str(tiny_path)) == str(tiny_path)
     assert resolve_model("default").model == cached_path
-    assert resolve_model("default").default_layers == ["features.13"] and resolve_model(str(tiny_path)).default_layers == []
+    assert resolve_model("default").default_layers == ["features.13"] and not resolve_model("default").layers_chosen_by_graph
+    assert resolve_model(str(tiny_path)).default_layers == ["p1"]   # no profile: the map its head pools
     assert resolve_model("default").layers(None) == ["features.13"]
     assert resolve_model(str(tiny_path)).layers(["r1"]) == ["r1"]
-    with pytest.raises(ExciteError, match="no map layer given"):
-        resolve_model(str(tiny_path)).layers(None)
 
 
 def test_exciter_and_builder_accept_default(cached_path):
@@ -41,9 +40,10 @@ def test_exciter_and_builder_accept_default(cached_path):
     assert list(built.maps.values()) == ["cmwp:features.5"]
 
 
-def test_exciter_without_layers_needs_a_default(tiny_path):
+def test_exciter_without_layers_needs_a_default(tiny_path, dense_path):
+    assert Exciter(str(tiny_path)).built.layers == ["p1"]   # no profile: the map its head pools
     with pytest.raises(ExciteError, match="no map layer given"):
-        Exciter(str(tiny_path))
+        Exciter(str(dense_path))
 
 
 def test_layers_marks_the_default_layer(cached_path):

@@ -97,17 +97,26 @@ def test_past_the_protobuf_limit_the_weights_go_beside_the_file_and_are_removed_
     assert not out.exists() and not data.exists()
 
 
-def test_bad_options_fail_before_anything_is_written(tmp_path, tiny_path):
+def test_bad_options_fail_before_anything_is_written(tmp_path, tiny_path, dense_path):
     cases = [(ExportOptions.of(OPTIONS, signal="top7"), "unknown signal 'top7'"),
              (ExportOptions.of(OPTIONS, normalize="l2"), "unknown normalization 'l2'"),
              (ExportOptions(build=BuildOptions(layers=["r1"], channels=True), signal="top1"), "--channels is for the plain"),
              (ExportOptions(), "no map layer given")]
+    dense = tmp_path / "dense" / "dense.onnx"   # no feature map: no layer to suggest
+    dense.parent.mkdir()
+    import shutil
+
     for options, message in cases:
+        model = tiny_path
+        if message == "no map layer given":
+            shutil.copy(dense_path, dense)
+            model = dense
         with pytest.raises(ExciteError, match=message):
-            export(str(tiny_path), tmp_path / "o.onnx", options)
+            export(str(model), tmp_path / "o.onnx", options)
     with pytest.raises(ExciteError, match="give -o/--output FILE and/or --serving DIR"):
         export(str(tiny_path), None, OPTIONS)
-    assert list(tmp_path.iterdir()) == [tiny_path]
+    assert sorted(tmp_path.iterdir()) == sorted([tiny_path, dense_path, dense.parent])
+    assert list(dense.parent.iterdir()) == [dense]
 
 
 def test_every_target_has_the_same_four_steps():

@@ -505,3 +505,13 @@ def test_mobilevit_hybrid_matches_reference_and_grad(mobilevit):
     grads = Exciter(mobilevit, layers, methods=("grad",), channels=True).explain(x, signal).channels["grad"]
     assert_grad_equals_finite_differences("mobilevit", ref, x64, vals, ref.entry(), signal.astype(np.float64), grads,
                                           layers)
+
+
+@pytest.mark.parametrize("arch", ["vit", "swin"])
+def test_transformer_companion_graph_stays_on_cuda(arch, request, tmp_path):
+    """`check --provider cuda`: every node of the forward + MWP / c-MWP graph to the input has a
+    CUDA kernel in onnxruntime-gpu's table (no CPU fallback)."""
+    path = tmp_path / f"{arch}.onnx"
+    onnx.save(request.getfixturevalue(arch), str(path))
+    res = CliRunner().invoke(app, ["check", "--provider", "cuda", str(path)], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "all on CUDA" in res.output, res.output

@@ -174,7 +174,8 @@ class Exciter:
 
     ``model`` is a path, an ``onnx.ModelProto`` or ``"default"`` (the default ImageNet
     MobileNetV2); ``layers=None`` takes the model's default layers (``features.13`` for
-    the default model; other models have none and need ``layers``).
+    the default model; other models the layer their graph suggests, see
+    :func:`onnx_excite.graph.layers.default_layer`).
     """
 
     def __init__(self, model, layers: Sequence[str] | None = None, methods: Sequence[str] | None = None, *,
