@@ -263,7 +263,8 @@ def faithfulness_markdown(res: EvalResult) -> str:
     if c.get("skipped"):
         out.append(f"- {c['skipped']} image(s) skipped during evaluation (see results.json)")
     header, rows = res.overall_table()
-    out += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["", "Mean area under each curve (↓: lower is better, ↑: higher is better) and its 95 % interval.",
+            "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(r) + " |" for r in rows]
     for kind in kinds:
         comps = [r for r in res.comparisons if r["curve"] == kind]

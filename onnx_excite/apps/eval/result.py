@@ -58,7 +58,7 @@ class EvalResult:
             kinds = self.settings.get("curves") or ["deletion", "insertion"]
             header = ["method"]
             for k in kinds:
-                header += [f"{k} AUC ({'lower' if k in ('deletion', 'morf') else 'higher'} is better)", "95 % CI"]
+                header += [f"{k} AUC {'↓' if k in ('deletion', 'morf') else '↑'}", "95 % CI"]
             header.append("pairs")
             for m, s in self.summary.items():
                 row = [m]
