@@ -1,4 +1,4 @@
-"""`onnx-excite eval pointing|localization`: parse, run :func:`run_evaluation`, render the EvalResult."""
+"""`onnx-excite eval pointing|localization|faithfulness`: parse, run the evaluation, render the EvalResult."""
 from __future__ import annotations
 
 import time
@@ -13,7 +13,7 @@ from onnx_excite.methods import BASELINES, method_help
 from .app import _logits_option, app, err, friendly, out
 from .ray_options import ACTORS, CPUS, GPUS, RAY, RAY_BATCH, print_run_summary, ray_settings
 
-eval_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The paper's evaluations: pointing game and dominant-object localization.")
+eval_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The paper's evaluations: pointing game and dominant-object localization; faithfulness (deletion / insertion).")
 app.add_typer(eval_app, name="eval")
 
 
@@ -133,3 +133,66 @@ def eval_localization(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, 
     _eval("localization", data, fmt, model, methods, layer, mapping, out_dir, 15, size, rule, ray, actors,
           ray_batch, cpus_per_actor, gpus_per_actor, logits, blur, device)
 
+
+
+_FAITH_METHODS = typer.Option("mwp,cmwp,center,random", "--methods",
+                              help=f"comma-separated attention methods (see `onnx-excite methods`: {method_help()}) "
+                                   "and/or the center and random (seeded) baselines")
+
+
+@eval_app.command("faithfulness")
+@friendly
+def eval_faithfulness(data: Path = typer.Option(..., "--data", help="VOC folder, COCO instances JSON or a plain image folder"),
+                      fmt: str = typer.Option("auto", "--format", help="auto, voc, coco or folder"),
+                      model: str = _MODEL, methods: str = _FAITH_METHODS,
+                      layer: Optional[List[str]] = _LAYER, mapping: Optional[str] = _MAPPING, out_dir: Path = _OUT,
+                      target: str = typer.Option("auto", help="label (the annotated classes, mapped as by pointing) "
+                                                              "or top1 (the model's top class; auto: label on VOC / "
+                                                              "COCO, top1 on an image folder)"),
+                      steps: int = typer.Option(32, help="steps from no pixel to all pixels changed"),
+                      step_pixels: Optional[int] = typer.Option(None, "--step-pixels",
+                                                                help="pixels changed per step (instead of --steps)"),
+                      baseline: str = typer.Option("zero", help="what deleted pixels become: zero (0 after the "
+                                                                "model's normalisation), mean (the image's) or blur"),
+                      blur_sigma: float = typer.Option(5.0, help="sigma in input pixels of the blurred copy "
+                                                                 "insertion starts from"),
+                      imputation: str = typer.Option("fixed", help="fixed (deletion and insertion) or road (ROAD's "
+                                                                   "noisy linear imputation: MoRF and LeRF)"),
+                      batch_size: int = typer.Option(32, "--batch-size", help="perturbed inputs per forward batch"),
+                      size: int = typer.Option(224, help="shorter side of the resized image (square: both sides)"),
+                      square: bool = typer.Option(False, "--square/--shorter",
+                                                  help="resize to size x size (the localization's input and map cache) "
+                                                       "instead of the shorter side (the pointing game's)"),
+                      limit: Optional[int] = typer.Option(None, help="evaluate only the first N images"),
+                      seed: int = typer.Option(0, help="seed of the random map, the tie order and the bootstrap"),
+                      bootstrap: int = typer.Option(2000, help="bootstrap resamples"),
+                      rule: str = _RULE, logits: Optional[str] = _logits_option(), blur: bool = _BLUR,
+                      device: str = _DEVICE):
+    """Deletion and insertion (RISE), or ROAD's MoRF and LeRF: the target's probability as the
+    most salient pixels go, areas with bootstrap intervals and paired tests."""
+    from onnx_excite.apps.eval.faithfulness import run_faithfulness
+    from onnx_excite.apps.eval.perturb import Perturbation
+
+    pert = Perturbation(steps=steps, step_pixels=step_pixels, baseline=baseline, blur_sigma=blur_sigma,
+                        imputation=imputation, batch_size=batch_size)
+    bar = {}
+
+    def on_progress(done, total):
+        if not bar:
+            bar["p"] = _progress_bar(err)
+            bar["p"].start()
+            bar["t"] = bar["p"].add_task("faithfulness", total=total)
+        bar["p"].update(bar["t"], completed=done)
+
+    try:
+        res = run_faithfulness(str(data), fmt, model, [m.strip() for m in methods.split(",") if m.strip()],
+                               layer or None, mapping, str(out_dir), size, resize="square" if square else "shorter",
+                               target=target, perturbation=pert, rule=rule, logits=logits, blur=blur, device=device,
+                               seed=seed, n_boot=bootstrap, limit=limit, on_progress=on_progress)
+    finally:
+        if bar:
+            bar["p"].stop()
+    print_result(res, out, err)
+    c = res.counts
+    out.print(f"  {c['images_per_s']} images/s, {c['forward_inputs']} perturbed inputs ({c['inputs_per_s']} inputs/s)",
+              markup=False)

@@ -1,11 +1,14 @@
-"""results.md, results.csv and PNG plots (drawn with Pillow) from an :class:`EvalResult`."""
+"""results.md, results.csv and PNG plots (drawn with Pillow) from an :class:`EvalResult`
+(faithfulness: also comparisons.csv and the mean curves)."""
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .perturb import CURVES as CURVES_BETTER
 from .result import EvalResult, pct
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
@@ -201,6 +204,8 @@ def write_reports(res: EvalResult, out_dir: Path) -> dict:
     """results.md, results.csv and the plots; returns their paths by kind."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if res.protocol == "faithfulness":
+        return write_faithfulness_reports(res, out_dir)
     files = {"markdown": out_dir / "results.md", "csv": out_dir / "results.csv"}
     files["markdown"].write_text(markdown(res), encoding="utf-8")
     write_csv(res, files["csv"])
@@ -223,4 +228,125 @@ def write_reports(res: EvalResult, out_dir: Path) -> dict:
                   for m, s in res.summary.items() if s.get("curve")}
         files["alpha_plot"] = out_dir / "alpha_error.png"
         curve_chart(curves, "Localization error vs alpha (line: test images, dots: held-out)", files["alpha_plot"])
+    return {k: str(v) for k, v in files.items()}
+
+
+# ---------------------------------------------------------------------------
+# faithfulness (deletion / insertion, ROAD)
+# ---------------------------------------------------------------------------
+def _p_text(p) -> str:
+    return "–" if p is None else (f"{p:.2g}" if p < 0.001 else f"{p:.3f}")
+
+
+def faithfulness_markdown(res: EvalResult) -> str:
+    from .result import auc_text, ci_text
+
+    s, c = res.settings, res.counts
+    kinds = s["curves"]
+    out = ["# Faithfulness: " + " and ".join(kinds), ""]
+    out.append(f"- data: `{s['data']}` ({s['fmt']}), model: `{s['model']}`, layers: {', '.join(s['layers']) or '–'}, "
+               f"rule: {s['rule']}, input: {s['input']}, targets: "
+               + ("the annotated classes (mapping: `" + str(s['mapping']) + "`)" if s["target"] == "label"
+                  else "the model's top-1 class"))
+    out.append(f"- perturbation: {s['perturbation_text']}; batches of {s['perturbation']['batch_size']} inputs")
+    out.append(f"- images evaluated: {c['images_evaluated']} of {c['images_read']} read; (image, target) pairs: "
+               f"{c['items']}; {c['forward_inputs']} perturbed inputs, {c['images_per_s']} images/s, "
+               f"{c['inputs_per_s']} inputs/s")
+    out.append(f"- mean area under the curve (x: fraction of pixels changed, trapezoid) with a 95 % percentile "
+               f"bootstrap interval ({s['bootstrap']} resamples of the pairs, seed {s['seed']}); random and ties: "
+               f"seed {s['seed']}")
+    if res.unmapped:
+        out.append(f"- **{len(res.unmapped)} dataset class(es) have no model mapping and are not evaluated** "
+                   f"(skipped pairs in brackets): {unmapped_line(res)}")
+    if res.problems:
+        out.append(f"- {len(res.problems)} problem(s) reading the data (see results.json)")
+    if c.get("skipped"):
+        out.append(f"- {c['skipped']} image(s) skipped during evaluation (see results.json)")
+    header, rows = res.overall_table()
+    out += ["", "Mean area under each curve (↓: lower is better, ↑: higher is better) and its 95 % interval.",
+            "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    for kind in kinds:
+        comps = [r for r in res.comparisons if r["curve"] == kind]
+        if not comps:
+            continue
+        out += ["", f"Paired comparisons, {kind} AUC (a - b over the same pairs; "
+                    f"{'negative' if CURVES_BETTER[kind] == 'lower' else 'positive'} favours a): mean difference, "
+                    "95 % bootstrap interval, two-sided p of the paired bootstrap and of the Wilcoxon signed-rank "
+                    "test (Holm-adjusted over the pairs of this table)", ""]
+        out.append("| a | b | mean a - b | 95 % CI | p (bootstrap) | p (Wilcoxon) | p (Wilcoxon, Holm) |")
+        out.append("|---|---|---|---|---|---|---|")
+        for r in comps:
+            diff = "–" if r["mean_diff"] is None else f"{r['mean_diff']:+.4f}"
+            out.append(f"| {r['a']} | {r['b']} | {diff} | {ci_text(r['low'], r['high'])} | {_p_text(r['p_bootstrap'])} "
+                       f"| {_p_text(r['p_wilcoxon'])} | {_p_text(r['p_wilcoxon_holm'])} |")
+    return "\n".join(out) + "\n"
+
+
+
+
+def write_faithfulness_csv(res: EvalResult, path: Path, comparisons_path: Path) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "curve", "better", "mean_auc", "ci_low", "ci_high", "pairs"])
+        for m, s in res.summary.items():
+            for kind in res.settings["curves"]:
+                k = s[kind]
+                w.writerow([m, kind, k["better"], k["mean"], k["low"], k["high"], s["n"]])
+    with open(comparisons_path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        cols = ["curve", "a", "b", "better", "n", "mean_diff", "low", "high", "p_bootstrap", "p_wilcoxon",
+                "wilcoxon", "p_wilcoxon_holm"]
+        w.writerow(cols)
+        for r in res.comparisons:
+            w.writerow([r.get(k) for k in cols])
+
+
+def faithfulness_chart(res: EvalResult, path: Path) -> None:
+    """The mean curves, one panel per curve kind (probability vs fraction of pixels changed)."""
+    font, small = _font(13), _font(11)
+    kinds = res.settings["curves"]
+    labels = list(res.summary)
+    pw, ph, left, gap, top, bottom = 420, 300, 60, 50, 60 + 16 * ((len(labels) + 2) // 3), 50
+    width = left + len(kinds) * (pw + gap)
+    height = top + ph + bottom
+    img = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(img)
+    d.text((10, 8), f"Faithfulness: mean target probability ({res.counts['items']} pairs)", fill="black", font=font)
+    for k, lab in enumerate(labels):   # legend: three per row
+        x, y = 10 + (k % 3) * 300, 30 + 16 * (k // 3)
+        col = PALETTE[k % len(PALETTE)]
+        d.rectangle([x, y + 2, x + 12, y + 12], fill=col)
+        aucs = ", ".join(f"{kd[:3]} {res.summary[lab][kd]['mean']:.3f}" for kd in kinds
+                         if res.summary[lab][kd]["mean"] is not None)
+        d.text((x + 16, y), f"{lab} ({aucs})"[:46], fill="black", font=small)
+    ymax = max([v for lab in labels for kd in kinds for v in res.summary[lab][kd]["curve"]] + [1e-6])
+    ymax = min(1.0, float(np.ceil(ymax * 10) / 10)) if ymax > 0.1 else ymax * 1.1
+    for p, kind in enumerate(kinds):
+        x0 = left + p * (pw + gap)
+        d.rectangle([x0, top, x0 + pw, top + ph], outline="black")
+        d.text((x0 + pw / 2 - 40, top - 16), f"{kind} ({CURVES_BETTER[kind]} AUC is better)", fill="black", font=small)
+        for t in range(0, 6):
+            y = top + ph * (1 - t / 5)
+            d.line([x0, y, x0 + pw, y], fill=(225, 225, 225))
+            d.text((x0 - 40, y - 7), f"{ymax * t / 5:.2f}", fill="black", font=small)
+            xt = x0 + pw * t / 5
+            d.text((xt - 8, top + ph + 6), f"{t / 5:.1f}", fill="black", font=small)
+        d.text((x0 + pw / 2 - 60, top + ph + 24), "fraction of pixels changed", fill="black", font=small)
+        for k, lab in enumerate(labels):
+            s = res.summary[lab]
+            ys = s[kind]["curve"]
+            if len(ys) < 2:
+                continue
+            pts = [(x0 + pw * xv, top + ph * (1 - min(yv / ymax, 1.0))) for xv, yv in zip(s["x"], ys)]
+            d.line(pts, fill=PALETTE[k % len(PALETTE)], width=2)
+    img.save(path)
+
+
+def write_faithfulness_reports(res: EvalResult, out_dir: Path) -> dict:
+    files = {"markdown": out_dir / "results.md", "csv": out_dir / "results.csv",
+             "comparisons": out_dir / "comparisons.csv", "curves_plot": out_dir / "faithfulness_curves.png"}
+    files["markdown"].write_text(faithfulness_markdown(res), encoding="utf-8")
+    write_faithfulness_csv(res, files["csv"], files["comparisons"])
+    faithfulness_chart(res, files["curves_plot"])
     return {k: str(v) for k, v in files.items()}

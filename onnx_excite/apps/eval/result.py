@@ -18,7 +18,9 @@ class EvalResult:
     per alpha per method label). ``summary[label]`` is :func:`metrics.pointing_summary` or
     :func:`metrics.localization_summary` of the items. ``unmapped`` counts, per dataset class
     without a model mapping, the (image, class) pairs (pointing) or images (localization) it
-    made the run skip.
+    made the run skip. For the faithfulness protocol an item is an (image, target) pair with the
+    area under each curve per method label (``auc``) and the curves; ``comparisons`` holds the
+    paired tests of every two labels.
     """
 
     protocol: str
@@ -33,6 +35,7 @@ class EvalResult:
     mapping: Optional[dict] = None
     seconds: float = 0.0
     files: dict = field(default_factory=dict)
+    comparisons: list = field(default_factory=list)   # faithfulness: paired tests of every two methods
 
     @property
     def labels(self) -> list[str]:
@@ -46,11 +49,23 @@ class EvalResult:
 
     @property
     def unit(self) -> str:
-        return "pairs" if self.protocol == "pointing" else "images"
+        return "pairs" if self.protocol in ("pointing", "faithfulness") else "images"
 
     def overall_table(self) -> tuple[list[str], list[list[str]]]:
         """(header, rows) of the overall table, values as printed (percentages with one decimal)."""
         rows = []
+        if self.protocol == "faithfulness":
+            kinds = self.settings.get("curves") or ["deletion", "insertion"]
+            header = ["method"]
+            for k in kinds:
+                header += [f"{k} AUC {'↓' if k in ('deletion', 'morf') else '↑'}", "95 % CI"]
+            header.append("pairs")
+            for m, s in self.summary.items():
+                row = [m]
+                for k in kinds:
+                    row += [auc_text(s[k]["mean"]), ci_text(s[k]["low"], s[k]["high"])]
+                rows.append(row + [str(s["n"])])
+            return header, rows
         if self.protocol == "pointing":
             header = ["method", "all", "difficult", "hits / pairs", "classes"]
             for m, s in self.summary.items():
@@ -76,6 +91,14 @@ class EvalResult:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(self.to_json(), indent=1), encoding="utf-8")
         tmp.replace(path)
+
+
+def auc_text(v: Optional[float]) -> str:
+    return "–" if v is None else f"{v:.4f}"
+
+
+def ci_text(lo: Optional[float], hi: Optional[float]) -> str:
+    return "–" if lo is None or hi is None else f"[{lo:.4f}, {hi:.4f}]"
 
 
 def pct(v: Optional[float]) -> str:
