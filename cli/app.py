@@ -356,6 +356,8 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
     else:
         summary = explain_files(inputs, opts, console=out, errors=err, warn=_warn, on_record=_print_record)
     _note_logits(summary.logits_choice)
+    for note in summary.notes:
+        err.print(f"note: {note}", markup=False, soft_wrap=True)
     if summary.providers:
         out.print("providers: " + ", ".join(summary.providers), markup=False)
     if summary.input_size:

@@ -115,3 +115,23 @@ def test_batches_globs_and_combined_targets(tmp_path):
     np.testing.assert_allclose(combined, separate, rtol=1e-4, atol=1e-8)   # linear in the signal
     bad = runner.invoke(app, ["explain", "default", str(src / "*.png"), "-o", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "no file matches" in bad.output
+
+
+def test_a_model_without_profile_says_the_layer_and_preprocessing_it_assumed(tmp_path, tiny_path):
+    """No --layer, no --mean/--std: one warning names the layer the graph suggests, one the
+    normalisation assumed; with --mean/--std given the second is not said."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from onnx_excite.cli.app import app
+
+    image = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(image)
+    res = CliRunner().invoke(app, ["explain", str(tiny_path), str(image), "-o", str(tmp_path / "o")],
+                             env={"COLUMNS": "300"})
+    assert res.exit_code == 0, res.output
+    assert "no --layer given: maps at 'p1'" in res.output
+    assert "normalised with mean 0.485,0.456,0.406 and std 0.229,0.224,0.225" in res.output
+    res = CliRunner().invoke(app, ["explain", str(tiny_path), str(image), "-o", str(tmp_path / "o2"), "-l", "p1",
+                                   "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25"], env={"COLUMNS": "300"})
+    assert res.exit_code == 0 and "no profile" not in res.output and "no --layer" not in res.output, res.output

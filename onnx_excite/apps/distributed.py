@@ -377,7 +377,7 @@ def explain_on_ray(inputs: Sequence, opts, settings: RaySettings, on_error: Opti
     if store.skipped and warn is not None:
         warn(f"{store.path}: {len(store.skipped)} line(s) are no records and are dropped ({store.skipped[0]})")
     names = [str(f) for f in files]
-    summary = ExplainSummary(input_size=setup.input_size)
+    summary = ExplainSummary(input_size=setup.input_size, notes=list(setup.notes))
     done_before = {}
     for n in names:
         rec = store.done(n, setup.settings)

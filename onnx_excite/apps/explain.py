@@ -54,6 +54,7 @@ class ExplainSummary:
     input_size: tuple | None = None   # (width, height) fed to the model, when all images share one
     logits_choice: object = None   # canonicalize.LogitsChoice: which output was explained, and why
     providers: list = field(default_factory=list)   # the ONNX Runtime providers really used
+    notes: list = field(default_factory=list)        # what was assumed for the model (layer, preprocessing)
 
 
 def _matches(pattern: str) -> list[Path]:
@@ -224,6 +225,7 @@ class ExplainSetup:
     style: object            # render.Style
     per_image: int           # maps per image and method and layer (classes explained)
     settings: dict = field(default_factory=dict)   # what a record depends on (RecordStore key)
+    notes: tuple = ()        # what was assumed for a model without a profile (said after the run)
 
     def preprocess(self, img):
         """(model input array, Prepared geometry) of one decoded image."""
@@ -269,9 +271,10 @@ def explain_setup(opts: ExplainOptions, warn=None) -> ExplainSetup:
         # maps must cover the whole image: no crop; the shorter side at 224 (any aspect ratio)
         resize, size = ("shorter", int(opts.size or 224)) if profile.resize == "shorter" else ("square", int(opts.size or profile.input_size))
     layers = opts.layers or list(profile.default_layers)
+    notes = []
     if not opts.layers and layers and resolved.layers_chosen_by_graph:
-        warn(f"no --layer given: maps at {layers[0]!r}, the layer the graph suggests (the last feature map "
-             f"before the head; `onnx-excite layers MODEL` marks it)")
+        notes.append(f"no --layer given: maps at {layers[0]!r}, the layer the graph suggests (the last feature "
+                     f"map before the head; `onnx-excite layers MODEL` marks it)")
     if not layers:
         raise ExciteError("no layer given and the model has no profile default: pass --layer (see `onnx-excite layers MODEL`)")
     channels = len(profile.mean)
@@ -284,13 +287,17 @@ def explain_setup(opts: ExplainOptions, warn=None) -> ExplainSetup:
         mean = float_list(opts.mean, "--mean", length=channels, default=profile.mean)
         std = float_list(opts.std, "--std", length=channels, positive=True, default=profile.std)
         scale = profile.scale
+        if profile.name == "auto" and (opts.mean is None or opts.std is None):
+            notes.append(f"the model has no profile: pixels are scaled by {scale:g} and normalised with mean "
+                         f"{','.join(f'{v:g}' for v in mean)} and std {','.join(f'{v:g}' for v in std)} (ImageNet's "
+                         f"unless given; --mean/--std set them), {profile.layout}, {resize} resize to {size}")
     class_names = profile.load_class_names() if profile.class_names else None
     k = len(class_names) if class_names else num_classes(header)
     per_image = len(opts.targets) if opts.targets and not opts.combine else (1 if opts.targets else opts.top)
     if not opts.targets and k is not None and opts.top > k:
         raise ExciteError(f"--top {opts.top}: the model has only {k} classes")
     return ExplainSetup(model, profile, layers, class_names, tuple(mean), tuple(std), scale, resize, size,
-                        declared.layout, style, per_image, _settings(opts, layers, resize, size, mean, std))
+                        declared.layout, style, per_image, _settings(opts, layers, resize, size, mean, std), tuple(notes))
 
 
 def warn_if_large(n_files: int, setup: ExplainSetup, opts: ExplainOptions, warn) -> None:
@@ -349,6 +356,7 @@ def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, er
         run = _Run(setup.model, setup.layers, opts, setup.class_names, {p.resolve() for p in files}, setup.style, store,
                    settings, on_record, writes=writes)
         run.summary.input_size = setup.input_size
+        run.summary.notes = list(setup.notes)
         seen: set = set()
 
         def flush():
