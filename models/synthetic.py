@@ -251,8 +251,81 @@ def vit(seed: int = 0, num_classes: int = 1000, size: int = 224, patch: int = 16
     return model
 
 
+def convnext(seed: int = 0, num_classes: int = 1000, size: int = 224, depths=(3, 3, 9, 3),
+             dims=(96, 192, 384, 768)) -> onnx.ModelProto:
+    """A ConvNeXt-T-shaped classifier (random weights) as PyTorch's exporter writes one: a 4x4
+    stride-4 stem with a channels-first LayerNorm (Transpose, LayerNormalization, Transpose),
+    blocks of a 7x7 depthwise Conv, channels-last LayerNorm, Linear 4C, the erf GELU, Linear C,
+    layer scale and the residual Add; 2x2 stride-2 downsampling behind a LayerNorm; global pool,
+    LayerNorm, Gemm.
+
+    Tensor names: ``stage{s}`` (stage s's output; ``stage3`` is the last feature map, the map
+    layer), ``logits``. Input (N, 3, size, size).
+    """
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def const(name, array):
+        inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def node(op, ins, name, **kw):
+        nodes.append(helper.make_node(op, ins, [name], name=name, **kw))
+        return name
+
+    def norm(x, c, name):
+        return node("LayerNormalization", [x, const(f"{name}.weight", np.ones(c, np.float32)),
+                                           const(f"{name}.bias", np.zeros(c, np.float32))], name, axis=-1, epsilon=1e-6)
+
+    def norm_nchw(x, c, name):
+        x = node("Transpose", [x], f"{name}.nhwc", perm=[0, 2, 3, 1])
+        return node("Transpose", [norm(x, c, name)], f"{name}.nchw", perm=[0, 3, 1, 2])
+
+    def linear(x, cin, cout, name):
+        w = const(f"{name}.weight", (rng.standard_normal((cin, cout)) / np.sqrt(cin)).astype(np.float32))
+        return node("Add", [node("MatMul", [x, w], f"{name}.mm"), const(f"{name}.bias", np.zeros(cout, np.float32))], name)
+
+    half, one = const("half", np.array(0.5, np.float32)), const("one", np.array(1.0, np.float32))
+    sqrt2 = const("sqrt2", np.array(np.sqrt(2.0), np.float32))
+    x = node("Conv", ["input", const("stem.weight", _he(rng, (dims[0], 3, 4, 4), 48)),
+                      const("stem.bias", np.zeros(dims[0], np.float32))], "stem", kernel_shape=[4, 4], strides=[4, 4])
+    x = norm_nchw(x, dims[0], "stem.norm")
+    for s_, (depth, c) in enumerate(zip(depths, dims)):
+        if s_ > 0:
+            x = norm_nchw(x, dims[s_ - 1], f"down{s_}.norm")
+            x = node("Conv", [x, const(f"down{s_}.weight", _he(rng, (c, dims[s_ - 1], 2, 2), 4 * dims[s_ - 1])),
+                              const(f"down{s_}.bias", np.zeros(c, np.float32))], f"down{s_}", kernel_shape=[2, 2],
+                     strides=[2, 2])
+        for b in range(depth):
+            n = f"stage{s_}.{b}"
+            h = node("Conv", [x, const(f"{n}.dw.weight", _he(rng, (c, 1, 7, 7), 49)),
+                              const(f"{n}.dw.bias", np.zeros(c, np.float32))], f"{n}.dw", kernel_shape=[7, 7],
+                     pads=[3, 3, 3, 3], group=c)
+            h = linear(norm(node("Transpose", [h], f"{n}.nhwc", perm=[0, 2, 3, 1]), c, f"{n}.norm"), c, 4 * c, f"{n}.fc1")
+            h = node("Mul", [node("Mul", [h, node("Add", [node("Erf", [node("Div", [h, sqrt2], f"{n}.gelu.div")],
+                                                               f"{n}.gelu.erf"), one], f"{n}.gelu.add")],
+                                  f"{n}.gelu.mul"), half], f"{n}.gelu")
+            h = node("Mul", [linear(h, 4 * c, c, f"{n}.fc2"), const(f"{n}.gamma", np.full(c, 0.5, np.float32))],
+                     f"{n}.scale")
+            x = node("Add", [x, node("Transpose", [h], f"{n}.nchw", perm=[0, 3, 1, 2])], n)
+        x = node("Identity", [x], f"stage{s_}")
+    x = node("GlobalAveragePool", [x], "pool")
+    x = node("Flatten", [norm_nchw(x, dims[-1], "head.norm")], "flatten")
+    hw = const("head.weight", (rng.standard_normal((num_classes, dims[-1])) / np.sqrt(dims[-1])).astype(np.float32))
+    nodes.append(helper.make_node("Gemm", [x, hw, const("head.bias", np.zeros(num_classes, np.float32))], ["logits"],
+                                  name="head", transB=1))
+    graph = helper.make_graph(nodes, "convnext",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", num_classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="onnx-excite")
+    model.ir_version = 8
+    return model
+
+
 RECIPES = {"vgg16-random": vgg16, "resnet50-random": resnet50, "mobilenetv2-random": mobilenet_v2,
-           "tiny-cnn": tiny_cnn, "vit-s16-random": vit}
+           "tiny-cnn": tiny_cnn, "vit-s16-random": vit,
+           "convnext-t-random": convnext}
 #: each recipe's map layer when none is given (the issue's benchmark shapes)
 RECIPE_LAYERS = {"vgg16-random": ["pool4"], "resnet50-random": ["layer3"], "mobilenetv2-random": ["features.13"],
-                 "tiny-cnn": ["pool1"], "vit-s16-random": ["block10"]}
+                 "tiny-cnn": ["pool1"], "vit-s16-random": ["block10"],
+                 "convnext-t-random": ["stage3"]}

@@ -515,3 +515,18 @@ def test_transformer_companion_graph_stays_on_cuda(arch, request, tmp_path):
     onnx.save(request.getfixturevalue(arch), str(path))
     res = CliRunner().invoke(app, ["check", "--provider", "cuda", str(path)], env={"COLUMNS": "200"})
     assert res.exit_code == 0 and "all on CUDA" in res.output, res.output
+
+
+def test_convnext_bench_recipe_small_config_matches_reference():
+    """The `convnext-t-random` bench recipe's graph (written without torch), at a small config:
+    no problem, its default layer is the last stage, maps match the reference under the positive
+    rule (under the paper's, P grows to ~1e4 times the signal at stage0 on these random signed
+    tokens and float32 drifts from float64 by ~3e-3 of its maximum)."""
+    from onnx_excite.models import synthetic
+
+    model = synthetic.convnext(size=32, depths=(1, 2), dims=(8, 16), num_classes=10)
+    report = inspect_model(model)
+    assert report.problems == [] and report.default == "stage1"
+    assert synthetic.RECIPE_LAYERS["convnext-t-random"] == ["stage3"]
+    x = _input(3, (3, 32, 32), batch=2)
+    _compare(model, ["input", "stage0", "stage1"], x, "positive")
