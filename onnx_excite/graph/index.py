@@ -9,11 +9,15 @@ cut off from the logits.
 """
 from __future__ import annotations
 
+import heapq
+from collections import defaultdict
 from typing import Iterable
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from ..errors import ExciteError
 
 
 def attr(node: onnx.NodeProto, name: str, default=None):
@@ -27,6 +31,36 @@ def attr(node: onnx.NodeProto, name: str, default=None):
                 return [v.decode("utf-8", "replace") for v in value]
             return value
     return default
+
+
+def toposort(nodes: list[onnx.NodeProto], what: str = "a graph rewrite") -> list[onnx.NodeProto]:
+    """``nodes`` in an order where each one follows the producers of its inputs: Kahn's
+    algorithm, stable (among ready nodes the earliest in ``nodes`` goes first). Inputs no node
+    produces (graph inputs, initializers) are ready from the start; the outer-scope tensors a
+    node's subgraphs read count as its inputs. A cycle is an internal error naming ``what``
+    made it."""
+    made = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    need = [set() for _ in nodes]
+    users = defaultdict(list)
+    for i, n in enumerate(nodes):
+        for t in all_inputs(n):
+            j = made.get(t)
+            if j is not None and j != i and j not in need[i]:
+                need[i].add(j)
+                users[j].append(i)
+    ready = [i for i in range(len(nodes)) if not need[i]]
+    heapq.heapify(ready)
+    out = []
+    while ready:
+        i = heapq.heappop(ready)
+        out.append(nodes[i])
+        for k in users[i]:
+            need[k].discard(i)
+            if not need[k]:
+                heapq.heappush(ready, k)
+    if len(out) != len(nodes):
+        raise ExciteError(f"internal: {what} made a cycle")
+    return out
 
 
 def attrs(node: onnx.NodeProto) -> dict:

@@ -18,7 +18,6 @@ stable in the emitted order.
 """
 from __future__ import annotations
 
-import heapq
 from collections import defaultdict
 from typing import Callable, Sequence
 
@@ -26,6 +25,7 @@ import onnx
 from onnx import helper
 
 from ..errors import ExciteError
+from .index import toposort
 
 
 def shareable() -> tuple[str, ...]:
@@ -115,7 +115,7 @@ def merge_adjoints(nodes: Sequence[onnx.NodeProto], is_const: Callable[[str], bo
     different sizes), which Concat cannot stack. Tensors produced outside ``nodes`` are
     treated as available from the start. ``ops``: the op types to merge (default: all shareable)."""
     ops = shareable() if ops is None else ops
-    order = _toposort(list(nodes))
+    order = toposort(list(nodes), "merge_adjoints")
     groups: dict = defaultdict(list)
     for node in order:
         key = _key(node, is_const, ops)
@@ -137,7 +137,7 @@ def merge_adjoints(nodes: Sequence[onnx.NodeProto], is_const: Callable[[str], bo
                 (group if independent else rest).append(cand)
             if len(group) >= 2:
                 gone = {id(m) for m in group}
-                order = _toposort([n for n in order if id(n) not in gone] + _merged(group, fresh))
+                order = toposort([n for n in order if id(n) not in gone] + _merged(group, fresh), "merge_adjoints")
                 prod, position = index(order)
                 removed += len(group) - 1
             pending = rest
@@ -164,29 +164,3 @@ def _merged(group: list[onnx.NodeProto], fresh) -> list[onnx.NodeProto]:
     new.append(op)
     new.append(helper.make_node("Split", [batched, sizes], ys, name=fresh("shared_split_node"), axis=0))
     return new
-
-
-def _toposort(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
-    """Kahn's algorithm, stable: among ready nodes the earliest in ``nodes`` goes first."""
-    made = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    need = [set() for _ in nodes]
-    users = defaultdict(list)
-    for i, n in enumerate(nodes):
-        for t in n.input:
-            j = made.get(t)
-            if j is not None and j != i and j not in need[i]:
-                need[i].add(j)
-                users[j].append(i)
-    ready = [i for i in range(len(nodes)) if not need[i]]
-    heapq.heapify(ready)
-    out = []
-    while ready:
-        i = heapq.heappop(ready)
-        out.append(nodes[i])
-        for k in users[i]:
-            need[k].discard(i)
-            if not need[k]:
-                heapq.heappush(ready, k)
-    if len(out) != len(nodes):
-        raise ExciteError("internal: merge_adjoints made a cycle")
-    return out

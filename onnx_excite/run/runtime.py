@@ -7,6 +7,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..graph.builder import ExcitationModel, build_excitation_model
+from ..graph.index import toposort
 from ..graph.options import BuildOptions
 from ..methods import get_method
 from ..errors import ExciteError
@@ -143,10 +144,11 @@ def add_top1_signal(built: ExcitationModel) -> bool:
               helper.make_node("Mul", [p + "flat", TOP1_WEIGHT], [p + "weighted"], name=p + "weight"),
               helper.make_node("Add", [built.signal, p + "weighted"], [used], name=p + "add"),
               helper.make_node("Identity", [used], [TOP1_SIGNAL], name=p + "expose")]
-    # after the node that makes the logits: the graph stays topologically sorted
-    producer = max((i for i, n in enumerate(model.graph.node) if built.logits in n.output), default=-1)
-    for offset, node in enumerate(nodes):
-        model.graph.node.insert(producer + 1 + offset, node)
+    # sorted again: the excitation's first node, which reads the signal, can come before the
+    # node that makes the logits (the gradient family's top Gemm reads only the signal)
+    order = toposort(list(model.graph.node) + nodes, "the in-graph top-1 signal")
+    del model.graph.node[:]
+    model.graph.node.extend(order)
     model.graph.input.append(helper.make_tensor_value_info(TOP1_WEIGHT, TensorProto.FLOAT, [1]))
     model.graph.output.append(helper.make_tensor_value_info(TOP1_SIGNAL, TensorProto.FLOAT, [None, k]))
     return True

@@ -30,6 +30,7 @@ from ..errors import ExciteError
 from ..graph.builder import ExcitationModel
 from ..graph.canonicalize import default_opset, load_model
 from ..graph.emitter import Emitter
+from ..graph.index import toposort
 from ..io.modelfile import save_model
 from ..run.runtime import make_session
 
@@ -185,9 +186,8 @@ class _Post:
 
 def _prune(model: onnx.ModelProto, outputs: list[str]) -> None:
     """Keep only the nodes, initializers and inputs the given outputs need, in that order."""
-    known = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
     needed, keep = set(outputs), []
-    for node in reversed(_toposort(list(model.graph.node), known)):
+    for node in reversed(toposort(list(model.graph.node), "the serving graph")):
         if any(o in needed for o in node.output):
             keep.append(node)
             needed.update(i for i in node.input if i)
@@ -207,24 +207,6 @@ def _prune(model: onnx.ModelProto, outputs: list[str]) -> None:
     for name in outputs:
         model.graph.output.append(old.get(name) or helper.make_tensor_value_info(name, TensorProto.UNDEFINED, None))
     del model.graph.value_info[:]
-
-
-def _toposort(nodes: list[onnx.NodeProto], known: set[str]) -> list[onnx.NodeProto]:
-    """Nodes in an order where each one follows the producers of its inputs (stable)."""
-    produced = {o for n in nodes for o in n.output}
-    ready, pending, out = set(known), list(nodes), []
-    while pending:
-        rest = []
-        for node in pending:
-            if all(i in ready or i not in produced for i in node.input):
-                out.append(node)
-                ready.update(node.output)
-            else:
-                rest.append(node)
-        if len(rest) == len(pending):
-            raise ExciteError(f"internal: cycle in the serving graph at node {rest[0].name!r}")
-        pending = rest
-    return out
 
 
 def _spatial_axes(model: onnx.ModelProto, image: str) -> tuple[int, int]:
