@@ -242,9 +242,8 @@ METHODS: dict = {m.name: m for m in (
            linear=EXCITATION_UNNORMALISED, relu="none", dual="difference", clip=True, mass="none", **_SUM_RULES),
     Method("cmwp-postnorm", "ablation: MWP and dual MWP computed separately, each L1-normalised, subtracted",
            linear=EXCITATION, relu="none", dual="separate", clip=True, mass="zero", **_SUM_RULES),
-    Method("rollout", "attention rollout (Abnar & Zuidema 2020): the class token's row of the product of the "
-           "blocks' head-averaged attention + identity; class-agnostic (ignores the target); ViT / DeiT, at the "
-           "tokens the first attention reads", linear=None, pool=None, add=None, relu="none", mass="none",
+    Method("rollout", "attention rollout (Abnar & Zuidema 2020): class token's row of the product over the blocks "
+           "of head-averaged attention + I; class-agnostic (ignores the target); ViT, DeiT", linear=None, pool=None, add=None, relu="none", mass="none",
            layers="attention-tokens", kind="rollout"),
 )}
 
@@ -277,7 +276,7 @@ def method_table(rule: str = "positive") -> list:
             parts = {k: getattr(m, k).describe(rule) for k in ("linear", "pool", "add")}
             relu, top = m.relu, m.top
         else:   # no sweep: no rule per op family, no top signal
-            final, parts, relu, top = "class-token row of the rollout", dict.fromkeys(("linear", "pool", "add"), "-"), "-", "-"
+            final, parts, relu, top = "class-token row", dict.fromkeys(("linear", "pool", "add"), "-"), "-", "-"
         rows.append({"method": m.name, "dual": m.dual, "map": final, "blur": "yes" if m.blur else "no",
                      **parts, "relu": relu, "top": top, "mass": m.mass, "layers": m.layers,
                      "description": m.description})

@@ -146,3 +146,25 @@ def test_explain_rollout_with_no_option(tmp_path):
     assert m.shape[-2:] == (4, 4) and np.isfinite(m).all() and 0 < m.sum() < 1   # the class token keeps a share
     res = CliRunner().invoke(app, ["methods"], env={"COLUMNS": "200"})
     assert res.exit_code == 0 and "rollout" in res.output and "class-agnostic" in res.output
+
+
+def test_export_rollout_without_a_layer(models, tmp_path):
+    """`export` takes the rollout's own layer too; the written model's map is the Exciter's."""
+    from onnx_excite.graph.options import BuildOptions
+    from onnx_excite.targets.export import export
+    from onnx_excite.targets.options import ExportOptions
+
+    import onnxruntime as ort
+
+    model, layer, _ = models["deit"]
+    out = tmp_path / "deit_rollout.onnx"
+    export(model, out, ExportOptions(build=BuildOptions(layers=[], methods=("rollout",))))
+    onnx.checker.check_model(str(out), full_check=True)
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    assert f"rollout:{layer}" in names
+    x = _input(8)
+    feeds = {"input": x, "excite_signal": np.zeros((2, 10), np.float32)}
+    got = dict(zip(names, sess.run(None, feeds)))[f"rollout:{layer}"]
+    np.testing.assert_allclose(got, Exciter(model, [layer], methods=("rollout",)).explain(x, 0).maps["rollout"][layer],
+                               rtol=1e-6, atol=1e-8)
