@@ -113,6 +113,8 @@ def test_rollout_error_lines(models):
 
 
 def test_rollout_refused_without_global_attention():
+    """A CNN; Swin's windowed attention; a ViT without a class token (mean-pooled tokens) and the
+    MobileViT hybrid (attention over unfolded patches, no class token): one error line each."""
     pytest.importorskip("torchvision")
     import test_blocks as tb
 
@@ -122,9 +124,10 @@ def test_rollout_refused_without_global_attention():
         Exciter(cnn, layers[:1], methods=("rollout",))
     with pytest.raises(ExciteError, match="^rollout needs self-attention"):
         Exciter(cnn, None, methods=("rollout",))
-    with pytest.raises(ExciteError, match=r"^rollout needs global self-attention over a class token and the patch "
-                                          r"tokens \(ViT, DeiT\): .*windowed attention, as in Swin"):
-        Exciter(nets.swin_tiny(0), None, methods=("rollout",))
+    no_class_token = r"^rollout needs global self-attention over a class token and the patch tokens \(ViT, DeiT\): "
+    for model in (nets.swin_tiny(0), nets.pooled_vit_tiny(0), nets.mobilevit_tiny(0)):
+        with pytest.raises(ExciteError, match=no_class_token + r".*windowed attention, as in Swin.*without a class token"):
+            Exciter(model, None, methods=("rollout",))
 
 
 def test_explain_rollout_with_no_option(tmp_path):
@@ -168,3 +171,12 @@ def test_export_rollout_without_a_layer(models, tmp_path):
     got = dict(zip(names, sess.run(None, feeds)))[f"rollout:{layer}"]
     np.testing.assert_allclose(got, Exciter(model, [layer], methods=("rollout",)).explain(x, 0).maps["rollout"][layer],
                                rtol=1e-6, atol=1e-8)
+
+
+def test_rollout_nodes_have_cuda_kernels(models):
+    """Every node of the forward + rollout + MWP graph has a CUDA kernel (onnxruntime-gpu's table)."""
+    from onnx_excite.run.cuda_coverage import check_companion
+
+    model, layer, _ = models["vit"]
+    report = check_companion(model, layers=[layer], methods=("rollout", "mwp"))
+    assert report.methods == ("rollout", "mwp") and report.fallbacks == []

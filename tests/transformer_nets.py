@@ -92,6 +92,29 @@ def deit_tiny(seed: int = 0, opset: int = 17, batch: int = 1) -> onnx.ModelProto
     return _export(model, shape=(batch, 3, 32, 32), opset=opset)
 
 
+def pooled_vit_tiny(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
+    """A ViT without a class token: 8x8 patches of a 32x32 input (a 4x4 grid), one pre-norm
+    nn.TransformerEncoderLayer, the tokens mean-pooled into a linear head."""
+    import torch
+    from torch import nn
+
+    class Pooled(nn.Module):
+        def __init__(self, d=32):
+            super().__init__()
+            self.patch = nn.Conv2d(3, d, 8, stride=8)
+            self.pos = nn.Parameter(torch.randn(1, 16, d) * 0.2)
+            self.block = nn.TransformerEncoderLayer(d, 2, 64, dropout=0.0, activation="gelu", batch_first=True,
+                                                    norm_first=True)
+            self.head = nn.Linear(d, 10)
+
+        def forward(self, x):
+            t = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+            return self.head(self.block(t).mean(dim=1))
+
+    torch.manual_seed(seed)
+    return _export(Pooled(), opset=opset)
+
+
 def swin_tiny(seed: int = 0, opset: int = 17, mask: float = -3.0) -> onnx.ModelProto:
     """torchvision's SwinTransformer: 32x32 input, 2x2 patches, two stages of two blocks (the
     second block of each with shifted windows), 4x4 windows, patch merging between the stages.
