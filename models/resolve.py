@@ -59,9 +59,28 @@ class ResolvedModel:
     def model(self) -> str | onnx.ModelProto:
         return synthetic.RECIPES[self.recipe]()
 
-    def layers(self, layers: Sequence[str] | None) -> list[str]:
-        """``layers`` when given, else the model's default layers; ExciteError when it has none."""
-        chosen = list(layers or []) or list(self.default_layers)
+    def method_layer(self, methods: Sequence[str]) -> str | None:
+        """Where every method of ``methods`` is defined at one layer of its own (cam: the last
+        feature map; rollout: the tokens the first attention block reads) and that layer is the
+        same: that layer; None where a method takes any layer. ExciteError (the method's
+        reason) where the model has no such layer."""
+        from onnx_excite.methods import get_method
+
+        declared = [get_method(m) for m in methods]
+        if not declared or any(m.layers == "any" for m in declared):
+            return None
+        from onnx_excite.graph.builder import method_layer
+        from onnx_excite.graph.canonicalize import canonicalize
+
+        graph = canonicalize(self.proto)
+        own = {method_layer(graph, m) for m in declared}
+        return own.pop() if len(own) == 1 else None
+
+    def layers(self, layers: Sequence[str] | None, methods: Sequence[str] = ()) -> list[str]:
+        """``layers`` when given, else the one layer of ``methods`` (:meth:`method_layer`), else
+        the model's default layers; ExciteError when it has none."""
+        own = None if layers else self.method_layer(methods)
+        chosen = list(layers or []) or ([own] if own else list(self.default_layers))
         if not chosen:
             raise ExciteError("no map layer given and the model has no default one: name one "
                               "(--layer; `onnx-excite layers MODEL` lists the candidates)")

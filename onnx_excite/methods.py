@@ -48,8 +48,16 @@ never for the method.
 * ``blur``: the paper's Gaussian blur (sigma = 0.02 max(W, H), ``onnx_excite.render.postprocess``)
   before display/evaluation: grad, deconv, guided, LRP (the paper) and c-grad, c-deconv
   (our choice: pixel-level maps like their base methods); every map is upsampled bicubically.
-* ``layers``: ``any`` or ``last-feature-map`` (CAM: the input of the global pool feeding
-  the linear classifier).
+* ``layers``: ``any``, ``last-feature-map`` (CAM: the input of the global pool feeding
+  the linear classifier) or ``attention-tokens`` (rollout: the tokens the first self-attention
+  block reads).
+* ``kind``: ``sweep`` (the backward sweep above, every method but one) or ``rollout``
+  (attention rollout, Abnar & Zuidema 2020: a product of the forward attention weights, no
+  signal and no sweep; its rule entries are None)::
+
+      A_l = mean over heads of Softmax(..) of block l,  (N, T, T)
+      B_l = (A_l + I) / 2, rows renormalised,   R = B_L ... B_2 B_1
+      map = R[class token, patch tokens] on the patch grid (class-agnostic: the signal is ignored)
 
 The float64 reference of every method is ``tests/method_ref.py``; how the companion-graph
 builder consumes these declarations is in docs/methods.md.
@@ -75,7 +83,8 @@ TOPS = ("signal", "score")
 DUALS = ("none", "difference", "separate")
 REDUCTIONS = ("sum", "abs-max")
 MASSES = ("signal", "score", "zero", "none")
-LAYERS = ("any", "last-feature-map")
+LAYERS = ("any", "last-feature-map", "attention-tokens")
+KINDS = ("sweep", "rollout")
 
 LRP_EPSILON = 1e-6  # relative: eps_i = 1e-6 * max |z| over the node's outputs of the sample
 
@@ -133,9 +142,9 @@ class Method:
 
     name: str
     description: str
-    linear: RuleVariant
-    pool: RuleVariant
-    add: RuleVariant
+    linear: Optional[RuleVariant]   # None only for a method that runs no sweep (``kind`` rollout)
+    pool: Optional[RuleVariant]
+    add: Optional[RuleVariant]
     relu: str
     activation: str = "pass"
     arithmetic: str = "excitation"
@@ -147,13 +156,21 @@ class Method:
     mass: str = "signal"
     blur: bool = False
     layers: str = "any"
+    kind: str = "sweep"
 
     def __post_init__(self):
         for value, allowed in ((self.relu, GATES), (self.activation, ACTIVATIONS), (self.arithmetic, ARITHMETIC),
                                (self.top, TOPS), (self.dual, DUALS),
-                               (self.reduce, REDUCTIONS), (self.mass, MASSES), (self.layers, LAYERS)):
+                               (self.reduce, REDUCTIONS), (self.mass, MASSES), (self.layers, LAYERS),
+                               (self.kind, KINDS)):
             if value not in allowed:
                 raise ValueError(f"method {self.name!r}: {value!r} is not one of {allowed}")
+        variants = (self.linear, self.pool, self.add)
+        if self.kind == "sweep" and not all(isinstance(v, RuleVariant) for v in variants):
+            raise ValueError(f"method {self.name!r}: a sweep needs a RuleVariant for linear, pool and add")
+        if self.kind != "sweep" and (any(v is not None for v in variants) or self.dual != "none"
+                                     or self.mass != "none" or self.clip):
+            raise ValueError(f"method {self.name!r}: a {self.kind} method has no rule variants, dual, mass or clip")
 
     @property
     def label(self) -> str:
@@ -175,6 +192,11 @@ class Method:
     @property
     def contrastive(self) -> bool:
         return self.dual != "none"
+
+    @property
+    def sweeps(self) -> bool:
+        """Whether the method's map comes from the backward sweep (all but rollout)."""
+        return self.kind == "sweep"
 
 
 _SUM_RULES = dict(pool=EXCITATION, add=EXCITATION)
@@ -220,6 +242,9 @@ METHODS: dict = {m.name: m for m in (
            linear=EXCITATION_UNNORMALISED, relu="none", dual="difference", clip=True, mass="none", **_SUM_RULES),
     Method("cmwp-postnorm", "ablation: MWP and dual MWP computed separately, each L1-normalised, subtracted",
            linear=EXCITATION, relu="none", dual="separate", clip=True, mass="zero", **_SUM_RULES),
+    Method("rollout", "attention rollout (Abnar & Zuidema 2020): class token's row of the product over the blocks "
+           "of head-averaged attention + I; class-agnostic (ignores the target); ViT, DeiT", linear=None, pool=None, add=None, relu="none", mass="none",
+           layers="attention-tokens", kind="rollout"),
 )}
 
 
@@ -246,10 +271,14 @@ def method_table(rule: str = "positive") -> list:
         raise ExciteError(f"unknown rule {rule!r}; choose from {', '.join(RULE_PARTS)}")
     rows = []
     for m in METHODS.values():
-        final = ("max|P|" if m.reduce == "abs-max" else "sum") + (", clip" if m.clip else "")
+        if m.sweeps:
+            final = ("max|P|" if m.reduce == "abs-max" else "sum") + (", clip" if m.clip else "")
+            parts = {k: getattr(m, k).describe(rule) for k in ("linear", "pool", "add")}
+            relu, top = m.relu, m.top
+        else:   # no sweep: no rule per op family, no top signal
+            final, parts, relu, top = "class-token row", dict.fromkeys(("linear", "pool", "add"), "-"), "-", "-"
         rows.append({"method": m.name, "dual": m.dual, "map": final, "blur": "yes" if m.blur else "no",
-                     "linear": m.linear.describe(rule), "pool": m.pool.describe(rule), "add": m.add.describe(rule),
-                     "relu": m.relu, "top": m.top, "mass": m.mass, "layers": m.layers,
+                     **parts, "relu": relu, "top": top, "mass": m.mass, "layers": m.layers,
                      "description": m.description})
     return rows
 

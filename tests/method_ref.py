@@ -73,6 +73,14 @@ cmwp-postnorm MWP from the target and MWP from the negated classifier computed s
           both passes conserve their mass it equals cmwp / sum(e) (per sample); it differs
           where the two passes lose different mass at units with Z = 0.
 
+rollout   Abnar & Zuidema (ACL 2020), attention rollout; no signal, no sweep. For the attention
+          blocks l = 1..L (a Softmax whose output A_l (N, heads, T, T) is the first input of a
+          MatMul), in graph order: Abar_l = mean over heads of A_l, B_l = 0.5 Abar_l + 0.5 I with
+          every row divided by its sum, R = B_L ... B_1 (T x T matrices, multiplied out in
+          full); map = R[cls, patch tokens] on the h x w grid, where ``tokens = (cls, first
+          patch, h, w)`` is given by the caller (the test knows how its model lays out its
+          tokens). A model without such a Softmax: MethodNotApplicable.
+
 Map post-processing (the paper; onnx_excite.render.postprocess): bicubic upsampling to the image for
 every method, and a Gaussian blur sigma = 0.02 * max(W, H) for grad, deconv, guided and LRP
 (and, our choice, for c-grad and c-deconv).
@@ -82,11 +90,12 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from excitation_ref import fold_like_the_spec
+from excitation_ref import Reference, fold_like_the_spec
 from reference import LINEAR, _attrs, _Graph, _pool_windows, _safe_div, _unbroadcast
 
 METHODS = ("grad", "deconv", "guided", "lrp-epsilon", "lrp-zplus", "cam", "mwp", "cmwp",
            "c-grad", "c-deconv", "c-cam", "cmwp-nonorm", "cmwp-postnorm")
+TOKEN_METHODS = ("rollout",)   # maps of the forward attention weights (no sweep): rollout_reference
 LRP_EPS = 1e-6
 PASS = ("Identity", "Dropout", "Softmax")
 
@@ -439,10 +448,14 @@ _BASE = {  # method -> (rules class, top signal, map reduction)
 _SEPARATE_DUAL = {"c-grad": "grad", "c-deconv": "deconv", "cmwp-postnorm": "mwp"}
 
 
-def method_reference(model: onnx.ModelProto, x, signal, layers, method: str, rule: str = "positive") -> dict:
-    """Maps of ``method`` at ``layers`` for input ``x`` and signal ``signal`` (N, K)."""
+def method_reference(model: onnx.ModelProto, x, signal, layers, method: str, rule: str = "positive",
+                     tokens=None) -> dict:
+    """Maps of ``method`` at ``layers`` for input ``x`` and signal ``signal`` (N, K) (``tokens``:
+    rollout's token layout, see :func:`rollout_reference`; it ignores the signal)."""
+    if method == "rollout":
+        return rollout_reference(model, x, layers, tokens)
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; one of {METHODS}")
+        raise ValueError(f"unknown method {method!r}; one of {METHODS + TOKEN_METHODS}")
     if method == "cam":
         return cam_reference(model, x, signal, layers)
     if method == "c-cam":
@@ -550,3 +563,61 @@ def _c_cam(model, x, signal, layers) -> dict:
     s, feat, cam = _cam_maps(model, x, signal, layers)
     _, _, dual = _cam_maps(model, x, signal, layers, sign=-1.0)
     return {"logits": s, "P": {feat: cam}, "P_dual": {feat: dual}, "map": {feat: contrast(cam, dual)}}
+
+
+# ----------------------------------------------------------------------------------------
+# attention rollout
+# ----------------------------------------------------------------------------------------
+
+def attention_probabilities(model: onnx.ModelProto, x) -> list:
+    """The float64 attention weights A_l (N, heads, T, T) of every Softmax that feeds a MatMul as
+    its first input, in graph order (excitation_ref's forward), or MethodNotApplicable."""
+    ref = Reference(model)
+    names = _attention_names(ref)
+    vals = ref.forward(x)
+    return [vals[name] for name in names]
+
+
+def _attention_names(ref: Reference) -> list:
+    names = [n.output[0] for n in ref.nodes if n.op_type == "Softmax"
+             and any(m.op_type == "MatMul" and m.input[0] == n.output[0] for m in ref.nodes)]
+    if not names:
+        raise MethodNotApplicable("rollout needs self-attention: no Softmax feeds a MatMul")
+    return names
+
+
+def rollout_matrix(weights) -> np.ndarray:
+    """R = B_L ... B_1 (N, T, T), B_l = rows-normalised 0.5 mean_heads(A_l) + 0.5 I."""
+    r = None
+    for a in weights:
+        if a.ndim != 4 or a.shape[2] != a.shape[3]:
+            raise MethodNotApplicable(f"rollout: attention weights of shape {a.shape}, not (N, heads, T, T)")
+        b = 0.5 * a.mean(axis=1) + 0.5 * np.eye(a.shape[-1])
+        b = b / b.sum(axis=-1, keepdims=True)
+        r = b if r is None else np.einsum("nij,njk->nik", b, r)   # the later block on the left
+    return r
+
+
+def rollout_reference(model: onnx.ModelProto, x, layers, tokens) -> dict:
+    """The rollout map (N, h, w) at every one of ``layers`` (the rollout is one map);
+    ``tokens = (cls, first_patch, h, w)``: the class token's index and where the h * w patch
+    tokens (row-major) start."""
+    weights = attention_probabilities(model, np.asarray(x, np.float64))
+    if tokens is None:
+        raise ValueError("rollout_reference needs the token layout tokens=(cls, first_patch, h, w)")
+    cls, first, h, w = tokens
+    r = rollout_matrix(weights)
+    m = r[:, cls, first:first + h * w].reshape(len(r), h, w)
+    return {"rollout": r, "map": {layer: m for layer in layers}, "P": {}}
+
+
+def method_layer(model: onnx.ModelProto, method: str) -> str:
+    """The one layer of a method defined at one (cam: the last feature map), or
+    MethodNotApplicable; rollout only where the model has no attention (its layer, the
+    tokens the first block reads, is named by the tests that have attention)."""
+    if method in ("cam", "c-cam"):
+        return cam_head(Graph(model))[0]
+    if method == "rollout":
+        _attention_names(Reference(model))   # MethodNotApplicable without attention
+        raise ValueError("the rollout reference does not look for its layer in a model with attention: name it")
+    raise ValueError(f"{method!r} is defined at any layer")

@@ -19,7 +19,8 @@ from method_spec import interpret
 # ----------------------------------------------------------------------------------------
 
 def test_every_reference_method_is_registered():
-    assert set(method_names()) == set(mr.METHODS)
+    assert set(method_names()) == set(mr.METHODS) | set(mr.TOKEN_METHODS)
+    assert {m for m in METHODS if not get_method(m).sweeps} == set(mr.TOKEN_METHODS)
     for name in ("mwp", "cmwp"):
         assert name in METHODS
 
@@ -128,6 +129,12 @@ def test_declarations_validate_their_fields():
         RuleVariant((("b", "W"),))
     with pytest.raises(ValueError):
         Method("x", "x", linear=RuleVariant(None), pool=RuleVariant(None), add=RuleVariant(None), relu="sometimes")
+    with pytest.raises(ValueError, match="a sweep needs a RuleVariant"):
+        Method("x", "x", linear=None, pool=None, add=None, relu="none")
+    with pytest.raises(ValueError, match="a rollout method has no rule variants"):
+        Method("x", "x", linear=RuleVariant(None), pool=None, add=None, relu="none", mass="none", kind="rollout")
+    with pytest.raises(ValueError, match="a rollout method has no rule variants"):   # nor a mass to expect
+        Method("x", "x", linear=None, pool=None, add=None, relu="none", kind="rollout")
     assert RuleVariant(None).resolve("paper") == RULE_PARTS["paper"]
     with pytest.raises(ExciteError, match="unknown rule"):
         RuleVariant(None).resolve("both")

@@ -46,8 +46,9 @@ def convnext_tiny(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
     return _export(model, opset=opset)
 
 
-def vit_tiny(seed: int = 0, opset: int = 17, dynamo: bool = False) -> onnx.ModelProto:
-    """torchvision's VisionTransformer: 32x32 input, 8x8 patches (a 4x4 grid), 2 layers of 2 heads."""
+def vit_tiny(seed: int = 0, opset: int = 17, dynamo: bool = False, batch: int = 1) -> onnx.ModelProto:
+    """torchvision's VisionTransformer: 32x32 input, 8x8 patches (a 4x4 grid), 2 layers of 2 heads
+    (exported at a fixed ``batch``)."""
     import torch
     from torchvision.models.vision_transformer import VisionTransformer
 
@@ -58,12 +59,13 @@ def vit_tiny(seed: int = 0, opset: int = 17, dynamo: bool = False) -> onnx.Model
         model.class_token.normal_()
         model.encoder.pos_embedding.normal_(std=0.2)
         model.heads.head.weight.normal_(std=0.3)
-    return _export(model, opset=opset, dynamo=dynamo)
+    return _export(model, shape=(batch, 3, 32, 32), opset=opset, dynamo=dynamo)
 
 
-def deit_tiny(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
+def deit_tiny(seed: int = 0, opset: int = 17, batch: int = 1) -> onnx.ModelProto:
     """A DeiT-style ViT: torchvision's VisionTransformer with a distillation token after the
-    class token (18 tokens on a 4x4 grid) and two heads, averaged, as DeiT's inference does."""
+    class token (18 tokens on a 4x4 grid) and two heads, averaged, as DeiT's inference does
+    (exported at a fixed ``batch``)."""
     import torch
     from torchvision.models.vision_transformer import VisionTransformer
 
@@ -87,7 +89,30 @@ def deit_tiny(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
     with torch.no_grad():
         model.class_token.normal_()
         model.heads.head.weight.normal_(std=0.3)
-    return _export(model, opset=opset)
+    return _export(model, shape=(batch, 3, 32, 32), opset=opset)
+
+
+def pooled_vit_tiny(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
+    """A ViT without a class token: 8x8 patches of a 32x32 input (a 4x4 grid), one pre-norm
+    nn.TransformerEncoderLayer, the tokens mean-pooled into a linear head."""
+    import torch
+    from torch import nn
+
+    class Pooled(nn.Module):
+        def __init__(self, d=32):
+            super().__init__()
+            self.patch = nn.Conv2d(3, d, 8, stride=8)
+            self.pos = nn.Parameter(torch.randn(1, 16, d) * 0.2)
+            self.block = nn.TransformerEncoderLayer(d, 2, 64, dropout=0.0, activation="gelu", batch_first=True,
+                                                    norm_first=True)
+            self.head = nn.Linear(d, 10)
+
+        def forward(self, x):
+            t = self.patch(x).flatten(2).transpose(1, 2) + self.pos
+            return self.head(self.block(t).mean(dim=1))
+
+    torch.manual_seed(seed)
+    return _export(Pooled(), opset=opset)
 
 
 def swin_tiny(seed: int = 0, opset: int = 17, mask: float = -3.0) -> onnx.ModelProto:

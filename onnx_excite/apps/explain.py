@@ -270,9 +270,13 @@ def explain_setup(opts: ExplainOptions, warn=None) -> ExplainSetup:
     else:
         # maps must cover the whole image: no crop; the shorter side at 224 (any aspect ratio)
         resize, size = ("shorter", int(opts.size or 224)) if profile.resize == "shorter" else ("square", int(opts.size or profile.input_size))
-    layers = opts.layers or list(profile.default_layers)
+    own = None if opts.layers else resolved.method_layer(opts.methods)   # cam's, rollout's own layer
+    layers = opts.layers or ([own] if own else list(profile.default_layers))
     notes = []
-    if not opts.layers and layers and resolved.layers_chosen_by_graph:
+    if own:
+        notes.append(f"no --layer given: maps at {own!r}, the one layer {', '.join(opts.methods)} "
+                     f"{'is' if len(opts.methods) == 1 else 'are'} defined at")
+    elif not opts.layers and layers and resolved.layers_chosen_by_graph:
         notes.append(f"no --layer given: maps at {layers[0]!r}, the layer the graph suggests (the last feature "
                      f"map before the head; `onnx-excite layers MODEL` marks it)")
     if not layers:

@@ -14,7 +14,10 @@ method registered in :data:`onnx_excite.methods.METHODS` (``onnx-excite methods`
   (they are linear in P); the channel sum is clipped at 0;
 * ``grad:<layer>``, ``deconv:``, ``guided:``, ``lrp-epsilon:``, ``lrp-zplus:``, ``cam:``
   and the contrastive variants / ablations: the same sweep with the method's rule
-  variants (its ``Method`` declaration), reduced, dual-subtracted and clipped as declared.
+  variants (its ``Method`` declaration), reduced, dual-subtracted and clipped as declared;
+* ``rollout:<layer>`` - attention rollout (a method of ``kind`` rollout): no sweep, the
+  forward attention weights multiplied (:mod:`.rollout`), at the tokens the first attention
+  block reads.
 
 All come out of one session run; methods share the forward pass and every backward piece
 their declarations have in common (Z per layer, a+/a-, W+/W-, ReLU masks, MaxPool
@@ -42,6 +45,7 @@ from .options import BuildOptions
 from .share import WEIGHT_BOUND, shared_ops
 from .share import merge_adjoints
 from .layout import Layout, channel_axis
+from .rollout import Rollout, emit_rollout, find_rollout
 from .token_grid import token_grid
 from ..rules import RULE_CHOICES, RULES, Context, data_inputs, has_role, unsupported_reason
 
@@ -298,6 +302,7 @@ class Plan:
     g: Emitter
     ctx: Context
     classifiers: tuple = ()           # every classifier the dual negates (several for summed heads)
+    rollout: Rollout | None = None    # the attention blocks a rollout method reads
 
 
 def check_model(graph: ForwardGraph) -> None:
@@ -323,15 +328,16 @@ def validate(model, layers: Sequence[str], methods: Sequence[str], rule: str = "
     graph = canonicalize(model, logits=logits, input_shapes=input_shapes)
     check_model(graph)
     check_layers(graph, layers)
+    rollout = find_rollout(graph) if any(m.kind == "rollout" for m in declared) else None
     for m in declared:
-        if m.layers == "last-feature-map":
-            feature = cam_feature_map(graph, m.name)
+        if m.layers != "any":
+            own = method_layer(graph, m) if m.kind != "rollout" else rollout.layer
             for layer in layers:
-                if layer != feature:
-                    raise ExciteError(f"{m.name}: defined only at the last feature map {feature!r}, not at {layer!r}")
+                if layer != own:
+                    raise ExciteError(f"{m.name}: defined only at {LAYER_WORDS[m.layers]} {own!r}, not at {layer!r}")
     wanted = _downstream(graph, layers) & _upstream(graph, graph.entry)
     nodes = path_nodes(graph, wanted)
-    problems = find_unsupported(graph, nodes)
+    problems = find_unsupported(graph, nodes) if any(m.sweeps for m in declared) else []   # rollout: the forward only
     if problems:
         raise UnsupportedModelError(problems)
     expose_maxpool_indices(graph.model, nodes)
@@ -350,7 +356,22 @@ def validate(model, layers: Sequence[str], methods: Sequence[str], rule: str = "
                 sink=graph.model.graph.initializer)
     g.opset = default_opset(graph.model)
     ctx = Context(graph=graph, g=g, rule=rule, wanted=frozenset(wanted))
-    return Plan(graph, layers, methods, rule, wanted, nodes, clf, g, ctx, clfs)
+    return Plan(graph, layers, methods, rule, wanted, nodes, clf, g, ctx, clfs, rollout)
+
+
+#: what the map layer of a method declared with ``layers`` other than ``any`` is
+LAYER_WORDS = {"last-feature-map": "the last feature map", "attention-tokens": "the tokens the first attention block reads"}
+
+
+def method_layer(graph: ForwardGraph, method) -> str | None:
+    """The one layer ``method`` (a :class:`~onnx_excite.methods.Method`) is defined at (cam: the
+    last feature map; rollout: the tokens the first attention block reads), None for a method
+    defined at any layer; ExciteError naming the reason where the model has no such layer."""
+    if method.layers == "last-feature-map":
+        return cam_feature_map(graph, method.name)
+    if method.layers == "attention-tokens":
+        return find_rollout(graph).layer
+    return None
 
 
 def cam_feature_map(graph: ForwardGraph, method: str = "cam") -> str:
@@ -403,6 +424,8 @@ def sweep_units(methods: Sequence[str]) -> dict:
     units: dict = {}
     for name in methods:
         m = get_method(name)
+        if not m.sweeps:   # rollout: no backward sweep
+            continue
         modes = {"none": ("target",), "difference": ("difference",), "separate": ("target", "negated")}[m.dual]
         for mode in modes:
             units.setdefault((m.sweep_key, mode), m)
@@ -504,6 +527,10 @@ def expose(plan: Plan, sweeps: dict, channels: bool = False, diagnostics: bool =
             reduced = _on_grid(g, grid, reduced)
         for name in plan.methods:
             method = get_method(name)
+            if method.kind == "rollout":   # from the forward attention weights; no P, no channels, no mass
+                m = g.memo(("rollout",), lambda: emit_rollout(graph, g, plan.rollout))
+                built.maps[(name, layer)] = _expose(g, m, map_name(name, layer), new_outputs, 3)
+                continue
             p = p_at(name, "difference" if method.dual == "difference" else "target")
             m = g.memo(("map", layer, method.sweep_key, method.reduce, "difference" if method.dual == "difference" else "target"),
                        lambda: reduced(name, p))

@@ -175,7 +175,8 @@ class Exciter:
     >>> res.maps["cmwp"]["pool4"].shape   # (N, h, w)
 
     ``model`` is a path, an ``onnx.ModelProto`` or ``"default"`` (the default ImageNet
-    MobileNetV2); ``layers=None`` takes the model's default layers (``features.13`` for
+    MobileNetV2); ``layers=None`` takes the one layer the methods are defined at where each
+    has one of its own (cam, rollout), else the model's default layers (``features.13`` for
     the default model; other models the layer their graph suggests, see
     :func:`onnx_excite.graph.layers.default_layer`).
     """
@@ -196,7 +197,7 @@ class Exciter:
 
         opts = BuildOptions.of(options, layers, methods, **fields)
         resolved = resolve_model(model)
-        opts = replace(opts, layers=resolved.layers(opts.layers))
+        opts = replace(opts, layers=resolved.layers(opts.layers, opts.methods))
         self.built: ExcitationModel = build_excitation_model(resolved.model, options=opts)
         self.top1 = bool(top1) and add_top1_signal(self.built)
         requested = list(providers) if providers else (providers_for(device) if device else None)

@@ -43,7 +43,7 @@ def export(model, path=None, options: ExportOptions | None = None) -> ExportResu
     if path is None and options.triton_dir is None:
         raise ExciteError("give -o/--output FILE and/or --serving DIR")
     resolved = resolve_model(model)
-    build = BuildOptions.of(options.build, layers=resolved.layers(options.build.layers))
+    build = BuildOptions.of(options.build, layers=resolved.layers(options.build.layers, options.build.methods))
     protect = [] if isinstance(resolved.model, onnx.ModelProto) else input_files(resolved.model)
     triton_model = None
     if options.triton_dir is not None:   # every path checked before anything is created
