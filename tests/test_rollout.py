@@ -180,3 +180,22 @@ def test_rollout_nodes_have_cuda_kernels(models):
     model, layer, _ = models["vit"]
     report = check_companion(model, layers=[layer], methods=("rollout", "mwp"))
     assert report.methods == ("rollout", "mwp") and report.fallbacks == []
+
+
+def test_eval_takes_the_methods_own_layer(tmp_path):
+    """eval (model_spec) with no layer named maps rollout at its own layer, CAM at the last
+    feature map, and every other method set at the model's default layers."""
+    pytest.importorskip("torchvision")
+    from conftest import gap_classifier
+    from onnx_excite.apps.eval.compute import model_spec
+
+    vit = tmp_path / "vit.onnx"
+    onnx.save(nets.vit_tiny(0), str(vit))
+    assert model_spec(str(vit), None, ["rollout"], "positive", "pointing", 32).layers == [EMBEDDED]
+    assert model_spec(str(vit), None, ["mwp"], "positive", "pointing", 32).layers != [EMBEDDED]
+    assert model_spec(str(vit), ["x"], ["rollout"], "positive", "pointing", 32).layers == ["x"]   # named wins
+    cnn = tmp_path / "cnn.onnx"
+    onnx.save(gap_classifier(7, 6, 2, 1), str(cnn))
+    cam = model_spec(str(cnn), None, ["cam"], "positive", "pointing", 32).layers
+    from onnx_excite.models.resolve import resolve_model
+    assert cam == [resolve_model(str(cnn), fully_conv=True).method_layer(["cam"])] and cam[0]

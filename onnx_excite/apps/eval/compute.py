@@ -108,7 +108,9 @@ def model_spec(model: str, layers, methods: Sequence[str], rule: str, protocol: 
     name = str(model)
     resolved = resolve_model(name, fully_conv=True)
     source, p = resolved.model, resolved.profile
-    layers = list(layers or p.default_layers or ([DEFAULT_MODEL_LAYER] if name == "default" else []))
+    own = None if layers or not methods else resolved.method_layer(methods)   # cam's, rollout's own layer
+    layers = list(layers) if layers else [own] if own else list(
+        p.default_layers or ([DEFAULT_MODEL_LAYER] if name == "default" else []))
     if not layers and methods:
         raise ExciteError("no layer given and the model has no default: pass layers=[...] "
                           "(see `onnx-excite layers MODEL`)")
