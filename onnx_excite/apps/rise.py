@@ -104,11 +104,10 @@ class MaskSet:
     def chunk(self, start: int, stop: int) -> np.ndarray:
         """Masks ``start .. stop - 1`` as a (stop - start, H, W) float32 array."""
         h, w = self.height, self.width
-        out = np.empty((stop - start, h, w), np.float32)
-        for k, i in enumerate(range(start, stop)):
-            dy, dx = self.shifts[i]
-            out[k] = self.rows[dy:dy + h] @ self.grids[i] @ self.cols[dx:dx + w].T
-        return out
+        dy, dx = self.shifts[start:stop, 0], self.shifts[start:stop, 1]
+        rows = self.rows[dy[:, None] + np.arange(h)]                 # (B, H, s): the rows of each crop
+        cols = self.cols[dx[:, None] + np.arange(w)]                 # (B, W, s)
+        return (rows @ self.grids[start:stop] @ cols.transpose(0, 2, 1)).astype(np.float32)
 
 
 def rise_saliency(forward: Callable[[np.ndarray], np.ndarray], x: np.ndarray, targets: Sequence[Sequence[int]],
@@ -137,8 +136,8 @@ def rise_saliency(forward: Callable[[np.ndarray], np.ndarray], x: np.ndarray, ta
     def inputs() -> Iterator[tuple]:
         for start in range(0, n, step):
             chunk = masks.chunk(start, min(n, start + step))
-            for m in chunk:
-                yield m, x * m[None]
+            masked = x[None] * chunk[:, None]                           # (B, C, H, W)
+            yield from zip(chunk, masked)
 
     done = 0
     for keys, prob in forward_probabilities(forward, inputs(), step):
