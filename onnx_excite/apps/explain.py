@@ -727,7 +727,7 @@ class _Run:
         progress steps). Touches nothing shared: it may run on a writer thread."""
         from ..io.half import to_float16
         from ..render import maps
-        from ..methods import get_any_method
+        from ..methods import get_any_method, is_black_box
         from ..render.postprocess import blur_sigma, gaussian_blur
         from ..render.overlay import display_size, labelled_overlay, map_max, panel_grid, save_png
 
@@ -764,7 +764,8 @@ class _Run:
                 caption = [head, self.caption(method, layer)]
                 np.save(written["map"], m)
                 np.save(written["map_image"], to_float16(up))
-                save_png(labelled_overlay(img, up, caption, self.style, v, bar_label), written["overlay"])
+                bar = bar_label.replace("excitation", "saliency") if is_black_box(method) else bar_label
+                save_png(labelled_overlay(img, up, caption, self.style, v, bar), written["overlay"])
                 files += len(written)
                 tiles.append(([f"{get_any_method(method).label} · {layer}"], up, v))
                 all_tiles.append(([head, f"{get_any_method(method).label} · {layer}"], up, v))
