@@ -266,3 +266,35 @@ def test_eval_cli_with_rise(tiny, tmp_path):
                               "--bootstrap", "50", "-o", str(tmp_path / "f")])
     assert res.exit_code == 0, res.output
     assert "| rise |" in (tmp_path / "f" / "results.md").read_text()
+
+
+def test_explain_rise_on_an_nhwc_model_matches_the_reference(tmp_path):
+    """An NHWC model (the masks multiply each pixel's channels): the map explain writes equals the
+    reference computed with onnxruntime on the original model, its own softmax as the score."""
+    import onnxruntime as ort
+    from PIL import Image
+
+    from onnx_excite.apps.explain import ExplainOptions, explain_setup
+    from test_bad_input import _nhwc_model
+
+    path = tmp_path / "nhwc.onnx"
+    onnx.save(_nhwc_model(TensorProto.FLOAT), str(path))
+    res = runner.invoke(app, ["explain", str(path), str(photo("dog.jpg")), "-m", "rise", "--masks", "40",
+                              "--mask-cells", "5", "-t", "3", "--size", "32", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 0, res.output
+    ours = np.load(tmp_path / "o" / "dog.3.rise.x.npy")
+    setup = explain_setup(ExplainOptions(model=str(path), methods=("rise",), size=32))
+    arr, _ = setup.preprocess(Image.open(photo("dog.jpg")))
+    h, w, _ = arr.shape
+    assert ours.shape == (h, w) == (32, 43)
+    masks = reference_masks(40, 5, 0.5, 0, h, w)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    prob = np.concatenate([sess.run(None, {"x": (arr[None] * m[None, :, :, None]).astype(np.float32)})[0]
+                           for m in masks])
+    ref = np.einsum("i,ihw->hw", prob[:, 3].astype(np.float64), masks) / (40 * 0.5)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_bench_explain_refuses_black_box_methods(tmp_path):
+    res = runner.invoke(app, ["bench-explain", "default", str(photo("dog.jpg")), "-m", "rise"])
+    assert res.exit_code == 2 and "black-box" in res.output
