@@ -52,7 +52,9 @@ never for the method.
   the linear classifier).
 
 The float64 reference of every method is ``tests/method_ref.py``; how the companion-graph
-builder consumes these declarations is in docs/methods.md.
+builder consumes these declarations is in docs/methods.md. ``BLACK_BOX`` lists the methods that
+need no companion graph (RISE, :mod:`onnx_excite.apps.rise`), ``BASELINES`` the maps that need
+no model (eval's center baseline).
 """
 from __future__ import annotations
 

@@ -380,7 +380,8 @@ def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, er
         return (img, *setup.preprocess(img))
 
     pending: list = []
-    with FolderLock(out_dir), _progress(console, len(files) * per_image, per_image, len(opts.graph_methods) < len(opts.methods)) as advance, \
+    black_box = len(opts.graph_methods) < len(opts.methods)
+    with FolderLock(out_dir), _progress(console, len(files) * per_image, per_image, black_box) as advance, \
             _Writes(workers, 2 * workers) as writes, _Ahead(decode, 1 if workers > 1 else 0, opts.batch_size) as ahead:
         run = _Run(setup.model, setup.layers, opts, setup.class_names, {p.resolve() for p in files}, setup.style, store,
                    settings, on_record, writes=writes, layout=setup.layout)
