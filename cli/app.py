@@ -145,6 +145,13 @@ def check(model: Path = typer.Argument(..., help="ONNX classifier, or 'default'"
         out.print(f"  {info.name}  {info.op_type}  {_shape(info.shape)}  {info.describe_layout()}", markup=False)
 
 
+#: RISE's options (explain, eval): `-m rise` / `--methods ...,rise`
+MASKS = typer.Option(1000, "--masks", help="RISE: random masks per image (each one forward; the paper used 4000 to 8000)")
+MASK_CELLS = typer.Option(7, "--mask-cells", help="RISE: the masks' grid is N x N cells")
+MASK_P = typer.Option(0.5, "--mask-p", help="RISE: probability that a cell is kept")
+MASK_BATCH = typer.Option(32, "--mask-batch", help="RISE: masked inputs per forward batch (the maps do not change)")
+
+
 def _methods(method: Optional[List[str]], contrastive: bool) -> tuple:
     chosen = list(method or ["mwp"])
     if contrastive and "cmwp" not in chosen:
@@ -309,7 +316,7 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
             layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="map layer (repeatable; default: the model profile's)"),
             target: Optional[List[str]] = typer.Option(None, "--target", "-t", help="class index or name (repeatable: one map each)"),
             top: int = typer.Option(1, help="explain the top-K predicted classes when no --target is given"),
-            method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="attention method, any of `onnx-excite methods` (repeatable; default mwp and cmwp)"),
+            method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="attention method, any of `onnx-excite methods` (repeatable; default mwp and cmwp); rise is the black-box RISE"),
             contrastive: bool = typer.Option(False, "--contrastive", help="include contrastive MWP"),
             rule: str = typer.Option("positive", help="positive or paper"),
             out_dir: Path = typer.Option(Path("excite_out"), "-o", "--output", help="output folder"),
@@ -334,6 +341,9 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
             blur: bool = typer.Option(True, "--blur/--no-blur", help="the paper's Gaussian blur (sigma = 0.02 max(W, H)) "
                                                                      "of the image-space grad/deconv/guided/LRP maps"),
             device: str = typer.Option("auto", help="cpu, cuda (an error when CUDA cannot run) or auto (CUDA when available)"),
+            masks: int = MASKS, mask_cells: int = MASK_CELLS, mask_p: float = MASK_P,
+            seed: int = typer.Option(0, help="seed of RISE's masks (the same masks for every image)"),
+            mask_batch: int = MASK_BATCH,
             ray: Optional[str] = RAY, actors: int = ACTORS, ray_batch: int = RAY_BATCH,
             cpus_per_actor: float = CPUS, gpus_per_actor: float = GPUS):
     """Write maps (.npy at layer resolution and upsampled to the image) and overlays (.png) per image.
@@ -346,7 +356,8 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
                           methods=_methods(method or ["mwp", "cmwp"], contrastive), rule=rule, out_dir=out_dir,
                           size=size, mean=mean, std=std, batch_size=batch_size, combine=combine, colorbar=colorbar,
                           scale=scale, alpha=alpha, cmap=cmap, full_res=full_res, logits=logits, blur=blur, device=device,
-                          workers=workers)
+                          workers=workers, masks=masks, mask_cells=mask_cells, mask_p=mask_p, seed=seed,
+                          mask_batch=mask_batch)
     settings = ray_settings(ray, actors, ray_batch, cpus_per_actor, gpus_per_actor)
     if settings is not None:
         from onnx_excite.apps.distributed import explain_on_ray

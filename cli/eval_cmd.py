@@ -10,7 +10,7 @@ from rich.table import Table
 
 from onnx_excite.methods import BASELINES, method_help
 
-from .app import _logits_option, app, err, friendly, out
+from .app import MASK_BATCH, MASK_CELLS, MASK_P, MASKS, _logits_option, app, err, friendly, out
 from .ray_options import ACTORS, CPUS, GPUS, RAY, RAY_BATCH, print_run_summary, ray_settings
 
 eval_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The paper's evaluations: pointing game and dominant-object localization; faithfulness (deletion / insertion).")
@@ -58,14 +58,14 @@ def _progress_bar(console):
 def _eval(protocol: str, data: Path, fmt: str, model: str, methods: str, layer: Optional[List[str]],
           mapping: Optional[str], out_dir: Path, tolerance: float, size: int, rule: str, ray, actors: int,
           ray_batch: int, cpus: float, gpus: float, logits: Optional[str] = None,
-          blur: bool = True, device: str = "auto"):
+          blur: bool = True, device: str = "auto", rise=None, seed: int = 0):
     from onnx_excite.apps.eval import run_evaluation
 
     settings = ray_settings(ray, actors, ray_batch, cpus, gpus)
     kwargs = dict(protocol=protocol, data=str(data), fmt=fmt, model=model,
                   methods=[m.strip() for m in methods.split(",") if m.strip()], layers=layer or None,
                   mapping=mapping, out_dir=str(out_dir), tolerance=tolerance, size=size, rule=rule, ray=settings,
-                  logits=logits, blur=blur, device=device)
+                  logits=logits, blur=blur, device=device, rise=rise, seed=seed)
     t0 = time.perf_counter()
     if settings is None:  # one process: our own progress bar, started with the first image; on Ray, Ray Data's
         bar = {}
@@ -106,6 +106,13 @@ _MAPPING = typer.Option(None, "--mapping", help="dataset class -> model output i
 _OUT = typer.Option(Path("eval_out"), "-o", "--output", help="results folder (maps are cached there)")
 _RULE = typer.Option("positive", help="positive or paper")
 _DEVICE = typer.Option("auto", help="cpu, cuda (an error when CUDA cannot run) or auto (CUDA when available)")
+_SEED = typer.Option(0, help="seed of RISE's masks (and of the localization's held-out split)")
+
+
+def _rise(masks: int, cells: int, p: float, seed: int, batch: int):
+    from onnx_excite.apps.rise import RiseSettings
+
+    return RiseSettings(masks=masks, cells=cells, p=p, seed=seed, batch_size=batch)
 
 
 @eval_app.command("pointing")
@@ -116,10 +123,13 @@ def eval_pointing(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, meth
                   size: int = typer.Option(224, help="shorter side of the resized image"),
                   rule: str = _RULE, ray: Optional[str] = RAY, actors: int = ACTORS, ray_batch: int = RAY_BATCH,
                   cpus_per_actor: float = CPUS, gpus_per_actor: float = GPUS,
-                  logits: Optional[str] = _logits_option(), blur: bool = _BLUR, device: str = _DEVICE):
+                  logits: Optional[str] = _logits_option(), blur: bool = _BLUR, device: str = _DEVICE,
+                  masks: int = MASKS, mask_cells: int = MASK_CELLS, mask_p: float = MASK_P, seed: int = _SEED,
+                  mask_batch: int = MASK_BATCH):
     """Pointing game (all and difficult subsets, with the center baseline)."""
     _eval("pointing", data, fmt, model, methods, layer, mapping, out_dir, tolerance, size, rule, ray, actors,
-          ray_batch, cpus_per_actor, gpus_per_actor, logits, blur, device)
+          ray_batch, cpus_per_actor, gpus_per_actor, logits, blur, device,
+          _rise(masks, mask_cells, mask_p, seed, mask_batch), seed)
 
 @eval_app.command("localization")
 @friendly
@@ -128,10 +138,13 @@ def eval_localization(data: Path = _DATA, fmt: str = _FMT, model: str = _MODEL, 
                       size: int = typer.Option(224, help="square input size"), rule: str = _RULE,
                       ray: Optional[str] = RAY, actors: int = ACTORS, ray_batch: int = RAY_BATCH,
                       cpus_per_actor: float = CPUS, gpus_per_actor: float = GPUS,
-                      logits: Optional[str] = _logits_option(), blur: bool = _BLUR, device: str = _DEVICE):
+                      logits: Optional[str] = _logits_option(), blur: bool = _BLUR, device: str = _DEVICE,
+                      masks: int = MASKS, mask_cells: int = MASK_CELLS, mask_p: float = MASK_P, seed: int = _SEED,
+                      mask_batch: int = MASK_BATCH):
     """Dominant-object localization (alpha * mean threshold, alpha chosen on a held-out split)."""
     _eval("localization", data, fmt, model, methods, layer, mapping, out_dir, 15, size, rule, ray, actors,
-          ray_batch, cpus_per_actor, gpus_per_actor, logits, blur, device)
+          ray_batch, cpus_per_actor, gpus_per_actor, logits, blur, device,
+          _rise(masks, mask_cells, mask_p, seed, mask_batch), seed)
 
 
 
@@ -164,10 +177,12 @@ def eval_faithfulness(data: Path = typer.Option(..., "--data", help="VOC folder,
                                                   help="resize to size x size (the localization's input and map cache) "
                                                        "instead of the shorter side (the pointing game's)"),
                       limit: Optional[int] = typer.Option(None, help="evaluate only the first N images"),
-                      seed: int = typer.Option(0, help="seed of the random map, the tie order and the bootstrap"),
+                      seed: int = typer.Option(0, help="seed of the random map, the tie order, the bootstrap and "
+                                                       "RISE's masks"),
                       bootstrap: int = typer.Option(2000, help="bootstrap resamples"),
                       rule: str = _RULE, logits: Optional[str] = _logits_option(), blur: bool = _BLUR,
-                      device: str = _DEVICE):
+                      device: str = _DEVICE, masks: int = MASKS, mask_cells: int = MASK_CELLS,
+                      mask_p: float = MASK_P, mask_batch: int = MASK_BATCH):
     """Deletion and insertion (RISE), or ROAD's MoRF and LeRF: the target's probability as the
     most salient pixels go, areas with bootstrap intervals and paired tests."""
     from onnx_excite.apps.eval.faithfulness import run_faithfulness
@@ -188,7 +203,8 @@ def eval_faithfulness(data: Path = typer.Option(..., "--data", help="VOC folder,
         res = run_faithfulness(str(data), fmt, model, [m.strip() for m in methods.split(",") if m.strip()],
                                layer or None, mapping, str(out_dir), size, resize="square" if square else "shorter",
                                target=target, perturbation=pert, rule=rule, logits=logits, blur=blur, device=device,
-                               seed=seed, n_boot=bootstrap, limit=limit, on_progress=on_progress)
+                               seed=seed, n_boot=bootstrap, limit=limit, on_progress=on_progress,
+                               rise=_rise(masks, mask_cells, mask_p, seed, mask_batch))
     finally:
         if bar:
             bar["p"].stop()

@@ -60,7 +60,9 @@ never for the method.
       map = R[class token, patch tokens] on the patch grid (class-agnostic: the signal is ignored)
 
 The float64 reference of every method is ``tests/method_ref.py``; how the companion-graph
-builder consumes these declarations is in docs/methods.md.
+builder consumes these declarations is in docs/methods.md. ``BLACK_BOX`` lists the methods that
+need no companion graph (RISE, :mod:`onnx_excite.apps.rise`), ``BASELINES`` the maps that need
+no model (eval's center baseline).
 """
 from __future__ import annotations
 
@@ -266,7 +268,8 @@ def get_method(name: str) -> Method:
 
 
 def method_table(rule: str = "positive") -> list:
-    """One dict of display strings per method (for `onnx-excite methods`)."""
+    """One dict of display strings per method (for `onnx-excite methods`): the graph methods,
+    then the black-box ones (``kind``)."""
     if rule not in RULE_PARTS:
         raise ExciteError(f"unknown rule {rule!r}; choose from {', '.join(RULE_PARTS)}")
     rows = []
@@ -279,7 +282,11 @@ def method_table(rule: str = "positive") -> list:
             final, parts, relu, top = "class-token row", dict.fromkeys(("linear", "pool", "add"), "-"), "-", "-"
         rows.append({"method": m.name, "dual": m.dual, "map": final, "blur": "yes" if m.blur else "no",
                      **parts, "relu": relu, "top": top, "mass": m.mass, "layers": m.layers,
-                     "description": m.description})
+                     "kind": "graph", "description": m.description})
+    for b in BLACK_BOX.values():
+        rows.append({"method": b.name, "dual": "-", "map": b.map, "blur": "yes" if b.blur else "no",
+                     "linear": "-", "pool": "-", "add": "-", "relu": "-", "top": "softmax probability", "mass": "-",
+                     "layers": "model input", "kind": "black box", "description": b.description})
     return rows
 
 
@@ -297,7 +304,49 @@ BASELINES: dict = {b.name: b for b in (
 )}
 
 
+@dataclass(frozen=True)
+class BlackBox:
+    """A method that needs no companion graph: it runs the plain forward model on perturbed
+    copies of the input (RISE: :mod:`onnx_excite.apps.rise`). Its map is at the resolution of
+    the model input; ``explain`` and ``eval`` run it beside the methods of ``METHODS``."""
+
+    name: str
+    description: str
+    display: str = ""
+    map: str = ""           # how the map is formed, for `onnx-excite methods`
+    blur: bool = False      # no Gaussian blur: the map is smooth already
+
+    @property
+    def label(self) -> str:
+        return self.display or self.name
+
+
+#: black-box methods (no companion graph)
+BLACK_BOX: dict = {b.name: b for b in (
+    BlackBox("rise", "RISE (Petsiuk et al. 2018): random smooth masks weighted by the target's softmax probability "
+                     "(black box: masked forwards, no companion graph)",
+             display="RISE", map="sum p(x*M) M / (N p)"),
+)}
+
+
+def is_black_box(name: str) -> bool:
+    return name in BLACK_BOX
+
+
+def get_any_method(name: str):
+    """The registered method or black-box method ``name`` (``label`` and ``blur`` are common
+    to both); ExciteError naming the choices otherwise."""
+    if name in BLACK_BOX:
+        return BLACK_BOX[name]
+    if name in METHODS:
+        return METHODS[name]
+    known = list(METHODS) + list(BLACK_BOX)
+    close = difflib.get_close_matches(str(name), known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ExciteError(f"unknown method {name!r}{hint}; choose from {', '.join(known)}")
+
+
 def method_help(baselines: bool = False) -> str:
-    """The method names a command accepts, for help texts."""
-    names = list(METHODS) + (list(BASELINES) if baselines else [])
+    """The method names a command accepts, for help texts (black-box methods included)."""
+    names = list(METHODS) + list(BLACK_BOX) + (list(BASELINES) if baselines else [])
     return ", ".join(names)

@@ -16,6 +16,7 @@ from onnx_excite import ExciteError
 from onnx_excite.apps.distributed import ExplainActor, RaySettings, explain_on_ray, list_inputs
 from onnx_excite.apps.eval import run_evaluation
 from onnx_excite.apps.explain import ExplainOptions, explain_files, sample_images
+from onnx_excite.apps.rise import RiseSettings
 
 import ray  # noqa: E402  (the `test` extra installs it)
 
@@ -103,13 +104,14 @@ def test_explain_on_ray_equals_one_process_and_resumes(local_ray, model_path, ph
 
 
 def test_explain_on_ray_batched_maps_match(local_ray, model_path, photos, tmp_path):
-    """Several images per model run: the maps agree with one process to 1e-6."""
-    opts = dict(model=model_path, layers=["feat"], methods=("cmwp",), top=1, batch_size=4)
+    """Several images per model run: the maps agree with one process to 1e-6 (RISE's too)."""
+    opts = dict(model=model_path, layers=["feat"], methods=("cmwp", "rise"), top=1, batch_size=4, masks=16)
     explain_files([photos], ExplainOptions(out_dir=tmp_path / "one", **opts))
     explain_on_ray([str(photos / "*.jpg")], ExplainOptions(out_dir=tmp_path / "ray", **opts),
                    RaySettings(actors=1, batch_size=4))
     names = sorted(p.name for p in (tmp_path / "one").glob("*.npy"))
     assert names and names == sorted(p.name for p in (tmp_path / "ray").glob("*.npy"))
+    assert len([n for n in names if ".rise.x." in n]) == 2 * 3
     for n in names:
         np.testing.assert_allclose(np.load(tmp_path / "ray" / n), np.load(tmp_path / "one" / n), rtol=1e-6, atol=1e-7)
 
@@ -192,7 +194,8 @@ def _comparable(folder: Path) -> dict:
 @pytest.mark.parametrize("protocol", ["pointing", "localization"])
 def test_eval_on_ray_equals_one_process(local_ray, model_path, voc, tmp_path, protocol):
     root, mapping = voc
-    kw = dict(methods=["cmwp", "mwp", "center"], layers=["feat"], mapping=str(mapping), held_out=0.34)
+    kw = dict(methods=["cmwp", "mwp", "rise", "center"], layers=["feat"], mapping=str(mapping), held_out=0.34,
+              rise=RiseSettings(masks=16, cells=3))
     one = run_evaluation(protocol, root, "voc", model_path, out_dir=tmp_path / "one", **kw)
     on_ray = run_evaluation(protocol, root, "voc", model_path, out_dir=tmp_path / "ray", ray=SETTINGS, **kw)
     assert on_ray.counts["maps_computed"] == 3 and on_ray.counts["images_failed"] == one.counts["images_failed"] == 1

@@ -84,6 +84,9 @@ def run_explain_bench(inputs, opts, workers: Sequence[int] = (1,), rounds: int =
     at_least(rounds, 1, "--rounds")
     for w in workers:
         at_least(w, 1, "--workers")
+    if opts.graph_methods != tuple(opts.methods):
+        raise ExciteError("bench-explain times the companion graph: black-box methods (rise) have none; "
+                          "time `explain -m rise` itself")
     setup = explain_setup(opts)
     files = expand_inputs(inputs)
     arrays = []

@@ -302,7 +302,7 @@ class ExplainActor:
         setup, opts, input_paths = ray.get(shipped[0])
         self.setup, self.opts = setup, opts
         self.run = _Run(setup.model, setup.layers, opts, setup.class_names, input_paths, setup.style, _NoStore(),
-                        setup.settings, threads=threads)
+                        setup.settings, threads=threads, layout=setup.layout)
 
     def __call__(self, batch: dict) -> dict:
         from PIL import Image

@@ -43,6 +43,27 @@ class ExplainOptions:
     blur: bool = True          # the paper's Gaussian blur of the image-space maps of methods declared with it
     device: str = "auto"       # cpu | cuda | auto (see onnx_excite.run.devices)
     workers: int | None = None  # threads decoding images ahead and writing outputs behind (None: default_workers(); 1: none)
+    # RISE (method "rise", onnx_excite.apps.rise): its masks and the batch of masked inputs per forward
+    masks: int = 1000
+    mask_cells: int = 7
+    mask_p: float = 0.5
+    seed: int = 0
+    mask_batch: int = 32
+
+    @property
+    def graph_methods(self) -> tuple:
+        """The methods run in the companion graph (the others are black-box methods)."""
+        from ..methods import is_black_box
+
+        return tuple(m for m in self.methods if not is_black_box(m))
+
+    @property
+    def rise(self):
+        """The :class:`~onnx_excite.apps.rise.RiseSettings` of the options."""
+        from .rise import RiseSettings
+
+        return RiseSettings(masks=self.masks, cells=self.mask_cells, p=self.mask_p, seed=self.seed,
+                            batch_size=self.mask_batch)
 
 
 @dataclass
@@ -159,7 +180,8 @@ def parse_targets(targets: Sequence[str], class_names: list[str] | None, k: int)
 
 def _settings(opts: ExplainOptions, layers, resize: str, size, mean, std) -> dict:
     """What a record depends on: a re-run with the same settings skips finished images."""
-    return {"model": str(opts.model), "layers": list(layers), "methods": list(opts.methods), "rule": opts.rule,
+    rise = {"rise": opts.rise.tag} if "rise" in opts.methods else {}
+    return {**rise, "model": str(opts.model), "layers": list(layers), "methods": list(opts.methods), "rule": opts.rule,
             "targets": [str(t) for t in opts.targets] or None, "top": None if opts.targets else opts.top,
             "combine": bool(opts.combine), "resize": resize, "size": list(size) if isinstance(size, tuple) else size,
             "mean": list(mean), "std": list(std), "scale": opts.scale, "alpha": float(opts.alpha), "cmap": opts.cmap,
@@ -198,12 +220,14 @@ def _validate(opts: ExplainOptions):
         at_least(opts.size, 1, "--size")
     if opts.scale not in SCALES:
         raise ExciteError(f"--scale must be one of {', '.join(SCALES)}, not {opts.scale!r}")
-    from ..methods import METHODS, get_method
+    from ..methods import get_any_method, method_help
 
     if not opts.methods:
-        raise ExciteError(f"no method given; choose from {', '.join(METHODS)}")
+        raise ExciteError(f"no method given; choose from {method_help()}")
     for m in opts.methods:
-        get_method(m)
+        get_any_method(m)
+    if "rise" in opts.methods:
+        opts.rise   # noqa: B018  (checks the RISE options)
     return Style(cmap=opts.cmap, alpha=opts.alpha, colorbar=opts.colorbar, full_res=opts.full_res)
 
 
@@ -270,16 +294,20 @@ def explain_setup(opts: ExplainOptions, warn=None) -> ExplainSetup:
     else:
         # maps must cover the whole image: no crop; the shorter side at 224 (any aspect ratio)
         resize, size = ("shorter", int(opts.size or 224)) if profile.resize == "shorter" else ("square", int(opts.size or profile.input_size))
-    own = None if opts.layers else resolved.method_layer(opts.methods)   # cam's, rollout's own layer
+    own = None if opts.layers else resolved.method_layer(opts.graph_methods)   # cam's, rollout's own layer
     layers = opts.layers or ([own] if own else list(profile.default_layers))
     notes = []
+    if opts.layers and not opts.graph_methods:
+        warn(f"--layer does not apply to {', '.join(opts.methods)}: the maps are at the model input")
     if own:
-        notes.append(f"no --layer given: maps at {own!r}, the one layer {', '.join(opts.methods)} "
-                     f"{'is' if len(opts.methods) == 1 else 'are'} defined at")
-    elif not opts.layers and layers and resolved.layers_chosen_by_graph:
+        notes.append(f"no --layer given: maps at {own!r}, the one layer {', '.join(opts.graph_methods)} "
+                     f"{'is' if len(opts.graph_methods) == 1 else 'are'} defined at")
+    elif not opts.layers and layers and resolved.layers_chosen_by_graph and opts.graph_methods:
         notes.append(f"no --layer given: maps at {layers[0]!r}, the layer the graph suggests (the last feature "
                      f"map before the head; `onnx-excite layers MODEL` marks it)")
-    if not layers:
+    if not opts.graph_methods:
+        layers = []   # black-box methods only: their maps are at the model input
+    elif not layers:
         raise ExciteError("no layer given and the model has no profile default: pass --layer (see `onnx-excite layers MODEL`)")
     channels = len(profile.mean)
     if declared.integer:
@@ -306,9 +334,10 @@ def explain_setup(opts: ExplainOptions, warn=None) -> ExplainSetup:
 
 def warn_if_large(n_files: int, setup: ExplainSetup, opts: ExplainOptions, warn) -> None:
     """Warn before a job that writes very many files."""
-    maps_total = n_files * setup.per_image * len(opts.methods) * len(setup.layers)
+    maps_total = n_files * setup.per_image * (len(opts.graph_methods) * len(setup.layers) + len(opts.methods)
+                                              - len(opts.graph_methods))
     if warn is not None and (setup.per_image > 10 or maps_total > 2000):
-        warn(f"{n_files} image(s) x {setup.per_image} classes x {len(opts.methods)} method(s) x {len(setup.layers)} "
+        warn(f"{n_files} image(s) x {setup.per_image} classes x {len(opts.methods)} method(s) x {max(1, len(setup.layers))} "
              f"layer(s): {maps_total} maps, each with its .npy files and overlay, plus {n_files * setup.per_image} panels")
 
 
@@ -355,11 +384,13 @@ def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, er
         return (img, *setup.preprocess(img))
 
     pending: list = []
-    with FolderLock(out_dir), _progress(console, len(files) * per_image, per_image) as advance, \
+    black_box = len(opts.graph_methods) < len(opts.methods)
+    with FolderLock(out_dir), _progress(console, len(files) * per_image, per_image, black_box) as advance, \
             _Writes(workers, 2 * workers) as writes, _Ahead(decode, 1 if workers > 1 else 0, opts.batch_size) as ahead:
         run = _Run(setup.model, setup.layers, opts, setup.class_names, {p.resolve() for p in files}, setup.style, store,
-                   settings, on_record, writes=writes)
+                   settings, on_record, writes=writes, layout=setup.layout)
         run.summary.input_size = setup.input_size
+        run.on_masks = advance.masks
         run.summary.notes = list(setup.notes)
         seen: set = set()
 
@@ -495,21 +526,36 @@ class _Ahead:
 
 
 class _progress:
-    """A rich progress bar (one step per image and class) for more than a few steps; a no-op otherwise."""
+    """A rich progress bar (one step per image and class) for more than a few steps, or with a
+    black-box method (then also a bar of its masked forwards of the current image); a no-op
+    otherwise. Entered, it gives ``advance(n=1)``; ``advance.masks(done, total)`` moves the
+    forwards' bar."""
 
-    def __init__(self, console, total: int, per_image: int = 1):
-        self.bar = None
-        if console is not None and total > 3:
+    def __init__(self, console, total: int, per_image: int = 1, masks: bool = False):
+        self.bar = self.masks_task = None
+        if console is not None and (total > 3 or masks):
             from rich.progress import Progress
 
             self.bar = Progress(console=console, transient=True)
             self.task = self.bar.add_task("explaining" if per_image == 1 else f"explaining ({per_image} classes per image)",
                                           total=total)
+            if masks:
+                self.masks_task = self.bar.add_task("RISE masks of this image", total=1)
 
     def __enter__(self):
         if self.bar is not None:
             self.bar.__enter__()
-        return lambda n=1: self.bar.advance(self.task, n) if self.bar is not None else None
+
+        def advance(n=1):
+            if self.bar is not None:
+                self.bar.advance(self.task, n)
+
+        def masks(done, total):
+            if self.masks_task is not None:
+                self.bar.update(self.masks_task, completed=done, total=total)
+
+        advance.masks = masks
+        return advance
 
     def __exit__(self, *exc):
         if self.bar is not None:
@@ -520,14 +566,22 @@ class _Run:
     """One explain job: an Exciter per input size, outputs per image, target and method."""
 
     def __init__(self, model, layers, opts: ExplainOptions, class_names, input_paths, style, store, settings,
-                 on_record=None, threads=None, writes=None):
-        self.model, self.layers, self.opts, self.threads = model, layers, opts, threads
+                 on_record=None, threads=None, writes=None, layout: str = "NCHW"):
+        self.model, self.layers, self.opts, self.threads, self.layout = model, layers, opts, threads, layout
         self.writes = writes if writes is not None else _Writes(1, 1)   # a _Writes: where the files are written
         self.class_names, self.input_paths = class_names, input_paths
         self.style, self.store, self.settings, self.on_record = style, store, settings, on_record
         self.summary = ExplainSummary()
         self.exciters: dict = {}
+        self.forward = None        # the plain forward model of the black-box methods (one session, any size)
+        self.on_masks = None       # on_masks(done, total): the masked forwards of the current image
         self.failures: list[str] = []
+        from ..graph.canonicalize import first_input_name
+        from ..methods import is_black_box
+
+        self.input_name = first_input_name(model)   # the "layer" of a black-box map: the model input
+        #: (method, layer) of every map of a target, in output order
+        self.pairs = [(m, l) for m in opts.methods for l in ([self.input_name] if is_black_box(m) else layers)]
         recorded = getattr(store, "records", {})   # the Ray workers keep no store
         self.stems = output_stems(list(input_paths) + [Path(r["image"]) for r in recorded.values()])
 
@@ -540,7 +594,7 @@ class _Run:
             from ..graph.canonicalize import first_input_name
             from ..run.runtime import Exciter
 
-            self.exciters[shape] = Exciter(self.model, self.layers, methods=self.opts.methods, rule=self.opts.rule,
+            self.exciters[shape] = Exciter(self.model, self.layers, methods=self.opts.graph_methods, rule=self.opts.rule,
                                            logits=self.opts.logits,
                                            input_shapes={first_input_name(self.model): [None, *shape]},
                                            device=self.opts.device, threads=self.threads,
@@ -548,6 +602,18 @@ class _Run:
             self.summary.logits_choice = self.exciters[shape].built.logits_choice
             self.summary.providers = self.exciters[shape].providers
         return self.exciters[shape]
+
+    def forward_model(self):
+        if self.forward is None:
+            from .eval.perturb import ForwardModel
+
+            self.forward = ForwardModel(self.model, self.opts.logits, self.layout, self.opts.device, self.threads)
+            self.summary.providers = list(self.forward.session.get_providers())
+        return self.forward
+
+    def _nchw(self, x: np.ndarray) -> np.ndarray:
+        """The batch in (N, C, H, W) order (the forward model's view of the model's layout)."""
+        return x if self.layout == "NCHW" else x.transpose(0, 3, 1, 2)
 
     def target_sets(self, logits: np.ndarray) -> list[list[tuple]]:
         """Per sample, the list of class sets to explain (one map each)."""
@@ -560,6 +626,25 @@ class _Run:
             raise ExciteError(f"--top {self.opts.top}: the model has only {k} classes")
         return [[(int(t),) for t in np.argsort(-row)[: self.opts.top]] for row in logits]
 
+    def _black_box_maps(self, method: str, forward, x: np.ndarray, sets) -> list:
+        """Per class set j, the (N, H, W) maps of a black-box method (RISE: every class set of an
+        image from the same masked forwards)."""
+        from .rise import rise_saliency
+
+        assert method == "rise", method
+        per_image = [rise_saliency(forward, xi, sets[i], self.opts.rise, on_progress=self.on_masks)
+                     for i, xi in enumerate(self._nchw(x))]
+        return [np.stack([m[j] for m in per_image]) for j in range(len(sets[0]))]
+
+    def caption(self, method: str, layer: str) -> str:
+        """What an overlay says of its map: the method and layer (and rule), or RISE's masks."""
+        from ..methods import get_any_method, is_black_box
+
+        if is_black_box(method):
+            r = self.opts.rise
+            return f"{get_any_method(method).label} · {r.masks} masks, {r.cells}x{r.cells} cells"
+        return f"{get_any_method(method).label} · {layer} · {self.opts.rule} rule"
+
     def label(self, classes: tuple) -> str:
         names = [self.class_names[c].split(",")[0] if self.class_names else str(c) for c in classes]
         return " + ".join(names)
@@ -568,33 +653,47 @@ class _Run:
         """Explain one batch and store each image's record; a batch ONNX Runtime rejects is
         counted as failed (the run goes on); a file that cannot be written stops the run."""
         x = np.stack([arr for _, _, arr, _ in items])
-        ex = self.exciter(x.shape[1:])   # a model or settings error (-l, --logits) stops the run: one line
+        graph = self.opts.graph_methods
+        black_box = [m for m in self.opts.methods if m not in graph]
+        # a model or settings error (-l, --logits) stops the run: one line
+        ex = self.exciter(x.shape[1:]) if graph else None
+        forward = self.forward_model() if black_box else None
         try:
             # one run gives the logits and the first maps: the top-1 class chosen inside the graph,
             # or the first of the classes given (they do not depend on the logits)
-            first, k = None, ex.built.num_classes
-            if ex.top1:
+            first = None
+            if ex is not None and ex.top1:
                 first = ex.explain(x, None)
-            elif self.opts.targets and k is not None:
+            elif ex is not None and self.opts.targets and ex.built.num_classes is not None:
+                k = ex.built.num_classes
                 given = self.target_sets(np.zeros((len(items), k), np.float32))
                 signal = np.zeros((len(items), k), np.float32)
                 for i in range(len(items)):
                     signal[i, list(given[i][0])] = 1.0
                 first = ex.explain(x, signal)
-            logits = class_scores(ex.logits(x) if first is None else first.logits)
+            if ex is None:
+                logits = class_scores(forward(self._nchw(x)))
+            else:
+                logits = class_scores(ex.logits(x) if first is None else first.logits)
             if not np.isfinite(logits).all():
                 raise ExciteError("the model's outputs are NaN or infinite for this input")
             sets = self.target_sets(logits)
-            if ex.top1 and any(sets[i][0] != (int(c),) for i, c in enumerate(first.signal.argmax(axis=1))):
+            if first is not None and ex.top1 and any(sets[i][0] != (int(c),) for i, c in enumerate(first.signal.argmax(axis=1))):
                 first = None   # a tie the graph broke otherwise: explain the class chosen here
             probs = _softmax(logits)
             records = [self._record(path, logits[i]) for i, (path, _, _, _) in enumerate(items)]
-            results = [] if first is None else [first]
-            for j in range(len(results), len(sets[0])):
+            explained = [] if first is None else [first]
+            for j in range(len(explained), len(sets[0]) if ex is not None else 0):
                 signal = np.zeros_like(logits, dtype=np.float32)
                 for i in range(len(items)):
                     signal[i, list(sets[i][j])] = 1.0
-                results.append(ex.explain(x, signal))
+                explained.append(ex.explain(x, signal))
+            # results[j][(method, layer)]: the (N, h, w) maps of every image's j-th class set
+            results = [{(m, l): e.maps[m][l] for m in graph for l in self.layers} for e in explained] \
+                or [{} for _ in sets[0]]
+            for method in black_box:
+                for j, maps in enumerate(self._black_box_maps(method, forward, x, sets)):
+                    results[j][method, self.input_name] = maps
         except ExciteError as exc:
             if isinstance(exc, ModelShapeError) or (self.opts.targets and "class" in str(exc)):
                 raise          # a bad --target fails the same way for every image
@@ -633,7 +732,7 @@ class _Run:
         progress steps). Touches nothing shared: it may run on a writer thread."""
         from ..io.half import to_float16
         from ..render import maps
-        from ..methods import get_method
+        from ..methods import get_any_method, is_black_box
         from ..render.postprocess import blur_sigma, gaussian_blur
         from ..render.overlay import display_size, labelled_overlay, map_max, panel_grid, save_png
 
@@ -642,12 +741,11 @@ class _Run:
         store_info = dataclasses.replace(prepared, original_size=store_size) if store_size != img.size else prepared
         images, files = {}, 0
         for j in range(len(sets)):
-            for method in self.opts.methods:
-                for layer in self.layers:
-                    up = maps.to_image_space(results[j].maps[method][layer][i], store_info)
-                    if self.opts.blur and get_method(method).blur:  # the paper's blur, sigma = 0.02 max(W, H)
-                        up = gaussian_blur(up, blur_sigma(up.shape[1], up.shape[0])).astype(np.float32)
-                    images[j, method, layer] = np.maximum(up, 0)
+            for method, layer in self.pairs:
+                up = maps.to_image_space(results[j][method, layer][i], store_info)
+                if self.opts.blur and get_any_method(method).blur:  # the paper's blur, sigma = 0.02 max(W, H)
+                    up = gaussian_blur(up, blur_sigma(up.shape[1], up.shape[0])).astype(np.float32)
+                images[j, method, layer] = np.maximum(up, 0)
         vmax = {}
         for key, up in images.items():
             group = (key[1], key[2]) if self.opts.scale == "shared" else key
@@ -659,26 +757,26 @@ class _Run:
             prob = float(sum(probs[c] for c in classes))
             head = f"{self.label(classes)}  p={prob:.2f}"
             tiles = []
-            for method in self.opts.methods:
-                for layer in self.layers:
-                    m = results[j].maps[method][layer][i]
-                    up = images[j, method, layer]
-                    v = vmax[(method, layer) if self.opts.scale == "shared" else (j, method, layer)]
-                    stem = f"{self.stem(path)}.{tag}.{method}.{safe_name(layer)}"
-                    written = {"map": self.opts.out_dir / f"{stem}.npy",
-                               "map_image": self.opts.out_dir / f"{stem}.image.npy",
-                               "overlay": self.opts.out_dir / f"{stem}.png"}
-                    self._check_not_input(written.values())
-                    caption = [head, f"{get_method(method).label} · {layer} · {self.opts.rule} rule"]
-                    np.save(written["map"], m)
-                    np.save(written["map_image"], to_float16(up))
-                    save_png(labelled_overlay(img, up, caption, self.style, v, bar_label), written["overlay"])
-                    files += len(written)
-                    tiles.append(([f"{get_method(method).label} · {layer}"], up, v))
-                    all_tiles.append(([head, f"{get_method(method).label} · {layer}"], up, v))
-                    record["outputs"].append({"targets": list(classes), "label": self.label(classes),
-                                              "prob": prob, "method": method, "layer": layer, "vmax": v,
-                                              **{k: str(p) for k, p in written.items()}})
+            for method, layer in self.pairs:
+                m = results[j][method, layer][i]
+                up = images[j, method, layer]
+                v = vmax[(method, layer) if self.opts.scale == "shared" else (j, method, layer)]
+                stem = f"{self.stem(path)}.{tag}.{method}.{safe_name(layer)}"
+                written = {"map": self.opts.out_dir / f"{stem}.npy",
+                           "map_image": self.opts.out_dir / f"{stem}.image.npy",
+                           "overlay": self.opts.out_dir / f"{stem}.png"}
+                self._check_not_input(written.values())
+                caption = [head, self.caption(method, layer)]
+                np.save(written["map"], m)
+                np.save(written["map_image"], to_float16(up))
+                bar = bar_label.replace("excitation", "saliency") if is_black_box(method) else bar_label
+                save_png(labelled_overlay(img, up, caption, self.style, v, bar), written["overlay"])
+                files += len(written)
+                tiles.append(([f"{get_any_method(method).label} · {layer}"], up, v))
+                all_tiles.append(([head, f"{get_any_method(method).label} · {layer}"], up, v))
+                record["outputs"].append({"targets": list(classes), "label": self.label(classes),
+                                          "prob": prob, "method": method, "layer": layer, "vmax": v,
+                                          **{k: str(p) for k, p in written.items()}})
             panel_path = self.opts.out_dir / f"{self.stem(path)}.{tag}.panel.png"
             self._check_not_input([panel_path])
             title = [f"{path.name}: {head}  ({self.opts.rule} rule)"]
@@ -692,7 +790,7 @@ class _Run:
             title = [f"{path.name}: {len(sets)} classes, "
                      + ("one colour scale per method and layer" if self.opts.scale == "shared" else "each map by its own maximum")
                      + f"  ({self.opts.rule} rule)"]
-            per_row = len(self.opts.methods) * len(self.layers)
+            per_row = len(self.pairs)
             save_png(panel_grid(img, all_tiles, self.style, title, columns=per_row, bar_label=bar_label,
                                 show_image=False), top_path)
             files += 1

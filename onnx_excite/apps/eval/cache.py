@@ -5,7 +5,8 @@ name in its dataset, so two images never share an entry.
 
 One file per image holds, for every class evaluated so far, the model output indices the
 class maps to (``idx|<class>``) and one map per method and layer (``<method>|<layer>|<class>``),
-plus ``meta``: the model's SHA-256, rule and preprocessing. A file whose ``meta`` differs, or
+plus ``meta``: the model's SHA-256, rule and preprocessing. A black-box map (RISE) is stored
+as ``rise|<settings tag>|<class>`` (:func:`rise_key`: the masks, cells, p and seed). A file whose ``meta`` differs, or
 that cannot be read, counts as absent; a class whose indices changed is recomputed. Re-runs
 with another tolerance, more classes or an interrupted run reuse what is there.
 """
@@ -70,5 +71,19 @@ def missing_classes(stored: dict, classes: Sequence[str], indices: dict, methods
         if idx is None or tuple(int(v) for v in idx) != tuple(indices[c]):
             return False
         return all(f"{m}|{l}|{c}" in stored for m in methods for l in layers)
+
+    return [c for c in classes if not fresh(c)]
+
+
+def rise_key(settings, cls: str) -> str:
+    """The entry of one class's RISE map for :class:`~onnx_excite.apps.rise.RiseSettings` ``settings``."""
+    return f"rise|{settings.tag}|{cls}"
+
+
+def missing_rise(stored: dict, classes: Sequence[str], indices: dict, settings) -> list[str]:
+    """The classes of ``classes`` without a RISE map of these settings and indices in ``stored``."""
+    def fresh(c):
+        idx: Optional[np.ndarray] = stored.get(f"idx|{c}")
+        return idx is not None and tuple(int(v) for v in idx) == tuple(indices[c]) and rise_key(settings, c) in stored
 
     return [c for c in classes if not fresh(c)]

@@ -3,7 +3,8 @@
 :class:`ModelSpec` is plain data (the resolved model, layers, preprocessing, the cache key),
 built once by :func:`model_spec`; :class:`MapComputer` holds one
 :class:`~onnx_excite.Exciter` per input shape (the companion graphs have static shapes),
-least recently used dropped beyond :data:`MAX_EXCITERS`.
+least recently used dropped beyond :data:`MAX_EXCITERS`, and, for RISE, one session of the plain
+forward model (:func:`rise_entries`).
 """
 from __future__ import annotations
 
@@ -140,6 +141,7 @@ class MapComputer:
         self.spec, self.threads = spec, threads
         self.exciters: collections.OrderedDict = collections.OrderedDict()
         self.logits_choice = None
+        self.forward = None     # the plain forward model (RISE), built on first use
 
     def logits_record(self) -> Optional[dict]:
         """Which output was explained, and how it was chosen (None before an Exciter was built)."""
@@ -192,6 +194,38 @@ class MapComputer:
                     for l in self.spec.layers:
                         out[f"{m}|{l}|{c}"] = np.asarray(res.maps[m][l][i], np.float32)
         return out
+
+
+    def compute_rise(self, arr: np.ndarray, classes: Sequence[str], mapping, settings) -> dict:
+        """``{"idx|<class>": indices, rise_key(settings, class): map at the input resolution}``."""
+        if self.forward is None:
+            from .perturb import ForwardModel
+
+            self.forward = ForwardModel(self.spec.source, self.spec.logits, self.spec.layout, self.spec.device,
+                                        self.threads)
+        x = arr if self.spec.layout == "NCHW" else arr.transpose(2, 0, 1)
+        return rise_entries(self.forward, x, classes, mapping, settings)
+
+
+def rise_entries(forward, x: np.ndarray, classes: Sequence[str], mapping, settings) -> dict:
+    """RISE maps of every class of one (C, H, W) input, all from the same masked forwards
+    through ``forward`` (a :class:`~.perturb.ForwardModel`), as cache entries."""
+    from ..rise import rise_saliency
+    from .cache import rise_key
+
+    if not classes:
+        return {}
+    try:
+        maps = rise_saliency(forward, x, [mapping.indices[c] for c in classes], settings)
+    except ModelError:
+        raise
+    except ExciteError as exc:   # an index beyond the model's outputs: a mapping for another model
+        raise ModelError(f"{mapping.source}: {exc}") from None
+    out = {}
+    for c, m in zip(classes, maps):
+        out[f"idx|{c}"] = np.asarray(mapping.indices[c], np.int64)
+        out[rise_key(settings, c)] = m
+    return out
 
 
 def learn_num_classes(spec: ModelSpec, records) -> None:

@@ -11,7 +11,8 @@ LeRF area mean the map found what the model uses.
 Targets (``target``): ``label``: every annotated class of a VOC / COCO image that maps to the
 model's outputs (the mapping of the other protocols; a class of several outputs scores their
 summed probability); ``top1``: the model's own top class on the unperturbed image (the only
-choice for a plain folder). Besides the methods of :mod:`onnx_excite.methods`, ``center``
+choice for a plain folder). Besides the methods of :mod:`onnx_excite.methods` (the black-box
+``rise`` included: its masked forwards run through the same session as the curves), ``center``
 (a cone falling from the centre, as in the localization) and ``random`` (uniform noise,
 seeded per image) are scored. Ties in a map are broken by one seeded random order per image.
 
@@ -33,9 +34,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from ...errors import ExciteError
+from ...methods import BLACK_BOX, METHODS
+from ..rise import RiseSettings
 from . import metrics, stats
-from .cache import MapCache, missing_classes
-from .compute import MapComputer, ModelError, model_spec
+from .cache import MapCache, missing_classes, missing_rise, rise_key
+from .compute import MapComputer, ModelError, model_spec, rise_entries
 from .datasets import IMAGE_SUFFIXES, ImageRecord, _image_size, read_dataset
 from .mapping import ClassMapping, resolve_mapping
 from .perturb import CURVES, CurveJob, ForwardModel, Perturbation, removal_ranks, run_curves, step_counts
@@ -90,19 +93,21 @@ def _image_seed(seed: int, rec: ImageRecord) -> list:
 
 
 def map_for(method: str, layer: Optional[str], stored: dict, cls: str, height: int, width: int,
-            rng: np.random.Generator, blur: bool = True) -> np.ndarray:
+            rng: np.random.Generator, blur: bool = True, rise: Optional[RiseSettings] = None) -> np.ndarray:
     """The (height, width) saliency that orders the pixels of one (image, target) for ``method``."""
     if method == "center":
         return metrics.center_map(width, height)
     if method == "random":
         return rng.random((height, width))
+    if method == "rise":
+        return metrics.upsample(stored[rise_key(rise, cls)], width, height)
     return blurred(method, metrics.upsample(stored[f"{method}|{layer}|{cls}"], width, height), blur)
 
 
 def _labels(methods: Sequence[str], layers: Sequence[str]) -> list:
     out = []
     for m in methods:
-        if m in FAITH_BASELINES:
+        if m in FAITH_BASELINES or m in BLACK_BOX:
             out.append((m, m, None))
         else:
             out.extend((f"{m}:{l}", m, l) for l in layers)
@@ -110,9 +115,7 @@ def _labels(methods: Sequence[str], layers: Sequence[str]) -> list:
 
 
 def _check_methods(methods) -> list:
-    from ...methods import METHODS
-
-    known = list(METHODS) + list(FAITH_BASELINES)
+    known = list(METHODS) + list(BLACK_BOX) + list(FAITH_BASELINES)
     methods = list(dict.fromkeys(str(m).strip().lower() for m in methods if str(m).strip()))
     bad = [m for m in methods if m not in known]
     if bad or not methods:
@@ -131,17 +134,19 @@ def run_faithfulness(data=None, fmt: str = "auto", model: str = "default",
                      rule: str = "positive", logits: Optional[str] = None, blur: bool = True, device: str = "auto",
                      seed: int = 0, n_boot: int = 2000, split: Optional[str] = None, image_dir=None,
                      limit: Optional[int] = None, ids: Optional[Sequence[str]] = None, batch_size: int = 16,
-                     cache: bool = True, threads: Optional[int] = None,
+                     cache: bool = True, threads: Optional[int] = None, rise: Optional[RiseSettings] = None,
                      on_progress: Optional[Callable[[int, int], None]] = None,
                      on_error: Optional[Callable[[str, str], None]] = None) -> EvalResult:
     """Deletion / insertion (or ROAD MoRF / LeRF) areas of ``methods`` on a dataset; returns the
     :class:`EvalResult` (also written to ``out_dir``). See the module docstring; ``perturbation``
     holds the steps, substrates and the batch size of the perturbed inputs, ``batch_size`` that
-    of the map computation; ``n_boot`` bootstrap resamples (seeded by ``seed``)."""
+    of the map computation; ``n_boot`` bootstrap resamples (seeded by ``seed``); ``rise`` the
+    settings of the black-box ``"rise"`` (default: 1000 masks, 7 x 7 cells, p 0.5, seeded by ``seed``)."""
     t0 = time.perf_counter()
     pert = perturbation if perturbation is not None else Perturbation()
     methods = _check_methods(methods)
-    excite = [m for m in methods if m not in FAITH_BASELINES]
+    excite = [m for m in methods if m in METHODS]
+    rise = (rise if rise is not None else RiseSettings(seed=seed)) if "rise" in methods else None
     if fmt not in FORMATS:
         raise ExciteError(f"unknown dataset format {fmt!r}; use {', '.join(FORMATS)}")
     if target not in TARGETS:
@@ -198,7 +203,7 @@ def run_faithfulness(data=None, fmt: str = "auto", model: str = "default",
     else:
         cmap = ClassMapping(source="the model's top-1 class", num_classes=num_classes)
     labels = _labels(methods, spec.layers if excite else [])
-    map_cache = MapCache(out_dir / "cache", protocol_cache, spec.meta) if (cache and excite) else None
+    map_cache = MapCache(out_dir / "cache", protocol_cache, spec.meta) if (cache and (excite or rise)) else None
     computer = MapComputer(spec, threads) if excite else None
 
     items, skipped = [], []
@@ -208,7 +213,7 @@ def run_faithfulness(data=None, fmt: str = "auto", model: str = "default",
     loop_t0 = time.perf_counter()
     for done, rec in enumerate(records, 1):
         outcome = _evaluate(rec, spec, forward, computer, map_cache, cmap, target, labels, pert, seed, blur,
-                            batch_size, unmapped)
+                            batch_size, unmapped, rise)
         if outcome.get("skip"):
             skipped.append({"image": rec.id, "reason": outcome["skip"]})
             counts["images_failed"] += bool(outcome.get("failed"))
@@ -242,7 +247,8 @@ def run_faithfulness(data=None, fmt: str = "auto", model: str = "default",
                     "target": target, "perturbation": dataclasses.asdict(pert), "curves": list(pert.curves),
                     "perturbation_text": pert.describe(), "seed": seed, "bootstrap": n_boot, "blur": bool(blur),
                     "logits": computer.logits_record() if computer else None, "split": split, "limit": limit,
-                    "providers": list(forward.session.get_providers())}
+                    "providers": list(forward.session.get_providers()),
+                    **({"rise": rise.to_json()} if rise else {})}
     res.seconds = round(time.perf_counter() - t0, 3)
     from .run import write_results
 
@@ -251,7 +257,8 @@ def run_faithfulness(data=None, fmt: str = "auto", model: str = "default",
 
 
 def _evaluate(rec: ImageRecord, spec, forward: ForwardModel, computer, map_cache, cmap: ClassMapping, target: str,
-              labels: list, pert: Perturbation, seed: int, blur: bool, batch_size: int, unmapped) -> dict:
+              labels: list, pert: Perturbation, seed: int, blur: bool, batch_size: int, unmapped,
+              rise: Optional[RiseSettings] = None) -> dict:
     """The items of one image, or ``{"skip": reason}``."""
     if target == "label":
         present = rec.classes()
@@ -275,11 +282,15 @@ def _evaluate(rec: ImageRecord, spec, forward: ForwardModel, computer, map_cache
     out: dict = {"items": []}
     stored: dict = {}
     excite = [(m, l) for _, m, l in labels if l is not None]
-    if excite:
+    if excite or rise is not None:
         stored = map_cache.load(rec) if map_cache else {}
-        todo = missing_classes(stored, classes, cmap.indices, spec.methods, spec.layers)
-        if todo:
-            stored.update(computer.compute(arr, todo, cmap, batch_size))
+        todo = missing_classes(stored, classes, cmap.indices, spec.methods, spec.layers) if excite else []
+        rise_todo = missing_rise(stored, classes, cmap.indices, rise) if rise is not None else []
+        if todo or rise_todo:
+            if todo:
+                stored.update(computer.compute(arr, todo, cmap, batch_size))
+            if rise_todo:   # the masked forwards run through the session of the curves
+                stored.update(rise_entries(forward, x, rise_todo, cmap, rise))
             out["computed"] = True
             if map_cache is not None:
                 map_cache.save(rec, stored)
@@ -295,7 +306,7 @@ def _evaluate(rec: ImageRecord, spec, forward: ForwardModel, computer, map_cache
         idx = tuple(int(i) for i in cmap.indices[cls])
         jobs, keys = [], []
         for label, method, layer in labels:
-            ranks = removal_ranks(map_for(method, layer, stored, cls, h, w, noise, blur), tiebreak)
+            ranks = removal_ranks(map_for(method, layer, stored, cls, h, w, noise, blur, rise), tiebreak)
             for kind in pert.curves:
                 jobs.append(CurveJob(kind, ranks, counts, idx))
                 keys.append((label, kind))

@@ -21,7 +21,7 @@ is the target's probability: softmax of the logits, summed over the target's out
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -223,35 +223,48 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def run_curves(forward: Callable[[np.ndarray], np.ndarray], x: np.ndarray, jobs: Sequence[CurveJob],
-               settings: Perturbation, seed: int = 0) -> list:
-    """The probability curve (one value per step) of every job on the (C, H, W) image ``x``,
-    the steps of all jobs fed to ``forward`` (a (B, C, H, W) float32 batch -> (B, K) logits) in
-    batches of ``settings.batch_size``."""
-    cache: dict = {}
-    rng = np.random.default_rng(seed)
-    curves = [np.empty(len(j.counts)) for j in jobs]
-    pending: list = []        # (job index, step) of the inputs in ``batch``
+def forward_probabilities(forward: Callable[[np.ndarray], np.ndarray], items: Iterable[tuple],
+                          batch_size: int) -> Iterator[tuple]:
+    """Feed the ``(key, (C, H, W) input)`` pairs of ``items`` (read lazily) to ``forward`` (a
+    (B, C, H, W) float32 batch -> (B, K) logits) in batches of ``batch_size``; yield
+    ``(keys, probabilities)`` per batch: the batch's keys and the (B, K) float64 softmax."""
+    keys: list = []
     batch: list = []
 
     def flush():
         logits = np.asarray(forward(np.stack(batch).astype(np.float32, copy=False)))
         if logits.shape[0] != len(batch):
             raise ExciteError(f"the model returned {logits.shape[0]} rows for a batch of {len(batch)}")
-        p = softmax(logits.reshape(len(batch), -1))
-        for row, (j, s) in enumerate(pending):
-            curves[j][s] = p[row, list(jobs[j].target)].sum()
-        pending.clear()
-        batch.clear()
+        return list(keys), softmax(logits.reshape(len(batch), -1))
 
-    for j, job in enumerate(jobs):
-        for s, inp in enumerate(_step_inputs(x, job, settings, cache, rng)):
-            batch.append(inp)
-            pending.append((j, s))
-            if len(batch) == settings.batch_size:
-                flush()
+    for key, inp in items:
+        keys.append(key)
+        batch.append(inp)
+        if len(batch) == batch_size:
+            yield flush()
+            keys.clear()
+            batch.clear()
     if batch:
-        flush()
+        yield flush()
+
+
+def run_curves(forward: Callable[[np.ndarray], np.ndarray], x: np.ndarray, jobs: Sequence[CurveJob],
+               settings: Perturbation, seed: int = 0) -> list:
+    """The probability curve (one value per step) of every job on the (C, H, W) image ``x``,
+    the steps of all jobs fed to ``forward`` (a (B, C, H, W) float32 batch -> (B, K) logits) in
+    batches of ``settings.batch_size`` (:func:`forward_probabilities`)."""
+    cache: dict = {}
+    rng = np.random.default_rng(seed)
+    curves = [np.empty(len(j.counts)) for j in jobs]
+
+    def items():
+        for j, job in enumerate(jobs):
+            for s, inp in enumerate(_step_inputs(x, job, settings, cache, rng)):
+                yield (j, s), inp
+
+    for keys, p in forward_probabilities(forward, items(), settings.batch_size):
+        for row, (j, s) in enumerate(keys):
+            curves[j][s] = p[row, list(jobs[j].target)].sum()
     return curves
 
 
@@ -277,7 +290,7 @@ class ForwardModel:
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
             raise ModelError(f"the model has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); "
-                             "faithfulness needs a model with one image input")
+                             "faithfulness and RISE need a model with one image input")
         self.input, self.input_type, self.layout = inputs[0].name, inputs[0].type, layout
         self.output = self.forward.entry
         self.runs = 0          # inputs fed so far

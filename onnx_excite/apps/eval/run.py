@@ -20,7 +20,8 @@ import numpy as np
 
 from ...errors import ExciteError
 from . import metrics
-from .cache import MapCache, missing_classes
+from ..rise import RiseSettings
+from .cache import MapCache, missing_classes, missing_rise, rise_key
 from .compute import DEFAULT_MODEL_LAYER, MapComputer, ModelError, ModelSpec, learn_num_classes, model_spec
 from .datasets import ImageRecord, read_dataset
 from .mapping import ClassMapping, resolve_mapping
@@ -32,10 +33,10 @@ __all__ = ["run_evaluation", "load_results", "EvalPlan", "ImageOutcome", "evalua
            "PROTOCOLS", "METHODS", "DEFAULT_MODEL_LAYER"]
 
 PROTOCOLS = ("pointing", "localization")
-from ...methods import BASELINES, METHODS as _REGISTERED  # noqa: E402
+from ...methods import BASELINES, BLACK_BOX, METHODS as _REGISTERED  # noqa: E402
 
 EXCITE_METHODS = tuple(_REGISTERED)   # every registered attention method (onnx-excite methods)
-METHODS = EXCITE_METHODS + tuple(BASELINES)
+METHODS = EXCITE_METHODS + tuple(BLACK_BOX) + tuple(BASELINES)
 
 #: on_progress(images done, images in all)
 ProgressFn = Callable[[int, int], None]
@@ -44,10 +45,10 @@ ErrorFn = Callable[[str, str], None]
 
 
 def result_labels(methods: Sequence[str], layers: Sequence[str]) -> list[tuple]:
-    """(label, method, layer) per result row: ``cmwp:features.13``, ..., ``center``."""
+    """(label, method, layer) per result row: ``cmwp:features.13``, ..., ``rise``, ``center``."""
     out = []
     for m in methods:
-        if m in BASELINES:
+        if m in BASELINES or m in BLACK_BOX:
             out.append((m, m, None))
         else:
             out.extend((f"{m}:{l}", m, l) for l in layers)
@@ -60,9 +61,17 @@ class EvalPlan:
 
     scorer: object                   # PointingScorer or LocalizationScorer
     mapping: ClassMapping
-    spec: Optional[ModelSpec] = None  # None: no map method (center only)
+    spec: Optional[ModelSpec] = None  # None: no map method (center only); spec.methods: the graph methods
     cache: Optional[MapCache] = None
     batch_size: int = 16
+    rise: Optional[RiseSettings] = None   # RISE's settings when "rise" is evaluated
+
+    def missing(self, rec: ImageRecord, classes, stored: dict) -> tuple:
+        """(classes whose graph maps are missing, classes whose RISE maps are missing)."""
+        graph = (missing_classes(stored, classes, self.mapping.indices, self.spec.methods, self.spec.layers)
+                 if self.spec.methods else [])
+        rise = missing_rise(stored, classes, self.mapping.indices, self.rise) if self.rise is not None else []
+        return graph, rise
 
     def needs_input(self, rec: ImageRecord) -> bool:
         """Whether this image's maps must be computed (its pixels are needed)."""
@@ -72,7 +81,7 @@ class EvalPlan:
         if sel.skip:
             return False
         stored = self.cache.load(rec) if self.cache else {}
-        return bool(missing_classes(stored, sel.classes, self.mapping.indices, self.spec.methods, self.spec.layers))
+        return any(self.missing(rec, sel.classes, stored))
 
 
 @dataclass
@@ -101,8 +110,8 @@ def evaluate_image(rec: ImageRecord, plan: EvalPlan, computer: Optional[MapCompu
     if plan.spec is not None:
         spec = plan.spec
         stored = plan.cache.load(rec) if plan.cache else {}
-        todo = missing_classes(stored, sel.classes, plan.mapping.indices, spec.methods, spec.layers)
-        if todo:
+        todo, rise_todo = plan.missing(rec, sel.classes, stored)
+        if todo or rise_todo:
             try:
                 if arr is None:
                     arr = spec.input_array(rec.path)
@@ -111,14 +120,19 @@ def evaluate_image(rec: ImageRecord, plan: EvalPlan, computer: Optional[MapCompu
             except ExciteError as exc:
                 out.skipped, out.failed = str(exc), True
                 return out
-            stored.update(computer.compute(arr, todo, plan.mapping, plan.batch_size))
+            if todo:
+                stored.update(computer.compute(arr, todo, plan.mapping, plan.batch_size))
+                out.logits = computer.logits_record()
+            if rise_todo:
+                stored.update(computer.compute_rise(arr, rise_todo, plan.mapping, plan.rise))
             out.computed = True
-            out.logits = computer.logits_record()
             if plan.cache is not None:
                 plan.cache.save(rec, stored)
         else:
             out.cached = True
         maps = {(m, l, c): stored[f"{m}|{l}|{c}"] for m in spec.methods for l in spec.layers for c in sel.classes}
+        if plan.rise is not None:
+            maps.update({("rise", None, c): stored[rise_key(plan.rise, c)] for c in sel.classes})
     out.items = plan.scorer.score(rec, sel.classes, maps)
     return out
 
@@ -130,7 +144,8 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
                    seed: int = 0, limit: Optional[int] = None, ids: Optional[Sequence[str]] = None,
                    batch_size: int = 16, cache: bool = True, dominant: str = "all",
                    on_progress: Optional[ProgressFn] = None, on_error: Optional[ErrorFn] = None,
-                   ray=None, logits: Optional[str] = None, blur: bool = True, device: str = "auto") -> EvalResult:
+                   ray=None, logits: Optional[str] = None, blur: bool = True, device: str = "auto",
+                   rise: Optional[RiseSettings] = None) -> EvalResult:
     """Evaluate ``methods`` on a dataset; returns the :class:`EvalResult` (also written to ``out_dir``).
 
     * ``protocol``: ``"pointing"`` (input: shorter side resized to ``size``) or
@@ -154,7 +169,10 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
       chooses; the choice is in ``res.settings["logits"]``);
     * ``blur``: the paper's Gaussian blur (sigma = 0.02 * max(W, H) of the upsampled map) for
       the methods declared with ``blur`` (grad, deconv, guided, LRP, c-grad, c-deconv);
-      False scores every map unblurred.
+      False scores every map unblurred;
+    * ``rise``: the :class:`~onnx_excite.apps.rise.RiseSettings` of the black-box ``"rise"``
+      method (default: 1000 masks, 7 x 7 cells, p 0.5, seeded by ``seed``); its maps, at the
+      model input's resolution, are cached beside the others, keyed by these settings.
     """
     t0 = time.perf_counter()
     if protocol not in PROTOCOLS:
@@ -168,6 +186,7 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ExciteError(f"unknown method {bad[0] if bad else '(none)'!r}{hint}; use {', '.join(METHODS)}")
     excite = [m for m in methods if m in EXCITE_METHODS]
+    rise = (rise if rise is not None else RiseSettings(seed=seed)) if "rise" in methods else None
     if dominant not in ("all", "mapped"):
         raise ExciteError(f"dominant must be 'all' or 'mapped', not {dominant!r}")
     if data is None:
@@ -187,7 +206,7 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
     dataset_classes = sorted({o.name for r in records for o in r.objects})
 
     spec = None
-    if excite or mapping is not None:
+    if excite or rise or mapping is not None:
         if model is None:
             raise ExciteError("attention methods and a mapping need a model (a path or 'default')")
         from ...run.devices import providers_for
@@ -211,9 +230,9 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
         eligible = [r.id for r in records if metrics.dominant_class(r, among) in evaluated]
         scorer = LocalizationScorer(labels, evaluated, metrics.held_out_ids(eligible, held_out, seed),
                                     spec.size if spec else int(size), among, blur=bool(blur))
-    plan = EvalPlan(scorer, cmap, spec if excite else None,
-                    MapCache(out_dir / "cache", protocol, spec.meta) if (cache and spec and excite) else None,
-                    batch_size)
+    plan = EvalPlan(scorer, cmap, spec if (excite or rise) else None,
+                    MapCache(out_dir / "cache", protocol, spec.meta) if (cache and spec and (excite or rise)) else None,
+                    batch_size, rise)
 
     if ray is not None:
         from ..distributed import evaluate_on_ray
@@ -236,7 +255,8 @@ def run_evaluation(protocol: str = "pointing", data=None, fmt: str = "voc", mode
                     "input": spec.describe_input() if spec else ("-" if protocol == "pointing" else f"{size}x{size}"),
                     "held_out": held_out, "seed": seed, "alphas": [float(a) for a in metrics.ALPHAS],
                     "split": split, "limit": limit, "dominant": dominant,
-                    "logits": next((o.logits for o in outcomes if o.logits), None), "blur": bool(blur)}
+                    "logits": next((o.logits for o in outcomes if o.logits), None), "blur": bool(blur),
+                    **({"rise": rise.to_json()} if rise else {})}
     res.seconds = round(time.perf_counter() - t0, 3)
     write_results(res, out_dir)
     return res

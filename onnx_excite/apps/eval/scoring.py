@@ -27,10 +27,10 @@ class Selection:
 def blurred(method: str, upsampled: np.ndarray, blur: bool) -> np.ndarray:
     """The paper's Gaussian blur (sigma = 0.02 max(W, H)) of an upsampled map, for the methods
     declared with it (grad, deconv, guided, LRP, c-grad, c-deconv); the map as it is otherwise."""
-    from ...methods import get_method
+    from ...methods import get_any_method
     from ...render.postprocess import blur_sigma, gaussian_blur
 
-    if not blur or not get_method(method).blur:
+    if not blur or not get_any_method(method).blur:
         return upsampled
     h, w = upsampled.shape
     return gaussian_blur(upsampled, blur_sigma(w, h)).astype(np.float32)
@@ -41,7 +41,7 @@ class PointingScorer:
     """Pointing game (Zhang et al. 4.1): per (image, class present) pair, the maximum of the
     map upsampled to the image is a hit when within ``tolerance`` px of an object of the class."""
 
-    labels: list            # (label, method, layer); a baseline ("center") has no layer
+    labels: list            # (label, method, layer); a baseline ("center") or black-box method ("rise") has no layer
     evaluated: set          # dataset classes with a mapping
     tolerance: float = 15
     blur: bool = True       # see :func:`blurred`
