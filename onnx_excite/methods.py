@@ -40,16 +40,24 @@ never for the method.
 * ``dual``: ``none``; ``difference`` (at the classifier - the first weighted node below
   the logits - P_in = rule(W) - rule(-W), propagated: c-MWP); ``separate`` (a second sweep
   from the negated classifier; both maps L1-normalised per sample, subtracted).
-* ``reduce``: ``sum`` or ``abs-max`` over channels; ``clip``: max(map, 0) after it (and after
-  the dual's subtraction).
+* ``reduce``: ``sum`` or ``abs-max`` over channels, or a class activation map that also reads
+  the layer's forward activation A (positions: the axes other than batch and channels; a token
+  layer's patch tokens): ``grad-cam`` (Selvaraju et al. 2017: weights alpha_c = the mean of P_c
+  over the positions, map sum_c alpha_c A_c) or ``grad-cam++`` (Chattopadhyay et al. 2018, the
+  exponential-score closed form: alpha = P^2 / (2 P^2 + S_c P^3), S_c = sum of A_c over the
+  positions, 0 where the denominator is 0; weights w_c = sum over the positions of
+  alpha ReLU(P_c), map sum_c w_c A_c); ``clip``: max(map, 0) after it (and after the dual's
+  subtraction).
 * ``mass``: what sum(P) over a layer should be, for diagnostics: ``signal`` (sum e, less
   the share of units with Z = 0), ``score`` (sum e * s for bias-free nets), ``zero``
   (the target and dual carry equal mass: sum P ~ 0), or ``none``.
 * ``blur``: the paper's Gaussian blur (sigma = 0.02 max(W, H), ``onnx_excite.render.postprocess``)
   before display/evaluation: grad, deconv, guided, LRP (the paper) and c-grad, c-deconv
   (our choice: pixel-level maps like their base methods); every map is upsampled bicubically.
-* ``layers``: ``any`` or ``last-feature-map`` (CAM: the input of the global pool feeding
-  the linear classifier).
+* ``layers``: ``any``, ``last-feature-map`` (CAM: the input of the global pool feeding
+  the linear classifier) or ``feature-maps`` (Grad-CAM: any layer with positions, i.e. of
+  rank >= 3, but the model's input: a class activation map weights feature channels, and
+  the colour channels of the image are none).
 
 The float64 reference of every method is ``tests/method_ref.py``; how the companion-graph
 builder consumes these declarations is in docs/methods.md.
@@ -57,7 +65,7 @@ builder consumes these declarations is in docs/methods.md.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 from .errors import ExciteError
@@ -73,9 +81,11 @@ ACTIVATIONS = ("pass", "derivative")
 ARITHMETIC = ("excitation", "chain-rule")
 TOPS = ("signal", "score")
 DUALS = ("none", "difference", "separate")
-REDUCTIONS = ("sum", "abs-max")
+REDUCTIONS = ("sum", "abs-max", "grad-cam", "grad-cam++")
+#: the reductions that weight the layer's forward activation (class activation maps)
+CAM_REDUCTIONS = ("grad-cam", "grad-cam++")
 MASSES = ("signal", "score", "zero", "none")
-LAYERS = ("any", "last-feature-map")
+LAYERS = ("any", "last-feature-map", "feature-maps")
 
 LRP_EPSILON = 1e-6  # relative: eps_i = 1e-6 * max |z| over the node's outputs of the sample
 
@@ -180,6 +190,13 @@ class Method:
 _SUM_RULES = dict(pool=EXCITATION, add=EXCITATION)
 
 
+def _grad_cam(name, reduce, description, display):
+    """Grad-CAM and Grad-CAM++: grad's sweep (the true gradient of e . s; it is shared with grad
+    in one build), reduced with the layer's activation, clipped (the ReLU of the map)."""
+    return replace(_gradient_family(name, "forward-mask", description), display=display, reduce=reduce, clip=True,
+                   blur=False, layers="feature-maps")
+
+
 def _gradient_family(name, relu, description, dual="none"):
     """grad, deconv, guided and their contrastive variants: pixel-level maps, all blurred
     (the paper blurs grad/deconv/guided; their contrastive maps are as noisy). Smooth
@@ -216,6 +233,9 @@ METHODS: dict = {m.name: m for m in (
     Method("c-cam", "contrastive CAM: L1-normalised CAM minus the negated classifier's, clipped",
            linear=GRADIENT, pool=CAM_POOL, add=GRADIENT, relu="none", arithmetic="chain-rule", dual="separate", clip=True,
            mass="none", layers="last-feature-map"),
+    _grad_cam("gradcam", "grad-cam", "Grad-CAM: ReLU of the channels weighted by their mean gradient", "Grad-CAM"),
+    _grad_cam("gradcam++", "grad-cam++",
+              "Grad-CAM++: ReLU of the channels weighted by positive gradients (second-order weights)", "Grad-CAM++"),
     Method("cmwp-nonorm", "ablation: c-MWP without Z normalisation at weighted layers",
            linear=EXCITATION_UNNORMALISED, relu="none", dual="difference", clip=True, mass="none", **_SUM_RULES),
     Method("cmwp-postnorm", "ablation: MWP and dual MWP computed separately, each L1-normalised, subtracted",
@@ -246,7 +266,8 @@ def method_table(rule: str = "positive") -> list:
         raise ExciteError(f"unknown rule {rule!r}; choose from {', '.join(RULE_PARTS)}")
     rows = []
     for m in METHODS.values():
-        final = ("max|P|" if m.reduce == "abs-max" else "sum") + (", clip" if m.clip else "")
+        final = {"abs-max": "max|P|", "sum": "sum", "grad-cam": "sum mean(P) A",
+                 "grad-cam++": "sum w(P, A) A"}[m.reduce] + (", clip" if m.clip else "")
         rows.append({"method": m.name, "dual": m.dual, "map": final, "blur": "yes" if m.blur else "no",
                      "linear": m.linear.describe(rule), "pool": m.pool.describe(rule), "add": m.add.describe(rule),
                      "relu": m.relu, "top": m.top, "mass": m.mass, "layers": m.layers,
