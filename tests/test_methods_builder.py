@@ -297,3 +297,44 @@ def test_dynamic_spatial_sizes_give_the_static_maps():
         dynamic = Exciter(dyn, use, methods=(name,)).explain(x, signal).maps[name]
         for layer in use:
             np.testing.assert_allclose(dynamic[layer], static[layer], rtol=1e-6, atol=1e-9, err_msg=f"{name} {layer}")
+
+
+@pytest.mark.parametrize("pads", [[0, 0, 0, 0], [1, 0, 0, 0]])   # 5 x 5: the last column's windows overhang
+def test_grad_through_a_ceil_mode_average_pool_that_counts_pads(pads):
+    """AveragePool(ceil_mode=1, count_include_pad=1) whose last windows run past the input and its
+    declared pads: ONNX Runtime divides those by the cells inside the declared padding, not by the
+    kernel size; grad (and Grad-CAM above it) use the same divisor: equal to float64 finite
+    differences of the reference forward (which agrees with ONNX Runtime's)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import method_ref as mr
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(3, 2 * 3 * 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["input", "k"], ["c"], name="conv", kernel_shape=[1, 1]),
+             helper.make_node("AveragePool", ["c"], ["pool"], name="pool", kernel_shape=[2, 2], strides=[2, 2],
+                              ceil_mode=1, count_include_pad=1, pads=pads),
+             helper.make_node("Flatten", ["pool"], ["flat"], name="flat"),
+             helper.make_node("Gemm", ["flat", "w"], ["logits"], name="fc", transB=1)]
+    k = numpy_helper.from_array(rng.normal(size=(2, 2, 1, 1)).astype(np.float32), "k")
+    graph = helper.make_graph(nodes, "ceil_pool", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 2, 5, 5])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 3])], [w, k])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    x = rng.normal(size=(2, 2, 5, 5))
+    e = rng.random((2, 3))
+    res = Exciter(model, ["c"], methods=("grad", "gradcam"), channels=True).explain(x.astype(np.float32),
+                                                                                   e.astype(np.float32))
+    g = mr.Graph(model)
+    vals = g.forward(x)
+    h, fd = 1e-6, np.zeros_like(vals["c"])
+    for idx in np.ndindex(fd.shape):   # the net is linear: central differences are exact up to rounding
+        up, down = vals["c"].copy(), vals["c"].copy()
+        up[idx] += h
+        down[idx] -= h
+        fd[idx] = ((g.forward(x, {"c": up})["logits"] - g.forward(x, {"c": down})["logits"]) * e).sum() / (2 * h)
+    np.testing.assert_allclose(res.channels["grad"]["c"], fd, rtol=1e-4, atol=1e-5 * np.abs(fd).max())
+    want = mr.method_reference(model, x, e, ["c"], "gradcam")["map"]["c"]
+    assert np.abs(res.maps["gradcam"]["c"] - want).max() <= 1e-4 * np.abs(want).max()
