@@ -192,13 +192,26 @@ def test_grad_cam_on_random_cnns_matches_method_ref(seed):
     ex = Exciter(model, layers, methods=("gradcam", "gradcam++"))
     signal = rng.random((2, ex.num_classes)).astype(np.float32)
     res = ex.explain(x, signal)
-    for name, _ in CAMS:
+    acts = mr.forward_values(model, x.astype(np.float64))
+    for name, plus in CAMS:
         want = mr.method_reference(model, x.astype(np.float64), signal, layers, name)
         for layer in layers:
             got = res.maps[name][layer]
             assert np.isfinite(got).all() and (got >= 0).all(), (seed, name, layer)
             scale = max(np.abs(want["map"][layer]).max(), np.abs(want["P"][layer]).max())
-            assert np.abs(got - want["map"][layer]).max() <= 1e-4 * scale + 1e-30, (seed, name, layer)
+            assert np.abs(got - want["map"][layer]).max() <= 1e-4 * scale * _condition(acts[layer], want["P"][layer], plus) \
+                + 1e-30, (seed, name, layer)
+
+
+def _condition(A, g, plus):
+    """How much Grad-CAM++'s weights amplify rounding: its alpha = 1 / (2 + S g) (g > 0) has a
+    pole where a signed activation's sum S makes 2 + S g ~ 0; a float32 graph then differs from
+    the float64 reference by |S g| / |2 + S g| times the rounding of S g."""
+    if not plus:
+        return 1.0
+    sg = A.sum(axis=tuple(range(2, A.ndim)), keepdims=True) * g
+    pos = g > 0
+    return max(1.0, float((np.abs(sg) / np.abs(2.0 + sg))[pos].max())) if pos.any() else 1.0
 
 
 # ----------------------------------------------------------------------------------------
