@@ -7,7 +7,7 @@ test of every method (tests/test_builder_vs_method_ref.py):
 * the random CNNs of the fuzz test (cnn_gen: strides, dilations, groups, pools, signed
   activations, an all-zero or all-negative second sample) against tests/method_ref.py;
 * invariants: at the last feature map of a GAP + linear head Grad-CAM is max(CAM, 0) / (H W);
-  Grad-CAM is linear in the signal up to its ReLU; the layer rules (no map at the input, nor at
+  its channel weights are linear in the signal; the layer rules (no map at the input, nor at
   a layer without positions) in one error line;
 * the commands: ``methods`` lists them, ``explain -m gradcam`` writes its maps, ``eval pointing``
   scores them.
@@ -233,9 +233,9 @@ def test_grad_cam_at_the_last_feature_map_is_clipped_cam_over_hw():
     assert np.abs(res.maps["gradcam++"][layer] - np.maximum(cam, 0) / hw).max() > 1e-3 * np.abs(cam).max() / hw
 
 
-def test_grad_cam_is_linear_in_the_signal_before_its_relu():
-    """No ReLU: gradcam(e1 + e2) = gradcam(e1) + gradcam(e2) only where the map keeps its sign; the
-    unclipped map (read off the channels: sum_c mean(P_c) A_c) is exactly linear."""
+def test_grad_cam_weights_are_linear_in_the_signal():
+    """The score is e . s, so Grad-CAM's channel weights alpha_c (the mean of P_c over the positions,
+    P read off the channels output) are linear in e; the map is so only up to its ReLU."""
     module = tiny_resnet(2)
     model = _export(module, (1, 3, 32, 32))
     layer = _tensor_of(model, "/block1/out/Relu")
