@@ -40,8 +40,14 @@ never for the method.
 * ``dual``: ``none``; ``difference`` (at the classifier - the first weighted node below
   the logits - P_in = rule(W) - rule(-W), propagated: c-MWP); ``separate`` (a second sweep
   from the negated classifier; both maps L1-normalised per sample, subtracted).
-* ``reduce``: ``sum`` or ``abs-max`` over channels; ``clip``: max(map, 0) after it (and after
-  the dual's subtraction).
+* ``reduce``: ``sum`` or ``abs-max`` over channels, or a class activation map that also reads
+  the layer's forward activation A (positions: the axes other than batch and channels; a token
+  layer's patch tokens): ``grad-cam`` (Selvaraju et al. 2017: weights alpha_c = the mean of P_c
+  over the positions, map sum_c alpha_c A_c) or ``grad-cam++`` (Chattopadhyay et al. 2018, the
+  exponential-score closed form: alpha = P^2 / (2 P^2 + S_c P^3), S_c = sum of A_c over the
+  positions, 0 where the denominator is 0; weights w_c = sum over the positions of
+  alpha ReLU(P_c), map sum_c w_c A_c); ``clip``: max(map, 0) after it (and after the dual's
+  subtraction).
 * ``mass``: what sum(P) over a layer should be, for diagnostics: ``signal`` (sum e, less
   the share of units with Z = 0), ``score`` (sum e * s for bias-free nets), ``zero``
   (the target and dual carry equal mass: sum P ~ 0), or ``none``.
@@ -49,8 +55,10 @@ never for the method.
   before display/evaluation: grad, deconv, guided, LRP (the paper) and c-grad, c-deconv
   (our choice: pixel-level maps like their base methods); every map is upsampled bicubically.
 * ``layers``: ``any``, ``last-feature-map`` (CAM: the input of the global pool feeding
-  the linear classifier) or ``attention-tokens`` (rollout: the tokens the first self-attention
-  block reads).
+  the linear classifier), ``attention-tokens`` (rollout: the tokens the first self-attention
+  block reads) or ``feature-maps`` (Grad-CAM: any layer with positions, i.e. of
+  rank >= 3, but the model's input: a class activation map weights feature channels, and
+  the colour channels of the image are none).
 * ``kind``: ``sweep`` (the backward sweep above, every method but one) or ``rollout``
   (attention rollout, Abnar & Zuidema 2020: a product of the forward attention weights, no
   signal and no sweep; its rule entries are None)::
@@ -67,7 +75,7 @@ no model (eval's center baseline).
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 from .errors import ExciteError
@@ -83,9 +91,11 @@ ACTIVATIONS = ("pass", "derivative")
 ARITHMETIC = ("excitation", "chain-rule")
 TOPS = ("signal", "score")
 DUALS = ("none", "difference", "separate")
-REDUCTIONS = ("sum", "abs-max")
+REDUCTIONS = ("sum", "abs-max", "grad-cam", "grad-cam++")
+#: the reductions that weight the layer's forward activation (class activation maps)
+CAM_REDUCTIONS = ("grad-cam", "grad-cam++")
 MASSES = ("signal", "score", "zero", "none")
-LAYERS = ("any", "last-feature-map", "attention-tokens")
+LAYERS = ("any", "last-feature-map", "attention-tokens", "feature-maps")
 KINDS = ("sweep", "rollout")
 
 LRP_EPSILON = 1e-6  # relative: eps_i = 1e-6 * max |z| over the node's outputs of the sample
@@ -204,6 +214,13 @@ class Method:
 _SUM_RULES = dict(pool=EXCITATION, add=EXCITATION)
 
 
+def _grad_cam(name, reduce, description, display):
+    """Grad-CAM and Grad-CAM++: grad's sweep (the true gradient of e . s; it is shared with grad
+    in one build), reduced with the layer's activation, clipped (the ReLU of the map)."""
+    return replace(_gradient_family(name, "forward-mask", description), display=display, reduce=reduce, clip=True,
+                   blur=False, layers="feature-maps")
+
+
 def _gradient_family(name, relu, description, dual="none"):
     """grad, deconv, guided and their contrastive variants: pixel-level maps, all blurred
     (the paper blurs grad/deconv/guided; their contrastive maps are as noisy). Smooth
@@ -240,6 +257,11 @@ METHODS: dict = {m.name: m for m in (
     Method("c-cam", "contrastive CAM: L1-normalised CAM minus the negated classifier's, clipped",
            linear=GRADIENT, pool=CAM_POOL, add=GRADIENT, relu="none", arithmetic="chain-rule", dual="separate", clip=True,
            mass="none", layers="last-feature-map"),
+    _grad_cam("gradcam", "grad-cam", "Grad-CAM: ReLU of the layer's channels weighted by their mean gradient",
+              display="Grad-CAM"),
+    _grad_cam("gradcam++", "grad-cam++",
+              "Grad-CAM++: ReLU of the layer's channels weighted by their positive gradients (closed form)",
+              display="Grad-CAM++"),
     Method("cmwp-nonorm", "ablation: c-MWP without Z normalisation at weighted layers",
            linear=EXCITATION_UNNORMALISED, relu="none", dual="difference", clip=True, mass="none", **_SUM_RULES),
     Method("cmwp-postnorm", "ablation: MWP and dual MWP computed separately, each L1-normalised, subtracted",
@@ -275,7 +297,8 @@ def method_table(rule: str = "positive") -> list:
     rows = []
     for m in METHODS.values():
         if m.sweeps:
-            final = ("max|P|" if m.reduce == "abs-max" else "sum") + (", clip" if m.clip else "")
+            final = {"abs-max": "max|P|", "sum": "sum", "grad-cam": "sum mean(P) A",
+                     "grad-cam++": "sum w(P, A) A"}[m.reduce] + (", clip" if m.clip else "")
             parts = {k: getattr(m, k).describe(rule) for k in ("linear", "pool", "add")}
             relu, top = m.relu, m.top
         else:   # no sweep: no rule per op family, no top signal

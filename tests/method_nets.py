@@ -68,6 +68,16 @@ def net(kind, seed):
     return model, netgen.layer_names(model, spatial_only=False)
 
 
+def feature_layers(model, layers) -> list:
+    """The layers Grad-CAM is defined at: those with positions (rank >= 3), the model input left out."""
+    import method_ref
+
+    g = method_ref.Graph(model)
+    shape = (1,) + tuple(d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:])
+    vals = g.forward(np.zeros(shape))
+    return [layer for layer in layers if layer not in g.inputs and vals[layer].ndim >= 3]
+
+
 def num_classes(model) -> int:
     """K of the logits (from the declared output shape, else from a forward pass)."""
     k = netgen.num_classes(model)

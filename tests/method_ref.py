@@ -53,6 +53,15 @@ cam       Zhou et al.: only for logits = Gemm/MatMul(+bias) of Flatten(GlobalAve
           (Identity/Dropout/Reshape allowed between; or a ReduceMean over H, W); only at layer F:
           map = sum_c (W^T e)_c F_c (no clip); equals H*W * sum_c F_c * grad_c at F.
           Elsewhere MethodNotApplicable with the reason.
+gradcam   Selvaraju et al. (ICCV 2017) at a layer with activation A (N, C, positions...): g = the
+          grad P at A (d(e . s)/dA, from grad's sweep), alpha_c = mean of g_c over the positions,
+          map = max(sum_c alpha_c A_c, 0). Not at the model's input (its colour channels are no
+          features) nor at a layer without positions (rank 2): MethodNotApplicable.
+gradcam++ Chattopadhyay et al. (WACV 2018), the exponential-score closed form (as
+          pytorch-grad-cam): alpha^c_ij = g_ij^2 / (2 g_ij^2 + S_c g_ij^3), S_c = sum_ij A_c,ij,
+          0 where the denominator is 0; w_c = sum_ij alpha^c_ij max(g_c,ij, 0);
+          map = max(sum_c w_c A_c, 0). Same layers as gradcam. ``grad_cam_map`` computes both
+          from (A, g) at any channel axis (token layers: the patch tokens given).
 mwp       P_top = e; the excitation rule (``positive``: z+_ij as lrp-zplus; ``paper``:
           z_ij = a_j W+_ij), normalised by Z; pools/Add proportional to a+ (positive) or a
           (paper). map = sum over channels.
@@ -94,8 +103,9 @@ from excitation_ref import Reference, fold_like_the_spec
 from reference import LINEAR, _attrs, _Graph, _pool_windows, _safe_div, _unbroadcast
 
 METHODS = ("grad", "deconv", "guided", "lrp-epsilon", "lrp-zplus", "cam", "mwp", "cmwp",
-           "c-grad", "c-deconv", "c-cam", "cmwp-nonorm", "cmwp-postnorm")
+           "c-grad", "c-deconv", "c-cam", "cmwp-nonorm", "cmwp-postnorm", "gradcam", "gradcam++")
 TOKEN_METHODS = ("rollout",)   # maps of the forward attention weights (no sweep): rollout_reference
+GRAD_CAM = ("gradcam", "gradcam++")
 LRP_EPS = 1e-6
 PASS = ("Identity", "Dropout", "Softmax")
 
@@ -460,6 +470,8 @@ def method_reference(model: onnx.ModelProto, x, signal, layers, method: str, rul
         return cam_reference(model, x, signal, layers)
     if method == "c-cam":
         return _c_cam(model, x, signal, layers)
+    if method in GRAD_CAM:
+        return _grad_cam(model, x, signal, layers, plus=method == "gradcam++")
     g = Graph(model)
     vals = g.forward(x)
     logits = g.logits_name()
@@ -621,3 +633,46 @@ def method_layer(model: onnx.ModelProto, method: str) -> str:
         _attention_names(Reference(model))   # MethodNotApplicable without attention
         raise ValueError("the rollout reference does not look for its layer in a model with attention: name it")
     raise ValueError(f"{method!r} is defined at any layer")
+
+
+# ----------------------------------------------------------------------------------------
+# Grad-CAM, Grad-CAM++
+# ----------------------------------------------------------------------------------------
+
+def grad_cam_map(A, g, plus=False, channel_axis=1):
+    """Grad-CAM (``plus``: Grad-CAM++) of activation ``A`` with gradient ``g`` (same shape, batch
+    first, channels at ``channel_axis``, every other axis a position), in float64."""
+    A = np.moveaxis(np.asarray(A, np.float64), channel_axis, 1)
+    g = np.moveaxis(np.asarray(g, np.float64), channel_axis, 1)
+    n, c = A.shape[:2]
+    A2, g2 = A.reshape(n, c, -1), g.reshape(n, c, -1)     # (N, C, positions)
+    if plus:
+        S = A2.sum(axis=2, keepdims=True)
+        num = g2 ** 2
+        alpha = _safe_div(num, 2.0 * num + S * g2 ** 3)
+        w = (alpha * np.maximum(g2, 0.0)).sum(axis=2)
+    else:
+        w = g2.mean(axis=2)
+    cam = np.einsum("nc,ncp->np", w, A2).reshape((n,) + A.shape[2:])
+    return np.maximum(cam, 0.0)
+
+
+def _grad_cam(model, x, signal, layers, plus=False) -> dict:
+    name = "gradcam++" if plus else "gradcam"
+    g = Graph(model)
+    for layer in layers:
+        if layer in g.inputs:
+            raise MethodNotApplicable(f"{name}: a class activation map of a feature layer, not of the model's "
+                                      f"input {layer!r}")
+    vals = g.forward(x)
+    logits = g.logits_name()
+    for layer in layers:
+        if vals[layer].ndim < 3:
+            raise MethodNotApplicable(f"{name}: needs a layer with positions; {layer!r} has rank {vals[layer].ndim}")
+    P = sweep(g, vals, np.asarray(signal, np.float64), GradRules())
+    res = {"logits": vals[logits], "P": {}, "map": {}}
+    for layer in layers:
+        grad = P.get(layer, np.zeros(vals[layer].shape))
+        res["P"][layer] = grad
+        res["map"][layer] = grad_cam_map(vals[layer], grad, plus)
+    return res

@@ -119,7 +119,16 @@ def interpret(method: Method, model, x, e, layers, rule="positive"):
             return out
         raise NotImplementedError(op)
 
-    def reduce(p):
+    def reduce(p, layer):
+        if method.reduce in ("grad-cam", "grad-cam++"):   # weights from P over the positions, times A
+            a = vals[layer]
+            pos = tuple(range(2, p.ndim))
+            if method.reduce == "grad-cam":
+                w = p.mean(axis=pos, keepdims=True)
+            else:   # as the declaration says it is emitted: ReLU(P) / (2 + S P), 0 where that is 0
+                den = 2.0 + a.sum(axis=pos, keepdims=True) * p
+                w = _div(np.maximum(p, 0.0), den).sum(axis=pos, keepdims=True)
+            return (w * a).sum(axis=1)
         if p.ndim < 3:
             return np.abs(p) if method.reduce == "abs-max" else p
         return np.abs(p).max(axis=1) if method.reduce == "abs-max" else p.sum(axis=1)
@@ -133,8 +142,8 @@ def interpret(method: Method, model, x, e, layers, rule="positive"):
     for layer in layers:
         p = P.get(layer, np.zeros(vals[layer].shape))
         Ps[layer] = p
-        m = reduce(p)
+        m = reduce(p, layer)
         if P_dual is not None:
-            m = l1(m) - l1(reduce(P_dual.get(layer, np.zeros(vals[layer].shape))))
+            m = l1(m) - l1(reduce(P_dual.get(layer, np.zeros(vals[layer].shape)), layer))
         maps[layer] = np.maximum(m, 0.0) if method.clip else m
     return {"map": maps, "P": Ps, "logits": s}

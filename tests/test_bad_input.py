@@ -132,7 +132,7 @@ def test_eval_and_demo_output_is_an_existing_file(tmp_path):
     (["--alpha", "1.5"], "--alpha"),
     (["--scale", "log"], "--scale"),
     (["--cmap", "no-such-map"], "colour map"),
-    (["-m", "gradcam"], "unknown method"),
+    (["-m", "scorecam"], "unknown method"),
 ])
 def test_explain_bad_values(tiny, photo, tmp_path, args, needle):
     out = tmp_path / "out"

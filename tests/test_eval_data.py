@@ -356,7 +356,7 @@ def test_run_evaluation_rejects_bad_arguments(tmp_path):
     with pytest.raises(ExciteError, match="unknown protocol"):
         run_evaluation("detection", tmp_path, "voc", None, methods=["center"], out_dir=tmp_path)
     with pytest.raises(ExciteError, match="unknown method"):
-        run_evaluation("pointing", tmp_path, "voc", None, methods=["gradcam"], out_dir=tmp_path)
+        run_evaluation("pointing", tmp_path, "voc", None, methods=["scorecam"], out_dir=tmp_path)
     with pytest.raises(ExciteError, match="not a VOC folder"):
         run_evaluation("pointing", tmp_path, "voc", None, methods=["center"], out_dir=tmp_path / "o")
     with pytest.raises(ExciteError, match="unknown dataset format"):

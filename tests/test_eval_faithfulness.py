@@ -216,7 +216,7 @@ def test_cli_writes_the_three_reports(tiny, tmp_path):
     model, mapping = tiny
     out = tmp_path / "voc"
     res = runner.invoke(app, ["eval", "faithfulness", "--data", str(VOC_SAMPLE), "--model", str(model), "--layer", "feat",
-                              "--mapping", str(mapping), "--methods", "mwp,grad,center,random", "--steps", "4",
+                              "--mapping", str(mapping), "--methods", "mwp,grad,gradcam,center,random", "--steps", "4",
                               "--bootstrap", "100", "--limit", "4", "-o", str(out)])
     assert res.exit_code == 0, res.output
     assert "images/s" in res.output and "mwp:feat" in res.output
@@ -224,6 +224,7 @@ def test_cli_writes_the_three_reports(tiny, tmp_path):
         assert (out / name).is_file(), name
     data = json.loads((out / "results.json").read_text())
     assert data["protocol"] == "faithfulness" and data["settings"]["target"] == "label"
+    assert {"mwp:feat", "grad:feat", "gradcam:feat", "center", "random"} == set(data["summary"])
     assert "| random |" in (out / "results.md").read_text()
     # a plain folder: the model's own top-1 class
     res = runner.invoke(app, ["eval", "faithfulness", "--data", str(PHOTOS), "--model", str(model), "--layer", "feat",
@@ -246,7 +247,7 @@ def test_cli_default_model_one_image(tmp_path):
     (["--data", "{tmp}/nope"], "no such folder or file"),
     (["--data", str(PHOTOS), "--target", "label"], "no labels"),
     (["--data", str(PHOTOS), "--steps", "0"], "--steps"),
-    (["--data", str(PHOTOS), "--methods", "gradcam"], "unknown method"),
+    (["--data", str(PHOTOS), "--methods", "scorecam"], "unknown method"),
     (["--data", str(VOC_SAMPLE), "--mapping", "{tmp}/bad.json"], "malformed JSON"),
     (["--data", str(VOC_SAMPLE), "--format", "kitti"], "unknown dataset format"),
     (["--data", "{tmp}/empty"], "no images here"),

@@ -121,7 +121,7 @@ def test_ground_cli_errors(tmp_path, tiny_path):
         (["ground", "default", str(tmp_path / "corrupt.jpg"), "a dog"], "cannot read image"),
         (["ground", "default", img, "a dog", "--top", "0"], "--top must be at least 1"),
         (["ground", "default", img, "a dog", "--weights", "softmax"], "class weights must be"),
-        (["ground", "default", img, "a dog", "-m", "gradcam", "--proposals", str(tmp_path / "ok.json")], "unknown method"),
+        (["ground", "default", img, "a dog", "-m", "scorecam", "--proposals", str(tmp_path / "ok.json")], "unknown method"),
         (["ground", "default", img, "a dog", "-l", "nosuch", "--proposals", str(tmp_path / "ok.json")], "unknown layer"),
         (["ground", str(tiny_path), img, "a dog", "-l", "r1"], "has no class names"),
     ]

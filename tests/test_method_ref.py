@@ -458,11 +458,54 @@ def test_reduce_mean_head_equals_global_pool_head(seed):
     x = _input(model, seed=seed)
     e = _signal(model, seed=seed, kind="dense")
     for method in mr.METHODS:
-        at = [feat] if method.endswith("cam") else layers
+        at = [feat] if method in ("cam", "c-cam") else [l for l in layers if l != "input"] if method in mr.GRAD_CAM \
+            else layers
         a = mr.method_reference(model, x, e, at, method)["map"]
         b = mr.method_reference(other, x, e, at, method)["map"]
         for layer in at:
             np.testing.assert_allclose(b[layer], a[layer], rtol=1e-10, atol=1e-15, err_msg=f"{method} {layer}")
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_grad_cam_at_the_last_feature_map_is_clipped_cam_over_hw(seed):
+    """The gradient at the input F of a GAP + linear head is W'e / (H W) at every position, so
+    Grad-CAM's weights are CAM's over H W: gradcam = max(cam, 0) / (H W)."""
+    model, _ = _gap_net(seed)
+    feat, _ = mr.cam_head(mr.Graph(model))
+    x = _input(model, seed=seed)
+    e = _signal(model, seed=seed, kind="dense") - 0.5
+    if mr.method_reference(model, x, e, [feat], "cam")["map"][feat].max() <= 0:
+        e = -e   # CAM is linear in e: a signal whose map has positive values
+    cam = mr.method_reference(model, x, e, [feat], "cam")["map"][feat]
+    gradcam = mr.method_reference(model, x, e, [feat], "gradcam")["map"][feat]
+    hw = np.prod(cam.shape[1:])
+    assert cam.max() > 0
+    np.testing.assert_allclose(gradcam, np.maximum(cam, 0) / hw, rtol=1e-12, atol=1e-15)
+
+
+def test_grad_cam_map_by_hand():
+    """One sample, two channels, two positions; Grad-CAM++ with a zero gradient and a zero denominator."""
+    A = np.array([[[1.0, 3.0], [2.0, -4.0]]])          # (N, C, positions): S = 4, -2
+    g = np.array([[[0.5, 1.5], [0.0, 1.0]]])
+    # Grad-CAM: alpha = (1, 0.5); map = 1 * (1, 3) + 0.5 * (2, -4) = (2, 1)
+    np.testing.assert_allclose(mr.grad_cam_map(A, g), [[2.0, 1.0]])
+    # Grad-CAM++: channel 0: alpha = 1 / (2 + 4 g) = 1/4, 1/8 -> w0 = 0.5/4 + 1.5/8 = 0.3125;
+    # channel 1: g = 0 gives 0 (0/0), g = 1: 2 + (-2)(1) = 0 -> 0 -> w1 = 0
+    np.testing.assert_allclose(mr.grad_cam_map(A, g, plus=True), [[0.3125, 0.9375]])
+    # channels last (tokens): the same numbers
+    np.testing.assert_allclose(mr.grad_cam_map(A.transpose(0, 2, 1), g.transpose(0, 2, 1), channel_axis=2), [[2.0, 1.0]])
+    # negative maps are clipped
+    np.testing.assert_allclose(mr.grad_cam_map(A, -g), [[0.0, 0.0]])
+
+
+def test_grad_cam_not_applicable_at_the_input_or_without_positions():
+    model, layers = _net("signed", 1)   # ends in relu_hidden, a (N, C) layer
+    x, e = _input(model), _signal(model)
+    for method in mr.GRAD_CAM:
+        with pytest.raises(mr.MethodNotApplicable, match="model's input 'input'"):
+            mr.method_reference(model, x, e, ["input"], method)
+        with pytest.raises(mr.MethodNotApplicable, match="'relu_hidden' has rank 2"):
+            mr.method_reference(model, x, e, ["relu_hidden"], method)
 
 
 def test_cam_not_applicable_says_why():

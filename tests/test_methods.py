@@ -10,7 +10,7 @@ import netgen
 from onnx_excite.cli.app import app
 from onnx_excite.errors import ExciteError
 from onnx_excite.methods import METHODS, RULE_PARTS, Method, RuleVariant, get_method, method_names
-from method_nets import net as _net, num_classes, reduce_mean_head
+from method_nets import feature_layers, net as _net, num_classes, reduce_mean_head
 from method_spec import interpret
 
 
@@ -33,6 +33,8 @@ CASES = [("residual", 0), ("residual", 1), ("signed", 2), ("signed", 3), ("conca
 @pytest.mark.parametrize("method", [m for m in mr.METHODS if m not in ("cam", "c-cam")])
 def test_declaration_matches_reference(method, kind, seed):
     model, layers = _net(kind, seed)
+    if get_method(method).layers == "feature-maps":   # Grad-CAM: layers with positions, not the input
+        layers = feature_layers(model, layers)
     rng = np.random.default_rng(seed)
     x = netgen.random_input(model, batch=2, seed=seed, nonneg=False).astype(np.float64) if kind != "concat" \
         else rng.normal(size=(2, 3, 10, 8))

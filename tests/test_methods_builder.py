@@ -10,6 +10,8 @@ tests/test_builder_vs_method_ref.py (which compares each with tests/method_ref.p
   correctly); c-grad is 0, c-cam has cam's arg-max, the ablations differ from c-MWP;
 * LRP conservation on bias-free nets; the mass diagnostics follow ``Method.mass``.
 """
+import re
+
 import numpy as np
 import pytest
 
@@ -62,6 +64,32 @@ def assert_grad_equals_finite_differences(arch, ref, x, vals, entry, e, grads, l
             assert abs((g * d).sum() - fd) <= 2e-4 * (np.abs(g).sum() * np.abs(d).max() + 1e-6), (arch, layer, fd)
 
 
+@pytest.mark.parametrize("arch", sorted(ZOO))
+def test_grad_cam_on_the_zoo_weights_the_checked_gradient(arch):
+    """Grad-CAM and Grad-CAM++ beyond method_ref.py's op set (smooth activations, SE gates, LRN,
+    an NHWC layer of a TF-style graph): the maps are tests/method_ref.py's float64 formulas
+    (``grad_cam_map``) applied to the reference forward's activation and to the library's grad at
+    the layer, which test_grad_equals_finite_differences checks against finite differences."""
+    import method_ref as mr
+
+    model, layers = ZOO[arch](0)
+    layers = [layer for layer in layers if layer != "input"]
+    x = _input(model, 0)
+    ref = Reference(model)
+    vals = ref.forward(x.astype(np.float64))
+    k = vals[ref.entry()].shape[1]
+    e = np.eye(k, dtype=np.float32)[[1 % k, 0]]
+    ex = Exciter(model, layers, methods=("grad", "gradcam", "gradcam++"), channels=True)
+    res = ex.explain(x, e)
+    for layer in layers:
+        axis = ex.built.layouts[layer].axis
+        for name, plus in (("gradcam", False), ("gradcam++", True)):
+            want = mr.grad_cam_map(vals[layer], res.channels["grad"][layer], plus, channel_axis=axis)
+            got = res.maps[name][layer]
+            assert got.shape == want.shape and np.abs(want).max() > 0, (arch, name, layer)
+            assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), (arch, name, layer)
+
+
 def _cam_layer(model):
     from onnx_excite.graph.builder import cam_feature_map
     from onnx_excite.graph.canonicalize import canonicalize
@@ -96,13 +124,17 @@ def test_every_method_runs_without_nan_on_the_zoo(arch):
     for name in METHODS:
         method = get_method(name)
         use = layers
-        if method.layers != "any":   # cam's last feature map, rollout's tokens
+        if method.layers in ("last-feature-map", "attention-tokens"):   # cam's, rollout's own layer
             try:
                 use = [_own_layer(model, method)]
             except ExciteError:  # the builder refuses too, naming the method and the reason
                 with pytest.raises(ExciteError, match=f"^{name}[: ]"):
                     Exciter(model, layers, methods=(name,))
                 continue
+        if method.layers == "feature-maps":   # Grad-CAM: one error line at the input, the other layers mapped
+            with pytest.raises(ExciteError, match="^" + re.escape(name) + ": .*model's input 'input'"):
+                Exciter(model, layers, methods=(name,))
+            use = [layer for layer in layers if layer != "input"]
         ex = Exciter(model, use, methods=(name,))
         signal = np.eye(ex.num_classes, dtype=np.float32)[[0, ex.num_classes - 1]]
         res = ex.explain(x, signal)
@@ -133,7 +165,8 @@ def test_every_method_on_the_default_model_matches_method_ref():
     signal[0, 281] = 1
     feature = _cam_layer(model)
     plain = [m for m in METHODS if get_method(m).layers == "any"]
-    runs = [(plain, ["input", "features.13"]), (["cam", "c-cam"], [feature])]
+    runs = [(plain, ["input", "features.13"]), (["cam", "c-cam"], [feature]),
+            (["gradcam", "gradcam++"], ["features.13", feature])]
     for methods, layers in runs:
         res = Exciter(path, layers, methods=methods).explain(x, signal)
         for name in methods:
@@ -153,12 +186,14 @@ def test_methods_built_together_equal_methods_built_alone(kind, seed):
     k = num_classes(model)
     signal = np.eye(k, dtype=np.float32)[[0, k - 1]]
     plain = [m for m in METHODS if get_method(m).layers == "any"]
-    together = Exciter(model, layers, methods=plain).explain(x, signal)
-    for name in plain:
-        alone = Exciter(model, layers, methods=(name,)).explain(x, signal)
-        for layer in layers:
-            np.testing.assert_allclose(together.maps[name][layer], alone.maps[name][layer], rtol=1e-5, atol=1e-7,
-                                       err_msg=f"{name} {layer}")
+    runs = [(plain, layers), (["grad", "gradcam", "gradcam++", "guided"], [layer for layer in layers if layer != "input"])]
+    for methods, use in runs:
+        together = Exciter(model, use, methods=methods).explain(x, signal)
+        for name in methods:
+            alone = Exciter(model, use, methods=(name,)).explain(x, signal)
+            for layer in use:
+                np.testing.assert_allclose(together.maps[name][layer], alone.maps[name][layer], rtol=1e-5, atol=1e-7,
+                                           err_msg=f"{name} {layer}")
 
 
 def test_contrastive_baselines_and_ablations():
@@ -269,3 +304,44 @@ def test_dynamic_spatial_sizes_give_the_static_maps():
         dynamic = Exciter(dyn, use, methods=(name,)).explain(x, signal).maps[name]
         for layer in use:
             np.testing.assert_allclose(dynamic[layer], static[layer], rtol=1e-6, atol=1e-9, err_msg=f"{name} {layer}")
+
+
+@pytest.mark.parametrize("pads", [[0, 0, 0, 0], [1, 0, 0, 0]])   # 5 x 5: the last column's windows overhang
+def test_grad_through_a_ceil_mode_average_pool_that_counts_pads(pads):
+    """AveragePool(ceil_mode=1, count_include_pad=1) whose last windows run past the input and its
+    declared pads: ONNX Runtime divides those by the cells inside the declared padding, not by the
+    kernel size; grad (and Grad-CAM above it) use the same divisor: equal to float64 finite
+    differences of the reference forward (which agrees with ONNX Runtime's)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import method_ref as mr
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(3, 2 * 3 * 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["input", "k"], ["c"], name="conv", kernel_shape=[1, 1]),
+             helper.make_node("AveragePool", ["c"], ["pool"], name="pool", kernel_shape=[2, 2], strides=[2, 2],
+                              ceil_mode=1, count_include_pad=1, pads=pads),
+             helper.make_node("Flatten", ["pool"], ["flat"], name="flat"),
+             helper.make_node("Gemm", ["flat", "w"], ["logits"], name="fc", transB=1)]
+    k = numpy_helper.from_array(rng.normal(size=(2, 2, 1, 1)).astype(np.float32), "k")
+    graph = helper.make_graph(nodes, "ceil_pool", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [2, 2, 5, 5])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [2, 3])], [w, k])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    x = rng.normal(size=(2, 2, 5, 5))
+    e = rng.random((2, 3))
+    res = Exciter(model, ["c"], methods=("grad", "gradcam"), channels=True).explain(x.astype(np.float32),
+                                                                                   e.astype(np.float32))
+    g = mr.Graph(model)
+    vals = g.forward(x)
+    h, fd = 1e-6, np.zeros_like(vals["c"])
+    for idx in np.ndindex(fd.shape):   # the net is linear: central differences are exact up to rounding
+        up, down = vals["c"].copy(), vals["c"].copy()
+        up[idx] += h
+        down[idx] -= h
+        fd[idx] = ((g.forward(x, {"c": up})["logits"] - g.forward(x, {"c": down})["logits"]) * e).sum() / (2 * h)
+    np.testing.assert_allclose(res.channels["grad"]["c"], fd, rtol=1e-4, atol=1e-5 * np.abs(fd).max())
+    want = mr.method_reference(model, x, e, ["c"], "gradcam")["map"]["c"]
+    assert np.abs(res.maps["gradcam"]["c"] - want).max() <= 1e-4 * np.abs(want).max()

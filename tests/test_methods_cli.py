@@ -63,7 +63,10 @@ def test_eval_takes_every_method_and_the_blur_flag(tmp_path):
                               "-o", str(tmp_path / "cam")])
     assert res.exit_code == 0, res.output
     assert "cam:features.18" in res.output
-    bad = runner.invoke(app, ["eval", "pointing", *common, "--methods", "cam", "-o", str(tmp_path / "bad")])
+    own = runner.invoke(app, ["eval", "pointing", *common, "--methods", "cam", "-o", str(tmp_path / "own")])
+    assert own.exit_code == 0 and "cam:features.18" in own.output, own.output   # no layer named: CAM's own
+    bad = runner.invoke(app, ["eval", "pointing", *common, "--methods", "cam", "--layer", "features.13",
+                              "-o", str(tmp_path / "bad")])
     assert bad.exit_code == 2
     assert bad.output.strip().splitlines()[-1] == (
         "error: cam: defined only at the last feature map 'features.18', not at 'features.13'")

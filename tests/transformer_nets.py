@@ -49,6 +49,11 @@ def convnext_tiny(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
 def vit_tiny(seed: int = 0, opset: int = 17, dynamo: bool = False, batch: int = 1) -> onnx.ModelProto:
     """torchvision's VisionTransformer: 32x32 input, 8x8 patches (a 4x4 grid), 2 layers of 2 heads
     (exported at a fixed ``batch``)."""
+    return _export(vit_tiny_module(seed), shape=(batch, 3, 32, 32), opset=opset, dynamo=dynamo)
+
+
+def vit_tiny_module(seed: int = 0):
+    """The torch module :func:`vit_tiny` exports (eval mode)."""
     import torch
     from torchvision.models.vision_transformer import VisionTransformer
 
@@ -59,7 +64,7 @@ def vit_tiny(seed: int = 0, opset: int = 17, dynamo: bool = False, batch: int = 
         model.class_token.normal_()
         model.encoder.pos_embedding.normal_(std=0.2)
         model.heads.head.weight.normal_(std=0.3)
-    return _export(model, shape=(batch, 3, 32, 32), opset=opset, dynamo=dynamo)
+    return model.eval()
 
 
 def deit_tiny(seed: int = 0, opset: int = 17, batch: int = 1) -> onnx.ModelProto:

@@ -37,7 +37,7 @@ from onnx import TensorProto, helper
 from .forward import ForwardGraph
 from .canonicalize import (LogitsChoice, canonicalize, default_opset, expose_maxpool_indices, folded_message,
                            infer_shapes)
-from ..methods import METHODS, get_method
+from ..methods import CAM_REDUCTIONS, METHODS, get_method
 from ..errors import ExciteError, UnsupportedModelError
 from .emitter import Emitter
 from ..io.modelfile import save_model
@@ -330,11 +330,13 @@ def validate(model, layers: Sequence[str], methods: Sequence[str], rule: str = "
     check_layers(graph, layers)
     rollout = find_rollout(graph) if any(m.kind == "rollout" for m in declared) else None
     for m in declared:
-        if m.layers != "any":
+        if m.layers in LAYER_WORDS:   # defined at one layer of its own
             own = method_layer(graph, m) if m.kind != "rollout" else rollout.layer
             for layer in layers:
                 if layer != own:
                     raise ExciteError(f"{m.name}: defined only at {LAYER_WORDS[m.layers]} {own!r}, not at {layer!r}")
+        if m.layers == "feature-maps":
+            check_feature_maps(graph, m.name, layers)
     wanted = _downstream(graph, layers) & _upstream(graph, graph.entry)
     nodes = path_nodes(graph, wanted)
     problems = find_unsupported(graph, nodes) if any(m.sweeps for m in declared) else []   # rollout: the forward only
@@ -372,6 +374,19 @@ def method_layer(graph: ForwardGraph, method) -> str | None:
     if method.layers == "attention-tokens":
         return find_rollout(graph).layer
     return None
+
+
+def check_feature_maps(graph: ForwardGraph, method: str, layers: Sequence[str]) -> None:
+    """Grad-CAM's layers: tensors with positions (rank >= 3: NCHW, channels-last, tokens), not
+    the model's input (its colour channels are no features to weight: use a pixel method there)."""
+    for layer in layers:
+        if layer in graph.input_names:
+            raise ExciteError(f"{method}: a class activation map of a feature layer, not of the model's input {layer!r}; "
+                              f"for a map at the input use grad, guided, mwp ...")
+        rank = graph.rank(layer)
+        if rank is not None and rank < 3:
+            raise ExciteError(f"{method}: needs a layer with positions (N, C, H, W), channels-last or tokens; "
+                              f"{layer!r} has rank {rank}")
 
 
 def cam_feature_map(graph: ForwardGraph, method: str = "cam") -> str:
@@ -515,8 +530,14 @@ def expose(plan: Plan, sweeps: dict, channels: bool = False, diagnostics: bool =
                                                           value=onnx.numpy_helper.from_array(np.zeros(1, np.float32))))
             return p
 
-        def reduced(method, p):
-            if get_method(method).reduce == "abs-max":
+        def act(layer=layer):
+            return plan.ctx.act(layer)
+
+        def reduced(method, p, a=act):
+            kind = get_method(method).reduce
+            if kind in CAM_REDUCTIONS:   # Grad-CAM: weights from P, applied to the activation
+                return g.class_activation_map(p, a(), rank, axis, plus=kind == "grad-cam++")
+            if kind == "abs-max":
                 return g.abs_max(p, rank, axis)
             return g.channel_sum(p, rank, axis)
 
@@ -524,7 +545,7 @@ def expose(plan: Plan, sweeps: dict, channels: bool = False, diagnostics: bool =
         grid = token_grid(graph, layer)
         if grid is not None:   # tokens: the patch tokens' map on the patch grid, the other tokens dropped
             map_rank = 3
-            reduced = _on_grid(g, grid, reduced)
+            reduced = _on_grid(g, grid, reduced, act)
         for name in plan.methods:
             method = get_method(name)
             if method.kind == "rollout":   # from the forward attention weights; no P, no channels, no mass
@@ -561,11 +582,17 @@ def _patch_tokens(g: Emitter, grid, t: str) -> str:
     return g.op("Slice", [t, g.i64([grid.offset]), g.i64([grid.offset + grid.h * grid.w]), g.i64([1])], hint="patches")
 
 
-def _on_grid(g: Emitter, grid, reduce):
-    """``reduce`` (P -> its (N, T) token map) followed by the patch tokens laid out as (N, h, w)."""
+def _on_grid(g: Emitter, grid, reduce, act):
+    """``reduce`` (P -> its (N, T) token map) followed by the patch tokens laid out as (N, h, w).
+    A class activation map (Grad-CAM) is computed on the patch tokens alone: its positions, whose
+    means and sums give the channel weights, are the patches."""
     def on_grid(method, p):
-        m = reduce(method, p)
-        return g.op("Reshape", [_patch_tokens(g, grid, m), g.i64([0, grid.h, grid.w])], hint="map_grid")
+        if get_method(method).reduce in CAM_REDUCTIONS:
+            patches = _patch_tokens(g, grid, act())
+            m = reduce(method, _patch_tokens(g, grid, p), lambda: patches)
+        else:
+            m = _patch_tokens(g, grid, reduce(method, p))
+        return g.op("Reshape", [m, g.i64([0, grid.h, grid.w])], hint="map_grid")
     return on_grid
 
 

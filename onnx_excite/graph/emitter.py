@@ -391,6 +391,23 @@ class Emitter:
             return self.reduce("ReduceMax", self.op("Abs", [p]), [axis], keepdims=0, hint="map")
         return self.op("Abs", [p], hint="map")
 
+    def class_activation_map(self, p: str, a: str, rank: int, axis: int = 1, plus: bool = False) -> str:
+        """Grad-CAM's map before its ReLU: sum over the channel ``axis`` of w_c A_c, with A the
+        activation and P its gradient (rank >= 3; the positions are the other non-batch axes).
+        Grad-CAM: w_c = the mean of P_c over the positions. Grad-CAM++ (``plus``): w_c = the sum
+        over the positions of alpha ReLU(P_c), alpha = P^2 / (2 P^2 + S_c P^3), S_c = the sum of
+        A_c over the positions; where ReLU(P) > 0 this is ReLU(P) / (2 + S_c P), emitted so
+        (no cube to underflow), 0 where 2 + S_c P is 0."""
+        positions = [i for i in range(1, rank) if i != axis]
+        if plus:
+            total = self.reduce("ReduceSum", a, positions, keepdims=1, hint="cam_act_sum")
+            den = self.add(self.scalar(2.0), self.mul(total, p))
+            alpha_relu = self.mul(self.relu(p), self.safe_reciprocal(den))
+            weights = self.reduce("ReduceSum", alpha_relu, positions, keepdims=1, hint="cam_weights")
+        else:
+            weights = self.reduce("ReduceMean", p, positions, keepdims=1, hint="cam_weights")
+        return self.op("ReduceSum", [self.mul(weights, a), self.i64([axis])], keepdims=0, hint="map")
+
     def l1_normalised(self, m: str, rank: int) -> str:
         """m / sum |m| per sample (over every non-batch axis), exactly 0 where the sum is 0."""
         if rank <= 1:

@@ -436,8 +436,14 @@ def average_pool(ctx: Context, node, p: str, negate=False):
 
     def count():
         """The pool's divisor: the window size, or (count_include_pad=0 with padding) the
-        number of non-pad elements per window."""
-        if attr(node, "count_include_pad", 0) or not any(spec.pads):
+        number of non-pad elements per window; with count_include_pad=1 the declared pads count
+        but not the end of a ceil-mode window past them (ONNX Runtime's divisor there)."""
+        if attr(node, "count_include_pad", 0):
+            declared = explicit_pads(node, spec.kernel, spec.strides, spec.dilations, spec.in_spatial)
+            if declared == list(spec.pads):
+                return float(np.prod(spec.kernel))
+            return ctx.g.const(_declared_window_counts(spec, declared), "pool_count")
+        if not any(spec.pads):
             return float(np.prod(spec.kernel))
         g = ctx.g
         ones_like = g.op("ConstantOfShape", [g.shape(a)], value=onnx.numpy_helper.from_array(np.ones(1, np.float32)))
@@ -447,6 +453,22 @@ def average_pool(ctx: Context, node, p: str, negate=False):
                         forward=lambda x, wp: spec.conv(ctx, x, wp),
                         transpose=lambda r, wp: spec.conv_transpose(ctx, r, wp, like=a), family="pool", count=count)
     return {a: out}
+
+
+def _declared_window_counts(spec: ConvSpec, declared: list[int]) -> np.ndarray:
+    """(1, 1, *out) float32: per window, its cells inside the input widened by the ``declared``
+    pads (static sizes: a ceil-mode pool has them, :func:`avgpool_check`)."""
+    n = len(spec.kernel)
+    per_axis = []
+    for i in range(n):
+        lo, hi = -declared[i], spec.in_spatial[i] + declared[i + n]
+        starts = np.arange(spec.out_spatial[i]) * spec.strides[i] - declared[i]
+        cells = starts[:, None] + np.arange(spec.kernel[i])[None, :] * spec.dilations[i]
+        per_axis.append(((cells >= lo) & (cells < hi)).sum(axis=1))
+    counts = per_axis[0]
+    for c in per_axis[1:]:
+        counts = np.multiply.outer(counts, c)
+    return counts.reshape((1, 1) + counts.shape).astype(np.float32)
 
 
 def _global_pool(ctx: Context, node, a: str, p: str, axes: list[int]):
