@@ -228,3 +228,37 @@ def test_progress_lines_off_a_terminal_and_the_bar_on_one(setup, tmp_path, monke
     explain_files([many], _opts(model, tmp_path / "o", outputs="npy,record"), console=term)
     shown = term.file.getvalue()
     assert "images/s" in shown and "ETA" in shown and "explaining (2 classes per image)" in shown
+
+
+def test_bench_explain_rows_per_outputs_and_format(setup, tmp_path, monkeypatch):
+    """bench-explain --outputs/--format: one row per combination (a format once for outputs
+    without overlays or panels), each run writing just those files (seen through the explain
+    call it makes), the graph's own images/s printed."""
+    import onnx_excite.apps.explain as explain_mod
+    from onnx_excite.apps.bench_explain import run_explain_bench
+
+    root, src, model = setup
+    seen, original = [], explain_mod.explain_files
+
+    def spy(inputs, opts, **kw):   # run_explain_bench imports explain_files when it runs
+        summary = original(inputs, opts, **kw)
+        seen.append(sorted(p.suffix for p in Path(opts.out_dir).iterdir() if not p.name.startswith(".")))
+        return summary
+
+    monkeypatch.setattr(explain_mod, "explain_files", spy)
+    report = run_explain_bench([src], _opts(model, tmp_path / "unused"), workers=(1,), rounds=1,
+                               outputs=["overlay", "npy", "record,overlay"], formats=["png", "jpg"])
+    monkeypatch.setattr(explain_mod, "explain_files", original)
+    assert [r.name for r in report.rows] == [
+        "graph (Exciter.explain)", "explain folder, workers 1, outputs overlay",
+        "explain folder, workers 1, outputs overlay, jpg", "explain folder, workers 1, outputs npy",
+        "explain folder, workers 1, outputs overlay,record", "explain folder, workers 1, outputs overlay,record, jpg"]
+    assert seen == [[".png"] * 4, [".jpg"] * 4, [".npy"] * 4, [".jsonl"] + [".png"] * 4,
+                                    [".jpg"] * 4 + [".jsonl"]]
+    res = runner.invoke(app, ["bench-explain", str(model), str(src), "-l", "r1", "-m", "mwp", "--rounds", "1",
+                              "--workers", "1", "--outputs", "npy", "--format", "webp"])
+    assert res.exit_code == 0, res.output
+    assert "ratio explain folder (workers 1, outputs npy) / graph:" in res.output
+    assert re.search(r"graph alone: [\d.]+ images/s", res.output)
+    bad = runner.invoke(app, ["bench-explain", str(model), str(src), "-l", "r1", "--outputs", "png"])
+    assert bad.exit_code == 2 and "unknown output 'png'" in bad.output
