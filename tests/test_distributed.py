@@ -275,3 +275,10 @@ def test_explain_on_ray_writes_the_chosen_outputs(local_ray, model_path, photos,
     assert not (tmp_path / "ray" / "explanations.jsonl").exists()
     _, again = explain_on_ray([str(photos)], ExplainOptions(out_dir=tmp_path / "ray", **opts), SETTINGS)
     assert (again.resumed, again.done) == (0, 3)
+
+
+def test_explain_on_ray_without_records_refuses_the_input_folder(model_path, photos):
+    with pytest.raises(ExciteError, match="without record into a folder of input images"):
+        explain_on_ray([str(photos)], ExplainOptions(model=model_path, layers=["feat"], out_dir=photos,
+                                                     outputs="overlay"), SETTINGS)
+    assert sorted(p.name for p in photos.iterdir()) == ["broken.jpg", "dog.jpg", "eagle.jpg", "horses.jpg"]

@@ -262,3 +262,28 @@ def test_bench_explain_rows_per_outputs_and_format(setup, tmp_path, monkeypatch)
     assert re.search(r"graph alone: [\d.]+ images/s", res.output)
     bad = runner.invoke(app, ["bench-explain", str(model), str(src), "-l", "r1", "--outputs", "png"])
     assert bad.exit_code == 2 and "unknown output 'png'" in bad.output
+
+
+def test_jpg_overlays_in_the_input_folder_are_not_explained_again(setup, tmp_path):
+    """-o the input folder with --format jpg: the records list the .jpg overlays, so a re-run
+    neither takes them for photos nor redoes the photos."""
+    root, src, model = setup
+    folder = tmp_path / "photos"
+    shutil.copytree(src, folder)
+    first = explain_files([folder], _opts(model, folder, outputs="overlay,record", format="jpg"))
+    assert len(first.records) == 2 and len(list(folder.glob("*.mwp.r1.jpg"))) == 4
+    again = explain_files([folder], _opts(model, folder, outputs="overlay,record", format="jpg"))
+    assert again.skipped == 2 and again.images == 0 and len(again.records) == 2
+
+
+def test_the_large_job_warning_names_the_files_chosen():
+    from types import SimpleNamespace
+
+    from onnx_excite.apps.explain import warn_if_large
+
+    said = []
+    setup = SimpleNamespace(per_image=1, layers=["a", "b"])
+    for outputs in ("overlay,npy,panel", "record"):
+        warn_if_large(1500, setup, SimpleNamespace(methods=("mwp",), outputs=outputs), said.append)
+    assert said == ["1500 image(s) x 1 classes x 1 method(s) x 2 layer(s): 3000 maps, each with its .npy and overlay, "
+                    "plus 1500 panels", "1500 image(s) x 1 classes x 1 method(s) x 2 layer(s): 3000 maps"]

@@ -374,6 +374,9 @@ def explain_on_ray(inputs: Sequence, opts, settings: RaySettings, on_error: Opti
     out_dir = output_dir(opts.out_dir)
     opts = dataclasses.replace(opts, out_dir=out_dir)
     keep = "record" in parse_outputs(opts.outputs)   # without it: no explanations.jsonl, nothing to resume from
+    if not keep and any(not is_uri(str(f)) and Path(f).resolve().parent == out_dir.resolve() for f in files):
+        raise ExciteError(f"--outputs without record into a folder of input images ({out_dir}): a later run could not "
+                          f"tell the overlays from the photos; choose another -o or add record")
     store = RecordStore(out_dir, keep=keep)
     if store.skipped and warn is not None:
         warn(f"{store.path}: {len(store.skipped)} line(s) are no records and are dropped ({store.skipped[0]})")
