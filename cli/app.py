@@ -85,6 +85,14 @@ def _hidden_output_alias():
     return typer.Option(None, "--output", hidden=True, help="older name of --logits")
 
 
+EXPLAIN_OUTPUTS = ("overlay", "panel", "npy", "image-npy", "record")   # apps.explain.OUTPUTS (a test keeps them equal)
+OUTPUTS_HELP = ("what is written per image, a comma list of overlay (one per class, method and layer), panel (one "
+                "per class), npy (the map at layer resolution), image-npy (the map upsampled to the image, float16), "
+                "record (the line in explanations.jsonl that lets a re-run skip the image); default: all. Without "
+                "record nothing is kept for a re-run: each run explains every image again")
+FORMAT_HELP = "overlays and panels as png (lossless), jpg or webp (quality 90: smaller, faster to write)"
+
+
 def _note_logits(choice) -> None:
     """Say which output is explained when the model offered several and none was named."""
     if choice is not None and choice.chosen_among_several:
@@ -344,11 +352,13 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
             masks: int = MASKS, mask_cells: int = MASK_CELLS, mask_p: float = MASK_P,
             seed: int = typer.Option(0, help="seed of RISE's masks (the same masks for every image)"),
             mask_batch: int = MASK_BATCH,
+            outputs: str = typer.Option(",".join(EXPLAIN_OUTPUTS), "--outputs", help=OUTPUTS_HELP),
+            image_format: str = typer.Option("png", "--format", help=FORMAT_HELP),
             ray: Optional[str] = RAY, actors: int = ACTORS, ray_batch: int = RAY_BATCH,
             cpus_per_actor: float = CPUS, gpus_per_actor: float = GPUS):
-    """Write maps (.npy at layer resolution and upsampled to the image) and overlays (.png) per image.
+    """Write maps (.npy at layer resolution and upsampled to the image), overlays and panels (.png, .jpg or .webp) and a record per image.
 
-    Re-running with the same settings skips images whose outputs are complete.
+    Re-running with the same settings skips images whose outputs are complete (their records say so).
     """
     from onnx_excite.apps.explain import ExplainOptions, explain_files
 
@@ -357,7 +367,7 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
                           size=size, mean=mean, std=std, batch_size=batch_size, combine=combine, colorbar=colorbar,
                           scale=scale, alpha=alpha, cmap=cmap, full_res=full_res, logits=logits, blur=blur, device=device,
                           workers=workers, masks=masks, mask_cells=mask_cells, mask_p=mask_p, seed=seed,
-                          mask_batch=mask_batch)
+                          mask_batch=mask_batch, outputs=outputs, format=image_format)
     settings = ray_settings(ray, actors, ray_batch, cpus_per_actor, gpus_per_actor)
     if settings is not None:
         from onnx_excite.apps.distributed import explain_on_ray
@@ -377,7 +387,9 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
         out.print(f"skipped {summary.skipped} image(s) already explained with these settings", markup=False)
     if settings is not None:
         print_run_summary(out, "explained", stats)
-    out.print(f"wrote {summary.written} file(s) to {out_dir}", markup=False)
+    out.print(f"wrote {summary.written} file(s) to {out_dir} for {summary.images} image(s) in "
+              f"{summary.seconds:.{1 if summary.seconds >= 10 else 2}f} s, "
+              f"{summary.images_per_s:.2f} images/s", markup=False, soft_wrap=True)
     if summary.failed:
         err.print(f"error: {summary.failed} input(s) could not be read or explained", markup=False)
         raise typer.Exit(2)

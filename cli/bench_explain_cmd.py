@@ -25,6 +25,10 @@ def bench_explain(model: str = typer.Argument(..., help="ONNX classifier path, o
                                                               "default: explain's default, and 1)"),
                   rounds: int = typer.Option(3, help="interleaved rounds (medians are reported)"),
                   size: Optional[int] = typer.Option(None, help="as explain's --size"),
+                  outputs: Optional[List[str]] = typer.Option(None, "--outputs", help="explain's --outputs (repeatable: "
+                                                              "one row each; default: explain's, every file)"),
+                  image_format: Optional[List[str]] = typer.Option(None, "--format", help="explain's --format for the "
+                                                                   "overlays and panels (repeatable: one row each; default png)"),
                   device: str = typer.Option("auto", help="cpu, cuda or auto")):
     """Images/s of `explain` over the images (every file written, into a temporary folder) beside the
     companion graph's own images/s (Exciter.explain on the same preprocessed images, same batches), and their ratio."""
@@ -36,7 +40,8 @@ def bench_explain(model: str = typer.Argument(..., help="ONNX classifier path, o
                           device=device)
     settings = list(dict.fromkeys(workers or [default_workers(), 1]))
     load = f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "?"
-    report = run_explain_bench(inputs, opts, workers=settings, rounds=rounds)
+    report = run_explain_bench(inputs, opts, workers=settings, rounds=rounds, outputs=outputs or (),
+                               formats=image_format or ())
     sizes = ", ".join("x".join(map(str, s)) for s in report.input_sizes)
     table = Table("variant", "images", "median s", "images/s", "x graph",
                   title=f"{Path(model).name}: {report.images} images, input {sizes}, batch {report.batch_size}, "
@@ -46,6 +51,8 @@ def bench_explain(model: str = typer.Argument(..., help="ONNX classifier path, o
                       f"{row.images_per_s:.2f}", f"{report.ratio(row):.2f}")
     out.print(table)
     for row in report.rows[1:]:
-        out.print(f"ratio explain folder (workers {row.workers}) / graph: {report.ratio(row):.2f}", markup=False)
+        label = row.name.removeprefix("explain folder, ")
+        out.print(f"ratio explain folder ({label}) / graph: {report.ratio(row):.2f}", markup=False)
+    out.print(f"graph alone: {report.graph.images_per_s:.2f} images/s", markup=False)
     out.print(f"medians of {rounds} interleaved round(s); explain's times include loading the model and writing every "
               f"file; CPUs {os.cpu_count()}, load average at the start {load}", markup=False)

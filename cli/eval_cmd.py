@@ -47,12 +47,29 @@ def print_result(res, out, err) -> None:
                   f"{res.problems[0]}", markup=False, soft_wrap=True)
 
 
-def _progress_bar(console):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+#: seconds between the progress lines printed when stderr is not a terminal (a log, a pipe)
+PROGRESS_EVERY_S = 10.0
 
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=console, transient=True)
+
+class _Progress:
+    """``on_progress(done, total)`` for the library: a bar with images/s and the ETA on a
+    terminal, a line every PROGRESS_EVERY_S seconds otherwise; started with the first report."""
+
+    def __init__(self, console, description: str):
+        self.console, self.description, self.bar = console, description, None
+
+    def __call__(self, done, total) -> None:
+        if self.bar is None:
+            from onnx_excite.io.progress import ImageProgress
+
+            self.bar = ImageProgress(self.console, self.description, total, minimum=1, lines=True,
+                                     every_s=PROGRESS_EVERY_S)
+            self.bar.__enter__()
+        self.bar.update(done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
 
 
 def _eval(protocol: str, data: Path, fmt: str, model: str, methods: str, layer: Optional[List[str]],
@@ -68,20 +85,11 @@ def _eval(protocol: str, data: Path, fmt: str, model: str, methods: str, layer: 
                   logits=logits, blur=blur, device=device, rise=rise, seed=seed)
     t0 = time.perf_counter()
     if settings is None:  # one process: our own progress bar, started with the first image; on Ray, Ray Data's
-        bar = {}
-
-        def on_progress(done, total):
-            if not bar:
-                bar["p"] = _progress_bar(err)
-                bar["p"].start()
-                bar["t"] = bar["p"].add_task(protocol, total=total)
-            bar["p"].update(bar["t"], completed=done)
-
+        on_progress = _Progress(err, protocol)
         try:
             res = run_evaluation(**kwargs, on_progress=on_progress)
         finally:
-            if bar:
-                bar["p"].stop()
+            on_progress.close()
     else:
         res = run_evaluation(**kwargs)
     print_result(res, out, err)
@@ -190,15 +198,7 @@ def eval_faithfulness(data: Path = typer.Option(..., "--data", help="VOC folder,
 
     pert = Perturbation(steps=steps, step_pixels=step_pixels, baseline=baseline, blur_sigma=blur_sigma,
                         imputation=imputation, batch_size=batch_size)
-    bar = {}
-
-    def on_progress(done, total):
-        if not bar:
-            bar["p"] = _progress_bar(err)
-            bar["p"].start()
-            bar["t"] = bar["p"].add_task("faithfulness", total=total)
-        bar["p"].update(bar["t"], completed=done)
-
+    on_progress = _Progress(err, "faithfulness")
     try:
         res = run_faithfulness(str(data), fmt, model, [m.strip() for m in methods.split(",") if m.strip()],
                                layer or None, mapping, str(out_dir), size, resize="square" if square else "shorter",
@@ -206,8 +206,7 @@ def eval_faithfulness(data: Path = typer.Option(..., "--data", help="VOC folder,
                                seed=seed, n_boot=bootstrap, limit=limit, on_progress=on_progress,
                                rise=_rise(masks, mask_cells, mask_p, seed, mask_batch))
     finally:
-        if bar:
-            bar["p"].stop()
+        on_progress.close()
     print_result(res, out, err)
     c = res.counts
     out.print(f"  {c['images_per_s']} images/s, {c['forward_inputs']} perturbed inputs ({c['inputs_per_s']} inputs/s)",

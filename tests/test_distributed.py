@@ -263,3 +263,25 @@ def test_ray_missing_is_one_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)
     with pytest.raises(ExciteError, match=r"pip install 'onnx-excite\[ray\]'"):
         import_ray()
+
+
+def test_explain_on_ray_writes_the_chosen_outputs(local_ray, model_path, photos, tmp_path):
+    """--outputs overlay --format jpg on Ray: the files of one process, byte for byte, and no
+    explanations.jsonl (nothing to resume from: a re-run explains every image again)."""
+    opts = dict(model=model_path, layers=["feat"], methods=("mwp",), top=1, batch_size=2, outputs="overlay",
+                format="jpg")
+    one = explain_files([photos], ExplainOptions(out_dir=tmp_path / "one", **opts))
+    summary, stats = explain_on_ray([str(photos)], ExplainOptions(out_dir=tmp_path / "ray", **opts), SETTINGS)
+    a, b = _files(tmp_path / "one"), _files(tmp_path / "ray")
+    assert sorted(a) == sorted(b) and len(a) == 3 and all(n.endswith(".mwp.feat.jpg") for n in a)
+    assert a == b and summary.written == one.written == 3 and summary.images == 3
+    assert not (tmp_path / "ray" / "explanations.jsonl").exists()
+    _, again = explain_on_ray([str(photos)], ExplainOptions(out_dir=tmp_path / "ray", **opts), SETTINGS)
+    assert (again.resumed, again.done) == (0, 3)
+
+
+def test_explain_on_ray_without_records_refuses_the_input_folder(model_path, photos):
+    with pytest.raises(ExciteError, match="without record into a folder of input images"):
+        explain_on_ray([str(photos)], ExplainOptions(model=model_path, layers=["feat"], out_dir=photos,
+                                                     outputs="overlay"), SETTINGS)
+    assert sorted(p.name for p in photos.iterdir()) == ["broken.jpg", "dog.jpg", "eagle.jpg", "horses.jpg"]

@@ -1,8 +1,9 @@
 """Benchmark of `explain` over a folder against the companion graph's own speed.
 
 * **explain folder**: :func:`~onnx_excite.apps.explain.explain_files` end to end (model load,
-  decoding, the runs, every map, overlay, panel and record written) into a fresh temporary
-  folder, once per ``workers`` setting and round;
+  decoding, the runs, the files ``outputs`` chooses, in ``format``) into a fresh temporary
+  folder, once per ``workers`` setting, ``outputs`` choice and ``format`` (a format only
+  with outputs that hold overlays or panels) and round;
 * **graph**: :meth:`~onnx_excite.run.runtime.Exciter.explain` alone on the same images,
   decoded and preprocessed beforehand, in the batches `explain` forms (consecutive images of
   one input size, at most ``batch_size``), with the runs `explain` makes per batch (one per
@@ -31,6 +32,8 @@ from ..errors import ExciteError
 class ExplainBenchRow:
     name: str
     workers: int | None            # None: the graph alone
+    outputs: tuple = ()            # explain's --outputs (the files written)
+    format: str = "png"            # explain's --format
     seconds: list = field(default_factory=list)   # per round
     images: int = 0
 
@@ -70,10 +73,38 @@ def _batches(arrays: Sequence[np.ndarray], batch_size: int) -> list:
     return out
 
 
+def _variants(workers, outputs, formats) -> list:
+    """(workers, outputs, format) rows: every combination, a format only once for outputs
+    without overlays or panels (it changes nothing there)."""
+    from ..render.overlay import image_format
+    from .explain import DEFAULT_OUTPUTS, _writes_images, parse_outputs
+
+    chosen = list(dict.fromkeys(parse_outputs(o) for o in (outputs or [DEFAULT_OUTPUTS])))
+    fmts = list(dict.fromkeys(image_format(f) for f in (formats or ["png"])))
+    rows = []
+    for w in workers:
+        for o in chosen:
+            for f in (fmts if _writes_images(o) else fmts[:1]):
+                rows.append((w, o, f))
+    return rows
+
+
+def _row_name(workers, outputs, fmt) -> str:
+    from .explain import DEFAULT_OUTPUTS, _writes_images
+
+    name = f"workers {workers}"
+    if outputs != DEFAULT_OUTPUTS:
+        name += f", outputs {','.join(outputs)}"
+    if fmt != "png" and _writes_images(outputs):
+        name += f", {fmt}"
+    return name
+
+
 def run_explain_bench(inputs, opts, workers: Sequence[int] = (1,), rounds: int = 3,
-                      progress=None) -> ExplainBenchReport:
-    """Time `explain` over ``inputs`` with ``opts`` (its ``out_dir`` and ``workers`` are
-    replaced: each run writes into a fresh temporary folder) for each ``workers`` setting
+                      progress=None, outputs: Sequence = (), formats: Sequence[str] = ()) -> ExplainBenchReport:
+    """Time `explain` over ``inputs`` with ``opts`` (its ``out_dir``, ``workers``, ``outputs`` and
+    ``format`` are replaced: each run writes into a fresh temporary folder) for each
+    ``workers`` setting, ``outputs`` choice (default: explain's) and format (default png)
     against the graph alone; ``progress(done, total)`` after each timed run."""
     from ..graph.canonicalize import first_input_name
     from ..io.checks import at_least
@@ -87,6 +118,7 @@ def run_explain_bench(inputs, opts, workers: Sequence[int] = (1,), rounds: int =
     if opts.graph_methods != tuple(opts.methods):
         raise ExciteError("bench-explain times the companion graph: black-box methods (rise) have none; "
                           "time `explain -m rise` itself")
+    variants = _variants(workers, outputs, formats)
     setup = explain_setup(opts)
     files = expand_inputs(inputs)
     arrays = []
@@ -135,7 +167,7 @@ def run_explain_bench(inputs, opts, workers: Sequence[int] = (1,), rounds: int =
         ex = exciter(shape)
         ex.explain(x, None if ex.top1 else 0)
     rows = [ExplainBenchRow("graph (Exciter.explain)", None, images=len(arrays))]
-    rows += [ExplainBenchRow(f"explain folder, workers {w}", w, images=len(arrays)) for w in workers]
+    rows += [ExplainBenchRow(f"explain folder, {_row_name(w, o, f)}", w, o, f, images=len(arrays)) for w, o, f in variants]
     total, done = rounds * len(rows), 0
     for _ in range(rounds):
         for row in rows:
@@ -145,7 +177,8 @@ def run_explain_bench(inputs, opts, workers: Sequence[int] = (1,), rounds: int =
                 folder = Path(tempfile.mkdtemp(prefix="onnx-excite-bench-"))
                 try:
                     start = time.perf_counter()
-                    summary = explain_files(inputs, dataclasses.replace(opts, out_dir=folder, workers=row.workers))
+                    summary = explain_files(inputs, dataclasses.replace(opts, out_dir=folder, workers=row.workers,
+                                                                        outputs=row.outputs, format=row.format))
                     row.seconds.append(time.perf_counter() - start)
                 finally:
                     shutil.rmtree(folder, ignore_errors=True)

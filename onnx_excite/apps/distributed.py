@@ -361,7 +361,7 @@ def explain_on_ray(inputs: Sequence, opts, settings: RaySettings, on_error: Opti
     in input order at the end); images whose record with the same settings and all its output
     files are already there are skipped."""
     from ..io.checks import output_dir
-    from .explain import ExplainSummary, explain_setup, warn_if_large
+    from .explain import ExplainSummary, explain_setup, parse_outputs, warn_if_large
     from ..io.records import RecordStore
 
     t0 = time.perf_counter()
@@ -373,7 +373,11 @@ def explain_on_ray(inputs: Sequence, opts, settings: RaySettings, on_error: Opti
     warn_if_large(len(files), setup, opts, warn)
     out_dir = output_dir(opts.out_dir)
     opts = dataclasses.replace(opts, out_dir=out_dir)
-    store = RecordStore(out_dir)
+    keep = "record" in parse_outputs(opts.outputs)   # without it: no explanations.jsonl, nothing to resume from
+    if not keep and any(not is_uri(str(f)) and Path(f).resolve().parent == out_dir.resolve() for f in files):
+        raise ExciteError(f"--outputs without record into a folder of input images ({out_dir}): a later run could not "
+                          f"tell the overlays from the photos; choose another -o or add record")
+    store = RecordStore(out_dir, keep=keep)
     if store.skipped and warn is not None:
         warn(f"{store.path}: {len(store.skipped)} line(s) are no records and are dropped ({store.skipped[0]})")
     names = [str(f) for f in files]
@@ -422,11 +426,12 @@ def explain_on_ray(inputs: Sequence, opts, settings: RaySettings, on_error: Opti
     # the final file: records of other images first, then this job's inputs in input order
     if new:
         store.reorder([n for n in names if n in new or n in done_before], setup.settings)
-    if new or done_before:
+    if (new or done_before) and keep:
         summary.written += 1
     summary.records = [new[n] if n in new else done_before[n] for n in names if n in new or n in done_before]
     summary.failed = stats.failed
     stats.seconds = time.perf_counter() - t0
+    summary.images, summary.seconds = len(new), stats.seconds
     return summary, stats
 
 

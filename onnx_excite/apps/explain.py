@@ -19,6 +19,31 @@ from ..methods import DEFAULT_METHODS
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
 
+#: what `explain` can write per image (``--outputs``), in the order they are listed:
+#: overlay: one overlay per class, method and layer; panel: one panel per class (and, with
+#: several classes, one of all of them); npy: the map at layer resolution; image-npy: the map
+#: upsampled to the image (float16); record: the image's line in explanations.jsonl
+OUTPUTS = ("overlay", "panel", "npy", "image-npy", "record")
+#: the default: everything (the upsampled maps and the records are documented outputs that
+#: scripts read; ``--outputs overlay,panel,record`` is the light choice)
+DEFAULT_OUTPUTS = OUTPUTS
+
+
+def parse_outputs(value) -> tuple:
+    """``--outputs``: a comma list (or a sequence) of :data:`OUTPUTS`, in that order; one error
+    line naming the choices for anything else."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    chosen = [str(v).strip().lower() for v in items if str(v).strip()]
+    unknown = [v for v in chosen if v not in OUTPUTS]
+    if unknown or not chosen:
+        what = f"unknown output {unknown[0]!r}" if unknown else "no output chosen"
+        raise ExciteError(f"--outputs: {what}; choose a comma list of {', '.join(OUTPUTS)}")
+    return tuple(o for o in OUTPUTS if o in chosen)
+
+
+def _writes_images(outputs) -> bool:
+    return "overlay" in outputs or "panel" in outputs
+
 
 @dataclass
 class ExplainOptions:
@@ -43,6 +68,8 @@ class ExplainOptions:
     blur: bool = True          # the paper's Gaussian blur of the image-space maps of methods declared with it
     device: str = "auto"       # cpu | cuda | auto (see onnx_excite.run.devices)
     workers: int | None = None  # threads decoding images ahead and writing outputs behind (None: default_workers(); 1: none)
+    outputs: tuple = DEFAULT_OUTPUTS   # what is written per image: any of OUTPUTS (a tuple or a comma string)
+    format: str = "png"        # overlays and panels: png (lossless), jpg or webp (quality 90)
     # RISE (method "rise", onnx_excite.apps.rise): its masks and the batch of masked inputs per forward
     masks: int = 1000
     mask_cells: int = 7
@@ -76,6 +103,12 @@ class ExplainSummary:
     logits_choice: object = None   # canonicalize.LogitsChoice: which output was explained, and why
     providers: list = field(default_factory=list)   # the ONNX Runtime providers really used
     notes: list = field(default_factory=list)        # what was assumed for the model (layer, preprocessing)
+    seconds: float = 0.0       # the whole run, model load included
+    images: int = 0            # images explained in this run (not the skipped or failed)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
 def _matches(pattern: str) -> list[Path]:
@@ -179,9 +212,19 @@ def parse_targets(targets: Sequence[str], class_names: list[str] | None, k: int)
 
 
 def _settings(opts: ExplainOptions, layers, resize: str, size, mean, std) -> dict:
-    """What a record depends on: a re-run with the same settings skips finished images."""
-    rise = {"rise": opts.rise.tag} if "rise" in opts.methods else {}
-    return {**rise, "model": str(opts.model), "layers": list(layers), "methods": list(opts.methods), "rule": opts.rule,
+    """What a record depends on: a re-run with the same settings skips finished images. The
+    files chosen (``outputs``, ``record`` aside) and their ``format`` are keys only when they
+    are not the default, so records of the default outputs read the same as before."""
+    from ..render.overlay import image_format
+
+    outputs = parse_outputs(opts.outputs)
+    extra = {"rise": opts.rise.tag} if "rise" in opts.methods else {}
+    if outputs != DEFAULT_OUTPUTS:
+        extra["outputs"] = [o for o in outputs if o != "record"]
+    fmt = image_format(opts.format)
+    if fmt != "png" and _writes_images(outputs):
+        extra["format"] = fmt
+    return extra | {"model": str(opts.model), "layers": list(layers), "methods": list(opts.methods), "rule": opts.rule,
             "targets": [str(t) for t in opts.targets] or None, "top": None if opts.targets else opts.top,
             "combine": bool(opts.combine), "resize": resize, "size": list(size) if isinstance(size, tuple) else size,
             "mean": list(mean), "std": list(std), "scale": opts.scale, "alpha": float(opts.alpha), "cmap": opts.cmap,
@@ -220,6 +263,10 @@ def _validate(opts: ExplainOptions):
         at_least(opts.size, 1, "--size")
     if opts.scale not in SCALES:
         raise ExciteError(f"--scale must be one of {', '.join(SCALES)}, not {opts.scale!r}")
+    from ..render.overlay import image_format
+
+    parse_outputs(opts.outputs)
+    image_format(opts.format)
     from ..methods import get_any_method, method_help
 
     if not opts.methods:
@@ -337,8 +384,12 @@ def warn_if_large(n_files: int, setup: ExplainSetup, opts: ExplainOptions, warn)
     maps_total = n_files * setup.per_image * (len(opts.graph_methods) * len(setup.layers) + len(opts.methods)
                                               - len(opts.graph_methods))
     if warn is not None and (setup.per_image > 10 or maps_total > 2000):
+        outputs = parse_outputs(opts.outputs)
+        each = [what for key, what in (("npy", ".npy"), ("image-npy", "image-size .npy"), ("overlay", "overlay"))
+                if key in outputs]
+        panels = f", plus {n_files * setup.per_image} panels" if "panel" in outputs else ""
         warn(f"{n_files} image(s) x {setup.per_image} classes x {len(opts.methods)} method(s) x {max(1, len(setup.layers))} "
-             f"layer(s): {maps_total} maps, each with its .npy files and overlay, plus {n_files * setup.per_image} panels")
+             f"layer(s): {maps_total} maps" + (f", each with its {' and '.join(each)}" if each else "") + panels)
 
 
 def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, errors=None, warn=None,
@@ -358,11 +409,15 @@ def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, er
     record is stored, in input order, only once all its files are written. The files are the
     same, byte for byte, as with ``workers=1`` (everything in the calling thread).
     """
+    import time
+
     from ..io.checks import output_dir
     from ..io.images import load_image
     from ..io.records import FolderLock, RecordStore, output_paths
 
+    start = time.perf_counter()
     setup = explain_setup(opts, warn)
+    records_kept = "record" in parse_outputs(opts.outputs)
     files = expand_inputs(inputs)
     if not files:
         raise ExciteError("no input images found")
@@ -370,11 +425,14 @@ def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, er
     per_image, settings = setup.per_image, setup.settings
     out_dir = output_dir(opts.out_dir)
     opts = dataclasses.replace(opts, out_dir=out_dir)
-    store = RecordStore(out_dir)
+    store = RecordStore(out_dir, keep=records_kept)
     written = {p.resolve() for r in store.records.values() for p in output_paths(r)}
     files = [f for f in files if f.resolve() not in written]   # -o may be the input folder
     if not files:
         raise ExciteError("no input images found (besides the outputs of earlier runs)")
+    if not records_kept and any(f.resolve().parent == out_dir.resolve() for f in files):
+        raise ExciteError(f"--outputs without record into a folder of input images ({out_dir}): a later run could not "
+                          f"tell the overlays from the photos; choose another -o or add record")
     if store.skipped and warn is not None:
         warn(f"{store.path}: {len(store.skipped)} line(s) are no records and are dropped ({store.skipped[0]})")
     workers = opts.workers or default_workers()
@@ -385,7 +443,7 @@ def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, er
 
     pending: list = []
     black_box = len(opts.graph_methods) < len(opts.methods)
-    with FolderLock(out_dir), _progress(console, len(files) * per_image, per_image, black_box) as advance, \
+    with FolderLock(out_dir), _progress(console, len(files), per_image, black_box) as advance, \
             _Writes(workers, 2 * workers) as writes, _Ahead(decode, 1 if workers > 1 else 0, opts.batch_size) as ahead:
         run = _Run(setup.model, setup.layers, opts, setup.class_names, {p.resolve() for p in files}, setup.style, store,
                    settings, on_record, writes=writes, layout=setup.layout)
@@ -432,8 +490,10 @@ def explain_files(inputs: Sequence[Path], opts: ExplainOptions, console=None, er
     for message in run.failures:
         if errors is not None:
             errors.print(f"error: {message}", markup=False)
-    if run.summary.records:
+    if run.summary.records and records_kept:
         run.summary.written += 1   # explanations.jsonl
+    run.summary.images = len(run.summary.records) - run.summary.skipped
+    run.summary.seconds = time.perf_counter() - start
     return run.summary
 
 
@@ -526,40 +586,37 @@ class _Ahead:
 
 
 class _progress:
-    """A rich progress bar (one step per image and class) for more than a few steps, or with a
-    black-box method (then also a bar of its masked forwards of the current image); a no-op
-    otherwise. Entered, it gives ``advance(n=1)``; ``advance.masks(done, total)`` moves the
-    forwards' bar."""
+    """On ``console`` (when it is a terminal and the job has more than a few images, or runs a
+    black-box method): a rich bar with the images done, images/s and the ETA (with a black-box
+    method also a bar of its masked forwards of the current image); ``advance(n)`` counts n
+    classes, each 1 / ``per_image`` of an image, ``advance.masks(done, total)`` moves the
+    forwards' bar. A no-op otherwise (the CLI prints a line per image)."""
 
-    def __init__(self, console, total: int, per_image: int = 1, masks: bool = False):
-        self.bar = self.masks_task = None
-        if console is not None and (total > 3 or masks):
-            from rich.progress import Progress
+    def __init__(self, console, images: int, per_image: int = 1, masks: bool = False):
+        from ..io.progress import ImageProgress
 
-            self.bar = Progress(console=console, transient=True)
-            self.task = self.bar.add_task("explaining" if per_image == 1 else f"explaining ({per_image} classes per image)",
-                                          total=total)
-            if masks:
-                self.masks_task = self.bar.add_task("RISE masks of this image", total=1)
+        self.per_image = max(1, per_image)
+        self.bar = ImageProgress(console, "explaining" if per_image == 1 else
+                                 f"explaining ({per_image} classes per image)", images, minimum=1 if masks else 4)
+        self.masks_task = None
+        if masks and self.bar.bar is not None:
+            self.masks_task = self.bar.bar.add_task("RISE masks of this image", total=1)
 
     def __enter__(self):
-        if self.bar is not None:
-            self.bar.__enter__()
+        self.bar.__enter__()
 
         def advance(n=1):
-            if self.bar is not None:
-                self.bar.advance(self.task, n)
+            self.bar.advance(n / self.per_image)
 
         def masks(done, total):
             if self.masks_task is not None:
-                self.bar.update(self.masks_task, completed=done, total=total)
+                self.bar.bar.update(self.masks_task, completed=done, total=total)
 
         advance.masks = masks
         return advance
 
     def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
+        self.bar.__exit__(*exc)
 
 
 class _Run:
@@ -571,6 +628,11 @@ class _Run:
         self.writes = writes if writes is not None else _Writes(1, 1)   # a _Writes: where the files are written
         self.class_names, self.input_paths = class_names, input_paths
         self.style, self.store, self.settings, self.on_record = style, store, settings, on_record
+        from ..render.overlay import IMAGE_FORMATS, image_format
+
+        self.outputs = parse_outputs(opts.outputs)
+        self.format = image_format(opts.format)
+        self.suffix = IMAGE_FORMATS[self.format][0]
         self.summary = ExplainSummary()
         self.exciters: dict = {}
         self.forward = None        # the plain forward model of the black-box methods (one session, any size)
@@ -728,24 +790,29 @@ class _Run:
                 "settings": self.settings, "outputs": []}
 
     def _write_image(self, i, path, img, prepared, sets, results, probs, record) -> tuple:
-        """Render and write one image's files, listing them in ``record``; (files written,
-        progress steps). Touches nothing shared: it may run on a writer thread."""
+        """Render and write the files ``--outputs`` asks for of one image, listing them in
+        ``record``; (files written, progress steps). Touches nothing shared: it may run on a
+        writer thread. Without overlay, panel and image-npy no image-space map is computed
+        (and the record has no ``vmax``, the overlays' colour scale)."""
         from ..io.half import to_float16
         from ..render import maps
         from ..methods import get_any_method, is_black_box
         from ..render.postprocess import blur_sigma, gaussian_blur
-        from ..render.overlay import display_size, labelled_overlay, map_max, panel_grid, save_png
+        from ..render.overlay import display_size, labelled_overlay, map_max, panel_grid, save_image
 
-        # image-space maps: clipped at 0 (bicubic overshoot), at display resolution unless full_res
-        store_size = img.size if self.opts.full_res else display_size(img.size, min_side=1)
-        store_info = dataclasses.replace(prepared, original_size=store_size) if store_size != img.size else prepared
+        outputs, out_dir, suffix = self.outputs, self.opts.out_dir, self.suffix
+        image_space = _writes_images(outputs) or "image-npy" in outputs
         images, files = {}, 0
-        for j in range(len(sets)):
-            for method, layer in self.pairs:
-                up = maps.to_image_space(results[j][method, layer][i], store_info)
-                if self.opts.blur and get_any_method(method).blur:  # the paper's blur, sigma = 0.02 max(W, H)
-                    up = gaussian_blur(up, blur_sigma(up.shape[1], up.shape[0])).astype(np.float32)
-                images[j, method, layer] = np.maximum(up, 0)
+        if image_space:
+            # image-space maps: clipped at 0 (bicubic overshoot), at display resolution unless full_res
+            store_size = img.size if self.opts.full_res else display_size(img.size, min_side=1)
+            store_info = dataclasses.replace(prepared, original_size=store_size) if store_size != img.size else prepared
+            for j in range(len(sets)):
+                for method, layer in self.pairs:
+                    up = maps.to_image_space(results[j][method, layer][i], store_info)
+                    if self.opts.blur and get_any_method(method).blur:  # the paper's blur, sigma = 0.02 max(W, H)
+                        up = gaussian_blur(up, blur_sigma(up.shape[1], up.shape[0])).astype(np.float32)
+                    images[j, method, layer] = np.maximum(up, 0)
         vmax = {}
         for key, up in images.items():
             group = (key[1], key[2]) if self.opts.scale == "shared" else key
@@ -756,43 +823,54 @@ class _Run:
             tag = "+".join(str(c) for c in classes)
             prob = float(sum(probs[c] for c in classes))
             head = f"{self.label(classes)}  p={prob:.2f}"
-            tiles = []
+            tiles, first = [], len(record["outputs"])
             for method, layer in self.pairs:
                 m = results[j][method, layer][i]
-                up = images[j, method, layer]
-                v = vmax[(method, layer) if self.opts.scale == "shared" else (j, method, layer)]
                 stem = f"{self.stem(path)}.{tag}.{method}.{safe_name(layer)}"
-                written = {"map": self.opts.out_dir / f"{stem}.npy",
-                           "map_image": self.opts.out_dir / f"{stem}.image.npy",
-                           "overlay": self.opts.out_dir / f"{stem}.png"}
+                written = {}
+                if "npy" in outputs:
+                    written["map"] = out_dir / f"{stem}.npy"
+                if "image-npy" in outputs:
+                    written["map_image"] = out_dir / f"{stem}.image.npy"
+                if "overlay" in outputs:
+                    written["overlay"] = out_dir / f"{stem}{suffix}"
                 self._check_not_input(written.values())
-                caption = [head, self.caption(method, layer)]
-                np.save(written["map"], m)
-                np.save(written["map_image"], to_float16(up))
-                bar = bar_label.replace("excitation", "saliency") if is_black_box(method) else bar_label
-                save_png(labelled_overlay(img, up, caption, self.style, v, bar), written["overlay"])
+                if "map" in written:
+                    np.save(written["map"], m)
+                entry = {"targets": list(classes), "label": self.label(classes), "prob": prob,
+                         "method": method, "layer": layer}
+                if image_space:
+                    up = images[j, method, layer]
+                    v = vmax[(method, layer) if self.opts.scale == "shared" else (j, method, layer)]
+                    entry["vmax"] = v
+                    if "map_image" in written:
+                        np.save(written["map_image"], to_float16(up))
+                    if "overlay" in written:
+                        caption = [head, self.caption(method, layer)]
+                        bar = bar_label.replace("excitation", "saliency") if is_black_box(method) else bar_label
+                        save_image(labelled_overlay(img, up, caption, self.style, v, bar), written["overlay"],
+                                   self.format)
+                    tiles.append(([f"{get_any_method(method).label} · {layer}"], up, v))
+                    all_tiles.append(([head, f"{get_any_method(method).label} · {layer}"], up, v))
                 files += len(written)
-                tiles.append(([f"{get_any_method(method).label} · {layer}"], up, v))
-                all_tiles.append(([head, f"{get_any_method(method).label} · {layer}"], up, v))
-                record["outputs"].append({"targets": list(classes), "label": self.label(classes),
-                                          "prob": prob, "method": method, "layer": layer, "vmax": v,
-                                          **{k: str(p) for k, p in written.items()}})
-            panel_path = self.opts.out_dir / f"{self.stem(path)}.{tag}.panel.png"
-            self._check_not_input([panel_path])
-            title = [f"{path.name}: {head}  ({self.opts.rule} rule)"]
-            save_png(panel_grid(img, tiles, self.style, title, bar_label=bar_label), panel_path)
-            files += 1
-            for out in record["outputs"][-len(tiles):]:
-                out["panel"] = str(panel_path)
-        if len(sets) > 1:   # every class of the image side by side, one row per class
-            top_path = self.opts.out_dir / f"{self.stem(path)}.classes.panel.png"
+                record["outputs"].append({**entry, **{k: str(p) for k, p in written.items()}})
+            if "panel" in outputs:
+                panel_path = out_dir / f"{self.stem(path)}.{tag}.panel{suffix}"
+                self._check_not_input([panel_path])
+                title = [f"{path.name}: {head}  ({self.opts.rule} rule)"]
+                save_image(panel_grid(img, tiles, self.style, title, bar_label=bar_label), panel_path, self.format)
+                files += 1
+                for out in record["outputs"][first:]:
+                    out["panel"] = str(panel_path)
+        if len(sets) > 1 and "panel" in outputs:   # every class of the image side by side, one row per class
+            top_path = out_dir / f"{self.stem(path)}.classes.panel{suffix}"
             self._check_not_input([top_path])
             title = [f"{path.name}: {len(sets)} classes, "
                      + ("one colour scale per method and layer" if self.opts.scale == "shared" else "each map by its own maximum")
                      + f"  ({self.opts.rule} rule)"]
             per_row = len(self.pairs)
-            save_png(panel_grid(img, all_tiles, self.style, title, columns=per_row, bar_label=bar_label,
-                                show_image=False), top_path)
+            save_image(panel_grid(img, all_tiles, self.style, title, columns=per_row, bar_label=bar_label,
+                                  show_image=False), top_path, self.format)
             files += 1
             for out in record["outputs"]:
                 out["classes_panel"] = str(top_path)

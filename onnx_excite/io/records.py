@@ -24,7 +24,7 @@ from typing import Iterable, Optional, Sequence
 from ..errors import ExciteError
 
 FILE_NAME = "explanations.jsonl"
-_PATH_SUFFIXES = (".npy", ".png", ".json")
+_PATH_SUFFIXES = (".npy", ".png", ".jpg", ".webp", ".json")
 
 
 def record_key(image, settings: dict) -> str:
@@ -48,11 +48,13 @@ def _stamp(path: Path) -> list:
 
 
 def is_complete(record: dict) -> bool:
-    """The record lists outputs, every one of them exists, and none was written again since
+    """The record lists outputs, every file among them exists, and none was written again since
     (a run with other settings into the same folder rewrites files of the same name: their
-    size and modification time, stamped when the record was stored, then differ)."""
+    size and modification time, stamped when the record was stored, then differ). Outputs
+    that name no file (``explain --outputs record``: the classes and their probabilities
+    only) are complete as they are."""
     paths = output_paths(record)
-    if not paths or not all(p.is_file() for p in paths):
+    if not record.get("outputs") or not all(p.is_file() for p in paths):
         return False
     stamps = record.get("stamps")
     if not isinstance(stamps, dict):
@@ -156,12 +158,15 @@ def _dump(record: dict) -> str:
 class RecordStore:
     """The records of one output folder's ``explanations.jsonl``."""
 
-    def __init__(self, folder, file_name: str = FILE_NAME):
+    def __init__(self, folder, file_name: str = FILE_NAME, keep: bool = True):
         self.path = Path(folder) / file_name
+        #: False: records are held in memory only (``explain --outputs`` without ``record``);
+        #: the file, if any, is read but never written
+        self.keep = keep
         #: the lines of the file that were no records (dropped when the file is rewritten)
         self.skipped: list[str] = []
         self.records = {record_key(r["image"], r.get("settings")): r for r in read_records(self.path, self.skipped)}
-        if self.path.is_file() and self._line_count() != len(self.records):
+        if keep and self.path.is_file() and self._line_count() != len(self.records):
             self._rewrite()   # duplicates or broken lines from an older version or a crash
 
     def _line_count(self) -> int:
@@ -181,6 +186,8 @@ class RecordStore:
         key = record_key(record["image"], record.get("settings"))
         replacing = key in self.records
         self.records[key] = record
+        if not self.keep:
+            return
         if replacing:
             self._rewrite()
             return
@@ -196,7 +203,8 @@ class RecordStore:
         ordered = {k: r for k, r in self.records.items() if k not in wanted}
         ordered.update((k, self.records[k]) for k in keys if k in self.records)
         self.records = ordered
-        self._rewrite()
+        if self.keep:
+            self._rewrite()
 
     def _rewrite(self) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")

@@ -34,9 +34,39 @@ MIN_SIDE = 256
 PNG_OPTIONS = {"compress_type": 3, "compress_level": 6}
 
 
+#: the formats overlays and panels are written in: {name: (file suffix, Pillow format, options)};
+#: JPEG and WebP at quality 90 (lossy: a few % of the PNG's bytes, faster to encode)
+IMAGE_FORMATS = {"png": (".png", "PNG", PNG_OPTIONS),
+                 "jpg": (".jpg", "JPEG", {"quality": 90}),
+                 "webp": (".webp", "WEBP", {"quality": 90})}
+
+
 def save_png(img: Image.Image, path) -> None:
     """Write ``img`` as a lossless PNG with :data:`PNG_OPTIONS`."""
     img.save(path, format="PNG", **PNG_OPTIONS)
+
+
+def image_format(name: str) -> str:
+    """``name`` checked against :data:`IMAGE_FORMATS` (``jpeg`` is ``jpg``); one error line otherwise."""
+    key = str(name).strip().lower()
+    key = "jpg" if key == "jpeg" else key
+    if key not in IMAGE_FORMATS:
+        raise ExciteError(f"--format must be one of {', '.join(IMAGE_FORMATS)}, not {name!r}")
+    if key == "webp":
+        from PIL import features
+
+        if not features.check("webp"):
+            raise ExciteError("--format webp: this Pillow was built without WebP support; use png or jpg")
+    return key
+
+
+def save_image(img: Image.Image, path, fmt: str = "png") -> None:
+    """Write ``img`` in ``fmt`` (a key of :data:`IMAGE_FORMATS`): PNG through :func:`save_png`."""
+    if fmt == "png":
+        save_png(img, path)
+        return
+    _, pil_format, options = IMAGE_FORMATS[fmt]
+    img.convert("RGB").save(path, format=pil_format, **options)
 
 
 def _jet_lut() -> np.ndarray:
