@@ -308,7 +308,7 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
             inputs: List[str] = typer.Argument(..., help="image files, folders or quoted globs (with --ray also s3://, gs://, ... URIs)"),
             layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="map layer (repeatable; default: the model profile's)"),
             target: Optional[List[str]] = typer.Option(None, "--target", "-t", help="class index or name (repeatable: one map each)"),
-            top: int = typer.Option(1, help="explain the top-K predicted classes when no --target is given"),
+            top: int = typer.Option(1, help="explain the top-K predicted classes when no --target is given; each image's line lists max(3, K) classes, at most 5"),
             method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="attention method, any of `onnx-excite methods` (repeatable; default mwp and cmwp)"),
             contrastive: bool = typer.Option(False, "--contrastive", help="include contrastive MWP"),
             rule: str = typer.Option("positive", help="positive or paper"),
@@ -354,7 +354,9 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
         summary, stats = explain_on_ray(inputs, opts, settings, warn=_warn,
                                         on_error=lambda image, reason: err.print(f"error: {reason}", markup=False, soft_wrap=True))
     else:
-        summary = explain_files(inputs, opts, console=out, errors=err, warn=_warn, on_record=_print_record)
+        shown = min(5, max(3, top))
+        summary = explain_files(inputs, opts, console=out, errors=err, warn=_warn,
+                                on_record=lambda rec, skipped=False: _print_record(rec, skipped, shown))
     _note_logits(summary.logits_choice)
     for note in summary.notes:
         err.print(f"note: {note}", markup=False, soft_wrap=True)
@@ -376,9 +378,9 @@ def _warn(message: str) -> None:
     err.print(f"warning: {message}", markup=False, soft_wrap=True)
 
 
-def _print_record(rec: dict, skipped: bool = False) -> None:
-    """One image's top predictions, as `demo` prints them."""
-    best = ", ".join(f"{t['label']} ({t['prob']:.2f})" for t in rec["top5"][:3])
+def _print_record(rec: dict, skipped: bool = False, shown: int = 3) -> None:
+    """One image's ``shown`` top predictions (explain: max(3, --top), at most the record's 5)."""
+    best = ", ".join(f"{t['label']} ({t['prob']:.2f})" for t in rec["top5"][:shown])
     out.print(f"{Path(rec['image']).name}: {best}" + ("  [already done]" if skipped else ""), markup=False)
 
 

@@ -94,3 +94,21 @@ def test_bench_prints_ratios(tiny_path):
     assert res.exit_code == 0, res.output
     for variant in ("forward", "forward+MWP", "forward+c-MWP"):
         assert variant in res.output
+
+
+def test_explain_lists_max_3_top_classes_up_to_5(tmp_path, tiny_path):
+    """Each image's line lists max(3, --top) classes (the record keeps 5), in the record's order."""
+    import json
+
+    from PIL import Image
+
+    image = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(image)
+    for top, shown in ((1, 3), (4, 4), (5, 5)):
+        out = tmp_path / f"o{top}"
+        res = _run("explain", tiny_path, image, "-l", "p1", "--top", top, "-m", "mwp", "-o", out)
+        assert res.exit_code == 0, res.output
+        (line,) = [l for l in res.output.splitlines() if l.startswith("img.png: ")]
+        record = json.loads((out / "explanations.jsonl").read_text().splitlines()[0])
+        want = ", ".join(f"{t['label']} ({t['prob']:.2f})" for t in record["top5"][:shown])
+        assert line == f"img.png: {want}" and len(line.split("), ")) == shown
