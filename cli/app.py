@@ -146,10 +146,22 @@ def check(model: Path = typer.Argument(..., help="ONNX classifier, or 'default'"
 
 
 def _methods(method: Optional[List[str]], contrastive: bool) -> tuple:
-    chosen = list(method or ["mwp"])
-    if contrastive and "cmwp" not in chosen:
-        chosen.append("cmwp")
-    return tuple(chosen)
+    """The -m methods (default: DEFAULT_METHODS, for explain and export alike), with
+    --contrastive each one's contrastive variant added (grad -> c-grad, ...)."""
+    from onnx_excite.errors import ExciteError
+    from onnx_excite.methods import DEFAULT_METHODS, with_contrastive
+
+    if not method:
+        if contrastive:
+            raise ExciteError(f"--contrastive adds the contrastive variant of each -m method (mwp -> cmwp, "
+                              f"grad -> c-grad, ...); the default methods ({', '.join(DEFAULT_METHODS)}) include "
+                              f"c-MWP already: drop --contrastive or name the methods with -m")
+        return tuple(DEFAULT_METHODS)
+    return with_contrastive(method) if contrastive else tuple(method)
+
+
+CONTRASTIVE_HELP = ("also the contrastive variant of each -m method (mwp -> cmwp, grad -> c-grad, deconv -> "
+                    "c-deconv, cam -> c-cam)")
 
 
 @app.command()
@@ -157,8 +169,8 @@ def _methods(method: Optional[List[str]], contrastive: bool) -> tuple:
 def export(model: Path = typer.Argument(..., help="ONNX classifier (never modified), or 'default'"),
            out_path: Optional[Path] = typer.Option(None, "-o", "--output", help="where to write the companion model"),
            layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="tensor name of a map layer (repeatable; default: the model profile's)"),
-           method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="attention method, any of `onnx-excite methods` (repeatable; default mwp)"),
-           contrastive: bool = typer.Option(False, "--contrastive", help="also output contrastive MWP"),
+           method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="attention method, any of `onnx-excite methods` (repeatable; default mwp and cmwp)"),
+           contrastive: bool = typer.Option(False, "--contrastive", help=CONTRASTIVE_HELP),
            rule: str = typer.Option("positive", help="positive (stable for signed inputs) or paper (literal rule)"),
            channels: bool = typer.Option(False, help="also output channel-resolved P per layer"),
            input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. 'input=?,3,224,224'"),
@@ -310,7 +322,7 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
             target: Optional[List[str]] = typer.Option(None, "--target", "-t", help="class index or name (repeatable: one map each)"),
             top: int = typer.Option(1, help="explain the top-K predicted classes when no --target is given; each image's line lists max(3, K) classes, at most 5"),
             method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="attention method, any of `onnx-excite methods` (repeatable; default mwp and cmwp)"),
-            contrastive: bool = typer.Option(False, "--contrastive", help="include contrastive MWP"),
+            contrastive: bool = typer.Option(False, "--contrastive", help=CONTRASTIVE_HELP),
             rule: str = typer.Option("positive", help="positive or paper"),
             out_dir: Path = typer.Option(Path("excite_out"), "-o", "--output", help="output folder"),
             size: Optional[int] = typer.Option(None, help="shorter side of the resized image (default 224); a model with a fixed input size "
@@ -343,7 +355,7 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
     from onnx_excite.apps.explain import ExplainOptions, explain_files
 
     opts = ExplainOptions(model=model, layers=list(layer or []), targets=list(target or []), top=top,
-                          methods=_methods(method or ["mwp", "cmwp"], contrastive), rule=rule, out_dir=out_dir,
+                          methods=_methods(method, contrastive), rule=rule, out_dir=out_dir,
                           size=size, mean=mean, std=std, batch_size=batch_size, combine=combine, colorbar=colorbar,
                           scale=scale, alpha=alpha, cmap=cmap, full_res=full_res, logits=logits, blur=blur, device=device,
                           workers=workers)

@@ -50,6 +50,8 @@ never for the method.
   (our choice: pixel-level maps like their base methods); every map is upsampled bicubically.
 * ``layers``: ``any`` or ``last-feature-map`` (CAM: the input of the global pool feeding
   the linear classifier).
+* ``contrastive_variant``: the registered method that is this one with a dual (mwp -> cmwp,
+  grad -> c-grad, deconv -> c-deconv, cam -> c-cam): what ``--contrastive`` adds.
 
 The float64 reference of every method is ``tests/method_ref.py``; how the companion-graph
 builder consumes these declarations is in docs/methods.md.
@@ -147,6 +149,7 @@ class Method:
     mass: str = "signal"
     blur: bool = False
     layers: str = "any"
+    contrastive_variant: str = ""   # the method that adds a dual to this one (``--contrastive``), if any
 
     def __post_init__(self):
         for value, allowed in ((self.relu, GATES), (self.activation, ACTIVATIONS), (self.arithmetic, ARITHMETIC),
@@ -180,25 +183,26 @@ class Method:
 _SUM_RULES = dict(pool=EXCITATION, add=EXCITATION)
 
 
-def _gradient_family(name, relu, description, dual="none"):
+def _gradient_family(name, relu, description, dual="none", contrastive_variant=""):
     """grad, deconv, guided and their contrastive variants: pixel-level maps, all blurred
     (the paper blurs grad/deconv/guided; their contrastive maps are as noisy). Smooth
     activations apply their derivative where the gate includes the forward mask."""
     activation = "derivative" if relu in ("forward-mask", "both") else "pass"
     return Method(name, description, linear=GRADIENT, pool=GRADIENT, add=GRADIENT, relu=relu, activation=activation,
                   arithmetic="chain-rule", dual=dual, reduce="abs-max", clip=dual != "none",
-                  mass="none" if dual == "none" else "zero", blur=True)
+                  mass="none" if dual == "none" else "zero", blur=True, contrastive_variant=contrastive_variant)
 
 
 METHODS: dict = {m.name: m for m in (
     Method("mwp", "Marginal Winning Probability (Excitation Backprop)", linear=EXCITATION, relu="none",
-           display="MWP", **_SUM_RULES),
+           display="MWP", contrastive_variant="cmwp", **_SUM_RULES),
     Method("cmwp", "contrastive MWP: target minus negated classifier at its input, propagated",
            linear=EXCITATION, relu="none", display="c-MWP", dual="difference", clip=True, mass="zero", **_SUM_RULES),
     _gradient_family("grad", "forward-mask",
-                     "gradient of the target score; max |g| over channels"),
+                     "gradient of the target score; max |g| over channels", contrastive_variant="c-grad"),
     _gradient_family("deconv", "backward-relu",
-                     "deconvnet (Zeiler-Fergus): ReLU on the backward signal, no forward mask"),
+                     "deconvnet (Zeiler-Fergus): ReLU on the backward signal, no forward mask",
+                     contrastive_variant="c-deconv"),
     _gradient_family("guided", "both", "guided backprop: forward ReLU mask and backward ReLU"),
     Method("lrp-epsilon", "LRP-epsilon (eps = 1e-6 relative to max|z| of the layer, bias in z)",
            linear=EPSILON, pool=RuleVariant((("a", "W"),), normalise="Z+eps"), add=EPSILON, relu="none",
@@ -207,7 +211,7 @@ METHODS: dict = {m.name: m for m in (
            relu="none", top="score", mass="score", blur=True),
     Method("cam", "class activation map: class weights times the last feature map (GAP + linear heads)",
            linear=GRADIENT, pool=CAM_POOL, add=GRADIENT, relu="none", arithmetic="chain-rule",
-           mass="none", layers="last-feature-map"),
+           mass="none", layers="last-feature-map", contrastive_variant="c-cam"),
     _gradient_family("c-grad", "forward-mask",
                      "contrastive gradient: L1-normalised map minus dual map (all zeros, as the paper notes)",
                      dual="separate"),
@@ -225,6 +229,22 @@ METHODS: dict = {m.name: m for m in (
 
 #: the methods a command runs when none is named
 DEFAULT_METHODS = ("mwp", "cmwp")
+
+
+def with_contrastive(names) -> tuple:
+    """``names`` and, after them, each one's contrastive variant (``--contrastive``); a method
+    that has none and is not contrastive itself is an ExciteError."""
+    chosen = list(names)
+    for name in list(chosen):
+        method = get_method(name)
+        if method.contrastive:
+            continue
+        if not method.contrastive_variant:
+            pairs = ", ".join(f"{m.name} -> {m.contrastive_variant}" for m in METHODS.values() if m.contrastive_variant)
+            raise ExciteError(f"--contrastive: {name} has no contrastive variant (those that have one: {pairs})")
+        if method.contrastive_variant not in chosen:
+            chosen.append(method.contrastive_variant)
+    return tuple(chosen)
 
 
 def method_names() -> tuple:

@@ -53,7 +53,7 @@ def test_check_reports_unsupported(tmp_path):
 def test_export_runs_in_plain_onnxruntime(tiny_path, tmp_path):
     before = hashlib.sha256(tiny_path.read_bytes()).hexdigest()
     out = tmp_path / "companion.onnx"
-    res = _run("export", tiny_path, "-o", out, "--layer", "r1", "--layer", "x", "--contrastive")
+    res = _run("export", tiny_path, "-o", out, "--layer", "r1", "--layer", "x", "-m", "mwp", "--contrastive")
     assert res.exit_code == 0, res.output
     assert hashlib.sha256(tiny_path.read_bytes()).hexdigest() == before  # input model untouched
     model = onnx.load(str(out))
@@ -112,3 +112,35 @@ def test_explain_lists_max_3_top_classes_up_to_5(tmp_path, tiny_path):
         record = json.loads((out / "explanations.jsonl").read_text().splitlines()[0])
         want = ", ".join(f"{t['label']} ({t['prob']:.2f})" for t in record["top5"][:shown])
         assert line == f"img.png: {want}" and len(line.split("), ")) == shown
+
+
+def test_export_and_explain_default_to_the_same_methods_and_contrastive_adds_variants(tiny_path, tmp_path):
+    from onnx_excite.methods import DEFAULT_METHODS, METHODS
+
+    res = _run("export", tiny_path, "-o", tmp_path / "a.onnx", "-l", "r1")
+    assert res.exit_code == 0, res.output
+    outs = [o.name for o in onnx.load(str(tmp_path / "a.onnx")).graph.output]
+    assert [o for o in outs if ":" in o] == [f"{m}:r1" for m in DEFAULT_METHODS]
+    from PIL import Image
+
+    image = tmp_path / "img.png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image)
+    res = _run("explain", tiny_path, image, "-l", "r1", "-o", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name.split(".")[2] for p in (tmp_path / "o").glob("img.*.r1.png")) == sorted(DEFAULT_METHODS)
+    # --contrastive: each -m method's declared contrastive variant, after the methods named
+    res = _run("export", tiny_path, "-o", tmp_path / "b.onnx", "-l", "r1", "-m", "grad", "-m", "mwp", "--contrastive")
+    assert res.exit_code == 0, res.output
+    outs = [o.name for o in onnx.load(str(tmp_path / "b.onnx")).graph.output]
+    assert [o for o in outs if ":" in o] == ["grad:r1", "mwp:r1", "c-grad:r1", "cmwp:r1"]
+    for m in METHODS.values():   # every declared variant is a contrastive method of the same family
+        if m.contrastive_variant:
+            v = METHODS[m.contrastive_variant]
+            assert v.contrastive and not m.contrastive and v.relu == m.relu and v.linear == m.linear
+    # no-ops and impossible requests are one error line
+    for args in (("export", tiny_path, "-o", tmp_path / "c.onnx", "-l", "r1", "--contrastive"),
+                 ("explain", tiny_path, image, "-l", "r1", "--contrastive", "-o", tmp_path / "o2"),
+                 ("export", tiny_path, "-o", tmp_path / "d.onnx", "-l", "r1", "-m", "guided", "--contrastive")):
+        line = _one_error_line(_run(*args))
+        assert "--contrastive" in line
+    assert not (tmp_path / "c.onnx").exists() and not (tmp_path / "o2").exists()

@@ -119,7 +119,7 @@ def test_shared_and_per_map_scales(tmp_path, scale):
     model = _many_class_model(tmp_path / "m.onnx")
     src = tmp_path / "p.png"
     Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)).save(src)
-    res = _run("explain", model, src, "-l", "r1", "--contrastive", "--top", "3", "--size", "32", "--scale", scale,
+    res = _run("explain", model, src, "-l", "r1", "--top", "3", "--size", "32", "--scale", scale,
                "-o", tmp_path / "o")
     assert res.exit_code == 0, res.output
     outs = _records(tmp_path / "o")[0]["outputs"]
