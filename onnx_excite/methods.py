@@ -50,6 +50,8 @@ never for the method.
   (our choice: pixel-level maps like their base methods); every map is upsampled bicubically.
 * ``layers``: ``any`` or ``last-feature-map`` (CAM: the input of the global pool feeding
   the linear classifier).
+* ``quantity``: what the map's values are, in words (colour bars): MWP a winning probability,
+  grad |gradient|, LRP relevance, CAM class activation.
 * ``contrastive_variant``: the registered method that is this one with a dual (mwp -> cmwp,
   grad -> c-grad, deconv -> c-deconv, cam -> c-cam): what ``--contrastive`` adds.
 
@@ -150,8 +152,11 @@ class Method:
     blur: bool = False
     layers: str = "any"
     contrastive_variant: str = ""   # the method that adds a dual to this one (``--contrastive``), if any
+    quantity: str = ""              # what a map's values are, for colour bars ("winning probability", ...)
 
     def __post_init__(self):
+        if not self.quantity:
+            raise ValueError(f"method {self.name!r}: declare the quantity its maps hold")
         for value, allowed in ((self.relu, GATES), (self.activation, ACTIVATIONS), (self.arithmetic, ARITHMETIC),
                                (self.top, TOPS), (self.dual, DUALS),
                                (self.reduce, REDUCTIONS), (self.mass, MASSES), (self.layers, LAYERS)):
@@ -183,47 +188,54 @@ class Method:
 _SUM_RULES = dict(pool=EXCITATION, add=EXCITATION)
 
 
-def _gradient_family(name, relu, description, dual="none", contrastive_variant=""):
+def _gradient_family(name, relu, description, quantity, dual="none", contrastive_variant=""):
     """grad, deconv, guided and their contrastive variants: pixel-level maps, all blurred
     (the paper blurs grad/deconv/guided; their contrastive maps are as noisy). Smooth
     activations apply their derivative where the gate includes the forward mask."""
     activation = "derivative" if relu in ("forward-mask", "both") else "pass"
     return Method(name, description, linear=GRADIENT, pool=GRADIENT, add=GRADIENT, relu=relu, activation=activation,
                   arithmetic="chain-rule", dual=dual, reduce="abs-max", clip=dual != "none",
-                  mass="none" if dual == "none" else "zero", blur=True, contrastive_variant=contrastive_variant)
+                  mass="none" if dual == "none" else "zero", blur=True, contrastive_variant=contrastive_variant,
+                  quantity=("contrastive " if dual != "none" else "") + quantity)
 
 
 METHODS: dict = {m.name: m for m in (
     Method("mwp", "Marginal Winning Probability (Excitation Backprop)", linear=EXCITATION, relu="none",
-           display="MWP", contrastive_variant="cmwp", **_SUM_RULES),
+           display="MWP", contrastive_variant="cmwp", quantity="winning probability", **_SUM_RULES),
     Method("cmwp", "contrastive MWP: target minus negated classifier at its input, propagated",
-           linear=EXCITATION, relu="none", display="c-MWP", dual="difference", clip=True, mass="zero", **_SUM_RULES),
+           linear=EXCITATION, relu="none", display="c-MWP", dual="difference", clip=True, mass="zero",
+           quantity="contrastive winning probability", **_SUM_RULES),
     _gradient_family("grad", "forward-mask",
-                     "gradient of the target score; max |g| over channels", contrastive_variant="c-grad"),
+                     "gradient of the target score; max |g| over channels", "|gradient|",
+                     contrastive_variant="c-grad"),
     _gradient_family("deconv", "backward-relu",
                      "deconvnet (Zeiler-Fergus): ReLU on the backward signal, no forward mask",
-                     contrastive_variant="c-deconv"),
-    _gradient_family("guided", "both", "guided backprop: forward ReLU mask and backward ReLU"),
+                     "|deconvnet signal|", contrastive_variant="c-deconv"),
+    _gradient_family("guided", "both", "guided backprop: forward ReLU mask and backward ReLU",
+                     "|guided gradient|"),
     Method("lrp-epsilon", "LRP-epsilon (eps = 1e-6 relative to max|z| of the layer, bias in z)",
            linear=EPSILON, pool=RuleVariant((("a", "W"),), normalise="Z+eps"), add=EPSILON, relu="none",
-           top="score", mass="score", blur=True),
+           top="score", mass="score", blur=True, quantity="relevance"),
     Method("lrp-zplus", "LRP alpha1-beta0 (z+ rule, bias ignored)", linear=ZPLUS, pool=ZPLUS, add=ZPLUS,
-           relu="none", top="score", mass="score", blur=True),
+           relu="none", top="score", mass="score", blur=True, quantity="relevance"),
     Method("cam", "class activation map: class weights times the last feature map (GAP + linear heads)",
            linear=GRADIENT, pool=CAM_POOL, add=GRADIENT, relu="none", arithmetic="chain-rule",
-           mass="none", layers="last-feature-map", contrastive_variant="c-cam"),
+           mass="none", layers="last-feature-map", contrastive_variant="c-cam", quantity="class activation"),
     _gradient_family("c-grad", "forward-mask",
                      "contrastive gradient: L1-normalised map minus dual map (all zeros, as the paper notes)",
-                     dual="separate"),
+                     "|gradient|", dual="separate"),
     _gradient_family("c-deconv", "backward-relu",
-                     "contrastive deconvnet: L1-normalised map minus dual map, clipped", dual="separate"),
+                     "contrastive deconvnet: L1-normalised map minus dual map, clipped", "|deconvnet signal|",
+                     dual="separate"),
     Method("c-cam", "contrastive CAM: L1-normalised CAM minus the negated classifier's, clipped",
            linear=GRADIENT, pool=CAM_POOL, add=GRADIENT, relu="none", arithmetic="chain-rule", dual="separate", clip=True,
-           mass="none", layers="last-feature-map"),
+           mass="none", layers="last-feature-map", quantity="contrastive class activation"),
     Method("cmwp-nonorm", "ablation: c-MWP without Z normalisation at weighted layers",
-           linear=EXCITATION_UNNORMALISED, relu="none", dual="difference", clip=True, mass="none", **_SUM_RULES),
+           linear=EXCITATION_UNNORMALISED, relu="none", dual="difference", clip=True, mass="none",
+           quantity="contrastive excitation (unnormalised)", **_SUM_RULES),
     Method("cmwp-postnorm", "ablation: MWP and dual MWP computed separately, each L1-normalised, subtracted",
-           linear=EXCITATION, relu="none", dual="separate", clip=True, mass="zero", **_SUM_RULES),
+           linear=EXCITATION, relu="none", dual="separate", clip=True, mass="zero",
+           quantity="contrastive winning probability (L1-normalised)", **_SUM_RULES),
 )}
 
 

@@ -631,7 +631,8 @@ class _Run:
         from ..render import maps
         from ..methods import get_method
         from ..render.postprocess import blur_sigma, gaussian_blur
-        from ..render.overlay import display_size, labelled_overlay, map_max, panel_grid, save_png
+        from ..render.overlay import (bar_label, class_head, display_size, labelled_overlay, map_caption, map_max,
+                                      panel_grid, save_png)
 
         # image-space maps: clipped at 0 (bicubic overshoot), at display resolution unless full_res
         store_size = img.size if self.opts.full_res else display_size(img.size, min_side=1)
@@ -648,12 +649,12 @@ class _Run:
         for key, up in images.items():
             group = (key[1], key[2]) if self.opts.scale == "shared" else key
             vmax[group] = max(vmax.get(group, 0.0), map_max(up))
-        bar_label = "excitation (shared scale)" if self.opts.scale == "shared" and len(sets) > 1 else "excitation"
+        shared = self.opts.scale == "shared" and len(sets) > 1
         all_tiles = []
         for j, classes in enumerate(sets):
             tag = "+".join(str(c) for c in classes)
             prob = float(sum(probs[c] for c in classes))
-            head = f"{self.label(classes)}  p={prob:.2f}"
+            head = class_head(self.label(classes), prob)
             tiles = []
             for method in self.opts.methods:
                 for layer in self.layers:
@@ -665,20 +666,21 @@ class _Run:
                                "map_image": self.opts.out_dir / f"{stem}.image.npy",
                                "overlay": self.opts.out_dir / f"{stem}.png"}
                     self._check_not_input(written.values())
-                    caption = [head, f"{get_method(method).label} · {layer} · {self.opts.rule} rule"]
+                    caption = map_caption(head, method, layer, self.opts.rule)
+                    label = bar_label(method, shared)
                     np.save(written["map"], m)
                     np.save(written["map_image"], to_float16(up))
-                    save_png(labelled_overlay(img, up, caption, self.style, v, bar_label), written["overlay"])
+                    save_png(labelled_overlay(img, up, caption, self.style, v, label), written["overlay"])
                     files += len(written)
-                    tiles.append(([f"{get_method(method).label} · {layer}"], up, v))
-                    all_tiles.append(([head, f"{get_method(method).label} · {layer}"], up, v))
+                    tiles.append((map_caption("", method, layer), up, v, label))
+                    all_tiles.append((map_caption(head, method, layer), up, v, label))
                     record["outputs"].append({"targets": list(classes), "label": self.label(classes),
                                               "prob": prob, "method": method, "layer": layer, "vmax": v,
                                               **{k: str(p) for k, p in written.items()}})
             panel_path = self.opts.out_dir / f"{self.stem(path)}.{tag}.panel.png"
             self._check_not_input([panel_path])
             title = [f"{path.name}: {head}  ({self.opts.rule} rule)"]
-            save_png(panel_grid(img, tiles, self.style, title, bar_label=bar_label), panel_path)
+            save_png(panel_grid(img, tiles, self.style, title), panel_path)
             files += 1
             for out in record["outputs"][-len(tiles):]:
                 out["panel"] = str(panel_path)
@@ -689,8 +691,7 @@ class _Run:
                      + ("one colour scale per method and layer" if self.opts.scale == "shared" else "each map by its own maximum")
                      + f"  ({self.opts.rule} rule)"]
             per_row = len(self.opts.methods) * len(self.layers)
-            save_png(panel_grid(img, all_tiles, self.style, title, columns=per_row, bar_label=bar_label,
-                                show_image=False), top_path)
+            save_png(panel_grid(img, all_tiles, self.style, title, columns=per_row, show_image=False), top_path)
             files += 1
             for out in record["outputs"]:
                 out["classes_panel"] = str(top_path)
