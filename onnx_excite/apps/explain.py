@@ -166,20 +166,6 @@ def _settings(opts: ExplainOptions, layers, resize: str, size, mean, std) -> dic
             "colorbar": bool(opts.colorbar), "full_res": bool(opts.full_res), "blur": bool(opts.blur)}
 
 
-def _model_header(path):
-    """The model's graph without its external weights (inputs, outputs, shapes)."""
-    import onnx
-
-    from ..graph.canonicalize import load_model
-
-    if isinstance(path, onnx.ModelProto):
-        return path
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception:
-        return load_model(path)   # raises the one-line error for unreadable files
-
-
 def default_workers() -> int:
     """Writer threads when ``workers`` is not given: the CPU count, 2 to 4."""
     return max(2, min(4, os.cpu_count() or 1))
@@ -227,12 +213,17 @@ class ExplainSetup:
     settings: dict = field(default_factory=dict)   # what a record depends on (RecordStore key)
     notes: tuple = ()        # what was assumed for a model without a profile (said after the run)
 
+    @property
+    def preprocessing(self):
+        """The :class:`onnx_excite.models.preprocessing.Preprocessing` these settings describe."""
+        from onnx_excite.models.preprocessing import Preprocessing
+
+        return Preprocessing(self.mean, self.std, self.scale, self.resize, self.size, self.layout,
+                             self.profile.channel_order)
+
     def preprocess(self, img):
         """(model input array, Prepared geometry) of one decoded image."""
-        from ..io.images import preprocess
-
-        return preprocess(img, size=self.size, resize=self.resize, crop=None, mean=self.mean, std=self.std,
-                          scale=self.scale, channel_order=self.profile.channel_order, layout=self.layout)
+        return self.preprocessing(img)
 
     @property
     def input_size(self):
@@ -243,7 +234,8 @@ class ExplainSetup:
 def explain_setup(opts: ExplainOptions, warn=None) -> ExplainSetup:
     """Check the options and resolve the model, its input size, layers and preprocessing
     (before any image is read or any file written). ``warn(message)`` receives warnings."""
-    from ..io.checks import float_list
+    from onnx_excite.models.preprocessing import model_header, model_preprocessing
+
     from ..run.devices import providers_for
     from ..io.modelinput import declared_input, num_classes
 
@@ -252,24 +244,12 @@ def explain_setup(opts: ExplainOptions, warn=None) -> ExplainSetup:
     warn = warn or (lambda message: None)
     resolved = resolve_model(opts.model)   # a path: the model as it is
     model, profile = resolved.model, resolved.profile
-    header = _model_header(model)
-    declared = declared_input(header)
-    fixed = declared.fixed_size
-    if fixed and opts.size is not None:   # --size on a fixed-size model: its head made fully convolutional
+    header = model_header(model)
+    if declared_input(header).fixed_size and opts.size is not None:   # --size on a fixed-size model: its head made fully convolutional
         resolved = resolve_model(opts.model, fully_conv=True)
         model, profile = resolved.model, resolved.profile
-    if fixed and opts.size is None:
-        resize, size = "exact", fixed    # the size the model was made for
-    elif fixed:
-        if profile.resize == "square":   # the head could not be made fully convolutional
-            raise ExciteError(f"the model's input is fixed at {fixed[1]}x{fixed[0]} and its head cannot be made "
-                              f"fully convolutional: drop --size")
-        warn(f"the model declares a fixed {fixed[1]}x{fixed[0]} input; --size {opts.size} runs it at a size "
-             f"it was not trained for (its dense head made fully convolutional)")
-        resize, size = "shorter", int(opts.size)
-    else:
-        # maps must cover the whole image: no crop; the shorter side at 224 (any aspect ratio)
-        resize, size = ("shorter", int(opts.size or 224)) if profile.resize == "shorter" else ("square", int(opts.size or profile.input_size))
+    prep, assumed = model_preprocessing(profile, header, opts.size, opts.mean, opts.std, warn)
+    resize, size, mean, std = prep.resize, prep.size, prep.mean, prep.std
     layers = opts.layers or list(profile.default_layers)
     notes = []
     if not opts.layers and layers and resolved.layers_chosen_by_graph:
@@ -277,27 +257,14 @@ def explain_setup(opts: ExplainOptions, warn=None) -> ExplainSetup:
                      f"map before the head; `onnx-excite layers MODEL` marks it)")
     if not layers:
         raise ExciteError("no layer given and the model has no profile default: pass --layer (see `onnx-excite layers MODEL`)")
-    channels = len(profile.mean)
-    if declared.integer:
-        if opts.mean is not None or opts.std is not None:
-            raise ExciteError(f"the model takes {declared.dtype.name} pixels and normalises them itself: "
-                              f"--mean/--std do not apply")
-        mean, std, scale = (0.0,) * channels, (1.0,) * channels, 1.0
-    else:
-        mean = float_list(opts.mean, "--mean", length=channels, default=profile.mean)
-        std = float_list(opts.std, "--std", length=channels, positive=True, default=profile.std)
-        scale = profile.scale
-        if profile.name == "auto" and (opts.mean is None or opts.std is None):
-            notes.append(f"the model has no profile: pixels are scaled by {scale:g} and normalised with mean "
-                         f"{','.join(f'{v:g}' for v in mean)} and std {','.join(f'{v:g}' for v in std)} (ImageNet's "
-                         f"unless given; --mean/--std set them), {profile.layout}, {resize} resize to {size}")
+    notes += assumed
     class_names = profile.load_class_names() if profile.class_names else None
     k = len(class_names) if class_names else num_classes(header)
     per_image = len(opts.targets) if opts.targets and not opts.combine else (1 if opts.targets else opts.top)
     if not opts.targets and k is not None and opts.top > k:
         raise ExciteError(f"--top {opts.top}: the model has only {k} classes")
-    return ExplainSetup(model, profile, layers, class_names, tuple(mean), tuple(std), scale, resize, size,
-                        declared.layout, style, per_image, _settings(opts, layers, resize, size, mean, std), tuple(notes))
+    return ExplainSetup(model, profile, layers, class_names, tuple(mean), tuple(std), prep.scale, resize, size,
+                        prep.layout, style, per_image, _settings(opts, layers, resize, size, mean, std), tuple(notes))
 
 
 def warn_if_large(n_files: int, setup: ExplainSetup, opts: ExplainOptions, warn) -> None:
@@ -628,23 +595,16 @@ class _Run:
         """Render and write one image's files, listing them in ``record``; (files written,
         progress steps). Touches nothing shared: it may run on a writer thread."""
         from ..io.half import to_float16
-        from ..render import maps
-        from ..methods import get_method
-        from ..render.postprocess import blur_sigma, gaussian_blur
-        from ..render.overlay import (bar_label, class_head, display_size, labelled_overlay, map_caption, map_max,
-                                      panel_grid, save_png)
+        from ..render.postprocess import image_space_map
+        from ..render.overlay import bar_label, class_head, labelled_overlay, map_caption, map_max, panel_grid, save_png
 
         # image-space maps: clipped at 0 (bicubic overshoot), at display resolution unless full_res
-        store_size = img.size if self.opts.full_res else display_size(img.size, min_side=1)
-        store_info = dataclasses.replace(prepared, original_size=store_size) if store_size != img.size else prepared
         images, files = {}, 0
         for j in range(len(sets)):
             for method in self.opts.methods:
                 for layer in self.layers:
-                    up = maps.to_image_space(results[j].maps[method][layer][i], store_info)
-                    if self.opts.blur and get_method(method).blur:  # the paper's blur, sigma = 0.02 max(W, H)
-                        up = gaussian_blur(up, blur_sigma(up.shape[1], up.shape[0])).astype(np.float32)
-                    images[j, method, layer] = np.maximum(up, 0)
+                    images[j, method, layer] = image_space_map(results[j].maps[method][layer][i], prepared, method,
+                                                               self.opts.full_res, self.opts.blur, img.size)
         vmax = {}
         for key, up in images.items():
             group = (key[1], key[2]) if self.opts.scale == "shared" else key
