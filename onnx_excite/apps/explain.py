@@ -524,8 +524,9 @@ class _Run:
         return [[(int(t),) for t in np.argsort(-row)[: self.opts.top]] for row in logits]
 
     def label(self, classes: tuple) -> str:
-        names = [self.class_names[c].split(",")[0] if self.class_names else str(c) for c in classes]
-        return " + ".join(names)
+        from ..render.overlay import class_label
+
+        return class_label(classes, self.class_names)
 
     def batch(self, items, advance=lambda n=1: None) -> None:
         """Explain one batch and store each image's record; a batch ONNX Runtime rejects is

@@ -191,6 +191,11 @@ def map_caption(head: str, method: str, layer: str, rule: str | None = None) -> 
     return [line] if not head else [head, line]
 
 
+def class_label(classes: Sequence[int], class_names: Optional[Sequence[str]] = None) -> str:
+    """The classes' names (the first synonym of each description), else their indices, joined by " + "."""
+    return " + ".join(class_names[c].split(",")[0] if class_names else str(c) for c in classes)
+
+
 def class_head(label: str, prob: float) -> str:
     """The first caption line: the class (or classes) and its probability."""
     return f"{label}  p={prob:.2f}"
