@@ -97,17 +97,23 @@ def _note_logits(choice) -> None:
 def layers(model: Path = typer.Argument(..., help="ONNX classifier, or 'default'"),
            logits: Optional[str] = _logits_option(),
            output: Optional[str] = _hidden_output_alias()):
-    """List candidate layers: tensor names, op types, shapes and layouts (the channel axis a map sums over)."""
+    """List candidate layers: tensor names, op types, shapes at the input size explain uses, the
+    stride (input pixels per map cell) and layouts (the channel axis a map sums over)."""
     from onnx_excite.graph.layers import inspect_model
+    from onnx_excite.models.preprocessing import explained_input
     from onnx_excite.models.resolve import resolve_model
 
     resolved = resolve_model(model)
-    report = inspect_model(resolved.model, logits=logits or output)
+    pinned, input_hw, how = explained_input(resolved)
+    report = inspect_model(resolved.model, logits=logits or output, input_shapes=pinned)
     _note_logits(report.logits)
     marked = set(resolved.default_layers) or ({report.default} if report.default else set())
-    table = Table("layer (tensor name)", "op", "shape", "layout", "", title=f"{model.name}: logits = {report.graph.entry}")
+    title = f"{model.name}: logits = {report.graph.entry}"
+    if input_hw:
+        title += f"; shapes at a {input_hw[0]}x{input_hw[1]} input ({how})"
+    table = Table("layer (tensor name)", "op", "shape", "stride", "layout", "", title=title)
     for info in report.layers:
-        table.add_row(info.name, info.op_type, _shape(info.shape), info.describe_layout(),
+        table.add_row(info.name, info.op_type, _shape(info.shape), info.stride(input_hw), info.describe_layout(),
                       "default" if info.name in marked else "")
     out.print(table)
     if report.problems:

@@ -96,3 +96,33 @@ def model_preprocessing(profile, header: onnx.ModelProto, size: int | None = Non
                          f"{','.join(f'{v:g}' for v in mean)} and std {','.join(f'{v:g}' for v in std)} (ImageNet's "
                          f"unless given; --mean/--std set them), {profile.layout}, {resize} resize to {size}")
     return Preprocessing(tuple(mean), tuple(std), scale, resize, size, declared.layout, profile.channel_order), notes
+
+
+def explained_input(resolved) -> tuple[dict | None, tuple | None, str]:
+    """The input size ``explain`` runs ``resolved`` (a ``ResolvedModel``) at, for listing layer
+    sizes: (``input_shapes`` pinning a dynamic image input's spatial dims to it, or None; (H, W)
+    or None where the first input is no image; a phrase saying where the size comes from). A
+    model with a fixed size runs at it; one with dynamic dims at the shorter side ``explain``
+    resizes to (the profile's, else 224), shown for a square photo."""
+    from onnx_excite.io.modelinput import declared_input
+
+    try:
+        header = model_header(resolved.model)
+        declared = declared_input(header)
+        prep, _ = model_preprocessing(resolved.profile, header)
+    except ExciteError:
+        return None, None, ""     # the model's problem is reported by the listing itself
+    vi = next(i for i in header.graph.input if i.name == declared.name)
+    dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+    if len(dims) != 4:
+        return None, None, ""
+    if prep.resize == "exact":
+        w, h = prep.size
+        return None, (h, w), "the model's fixed size"
+    side = int(prep.size)
+    spatial = (1, 2) if declared.layout == "NHWC" else (2, 3)
+    pinned = [None] + dims[1:]
+    for axis in spatial:
+        pinned[axis] = side
+    how = ("explain resizes the shorter side to" if prep.resize == "shorter" else "explain resizes photos to")
+    return {declared.name: pinned}, (side, side), f"{how} {side}; other sizes scale the layers alike"

@@ -144,3 +144,38 @@ def test_export_and_explain_default_to_the_same_methods_and_contrastive_adds_var
         line = _one_error_line(_run(*args))
         assert "--contrastive" in line
     assert not (tmp_path / "c.onnx").exists() and not (tmp_path / "o2").exists()
+
+
+def _layer_rows(output: str) -> dict:
+    """layer -> (shape, stride) from the `layers` table."""
+    rows = {}
+    for line in output.splitlines():
+        cells = [c.strip() for c in line.strip("│┃ ").split("│")]
+        if len(cells) >= 5 and cells[0] and cells[0] != "layer (tensor name)":
+            rows[cells[0]] = (cells[2], cells[3])
+    return rows
+
+
+def test_layers_shows_sizes_and_strides_at_the_size_explain_uses(tmp_path, tiny_path):
+    import os
+
+    from conftest import gap_classifier
+
+    env = {"COLUMNS": "200"}
+    # dynamic H, W: the shorter side explain resizes to (224), conv 3x3 stride 3 pad 1 -> floor((224+2-3)/3)+1 = 75
+    path = tmp_path / "any.onnx"
+    onnx.save(gap_classifier(5, 4, 3, seed=0), str(path))
+    res = runner.invoke(app, ["layers", str(path)], env=env)
+    assert res.exit_code == 0, res.output
+    rows = _layer_rows(res.output)
+    assert rows["x"] == ("?x3x224x224", "/1") and rows["r1"] == ("?x4x75x75", "/2.99")
+    title = " ".join(res.output.split())
+    assert rows["logits"][1] == "-" and "224x224 input (explain resizes the shorter side to 224" in title
+    # a fixed 8x8 input: its own size; conv stride 2 with pads (1, 0, 0, 1) -> 4x4, the 3x3/1 pool keeps it
+    rows = _layer_rows(runner.invoke(app, ["layers", str(tiny_path)], env=env).output)
+    assert rows["x"] == ("?x3x8x8", "/1") and rows["r1"] == ("?x4x4x4", "/2") and rows["p1"] == ("?x4x4x4", "/2")
+    # the default model: features.13 is the 14x14 map of a 224 input, /16 (MobileNetV2's fourth stride-2 stage)
+    res = runner.invoke(app, ["layers", "default"], env=env)
+    rows = _layer_rows(res.output)
+    assert rows["features.13"] == ("?x96x14x14", "/16") and rows["features.18"] == ("?x1280x7x7", "/32")
+    assert not any("?x?" in shape for shape, _ in rows.values() if shape.count("x") == 3)
