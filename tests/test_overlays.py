@@ -79,7 +79,7 @@ def test_colour_bar_has_ticks_and_a_label():
     assert render.tick_texts(np.linspace(0, 0.02, 5)) == ["0.0000", "0.0050", "0.0100", "0.0150", "0.0200"]
 
 
-@pytest.mark.parametrize("vmax", [0.54, 0.02, 3.0, 250.0, 7e-4, 3e5, 1e-9])
+@pytest.mark.parametrize("vmax", [0.54, 0.02, 0.0041, 3.0, 250.0, 7e-4, 3e5, 1e-9])
 def test_tick_labels_share_one_format_and_read_back_as_the_values(vmax):
     values = np.linspace(0, vmax, 5)
     texts = render.tick_texts(values)

@@ -160,13 +160,13 @@ def caption_band(img: Image.Image, lines: Sequence[str], px: Optional[int] = Non
 
 def tick_texts(values: Sequence[float]) -> list[str]:
     """The tick labels of one colour bar, all in one format chosen from the largest value: fixed
-    decimals (as many as the step between ticks needs for two significant digits) from 0.01 to
-    10^4, else the same exponent form for every tick (``0.0e+00``, ``2.5e-03``, ...)."""
+    decimals (as many as the step between ticks needs for two significant digits) from 0.001 to
+    10^4, else the same exponent form for every tick (``0.0e+00``, ``2.5e-04``, ...)."""
     values = [float(v) for v in values]
     top = max((abs(v) for v in values), default=0.0)
     if top == 0:
         return ["0" for _ in values]
-    if 1e-2 <= top < 1e4:
+    if 1e-3 <= top < 1e4:
         steps = [abs(b - a) for a, b in zip(values, values[1:]) if b != a] or [top]
         decimals = max(0, 1 - int(np.floor(np.log10(min(steps)))))
         return [f"{v:.{decimals}f}" for v in values]
