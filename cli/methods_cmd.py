@@ -24,5 +24,6 @@ def methods(detail: bool = typer.Option(False, "--detail", "-d",
     else:
         for row in rows:
             out.print(f"{row['method']}: {row['description']}", markup=False)
-            for key in ("linear", "pool", "add", "relu", "top", "dual", "map", "blur", "mass", "layers"):
-                out.print(f"    {key:7s} {row[key]}", markup=False)
+            for key in ("linear", "pool", "add", "relu", "top", "dual", "map", "blur", "mass", "layers", "values",
+                        "contrastive"):
+                out.print(f"    {key:11s} {row[key]}", markup=False)

@@ -282,6 +282,7 @@ def method_table(rule: str = "positive") -> list:
         rows.append({"method": m.name, "dual": m.dual, "map": final, "blur": "yes" if m.blur else "no",
                      "linear": m.linear.describe(rule), "pool": m.pool.describe(rule), "add": m.add.describe(rule),
                      "relu": m.relu, "top": m.top, "mass": m.mass, "layers": m.layers,
+                     "values": m.quantity, "contrastive": m.contrastive_variant or "-",
                      "description": m.description})
     return rows
 

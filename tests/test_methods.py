@@ -171,6 +171,7 @@ def test_methods_command_lists_every_method():
     res = runner.invoke(app, ["methods", "--detail", "--rule", "paper"])
     assert res.exit_code == 0, res.output
     assert "a W+ /Z" in res.output and "Z+eps (bias in Z)" in res.output
+    assert "    values      winning probability\n" in res.output and "    contrastive c-grad\n" in res.output
     res = runner.invoke(app, ["methods", "--rule", "nope"])
     assert res.exit_code == 2
     assert res.output.strip().splitlines() == ["error: unknown rule 'nope'; choose from positive, paper"]
