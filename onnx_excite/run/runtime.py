@@ -249,8 +249,10 @@ class Exciter:
     """Build the excitation model once, then explain batches.
 
     >>> ex = Exciter("model.onnx", layers=["pool4"], methods=("mwp", "cmwp"))
-    >>> res = ex.explain(batch, targets=243)
-    >>> res.maps["cmwp"]["pool4"].shape   # (N, h, w)
+    >>> res = ex.explain("dog.jpg")              # a photo: its top-1 class; or targets="malamute" / 243
+    >>> res.maps["cmwp"]["pool4"].shape          # (N, h, w)
+    >>> res.overlay("cmwp").save("dog.png")      # res.image_maps(): the maps on the photo
+    >>> ex.explain(batch, targets=243)           # or the model input itself (N x C x H x W)
 
     ``model`` is a path, an ``onnx.ModelProto`` or ``"default"`` (the default ImageNet
     MobileNetV2); ``layers=None`` takes the model's default layers (``features.13`` for
