@@ -157,8 +157,6 @@ def _layer_rows(output: str) -> dict:
 
 
 def test_layers_shows_sizes_and_strides_at_the_size_explain_uses(tmp_path, tiny_path):
-    import os
-
     from conftest import gap_classifier
 
     env = {"COLUMNS": "200"}
