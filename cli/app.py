@@ -105,17 +105,23 @@ def _note_logits(choice) -> None:
 def layers(model: Path = typer.Argument(..., help="ONNX classifier, or 'default'"),
            logits: Optional[str] = _logits_option(),
            output: Optional[str] = _hidden_output_alias()):
-    """List candidate layers: tensor names, op types, shapes and layouts (the channel axis a map sums over)."""
+    """List candidate layers: tensor names, op types, shapes at the input size explain uses, the
+    stride (input pixels per map cell) and layouts (the channel axis a map sums over)."""
     from onnx_excite.graph.layers import inspect_model
+    from onnx_excite.models.preprocessing import explained_input
     from onnx_excite.models.resolve import resolve_model
 
     resolved = resolve_model(model)
-    report = inspect_model(resolved.model, logits=logits or output)
+    pinned, input_hw, how = explained_input(resolved)
+    report = inspect_model(resolved.model, logits=logits or output, input_shapes=pinned)
     _note_logits(report.logits)
     marked = set(resolved.default_layers) or ({report.default} if report.default else set())
-    table = Table("layer (tensor name)", "op", "shape", "layout", "", title=f"{model.name}: logits = {report.graph.entry}")
+    title = f"{model.name}: logits = {report.graph.entry}"
+    if input_hw:
+        title += f"; shapes at a {input_hw[0]}x{input_hw[1]} input ({how})"
+    table = Table("layer (tensor name)", "op", "shape", "stride", "layout", "", title=title)
     for info in report.layers:
-        table.add_row(info.name, info.op_type, _shape(info.shape), info.describe_layout(),
+        table.add_row(info.name, info.op_type, _shape(info.shape), info.stride(input_hw), info.describe_layout(),
                       "default" if info.name in marked else "")
     out.print(table)
     if report.problems:
@@ -161,10 +167,22 @@ MASK_BATCH = typer.Option(32, "--mask-batch", help="RISE: masked inputs per forw
 
 
 def _methods(method: Optional[List[str]], contrastive: bool) -> tuple:
-    chosen = list(method or ["mwp"])
-    if contrastive and "cmwp" not in chosen:
-        chosen.append("cmwp")
-    return tuple(chosen)
+    """The -m methods (default: DEFAULT_METHODS, for explain and export alike), with
+    --contrastive each one's contrastive variant added (grad -> c-grad, ...)."""
+    from onnx_excite.errors import ExciteError
+    from onnx_excite.methods import DEFAULT_METHODS, with_contrastive
+
+    if not method:
+        if contrastive:
+            raise ExciteError(f"--contrastive adds the contrastive variant of each -m method (mwp -> cmwp, "
+                              f"grad -> c-grad, ...); the default methods ({', '.join(DEFAULT_METHODS)}) include "
+                              f"c-MWP already: drop --contrastive or name the methods with -m")
+        return tuple(DEFAULT_METHODS)
+    return with_contrastive(method) if contrastive else tuple(method)
+
+
+CONTRASTIVE_HELP = ("also the contrastive variant of each -m method (mwp -> cmwp, grad -> c-grad, deconv -> "
+                    "c-deconv, cam -> c-cam)")
 
 
 @app.command()
@@ -172,8 +190,8 @@ def _methods(method: Optional[List[str]], contrastive: bool) -> tuple:
 def export(model: Path = typer.Argument(..., help="ONNX classifier (never modified), or 'default'"),
            out_path: Optional[Path] = typer.Option(None, "-o", "--output", help="where to write the companion model"),
            layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="tensor name of a map layer (repeatable; default: the model profile's)"),
-           method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="attention method, any of `onnx-excite methods` (repeatable; default mwp)"),
-           contrastive: bool = typer.Option(False, "--contrastive", help="also output contrastive MWP"),
+           method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="attention method, any of `onnx-excite methods` (repeatable; default mwp and cmwp)"),
+           contrastive: bool = typer.Option(False, "--contrastive", help=CONTRASTIVE_HELP),
            rule: str = typer.Option("positive", help="positive (stable for signed inputs) or paper (literal rule)"),
            channels: bool = typer.Option(False, help="also output channel-resolved P per layer"),
            input_shape: Optional[str] = typer.Option(None, help="pin the input shape, e.g. 'input=?,3,224,224'"),
@@ -323,9 +341,9 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
             inputs: List[str] = typer.Argument(..., help="image files, folders or quoted globs (with --ray also s3://, gs://, ... URIs)"),
             layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="map layer (repeatable; default: the model profile's)"),
             target: Optional[List[str]] = typer.Option(None, "--target", "-t", help="class index or name (repeatable: one map each)"),
-            top: int = typer.Option(1, help="explain the top-K predicted classes when no --target is given"),
+            top: int = typer.Option(1, help="explain the top-K predicted classes when no --target is given; each image's line lists max(3, K) classes, at most 5"),
             method: Optional[List[str]] = typer.Option(None, "--method", "-m", help="attention method, any of `onnx-excite methods` (repeatable; default mwp and cmwp); rise is the black-box RISE"),
-            contrastive: bool = typer.Option(False, "--contrastive", help="include contrastive MWP"),
+            contrastive: bool = typer.Option(False, "--contrastive", help=CONTRASTIVE_HELP),
             rule: str = typer.Option("positive", help="positive or paper"),
             out_dir: Path = typer.Option(Path("excite_out"), "-o", "--output", help="output folder"),
             size: Optional[int] = typer.Option(None, help="shorter side of the resized image (default 224); a model with a fixed input size "
@@ -363,7 +381,7 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
     from onnx_excite.apps.explain import ExplainOptions, explain_files
 
     opts = ExplainOptions(model=model, layers=list(layer or []), targets=list(target or []), top=top,
-                          methods=_methods(method or ["mwp", "cmwp"], contrastive), rule=rule, out_dir=out_dir,
+                          methods=_methods(method, contrastive), rule=rule, out_dir=out_dir,
                           size=size, mean=mean, std=std, batch_size=batch_size, combine=combine, colorbar=colorbar,
                           scale=scale, alpha=alpha, cmap=cmap, full_res=full_res, logits=logits, blur=blur, device=device,
                           workers=workers, masks=masks, mask_cells=mask_cells, mask_p=mask_p, seed=seed,
@@ -375,7 +393,9 @@ def explain(model: str = typer.Argument(..., help="ONNX classifier path, or 'def
         summary, stats = explain_on_ray(inputs, opts, settings, warn=_warn,
                                         on_error=lambda image, reason: err.print(f"error: {reason}", markup=False, soft_wrap=True))
     else:
-        summary = explain_files(inputs, opts, console=out, errors=err, warn=_warn, on_record=_print_record)
+        shown = min(5, max(3, top))
+        summary = explain_files(inputs, opts, console=out, errors=err, warn=_warn,
+                                on_record=lambda rec, skipped=False: _print_record(rec, skipped, shown))
     _note_logits(summary.logits_choice)
     for note in summary.notes:
         err.print(f"note: {note}", markup=False, soft_wrap=True)
@@ -399,9 +419,9 @@ def _warn(message: str) -> None:
     err.print(f"warning: {message}", markup=False, soft_wrap=True)
 
 
-def _print_record(rec: dict, skipped: bool = False) -> None:
-    """One image's top predictions, as `demo` prints them."""
-    best = ", ".join(f"{t['label']} ({t['prob']:.2f})" for t in rec["top5"][:3])
+def _print_record(rec: dict, skipped: bool = False, shown: int = 3) -> None:
+    """One image's ``shown`` top predictions (explain: max(3, --top), at most the record's 5)."""
+    best = ", ".join(f"{t['label']} ({t['prob']:.2f})" for t in rec["top5"][:shown])
     out.print(f"{Path(rec['image']).name}: {best}" + ("  [already done]" if skipped else ""), markup=False)
 
 

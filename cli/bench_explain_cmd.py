@@ -36,7 +36,7 @@ def bench_explain(model: str = typer.Argument(..., help="ONNX classifier path, o
     from onnx_excite.apps.explain import ExplainOptions, default_workers
 
     opts = ExplainOptions(model=model, layers=list(layer or []), targets=list(target or []), top=top,
-                          methods=_methods(method or ["mwp", "cmwp"], False), batch_size=batch_size, size=size,
+                          methods=_methods(method, False), batch_size=batch_size, size=size,
                           device=device)
     settings = list(dict.fromkeys(workers or [default_workers(), 1]))
     load = f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "?"

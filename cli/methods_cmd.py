@@ -25,6 +25,7 @@ def methods(detail: bool = typer.Option(False, "--detail", "-d",
     else:
         for row in rows:
             out.print(f"{row['method']}: {row['description']}", markup=False)
-            keys = ("kind", "linear", "pool", "add", "relu", "top", "dual", "map", "blur", "mass", "layers")
-            for key in keys if row["kind"] == "graph" else ("kind", "top", "map", "blur", "layers"):
-                out.print(f"    {key:7s} {row[key]}", markup=False)
+            keys = ("kind", "linear", "pool", "add", "relu", "top", "dual", "map", "blur", "mass", "layers", "values",
+                    "contrastive")
+            for key in keys if row["kind"] == "graph" else ("kind", "top", "map", "blur", "layers", "values"):
+                out.print(f"    {key:11s} {row[key]}", markup=False)

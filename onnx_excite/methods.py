@@ -66,6 +66,10 @@ never for the method.
       A_l = mean over heads of Softmax(..) of block l,  (N, T, T)
       B_l = (A_l + I) / 2, rows renormalised,   R = B_L ... B_2 B_1
       map = R[class token, patch tokens] on the patch grid (class-agnostic: the signal is ignored)
+* ``quantity``: what the map's values are, in words (colour bars): MWP a winning probability,
+  grad |gradient|, LRP relevance, CAM class activation.
+* ``contrastive_variant``: the registered method that is this one with a dual (mwp -> cmwp,
+  grad -> c-grad, deconv -> c-deconv, cam -> c-cam): what ``--contrastive`` adds.
 
 The float64 reference of every method is ``tests/method_ref.py``; how the companion-graph
 builder consumes these declarations is in docs/methods.md. ``BLACK_BOX`` lists the methods that
@@ -169,8 +173,12 @@ class Method:
     blur: bool = False
     layers: str = "any"
     kind: str = "sweep"
+    contrastive_variant: str = ""   # the method that adds a dual to this one (``--contrastive``), if any
+    quantity: str = ""              # what a map's values are, for colour bars ("winning probability", ...)
 
     def __post_init__(self):
+        if not self.quantity:
+            raise ValueError(f"method {self.name!r}: declare the quantity its maps hold")
         for value, allowed in ((self.relu, GATES), (self.activation, ACTIVATIONS), (self.arithmetic, ARITHMETIC),
                                (self.top, TOPS), (self.dual, DUALS),
                                (self.reduce, REDUCTIONS), (self.mass, MASSES), (self.layers, LAYERS),
@@ -217,63 +225,88 @@ _SUM_RULES = dict(pool=EXCITATION, add=EXCITATION)
 def _grad_cam(name, reduce, description, display):
     """Grad-CAM and Grad-CAM++: grad's sweep (the true gradient of e . s; it is shared with grad
     in one build), reduced with the layer's activation, clipped (the ReLU of the map)."""
-    return replace(_gradient_family(name, "forward-mask", description), display=display, reduce=reduce, clip=True,
-                   blur=False, layers="feature-maps")
+    return replace(_gradient_family(name, "forward-mask", description, "gradient-weighted class activation"),
+                   display=display, reduce=reduce, clip=True, blur=False, layers="feature-maps")
 
 
-def _gradient_family(name, relu, description, dual="none"):
+def _gradient_family(name, relu, description, quantity, dual="none", contrastive_variant=""):
     """grad, deconv, guided and their contrastive variants: pixel-level maps, all blurred
     (the paper blurs grad/deconv/guided; their contrastive maps are as noisy). Smooth
     activations apply their derivative where the gate includes the forward mask."""
     activation = "derivative" if relu in ("forward-mask", "both") else "pass"
     return Method(name, description, linear=GRADIENT, pool=GRADIENT, add=GRADIENT, relu=relu, activation=activation,
                   arithmetic="chain-rule", dual=dual, reduce="abs-max", clip=dual != "none",
-                  mass="none" if dual == "none" else "zero", blur=True)
+                  mass="none" if dual == "none" else "zero", blur=True, contrastive_variant=contrastive_variant,
+                  quantity=("contrastive " if dual != "none" else "") + quantity)
 
 
 METHODS: dict = {m.name: m for m in (
     Method("mwp", "Marginal Winning Probability (Excitation Backprop)", linear=EXCITATION, relu="none",
-           display="MWP", **_SUM_RULES),
+           display="MWP", contrastive_variant="cmwp", quantity="winning probability", **_SUM_RULES),
     Method("cmwp", "contrastive MWP: target minus negated classifier at its input, propagated",
-           linear=EXCITATION, relu="none", display="c-MWP", dual="difference", clip=True, mass="zero", **_SUM_RULES),
+           linear=EXCITATION, relu="none", display="c-MWP", dual="difference", clip=True, mass="zero",
+           quantity="contrastive winning probability", **_SUM_RULES),
     _gradient_family("grad", "forward-mask",
-                     "gradient of the target score; max |g| over channels"),
+                     "gradient of the target score; max |g| over channels", "|gradient|",
+                     contrastive_variant="c-grad"),
     _gradient_family("deconv", "backward-relu",
-                     "deconvnet (Zeiler-Fergus): ReLU on the backward signal, no forward mask"),
-    _gradient_family("guided", "both", "guided backprop: forward ReLU mask and backward ReLU"),
+                     "deconvnet (Zeiler-Fergus): ReLU on the backward signal, no forward mask",
+                     "|deconvnet signal|", contrastive_variant="c-deconv"),
+    _gradient_family("guided", "both", "guided backprop: forward ReLU mask and backward ReLU",
+                     "|guided gradient|"),
     Method("lrp-epsilon", "LRP-epsilon (eps = 1e-6 relative to max|z| of the layer, bias in z)",
            linear=EPSILON, pool=RuleVariant((("a", "W"),), normalise="Z+eps"), add=EPSILON, relu="none",
-           top="score", mass="score", blur=True),
+           top="score", mass="score", blur=True, quantity="relevance"),
     Method("lrp-zplus", "LRP alpha1-beta0 (z+ rule, bias ignored)", linear=ZPLUS, pool=ZPLUS, add=ZPLUS,
-           relu="none", top="score", mass="score", blur=True),
+           relu="none", top="score", mass="score", blur=True, quantity="relevance"),
     Method("cam", "class activation map: class weights times the last feature map (GAP + linear heads)",
            linear=GRADIENT, pool=CAM_POOL, add=GRADIENT, relu="none", arithmetic="chain-rule",
-           mass="none", layers="last-feature-map"),
+           mass="none", layers="last-feature-map", contrastive_variant="c-cam", quantity="class activation"),
     _gradient_family("c-grad", "forward-mask",
                      "contrastive gradient: L1-normalised map minus dual map (all zeros, as the paper notes)",
-                     dual="separate"),
+                     "|gradient|", dual="separate"),
     _gradient_family("c-deconv", "backward-relu",
-                     "contrastive deconvnet: L1-normalised map minus dual map, clipped", dual="separate"),
+                     "contrastive deconvnet: L1-normalised map minus dual map, clipped", "|deconvnet signal|",
+                     dual="separate"),
     Method("c-cam", "contrastive CAM: L1-normalised CAM minus the negated classifier's, clipped",
            linear=GRADIENT, pool=CAM_POOL, add=GRADIENT, relu="none", arithmetic="chain-rule", dual="separate", clip=True,
-           mass="none", layers="last-feature-map"),
+           mass="none", layers="last-feature-map", quantity="contrastive class activation"),
     _grad_cam("gradcam", "grad-cam", "Grad-CAM: ReLU of the layer's channels weighted by their mean gradient",
               display="Grad-CAM"),
     _grad_cam("gradcam++", "grad-cam++",
               "Grad-CAM++: ReLU of the layer's channels weighted by their positive gradients (closed form)",
               display="Grad-CAM++"),
     Method("cmwp-nonorm", "ablation: c-MWP without Z normalisation at weighted layers",
-           linear=EXCITATION_UNNORMALISED, relu="none", dual="difference", clip=True, mass="none", **_SUM_RULES),
+           linear=EXCITATION_UNNORMALISED, relu="none", dual="difference", clip=True, mass="none",
+           quantity="contrastive excitation (unnormalised)", **_SUM_RULES),
     Method("cmwp-postnorm", "ablation: MWP and dual MWP computed separately, each L1-normalised, subtracted",
-           linear=EXCITATION, relu="none", dual="separate", clip=True, mass="zero", **_SUM_RULES),
+           linear=EXCITATION, relu="none", dual="separate", clip=True, mass="zero",
+           quantity="contrastive winning probability (L1-normalised)", **_SUM_RULES),
     Method("rollout", "attention rollout (Abnar & Zuidema 2020): class token's row of the product over the blocks "
            "of head-averaged attention + I; class-agnostic (ignores the target); ViT, DeiT", linear=None, pool=None, add=None, relu="none", mass="none",
-           layers="attention-tokens", kind="rollout"),
+           layers="attention-tokens", kind="rollout",
+           quantity="attention flow from the class token"),
 )}
 
 
 #: the methods a command runs when none is named
 DEFAULT_METHODS = ("mwp", "cmwp")
+
+
+def with_contrastive(names) -> tuple:
+    """``names`` and, after them, each one's contrastive variant (``--contrastive``); a method
+    that has none and is not contrastive itself is an ExciteError."""
+    chosen = list(names)
+    for name in list(chosen):
+        method = get_method(name)
+        if method.contrastive:
+            continue
+        if not method.contrastive_variant:
+            pairs = ", ".join(f"{m.name} -> {m.contrastive_variant}" for m in METHODS.values() if m.contrastive_variant)
+            raise ExciteError(f"--contrastive: {name} has no contrastive variant (those that have one: {pairs})")
+        if method.contrastive_variant not in chosen:
+            chosen.append(method.contrastive_variant)
+    return tuple(chosen)
 
 
 def method_names() -> tuple:
@@ -305,11 +338,13 @@ def method_table(rule: str = "positive") -> list:
             final, parts, relu, top = "class-token row", dict.fromkeys(("linear", "pool", "add"), "-"), "-", "-"
         rows.append({"method": m.name, "dual": m.dual, "map": final, "blur": "yes" if m.blur else "no",
                      **parts, "relu": relu, "top": top, "mass": m.mass, "layers": m.layers,
+                     "values": m.quantity, "contrastive": m.contrastive_variant or "-",
                      "kind": "graph", "description": m.description})
     for b in BLACK_BOX.values():
         rows.append({"method": b.name, "dual": "-", "map": b.map, "blur": "yes" if b.blur else "no",
                      "linear": "-", "pool": "-", "add": "-", "relu": "-", "top": "softmax probability", "mass": "-",
-                     "layers": "model input", "kind": "black box", "description": b.description})
+                     "layers": "model input", "values": b.quantity, "contrastive": "-", "kind": "black box",
+                     "description": b.description})
     return rows
 
 
@@ -338,6 +373,7 @@ class BlackBox:
     display: str = ""
     map: str = ""           # how the map is formed, for `onnx-excite methods`
     blur: bool = False      # no Gaussian blur: the map is smooth already
+    quantity: str = "saliency"   # what a map's values are, for colour bars
 
     @property
     def label(self) -> str:

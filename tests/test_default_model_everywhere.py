@@ -59,7 +59,7 @@ def test_check_export_bench_accept_default(cached_path, tmp_path):
     res = runner.invoke(app, ["check", "default"])
     assert res.exit_code == 0 and res.output.startswith("ok"), res.output
     path = tmp_path / "mnv2_excite.onnx"
-    res = runner.invoke(app, ["export", "default", "-o", str(path), "--contrastive"])
+    res = runner.invoke(app, ["export", "default", "-o", str(path)])
     assert res.exit_code == 0, res.output
     onnx.checker.check_model(str(path), full_check=True)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

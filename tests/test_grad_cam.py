@@ -271,7 +271,7 @@ def test_methods_command_and_explain_write_grad_cam_maps(tmp_path):
     assert res.exit_code == 0 and "gradcam++" in res.output and "Grad-CAM" in res.output, res.output
     res = runner.invoke(app, ["methods", "--detail"], env={"COLUMNS": "200"})
     detail = re.split(r"\n\S", res.output.split("gradcam++: ")[1])[0]
-    assert "map     sum w(P, A) A, clip" in detail and "layers  feature-maps" in detail, detail
+    assert "map         sum w(P, A) A, clip" in detail and "layers      feature-maps" in detail, detail
     out = tmp_path / "out"
     res = runner.invoke(app, ["explain", "default", str(photo("dog.jpg")), "-t", "249", "-m", "gradcam",
                               "-m", "gradcam++", "-m", "grad", "-o", str(out)])

@@ -130,13 +130,14 @@ def test_declarations_validate_their_fields():
     with pytest.raises(ValueError):
         RuleVariant((("b", "W"),))
     with pytest.raises(ValueError):
-        Method("x", "x", linear=RuleVariant(None), pool=RuleVariant(None), add=RuleVariant(None), relu="sometimes")
+        Method("x", "x", linear=RuleVariant(None), pool=RuleVariant(None), add=RuleVariant(None), relu="sometimes",
+               quantity="q")
     with pytest.raises(ValueError, match="a sweep needs a RuleVariant"):
-        Method("x", "x", linear=None, pool=None, add=None, relu="none")
+        Method("x", "x", linear=None, pool=None, add=None, relu="none", quantity="q")
     with pytest.raises(ValueError, match="a rollout method has no rule variants"):
-        Method("x", "x", linear=RuleVariant(None), pool=None, add=None, relu="none", mass="none", kind="rollout")
+        Method("x", "x", linear=RuleVariant(None), pool=None, add=None, relu="none", quantity="q", mass="none", kind="rollout")
     with pytest.raises(ValueError, match="a rollout method has no rule variants"):   # nor a mass to expect
-        Method("x", "x", linear=None, pool=None, add=None, relu="none", kind="rollout")
+        Method("x", "x", linear=None, pool=None, add=None, relu="none", quantity="q", kind="rollout")
     assert RuleVariant(None).resolve("paper") == RULE_PARTS["paper"]
     with pytest.raises(ExciteError, match="unknown rule"):
         RuleVariant(None).resolve("both")
@@ -180,6 +181,7 @@ def test_methods_command_lists_every_method():
     res = runner.invoke(app, ["methods", "--detail", "--rule", "paper"])
     assert res.exit_code == 0, res.output
     assert "a W+ /Z" in res.output and "Z+eps (bias in Z)" in res.output
+    assert "    values      winning probability\n" in res.output and "    contrastive c-grad\n" in res.output
     res = runner.invoke(app, ["methods", "--rule", "nope"])
     assert res.exit_code == 2
     assert res.output.strip().splitlines() == ["error: unknown rule 'nope'; choose from positive, paper"]

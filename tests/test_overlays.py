@@ -76,7 +76,47 @@ def test_colour_bar_has_ticks_and_a_label():
     assert len(groups) == 5                                        # 0, 1/4, 1/2, 3/4, 1 x vmax
     label_strip = arr[:, -14:]
     assert (label_strip.min(axis=2) < 100).sum() > 50               # the rotated label is drawn
-    assert render._tick_text(0.02) == "0.02" and render._tick_text(0) == "0"
+    assert render.tick_texts(np.linspace(0, 0.02, 5)) == ["0.0000", "0.0050", "0.0100", "0.0150", "0.0200"]
+
+
+@pytest.mark.parametrize("vmax", [0.54, 0.02, 0.0041, 3.0, 250.0, 7e-4, 3e5, 1e-9])
+def test_tick_labels_share_one_format_and_read_back_as_the_values(vmax):
+    values = np.linspace(0, vmax, 5)
+    texts = render.tick_texts(values)
+    scientific = ["e" in t for t in texts]
+    assert len(set(scientific)) == 1                                   # one form for every tick
+    if not scientific[0]:
+        assert len({len(t.split(".")[1]) if "." in t else 0 for t in texts}) == 1   # the same decimals
+    else:
+        assert texts[0] == "0.0e+00"
+    got = np.array([float(t) for t in texts])
+    step = values[1]
+    np.testing.assert_allclose(got, values, rtol=0, atol=0.1 * step)   # two significant digits of the step
+    assert len(set(texts)) == 5                                         # distinct ticks
+
+
+def test_an_lrp_epsilon_overlay_says_relevance_from_the_method_declaration(monkeypatch):
+    """The caption and colour bar text of an overlay come from the method's declaration
+    (Method.label, Method.quantity), not from one word for every method."""
+    import dataclasses
+
+    from onnx_excite import methods
+
+    lrp = methods.METHODS["lrp-epsilon"]
+    assert render.bar_label("lrp-epsilon") == "relevance" == lrp.quantity
+    assert render.bar_label("lrp-epsilon", shared=True) == "relevance (shared scale)"
+    assert render.map_caption(render.class_head("malamute", 0.541), "lrp-epsilon", "features.13", "paper") == [
+        "malamute  p=0.54", "lrp-epsilon · features.13 · paper rule"]
+    # a changed declaration changes the text: it is read from the declaration, not a table
+    monkeypatch.setitem(methods.METHODS, "lrp-epsilon", dataclasses.replace(lrp, quantity="relevance R", display="LRP-ε"))
+    assert render.bar_label("lrp-epsilon") == "relevance R"
+    assert render.map_caption("", "lrp-epsilon", "x") == ["LRP-ε · x"]
+    labels = {name: render.bar_label(name) for name in methods.METHODS}
+    assert labels["mwp"] == "winning probability" and labels["grad"] == "|gradient|"
+    assert labels["cam"] == "class activation" and labels["cmwp"].startswith("contrastive")
+    assert all(labels.values()) and "excitation" not in labels.values()
+    with pytest.raises(ValueError, match="quantity"):   # a method must say what its maps hold
+        dataclasses.replace(lrp, quantity="")
 
 
 def test_alpha_and_colour_maps():
@@ -119,7 +159,7 @@ def test_shared_and_per_map_scales(tmp_path, scale):
     model = _many_class_model(tmp_path / "m.onnx")
     src = tmp_path / "p.png"
     Image.fromarray((np.random.default_rng(0).random((40, 60, 3)) * 255).astype(np.uint8)).save(src)
-    res = _run("explain", model, src, "-l", "r1", "--contrastive", "--top", "3", "--size", "32", "--scale", scale,
+    res = _run("explain", model, src, "-l", "r1", "--top", "3", "--size", "32", "--scale", scale,
                "-o", tmp_path / "o")
     assert res.exit_code == 0, res.output
     outs = _records(tmp_path / "o")[0]["outputs"]

@@ -30,7 +30,13 @@ def test_the_readme_python_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(work_folder(tmp_path))
     ns: dict = {}
     exec(compile(code, "README.md (Library)", "exec"), ns)
-    assert ns["logits"].shape == (1, 1000) and ns["cmwp"].shape == (1, 14, 14) and (ns["cmwp"] >= 0).all()
+    assert ns["logits"].shape == (1, 1000) and ns["cmwp"].shape == (1, 14, 19) and (ns["cmwp"] >= 0).all()
+    assert int(ns["logits"].argmax()) == 249 and ns["res"].signal.argmax() == 249      # malamute, its top-1
+    overlay = Image.open(tmp_path / "clone" / "dog_cmwp.png")
+    assert overlay.mode == "RGB" and overlay.height == 384 and overlay.width > 512     # the photo and a colour bar
+    assert ns["husky"].signal.argmax() == 250 and not np.array_equal(ns["husky"].maps["cmwp"]["features.13"], ns["cmwp"])
+    lines = [ln for ln in (section(README, "Library").split("```python")[1].split("```")[0]).splitlines() if ln.strip()]
+    assert len(lines) <= 15                                                            # the library in 15 lines
     assert ns["providers"] == ["CPUExecutionProvider"] or "CUDAExecutionProvider" in ns["providers"]
     assert "no.such.layer" in ns["message"] and "\n" not in ns["message"]
     assert (tmp_path / "clone" / "companion.onnx").stat().st_size > 1_000_000

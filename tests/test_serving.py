@@ -182,7 +182,7 @@ def test_triton_folder_parses_with_tritons_schema_and_runs(tmp_path):
 
     path = tmp_path / "tiny.onnx"
     onnx.save(tiny_model(), str(path))
-    res = runner.invoke(app, ["export", str(path), "-l", "r1", "--contrastive", "--signal", "topk:2",
+    res = runner.invoke(app, ["export", str(path), "-l", "r1", "--signal", "topk:2",
                               "--map-size", "input", "--normalize", "max", "--serving", str(tmp_path / "repo"),
                               "--name", "tiny_excite", "--max-batch-size", "16"])
     assert res.exit_code == 0, res.output
@@ -223,7 +223,7 @@ def test_top1_default_model_from_an_image_alone_equals_exciter(tmp_path):
     except mobilenet_v2.ModelUnavailableError as exc:
         pytest.fail(f"default model weights missing: {exc}")
     out = tmp_path / "served.onnx"
-    res = runner.invoke(app, ["export", path, "-o", str(out), "-l", "features.13", "--contrastive", "--signal", "top1"])
+    res = runner.invoke(app, ["export", path, "-o", str(out), "-l", "features.13", "--signal", "top1"])
     assert res.exit_code == 0, res.output
     img = Image.open(SAMPLES / "dog.jpg").convert("RGB").resize((224, 224), Image.BILINEAR)
     x = ((np.asarray(img, np.float32) / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225])

@@ -231,20 +231,6 @@ def _settings(opts: ExplainOptions, layers, resize: str, size, mean, std) -> dic
             "colorbar": bool(opts.colorbar), "full_res": bool(opts.full_res), "blur": bool(opts.blur)}
 
 
-def _model_header(path):
-    """The model's graph without its external weights (inputs, outputs, shapes)."""
-    import onnx
-
-    from ..graph.canonicalize import load_model
-
-    if isinstance(path, onnx.ModelProto):
-        return path
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception:
-        return load_model(path)   # raises the one-line error for unreadable files
-
-
 def default_workers() -> int:
     """Writer threads when ``workers`` is not given: the CPU count, 2 to 4."""
     return max(2, min(4, os.cpu_count() or 1))
@@ -298,12 +284,17 @@ class ExplainSetup:
     settings: dict = field(default_factory=dict)   # what a record depends on (RecordStore key)
     notes: tuple = ()        # what was assumed for a model without a profile (said after the run)
 
+    @property
+    def preprocessing(self):
+        """The :class:`onnx_excite.models.preprocessing.Preprocessing` these settings describe."""
+        from onnx_excite.models.preprocessing import Preprocessing
+
+        return Preprocessing(self.mean, self.std, self.scale, self.resize, self.size, self.layout,
+                             self.profile.channel_order)
+
     def preprocess(self, img):
         """(model input array, Prepared geometry) of one decoded image."""
-        from ..io.images import preprocess
-
-        return preprocess(img, size=self.size, resize=self.resize, crop=None, mean=self.mean, std=self.std,
-                          scale=self.scale, channel_order=self.profile.channel_order, layout=self.layout)
+        return self.preprocessing(img)
 
     @property
     def input_size(self):
@@ -314,7 +305,8 @@ class ExplainSetup:
 def explain_setup(opts: ExplainOptions, warn=None) -> ExplainSetup:
     """Check the options and resolve the model, its input size, layers and preprocessing
     (before any image is read or any file written). ``warn(message)`` receives warnings."""
-    from ..io.checks import float_list
+    from onnx_excite.models.preprocessing import model_header, model_preprocessing
+
     from ..run.devices import providers_for
     from ..io.modelinput import declared_input, num_classes
 
@@ -323,24 +315,12 @@ def explain_setup(opts: ExplainOptions, warn=None) -> ExplainSetup:
     warn = warn or (lambda message: None)
     resolved = resolve_model(opts.model)   # a path: the model as it is
     model, profile = resolved.model, resolved.profile
-    header = _model_header(model)
-    declared = declared_input(header)
-    fixed = declared.fixed_size
-    if fixed and opts.size is not None:   # --size on a fixed-size model: its head made fully convolutional
+    header = model_header(model)
+    if declared_input(header).fixed_size and opts.size is not None:   # --size on a fixed-size model: its head made fully convolutional
         resolved = resolve_model(opts.model, fully_conv=True)
         model, profile = resolved.model, resolved.profile
-    if fixed and opts.size is None:
-        resize, size = "exact", fixed    # the size the model was made for
-    elif fixed:
-        if profile.resize == "square":   # the head could not be made fully convolutional
-            raise ExciteError(f"the model's input is fixed at {fixed[1]}x{fixed[0]} and its head cannot be made "
-                              f"fully convolutional: drop --size")
-        warn(f"the model declares a fixed {fixed[1]}x{fixed[0]} input; --size {opts.size} runs it at a size "
-             f"it was not trained for (its dense head made fully convolutional)")
-        resize, size = "shorter", int(opts.size)
-    else:
-        # maps must cover the whole image: no crop; the shorter side at 224 (any aspect ratio)
-        resize, size = ("shorter", int(opts.size or 224)) if profile.resize == "shorter" else ("square", int(opts.size or profile.input_size))
+    prep, assumed = model_preprocessing(profile, header, opts.size, opts.mean, opts.std, warn)
+    resize, size, mean, std = prep.resize, prep.size, prep.mean, prep.std
     own = None if opts.layers else resolved.method_layer(opts.graph_methods)   # cam's, rollout's own layer
     layers = opts.layers or ([own] if own else list(profile.default_layers))
     notes = []
@@ -356,27 +336,14 @@ def explain_setup(opts: ExplainOptions, warn=None) -> ExplainSetup:
         layers = []   # black-box methods only: their maps are at the model input
     elif not layers:
         raise ExciteError("no layer given and the model has no profile default: pass --layer (see `onnx-excite layers MODEL`)")
-    channels = len(profile.mean)
-    if declared.integer:
-        if opts.mean is not None or opts.std is not None:
-            raise ExciteError(f"the model takes {declared.dtype.name} pixels and normalises them itself: "
-                              f"--mean/--std do not apply")
-        mean, std, scale = (0.0,) * channels, (1.0,) * channels, 1.0
-    else:
-        mean = float_list(opts.mean, "--mean", length=channels, default=profile.mean)
-        std = float_list(opts.std, "--std", length=channels, positive=True, default=profile.std)
-        scale = profile.scale
-        if profile.name == "auto" and (opts.mean is None or opts.std is None):
-            notes.append(f"the model has no profile: pixels are scaled by {scale:g} and normalised with mean "
-                         f"{','.join(f'{v:g}' for v in mean)} and std {','.join(f'{v:g}' for v in std)} (ImageNet's "
-                         f"unless given; --mean/--std set them), {profile.layout}, {resize} resize to {size}")
+    notes += assumed
     class_names = profile.load_class_names() if profile.class_names else None
     k = len(class_names) if class_names else num_classes(header)
     per_image = len(opts.targets) if opts.targets and not opts.combine else (1 if opts.targets else opts.top)
     if not opts.targets and k is not None and opts.top > k:
         raise ExciteError(f"--top {opts.top}: the model has only {k} classes")
-    return ExplainSetup(model, profile, layers, class_names, tuple(mean), tuple(std), scale, resize, size,
-                        declared.layout, style, per_image, _settings(opts, layers, resize, size, mean, std), tuple(notes))
+    return ExplainSetup(model, profile, layers, class_names, tuple(mean), tuple(std), prep.scale, resize, size,
+                        prep.layout, style, per_image, _settings(opts, layers, resize, size, mean, std), tuple(notes))
 
 
 def warn_if_large(n_files: int, setup: ExplainSetup, opts: ExplainOptions, warn) -> None:
@@ -708,8 +675,9 @@ class _Run:
         return f"{get_any_method(method).label} · {layer} · {self.opts.rule} rule"
 
     def label(self, classes: tuple) -> str:
-        names = [self.class_names[c].split(",")[0] if self.class_names else str(c) for c in classes]
-        return " + ".join(names)
+        from ..render.overlay import class_label
+
+        return class_label(classes, self.class_names)
 
     def batch(self, items, advance=lambda n=1: None) -> None:
         """Explain one batch and store each image's record; a batch ONNX Runtime rejects is
@@ -795,34 +763,28 @@ class _Run:
         writer thread. Without overlay, panel and image-npy no image-space map is computed
         (and the record has no ``vmax``, the overlays' colour scale)."""
         from ..io.half import to_float16
-        from ..render import maps
-        from ..methods import get_any_method, is_black_box
-        from ..render.postprocess import blur_sigma, gaussian_blur
-        from ..render.overlay import display_size, labelled_overlay, map_max, panel_grid, save_image
+        from ..render.postprocess import image_space_map
+        from ..render.overlay import bar_label, class_head, labelled_overlay, map_caption, map_max, panel_grid, save_image
 
         outputs, out_dir, suffix = self.outputs, self.opts.out_dir, self.suffix
         image_space = _writes_images(outputs) or "image-npy" in outputs
         images, files = {}, 0
         if image_space:
             # image-space maps: clipped at 0 (bicubic overshoot), at display resolution unless full_res
-            store_size = img.size if self.opts.full_res else display_size(img.size, min_side=1)
-            store_info = dataclasses.replace(prepared, original_size=store_size) if store_size != img.size else prepared
             for j in range(len(sets)):
                 for method, layer in self.pairs:
-                    up = maps.to_image_space(results[j][method, layer][i], store_info)
-                    if self.opts.blur and get_any_method(method).blur:  # the paper's blur, sigma = 0.02 max(W, H)
-                        up = gaussian_blur(up, blur_sigma(up.shape[1], up.shape[0])).astype(np.float32)
-                    images[j, method, layer] = np.maximum(up, 0)
+                    images[j, method, layer] = image_space_map(results[j][method, layer][i], prepared, method,
+                                                               self.opts.full_res, self.opts.blur, img.size)
         vmax = {}
         for key, up in images.items():
             group = (key[1], key[2]) if self.opts.scale == "shared" else key
             vmax[group] = max(vmax.get(group, 0.0), map_max(up))
-        bar_label = "excitation (shared scale)" if self.opts.scale == "shared" and len(sets) > 1 else "excitation"
+        shared = self.opts.scale == "shared" and len(sets) > 1
         all_tiles = []
         for j, classes in enumerate(sets):
             tag = "+".join(str(c) for c in classes)
             prob = float(sum(probs[c] for c in classes))
-            head = f"{self.label(classes)}  p={prob:.2f}"
+            head = class_head(self.label(classes), prob)
             tiles, first = [], len(record["outputs"])
             for method, layer in self.pairs:
                 m = results[j][method, layer][i]
@@ -843,22 +805,22 @@ class _Run:
                     up = images[j, method, layer]
                     v = vmax[(method, layer) if self.opts.scale == "shared" else (j, method, layer)]
                     entry["vmax"] = v
+                    label = bar_label(method, shared)
                     if "map_image" in written:
                         np.save(written["map_image"], to_float16(up))
                     if "overlay" in written:
                         caption = [head, self.caption(method, layer)]
-                        bar = bar_label.replace("excitation", "saliency") if is_black_box(method) else bar_label
-                        save_image(labelled_overlay(img, up, caption, self.style, v, bar), written["overlay"],
+                        save_image(labelled_overlay(img, up, caption, self.style, v, label), written["overlay"],
                                    self.format)
-                    tiles.append(([f"{get_any_method(method).label} · {layer}"], up, v))
-                    all_tiles.append(([head, f"{get_any_method(method).label} · {layer}"], up, v))
+                    tiles.append((map_caption("", method, layer), up, v, label))
+                    all_tiles.append((map_caption(head, method, layer), up, v, label))
                 files += len(written)
                 record["outputs"].append({**entry, **{k: str(p) for k, p in written.items()}})
             if "panel" in outputs:
                 panel_path = out_dir / f"{self.stem(path)}.{tag}.panel{suffix}"
                 self._check_not_input([panel_path])
                 title = [f"{path.name}: {head}  ({self.opts.rule} rule)"]
-                save_image(panel_grid(img, tiles, self.style, title, bar_label=bar_label), panel_path, self.format)
+                save_image(panel_grid(img, tiles, self.style, title), panel_path, self.format)
                 files += 1
                 for out in record["outputs"][first:]:
                     out["panel"] = str(panel_path)
@@ -869,8 +831,8 @@ class _Run:
                      + ("one colour scale per method and layer" if self.opts.scale == "shared" else "each map by its own maximum")
                      + f"  ({self.opts.rule} rule)"]
             per_row = len(self.pairs)
-            save_image(panel_grid(img, all_tiles, self.style, title, columns=per_row, bar_label=bar_label,
-                                  show_image=False), top_path, self.format)
+            save_image(panel_grid(img, all_tiles, self.style, title, columns=per_row, show_image=False), top_path,
+                       self.format)
             files += 1
             for out in record["outputs"]:
                 out["classes_panel"] = str(top_path)

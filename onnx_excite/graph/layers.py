@@ -19,6 +19,24 @@ class LayerInfo:
     layout: Layout | None = None   # the channel axis the map sums over
     grid: TokenGrid | None = None   # for the tokens of a vision transformer: the patch grid of the map
 
+    @property
+    def spatial(self) -> tuple | None:
+        """(h, w) of a 4-D tensor by its channel axis (NCHW or NHWC), when both are known."""
+        if self.shape is None or len(self.shape) != 4 or self.layout is None or self.layout.axis not in (1, 3):
+            return None
+        h, w = self.shape[2:4] if self.layout.axis == 1 else self.shape[1:3]
+        return (h, w) if h and w else None
+
+    def stride(self, input_hw: tuple | None) -> str:
+        """How many input pixels one map cell spans (``/16``; ``/16x8`` where the axes differ;
+        ``-`` where the tensor is no spatial map or a size is unknown), for input size ``input_hw``."""
+        size = self.spatial
+        if size is None or not input_hw or not all(input_hw):
+            return "-"
+        steps = [a / b for a, b in zip(input_hw, size)]
+        texts = [f"{v:.0f}" if abs(v - round(v)) < 1e-9 else f"{v:.2f}" for v in steps]
+        return "/" + (texts[0] if texts[0] == texts[1] else "x".join(texts))
+
     def describe_layout(self) -> str:
         text = self.layout.describe() if self.layout else "-"
         return f"{text}, tokens: {self.grid.describe()}" if self.grid else text

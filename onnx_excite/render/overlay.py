@@ -188,10 +188,47 @@ def caption_band(img: Image.Image, lines: Sequence[str], px: Optional[int] = Non
     return out.convert("RGB")
 
 
-def _tick_text(value: float) -> str:
-    if value == 0:
-        return "0"
-    return f"{value:.2g}" if 1e-2 <= abs(value) < 1e3 else f"{value:.1e}"
+def tick_texts(values: Sequence[float]) -> list[str]:
+    """The tick labels of one colour bar, all in one format chosen from the largest value: fixed
+    decimals (as many as the step between ticks needs for two significant digits) from 0.001 to
+    10^4, else the same exponent form for every tick (``0.0e+00``, ``2.5e-04``, ...)."""
+    values = [float(v) for v in values]
+    top = max((abs(v) for v in values), default=0.0)
+    if top == 0:
+        return ["0" for _ in values]
+    if 1e-3 <= top < 1e4:
+        steps = [abs(b - a) for a, b in zip(values, values[1:]) if b != a] or [top]
+        decimals = max(0, 1 - int(np.floor(np.log10(min(steps)))))
+        return [f"{v:.{decimals}f}" for v in values]
+    return [f"{v:.1e}" for v in values]
+
+
+def bar_label(method: str, shared: bool = False) -> str:
+    """What a colour bar says for ``method``'s maps: the quantity its declaration names
+    (:attr:`onnx_excite.methods.Method.quantity`), and whether the scale is shared by the
+    image's classes."""
+    from ..methods import get_any_method
+
+    return get_any_method(method).quantity + (" (shared scale)" if shared else "")
+
+
+def map_caption(head: str, method: str, layer: str, rule: str | None = None) -> list[str]:
+    """The caption lines of one map's overlay: ``head`` (class and probability), then the
+    method as its declaration displays it, the layer, and the rule (when given)."""
+    from ..methods import get_any_method
+
+    line = f"{get_any_method(method).label} · {layer}" + (f" · {rule} rule" if rule else "")
+    return [line] if not head else [head, line]
+
+
+def class_label(classes: Sequence[int], class_names: Optional[Sequence[str]] = None) -> str:
+    """The classes' names (the first synonym of each description), else their indices, joined by " + "."""
+    return " + ".join(class_names[c].split(",")[0] if class_names else str(c) for c in classes)
+
+
+def class_head(label: str, prob: float) -> str:
+    """The first caption line: the class (or classes) and its probability."""
+    return f"{label}  p={prob:.2f}"
 
 
 def colorbar(height: int, vmax: float, label: str, cmap: str = "jet", px: Optional[int] = None,
@@ -204,7 +241,7 @@ def colorbar(height: int, vmax: float, label: str, cmap: str = "jet", px: Option
     margin = px // 2 + 2
     scratch = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     values = np.linspace(0, vmax, ticks)
-    texts = [_tick_text(v) for v in values]
+    texts = tick_texts(values)
     text_w = max(_text_size(scratch, t, fnt)[0] for t in texts)
     label_w, label_h = _text_size(scratch, label, fnt)
     tick_len = max(3, px // 3)
@@ -285,7 +322,8 @@ def _cap(img: Image.Image, style: Style) -> Image.Image:
 
 def panel_grid(img: Image.Image, tiles: Sequence[tuple], style: Style, title: Sequence[str] = (),
                columns: int = 4, bar_label: str = "excitation", show_image: bool = True) -> Image.Image:
-    """The image (when ``show_image``), then one overlay per tile ``(caption lines, map, vmax)``,
+    """The image (when ``show_image``), then one overlay per tile ``(caption lines, map, vmax)``
+    or ``(caption lines, map, vmax, colour bar label)`` (else ``bar_label``),
     in rows of ``columns``; each tile with its caption and colour bar; ``title`` lines above.
     The whole panel is at most ``MAX_SIDE`` px on its long side (unless ``style.full_res``)."""
     base = img.convert("RGB")
@@ -301,11 +339,11 @@ def panel_grid(img: Image.Image, tiles: Sequence[tuple], style: Style, title: Se
     tile_style = Style(style.cmap, style.alpha, style.colorbar, full_res=True)
     px = font_px((tile_w, tile_h))
     rendered = [caption_band(shown, ["image"], px)] if show_image else []
-    for caption, map2d, vmax in tiles:
+    for caption, map2d, vmax, *label in tiles:
         v = map_max(map2d) if vmax is None else float(vmax)
         over = caption_band(_heat(shown, map2d, v, tile_style), caption, px)
         if style.colorbar:
-            bar = colorbar(tile_h, v, bar_label, style.cmap, px)
+            bar = colorbar(tile_h, v, label[0] if label else bar_label, style.cmap, px)
             both = Image.new("RGB", (tile_w + bar.width + px // 2, tile_h), "white")
             both.paste(over, (0, 0))
             both.paste(bar, (tile_w + px // 2, 0))

@@ -84,6 +84,28 @@ def postprocess_for(method: str, map2d: np.ndarray, size: Optional[Tuple[int, in
                     blur: Optional[bool] = None) -> np.ndarray:
     """``postprocess_map`` with the method's own blur setting (``blur`` overrides it: the
     flag to turn the paper's blur off)."""
-    from ..methods import get_method
+    from ..methods import get_any_method
 
-    return postprocess_map(map2d, size, blur=get_method(method).blur if blur is None else blur)
+    return postprocess_map(map2d, size, blur=get_any_method(method).blur if blur is None else blur)
+
+
+def image_space_map(map2d: np.ndarray, prepared, method: str, full_res: bool = False, blur: bool = True,
+                    image_size: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """A layer map (h, w) on the photo, as ``explain`` stores and draws it: aligned with the
+    original image (:func:`onnx_excite.render.maps.to_image_space` of its ``prepared``
+    geometry), at display size (long side at most 1600 px) unless ``full_res``, with the
+    paper's blur where the method declares it (and ``blur``), clipped at 0 (bicubic overshoot).
+    float32 (H, W)."""
+    import dataclasses
+
+    from ..methods import get_any_method
+    from .maps import to_image_space
+    from .overlay import display_size
+
+    size = tuple(image_size or prepared.original_size)
+    store = size if full_res else display_size(size, min_side=1)
+    info = dataclasses.replace(prepared, original_size=store) if store != tuple(prepared.original_size) else prepared
+    up = to_image_space(map2d, info)
+    if blur and get_any_method(method).blur:  # the paper's blur, sigma = 0.02 max(W, H)
+        up = gaussian_blur(up, blur_sigma(up.shape[1], up.shape[0])).astype(np.float32)
+    return np.maximum(up, 0)

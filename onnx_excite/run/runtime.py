@@ -1,7 +1,9 @@
 """Run the companion model with ONNX Runtime: build once, explain many batches."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -156,7 +158,13 @@ def add_top1_signal(built: ExcitationModel) -> bool:
 
 @dataclass
 class Explanation:
-    """Result of one run: logits (N x K) and maps[method][layer] (N x h x w)."""
+    """Result of one run: logits (N x K) and maps[method][layer] (N x h x w) at layer
+    resolution; ``signal`` (N x K) the top signal explained (one-hot for class targets).
+
+    When :meth:`Exciter.explain` was given photos (paths or PIL images) it also keeps them
+    (``images``, RGB), how each became the model input (``prepared``), the class names and
+    the rule: then :meth:`image_maps` puts the maps on the photos and :meth:`overlay` draws
+    one, as ``onnx-excite explain`` does."""
 
     logits: np.ndarray
     maps: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
@@ -165,14 +173,86 @@ class Explanation:
     #: with diagnostics: per sample, the signal mass lost on the way to each layer
     #: (where Z == 0); for c-MWP, what the two halves lost differently.
     lost: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    images: list | None = None        # the photos explained (PIL RGB), when photos were given
+    prepared: list | None = None      # per photo, its io.images.Prepared geometry
+    class_names: list | None = None   # the model's class names, when known
+    rule: str | None = None           # the excitation rule of the build
+
+    def _photos(self, what: str) -> None:
+        if self.images is None or self.prepared is None:
+            raise ExciteError(f"{what} needs the photos: give Exciter.explain image paths or PIL images, not arrays")
+
+    def image_maps(self, full_res: bool = False, blur: bool = True) -> dict[str, dict[str, list[np.ndarray]]]:
+        """maps[method][layer]: one float32 (H, W) array per photo, the map on that photo as
+        ``explain`` writes it (``*.image.npy``): aligned with the original image, at most
+        1600 px on the long side unless ``full_res``, the paper's Gaussian blur for the methods
+        declared with it (unless ``blur=False``), clipped at 0."""
+        from ..render.postprocess import image_space_map
+
+        self._photos("image_maps()")
+        return {method: {layer: [image_space_map(arr[i], self.prepared[i], method, full_res, blur, img.size)
+                                 for i, img in enumerate(self.images)]
+                         for layer, arr in by_layer.items()}
+                for method, by_layer in self.maps.items()}
+
+    def overlay(self, method: str | None = None, layer: str | None = None, index: int = 0, *, style=None,
+                blur: bool = True):
+        """The overlay ``explain`` writes for photo ``index``: the map of ``method`` at ``layer``
+        (default: the first of each) blended over the photo, captioned with the class, its
+        probability, the method, layer and rule, and a colour bar saying what the values are.
+        ``style``: a :class:`onnx_excite.render.overlay.Style` (colour map, alpha, colour bar,
+        full resolution). A PIL RGB image."""
+        from ..render.overlay import Style, bar_label, class_head, class_label, labelled_overlay, map_caption, map_max
+        from ..render.postprocess import image_space_map
+
+        self._photos("overlay()")
+        method = next(iter(self.maps)) if method is None else method
+        if method not in self.maps:
+            raise ExciteError(f"no {method!r} maps in this explanation (it has {', '.join(self.maps)})")
+        layer = next(iter(self.maps[method])) if layer is None else layer
+        if layer not in self.maps[method]:
+            raise ExciteError(f"no maps at layer {layer!r} in this explanation (it has {', '.join(self.maps[method])})")
+        if not -len(self.images) <= index < len(self.images):
+            raise ExciteError(f"photo index {index} out of range: {len(self.images)} photo(s) explained")
+        style = style if style is not None else Style()
+        img = self.images[index]
+        up = image_space_map(self.maps[method][layer][index], self.prepared[index], method, style.full_res, blur,
+                             img.size)
+        scores = self.logits.reshape(len(self.logits), -1)[index].astype(np.float64)
+        probs = np.exp(scores - scores.max())
+        probs /= probs.sum()
+        classes = tuple(int(c) for c in np.flatnonzero(self.signal[index] > 0)) if self.signal is not None else ()
+        head = class_head(class_label(classes, self.class_names), float(probs[list(classes)].sum())) if classes else ""
+        return labelled_overlay(img, up, map_caption(head, method, layer, self.rule), style, map_max(up),
+                                bar_label(method))
+
+
+def _photos(inputs) -> list | None:
+    """``inputs`` as a list of RGB photos when they are a path, a PIL image or a list/tuple of
+    them (read with :func:`onnx_excite.io.images.load_image`, converted as it converts); None
+    for arrays and dicts."""
+    from PIL import Image
+
+    def photo(item):
+        return isinstance(item, (str, os.PathLike, Image.Image))
+
+    if photo(inputs):
+        inputs = [inputs]
+    elif not (isinstance(inputs, (list, tuple)) and inputs and all(photo(i) for i in inputs)):
+        return None
+    from ..io.images import load_image, to_rgb
+
+    return [to_rgb(i) if isinstance(i, Image.Image) else load_image(i) for i in inputs]
 
 
 class Exciter:
     """Build the excitation model once, then explain batches.
 
     >>> ex = Exciter("model.onnx", layers=["pool4"], methods=("mwp", "cmwp"))
-    >>> res = ex.explain(batch, targets=243)
-    >>> res.maps["cmwp"]["pool4"].shape   # (N, h, w)
+    >>> res = ex.explain("dog.jpg")              # a photo: its top-1 class; or targets="malamute" / 243
+    >>> res.maps["cmwp"]["pool4"].shape          # (N, h, w)
+    >>> res.overlay("cmwp").save("dog.png")      # res.image_maps(): the maps on the photo
+    >>> ex.explain(batch, targets=243)           # or the model input itself (N x C x H x W)
 
     ``model`` is a path, an ``onnx.ModelProto`` or ``"default"`` (the default ImageNet
     MobileNetV2); ``layers=None`` takes the one layer the methods are defined at where each
@@ -196,7 +276,7 @@ class Exciter:
         from onnx_excite.models.resolve import resolve_model   # models/ joins the package after this module
 
         opts = BuildOptions.of(options, layers, methods, **fields)
-        resolved = resolve_model(model)
+        resolved = self._resolved = resolve_model(model)
         opts = replace(opts, layers=resolved.layers(opts.layers, opts.methods))
         self.built: ExcitationModel = build_excitation_model(resolved.model, options=opts)
         self.top1 = bool(top1) and add_top1_signal(self.built)
@@ -207,6 +287,37 @@ class Exciter:
         self.io_binding = ("CUDAExecutionProvider" in self.session.get_providers()) if io_binding is None else io_binding
         self._outputs = ([self.built.logits] + list(self.built.maps.values()) + list(self.built.channels.values())
                          + list(self.built.masses.values()) + ([TOP1_SIGNAL] if self.top1 else []))
+
+    @cached_property
+    def preprocessing(self):
+        """How a photo becomes this model's input, exactly as ``onnx-excite explain`` prepares
+        it (:func:`onnx_excite.models.preprocessing.model_preprocessing`: the profile of the
+        default model, else the model's own fixed size or the shorter side at 224, its layout,
+        ImageNet mean/std for float inputs): ``preprocessing(img)`` gives (array, geometry)."""
+        from onnx_excite.models.preprocessing import model_header, model_preprocessing
+
+        return model_preprocessing(self._resolved.profile, model_header(self._resolved.model))[0]
+
+    @cached_property
+    def class_names(self) -> list[str] | None:
+        """The model's class names (the 1000 ImageNet ones for the default model), else None."""
+        profile = self._resolved.profile
+        return profile.load_class_names() if profile.class_names else None
+
+    def class_index(self, name) -> int:
+        """The index of class ``name`` (an index, a description or one of its synonyms, as
+        ``explain -t`` takes it); ExciteError with the closest names for an unknown one."""
+        from ..classes import class_index
+
+        return class_index(name, self.class_names, self.num_classes)
+
+    def _class_targets(self, targets):
+        """``targets`` with class names resolved to indices (a name, or a list holding names)."""
+        if isinstance(targets, str):
+            return self.class_index(targets)
+        if isinstance(targets, (list, tuple)) and any(isinstance(t, str) for t in targets):
+            return [self.class_index(t) for t in targets]
+        return targets
 
     @property
     def providers(self) -> list[str]:
@@ -232,9 +343,45 @@ class Exciter:
         kind = next(i.type for i in self.session.get_inputs() if i.name == names[0])
         return {names[0]: as_input_dtype(inputs, kind)}
 
-    def explain(self, inputs, targets) -> Explanation:
-        """Logits and maps of a batch for ``targets`` (see :func:`signal_matrix`); ``None`` with
-        ``top1``: each image's top-1 class, chosen inside the graph in the same run."""
+    def explain(self, inputs, targets=None) -> Explanation:
+        """Logits and maps of ``inputs`` for ``targets``.
+
+        ``inputs``: a photo (a path or a PIL image) or a list of them, prepared as
+        ``onnx-excite explain`` prepares them (:attr:`preprocessing`; the photos must come out
+        at one size to share a run: explain photos of other aspect ratios one at a time); or
+        the model input itself, an array (N x C x H x W, or as the model declares it) or a dict
+        of arrays for a model with several inputs.
+
+        ``targets``: a class index or name (``"malamute"``, looked up as ``explain -t`` does),
+        one per sample, or an N x K signal (see :func:`signal_matrix`). ``None``: each photo's
+        top-1 class (chosen inside the graph with ``Exciter(top1=True)``, else from a first
+        run's logits); for arrays ``None`` needs ``top1``.
+
+        With photos, the :class:`Explanation` keeps them: ``image_maps()``, ``overlay()``."""
+        photos = _photos(inputs)
+        targets = self._class_targets(targets)
+        if photos is not None:
+            return self._explain_photos(photos, targets)
+        return self._explain(inputs, targets)
+
+    def _explain_photos(self, photos, targets) -> Explanation:
+        prep = self.preprocessing
+        arrays, prepared = zip(*(prep(img) for img in photos))
+        shapes = sorted({a.shape for a in arrays})
+        if len(shapes) > 1:
+            sizes = ", ".join("x".join(map(str, s)) for s in shapes)
+            raise ExciteError(f"the photos come out at {len(shapes)} sizes ({sizes}) and cannot share a run: "
+                              f"explain them one at a time, [ex.explain(p) for p in photos]")
+        x = np.stack(arrays)
+        if targets is None and not self.top1:   # the class explain would choose: the top-1 of the logits
+            scores = self.logits(x).reshape(len(x), -1)
+            targets = [int(np.argsort(-row)[0]) for row in scores]
+        res = self._explain(x, targets)
+        res.images, res.prepared = list(photos), list(prepared)
+        res.class_names, res.rule = self.class_names, self.built.rule
+        return res
+
+    def _explain(self, inputs, targets) -> Explanation:
         feeds = self._feeds(inputs)
         batch = next(iter(feeds.values())).shape[0]
         if targets is None and not self.top1:

@@ -15,7 +15,7 @@ from ..graph.options import BuildOptions, Options
 class ExportOptions(Options):
     """The build (``build``: layers, methods, rule, ...) and what each target makes of it."""
 
-    build: BuildOptions = BuildOptions(methods=("mwp",))
+    build: BuildOptions = BuildOptions()   # methods: DEFAULT_METHODS, as explain
     signal: str = "input"          # input (the client feeds excite_signal), top1 or topk:K
     map_size: str = "layer"        # layer, or input (resized in the graph)
     resize: str = "bilinear"       # bilinear or bicubic, for map_size="input"
