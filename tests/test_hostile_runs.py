@@ -66,3 +66,79 @@ def test_ray_address_endpoints():
     assert address_endpoint("head:6379") == ("head", 6379)
     assert address_endpoint("ray://10.0.0.2:10001") == ("10.0.0.2", 10001)
     assert address_endpoint("ray://[::1]:10001") == ("::1", 10001)
+
+
+# ---------------------------------------------------------------------------
+# 2. a model with one grey input channel, fed colour photos
+# ---------------------------------------------------------------------------
+def _grey_model(layout="NCHW", seed=0):
+    """conv 1->4 (stride 2) - relu ('r1') - GAP - gemm(3); input (N,1,H,W) or (N,H,W,1)."""
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("Conv", ["xc", "W1"], ["c1"], name="conv1", pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+             helper.make_node("GlobalAveragePool", ["r1"], ["g"], name="gap"),
+             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "W2"], ["logits"], name="fc", transB=1)]
+    if layout == "NHWC":
+        nodes.insert(0, helper.make_node("Transpose", ["x"], ["xc"], perm=[0, 3, 1, 2], name="tr"))
+        shape = ["N", "H", "W", 1]
+    else:
+        nodes.insert(0, helper.make_node("Identity", ["x"], ["xc"], name="id"))
+        shape = ["N", 1, "H", "W"]
+    graph = helper.make_graph(nodes, "grey", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+                              [numpy_helper.from_array(rng.normal(size=(4, 1, 3, 3)).astype(np.float32), "W1"),
+                               numpy_helper.from_array(rng.normal(size=(3, 4)).astype(np.float32), "W2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_a_grey_model_explains_colour_photos_as_their_grey_version(tmp_path, layout):
+    import onnxruntime as ort
+
+    from onnx_excite.io.images import load_image, preprocess
+    from onnx_excite.io.modelinput import GREY_MEAN, GREY_STD
+
+    rng = np.random.default_rng(1)
+    src = tmp_path / "src"
+    src.mkdir()
+    colour = Image.fromarray((rng.random((30, 44, 3)) * 255).astype(np.uint8))
+    colour.save(src / "colour.png")
+    colour.convert("L").save(src / "grey.png")            # the same photo, made grey beforehand
+    Image.fromarray((rng.random((30, 44, 4)) * 255).astype(np.uint8), "RGBA").save(src / "alpha.png")
+    model = tmp_path / "grey.onnx"
+    onnx.save(_grey_model(layout), str(model))
+    res = _run("explain", model, src, "-l", "r1", "-m", "mwp", "-m", "grad", "--size", "30", "-o", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    assert "one grey channel" in res.output and f"mean {GREY_MEAN[0]:g} and std {GREY_STD[0]:g}" in res.output
+    records = {Path(r["image"]).name: r
+               for r in map(json.loads, (tmp_path / "o" / "explanations.jsonl").read_text().splitlines())}
+    assert sorted(records) == ["alpha.png", "colour.png", "grey.png"]
+    for a, b in zip(records["colour.png"]["outputs"], records["grey.png"]["outputs"]):
+        assert a["method"] == b["method"]
+        for key in ("map", "map_image"):
+            ma, mb = np.load(a[key]), np.load(b[key])
+            assert np.isfinite(ma).all() and ma.sum() > 0
+            np.testing.assert_array_equal(ma, mb)
+        assert np.load(a["map_image"]).shape == (30, 44)
+    # the scores explain saw are the model's own on the grey pixels (ImageNet's grey mean/std)
+    grey = np.asarray(Image.open(src / "grey.png").resize((44, 30), Image.BILINEAR), np.float64) / 255
+    x = ((grey - GREY_MEAN[0]) / GREY_STD[0]).astype(np.float32)[None, None]
+    x = x if layout == "NCHW" else x.transpose(0, 2, 3, 1)
+    logits = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0][0]
+    top = records["colour.png"]["top5"][0]
+    assert top["index"] == int(np.argmax(logits))
+    arr, _ = preprocess(load_image(src / "colour.png"), size=30, mean=GREY_MEAN, std=GREY_STD)
+    assert arr.shape == (1, 30, 44)
+
+
+def test_a_model_of_four_input_channels_is_one_line(tmp_path):
+    model = _grey_model()
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 4
+    onnx.save(model, str(tmp_path / "m4.onnx"))
+    Image.new("RGB", (20, 10)).save(tmp_path / "p.png")
+    _one_error(_run("explain", tmp_path / "m4.onnx", tmp_path / "p.png", "-l", "r1", "-o", tmp_path / "o"),
+               "has 4 channels")
+    assert not (tmp_path / "o").exists()

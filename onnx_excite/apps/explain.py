@@ -278,6 +278,9 @@ def explain_setup(opts: ExplainOptions, warn=None) -> ExplainSetup:
     if not layers:
         raise ExciteError("no layer given and the model has no profile default: pass --layer (see `onnx-excite layers MODEL`)")
     channels = len(profile.mean)
+    if declared.channels not in (None, channels) and profile.name == "auto":
+        raise ExciteError(f"the model's input {declared.name!r} has {declared.channels} channels: images are fed as "
+                          f"1 (grey) or 3 (RGB) channels")
     if declared.integer:
         if opts.mean is not None or opts.std is not None:
             raise ExciteError(f"the model takes {declared.dtype.name} pixels and normalises them itself: "
@@ -288,8 +291,10 @@ def explain_setup(opts: ExplainOptions, warn=None) -> ExplainSetup:
         std = float_list(opts.std, "--std", length=channels, positive=True, default=profile.std)
         scale = profile.scale
         if profile.name == "auto" and (opts.mean is None or opts.std is None):
+            origin = ("ImageNet's" if channels == 3 else
+                      "one grey channel, photos converted to grey: ImageNet's weighted as L = 0.299 R + 0.587 G + 0.114 B")
             notes.append(f"the model has no profile: pixels are scaled by {scale:g} and normalised with mean "
-                         f"{','.join(f'{v:g}' for v in mean)} and std {','.join(f'{v:g}' for v in std)} (ImageNet's "
+                         f"{','.join(f'{v:g}' for v in mean)} and std {','.join(f'{v:g}' for v in std)} ({origin} "
                          f"unless given; --mean/--std set them), {profile.layout}, {resize} resize to {size}")
     class_names = profile.load_class_names() if profile.class_names else None
     k = len(class_names) if class_names else num_classes(header)
