@@ -142,3 +142,70 @@ def test_a_model_of_four_input_channels_is_one_line(tmp_path):
     _one_error(_run("explain", tmp_path / "m4.onnx", tmp_path / "p.png", "-l", "r1", "-o", tmp_path / "o"),
                "has 4 channels")
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------------------
+# 3. an output folder that cannot be created: one line, before any work
+# ---------------------------------------------------------------------------
+def _tiny_voc(root):
+    from test_hostile_inputs import _voc
+
+    return _voc(root, ids=("a", "b"))
+
+
+_O_COMMANDS = {
+    "explain": lambda t: ["explain", t["model"], t["photo"], "-l", "r1"],
+    "demo": lambda t: ["demo"],
+    "export": lambda t: ["export", t["model"], "-l", "r1"],
+    "eval pointing": lambda t: ["eval", "pointing", "--data", t["voc"], "--model", t["model"], "-l", "r1"],
+    "eval localization": lambda t: ["eval", "localization", "--data", t["voc"], "--model", t["model"], "-l", "r1"],
+    "eval faithfulness": lambda t: ["eval", "faithfulness", "--data", t["voc"], "--model", t["model"], "-l", "r1"],
+    "eval entities-from-detection": lambda t: ["eval", "entities-from-detection", "--data", t["voc"]],
+    "eval grounding": lambda t: ["eval", "grounding", "--data", t["voc"], "--model", t["model"], "-l", "r1"],
+    "ground": lambda t: ["ground", t["model"], t["photo"], "red thing", "-l", "r1"],
+}
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "read-only"])
+@pytest.mark.parametrize("command", sorted(_O_COMMANDS))
+def test_every_output_option_is_checked_before_the_work(tmp_path, command, where, monkeypatch):
+    from test_bad_input import _snapshot
+
+    t = {"model": tmp_path / "gap.onnx", "photo": tmp_path / "p.png", "voc": _tiny_voc(tmp_path / "voc")}
+    onnx.save(gap_classifier(2, 4, 2, 0), str(t["model"]))
+    Image.new("RGB", (20, 10), (200, 30, 30)).save(t["photo"])
+    if where == "under-a-file":
+        (tmp_path / "file").write_text("x")
+        out, needle = tmp_path / "file" / "sub", "a part of this path is an existing file"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        (tmp_path / "ro").mkdir()
+        os.chmod(tmp_path / "ro", 0o555)
+        out, needle = tmp_path / "ro" / "sub", "cannot create the folder"
+    if command == "export":
+        out = out / "m.onnx"
+    import onnxruntime as ort
+
+    import onnx_excite.apps.eval.datasets as datasets
+
+    work = []      # no model session and no dataset reading before the check
+
+    def session(*a, **k):
+        work.append("InferenceSession")
+        raise AssertionError("a model session was started")
+
+    def read_dataset(*a, **k):
+        work.append("read_dataset")
+        raise AssertionError("the dataset was read")
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    monkeypatch.setattr(datasets, "read_dataset", read_dataset)
+    before = _snapshot(tmp_path)
+    try:
+        line = _one_error(_run(*_O_COMMANDS[command](t), "-o", out))
+    finally:
+        if where == "read-only":
+            os.chmod(tmp_path / "ro", 0o755)
+    assert needle in line and str(out.parent if command == "export" else out) in line, line
+    assert work == [] and _snapshot(tmp_path) == before and not out.exists()
