@@ -209,3 +209,177 @@ def test_every_output_option_is_checked_before_the_work(tmp_path, command, where
             os.chmod(tmp_path / "ro", 0o755)
     assert needle in line and str(out.parent if command == "export" else out) in line, line
     assert work == [] and _snapshot(tmp_path) == before and not out.exists()
+
+
+# ---------------------------------------------------------------------------
+# 4. names, external data, pickles and killed runs
+# ---------------------------------------------------------------------------
+def _renamed(model, renames):
+    """``model`` with tensors renamed (every node input/output and graph output)."""
+    for node in model.graph.node:
+        node.input[:] = [renames.get(n, n) for n in node.input]
+        node.output[:] = [renames.get(n, n) for n in node.output]
+    for out in model.graph.output:
+        out.name = renames.get(out.name, out.name)
+    return model
+
+
+def _files_under(root):
+    return {p for p in Path(root).rglob("*") if p.is_file() or p.is_symlink()}
+
+
+@pytest.mark.parametrize("layer", ["../../evil", "/abs/evil", "..", "a/../../b"])
+def test_tensor_names_with_path_parts_keep_every_file_inside_the_output(tmp_path, layer):
+    work = tmp_path / "deep" / "er"
+    work.mkdir(parents=True)
+    logits = str(tmp_path / "outside" / "logits")         # an absolute output name
+    model = _renamed(gap_classifier(2, 4, 2, 0), {"r1": layer, "logits": logits})
+    onnx.save(model, str(work / "m.onnx"))
+    Image.new("RGB", (20, 10), (200, 30, 30)).save(work / "p.png")
+    before = _files_under(tmp_path)
+    out = work / "o"
+    res = _run("explain", work / "m.onnx", work / "p.png", "-l", layer, "-m", "mwp", "-m", "grad", "-o", out)
+    assert res.exit_code == 0, res.output
+    rec = json.loads((out / "explanations.jsonl").read_text())
+    assert {o["layer"] for o in rec["outputs"]} == {layer}
+    for o in rec["outputs"]:
+        for key in ("map", "map_image", "overlay"):
+            assert Path(o[key]).resolve().parent == out.resolve(), o[key]
+            assert np.load(o[key]).size if key != "overlay" else Path(o[key]).is_file()
+    res = _run("export", work / "m.onnx", "-l", layer, "-m", "mwp", "-o", work / "e" / "m.excite.onnx",
+               "--serving", work / "repo", "--name", "m")
+    assert res.exit_code == 0, res.output
+    exported = onnx.load(str(work / "e" / "m.excite.onnx"))
+    maps = [o.name for o in exported.graph.output if o.name.startswith("mwp")]
+    assert len(maps) == 1 and "/" not in maps[0], [o.name for o in exported.graph.output]
+    new = _files_under(tmp_path) - before
+    assert new and all(out in p.parents or work / "e" in p.parents or work / "repo" in p.parents for p in new), \
+        sorted(map(str, new))
+    assert not (tmp_path / "outside").exists() and not Path("/abs").exists()
+
+
+def _external_weights_model(folder, location):
+    from onnx import external_data_helper
+
+    model = gap_classifier(2, 4, 2, 0)
+    w = next(t for t in model.graph.initializer if t.name == "W2")
+    external_data_helper.set_external_data(w, location=location, offset=0, length=4 * 8)
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "m.onnx").write_bytes(model.SerializeToString())
+    return folder / "m.onnx"
+
+
+def test_a_symlinked_external_data_file_leading_out_is_refused(tmp_path):
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(np.arange(8, dtype=np.float32).tobytes())
+    model = _external_weights_model(tmp_path / "m", "w.bin")
+    (tmp_path / "m" / "w.bin").symlink_to(secret)          # inside by name, outside by where it leads
+    Image.new("RGB", (20, 10)).save(tmp_path / "p.png")
+    for args in (["explain", model, tmp_path / "p.png", "-l", "r1", "-o", tmp_path / "o"],
+                 ["export", model, "-l", "r1", "-o", tmp_path / "e.onnx"], ["check", model], ["layers", model]):
+        line = _one_error(_run(*args))
+        assert "w.bin" in line and ("symlink" in line or "outside" in line), line
+    assert not (tmp_path / "o").exists() and not (tmp_path / "e.onnx").exists()
+    # the same file copied inside the folder is read: the refusal is about the link
+    (tmp_path / "m" / "w.bin").unlink()
+    (tmp_path / "m" / "w.bin").write_bytes(secret.read_bytes())
+    assert _run("check", model).exit_code == 0
+
+
+def _stack_global(module, name, arg: str) -> bytes:
+    """Protocol 4: module and name pushed as strings, STACK_GLOBAL, one-tuple argument, REDUCE."""
+    def s(text):
+        raw = text.encode()
+        return b"\x8c" + bytes([len(raw)]) + raw             # SHORT_BINUNICODE
+    return b"\x80\x04" + s(module) + s(name) + b"\x93" + s(arg) + b"\x85" + b"R" + b"."
+
+
+def _inst(module, name, arg: str) -> bytes:
+    """Protocol 0: MARK, the argument, INST module\\nname\\n (calls the class with the marked args)."""
+    return b"(" + b"V" + arg.encode("raw_unicode_escape") + b"\n" + b"i" + module.encode() + b"\n" + name.encode() + b"\n."
+
+
+@pytest.mark.parametrize("craft", [_stack_global, _inst])
+@pytest.mark.parametrize("form", ["zip", "legacy"])
+def test_crafted_checkpoint_pickles_are_refused(tmp_path, craft, form):
+    import pickle
+
+    from test_mobilenet_v2 import write_zip_checkpoint
+
+    from onnx_excite.models import mobilenet_v2
+
+    # the crafted bytes do call what they name when a plain unpickler reads them
+    assert pickle.loads(craft("posixpath", "basename", "/x/evil")) == "evil"
+    marker = tmp_path / "pwned"
+    evil = craft("os", "system", f"touch {marker}")
+    path = tmp_path / "evil.pth"
+    if form == "zip":
+        write_zip_checkpoint(path, pkl=evil)
+    else:
+        path.write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + evil)   # the legacy magic first
+    with pytest.raises(ValueError, match="refusing to unpickle global os.system"):
+        mobilenet_v2.read_torch_state_dict(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_explain_killed_half_way_resumes_every_record_once(tmp_path, sig):
+    import hashlib
+    import signal
+
+    rng = np.random.default_rng(3)
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for i in range(12):
+        Image.fromarray((rng.random((360, 480, 3)) * 255).astype(np.uint8)).save(src / f"i{i:02d}.png")
+    onnx.save(gap_classifier(3, 8, 2, 0), str(tmp_path / "m.onnx"))
+    args = [tmp_path / "m.onnx", src, "-l", "r1", "-m", "mwp", "-m", "cmwp", "-m", "grad", "--batch-size", "1",
+            "--workers", "1"]
+    ref = _run("explain", *args, "-o", tmp_path / "ref")              # one run, never interrupted
+    assert ref.exit_code == 0, ref.output
+    out = tmp_path / "o"
+    jsonl = out / "explanations.jsonl"
+    proc = subprocess.Popen([PY, "-c", "from onnx_excite.cli.app import main; main()", "explain",
+                             *map(str, args), "-o", str(out)], cwd=str(ROOT),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if jsonl.exists() and jsonl.read_bytes().count(b"\n") >= 3:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run ended before it could be stopped half way"
+    proc.send_signal(getattr(signal, sig))
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    lines = jsonl.read_bytes().splitlines()
+    done = {json.loads(ln)["image"] for ln in lines if ln.strip().endswith(b"}")} if lines else set()
+    assert 3 <= len(done) < 12, len(done)
+
+    def sha(p):
+        return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+    finished = {}
+    for ln in lines:
+        try:
+            rec = json.loads(ln)
+        except ValueError:
+            continue                                        # a line cut by the kill
+        for o in rec["outputs"]:
+            for key in ("map", "map_image", "overlay"):
+                finished[o[key]] = sha(o[key])
+    res = _run("explain", *args, "-o", out)               # resume
+    assert res.exit_code == 0, res.output
+    records = [json.loads(ln) for ln in jsonl.read_text().splitlines()]
+    images = [r["image"] for r in records]
+    assert sorted(images) == sorted(str(p) for p in src.iterdir()) and len(set(images)) == 12
+    assert {p: sha(p) for p in finished} == finished       # the files of the finished images are intact
+    names = {p.name for p in (tmp_path / "ref").iterdir() if p.name != "explanations.jsonl"}
+    assert names == {p.name for p in out.iterdir() if p.is_file() and p.name != "explanations.jsonl"
+                     and not p.name.startswith(".")}
+    for name in names:                                     # and every file equals the uninterrupted run's
+        if name.endswith(".npy"):
+            np.testing.assert_array_equal(np.load(out / name), np.load(tmp_path / "ref" / name), err_msg=name)
+        else:
+            assert sha(out / name) == sha(tmp_path / "ref" / name), name
