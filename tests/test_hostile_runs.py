@@ -383,3 +383,112 @@ def test_explain_killed_half_way_resumes_every_record_once(tmp_path, sig):
             np.testing.assert_array_equal(np.load(out / name), np.load(tmp_path / "ref" / name), err_msg=name)
         else:
             assert sha(out / name) == sha(tmp_path / "ref" / name), name
+
+
+# ---------------------------------------------------------------------------
+# 5. annotations whose size disagrees with the image; EXIF-rotated photos
+# ---------------------------------------------------------------------------
+def test_voc_and_coco_sizes_that_disagree_with_the_image_are_reported(tmp_path):
+    from test_hostile_inputs import _coco, _voc, _voc_xml
+
+    from onnx_excite.apps.eval import read_coco, read_voc
+
+    root = _voc(tmp_path / "voc", ids=("a", "b"))
+    (root / "Annotations" / "b.xml").write_text(_voc_xml("b.jpg", width="30", height="10"))
+    records, problems = read_voc(root)
+    assert [r.id for r in records] == ["a"]
+    assert problems == [f"{root / 'Annotations' / 'b.xml'}: annotated size 30x10 differs from the image's 20x10 "
+                        f"(b.jpg); image skipped"]
+    res = _run("eval", "pointing", "--data", root, "--model", "nosuch.onnx", "-l", "r1", "-o", tmp_path / "o")
+    assert res.exit_code == 2                               # (the model is checked first: no work at all)
+    onnx.save(gap_classifier(2, 4, 2, 0), str(tmp_path / "gap.onnx"))
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"dog": [0]}))
+    res = _run("eval", "pointing", "--data", root, "--model", tmp_path / "gap.onnx", "-l", "r1", "--mapping", mapping,
+               "-o", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    assert "1 problem(s) in the data were skipped" in res.output and "annotated size 30x10 differs" in res.output
+    assert "annotated size 30x10" in json.dumps(json.loads((tmp_path / "o" / "results.json").read_text()))
+
+    coco = tmp_path / "coco"
+    coco.mkdir()
+    Image.new("RGB", (20, 10)).save(coco / "a.jpg")
+    Image.new("RGB", (20, 10)).save(coco / "b.jpg")
+    path = _coco(coco, images=[{"id": 1, "file_name": "a.jpg", "width": 20, "height": 10},
+                               {"id": 2, "file_name": "b.jpg", "width": 20, "height": 12}])
+    records, problems = read_coco(path, coco)
+    assert [r.id for r in records] == ["a"]
+    assert problems == [f"{path}: image b.jpg annotated as 20x12 but is 20x10; image skipped"]
+
+
+def test_grounding_annotation_that_disagrees_with_its_photo_is_reported(tmp_path):
+    from test_hostile_inputs import _f30k_xml, _flickr
+
+    from onnx_excite.apps.grounding.evaluate import GroundingEvalOptions, run_grounding_eval
+
+    root = _flickr(tmp_path / "f", _f30k_xml())           # 100x50 photo 1.jpg, annotated 100x50
+    Image.new("RGB", (80, 50), (30, 200, 30)).save(root / "Images" / "2.jpg")
+    (root / "Sentences" / "2.txt").write_text("[/EN#2/people A man] runs .\n")
+    (root / "Annotations" / "2.xml").write_text(_f30k_xml())      # says 100x50: the photo is 80x50
+    (root / "test.txt").write_text("1\n2\n")
+    onnx.save(gap_classifier(2, 4, 2, 0), str(tmp_path / "gap.onnx"))
+    vocab = tmp_path / "vocab.tsv"
+    vocab.write_text("man\t0\n")
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps({"1": [[0, 0, 50, 50], [10, 10, 40, 40]], "2": [[0, 0, 40, 40]]}))
+    res = run_grounding_eval(GroundingEvalOptions(data=str(root), model=str(tmp_path / "gap.onnx"), vocab=str(vocab),
+                                                  layer="r1", method="mwp", proposals=str(boxes), gamma="0.5",
+                                                  out_dir=str(tmp_path / "o")))
+    problems = [p for p in res["problems"] if "2.jpg" in p]
+    assert problems == [f"{root / 'Images' / '2.jpg'}: the photo is 80x50, the annotation says 100x50; image skipped"]
+    assert res["counts"]["images"] == 1
+
+
+def _rotated_jpeg(path, stored_wh=(40, 20), orientation=6):
+    """A JPEG stored ``stored_wh`` with an EXIF orientation; a bright patch near its top-left."""
+    w, h = stored_wh
+    img = np.full((h, w, 3), 20, np.uint8)
+    img[2:8, 3:12] = 250
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(img).save(path, exif=exif, quality=95)
+    return path
+
+
+def test_an_exif_rotated_photo_is_checked_and_scored_as_displayed(tmp_path):
+    from test_hostile_inputs import _voc, _voc_xml
+
+    from onnx_excite.apps.eval import read_voc
+    from onnx_excite.io.images import load_image
+
+    root = _voc(tmp_path / "voc", ids=("a", "r", "s"))
+    _rotated_jpeg(root / "JPEGImages" / "r.jpg")            # stored 40x20, displayed 20x40
+    _rotated_jpeg(root / "JPEGImages" / "s.jpg")
+    assert load_image(root / "JPEGImages" / "r.jpg").size == (20, 40)
+    # r: annotated for the displayed picture (20 wide, 40 high), a box in its lower half
+    (root / "Annotations" / "r.xml").write_text(_voc_xml("r.jpg", width="20", height="40", box=(2, 25, 18, 38)))
+    # s: annotated for the stored pixels: reported, naming the orientation
+    (root / "Annotations" / "s.xml").write_text(_voc_xml("s.jpg", width="40", height="20"))
+    records, problems = read_voc(root)
+    by_id = {r.id: r for r in records}
+    assert sorted(by_id) == ["a", "r"] and (by_id["r"].width, by_id["r"].height) == (20, 40)
+    assert tuple(by_id["r"].objects[0].box) == (2.0, 25.0, 18.0, 38.0)      # in the displayed geometry
+    assert problems == [f"{root / 'Annotations' / 's.xml'}: annotated size 40x20 differs from the image's 20x40 "
+                        f"(s.jpg, as displayed: EXIF orientation 6); image skipped"]
+    # the maps the evaluation scores are on the displayed picture: (height 40, width 20)
+    from onnx_excite.apps.eval.cache import cache_key
+    from onnx_excite.apps.eval.compute import model_spec
+
+    onnx.save(gap_classifier(2, 4, 2, 0), str(tmp_path / "gap.onnx"))
+    spec = model_spec(str(tmp_path / "gap.onnx"), ["r1"], ["mwp"], "positive", "pointing", 40)
+    x = spec.input_array(by_id["r"].path)
+    assert x.shape[-2:] == (80, 40)                       # shorter side (the width, 20) to 40: portrait
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps({"dog": [0]}))
+    res = _run("eval", "pointing", "--data", root, "--model", tmp_path / "gap.onnx", "-l", "r1", "--methods", "mwp",
+               "--mapping", mapping, "--size", "40", "-o", tmp_path / "o")
+    assert res.exit_code == 0, res.output
+    entry = next((tmp_path / "o").rglob(cache_key(by_id["r"]) + ".npz"))
+    with np.load(entry, allow_pickle=False) as z:
+        maps = [z[k] for k in z.files if k.startswith("mwp|")]
+    assert maps and all(m.shape == (40, 20) for m in maps), [m.shape for m in maps]
