@@ -40,10 +40,11 @@ GPUS = typer.Option(0.0, "--gpus-per-actor", help="with --ray: GPUs each model w
 def ray_settings(address: Optional[str], actors: int, batch: int, cpus: float, gpus: float):
     if address is None:
         return None
-    from onnx_excite.apps.distributed import RaySettings
+    from onnx_excite.apps.distributed import RaySettings, check_reachable
 
     settings = RaySettings(address=address, actors=actors, batch_size=batch, cpus_per_actor=cpus, gpus_per_actor=gpus)
     settings.check()
+    check_reachable(address)     # before any work: an address that does not answer is one line
     return settings
 
 

@@ -81,6 +81,9 @@ def model_preprocessing(profile, header: onnx.ModelProto, size: int | None = Non
         # maps must cover the whole image: no crop; the shorter side at 224 (any aspect ratio)
         resize, size = ("shorter", int(size or 224)) if profile.resize == "shorter" else ("square", int(size or profile.input_size))
     channels, notes = len(profile.mean), []
+    if declared.channels not in (None, channels) and profile.name == "auto":
+        raise ExciteError(f"the model's input {declared.name!r} has {declared.channels} channels: images are fed as "
+                          f"1 (grey) or 3 (RGB) channels")
     if declared.integer:
         if mean is not None or std is not None:
             raise ExciteError(f"the model takes {declared.dtype.name} pixels and normalises them itself: "
@@ -92,8 +95,10 @@ def model_preprocessing(profile, header: onnx.ModelProto, size: int | None = Non
         std = float_list(std, "--std", length=channels, positive=True, default=profile.std)
         scale = profile.scale
         if profile.name == "auto" and not given:
+            origin = ("ImageNet's" if channels == 3 else
+                      "one grey channel, photos converted to grey: ImageNet's weighted as L = 0.299 R + 0.587 G + 0.114 B")
             notes.append(f"the model has no profile: pixels are scaled by {scale:g} and normalised with mean "
-                         f"{','.join(f'{v:g}' for v in mean)} and std {','.join(f'{v:g}' for v in std)} (ImageNet's "
+                         f"{','.join(f'{v:g}' for v in mean)} and std {','.join(f'{v:g}' for v in std)} ({origin} "
                          f"unless given; --mean/--std set them), {profile.layout}, {resize} resize to {size}")
     return Preprocessing(tuple(mean), tuple(std), scale, resize, size, declared.layout, profile.channel_order), notes
 

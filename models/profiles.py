@@ -77,20 +77,26 @@ def _dim(d) -> Optional[int]:
 def profile_for_model(model_proto: onnx.ModelProto) -> Profile:
     """Default profile for an unknown model, from its (first non-initializer) input's shape.
 
-    NHWC when the last dimension is 3 and the second is not, else NCHW. The image is
+    NHWC when the last dimension is 1 or 3 and the second is neither, else NCHW. The image is
     resized to a square: the static spatial size when the input has one, else 224.
-    ImageNet mean/std, RGB, 1/255; no default layers and no class names.
+    ImageNet mean/std, RGB, 1/255 (one grey channel when the input has 1: the mean and std
+    ImageNet's weighted as the grey conversion, :data:`~onnx_excite.io.modelinput.GREY_MEAN`);
+    no default layers and no class names.
     """
     inits = {i.name for i in model_proto.graph.initializer}
     inputs = [i for i in model_proto.graph.input if i.name not in inits]
     dims: Sequence = ()
     if inputs and inputs[0].type.HasField("tensor_type") and inputs[0].type.tensor_type.HasField("shape"):
         dims = [_dim(d) for d in inputs[0].type.tensor_type.shape.dim]
-    layout, size = "NCHW", 224
+    from onnx_excite.io.modelinput import GREY_MEAN, GREY_STD, image_layout
+
+    layout, size, mean, std = "NCHW", 224, IMAGENET_MEAN, IMAGENET_STD
     if len(dims) == 4:
-        if dims[3] == 3 and dims[1] != 3:
-            layout = "NHWC"
+        layout = image_layout(dims)
         h, w = (dims[1], dims[2]) if layout == "NHWC" else (dims[2], dims[3])
         if h and w:
             size = h if h == w else max(h, w)  # a non-square static input cannot be met by a square resize
-    return Profile("auto", input_size=size, resize="square", crop=None, layout=layout, default_layers=[])
+        if (dims[3] if layout == "NHWC" else dims[1]) == 1:   # one grey channel
+            mean, std = GREY_MEAN, GREY_STD
+    return Profile("auto", input_size=size, resize="square", crop=None, mean=mean, std=std, layout=layout,
+                   default_layers=[])

@@ -227,5 +227,5 @@ def test_ground_checks_its_output_folder_before_the_work(tmp_path):
     img = _photo(tmp_path / "i.png")
     (tmp_path / "file").write_text("x")
     _one_error(["ground", tmp_path / "m.onnx", img, "red thing", "-l", "r", "-o", tmp_path / "file" / "sub"],
-               "cannot create the folder")
-    _one_error(["eval", "grounding", "--data", tmp_path, "-o", tmp_path / "file" / "sub"], "cannot create the folder")
+               "a part of this path is an existing file")
+    _one_error(["eval", "grounding", "--data", tmp_path, "-o", tmp_path / "file" / "sub"], "a part of this path is an existing file")

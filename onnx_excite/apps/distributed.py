@@ -95,6 +95,53 @@ def import_ray():
     return ray
 
 
+#: seconds to wait for a Ray address to accept a TCP connection before giving up
+REACH_TIMEOUT = 3.0
+
+
+def address_endpoint(address: Optional[str]) -> Optional[tuple]:
+    """``(host, port)`` of a Ray address that names one (``host:port`` or ``ray://host:port``);
+    None for a local instance and for ``auto`` (Ray finds that cluster itself, and says at once
+    when there is none)."""
+    if address in (None, "", "local", "auto"):
+        return None
+    rest = address.split("://", 1)[1] if "://" in address else address
+    rest = rest.split("/", 1)[0]
+    host, sep, port = rest.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    host = host.strip("[]")
+    return host or "127.0.0.1", int(port)
+
+
+def check_reachable(address: Optional[str], timeout: float = REACH_TIMEOUT) -> None:
+    """One TCP connection to the host and port a Ray address names, before ``ray.init`` (which
+    otherwise retries an address that does not answer for minutes, warning all the while):
+    ExciteError when the host cannot be resolved or the port does not answer within ``timeout``."""
+    endpoint = address_endpoint(address)
+    if endpoint is None:
+        return
+    import socket
+
+    host, port = endpoint
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, OSError) as exc:
+        raise ExciteError(f"cannot reach Ray at {address}: unknown host {host!r} ({exc.strerror or exc})") from None
+    last = None
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            with socket.socket(family, kind, proto) as sock:
+                sock.settimeout(timeout)
+                sock.connect(sockaddr)
+            return
+        except OSError as exc:
+            last = exc
+    reason = "no answer" if isinstance(last, socket.timeout) else (getattr(last, "strerror", None) or str(last))
+    raise ExciteError(f"cannot reach Ray at {address}: {host}:{port} does not accept connections "
+                      f"({reason} within {timeout:g} s)") from None
+
+
 def connect(settings: RaySettings):
     """Start or join Ray as ``settings.address`` says (nothing when already connected)."""
     ray = import_ray()
@@ -104,6 +151,7 @@ def connect(settings: RaySettings):
     if ray.is_initialized():
         return ray
     address = settings.address
+    check_reachable(address)
     try:
         if address in (None, "", "local"):
             ray.init(num_cpus=settings.num_cpus, include_dashboard=False, configure_logging=False)

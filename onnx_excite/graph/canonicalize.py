@@ -242,16 +242,26 @@ def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Shape inference on a weightless copy (large initializers become typed graph inputs,
-    so hundreds of MB of weights are not serialised), its value_info copied back."""
+    so hundreds of MB of weights are not serialised), its value_info copied back.
+
+    Shapes come from the graph inputs alone: the model's own value_info is dropped and its
+    outputs' declared shapes are not fed to the inference, so a static dim an exporter wrote
+    for one input size (stale value_info, an output declared for batch 1 of a model whose
+    batch is symbolic) never reaches a graph whose input leaves that dim symbolic. An
+    output whose shape cannot be inferred keeps the one it declares."""
     light, big_inits = _weightless(model)
     big = {t.name for t in big_inits}
+    for o in light.graph.output:
+        if o.type.HasField("tensor_type"):
+            o.type.tensor_type.ClearField("shape")
     try:
         inferred = shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
     except Exception as exc:
         raise ExciteError(f"shape inference failed: {str(exc).splitlines()[0]}") from None
     del model.graph.value_info[:]
     model.graph.value_info.extend(vi for vi in inferred.graph.value_info if vi.name not in big)
-    outputs = {o.name: o for o in inferred.graph.output}
+    outputs = {o.name: o for o in inferred.graph.output
+               if o.type.HasField("tensor_type") and o.type.tensor_type.HasField("shape")}
     for o in model.graph.output:
         if o.name in outputs:
             o.CopyFrom(outputs[o.name])

@@ -58,11 +58,31 @@ def output_dir(path, option: str = "-o") -> Path:
         raise ExciteError(f"{option} {path}: is an existing file, not a folder; choose a folder name")
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:  # a parent is a file
+    except (FileExistsError, NotADirectoryError):  # a parent is a file
         raise ExciteError(f"{option} {path}: a part of this path is an existing file") from None
     except OSError as exc:
         raise ExciteError(f"{option} {path}: cannot create the folder ({exc.strerror or type(exc).__name__})") from None
     _probe_writable(path, option)
+    return path
+
+
+def creatable_dir(path, option: str = "-o") -> Path:
+    """Check, creating nothing, that ``path`` is a folder or can be made one: no part of it an
+    existing file, its nearest existing folder writable. For commands that must validate
+    everything before they create anything (the folder itself is made later, with
+    :func:`output_dir`)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ExciteError(f"{option} {path}: is an existing file, not a folder; choose a folder name")
+    probe = path.absolute()
+    while not probe.exists():
+        if probe.is_symlink():
+            raise ExciteError(f"{option} {path}: {probe} is a dangling symbolic link")
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ExciteError(f"{option} {path}: a part of this path is an existing file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ExciteError(f"{option} {path}: cannot create the folder ({probe} is not writable)")
     return path
 
 

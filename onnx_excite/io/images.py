@@ -115,7 +115,20 @@ def resized_size(size_wh: tuple, size: int, resize: str) -> tuple:
 def preprocess(img: Image.Image, size=224, resize: str = "shorter", crop: Optional[int] = None,
                mean: Sequence[float] = (0.485, 0.456, 0.406), std: Sequence[float] = (0.229, 0.224, 0.225),
                scale: float = 1 / 255, channel_order: str = "RGB", layout: str = "NCHW"):
-    """(array, Prepared): the float32 model input of one image ((3,H,W) or (H,W,3))."""
+    """(array, Prepared): the float32 model input of one image ((C,H,W) or (H,W,C)).
+
+    The channel count C is the length of ``mean`` (and ``std``): 3 feeds the RGB pixels
+    (in ``channel_order``), 1 the grey ones, converted by Pillow's ``"L"`` mode (ITU-R 601-2
+    luma, L = 0.299 R + 0.587 G + 0.114 B) before resizing, so a colour photo and the
+    same photo made grey beforehand give one input."""
+    channels = len(mean)
+    if channels not in (1, 3) or len(std) != channels:
+        raise ExciteError(f"a model input of {channels} channel(s) (mean {tuple(mean)}, std {tuple(std)}): images "
+                          "are fed as 1 (grey) or 3 (RGB) channels")
+    if channels == 1 and img.mode != "L":
+        img = img.convert("L")
+    elif channels == 3 and img.mode != "RGB":
+        img = img.convert("RGB")
     original = img.size
     target = resized_size(original, size, resize)
     if target != original:
@@ -127,7 +140,11 @@ def preprocess(img: Image.Image, size=224, resize: str = "shorter", crop: Option
         box = (left, top, left + crop, top + crop)
         img = img.crop(box)
     arr = np.asarray(img, dtype=np.float32) * scale
-    if channel_order == "BGR":
+    if channels == 1:
+        arr = arr[:, :, None]
+        if channel_order not in ("RGB", "BGR"):
+            raise ExciteError(f"unknown channel order {channel_order!r}")
+    elif channel_order == "BGR":
         arr = arr[:, :, ::-1]
     elif channel_order != "RGB":
         raise ExciteError(f"unknown channel order {channel_order!r}")

@@ -17,9 +17,10 @@ class DeclaredInput:
 
     name: str
     dtype: np.dtype                 # numpy dtype of the declared element type
-    layout: str                     # "NCHW" or "NHWC" (NHWC when the last dim is 3 and the second is not)
+    layout: str                     # "NCHW" or "NHWC" (:func:`image_layout`)
     height: Optional[int] = None    # static spatial size, None when dynamic
     width: Optional[int] = None
+    channels: Optional[int] = None  # static channel count, None when dynamic (or not 4-D)
 
     @property
     def fixed_size(self) -> Optional[tuple]:
@@ -48,12 +49,27 @@ def declared_input(model: onnx.ModelProto) -> DeclaredInput:
     except Exception:
         dtype = np.dtype(np.float32)
     dims = [_dim(d) for d in tt.shape.dim] if tt.HasField("shape") else []
-    layout, h, w = "NCHW", None, None
+    layout, h, w, c = "NCHW", None, None, None
     if len(dims) == 4:
-        if dims[3] == 3 and dims[1] != 3:
-            layout = "NHWC"
+        layout = image_layout(dims)
         h, w = (dims[1], dims[2]) if layout == "NHWC" else (dims[2], dims[3])
-    return DeclaredInput(vi.name, dtype, layout, h, w)
+        c = dims[3] if layout == "NHWC" else dims[1]
+    return DeclaredInput(vi.name, dtype, layout, h, w, c)
+
+
+def image_layout(dims) -> str:
+    """"NHWC" when the last of four dims is a channel count (1 or 3) and the second is not,
+    else "NCHW" (``None`` for a symbolic dim): (N,H,W,3) and (N,28,28,1) are NHWC, (N,1,H,W)
+    and (N,3,H,W) NCHW."""
+    if len(dims) == 4 and dims[3] in (1, 3) and dims[1] not in (1, 3):
+        return "NHWC"
+    return "NCHW"
+
+
+#: mean and std of one grey channel: ImageNet's RGB mean and std weighted as the grey
+#: conversion weighs the channels (L = 0.299 R + 0.587 G + 0.114 B)
+GREY_MEAN = (round(0.299 * 0.485 + 0.587 * 0.456 + 0.114 * 0.406, 4),)
+GREY_STD = (round(0.299 * 0.229 + 0.587 * 0.224 + 0.114 * 0.225, 4),)
 
 
 def num_classes(model: onnx.ModelProto) -> Optional[int]:

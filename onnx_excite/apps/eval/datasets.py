@@ -108,16 +108,39 @@ class ImageRecord:
 # ---------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------
+#: EXIF orientations that turn the picture a quarter (its displayed width is the stored height)
+QUARTER_TURNS = (5, 6, 7, 8)
+
+
 def _image_size(path: Path) -> tuple:
-    """(width, height) from the file header; ExciteError naming the file when unreadable."""
+    """(width, height) as the picture is displayed (EXIF orientation applied, as
+    :func:`~onnx_excite.io.images.load_image` applies it: a phone's portrait photo stored
+    landscape with orientation 6 is portrait), from the file header; ExciteError naming the
+    file when unreadable. Annotations are checked against this size and maps are computed
+    on the displayed picture, so boxes and maps share one geometry."""
     if not path.is_file():
         raise ExciteError(f"{path}: image not found")
     try:
         with Image.open(path) as img:
-            return img.size
+            w, h = img.size
+            try:
+                orientation = img.getexif().get(0x0112)
+            except Exception:   # a malformed EXIF block: no orientation read
+                orientation = None
+            return (h, w) if orientation in QUARTER_TURNS else (w, h)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ExciteError(f"{path}: cannot read image ({reason})") from None
+
+
+def _as_displayed(path: Path) -> str:
+    """', as displayed (EXIF orientation N)' for a picture its EXIF turns a quarter, else ''."""
+    try:
+        with Image.open(path) as img:
+            orientation = img.getexif().get(0x0112)
+    except Exception:
+        return ""
+    return f", as displayed: EXIF orientation {orientation}" if orientation in QUARTER_TURNS else ""
 
 
 def clip_box(box, width: int, height: int):
@@ -218,7 +241,7 @@ def read_voc_xml(xml_path: Path, image_dir: Path, problems: list, image_id: Opti
         width, height = actual
     if (width, height) != tuple(actual):
         problems.append(f"{xml_path}: annotated size {width}x{height} differs from the image's {actual[0]}x{actual[1]} "
-                        f"({path.name}); image skipped")
+                        f"({path.name}{_as_displayed(path)}); image skipped")
         return None
     rec = ImageRecord(image_id, path, width, height, [], image_id)
     for k, obj in enumerate(root.findall("object")):
@@ -418,7 +441,8 @@ def read_coco(json_path, image_dir=None, use_masks: bool = True) -> tuple:
         if not (isinstance(width, (int, float)) and isinstance(height, (int, float)) and width > 0 and height > 0):
             width, height = actual
         if (int(width), int(height)) != tuple(actual):
-            problems.append(f"{json_path}: image {fname} annotated as {width}x{height} but is {actual[0]}x{actual[1]}; image skipped")
+            problems.append(f"{json_path}: image {fname} annotated as {width}x{height} but is {actual[0]}x{actual[1]}"
+                            f"{_as_displayed(path)}; image skipped")
             continue
         if iid in records:
             problems.append(f"{json_path}: images[{k}] repeats image id {iid}; skipped")

@@ -23,6 +23,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from ...errors import ExciteError
+from ...io.checks import creatable_dir
 from ...io.paths import inside, output_inside
 from .vocabulary import words_of
 
@@ -62,6 +63,7 @@ def detection_to_entities(data, out_dir, fmt: str = "voc", split: str | None = N
 
     if val_every < 2:
         raise ExciteError("--val-every must be at least 2 (every n-th image is held out)")
+    creatable_dir(out_dir, "-o")        # before the dataset is read; nothing is created yet
     records, problems = read_dataset(data, fmt=fmt, split=split, image_dir=image_dir)
     if not records:
         raise ExciteError(f"{data}: no readable image" + (f" (first problem: {problems[0]})" if problems else ""))

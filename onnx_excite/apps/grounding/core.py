@@ -149,7 +149,8 @@ class Grounder:
         return self._num_classes
 
     def exciter_for_any(self):
-        shape = (3, self.size, self.size) if self.profile.layout == "NCHW" else (self.size, self.size, 3)
+        c = len(self.profile.mean)
+        shape = (c, self.size, self.size) if self.profile.layout == "NCHW" else (self.size, self.size, c)
         return self.exciter(shape)
 
     # -- maps -----------------------------------------------------------------------------
