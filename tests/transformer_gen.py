@@ -2,9 +2,10 @@
 
 ``random_transformer(seed)`` draws one of three bodies:
 
-* ``vit``: a patch-embedding Conv (k = stride) flattened to tokens (N, T, C) (Reshape or
-  Flatten, then Transpose), 0-2 constant tokens joined by Concat (Expand-ed to the batch), a
-  positional Add, 1-3 pre-norm blocks and a class-token Gather or mean-pooled head;
+* ``vit``: a patch-embedding Conv (k = stride) laid out as tokens (N, T, C) (Reshape to
+  (N, C, h*w), the count written or -1, then Transpose), 0-2 constant tokens joined by Concat
+  (Expand-ed to the batch), a positional Add, 1-3 pre-norm blocks and a class-token Gather or
+  mean-pooled head;
 * ``convnext``: 1-3 ConvNeXt blocks (depthwise Conv, channels-last Transpose, LayerNorm,
   token-wise MatMul + bias, GELU, MatMul + bias, layer scale, Transpose back, residual Add),
   sometimes a channels-first LayerNorm + 2x2 stride-2 Conv downsampling, a pooled head;
