@@ -228,7 +228,8 @@ def export(model: Path = typer.Argument(..., help="ONNX classifier (never modifi
 @app.command()
 @friendly
 def bench(model: str = typer.Argument(..., help="ONNX classifier, 'default', or a recipe with random weights: vgg16-random, "
-                                               "resnet50-random, mobilenetv2-random, tiny-cnn, vit-s16-random, convnext-t-random"),
+                                               "resnet50-random, mobilenetv2-random, tiny-cnn, vit-s16-random, convnext-t-random, "
+                                               "swin-t-random"),
           layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="map layer (repeatable; default: the model profile's or the recipe's)"),
           rule: str = typer.Option("positive", help="positive or paper"),
           batch: int = typer.Option(1, help="batch size (at least 1)"),

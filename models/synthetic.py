@@ -322,10 +322,156 @@ def convnext(seed: int = 0, num_classes: int = 1000, size: int = 224, depths=(3,
     return model
 
 
+def _swin_relative_index(ws: int) -> np.ndarray:
+    """(T, T) index into the ((2 ws - 1)^2, heads) relative position bias table (Swin's
+    ``relative_position_index``), T = ws * ws."""
+    coords = np.stack(np.meshgrid(np.arange(ws), np.arange(ws), indexing="ij")).reshape(2, -1)
+    rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0) + (ws - 1)
+    return rel[..., 0] * (2 * ws - 1) + rel[..., 1]
+
+
+def _swin_mask(h: int, w: int, ws: int, shift: int, value: float) -> np.ndarray:
+    """(1, nW, 1, T, T): ``value`` where two tokens of a shifted window come from different
+    regions of the rolled map, 0 elsewhere (Swin's attention mask)."""
+    img = np.zeros((h, w))
+    region = 0
+    for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+        for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+            img[hs, wsl] = region
+            region += 1
+    windows = img.reshape(h // ws, ws, w // ws, ws).transpose(0, 2, 1, 3).reshape(-1, ws * ws)
+    mask = np.where(windows[:, None, :] != windows[:, :, None], value, 0.0)
+    return mask[None, :, None].astype(np.float32)
+
+
+def swin(seed: int = 0, num_classes: int = 1000, size: int = 224, patch: int = 4, dim: int = 96, depths=(2, 2, 6, 2),
+         heads=(3, 6, 12, 24), window: int = 7, mlp_ratio: int = 4, mask_value: float = -100.0) -> onnx.ModelProto:
+    """A Swin-T-shaped classifier (random weights) as torchvision's model exports: a ``patch`` x
+    ``patch`` stride-``patch`` Conv, channels-last (N, H, W, C) with a LayerNorm; stages of
+    pre-norm blocks of window attention (the map cut into ``window`` x ``window`` windows by
+    Reshape / Transpose, one fused QKV MatMul split into heads, Q scaled, ``Q K'`` plus the
+    relative position bias (a constant), every second block with windows shifted by half a
+    window: the map rolled by Slice + Concat, the shifted-window mask (``mask_value`` between
+    regions) added to the logits, rolled back), an MLP with the erf GELU; patch merging between
+    stages (four strided Slices, Concat, LayerNorm, Linear without bias); final LayerNorm,
+    global pool, Gemm. Where a window covers the whole map, its blocks do not shift.
+
+    Tensor names: ``stem`` (after the first norm), ``stage{s}`` (stage s's output), ``merge{s}``
+    (stage s's input, after the patch merging; ``merge3`` is the last stage's input, the map
+    layer), ``features`` (NCHW after the final norm), ``logits``. Input (N, 3, size, size).
+    """
+    rng = np.random.default_rng(seed)
+    nodes, inits = [], []
+
+    def const(name, array):
+        inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def i64(name, values):
+        return const(name, np.array(values, np.int64))
+
+    def node(op, ins, name, **kw):
+        nodes.append(helper.make_node(op, ins, [name], name=name, **kw))
+        return name
+
+    def norm(x, c, name):
+        return node("LayerNormalization", [x, const(f"{name}.weight", np.ones(c, np.float32)),
+                                           const(f"{name}.bias", np.zeros(c, np.float32))], name, axis=-1, epsilon=1e-5)
+
+    def linear(x, cin, cout, name, bias=True):
+        w = const(f"{name}.weight", (rng.standard_normal((cin, cout)) / np.sqrt(cin)).astype(np.float32))
+        y = node("MatMul", [x, w], f"{name}.mm" if bias else name)
+        return node("Add", [y, const(f"{name}.bias", np.zeros(cout, np.float32))], name) if bias else y
+
+    def roll(x, shift, hw, name):
+        """torch.roll(x, (shift, shift), dims=(1, 2)) as the exporter writes it: Slice + Concat per axis."""
+        for axis in (1, 2):
+            cut = (-shift) % hw
+            a = node("Slice", [x, i64(f"{name}.{axis}.s0", [cut]), i64(f"{name}.{axis}.e0", [hw]),
+                               i64(f"{name}.{axis}.ax", [axis])], f"{name}.{axis}.tail")
+            b = node("Slice", [x, i64(f"{name}.{axis}.s1", [0]), i64(f"{name}.{axis}.e1", [cut]),
+                               i64(f"{name}.{axis}.ax1", [axis])], f"{name}.{axis}.head")
+            x = node("Concat", [a, b], f"{name}.{axis}", axis=axis)
+        return x
+
+    half, one = const("half", np.array(0.5, np.float32)), const("one", np.array(1.0, np.float32))
+    sqrt2 = const("sqrt2", np.array(np.sqrt(2.0), np.float32))
+    side = size // patch
+    x = node("Conv", ["input", const("patch.weight", _he(rng, (dim, 3, patch, patch), 3 * patch * patch)),
+                      const("patch.bias", np.zeros(dim, np.float32))], "patch", kernel_shape=[patch, patch],
+             strides=[patch, patch])
+    x = norm(node("Transpose", [x], "patch.nhwc", perm=[0, 2, 3, 1]), dim, "stem")
+    c = dim
+    for s_, (depth, nh) in enumerate(zip(depths, heads)):
+        if s_ > 0:   # patch merging: (N, H, W, C) -> (N, H/2, W/2, 2C)
+            parts = [node("Slice", [x, i64(f"merge{s_}.s{j}", [dy, dx]), i64(f"merge{s_}.e{j}", [side, side]),
+                                    i64(f"merge{s_}.ax{j}", [1, 2]), i64(f"merge{s_}.st{j}", [2, 2])], f"merge{s_}.x{j}")
+                     for j, (dy, dx) in enumerate([(0, 0), (1, 0), (0, 1), (1, 1)])]
+            x = norm(node("Concat", parts, f"merge{s_}.cat", axis=-1), 4 * c, f"merge{s_}.norm")
+            x = linear(x, 4 * c, 2 * c, f"merge{s_}", bias=False)
+            c, side = 2 * c, side // 2
+        ws = min(window, side)
+        if side % ws:
+            raise ValueError(f"stage {s_}: a {side}x{side} map is not cut into {ws}x{ws} windows")
+        tw, hd, nw = ws * ws, c // nh, (side // ws) ** 2
+        rel_index = _swin_relative_index(ws)
+        table = (rng.standard_normal(((2 * ws - 1) ** 2, nh)) * 0.02).astype(np.float32)
+        for b in range(depth):
+            n = f"stage{s_}.{b}"
+            shift = ws // 2 if b % 2 == 1 and ws < side else 0
+            h = norm(x, c, f"{n}.norm1")
+            if shift:
+                h = roll(h, -shift, side, f"{n}.roll")
+            h = node("Reshape", [h, i64(f"{n}.win.shape", [-1, side // ws, ws, side // ws, ws, c])], f"{n}.win")
+            h = node("Transpose", [h], f"{n}.win.perm", perm=[0, 1, 3, 2, 4, 5])
+            h = node("Reshape", [h, i64(f"{n}.tokens.shape", [-1, tw, c])], f"{n}.tokens")
+            qkv = linear(h, c, 3 * c, f"{n}.qkv")
+            qkv = node("Transpose", [node("Reshape", [qkv, i64(f"{n}.qkv.shape", [-1, tw, 3, nh, hd])], f"{n}.qkv.heads")],
+                       f"{n}.qkv.perm", perm=[2, 0, 3, 1, 4])
+            q, k, v = (node("Gather", [qkv, i64(f"{n}.idx{j}", j)], f"{n}.{m}", axis=0) for j, m in enumerate("qkv"))
+            q = node("Mul", [q, const(f"{n}.scale", np.array(hd ** -0.5, np.float32))], f"{n}.q.scaled")
+            logits = node("MatMul", [q, node("Transpose", [k], f"{n}.kT", perm=[0, 1, 3, 2])], f"{n}.scores")
+            # the bias table's entries laid out per head and token pair: a constant added to the logits
+            bias = table[rel_index.reshape(-1)].reshape(tw, tw, nh).transpose(2, 0, 1)[None]
+            logits = node("Add", [logits, const(f"{n}.rel_bias", bias)], f"{n}.biased")
+            if shift:
+                logits = node("Reshape", [logits, i64(f"{n}.mask.in", [-1, nw, nh, tw, tw])], f"{n}.by_window")
+                logits = node("Add", [logits, const(f"{n}.mask", _swin_mask(side, side, ws, shift, mask_value))],
+                              f"{n}.masked")
+                logits = node("Reshape", [logits, i64(f"{n}.mask.out", [-1, nh, tw, tw])], f"{n}.masked.flat")
+            a = node("Softmax", [logits], f"{n}.attn", axis=-1)
+            o = node("Transpose", [node("MatMul", [a, v], f"{n}.av")], f"{n}.av.perm", perm=[0, 2, 1, 3])
+            o = linear(node("Reshape", [o, i64(f"{n}.merge.shape", [-1, tw, c])], f"{n}.heads_merged"), c, c,
+                       f"{n}.proj")
+            o = node("Reshape", [o, i64(f"{n}.unwin.shape", [-1, side // ws, side // ws, ws, ws, c])], f"{n}.unwin")
+            o = node("Transpose", [o], f"{n}.unwin.perm", perm=[0, 1, 3, 2, 4, 5])
+            o = node("Reshape", [o, i64(f"{n}.map.shape", [-1, side, side, c])], f"{n}.map")
+            if shift:
+                o = roll(o, shift, side, f"{n}.unroll")
+            x = node("Add", [x, o], f"{n}.res1")
+            h = linear(norm(x, c, f"{n}.norm2"), c, mlp_ratio * c, f"{n}.fc1")
+            h = node("Mul", [node("Mul", [h, node("Add", [node("Erf", [node("Div", [h, sqrt2], f"{n}.gelu.div")],
+                                                               f"{n}.gelu.erf"), one], f"{n}.gelu.add")],
+                                  f"{n}.gelu.mul"), half], f"{n}.gelu")
+            x = node("Add", [x, linear(h, mlp_ratio * c, c, f"{n}.fc2")], n)
+        x = node("Identity", [x], f"stage{s_}")
+    x = node("Transpose", [norm(x, c, "head.norm")], "features", perm=[0, 3, 1, 2])
+    x = node("Flatten", [node("GlobalAveragePool", [x], "pool")], "flatten")
+    hw = const("head.weight", (rng.standard_normal((num_classes, c)) / np.sqrt(c)).astype(np.float32))
+    nodes.append(helper.make_node("Gemm", [x, hw, const("head.bias", np.zeros(num_classes, np.float32))], ["logits"],
+                                  name="head", transB=1))
+    graph = helper.make_graph(nodes, "swin",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, size, size])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", num_classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="onnx-excite")
+    model.ir_version = 8
+    return model
+
+
 RECIPES = {"vgg16-random": vgg16, "resnet50-random": resnet50, "mobilenetv2-random": mobilenet_v2,
            "tiny-cnn": tiny_cnn, "vit-s16-random": vit,
-           "convnext-t-random": convnext}
+           "convnext-t-random": convnext, "swin-t-random": swin}
 #: each recipe's map layer when none is given (the issue's benchmark shapes)
 RECIPE_LAYERS = {"vgg16-random": ["pool4"], "resnet50-random": ["layer3"], "mobilenetv2-random": ["features.13"],
                  "tiny-cnn": ["pool1"], "vit-s16-random": ["block10"],
-                 "convnext-t-random": ["stage3"]}
+                 "convnext-t-random": ["stage3"], "swin-t-random": ["merge3"]}

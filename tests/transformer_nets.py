@@ -203,14 +203,16 @@ def _quick_gelu(g: G, x: str) -> str:
     return g.op("Mul", [x, g.op("Sigmoid", [g.op("Mul", [x, g.init(1.702, "k")])])], "qgelu")
 
 
-def _layernorm(g: G, x: str, c: int, decomposed: bool) -> str:
+def _layernorm(g: G, x: str, c: int, decomposed: bool, square: str = "pow") -> str:
+    """The op, or written out with the square as ``Pow(c, 2)`` or ``Mul(c, c)`` (``square``)."""
     r = g.rng
     gamma, beta = g.init(r.uniform(-1.5, 1.5, c), "gamma"), g.init(r.normal(size=c) * 0.1, "beta")
     if not decomposed:
         return g.op("LayerNormalization", [x, gamma, beta], "ln", axis=-1, epsilon=1e-5)
     axes = dict(axes=[-1], keepdims=1)
     centred = g.op("Sub", [x, g.op("ReduceMean", [x], "mu", **axes)], "centred")
-    var = g.op("ReduceMean", [g.op("Pow", [centred, g.init(2.0, "two")])], "var", **axes)
+    sq = g.op("Pow", [centred, g.init(2.0, "two")]) if square == "pow" else g.op("Mul", [centred, centred])
+    var = g.op("ReduceMean", [sq], "var", **axes)
     sigma = g.op("Sqrt", [g.op("Add", [var, g.init(1e-5, "eps")])], "sigma")
     return g.op("Add", [g.op("Mul", [g.op("Div", [centred, sigma]), gamma]), beta], "ln")
 
@@ -223,13 +225,15 @@ def _rmsnorm(g: G, x: str, c: int) -> str:
 
 
 def token_block(seed: int, gelu: str = "erf", norm: str = "op") -> tuple:
-    """Conv stem -> NHWC -> norm -> token-wise MatMul (4-D) + bias -> GELU -> MatMul + bias -> NCHW ->
+    """``norm``: "op", "decomposed" (the square a Pow), "decomposed-mul" (a Mul), "rms".
+    Conv stem -> NHWC -> norm -> token-wise MatMul (4-D) + bias -> GELU -> MatMul + bias -> NCHW ->
     layer scale -> residual Add -> ReLU -> GAP -> Gemm. (model, map layers, {layer: channel axis})."""
     g = G(seed, c=3, hw=(6, 5))
     r = g.rng
     stem = g.conv("input", 3, 8)
     nhwc = g.op("Transpose", [stem], "nhwc", perm=[0, 2, 3, 1])
-    normed = _rmsnorm(g, nhwc, 8) if norm == "rms" else _layernorm(g, nhwc, 8, decomposed=norm == "decomposed")
+    normed = (_rmsnorm(g, nhwc, 8) if norm == "rms" else
+              _layernorm(g, nhwc, 8, decomposed=norm.startswith("decomposed"), square="mul" if norm.endswith("-mul") else "pow"))
     h = g.op("Add", [g.init(r.normal(size=16) * 0.1, "b"),
                      g.op("MatMul", [normed, g.init(r.normal(size=(8, 16)) / np.sqrt(8))], "fc1")], "h")
     act = {"erf": _gelu_erf, "tanh": _gelu_tanh, "tanh-pow": lambda g, h: _gelu_tanh(g, h, True),

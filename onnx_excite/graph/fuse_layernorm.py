@@ -64,7 +64,8 @@ def _match(index: GraphIndex, div):
     if not ((square.op_type == "Pow" and square.input[0] == c and _scalar(index, square.input[1]) == 2.0)
             or (square.op_type == "Mul" and list(square.input) == [c, c])):
         return None
-    if sorted(id(n) for n in index.consumers.get(c, [])) != sorted((id(square), id(div))) or c in index.outputs:
+    # c feeds the square (Mul(c, c) lists it once per input) and the Div, nothing else
+    if {id(n) for n in index.consumers.get(c, [])} != {id(square), id(div)} or c in index.outputs:
         return None
     scale = _one_user(index, div.output[0], "Mul")
     if scale is None:
