@@ -199,3 +199,17 @@ def test_eval_takes_the_methods_own_layer(tmp_path):
     cam = model_spec(str(cnn), None, ["cam"], "positive", "pointing", 32).layers
     from onnx_excite.models.resolve import resolve_model
     assert cam == [resolve_model(str(cnn), fully_conv=True).method_layer(["cam"])] and cam[0]
+
+
+def test_rollout_on_a_dynamic_batch_export():
+    """A ViT exported with a symbolic batch (its V reshaped by shapes computed at run time):
+    the rollout's layer and map equal those of the export made at batch 2, against the reference."""
+    pytest.importorskip("torchvision")
+    dynamic, static = nets.vit_tiny(0, dynamic_batch=True), nets.vit_tiny(0, batch=2)
+    x = _input(5)
+    ex = Exciter(dynamic, None, methods=("rollout",))
+    assert ex.built.layers == [EMBEDDED]
+    got = ex.explain(x, 1).maps["rollout"][EMBEDDED]
+    want = mr.method_reference(static, x.astype(np.float64), None, [EMBEDDED], "rollout",
+                               tokens=(0, 1, 4, 4))["map"][EMBEDDED]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)

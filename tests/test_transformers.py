@@ -603,3 +603,27 @@ def test_swin_bench_recipe_small_config_matches_reference():
     x = _input(3, (3, 32, 32), batch=2)
     res = _compare(model, layers, x, "positive", {layer: 3 for layer in layers[1:]})
     assert res.maps["mwp"]["stage0"].shape == (2, 16, 16) and res.maps["mwp"]["merge1"].shape == (2, 8, 8)
+
+
+@pytest.mark.parametrize("arch", ["vit", "swin"])
+def test_a_dynamic_batch_export_matches_the_static_one(arch):
+    """torch's legacy exporter with a symbolic batch axis computes the attention scale from
+    ``Shape(q)[-1]`` (and Swin's window sizes from the shapes): the dims it reads are static, so
+    they fold, the model is explained at any batch, and its maps at batch 3 equal the float64
+    reference run on the export made at batch 3."""
+    from onnx_excite.graph.canonicalize import canonicalize
+
+    pytest.importorskip("torchvision")
+    if arch == "vit":
+        dynamic, static = nets.vit_tiny(0, dynamic_batch=True), nets.vit_tiny(0, batch=3)
+        report, layers = _vit_layers(nets.vit_tiny(0))
+        axes, grids, reference = {layers[2]: 2, layers[3]: 2}, {layers[2], layers[3]}, static
+    else:
+        dynamic, static = nets.swin_tiny(0, dynamic_batch=True), nets.swin_tiny(0, batch=3)
+        layers, axes, grids = SWIN_LAYERS, SWIN_AXES, ()
+        reference = canonicalize(static).model
+    assert inspect_model(dynamic).problems == []
+    x = _input(11, (3, 32, 32), batch=3)
+    _compare(dynamic, layers, x, "positive", axes, grids=grids, reference=(reference, layers, axes))
+    one = Exciter(dynamic, layers[-1:]).explain(x[:1], 0)   # another batch size, the same graph
+    assert one.maps["mwp"][layers[-1]].shape[0] == 1 and np.isfinite(one.maps["mwp"][layers[-1]]).all()

@@ -15,7 +15,9 @@ from onnx import TensorProto, helper
 from test_blocks import G
 
 
-def _export(module, shape=(1, 3, 32, 32), opset=17, dynamo=False) -> onnx.ModelProto:
+def _export(module, shape=(1, 3, 32, 32), opset=17, dynamo=False, dynamic_batch=False) -> onnx.ModelProto:
+    """``module`` exported at ``shape`` (``dynamic_batch``: the legacy exporter with a symbolic
+    batch axis, as most exports are written)."""
     import torch
 
     if dynamo:   # torch.export + onnxscript (the exporter torch recommends today)
@@ -27,8 +29,9 @@ def _export(module, shape=(1, 3, 32, 32), opset=17, dynamo=False) -> onnx.ModelP
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        axes = {"input": {0: "N"}, "logits": {0: "N"}} if dynamic_batch else None
         torch.onnx.export(module.eval(), torch.randn(*shape), buf, dynamo=False, opset_version=opset,
-                          input_names=["input"], output_names=["logits"])
+                          input_names=["input"], output_names=["logits"], dynamic_axes=axes)
     return onnx.load_from_string(buf.getvalue())
 
 
@@ -46,10 +49,12 @@ def convnext_tiny(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
     return _export(model, opset=opset)
 
 
-def vit_tiny(seed: int = 0, opset: int = 17, dynamo: bool = False, batch: int = 1) -> onnx.ModelProto:
+def vit_tiny(seed: int = 0, opset: int = 17, dynamo: bool = False, batch: int = 1,
+             dynamic_batch: bool = False) -> onnx.ModelProto:
     """torchvision's VisionTransformer: 32x32 input, 8x8 patches (a 4x4 grid), 2 layers of 2 heads
-    (exported at a fixed ``batch``)."""
-    return _export(vit_tiny_module(seed), shape=(batch, 3, 32, 32), opset=opset, dynamo=dynamo)
+    (exported at a fixed ``batch``, or with a symbolic one)."""
+    return _export(vit_tiny_module(seed), shape=(batch, 3, 32, 32), opset=opset, dynamo=dynamo,
+                   dynamic_batch=dynamic_batch)
 
 
 def vit_tiny_module(seed: int = 0):
@@ -120,7 +125,8 @@ def pooled_vit_tiny(seed: int = 0, opset: int = 17) -> onnx.ModelProto:
     return _export(Pooled(), opset=opset)
 
 
-def swin_tiny(seed: int = 0, opset: int = 17, mask: float = -3.0) -> onnx.ModelProto:
+def swin_tiny(seed: int = 0, opset: int = 17, mask: float = -3.0, batch: int = 1,
+              dynamic_batch: bool = False) -> onnx.ModelProto:
     """torchvision's SwinTransformer: 32x32 input, 2x2 patches, two stages of two blocks (the
     second block of each with shifted windows), 4x4 windows, patch merging between the stages.
 
@@ -135,7 +141,7 @@ def swin_tiny(seed: int = 0, opset: int = 17, mask: float = -3.0) -> onnx.ModelP
     torch.manual_seed(seed)
     model = SwinTransformer(patch_size=[2, 2], embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=[4, 4],
                             num_classes=10)
-    proto = _export(model, opset=opset)
+    proto = _export(model, shape=(batch, 3, 32, 32), opset=opset, dynamic_batch=dynamic_batch)
     tensors = list(proto.graph.initializer) + [a.t for n in proto.graph.node if n.op_type == "Constant"
                                                for a in n.attribute if a.name == "value"]
     replaced = 0

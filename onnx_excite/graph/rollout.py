@@ -79,11 +79,17 @@ def _tokens_read(graph: ForwardGraph, v: str) -> str:
     while (node := graph.producer.get(t)) is not None:
         if node.op_type == "LayerNormalization":
             return node.input[0]
-        data = _non_const(graph, node)
+        # a Reshape / Expand / Slice reads its data at input 0; its other inputs may be computed
+        # from shapes at run time (a symbolic batch) and are no activations
+        data = [node.input[0]] if node.op_type in _MOVES else _non_const(graph, node)
         if node.op_type == "Concat" or len(data) != 1:
             return t
         t = data[0]
     return t
+
+
+#: ops whose first input is the data and the others (shape, starts, axes ...) are no activations
+_MOVES = ("Reshape", "Expand", "Slice", "Squeeze", "Unsqueeze", "Gather", "Split", "Pad", "Tile")
 
 
 def _not_global(node_name: str) -> ExciteError:

@@ -43,6 +43,21 @@ def _patch_grid(graph: ForwardGraph, name: str) -> tuple[int, int] | None:
     return (shape[2], shape[3]) if tokens is not None and len(tokens) == 3 and tokens[1] == shape[2] * shape[3] else None
 
 
+def _token_count(graph: ForwardGraph, name: str) -> int | None:
+    """How many tokens ``name`` (N, T, C) holds: its inferred T, else, for a constant (1, k, C)
+    ``Expand``-ed to a symbolic batch (a class token, where shape inference cannot follow the
+    computed shape of the Expand), k."""
+    shape = graph.shape(name)
+    if shape is not None and len(shape) == 3 and shape[1] is not None:
+        return shape[1]
+    node = graph.producer.get(name)
+    if node is not None and node.op_type == "Expand" and graph.is_const(node.input[0]):
+        data = graph.shape(node.input[0])
+        if data is not None and len(data) == 3 and data[0] == 1 and data[1] is not None:
+            return data[1]
+    return None
+
+
 def _grids(graph: ForwardGraph) -> dict[int, TokenGrid]:
     """{token count: grid} from the Concats that join constant tokens to the patch tokens."""
     found: dict[int, TokenGrid] = {}
@@ -50,16 +65,20 @@ def _grids(graph: ForwardGraph) -> dict[int, TokenGrid]:
         if node.op_type != "Concat" or graph.rank(node.output[0]) != 3 or attr(node, "axis") % 3 != 1:
             continue
         out = graph.shape(node.output[0])
-        if out is None or out[1] is None:
+        if out is None:
             continue
         # the patch tokens: the one input laid out from the patch Conv (the class token may be a
         # constant or, with a dynamic batch, a constant Expand-ed to the batch)
         patches = [(i, grid) for i in node.input if (grid := _patch_grid(graph, i)) is not None]
-        sizes = [graph.shape(i) for i in node.input]
-        if len(patches) != 1 or any(s is None or s[1] is None for s in sizes):
+        counts = [_token_count(graph, i) for i in node.input]
+        if out[1] is None and None not in counts:
+            out = (out[0], sum(counts), out[2])
+        if counts.count(None) == 1 and out[1] is not None:   # one input's count unknown
+            counts[counts.index(None)] = out[1] - sum(c for c in counts if c is not None)
+        if out[1] is None or len(patches) != 1 or any(c is None or c < 0 for c in counts):
             continue
         data, grid = [patches[0][0]], patches[0][1]
-        offset = sum(s[1] for s in sizes[:list(node.input).index(data[0])])
+        offset = sum(counts[:list(node.input).index(data[0])])
         found[out[1]] = TokenGrid(out[1], offset, *grid)
     return found
 
