@@ -137,7 +137,8 @@ def check(model: Path = typer.Argument(..., help="ONNX classifier, or 'default'"
                                                    "would fall back from ONNX Runtime's CUDA provider to the CPU"),
           layer: Optional[List[str]] = typer.Option(None, "--layer", "-l", help="map layer for --provider cuda "
                                                     "(default: the input, so every rule is in the graph)")):
-    """Report every node the rewrite cannot handle (exit 1), or "ok" and the candidate layers."""
+    """Report every node the rewrite cannot handle (exit 1), or "ok" with the count of candidate
+    layers and the default one (`layers` lists them)."""
     from onnx_excite.graph.layers import inspect_model
     from onnx_excite.graph.options import BuildOptions
     from onnx_excite.models.resolve import resolve_model
@@ -154,9 +155,9 @@ def check(model: Path = typer.Argument(..., help="ONNX classifier, or 'default'"
         for op_type, name, reason in report.problems:
             out.print(f"unsupported: {op_type} {name!r}: {reason}", markup=False)
         raise typer.Exit(1)
-    out.print("ok", markup=False)
-    for info in report.layers:
-        out.print(f"  {info.name}  {info.op_type}  {_shape(info.shape)}  {info.describe_layout()}", markup=False)
+    default = f", default {report.default!r}" if report.default else ""
+    out.print(f"ok: {len(report.layers)} candidate map layers{default} (`onnx-excite layers MODEL` lists them)",
+              markup=False)
 
 
 #: RISE's options (explain, eval): `-m rise` / `--methods ...,rise`
