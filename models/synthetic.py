@@ -174,6 +174,36 @@ def tiny_cnn(seed: int = 0, num_classes: int = 10) -> onnx.ModelProto:
     return model
 
 
+class _Graph:
+    """The node and initializer lists a recipe written without torch appends to, and the small
+    builders the transformer recipes share (a constant, an int64 constant, a one-output node,
+    a last-axis LayerNorm, a Linear as MatMul + bias with scaled normal weights)."""
+
+    def __init__(self, rng):
+        self.rng, self.nodes, self.inits = rng, [], []
+
+    def const(self, name, array):
+        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def i64(self, name, values):
+        return self.const(name, np.array(values, np.int64))
+
+    def node(self, op, ins, name, **kw):
+        self.nodes.append(helper.make_node(op, ins, [name], name=name, **kw))
+        return name
+
+    def norm(self, x, c, name, epsilon):
+        return self.node("LayerNormalization", [x, self.const(f"{name}.weight", np.ones(c, np.float32)),
+                                                self.const(f"{name}.bias", np.zeros(c, np.float32))],
+                         name, axis=-1, epsilon=epsilon)
+
+    def linear(self, x, cin, cout, name, bias=True):
+        w = self.const(f"{name}.weight", (self.rng.standard_normal((cin, cout)) / np.sqrt(cin)).astype(np.float32))
+        y = self.node("MatMul", [x, w], f"{name}.mm" if bias else name)
+        return self.node("Add", [y, self.const(f"{name}.bias", np.zeros(cout, np.float32))], name) if bias else y
+
+
 def vit(seed: int = 0, num_classes: int = 1000, size: int = 224, patch: int = 16, dim: int = 384, depth: int = 12,
         heads: int = 6, mlp: int = 1536) -> onnx.ModelProto:
     """A ViT-S/16-shaped classifier (random weights) as PyTorch's exporter writes one: a patch
@@ -187,25 +217,11 @@ def vit(seed: int = 0, num_classes: int = 1000, size: int = 224, patch: int = 16
     rng = np.random.default_rng(seed)
     grid, hd = size // patch, dim // heads
     t = grid * grid + 1
-    nodes, inits = [], []
-
-    def const(name, array):
-        inits.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
-
-    def node(op, ins, name, **kw):
-        nodes.append(helper.make_node(op, ins, [name], name=name, **kw))
-        return name
-
-    def linear(x, cin, cout, name):
-        w = const(f"{name}.weight", (rng.standard_normal((cin, cout)) / np.sqrt(cin)).astype(np.float32))
-        b = const(f"{name}.bias", np.zeros(cout, np.float32))
-        return node("Add", [node("MatMul", [x, w], f"{name}.mm"), b], name)
+    g = _Graph(rng)
+    nodes, inits, const, node, linear = g.nodes, g.inits, g.const, g.node, g.linear
 
     def norm(x, name):
-        g = const(f"{name}.weight", np.ones(dim, np.float32))
-        b = const(f"{name}.bias", np.zeros(dim, np.float32))
-        return node("LayerNormalization", [x, g, b], name, axis=-1, epsilon=1e-6)
+        return g.norm(x, dim, name, 1e-6)
 
     pw = const("patch.weight", _he(rng, (dim, 3, patch, patch), 3 * patch * patch))
     x = node("Conv", ["input", pw], "patch", kernel_shape=[patch, patch], strides=[patch, patch])
@@ -263,27 +279,15 @@ def convnext(seed: int = 0, num_classes: int = 1000, size: int = 224, depths=(3,
     layer), ``logits``. Input (N, 3, size, size).
     """
     rng = np.random.default_rng(seed)
-    nodes, inits = [], []
-
-    def const(name, array):
-        inits.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
-
-    def node(op, ins, name, **kw):
-        nodes.append(helper.make_node(op, ins, [name], name=name, **kw))
-        return name
+    g = _Graph(rng)
+    nodes, inits, const, node, linear = g.nodes, g.inits, g.const, g.node, g.linear
 
     def norm(x, c, name):
-        return node("LayerNormalization", [x, const(f"{name}.weight", np.ones(c, np.float32)),
-                                           const(f"{name}.bias", np.zeros(c, np.float32))], name, axis=-1, epsilon=1e-6)
+        return g.norm(x, c, name, 1e-6)
 
     def norm_nchw(x, c, name):
         x = node("Transpose", [x], f"{name}.nhwc", perm=[0, 2, 3, 1])
         return node("Transpose", [norm(x, c, name)], f"{name}.nchw", perm=[0, 3, 1, 2])
-
-    def linear(x, cin, cout, name):
-        w = const(f"{name}.weight", (rng.standard_normal((cin, cout)) / np.sqrt(cin)).astype(np.float32))
-        return node("Add", [node("MatMul", [x, w], f"{name}.mm"), const(f"{name}.bias", np.zeros(cout, np.float32))], name)
 
     half, one = const("half", np.array(0.5, np.float32)), const("one", np.array(1.0, np.float32))
     sqrt2 = const("sqrt2", np.array(np.sqrt(2.0), np.float32))
@@ -361,27 +365,11 @@ def swin(seed: int = 0, num_classes: int = 1000, size: int = 224, patch: int = 4
     layer), ``features`` (NCHW after the final norm), ``logits``. Input (N, 3, size, size).
     """
     rng = np.random.default_rng(seed)
-    nodes, inits = [], []
-
-    def const(name, array):
-        inits.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
-
-    def i64(name, values):
-        return const(name, np.array(values, np.int64))
-
-    def node(op, ins, name, **kw):
-        nodes.append(helper.make_node(op, ins, [name], name=name, **kw))
-        return name
+    g = _Graph(rng)
+    nodes, inits, const, i64, node, linear = g.nodes, g.inits, g.const, g.i64, g.node, g.linear
 
     def norm(x, c, name):
-        return node("LayerNormalization", [x, const(f"{name}.weight", np.ones(c, np.float32)),
-                                           const(f"{name}.bias", np.zeros(c, np.float32))], name, axis=-1, epsilon=1e-5)
-
-    def linear(x, cin, cout, name, bias=True):
-        w = const(f"{name}.weight", (rng.standard_normal((cin, cout)) / np.sqrt(cin)).astype(np.float32))
-        y = node("MatMul", [x, w], f"{name}.mm" if bias else name)
-        return node("Add", [y, const(f"{name}.bias", np.zeros(cout, np.float32))], name) if bias else y
+        return g.norm(x, c, name, 1e-5)
 
     def roll(x, shift, hw, name):
         """torch.roll(x, (shift, shift), dims=(1, 2)) as the exporter writes it: Slice + Concat per axis."""
