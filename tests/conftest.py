@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 from pathlib import Path
@@ -99,3 +100,16 @@ def pytest_runtest_makereport(item, call):
         if not any(word in reason for word in ("GPU", "CUDA")):
             report.outcome = "failed"
             report.longrepr = f"skipped under CI ({reason}): no test may skip except for an absent GPU"
+
+
+@pytest.fixture
+def tiny_eval_model(tmp_path):
+    """test_eval_data's tiny GAP classifier saved to a file, and its class mapping for the
+    bundled VOC sample: (model path, mapping path)."""
+    from test_eval_data import TINY_MAPPING, tiny_gap_model
+
+    model = tmp_path / "tiny.onnx"
+    onnx.save(tiny_gap_model(), str(model))
+    mapping = tmp_path / "map.json"
+    mapping.write_text(json.dumps(TINY_MAPPING))
+    return model, mapping

@@ -3,7 +3,6 @@ runs, ROAD's imputation, and the command on the bundled data (tests/data)."""
 import json
 
 import numpy as np
-import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
@@ -15,7 +14,6 @@ from onnx_excite.apps.eval.faithfulness import run_faithfulness
 from onnx_excite.apps.eval.perturb import (CurveJob, ForwardModel, Perturbation, removal_ranks, road_impute,
                                            run_curves, softmax, step_counts)
 from onnx_excite.cli.app import app
-from test_eval_data import TINY_MAPPING, tiny_gap_model
 
 runner = CliRunner()
 H = W = 12
@@ -179,17 +177,8 @@ def test_bad_settings_are_one_error():
 # ---------------------------------------------------------------------------
 # the protocol on the bundled data
 # ---------------------------------------------------------------------------
-@pytest.fixture
-def tiny(tmp_path):
-    model = tmp_path / "tiny.onnx"
-    onnx.save(tiny_gap_model(), str(model))
-    mapping = tmp_path / "map.json"
-    mapping.write_text(json.dumps(TINY_MAPPING))
-    return model, mapping
-
-
-def test_run_faithfulness_reuses_the_pointing_cache(tiny, tmp_path):
-    model, mapping = tiny
+def test_run_faithfulness_reuses_the_pointing_cache(tiny_eval_model, tmp_path):
+    model, mapping = tiny_eval_model
     ids = ["2007_000042", "2007_000061", "2007_000121"]
     out = tmp_path / "out"
     point = run_evaluation("pointing", VOC_SAMPLE, "voc", str(model), methods=["cmwp", "center"], layers=["feat"],
@@ -212,8 +201,8 @@ def test_run_faithfulness_reuses_the_pointing_cache(tiny, tmp_path):
     assert again.summary == res.summary                                              # seeded, batch-independent
 
 
-def test_cli_writes_the_three_reports(tiny, tmp_path):
-    model, mapping = tiny
+def test_cli_writes_the_three_reports(tiny_eval_model, tmp_path):
+    model, mapping = tiny_eval_model
     out = tmp_path / "voc"
     res = runner.invoke(app, ["eval", "faithfulness", "--data", str(VOC_SAMPLE), "--model", str(model), "--layer", "feat",
                               "--mapping", str(mapping), "--methods", "mwp,grad,gradcam,center,random", "--steps", "4",

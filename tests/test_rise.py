@@ -20,7 +20,6 @@ from onnx_excite.apps.eval.faithfulness import run_faithfulness
 from onnx_excite.apps.eval.perturb import ForwardModel, Perturbation
 from onnx_excite.apps.rise import MaskSet, RiseSettings, rise_saliency
 from onnx_excite.cli.app import app
-from test_eval_data import TINY_MAPPING, tiny_gap_model
 
 runner = CliRunner()
 H, W = 12, 17   # not square: the cells are ceil(H / s) x ceil(W / s) pixels
@@ -214,17 +213,8 @@ def test_methods_lists_rise_as_black_box():
     assert res.exit_code == 0 and "rise" in res.output and "black box" in res.output
 
 
-@pytest.fixture
-def tiny(tmp_path):
-    model = tmp_path / "tiny.onnx"
-    onnx.save(tiny_gap_model(), str(model))
-    mapping = tmp_path / "map.json"
-    mapping.write_text(json.dumps(TINY_MAPPING))
-    return model, mapping
-
-
-def test_eval_scores_rise_and_caches_its_maps(tiny, tmp_path):
-    model, mapping = tiny
+def test_eval_scores_rise_and_caches_its_maps(tiny_eval_model, tmp_path):
+    model, mapping = tiny_eval_model
     ids = ["2007_000042", "2007_000061", "2007_000121"]
     out = tmp_path / "out"
     rise = RiseSettings(masks=32, cells=5, seed=1)
@@ -253,8 +243,8 @@ def test_eval_scores_rise_and_caches_its_maps(tiny, tmp_path):
     assert faith.counts["maps_cached"] == 3 and set(faith.summary) == {"rise", "random"}
 
 
-def test_eval_cli_with_rise(tiny, tmp_path):
-    model, mapping = tiny
+def test_eval_cli_with_rise(tiny_eval_model, tmp_path):
+    model, mapping = tiny_eval_model
     common = ["--data", str(VOC_SAMPLE), "--model", str(model), "--layer", "feat", "--mapping", str(mapping),
               "--masks", "16", "--mask-cells", "4"]
     res = runner.invoke(app, ["eval", "localization", *common, "--methods", "rise,center", "-o", str(tmp_path / "l")])
