@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .index import attr
+from .index import GraphIndex, attr
 
 
 def _static_shapes(model: onnx.ModelProto) -> dict[str, tuple]:
@@ -75,10 +75,7 @@ def _fold_shapes(model: onnx.ModelProto) -> bool:
     whether any did."""
     shapes = constants = None
     keep, changed, folded = [], False, set()
-    readers: dict = {}
-    for node in model.graph.node:
-        for name in node.input:
-            readers.setdefault(name, []).append(node)
+    readers = GraphIndex(model.graph).consumers
     for node in model.graph.node:
         if id(node) in folded:
             continue
