@@ -166,6 +166,38 @@ _O_COMMANDS = {
 }
 
 
+def _refuse_writes_under(monkeypatch, folder: Path) -> None:
+    """Make ``folder`` refuse writes as the kernel does for a non-root user in a 0o555 folder:
+    ``os.access`` says no and creating anything below it raises PermissionError."""
+    import pathlib
+    import tempfile
+
+    folder = folder.absolute()
+
+    def below(p) -> bool:
+        p = Path(p).absolute()
+        return p == folder or folder in p.parents
+
+    real_access, real_mkdir, real_mkstemp = os.access, pathlib.Path.mkdir, tempfile.mkstemp
+
+    def access(p, mode, *a, **k):
+        return False if below(p) and mode & os.W_OK else real_access(p, mode, *a, **k)
+
+    def mkdir(self, *a, **k):
+        if below(self.parent):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *a, **k)
+
+    def mkstemp(*a, dir=None, **k):
+        if dir is not None and below(dir):
+            raise PermissionError(13, "Permission denied", str(dir))
+        return real_mkstemp(*a, dir=dir, **k)
+
+    monkeypatch.setattr(os, "access", access)
+    monkeypatch.setattr(pathlib.Path, "mkdir", mkdir)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
 @pytest.mark.parametrize("where", ["under-a-file", "read-only"])
 @pytest.mark.parametrize("command", sorted(_O_COMMANDS))
 def test_every_output_option_is_checked_before_the_work(tmp_path, command, where, monkeypatch):
@@ -178,10 +210,10 @@ def test_every_output_option_is_checked_before_the_work(tmp_path, command, where
         (tmp_path / "file").write_text("x")
         out, needle = tmp_path / "file" / "sub", "a part of this path is an existing file"
     else:
-        if os.geteuid() == 0:
-            pytest.skip("root writes into read-only folders")
         (tmp_path / "ro").mkdir()
         os.chmod(tmp_path / "ro", 0o555)
+        if os.geteuid() == 0:   # root writes into 0o555 folders: the kernel's refusal, simulated
+            _refuse_writes_under(monkeypatch, tmp_path / "ro")
         out, needle = tmp_path / "ro" / "sub", "cannot create the folder"
     if command == "export":
         out = out / "m.onnx"
