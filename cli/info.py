@@ -39,7 +39,7 @@ def models(rebuild: bool = typer.Option(False, "--rebuild", help="build the defa
 @app.command()
 @friendly
 def classes(model: str = typer.Argument("default", help="ONNX classifier, or 'default'"),
-            grep: Optional[str] = typer.Option(None, "--grep", help="only classes whose name contains WORD (case-insensitive)")):
+            grep: Optional[str] = typer.Option(None, "--grep", help="only classes whose name contains WORD (case-insensitive), or that WORD is a broader name for (horse: sorrel)")):
     """List the class indices and names (each comma-separated synonym is accepted as a --target)."""
     from onnx_excite.classes import find_classes
     from onnx_excite.models.resolve import resolve_model

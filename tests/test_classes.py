@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 import onnx_excite
 from conftest import photo
 from onnx_excite import ExciteError
-from onnx_excite.classes import class_index, find_classes, synonyms
+from onnx_excite.classes import class_index, find_classes, related_classes, synonyms
 from onnx_excite.cli.app import app
 
 runner = CliRunner()
@@ -60,12 +60,35 @@ def test_find_classes():
     assert len(find_classes(IMAGENET)) == 1000
 
 
+def test_broader_words_offer_the_classes_they_name():
+    """A word the grounding vocabulary maps to classes is refused with those classes, not with
+    look-alike spellings: ImageNet's hypernym groups first, else a synonym's head noun."""
+    assert related_classes("horse", IMAGENET) == [339]
+    assert related_classes("Dog", IMAGENET) == list(range(151, 269))
+    retrievers = [i for i, d in enumerate(IMAGENET) if any(s.lower().endswith(" retriever") for s in synonyms(d))]
+    assert related_classes("retriever", IMAGENET) == retrievers and len(retrievers) == 5
+    with pytest.raises(ExciteError, match=r"^unknown class name 'horse': no class is called that; "
+                                          r"it is a broader name for 339 \(sorrel\); give one of them$"):
+        class_index("horse", IMAGENET)
+    with pytest.raises(ExciteError, match=r"151 \(Chihuahua\).* and 110 more \(`onnx-excite classes --grep dog`\)"):
+        class_index("dog", IMAGENET)
+    # the hypernym list is ImageNet's: other class names only get the head-noun rule
+    own = ["red horse", "blue horse", "cart"]
+    assert related_classes("horse", own) == [0, 1] and related_classes("cart", own) == []
+    with pytest.raises(ExciteError, match=r"broader name for 0 \(red horse\), 1 \(blue horse\)"):
+        class_index("horse", own)
+    assert (339, "sorrel") in find_classes(IMAGENET, "horse")
+    assert [i for i, _ in find_classes(IMAGENET, "horse")] == [339, 344, 603, 990]
+
+
 def test_classes_command(tiny_path):
     res = runner.invoke(app, ["classes", "--grep", "malamute"])
     assert res.exit_code == 0 and res.output.split() == ["249", "malamute,", "malemute,", "Alaskan", "malamute"]
     res = runner.invoke(app, ["classes", "default"])
     lines = res.output.splitlines()
     assert res.exit_code == 0 and len(lines) == 1000 and lines[0].split(None, 1) == ["0", "tench, Tinca tinca"]
+    res = runner.invoke(app, ["classes", "--grep", "horse"])
+    assert res.exit_code == 0 and res.output.splitlines()[0].split() == ["339", "sorrel"], res.output
     res = runner.invoke(app, ["classes", "--grep", "no such thing"])
     assert res.exit_code == 1 and "no class name contains" in res.output
     res = runner.invoke(app, ["classes", str(tiny_path)])

@@ -23,26 +23,17 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+from ...classes import imagenet_hypernym_groups, words_of
 from ...errors import ExciteError
 
 
 class VocabularyError(ExciteError):
     """A vocabulary file that cannot be read, or an entry naming no valid output."""
 
-
-_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
-
-
-def words_of(text: str) -> list[str]:
-    """Lower-case word tokens: letters/digits, an apostrophe suffix kept ("man's"),
-    hyphens and other punctuation split."""
-    return _WORD.findall(text.lower())
 
 
 @dataclass
@@ -110,28 +101,11 @@ class Vocabulary:
         return {k: list(v) for k, v in sorted(self.entries.items())}
 
 
-def _hypernym_groups() -> dict[str, list[int]]:
-    text = resources.files("onnx_excite").joinpath("data", "grounding", "imagenet_hypernyms.json").read_text("utf-8")
-    raw = json.loads(text)["groups"]
-    groups: dict[str, list[int]] = {}
-    for word, spec in raw.items():
-        if "same_as" in spec:
-            continue
-        indices = list(spec.get("indices", []))
-        for first, last in spec.get("ranges", []):
-            indices.extend(range(first, last + 1))
-        groups[word] = indices
-    for word, spec in raw.items():
-        if "same_as" in spec:
-            groups[word] = groups[spec["same_as"]]
-    return groups
-
-
 def imagenet_vocabulary() -> Vocabulary:
     """The default model's vocabulary: ImageNet class names + the bundled hypernym groups."""
     from onnx_excite.models.profiles import imagenet_class_names
 
-    return Vocabulary.from_class_names(imagenet_class_names(), _hypernym_groups(), source="ImageNet class names")
+    return Vocabulary.from_class_names(imagenet_class_names(), imagenet_hypernym_groups(), source="ImageNet class names")
 
 
 def load_vocabulary(path, num_classes: int | None = None) -> Vocabulary:
