@@ -1,4 +1,5 @@
 """Models that used to end in a traceback: each gets one `error:` line and exit 2."""
+import os
 from pathlib import Path
 
 import numpy as np
@@ -163,23 +164,70 @@ def test_a_rerun_after_other_settings_rewrote_the_files_is_not_skipped(tmp_path)
     assert first["stamps"][str(overlay)][1] == overlay.stat().st_mtime_ns
 
 
-def test_a_second_run_into_a_locked_folder_is_refused(tmp_path):
+_HOLD = """
+import sys, time
+from pathlib import Path
+from onnx_excite.errors import ExciteError
+from onnx_excite.io.records import FolderLock
+out, release = Path(sys.argv[1]), Path(sys.argv[2])
+try:
+    with FolderLock(out):
+        print("held", flush=True)
+        while not release.exists():
+            time.sleep(0.02)
+except ExciteError as exc:
+    print("refused", exc, flush=True)
+"""
+
+
+def _holder(out, release):
     import subprocess
     import sys
 
+    return subprocess.Popen([sys.executable, "-c", _HOLD, str(out), str(release)], stdout=subprocess.PIPE,
+                            text=True, cwd=str(Path(__file__).resolve().parents[1]))
+
+
+def test_a_second_run_into_a_locked_folder_is_refused(tmp_path):
     _model(tmp_path / "m.onnx")
     img = _photo(tmp_path / "i.png")
     out = tmp_path / "o"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    holder = _holder(out, tmp_path / "release")
     try:
-        (out / ".onnx-excite.lock").write_text(str(holder.pid))
-        _one_error(["explain", tmp_path / "m.onnx", img, "-l", "r", "-o", out], "another onnx-excite run")
+        assert holder.stdout.readline().strip() == "held"
+        _one_error(["explain", tmp_path / "m.onnx", img, "-l", "r", "-o", out],
+                   f"another onnx-excite run (process {holder.pid})")
     finally:
-        holder.kill()
+        holder.kill()   # SIGKILL: no cleanup runs, the lock file stays on disk
         holder.wait()
-    res = _explain(tmp_path / "m.onnx", img, "-l", "r", "-o", out)   # the stale lock is taken over
+    assert (out / ".onnx-excite.lock").read_text() == str(holder.pid)
+    res = _explain(tmp_path / "m.onnx", img, "-l", "r", "-o", out)   # the kernel released the dead run's lock
     assert res.exit_code == 0, res.output
+    assert not (out / ".onnx-excite.lock").exists()
+
+
+def test_runs_that_start_together_take_the_lock_once(tmp_path):
+    """Six processes race for one folder: exactly one holds it, the others are refused while
+    it lives (nobody lets go before every process has answered); then it is free again."""
+    from onnx_excite.io.records import FolderLock
+
+    out, release = tmp_path / "o", tmp_path / "release"
+    out.mkdir()
+    racers = [_holder(out, release) for _ in range(6)]
+    try:
+        answers = [r.stdout.readline().split()[0] for r in racers[:]]
+    finally:
+        release.write_text("")
+        for r in racers:
+            r.wait(timeout=60)
+    assert sorted(answers) == ["held"] + ["refused"] * 5, answers
+    assert not (out / ".onnx-excite.lock").exists()
+    with FolderLock(out):
+        assert (out / ".onnx-excite.lock").read_text() == str(os.getpid())
+        with pytest.raises(ExciteError, match="another onnx-excite run"):
+            with FolderLock(out):
+                pass
     assert not (out / ".onnx-excite.lock").exists()
 
 

@@ -23,6 +23,11 @@ from typing import Iterable, Optional, Sequence
 
 from ..errors import ExciteError
 
+try:
+    import fcntl
+except ImportError:   # Windows
+    fcntl = None
+
 FILE_NAME = "explanations.jsonl"
 _PATH_SUFFIXES = (".npy", ".png", ".jpg", ".webp", ".json")
 
@@ -63,21 +68,51 @@ def is_complete(record: dict) -> bool:
 
 
 class FolderLock:
-    """One writer per output folder: ``with FolderLock(folder):`` holds ``folder/.onnx-excite.lock``
-    (its process id); a second run into the folder gets one error line while the first lives;
-    a lock left by a process that is gone is taken over."""
+    """One writer per output folder: ``with FolderLock(folder):`` holds an exclusive lock on
+    ``folder/.onnx-excite.lock`` (which names the holder's process id); a second run into the
+    folder gets one error line while the first lives. The lock is the kernel's (``flock``):
+    it goes with its process, so a run that was killed leaves no lock behind, and two runs
+    that start at the same instant cannot both take it. Where ``flock`` is missing
+    (Windows) the file is created exclusively and a file naming a dead process is taken over."""
 
     def __init__(self, folder):
         self.path = Path(folder) / ".onnx-excite.lock"
+        self._fd: int | None = None
+
+    def _refuse(self) -> ExciteError:
+        return ExciteError(f"{self.path.parent}: another onnx-excite run (process {self._holder()}) is "
+                           "writing to this folder; wait for it or choose another -o")
 
     def __enter__(self):
+        if fcntl is None:
+            return self._enter_exclusive()
+        for _ in range(8):
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise self._refuse() from None
+            try:   # the file may have been unlinked by the holder that just let go: lock the one on disk
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            self._fd = fd
+            return self
+        raise ExciteError(f"{self.path}: cannot take the folder's lock")
+
+    def _enter_exclusive(self):
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 if self._holder_alive():
-                    raise ExciteError(f"{self.path.parent}: another onnx-excite run (process {self._holder()}) is "
-                                      "writing to this folder; wait for it or choose another -o") from None
+                    raise self._refuse() from None
                 self.path.unlink(missing_ok=True)   # stale: its process is gone
                 continue
             with os.fdopen(fd, "w") as fh:
@@ -104,7 +139,11 @@ class FolderLock:
         return True
 
     def __exit__(self, *exc) -> None:
-        if self._holder() == os.getpid():
+        if self._fd is not None:   # unlink while still holding it, then let go
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+        elif self._holder() == os.getpid():
             self.path.unlink(missing_ok=True)
 
 
